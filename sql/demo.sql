@@ -1,0 +1,50 @@
+-- icepie demo: a frozen core, slices for three domains, new data, one refresh.
+-- Run it with `cargo run -- -f sql/demo.sql` (warehouse: ./icepie-data).
+
+-- Start clean so the demo can run again.
+DROP SLICE IF EXISTS finance.revenue_by_country;
+DROP SLICE IF EXISTS marketing.customer_360;
+DROP SLICE IF EXISTS ops.daily_orders;
+DROP CORE TABLE IF EXISTS orders;
+DROP CORE TABLE IF EXISTS customers;
+DROP CORE TABLE IF EXISTS events;
+
+-- 1. The frozen core: raw data, append-only, loaded from files.
+CREATE CORE TABLE customers FROM 'sql/data/customers.csv';
+CREATE CORE TABLE orders (
+    order_id BIGINT NOT NULL, customer_id BIGINT, order_date DATE, amount DOUBLE, status TEXT
+) FROM 'sql/data/orders_2024_01.csv';
+CREATE CORE TABLE events FROM 'sql/data/events.json' FORMAT json;
+SHOW CORE TABLES;
+
+-- 2. Slices: each domain materializes exactly what it needs, isolated from the others.
+CREATE SLICE finance.revenue_by_country OWNER 'finance' AS
+    SELECT c.country, count(*) AS orders, sum(o.amount) AS revenue
+    FROM core.orders o JOIN core.customers c ON o.customer_id = c.customer_id
+    WHERE o.status = 'paid'
+    GROUP BY c.country;
+
+CREATE SLICE marketing.customer_360 OWNER 'marketing' REFRESH EVERY '1 hour' AS
+    SELECT c.customer_id, c.name, c.segment,
+           (SELECT count(*) FROM core.orders o WHERE o.customer_id = c.customer_id) AS orders,
+           (SELECT count(*) FROM core.events e
+             WHERE e.customer_id = c.customer_id AND e.kind = 'support_ticket') AS tickets
+    FROM core.customers c;
+
+CREATE SLICE ops.daily_orders OWNER 'ops' REFRESH ON CHANGE PARTITION BY (order_date) AS
+    SELECT order_date, count(*) AS orders, sum(amount) AS amount
+    FROM core.orders GROUP BY order_date;
+
+SELECT * FROM finance.revenue_by_country ORDER BY revenue DESC;
+
+-- 3. New data arrives as one atomic append; slices keep serving their version (now stale).
+INGEST INTO orders FROM 'sql/data/orders_2024_02.csv';
+SELECT domain, name, state, version FROM system.slices ORDER BY domain, name;
+
+-- 4. Refresh one slice: it reads only its inputs and writes only its own files.
+REFRESH SLICE finance.revenue_by_country;
+SELECT * FROM finance.revenue_by_country ORDER BY revenue DESC;
+
+SHOW SLICES;
+DESCRIBE SLICE finance.revenue_by_country;
+SELECT slice, kind, status, version, rows, inputs FROM system.refreshes ORDER BY started_at;

@@ -1,0 +1,328 @@
+//! The SQL catalog `icepie`: schema `core` (the frozen core), one schema per slice domain
+//! (`slices` by default), and `system`.
+//!
+//! Tables are looked up in the warehouse each time a query is planned, so a query always sees
+//! the latest committed version of each table, including those another process committed. Only
+//! the *lists* of names (for `SHOW TABLES`, `information_schema` and completion) come from a
+//! listing that [`Shared::refresh_listing`] renews before each statement.
+//!
+//! Users may also `CREATE SCHEMA` scratch schemas held in memory by this process; the core,
+//! slice domains and `system` refuse plain `CREATE TABLE`/`DROP TABLE` with an error that names
+//! the icepie statement to use.
+
+pub mod system;
+pub mod table;
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::{Arc, Mutex, RwLock};
+
+use async_trait::async_trait;
+use datafusion::catalog::{CatalogProvider, SchemaProvider, TableProvider};
+use datafusion::error::{DataFusionError, Result as DFResult};
+
+use crate::error::{IcePieError, Result};
+use crate::storage::names::{
+    validate_domain, validate_name, SliceName, CORE_SCHEMA, DEFAULT_DOMAIN, SYSTEM_SCHEMA,
+};
+use crate::storage::{Warehouse, CORE_DIR, SLICES_DIR};
+use table::{IcePieTable, TableKind};
+
+/// Name of the catalog icepie registers (and makes the default).
+pub const CATALOG_NAME: &str = "icepie";
+
+/// Names of the tables in the warehouse, as last listed.
+#[derive(Debug, Default, Clone)]
+pub(crate) struct Listing {
+    pub core: Vec<String>,
+    pub domains: BTreeMap<String, Vec<String>>,
+}
+
+/// State shared by the engine, the catalog and the system tables of one `IcePie`.
+#[derive(Debug)]
+pub(crate) struct Shared {
+    pub warehouse: Warehouse,
+    pub listing: RwLock<Listing>,
+    /// Slices with a refresh running in this process.
+    pub refreshing: Mutex<HashSet<SliceName>>,
+}
+
+impl Shared {
+    pub fn new(warehouse: Warehouse) -> Self {
+        Self {
+            warehouse,
+            listing: RwLock::new(Listing::default()),
+            refreshing: Mutex::new(HashSet::new()),
+        }
+    }
+
+    /// Lists the warehouse again (a few object-store list calls).
+    pub async fn refresh_listing(&self) -> Result<()> {
+        let core = self.warehouse.list_children(CORE_DIR).await?;
+        let mut domains = BTreeMap::new();
+        for domain in self.warehouse.list_children(SLICES_DIR).await? {
+            if validate_domain(&domain).is_err() {
+                continue;
+            }
+            let slices = self
+                .warehouse
+                .list_children(&format!("{SLICES_DIR}/{domain}"))
+                .await?;
+            if !slices.is_empty() {
+                domains.insert(domain, slices);
+            }
+        }
+        *self.listing.write().expect("listing lock") = Listing { core, domains };
+        Ok(())
+    }
+
+    /// The last listing.
+    pub fn listing(&self) -> Listing {
+        self.listing.read().expect("listing lock").clone()
+    }
+
+    /// Every slice in the last listing.
+    pub fn slice_names(&self) -> Vec<SliceName> {
+        self.listing()
+            .domains
+            .into_iter()
+            .flat_map(|(d, names)| {
+                names.into_iter().map(move |n| SliceName {
+                    domain: d.clone(),
+                    name: n,
+                })
+            })
+            .collect()
+    }
+
+    /// The core table `name` at its latest version.
+    pub async fn load_core(&self, name: &str) -> Result<Option<IcePieTable>> {
+        validate_name(name)?;
+        match self
+            .warehouse
+            .load(&Warehouse::core_path(name), None)
+            .await?
+        {
+            Some(t) => Ok(Some(
+                IcePieTable::try_new(TableKind::Core, format!("{CORE_SCHEMA}.{name}"), t).await?,
+            )),
+            None => Ok(None),
+        }
+    }
+
+    /// The slice `name` at `version` (latest when `None`).
+    pub async fn load_slice(
+        &self,
+        name: &SliceName,
+        version: Option<i64>,
+    ) -> Result<Option<IcePieTable>> {
+        match self
+            .warehouse
+            .load(&Warehouse::slice_path(name), version)
+            .await?
+        {
+            Some(t) => Ok(Some(
+                IcePieTable::try_new(TableKind::Slice, name.to_string(), t).await?,
+            )),
+            None => Ok(None),
+        }
+    }
+
+    /// The latest version of an input named as in lineage (`core.x` or `domain.name`).
+    pub async fn latest_version(&self, qualified: &str) -> Result<Option<i64>> {
+        let rel = match qualified.split_once('.') {
+            Some((CORE_SCHEMA, name)) => Warehouse::core_path(name),
+            _ => Warehouse::slice_path(&SliceName::parse(qualified)?),
+        };
+        if !self.warehouse.has_log(&rel).await? {
+            return Ok(None);
+        }
+        let table = self.warehouse.handle(&rel)?;
+        match table.get_latest_version().await {
+            Ok(v) => Ok(Some(v as i64)),
+            Err(deltalake::DeltaTableError::NotATable(_)) => Ok(None),
+            Err(e) => Err(e.into()),
+        }
+    }
+}
+
+fn df(e: IcePieError) -> DataFusionError {
+    e.into()
+}
+
+/// The `icepie` catalog.
+#[derive(Debug)]
+pub struct IcePieCatalog {
+    shared: Arc<Shared>,
+    scratch: RwLock<HashMap<String, Arc<dyn SchemaProvider>>>,
+}
+
+impl IcePieCatalog {
+    pub(crate) fn new(shared: Arc<Shared>) -> Self {
+        Self {
+            shared,
+            scratch: RwLock::new(HashMap::new()),
+        }
+    }
+}
+
+impl CatalogProvider for IcePieCatalog {
+    fn schema_names(&self) -> Vec<String> {
+        let mut names = vec![CORE_SCHEMA.to_string(), SYSTEM_SCHEMA.to_string()];
+        let listing = self.shared.listing();
+        names.extend(listing.domains.keys().cloned());
+        if !listing.domains.contains_key(DEFAULT_DOMAIN) {
+            names.push(DEFAULT_DOMAIN.to_string());
+        }
+        names.extend(self.scratch.read().expect("scratch lock").keys().cloned());
+        names.sort();
+        names
+    }
+
+    fn schema(&self, name: &str) -> Option<Arc<dyn SchemaProvider>> {
+        match name {
+            CORE_SCHEMA => Some(Arc::new(CoreSchema(self.shared.clone()))),
+            SYSTEM_SCHEMA => Some(Arc::new(system::SystemSchema::new(self.shared.clone()))),
+            _ => {
+                if let Some(s) = self.scratch.read().expect("scratch lock").get(name) {
+                    return Some(s.clone());
+                }
+                validate_domain(name).ok()?;
+                Some(Arc::new(DomainSchema {
+                    shared: self.shared.clone(),
+                    domain: name.to_string(),
+                }))
+            }
+        }
+    }
+
+    fn register_schema(
+        &self,
+        name: &str,
+        schema: Arc<dyn SchemaProvider>,
+    ) -> DFResult<Option<Arc<dyn SchemaProvider>>> {
+        let listing = self.shared.listing();
+        if [CORE_SCHEMA, SYSTEM_SCHEMA, DEFAULT_DOMAIN].contains(&name)
+            || listing.domains.contains_key(name)
+        {
+            return Err(df(IcePieError::ReadOnly(format!(
+                "schema '{name}' belongs to icepie; scratch schemas need another name"
+            ))));
+        }
+        Ok(self
+            .scratch
+            .write()
+            .expect("scratch lock")
+            .insert(name.to_string(), schema))
+    }
+
+    fn deregister_schema(
+        &self,
+        name: &str,
+        _cascade: bool,
+    ) -> DFResult<Option<Arc<dyn SchemaProvider>>> {
+        match self.scratch.write().expect("scratch lock").remove(name) {
+            Some(s) => Ok(Some(s)),
+            None => Err(df(IcePieError::ReadOnly(format!(
+                "schema '{name}' is not a scratch schema; drop slices with DROP SLICE"
+            )))),
+        }
+    }
+}
+
+/// Schema `core`.
+#[derive(Debug)]
+struct CoreSchema(Arc<Shared>);
+
+#[async_trait]
+impl SchemaProvider for CoreSchema {
+    fn table_names(&self) -> Vec<String> {
+        self.0.listing().core
+    }
+
+    async fn table(&self, name: &str) -> DFResult<Option<Arc<dyn TableProvider>>> {
+        if validate_name(name).is_err() {
+            return Ok(None);
+        }
+        Ok(self
+            .0
+            .load_core(name)
+            .await
+            .map_err(df)?
+            .map(|t| Arc::new(t) as _))
+    }
+
+    fn register_table(
+        &self,
+        name: String,
+        _table: Arc<dyn TableProvider>,
+    ) -> DFResult<Option<Arc<dyn TableProvider>>> {
+        Err(df(IcePieError::ReadOnly(format!(
+            "core tables are created with CREATE CORE TABLE {name} (...) [FROM 'files' | AS query], \
+             and filled with INGEST INTO {name}"
+        ))))
+    }
+
+    fn deregister_table(&self, name: &str) -> DFResult<Option<Arc<dyn TableProvider>>> {
+        Err(df(IcePieError::ReadOnly(format!(
+            "core tables are dropped with DROP CORE TABLE {name}"
+        ))))
+    }
+
+    fn table_exist(&self, name: &str) -> bool {
+        self.0.listing().core.iter().any(|n| n == name)
+    }
+}
+
+/// One slice domain.
+#[derive(Debug)]
+struct DomainSchema {
+    shared: Arc<Shared>,
+    domain: String,
+}
+
+#[async_trait]
+impl SchemaProvider for DomainSchema {
+    fn table_names(&self) -> Vec<String> {
+        self.shared
+            .listing()
+            .domains
+            .get(&self.domain)
+            .cloned()
+            .unwrap_or_default()
+    }
+
+    async fn table(&self, name: &str) -> DFResult<Option<Arc<dyn TableProvider>>> {
+        let Ok(slice) = SliceName::new(self.domain.clone(), name) else {
+            return Ok(None);
+        };
+        Ok(self
+            .shared
+            .load_slice(&slice, None)
+            .await
+            .map_err(df)?
+            .map(|t| Arc::new(t) as _))
+    }
+
+    fn register_table(
+        &self,
+        name: String,
+        _table: Arc<dyn TableProvider>,
+    ) -> DFResult<Option<Arc<dyn TableProvider>>> {
+        Err(df(IcePieError::ReadOnly(format!(
+            "schema '{d}' holds slices: create one with CREATE SLICE {d}.{name} AS SELECT ...; \
+             for a scratch table, CREATE SCHEMA scratch and CREATE TABLE scratch.{name} ...",
+            d = self.domain
+        ))))
+    }
+
+    fn deregister_table(&self, name: &str) -> DFResult<Option<Arc<dyn TableProvider>>> {
+        Err(df(IcePieError::ReadOnly(format!(
+            "slices are dropped with DROP SLICE {}.{name}",
+            self.domain
+        ))))
+    }
+
+    fn table_exist(&self, name: &str) -> bool {
+        self.table_names().iter().any(|n| n == name)
+    }
+}

@@ -1,0 +1,67 @@
+//! # icepie
+//!
+//! The "Ice Pie" data architecture on Apache DataFusion and Delta Lake: raw data in an
+//! immutable, append-only **frozen core**, and business domains served by **slices**:
+//! physically isolated, versioned tables materialized from SQL over the core, each refreshed on
+//! its own. A slice whose refresh fails keeps serving its last good version; nothing else
+//! notices.
+//!
+//! Everything DataFusion's SQL accepts works, plus `CREATE CORE TABLE`, `INGEST INTO`,
+//! `CREATE [OR REPLACE] SLICE`, `REFRESH SLICE`, `DROP SLICE`, `SHOW SLICES`,
+//! `DESCRIBE SLICE` and the `system.core_tables`, `system.slices` and `system.refreshes` tables.
+//!
+//! ## Embedding icepie
+//!
+//! ```
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> icepie::Result<()> {
+//! # let dir = tempfile::tempdir().unwrap();
+//! # let location = dir.path().to_str().unwrap();
+//! use datafusion::arrow::util::pretty::pretty_format_batches;
+//! use icepie::IcePie;
+//!
+//! let warehouse = IcePie::open(location).await?; // a local path, or s3://… with feature `s3`
+//! warehouse
+//!     .sql(
+//!         "CREATE CORE TABLE orders (id INT NOT NULL, customer TEXT, amount DOUBLE);
+//!          INGEST INTO orders VALUES (1, 'ada', 10.0), (2, 'bob', 5.5), (3, 'ada', 2.5);
+//!          CREATE SLICE finance.revenue OWNER 'finance' AS
+//!              SELECT customer, sum(amount) AS revenue FROM core.orders GROUP BY customer;",
+//!     )
+//!     .await?;
+//!
+//! let batches = warehouse
+//!     .sql("SELECT * FROM finance.revenue ORDER BY customer")
+//!     .await?
+//!     .collect()
+//!     .await?;
+//! assert_eq!(
+//!     pretty_format_batches(&batches)?.to_string(),
+//!     "+----------+---------+\n\
+//!      | customer | revenue |\n\
+//!      +----------+---------+\n\
+//!      | ada      | 12.5    |\n\
+//!      | bob      | 5.5     |\n\
+//!      +----------+---------+"
+//! );
+//!
+//! // New core data, then a new slice version built from it:
+//! warehouse.sql("INGEST INTO orders VALUES (4, 'bob', 1.0)").await?;
+//! let version = warehouse.refresh("finance.revenue").await?.version;
+//! assert_eq!(version, 1);
+//! # Ok(())
+//! # }
+//! ```
+
+pub mod catalog;
+pub mod core;
+pub mod engine;
+pub mod error;
+pub mod slice;
+pub mod sql;
+pub mod storage;
+
+pub use engine::{IcePie, IcePieBuilder};
+pub use error::{IcePieError, Result};
+pub use slice::{BuildOutcome, SliceInfo, SliceState};
+pub use sql::Statement;

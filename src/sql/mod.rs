@@ -1,0 +1,266 @@
+//! icepie's SQL: DataFusion's dialect plus the statements of the frozen core and of slices.
+//!
+//! [`parser::parse_sql`] wraps DataFusion's `DFParser`: it peeks at the first words of each
+//! statement and parses icepie's own statements itself, handing every other statement to
+//! DataFusion untouched, so everything DataFusion accepts keeps working.
+
+pub mod parser;
+
+use std::fmt;
+use std::time::Duration;
+
+use datafusion::sql::parser::Statement as DFStatement;
+use datafusion::sql::sqlparser::ast::{ColumnDef, Query};
+
+use crate::error::{IcePieError, Result};
+use crate::storage::names::SliceName;
+
+pub use parser::parse_sql;
+
+/// One parsed statement.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Statement {
+    /// Any statement DataFusion handles itself.
+    DataFusion(Box<DFStatement>),
+    /// `CREATE CORE TABLE`.
+    CreateCoreTable(CreateCoreTable),
+    /// `INGEST INTO`.
+    Ingest(Ingest),
+    /// `DROP CORE TABLE [IF EXISTS] name`.
+    DropCoreTable {
+        /// Table name (without `core.`).
+        name: String,
+        /// `IF EXISTS` given.
+        if_exists: bool,
+    },
+    /// `CREATE [OR REPLACE] SLICE`.
+    CreateSlice(CreateSlice),
+    /// `REFRESH SLICE name`.
+    RefreshSlice(SliceName),
+    /// `DROP SLICE [IF EXISTS] name`.
+    DropSlice {
+        /// The slice.
+        name: SliceName,
+        /// `IF EXISTS` given.
+        if_exists: bool,
+    },
+    /// `SHOW CORE TABLES`.
+    ShowCoreTables,
+    /// `SHOW SLICES`.
+    ShowSlices,
+    /// `DESCRIBE SLICE name`.
+    DescribeSlice(SliceName),
+}
+
+/// `CREATE CORE TABLE [IF NOT EXISTS] name [(columns)] [FROM 'location' [FORMAT f] | AS query]`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CreateCoreTable {
+    /// Table name (without `core.`).
+    pub name: String,
+    /// `IF NOT EXISTS` given.
+    pub if_not_exists: bool,
+    /// Declared columns (may be empty when a source gives the schema).
+    pub columns: Vec<ColumnDef>,
+    /// Initial data.
+    pub source: Option<DataSource>,
+}
+
+/// `INGEST INTO [core.]name FROM 'location' [FORMAT f]` or `INGEST INTO name query`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Ingest {
+    /// Table name (without `core.`).
+    pub table: String,
+    /// What to append.
+    pub source: DataSource,
+}
+
+/// Where data to load comes from.
+#[derive(Debug, Clone, PartialEq)]
+pub enum DataSource {
+    /// Files: a path, glob or URL.
+    Files {
+        /// The location as written.
+        location: String,
+        /// The format; inferred from the file extension when `None`.
+        format: Option<FileFormat>,
+    },
+    /// The result of a query.
+    Query(Box<Query>),
+}
+
+/// Formats of files that can be loaded into the core.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FileFormat {
+    /// Apache Parquet.
+    Parquet,
+    /// CSV with a header row.
+    Csv,
+    /// Newline-delimited JSON.
+    Json,
+}
+
+impl FileFormat {
+    /// The format named `word` (case-insensitive).
+    pub fn from_name(word: &str) -> Option<Self> {
+        match word.to_ascii_lowercase().as_str() {
+            "parquet" => Some(Self::Parquet),
+            "csv" => Some(Self::Csv),
+            "json" | "ndjson" => Some(Self::Json),
+            _ => None,
+        }
+    }
+
+    /// The format a file extension suggests.
+    pub fn from_location(location: &str) -> Option<Self> {
+        let lower = location.to_ascii_lowercase();
+        let ext = lower.rsplit('.').next()?;
+        Self::from_name(ext)
+    }
+
+    /// The usual file extension.
+    pub fn extension(self) -> &'static str {
+        match self {
+            Self::Parquet => ".parquet",
+            Self::Csv => ".csv",
+            Self::Json => ".json",
+        }
+    }
+}
+
+impl fmt::Display for FileFormat {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Parquet => "parquet",
+            Self::Csv => "csv",
+            Self::Json => "json",
+        })
+    }
+}
+
+/// `CREATE [OR REPLACE] SLICE [IF NOT EXISTS] name [OWNER 'team'] [REFRESH …]
+/// [PARTITION BY (col, …)] AS query`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CreateSlice {
+    /// The slice.
+    pub name: SliceName,
+    /// `OR REPLACE` given.
+    pub or_replace: bool,
+    /// `IF NOT EXISTS` given.
+    pub if_not_exists: bool,
+    /// Owning team.
+    pub owner: Option<String>,
+    /// Refresh policy.
+    pub refresh: RefreshPolicy,
+    /// Partition columns.
+    pub partition_by: Vec<String>,
+    /// The definition.
+    pub query: Box<Query>,
+}
+
+/// When a slice refreshes.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum RefreshPolicy {
+    /// Only on `REFRESH SLICE`.
+    #[default]
+    Manual,
+    /// Every interval, given as written (e.g. `5 minutes`).
+    Every(String),
+    /// When an input has a newer version than the slice was built from.
+    OnChange,
+}
+
+impl RefreshPolicy {
+    /// Parses the policy's text form (`manual`, `every '5 minutes'`, `on change`).
+    pub fn parse(text: &str) -> Result<Self> {
+        let t = text.trim();
+        let lower = t.to_ascii_lowercase();
+        if lower == "manual" {
+            return Ok(Self::Manual);
+        }
+        if lower.split_whitespace().collect::<Vec<_>>() == ["on", "change"] {
+            return Ok(Self::OnChange);
+        }
+        if let Some(rest) = lower.strip_prefix("every") {
+            let interval = rest.trim().trim_matches('\'').to_string();
+            parse_interval(&interval)?;
+            return Ok(Self::Every(interval));
+        }
+        Err(IcePieError::Syntax(format!(
+            "unknown refresh policy '{text}': use MANUAL, EVERY 'interval' or ON CHANGE"
+        )))
+    }
+}
+
+impl fmt::Display for RefreshPolicy {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Manual => f.write_str("manual"),
+            Self::Every(i) => write!(f, "every '{i}'"),
+            Self::OnChange => f.write_str("on change"),
+        }
+    }
+}
+
+/// Parses an interval such as `30 seconds`, `5 minutes`, `1 hour` or `2 days`.
+pub fn parse_interval(text: &str) -> Result<Duration> {
+    let bad = || {
+        IcePieError::Syntax(format!(
+            "invalid interval '{text}': write a positive whole number and a unit, e.g. '30 seconds', '5 minutes', '1 hour', '1 day'"
+        ))
+    };
+    let mut parts = text.split_whitespace();
+    let (Some(n), Some(unit), None) = (parts.next(), parts.next(), parts.next()) else {
+        return Err(bad());
+    };
+    let n: u64 = n.parse().map_err(|_| bad())?;
+    let secs = match unit.to_ascii_lowercase().trim_end_matches('s') {
+        "second" | "sec" => 1,
+        "minute" | "min" => 60,
+        "hour" => 3600,
+        "day" => 86400,
+        _ => return Err(bad()),
+    };
+    if n == 0 {
+        return Err(bad());
+    }
+    n.checked_mul(secs).map(Duration::from_secs).ok_or_else(bad)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn intervals() {
+        assert_eq!(
+            parse_interval("30 seconds").unwrap(),
+            Duration::from_secs(30)
+        );
+        assert_eq!(
+            parse_interval("5 MINUTES").unwrap(),
+            Duration::from_secs(300)
+        );
+        assert_eq!(parse_interval("1 hour").unwrap(), Duration::from_secs(3600));
+        for bad in [
+            "",
+            "5",
+            "five minutes",
+            "0 seconds",
+            "5 fortnights",
+            "1 2 3",
+        ] {
+            assert!(parse_interval(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn policies_round_trip_through_text() {
+        for p in [
+            RefreshPolicy::Manual,
+            RefreshPolicy::OnChange,
+            RefreshPolicy::Every("5 minutes".into()),
+        ] {
+            assert_eq!(RefreshPolicy::parse(&p.to_string()).unwrap(), p);
+        }
+    }
+}

@@ -1,0 +1,402 @@
+//! Parsing icepie statements by wrapping DataFusion's `DFParser` (the pattern of DataFusion's
+//! `custom_sql_parser` example): the first words of each statement decide whether icepie parses
+//! it; everything else goes to `DFParser::parse_statement` unchanged.
+
+use datafusion::sql::parser::{DFParser, DFParserBuilder};
+use datafusion::sql::sqlparser::ast::ObjectName;
+use datafusion::sql::sqlparser::dialect::GenericDialect;
+use datafusion::sql::sqlparser::keywords::Keyword;
+use datafusion::sql::sqlparser::parser::Parser;
+use datafusion::sql::sqlparser::tokenizer::Token;
+
+use super::{
+    CreateCoreTable, CreateSlice, DataSource, FileFormat, Ingest, RefreshPolicy, Statement,
+};
+use crate::error::{IcePieError, Result};
+use crate::storage::names::{parse_core_name, SliceName};
+
+/// Parses `sql` into statements (several may be separated by `;`).
+pub fn parse_sql(sql: &str) -> Result<Vec<Statement>> {
+    let dialect = GenericDialect {};
+    let mut df = DFParserBuilder::new(sql)
+        .with_dialect(&dialect)
+        .build()
+        .map_err(syntax)?;
+    let mut out = Vec::new();
+    let mut expecting_delimiter = false;
+    loop {
+        while df.parser.consume_token(&Token::SemiColon) {
+            expecting_delimiter = false;
+        }
+        if df.parser.peek_token() == Token::EOF {
+            break;
+        }
+        if expecting_delimiter {
+            let found = df.parser.peek_token();
+            return Err(IcePieError::Syntax(format!(
+                "Expected: end of statement, found: {found}{}",
+                found.span.start
+            )));
+        }
+        out.push(parse_statement(&mut df)?);
+        expecting_delimiter = true;
+    }
+    Ok(out)
+}
+
+fn syntax(e: impl std::fmt::Display) -> IcePieError {
+    let msg = e.to_string();
+    let msg = msg
+        .strip_prefix("SQL error: ParserError(\"")
+        .and_then(|m| m.strip_suffix("\")"))
+        .map(str::to_string)
+        .unwrap_or(msg);
+    IcePieError::Syntax(msg)
+}
+
+/// True when the token at `n` ahead is the unquoted word `word` (case-insensitive).
+fn word_at(p: &Parser, n: usize, word: &str) -> bool {
+    matches!(&p.peek_nth_token(n).token,
+        Token::Word(w) if w.quote_style.is_none() && w.value.eq_ignore_ascii_case(word))
+}
+
+fn starts_with(p: &Parser, words: &[&str]) -> bool {
+    words.iter().enumerate().all(|(i, w)| word_at(p, i, w))
+}
+
+fn parse_statement(df: &mut DFParser) -> Result<Statement> {
+    let p = &mut df.parser;
+    let stmt = if starts_with(p, &["CREATE", "CORE", "TABLE"]) {
+        p.next_token();
+        p.next_token();
+        p.next_token();
+        Statement::CreateCoreTable(parse_create_core(p)?)
+    } else if starts_with(p, &["CREATE", "SLICE"])
+        || starts_with(p, &["CREATE", "OR", "REPLACE", "SLICE"])
+    {
+        p.next_token();
+        let or_replace = p.parse_keywords(&[Keyword::OR, Keyword::REPLACE]);
+        p.next_token();
+        Statement::CreateSlice(parse_create_slice(p, or_replace)?)
+    } else if starts_with(p, &["INGEST"]) {
+        p.next_token();
+        Statement::Ingest(parse_ingest(p)?)
+    } else if starts_with(p, &["DROP", "CORE", "TABLE"]) {
+        p.next_token();
+        p.next_token();
+        p.next_token();
+        let if_exists = p.parse_keywords(&[Keyword::IF, Keyword::EXISTS]);
+        let name = core_name(p)?;
+        Statement::DropCoreTable { name, if_exists }
+    } else if starts_with(p, &["DROP", "SLICE"]) {
+        p.next_token();
+        p.next_token();
+        let if_exists = p.parse_keywords(&[Keyword::IF, Keyword::EXISTS]);
+        Statement::DropSlice {
+            name: slice_name(p)?,
+            if_exists,
+        }
+    } else if starts_with(p, &["REFRESH", "SLICE"]) {
+        p.next_token();
+        p.next_token();
+        Statement::RefreshSlice(slice_name(p)?)
+    } else if starts_with(p, &["SHOW", "CORE", "TABLES"]) {
+        for _ in 0..3 {
+            p.next_token();
+        }
+        Statement::ShowCoreTables
+    } else if starts_with(p, &["SHOW", "SLICES"]) {
+        p.next_token();
+        p.next_token();
+        Statement::ShowSlices
+    } else if starts_with(p, &["DESCRIBE", "SLICE"]) || starts_with(p, &["DESC", "SLICE"]) {
+        p.next_token();
+        p.next_token();
+        Statement::DescribeSlice(slice_name(p)?)
+    } else {
+        return Ok(Statement::DataFusion(Box::new(
+            df.parse_statement().map_err(syntax)?,
+        )));
+    };
+    Ok(stmt)
+}
+
+/// The parts of an object name, unquoted parts lowercased as DataFusion normalizes them.
+fn name_parts(p: &mut Parser) -> Result<Vec<String>> {
+    let name: ObjectName = p.parse_object_name(false)?;
+    Ok(name
+        .0
+        .iter()
+        .map(|part| match part.as_ident() {
+            Some(id) if id.quote_style.is_none() => id.value.to_ascii_lowercase(),
+            Some(id) => id.value.clone(),
+            None => part.to_string(),
+        })
+        .collect())
+}
+
+fn slice_name(p: &mut Parser) -> Result<SliceName> {
+    let parts = name_parts(p)?;
+    match parts.as_slice() {
+        [name] => SliceName::parse(name),
+        [domain, name] => SliceName::new(domain.clone(), name.clone()),
+        _ => Err(IcePieError::InvalidName {
+            name: parts.join("."),
+            reason: "a slice name is `name` or `domain.name`".into(),
+        }),
+    }
+}
+
+fn core_name(p: &mut Parser) -> Result<String> {
+    let parts = name_parts(p)?;
+    if parts.len() > 2 {
+        return Err(IcePieError::InvalidName {
+            name: parts.join("."),
+            reason: "a core table name is `name` or `core.name`".into(),
+        });
+    }
+    parse_core_name(&parts.join("."))
+}
+
+fn parse_files(p: &mut Parser) -> Result<DataSource> {
+    let location = p.parse_literal_string()?;
+    let format = if word_at(p, 0, "FORMAT") {
+        p.next_token();
+        let tok = p.next_token();
+        let fmt = match &tok.token {
+            Token::Word(w) => FileFormat::from_name(&w.value),
+            Token::SingleQuotedString(s) => FileFormat::from_name(s),
+            _ => None,
+        };
+        match fmt {
+            Some(f) => Some(f),
+            None => {
+                return Err(IcePieError::Syntax(format!(
+                    "unknown FORMAT {tok}{}: use parquet, csv or json",
+                    tok.span.start
+                )))
+            }
+        }
+    } else {
+        None
+    };
+    Ok(DataSource::Files { location, format })
+}
+
+fn parse_create_core(p: &mut Parser) -> Result<CreateCoreTable> {
+    let if_not_exists = p.parse_keywords(&[Keyword::IF, Keyword::NOT, Keyword::EXISTS]);
+    let name = core_name(p)?;
+    let (columns, constraints) = p.parse_columns()?;
+    if !constraints.is_empty() {
+        return Err(IcePieError::Syntax(
+            "core tables take no table constraints; declare columns as `name type [NOT NULL]`"
+                .into(),
+        ));
+    }
+    let source = if p.parse_keyword(Keyword::FROM) {
+        Some(parse_files(p)?)
+    } else if p.parse_keyword(Keyword::AS) {
+        Some(DataSource::Query(p.parse_query()?))
+    } else {
+        None
+    };
+    if columns.is_empty() && source.is_none() {
+        return Err(IcePieError::Syntax(format!(
+            "CREATE CORE TABLE {name} needs columns, FROM 'location' or AS query"
+        )));
+    }
+    Ok(CreateCoreTable {
+        name,
+        if_not_exists,
+        columns,
+        source,
+    })
+}
+
+fn parse_ingest(p: &mut Parser) -> Result<Ingest> {
+    p.expect_keyword(Keyword::INTO)?;
+    let table = core_name(p)?;
+    let source = if p.parse_keyword(Keyword::FROM) {
+        parse_files(p)?
+    } else {
+        DataSource::Query(p.parse_query()?)
+    };
+    Ok(Ingest { table, source })
+}
+
+fn parse_create_slice(p: &mut Parser, or_replace: bool) -> Result<CreateSlice> {
+    let if_not_exists = p.parse_keywords(&[Keyword::IF, Keyword::NOT, Keyword::EXISTS]);
+    if or_replace && if_not_exists {
+        return Err(IcePieError::Syntax(
+            "CREATE OR REPLACE SLICE cannot have IF NOT EXISTS; use one or the other".into(),
+        ));
+    }
+    let name = slice_name(p)?;
+    let (mut owner, mut refresh, mut partition_by) = (None, None, None);
+    loop {
+        if word_at(p, 0, "OWNER") && owner.is_none() {
+            p.next_token();
+            owner = Some(p.parse_literal_string()?);
+        } else if word_at(p, 0, "REFRESH") && refresh.is_none() {
+            p.next_token();
+            refresh = Some(if word_at(p, 0, "MANUAL") {
+                p.next_token();
+                RefreshPolicy::Manual
+            } else if word_at(p, 0, "EVERY") {
+                p.next_token();
+                let interval = p.parse_literal_string()?;
+                RefreshPolicy::parse(&format!("every '{interval}'"))?
+            } else if starts_with(p, &["ON", "CHANGE"]) {
+                p.next_token();
+                p.next_token();
+                RefreshPolicy::OnChange
+            } else {
+                return Err(p
+                    .expected::<()>("MANUAL, EVERY 'interval' or ON CHANGE", p.peek_token())
+                    .unwrap_err()
+                    .into());
+            });
+        } else if p.peek_keyword_pair(Keyword::PARTITION, Keyword::BY) && partition_by.is_none() {
+            p.next_token();
+            p.next_token();
+            p.expect_token(&Token::LParen)?;
+            let cols = p.parse_comma_separated(|p| p.parse_identifier())?;
+            p.expect_token(&Token::RParen)?;
+            partition_by = Some(
+                cols.into_iter()
+                    .map(|c| match c.quote_style {
+                        None => c.value.to_ascii_lowercase(),
+                        Some(_) => c.value,
+                    })
+                    .collect(),
+            );
+        } else {
+            break;
+        }
+    }
+    p.expect_keyword(Keyword::AS)?;
+    let query = p.parse_query()?;
+    Ok(CreateSlice {
+        name,
+        or_replace,
+        if_not_exists,
+        owner,
+        refresh: refresh.unwrap_or_default(),
+        partition_by: partition_by.unwrap_or_default(),
+        query,
+    })
+}
+
+trait PeekPair {
+    fn peek_keyword_pair(&self, a: Keyword, b: Keyword) -> bool;
+}
+
+impl PeekPair for Parser<'_> {
+    fn peek_keyword_pair(&self, a: Keyword, b: Keyword) -> bool {
+        let is = |n: usize, k: Keyword| matches!(&self.peek_nth_token(n).token, Token::Word(w) if w.keyword == k);
+        is(0, a) && is(1, b)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn one(sql: &str) -> Statement {
+        let mut v = parse_sql(sql).unwrap();
+        assert_eq!(v.len(), 1, "{sql}");
+        v.remove(0)
+    }
+
+    #[test]
+    fn create_slice_with_all_clauses_in_any_order() {
+        let Statement::CreateSlice(s) = one(
+            "create or replace slice Finance.revenue refresh every '5 minutes' owner 'fin' \
+             partition by (day) as select 1 as x",
+        ) else {
+            panic!()
+        };
+        assert_eq!(s.name.to_string(), "finance.revenue");
+        assert!(s.or_replace && !s.if_not_exists);
+        assert_eq!(s.owner.as_deref(), Some("fin"));
+        assert_eq!(s.refresh, RefreshPolicy::Every("5 minutes".into()));
+        assert_eq!(s.partition_by, vec!["day"]);
+        assert_eq!(s.query.to_string(), "SELECT 1 AS x");
+    }
+
+    #[test]
+    fn mixes_icepie_and_datafusion_statements() {
+        let v = parse_sql(
+            "SELECT 1; CREATE CORE TABLE IF NOT EXISTS core.e (id INT NOT NULL, v TEXT); \
+             INGEST INTO e FROM 'x/*.csv' FORMAT csv; INGEST INTO e SELECT 1, 'a';;\
+             REFRESH SLICE s; SHOW SLICES; show core tables; DESCRIBE SLICE a.b; \
+             DROP SLICE IF EXISTS s; DROP CORE TABLE e",
+        )
+        .unwrap();
+        assert_eq!(v.len(), 10);
+        assert!(matches!(v[0], Statement::DataFusion(_)));
+        let Statement::CreateCoreTable(c) = &v[1] else {
+            panic!()
+        };
+        assert!(c.if_not_exists && c.columns.len() == 2 && c.source.is_none());
+        assert!(matches!(
+            &v[2],
+            Statement::Ingest(Ingest {
+                source: DataSource::Files {
+                    format: Some(FileFormat::Csv),
+                    ..
+                },
+                ..
+            })
+        ));
+        assert!(matches!(
+            &v[3],
+            Statement::Ingest(Ingest {
+                source: DataSource::Query(_),
+                ..
+            })
+        ));
+        assert!(matches!(
+            &v[9],
+            Statement::DropCoreTable {
+                if_exists: false,
+                ..
+            }
+        ));
+    }
+
+    #[test]
+    fn bad_statements_are_syntax_errors_not_panics() {
+        for bad in [
+            "CREATE SLICE s",
+            "CREATE SLICE s AS",
+            "CREATE SLICE s REFRESH SOMETIMES AS SELECT 1",
+            "CREATE SLICE s REFRESH EVERY 'soon' AS SELECT 1",
+            "CREATE OR REPLACE SLICE IF NOT EXISTS s AS SELECT 1",
+            "CREATE CORE TABLE t",
+            "CREATE CORE TABLE t FROM 'x' FORMAT avro",
+            "INGEST INTO t",
+            "INGEST t FROM 'x'",
+            "REFRESH SLICE",
+            "SELECT 1 SELECT 2",
+            "SELEC 1",
+        ] {
+            assert!(parse_sql(bad).is_err(), "{bad} parsed");
+        }
+    }
+
+    #[test]
+    fn names_are_checked_while_parsing() {
+        for bad in [
+            "REFRESH SLICE \"../x\"",
+            "CREATE SLICE core.x AS SELECT 1",
+            "DROP CORE TABLE finance.x",
+            "REFRESH SLICE a.b.c",
+        ] {
+            assert!(
+                matches!(parse_sql(bad), Err(IcePieError::InvalidName { .. })),
+                "{bad}"
+            );
+        }
+    }
+}

@@ -1,0 +1,211 @@
+//! Where icepie keeps its data: one warehouse location holding Delta Lake tables.
+//!
+//! ```text
+//! <warehouse>/core/<table>/            Delta table, append-only (delta.appendOnly = true)
+//! <warehouse>/slices/<domain>/<name>/  Delta table; one Overwrite commit per successful refresh
+//! <warehouse>/_system/refreshes/       Delta table: append-only log of every refresh attempt
+//! ```
+//!
+//! Paths are only ever built from names validated by [`names`], so nothing is read or written
+//! outside the warehouse root. The warehouse is the only source of truth: nothing about tables or
+//! slices is kept in memory that another process could not read back from here.
+
+pub mod names;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use deltalake::{DeltaTable, DeltaTableBuilder, DeltaTableError, ObjectStore};
+use futures::TryStreamExt;
+use object_store::path::Path;
+use object_store::ObjectStoreExt;
+use url::Url;
+
+use crate::error::{IcePieError, Result};
+use names::SliceName;
+
+/// Relative path of the refresh log table.
+pub const REFRESHES_PATH: &str = "_system/refreshes/";
+/// Folder of the core tables.
+pub const CORE_DIR: &str = "core";
+/// Folder of the slice domains.
+pub const SLICES_DIR: &str = "slices";
+
+/// Default warehouse location when none is given.
+pub const DEFAULT_LOCATION: &str = "./icepie-data";
+
+/// One warehouse location and the means to open the Delta tables in it.
+#[derive(Debug, Clone)]
+pub struct Warehouse {
+    root: Url,
+    custom_store: Option<Arc<dyn ObjectStore>>,
+    storage_options: HashMap<String, String>,
+    root_store: Arc<dyn ObjectStore>,
+}
+
+impl Warehouse {
+    /// Opens (creating a local directory if needed) the warehouse at `location`: a local path
+    /// or a URL (`file://`, and `s3://`, `gs://`, `az://` when built with those features).
+    ///
+    /// `custom_store`, when given, is used for every read and write; it must have "/" at the
+    /// root of the URL's object store (for a local path, the file system root).
+    pub fn open(
+        location: &str,
+        custom_store: Option<Arc<dyn ObjectStore>>,
+        storage_options: HashMap<String, String>,
+    ) -> Result<Self> {
+        let err = |reason: String| IcePieError::Warehouse {
+            location: location.to_string(),
+            reason,
+        };
+        let mut root = if location.contains("://") {
+            Url::parse(location).map_err(|e| err(format!("not a valid URL: {e}")))?
+        } else {
+            let path = std::path::Path::new(if location.is_empty() { "." } else { location });
+            std::fs::create_dir_all(path).map_err(|e| err(format!("cannot create it: {e}")))?;
+            let path = path
+                .canonicalize()
+                .map_err(|e| err(format!("cannot resolve it: {e}")))?;
+            Url::from_directory_path(&path)
+                .map_err(|_| err("not an absolute directory path".to_string()))?
+        };
+        if root.scheme() == "file" {
+            let path = root
+                .to_file_path()
+                .map_err(|_| err("not a local path".to_string()))?;
+            std::fs::create_dir_all(&path).map_err(|e| err(format!("cannot create it: {e}")))?;
+        }
+        if !root.path().ends_with('/') {
+            root.set_path(&format!("{}/", root.path()));
+        }
+        let mut builder = DeltaTableBuilder::from_url(root.clone())
+            .map_err(|e| err(e.to_string()))?
+            .with_storage_options(storage_options.clone());
+        if let Some(store) = &custom_store {
+            builder = builder.with_storage_backend(store.clone(), root.clone());
+        }
+        let root_store = builder
+            .build_storage()
+            .map_err(|e| err(format!("no object store for this location: {e}")))?
+            .object_store(None);
+        Ok(Self {
+            root,
+            custom_store,
+            storage_options,
+            root_store,
+        })
+    }
+
+    /// The warehouse root URL (ends with `/`).
+    pub fn url(&self) -> &Url {
+        &self.root
+    }
+
+    /// Relative path of a core table.
+    pub fn core_path(name: &str) -> String {
+        format!("{CORE_DIR}/{name}/")
+    }
+
+    /// Relative path of a slice.
+    pub fn slice_path(name: &SliceName) -> String {
+        format!("{SLICES_DIR}/{}/{}/", name.domain, name.name)
+    }
+
+    /// A Delta table builder for the table at `rel` (a path built by this module).
+    pub fn builder(&self, rel: &str) -> Result<DeltaTableBuilder> {
+        let url = self.root.join(rel).map_err(|e| IcePieError::Warehouse {
+            location: self.root.to_string(),
+            reason: format!("bad table path {rel}: {e}"),
+        })?;
+        let mut builder = DeltaTableBuilder::from_url(url.clone())?
+            .with_storage_options(self.storage_options.clone());
+        if let Some(store) = &self.custom_store {
+            builder = builder.with_storage_backend(store.clone(), url);
+        }
+        Ok(builder)
+    }
+
+    /// An unloaded handle on the table at `rel`, for creating it.
+    pub fn handle(&self, rel: &str) -> Result<DeltaTable> {
+        Ok(self.builder(rel)?.build()?)
+    }
+
+    /// Loads the table at `rel` at its latest version (or `version`); `None` if there is none.
+    pub async fn load(&self, rel: &str, version: Option<i64>) -> Result<Option<DeltaTable>> {
+        let mut builder = self.builder(rel)?;
+        if let Some(v) = version {
+            builder = builder.with_version(v as _);
+        }
+        match builder.load().await {
+            Ok(t) => Ok(Some(t)),
+            Err(DeltaTableError::NotATable(_)) => Ok(None),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Names of the folders directly under `rel` that are valid names.
+    pub async fn list_children(&self, rel: &str) -> Result<Vec<String>> {
+        let listing = self
+            .root_store
+            .list_with_delimiter(Some(&Path::from(rel)))
+            .await?;
+        let mut out: Vec<String> = listing
+            .common_prefixes
+            .iter()
+            .filter_map(|p| p.filename().map(str::to_string))
+            .filter(|n| names::validate_name(n).is_ok())
+            .collect();
+        out.sort();
+        Ok(out)
+    }
+
+    /// Deletes every object under `rel`, the Delta log first so that the table stops existing
+    /// for readers before its data files go.
+    pub async fn delete_prefix(&self, rel: &str) -> Result<()> {
+        let log = Path::from(format!("{rel}_delta_log"));
+        for prefix in [log, Path::from(rel)] {
+            let paths: Vec<Path> = self
+                .root_store
+                .list(Some(&prefix))
+                .map_ok(|m| m.location)
+                .try_collect()
+                .await?;
+            for p in paths {
+                match self.root_store.delete(&p).await {
+                    Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
+                    Err(e) => return Err(e.into()),
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// True when a Delta log exists under `rel`.
+    pub async fn has_log(&self, rel: &str) -> Result<bool> {
+        let log = Path::from(format!("{rel}_delta_log"));
+        let mut listing = self.root_store.list(Some(&log));
+        Ok(listing.try_next().await?.is_some())
+    }
+}
+
+/// Size of one version of a table.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct TableStats {
+    /// Data files.
+    pub files: i64,
+    /// Rows (from the files' statistics).
+    pub rows: i64,
+    /// Bytes of data files.
+    pub bytes: i64,
+}
+
+/// The size of the loaded version of `table`, from its Delta log alone.
+pub fn table_stats(table: &DeltaTable) -> Result<TableStats> {
+    let mut stats = TableStats::default();
+    for file in table.snapshot()?.log_data().iter() {
+        stats.files += 1;
+        stats.bytes += file.size();
+        stats.rows += file.num_records().unwrap_or(0) as i64;
+    }
+    Ok(stats)
+}

@@ -1,0 +1,89 @@
+//! The frozen core: atomic appends, schema fit, and refusal of every other write.
+
+use icepie::{IcePie, IcePieError};
+
+use crate::support::{fails, run, scalar};
+
+async fn open() -> (tempfile::TempDir, IcePie) {
+    let dir = tempfile::tempdir().unwrap();
+    let w = IcePie::open(dir.path().join("wh").to_string_lossy().to_string())
+        .await
+        .unwrap();
+    (dir, w)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_load_is_one_atomic_append_of_all_its_files() {
+    let (dir, w) = open().await;
+    let files = dir.path().join("in");
+    std::fs::create_dir(&files).unwrap();
+    std::fs::write(files.join("a.csv"), "id,v\n1,x\n2,y\n").unwrap();
+    std::fs::write(files.join("b.csv"), "id,v\n3,z\n").unwrap();
+    run(&w, "CREATE CORE TABLE t (id INT NOT NULL, v TEXT)").await;
+    let glob = format!("{}/*.csv", files.display());
+    run(&w, &format!("INGEST INTO t FROM '{glob}'")).await;
+    assert_eq!(scalar(&w, "SELECT count(*) FROM core.t").await, "3");
+    assert_eq!(
+        scalar(
+            &w,
+            "SELECT version FROM system.core_tables WHERE name = 't'"
+        )
+        .await,
+        "1"
+    );
+
+    // One bad value in one file: nothing of the load is committed.
+    std::fs::write(files.join("c.csv"), "id,v\nnot-a-number,w\n").unwrap();
+    let msg = fails(&w, &format!("INGEST INTO t FROM '{glob}'")).await;
+    assert!(msg.contains("not-a-number"), "{msg}");
+    assert_eq!(scalar(&w, "SELECT count(*) FROM core.t").await, "3");
+    assert_eq!(
+        scalar(
+            &w,
+            "SELECT version FROM system.core_tables WHERE name = 't'"
+        )
+        .await,
+        "1"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_load_that_does_not_fit_names_the_columns() {
+    let (dir, w) = open().await;
+    run(&w, "CREATE CORE TABLE t (id INT, v TEXT)").await;
+    let file = dir.path().join("x.csv");
+    std::fs::write(&file, "id,w\n1,a\n").unwrap();
+    let err = w
+        .sql(&format!("INGEST INTO t FROM '{}'", file.display()))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, IcePieError::SchemaMismatch { .. }), "{err}");
+    let msg = err.to_string();
+    assert!(
+        msg.contains("missing column(s) v") && msg.contains("unknown column(s) w"),
+        "{msg}"
+    );
+    assert_eq!(scalar(&w, "SELECT count(*) FROM core.t").await, "0");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn names_never_reach_outside_the_warehouse() {
+    let (dir, w) = open().await;
+    for sql in [
+        "CREATE CORE TABLE \"../escape\" (id INT)",
+        "CREATE SLICE \"../../escape\" AS SELECT 1 AS x",
+        "CREATE SLICE \"a/b\".c AS SELECT 1 AS x",
+        "INGEST INTO \"..\" VALUES (1)",
+    ] {
+        let err = w.sql(sql).await.unwrap_err();
+        assert!(
+            matches!(err, IcePieError::InvalidName { .. }),
+            "{sql}: {err}"
+        );
+    }
+    let entries: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().to_string())
+        .collect();
+    assert_eq!(entries, vec!["wh".to_string()]);
+}

@@ -1,0 +1,98 @@
+//! Invariant 3: a query on a slice reads that slice's files only; a refresh reads only its
+//! inputs. Proven by recording every object-store access.
+
+use std::sync::Arc;
+
+use icepie::IcePie;
+use object_store::local::LocalFileSystem;
+
+use crate::support::{run, scalar, Access, RecordingStore};
+
+/// The path prefix (relative to the file system root, as object_store names it) of `rel`.
+fn prefix(root: &std::path::Path, rel: &str) -> String {
+    format!("{}/{rel}", root.to_string_lossy().trim_start_matches('/'))
+}
+
+async fn warehouse() -> (
+    tempfile::TempDir,
+    std::path::PathBuf,
+    Arc<RecordingStore>,
+    IcePie,
+) {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().canonicalize().unwrap();
+    let store = Arc::new(RecordingStore::new(Arc::new(LocalFileSystem::new())));
+    let warehouse = IcePie::builder(root.to_string_lossy().to_string())
+        .with_object_store(store.clone())
+        .open()
+        .await
+        .unwrap();
+    run(
+        &warehouse,
+        "CREATE CORE TABLE a (id INT, v TEXT); CREATE CORE TABLE b (id INT, w TEXT);
+         INGEST INTO a VALUES (1, 'x'), (2, 'y'); INGEST INTO b VALUES (1, 'p');
+         CREATE SLICE s1 AS SELECT id, v FROM core.a;
+         CREATE SLICE sales.s2 AS SELECT id, w FROM core.b;",
+    )
+    .await;
+    (dir, root, store, warehouse)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_query_on_a_slice_reads_only_that_slices_files() {
+    let (_dir, root, store, warehouse) = warehouse().await;
+    store.take();
+    assert_eq!(
+        scalar(&warehouse, "SELECT count(*) FROM slices.s1").await,
+        "2"
+    );
+    let accesses = store.take();
+    let own = prefix(&root, "slices/slices/s1/");
+    let reads: Vec<&String> = accesses
+        .iter()
+        .filter_map(|a| match a {
+            Access::Read(p) => Some(p),
+            _ => None,
+        })
+        .collect();
+    assert!(
+        reads.iter().any(|p| p.ends_with(".parquet")),
+        "the query read no data file: {accesses:?}"
+    );
+    for p in &reads {
+        assert!(p.starts_with(&own), "read {p} outside {own}");
+    }
+    // Listings may enumerate names (folders of the warehouse), never look inside another table.
+    for a in &accesses {
+        if let Access::List(p) = a {
+            for other in ["core/a", "core/b", "slices/sales/s2", "_system"] {
+                assert!(
+                    !p.starts_with(&prefix(&root, other)),
+                    "listed {p}, inside {other}"
+                );
+            }
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refresh_reads_only_its_inputs_and_its_own_table() {
+    let (_dir, root, store, warehouse) = warehouse().await;
+    store.take();
+    warehouse.refresh("s1").await.unwrap();
+    let allowed = [
+        prefix(&root, "core/a/"),
+        prefix(&root, "slices/slices/s1/"),
+        prefix(&root, "_system/refreshes/"),
+    ];
+    let accesses = store.take();
+    assert!(!accesses.is_empty());
+    for a in accesses {
+        if let Access::Read(p) = a {
+            assert!(
+                allowed.iter().any(|ok| p.starts_with(ok)),
+                "refresh of s1 read {p}"
+            );
+        }
+    }
+}

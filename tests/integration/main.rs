@@ -1,0 +1,8 @@
+//! icepie's Rust integration tests: one test binary, one module per feature.
+
+mod cli;
+mod core_tables;
+mod failures;
+mod isolation;
+mod persistence;
+mod support;

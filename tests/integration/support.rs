@@ -1,0 +1,178 @@
+//! Helpers shared by the integration tests.
+
+use std::fmt;
+use std::ops::Range;
+use std::sync::{Arc, Mutex};
+
+use async_trait::async_trait;
+use datafusion::arrow::array::RecordBatch;
+use datafusion::arrow::util::pretty::pretty_format_batches;
+use futures::stream::BoxStream;
+use icepie::IcePie;
+use object_store::path::Path;
+use object_store::{
+    CopyOptions, GetOptions, GetResult, ListResult, MultipartUpload, ObjectMeta, ObjectStore,
+    PutMultipartOptions, PutOptions, PutPayload, PutResult, Result,
+};
+
+/// Runs SQL and returns its result as a pretty table.
+pub async fn table(warehouse: &IcePie, sql: &str) -> String {
+    let batches: Vec<RecordBatch> = warehouse
+        .sql(sql)
+        .await
+        .unwrap_or_else(|e| panic!("{sql}: {e}"))
+        .collect()
+        .await
+        .unwrap_or_else(|e| panic!("{sql}: {e}"));
+    pretty_format_batches(&batches).unwrap().to_string()
+}
+
+/// Runs SQL and returns the single value of its single row, formatted.
+pub async fn scalar(warehouse: &IcePie, sql: &str) -> String {
+    let batches: Vec<RecordBatch> = warehouse
+        .sql(sql)
+        .await
+        .unwrap_or_else(|e| panic!("{sql}: {e}"))
+        .collect()
+        .await
+        .unwrap_or_else(|e| panic!("{sql}: {e}"));
+    let batch = batches.iter().find(|b| b.num_rows() > 0).expect("one row");
+    assert_eq!(batch.num_rows(), 1, "{sql}");
+    datafusion::arrow::util::display::array_value_to_string(batch.column(0), 0).unwrap()
+}
+
+/// Runs SQL that must succeed.
+pub async fn run(warehouse: &IcePie, sql: &str) {
+    warehouse
+        .sql(sql)
+        .await
+        .unwrap_or_else(|e| panic!("{sql}: {e}"))
+        .collect()
+        .await
+        .unwrap_or_else(|e| panic!("{sql}: {e}"));
+}
+
+/// Runs SQL that must fail, returning the error text.
+pub async fn fails(warehouse: &IcePie, sql: &str) -> String {
+    let result = match warehouse.sql(sql).await {
+        Ok(df) => df
+            .collect()
+            .await
+            .map(|_| ())
+            .map_err(icepie::IcePieError::from),
+        Err(e) => Err(e),
+    };
+    match result {
+        Ok(()) => panic!("{sql} succeeded but should have failed"),
+        Err(e) => e.to_string(),
+    }
+}
+
+/// One recorded object-store access.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Access {
+    /// An object read (get, range reads, head).
+    Read(String),
+    /// A listing of a prefix.
+    List(String),
+}
+
+/// An object store that records every read and listing, then delegates.
+#[derive(Debug)]
+pub struct RecordingStore {
+    inner: Arc<dyn ObjectStore>,
+    pub log: Mutex<Vec<Access>>,
+}
+
+impl RecordingStore {
+    pub fn new(inner: Arc<dyn ObjectStore>) -> Self {
+        Self {
+            inner,
+            log: Mutex::new(Vec::new()),
+        }
+    }
+
+    pub fn take(&self) -> Vec<Access> {
+        std::mem::take(&mut *self.log.lock().unwrap())
+    }
+
+    fn record(&self, a: Access) {
+        self.log.lock().unwrap().push(a);
+    }
+}
+
+impl fmt::Display for RecordingStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Recording({})", self.inner)
+    }
+}
+
+#[async_trait]
+impl ObjectStore for RecordingStore {
+    async fn put_opts(
+        &self,
+        location: &Path,
+        payload: PutPayload,
+        opts: PutOptions,
+    ) -> Result<PutResult> {
+        self.inner.put_opts(location, payload, opts).await
+    }
+
+    async fn put_multipart_opts(
+        &self,
+        location: &Path,
+        opts: PutMultipartOptions,
+    ) -> Result<Box<dyn MultipartUpload>> {
+        self.inner.put_multipart_opts(location, opts).await
+    }
+
+    async fn get_opts(&self, location: &Path, options: GetOptions) -> Result<GetResult> {
+        self.record(Access::Read(location.to_string()));
+        self.inner.get_opts(location, options).await
+    }
+
+    async fn get_ranges(
+        &self,
+        location: &Path,
+        ranges: &[Range<u64>],
+    ) -> Result<Vec<bytes::Bytes>> {
+        self.record(Access::Read(location.to_string()));
+        self.inner.get_ranges(location, ranges).await
+    }
+
+    fn delete_stream(
+        &self,
+        locations: BoxStream<'static, Result<Path>>,
+    ) -> BoxStream<'static, Result<Path>> {
+        self.inner.delete_stream(locations)
+    }
+
+    fn list(&self, prefix: Option<&Path>) -> BoxStream<'static, Result<ObjectMeta>> {
+        self.record(Access::List(
+            prefix.map(|p| p.to_string()).unwrap_or_default(),
+        ));
+        self.inner.list(prefix)
+    }
+
+    fn list_with_offset(
+        &self,
+        prefix: Option<&Path>,
+        offset: &Path,
+    ) -> BoxStream<'static, Result<ObjectMeta>> {
+        self.record(Access::List(
+            prefix.map(|p| p.to_string()).unwrap_or_default(),
+        ));
+        self.inner.list_with_offset(prefix, offset)
+    }
+
+    async fn list_with_delimiter(&self, prefix: Option<&Path>) -> Result<ListResult> {
+        self.record(Access::List(
+            prefix.map(|p| p.to_string()).unwrap_or_default(),
+        ));
+        self.inner.list_with_delimiter(prefix).await
+    }
+
+    async fn copy_opts(&self, from: &Path, to: &Path, options: CopyOptions) -> Result<()> {
+        self.inner.copy_opts(from, to, options).await
+    }
+}
