@@ -11,10 +11,11 @@ use datafusion::arrow::array::{ArrayRef, Int64Array, RecordBatch, StringArray};
 use datafusion::arrow::datatypes::{Field, Schema};
 use datafusion::dataframe::DataFrame;
 use datafusion::datasource::source_as_provider;
+use datafusion::execution::cache::cache_manager::CacheManagerConfig;
 use datafusion::execution::object_store::ObjectStoreUrl;
 use datafusion::execution::runtime_env::RuntimeEnvBuilder;
 use datafusion::execution::SessionStateBuilder;
-use datafusion::logical_expr::{LogicalPlan, WriteOp};
+use datafusion::logical_expr::{DdlStatement, DropTable, LogicalPlan, WriteOp};
 use datafusion::prelude::{SessionConfig, SessionContext};
 use deltalake::delta_datafusion::planner::DeltaPlanner;
 use deltalake::ObjectStore;
@@ -66,7 +67,12 @@ impl IcePieBuilder {
                 "datafusion.optimizer.hash_join_inlist_pushdown_max_distinct_values",
                 0,
             );
-        let runtime = RuntimeEnvBuilder::new().build_arc()?;
+        // DataFusion caches directory listings forever by default; INGEST must see the files
+        // that are there now, so listings are not cached.
+        let caches = CacheManagerConfig::default().with_list_files_cache_limit(0);
+        let runtime = RuntimeEnvBuilder::new()
+            .with_cache_manager(caches)
+            .build_arc()?;
         if let Some(store) = &self.store {
             let url = warehouse.url();
             let root = ObjectStoreUrl::parse(format!("{}://{}", url.scheme(), url.authority()))?;
@@ -171,7 +177,7 @@ impl IcePie {
         match stmt {
             Statement::DataFusion(stmt) => {
                 let plan = state.statement_to_plan(*stmt).await?;
-                refuse_writes(&plan)?;
+                self.refuse_writes(&plan)?;
                 let df = self.inner.ctx.execute_logical_plan(plan).await?;
                 Ok(df)
             }
@@ -443,6 +449,49 @@ impl IcePie {
             ("value", strings(rows.iter().map(|r| r.1.clone()))),
         ])
     }
+
+    /// Refuses plain-SQL writes and drops aimed at core tables, slices and system tables
+    /// before they run, naming the icepie statement to use instead.
+    fn refuse_writes(&self, plan: &LogicalPlan) -> Result<()> {
+        let dml = match plan {
+            LogicalPlan::Dml(dml) => dml,
+            LogicalPlan::Ddl(DdlStatement::DropTable(DropTable { name, .. })) => {
+                let schema = name.schema().unwrap_or(DEFAULT_DOMAIN);
+                let table = name.table();
+                let msg = if schema == CORE_SCHEMA {
+                    format!("core tables are dropped with DROP CORE TABLE {table}")
+                } else if schema == SYSTEM_SCHEMA {
+                    format!("'{SYSTEM_SCHEMA}.{table}' is a system table and cannot be dropped")
+                } else if schema == DEFAULT_DOMAIN
+                    || self.inner.shared.listing().domains.contains_key(schema)
+                {
+                    format!("slices are dropped with DROP SLICE {schema}.{table}")
+                } else {
+                    return Ok(());
+                };
+                return Err(IcePieError::ReadOnly(msg));
+            }
+            _ => return Ok(()),
+        };
+        let what = match dml.op {
+            WriteOp::Insert(_) | WriteOp::Ctas => "INSERT",
+            WriteOp::Delete => "DELETE",
+            WriteOp::Update => "UPDATE",
+            WriteOp::Truncate => "TRUNCATE",
+            _ => "this write",
+        };
+        let provider = source_as_provider(&dml.target)?;
+        if let Some(t) = provider.downcast_ref::<IcePieTable>() {
+            return Err(t.write_refused(what));
+        }
+        if dml.table_name.schema() == Some(SYSTEM_SCHEMA) {
+            return Err(IcePieError::ReadOnly(format!(
+                "'{SYSTEM_SCHEMA}.{}' is a read-only system table: {what} is not allowed",
+                dml.table_name.table()
+            )));
+        }
+        Ok(())
+    }
 }
 
 fn strings(values: impl Iterator<Item = String>) -> ArrayRef {
@@ -453,27 +502,3 @@ fn ints(values: impl Iterator<Item = i64>) -> ArrayRef {
     Arc::new(Int64Array::from(values.collect::<Vec<_>>()))
 }
 
-/// Refuses plain-SQL writes at core tables, slices and system tables before they run.
-fn refuse_writes(plan: &LogicalPlan) -> Result<()> {
-    let LogicalPlan::Dml(dml) = plan else {
-        return Ok(());
-    };
-    let what = match dml.op {
-        WriteOp::Insert(_) | WriteOp::Ctas => "INSERT",
-        WriteOp::Delete => "DELETE",
-        WriteOp::Update => "UPDATE",
-        WriteOp::Truncate => "TRUNCATE",
-        _ => "this write",
-    };
-    let provider = source_as_provider(&dml.target)?;
-    if let Some(t) = provider.downcast_ref::<IcePieTable>() {
-        return Err(t.write_refused(what));
-    }
-    if dml.table_name.schema() == Some(SYSTEM_SCHEMA) {
-        return Err(IcePieError::ReadOnly(format!(
-            "'{SYSTEM_SCHEMA}.{}' is a read-only system table: {what} is not allowed",
-            dml.table_name.table()
-        )));
-    }
-    Ok(())
-}

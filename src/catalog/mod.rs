@@ -186,7 +186,10 @@ impl CatalogProvider for IcePieCatalog {
                 if let Some(s) = self.scratch.read().expect("scratch lock").get(name) {
                     return Some(s.clone());
                 }
-                validate_domain(name).ok()?;
+                // A domain exists once it holds a slice (the default one always does).
+                if name != DEFAULT_DOMAIN && !self.shared.listing().domains.contains_key(name) {
+                    return None;
+                }
                 Some(Arc::new(DomainSchema {
                     shared: self.shared.clone(),
                     domain: name.to_string(),

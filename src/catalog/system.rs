@@ -7,7 +7,6 @@ use std::collections::HashMap;
 use std::sync::{Arc, LazyLock};
 
 use async_trait::async_trait;
-use chrono::DateTime;
 use datafusion::arrow::array::{
     ArrayRef, Int64Array, RecordBatch, StringArray, TimestampMillisecondArray,
 };
@@ -168,13 +167,10 @@ async fn core_tables(shared: &Shared) -> Result<Arc<dyn TableProvider>> {
             continue;
         };
         let stats = table_stats(&table)?;
-        let created_at = table
-            .snapshot()?
-            .metadata()
-            .configuration()
-            .get("icepie.created_at")
-            .and_then(|s| DateTime::parse_from_rfc3339(s).ok())
-            .map(|d| d.timestamp_millis());
+        // Delta's metadata records when the table was created (createdTime, ms).
+        let created_at = serde_json::to_value(table.snapshot()?.metadata())
+            .ok()
+            .and_then(|m| m.get("createdTime").and_then(|t| t.as_i64()));
         let last = match table.history(Some(1)).next().await {
             Some(Ok(info)) => info.timestamp,
             _ => None,

@@ -8,7 +8,6 @@
 
 use std::sync::Arc;
 
-use chrono::Utc;
 use datafusion::arrow::compute::can_cast_types;
 use datafusion::arrow::datatypes::{Field, Schema, SchemaRef};
 use datafusion::catalog::TableProvider;
@@ -90,6 +89,13 @@ async fn plan_files(
     let url = ListingTableUrl::parse(location).map_err(|e| bad(e.to_string()))?;
     let file_format: Arc<dyn DFFileFormat> = match format {
         FileFormat::Parquet => Arc::new(ParquetFormat::default()),
+        // Reading into a table: only the header's names are needed, values parse as the
+        // table's types (so a bad value is reported as such, not as a type-merge conflict).
+        FileFormat::Csv if target.is_some() => Arc::new(
+            CsvFormat::default()
+                .with_has_header(true)
+                .with_schema_infer_max_rec(0),
+        ),
         FileFormat::Csv => Arc::new(CsvFormat::default().with_has_header(true)),
         FileFormat::Json => Arc::new(JsonFormat::default()),
     };
@@ -132,6 +138,7 @@ fn first_line(s: &str) -> String {
 /// Projects `plan` onto `target`'s columns, matched by name and cast to its types; refuses
 /// with the names of missing, extra and incompatible columns.
 fn fit(plan: LogicalPlan, target: &Schema, table: &str) -> Result<LogicalPlan> {
+    let plan = name_values_columns(plan, target)?;
     let source = plan.schema().clone();
     let source_names: Vec<&str> = source.fields().iter().map(|f| f.name().as_str()).collect();
     let mut problems = Vec::new();
@@ -186,6 +193,26 @@ fn fit(plan: LogicalPlan, target: &Schema, table: &str) -> Result<LogicalPlan> {
     Ok(LogicalPlanBuilder::from(plan).project(exprs)?.build()?)
 }
 
+/// `VALUES` rows have no column names (`column1`, `column2`, ...): they take the table's
+/// columns in order, as in `INSERT INTO t VALUES ...`. Every other source is matched by name.
+fn name_values_columns(plan: LogicalPlan, target: &Schema) -> Result<LogicalPlan> {
+    let fields = plan.schema().fields().clone();
+    let positional = fields.len() == target.fields().len()
+        && fields
+            .iter()
+            .enumerate()
+            .all(|(i, f)| f.name() == &format!("column{}", i + 1));
+    if !positional {
+        return Ok(plan);
+    }
+    let exprs: Vec<Expr> = fields
+        .iter()
+        .zip(target.fields())
+        .map(|(f, t)| Expr::Column(Column::new_unqualified(f.name())).alias(t.name()))
+        .collect();
+    Ok(LogicalPlanBuilder::from(plan).project(exprs)?.build()?)
+}
+
 /// The plan producing a source's rows, fitted to `target` when the table has a schema.
 async fn source_plan(
     state: &SessionState,
@@ -223,10 +250,7 @@ async fn commit(
     write = if create {
         write
             .with_save_mode(SaveMode::ErrorIfExists)
-            .with_configuration([
-                ("delta.appendOnly", Some("true".to_string())),
-                ("icepie.created_at", Some(Utc::now().to_rfc3339())),
-            ])
+            .with_configuration([("delta.appendOnly", Some("true"))])
     } else {
         write.with_save_mode(SaveMode::Append)
     };

@@ -303,12 +303,7 @@ async fn write_version(
         Some(_) => write
             .with_save_mode(SaveMode::Overwrite)
             .with_schema_mode(SchemaMode::Overwrite),
-        None => write
-            .with_save_mode(SaveMode::ErrorIfExists)
-            .with_configuration([
-                ("icepie.slice", Some(name.to_string())),
-                ("icepie.created_at", Some(Utc::now().to_rfc3339())),
-            ]),
+        None => write.with_save_mode(SaveMode::ErrorIfExists),
     };
     Ok(write.await?)
 }

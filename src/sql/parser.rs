@@ -13,7 +13,7 @@ use super::{
     CreateCoreTable, CreateSlice, DataSource, FileFormat, Ingest, RefreshPolicy, Statement,
 };
 use crate::error::{IcePieError, Result};
-use crate::storage::names::{parse_core_name, SliceName};
+use crate::storage::names::{self, SliceName, DEFAULT_DOMAIN};
 
 /// Parses `sql` into statements (several may be separated by `;`).
 pub fn parse_sql(sql: &str) -> Result<Vec<Statement>> {
@@ -138,7 +138,7 @@ fn name_parts(p: &mut Parser) -> Result<Vec<String>> {
 fn slice_name(p: &mut Parser) -> Result<SliceName> {
     let parts = name_parts(p)?;
     match parts.as_slice() {
-        [name] => SliceName::parse(name),
+        [name] => SliceName::new(DEFAULT_DOMAIN, name.clone()),
         [domain, name] => SliceName::new(domain.clone(), name.clone()),
         _ => Err(IcePieError::InvalidName {
             name: parts.join("."),
@@ -148,14 +148,7 @@ fn slice_name(p: &mut Parser) -> Result<SliceName> {
 }
 
 fn core_name(p: &mut Parser) -> Result<String> {
-    let parts = name_parts(p)?;
-    if parts.len() > 2 {
-        return Err(IcePieError::InvalidName {
-            name: parts.join("."),
-            reason: "a core table name is `name` or `core.name`".into(),
-        });
-    }
-    parse_core_name(&parts.join("."))
+    names::core_name(&name_parts(p)?)
 }
 
 fn parse_files(p: &mut Parser) -> Result<DataSource> {

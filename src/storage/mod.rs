@@ -139,6 +139,8 @@ impl Warehouse {
         match builder.load().await {
             Ok(t) => Ok(Some(t)),
             Err(DeltaTableError::NotATable(_)) => Ok(None),
+            // Which error a missing table gives depends on the store; no log means no table.
+            Err(_) if !self.has_log(rel).await? => Ok(None),
             Err(e) => Err(e.into()),
         }
     }

@@ -97,20 +97,20 @@ impl fmt::Display for SliceName {
     }
 }
 
-/// Parses `name` or `core.name` into the core table's name.
-pub fn parse_core_name(text: &str) -> Result<String> {
-    let name = match text.split_once('.') {
-        Some((CORE_SCHEMA, name)) => name,
-        Some((schema, _)) => {
-            return Err(IcePieError::InvalidName {
-                name: text.to_string(),
-                reason: format!("core tables live in schema 'core', not '{schema}'"),
-            })
-        }
-        None => text,
+/// The core table named by the parts of a SQL name: `name` or `core.name`.
+pub fn core_name(parts: &[String]) -> Result<String> {
+    let refuse = |reason: String| IcePieError::InvalidName {
+        name: parts.join("."),
+        reason,
     };
-    validate_name(name)?;
-    Ok(name.to_string())
+    match parts {
+        [name] => validate_name(name).map(|_| name.clone()),
+        [schema, name] if schema == CORE_SCHEMA => validate_name(name).map(|_| name.clone()),
+        [schema, _] => Err(refuse(format!(
+            "core tables live in schema 'core', not '{schema}'"
+        ))),
+        _ => Err(refuse("a core table name is `name` or `core.name`".into())),
+    }
 }
 
 #[cfg(test)]
@@ -153,8 +153,11 @@ mod tests {
 
     #[test]
     fn core_names_accept_only_the_core_schema() {
-        assert_eq!(parse_core_name("core.events").unwrap(), "events");
-        assert_eq!(parse_core_name("events").unwrap(), "events");
-        assert!(parse_core_name("finance.events").is_err());
+        let parts = |s: &str| s.split('.').map(String::from).collect::<Vec<_>>();
+        assert_eq!(core_name(&parts("core.events")).unwrap(), "events");
+        assert_eq!(core_name(&parts("events")).unwrap(), "events");
+        assert!(core_name(&parts("finance.events")).is_err());
+        assert!(core_name(&parts("core.a.b")).is_err());
+        assert!(core_name(&["../x".to_string()]).is_err());
     }
 }
