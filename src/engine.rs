@@ -191,8 +191,8 @@ impl IcePie {
                 self.load_result(Some(out))
             }
             Statement::DropCoreTable { name, if_exists } => {
-                self.drop_core_table(&name, if_exists).await?;
-                self.message("dropped", format!("{CORE_SCHEMA}.{name}"))
+                let dropped = self.drop_core_table(&name, if_exists).await?;
+                self.dropped(dropped.then(|| format!("{CORE_SCHEMA}.{name}")))
             }
             Statement::CreateSlice(c) => {
                 let out = self.create_slice(&c).await?;
@@ -203,8 +203,8 @@ impl IcePie {
                 self.build_result(Some(out))
             }
             Statement::DropSlice { name, if_exists } => {
-                self.drop_slice(&name, if_exists).await?;
-                self.message("dropped", name.to_string())
+                let dropped = self.drop_slice(&name, if_exists).await?;
+                self.dropped(dropped.then(|| name.to_string()))
             }
             Statement::ShowCoreTables => Ok(self
                 .inner
@@ -321,28 +321,29 @@ impl IcePie {
             .ok_or_else(|| IcePieError::SliceNotFound(name.to_string()))
     }
 
-    async fn drop_slice(&self, name: &SliceName, if_exists: bool) -> Result<()> {
+    async fn drop_slice(&self, name: &SliceName, if_exists: bool) -> Result<bool> {
         let shared = &self.inner.shared;
         let lock = self.lock(name);
         let _guard = lock.lock().await;
         let rel = Warehouse::slice_path(name);
         if !shared.warehouse.has_log(&rel).await? {
             return if if_exists {
-                Ok(())
+                Ok(false)
             } else {
                 Err(IcePieError::SliceNotFound(name.to_string()))
             };
         }
         shared.warehouse.delete_prefix(&rel).await?;
-        shared.refresh_listing().await
+        shared.refresh_listing().await?;
+        Ok(true)
     }
 
-    async fn drop_core_table(&self, name: &str, if_exists: bool) -> Result<()> {
+    async fn drop_core_table(&self, name: &str, if_exists: bool) -> Result<bool> {
         let shared = &self.inner.shared;
         let rel = Warehouse::core_path(name);
         if !shared.warehouse.has_log(&rel).await? {
             return if if_exists {
-                Ok(())
+                Ok(false)
             } else {
                 Err(IcePieError::CoreTableNotFound(name.to_string()))
             };
@@ -368,7 +369,8 @@ impl IcePie {
             });
         }
         shared.warehouse.delete_prefix(&rel).await?;
-        shared.refresh_listing().await
+        shared.refresh_listing().await?;
+        Ok(true)
     }
 
     fn batch(&self, fields: Vec<(&str, ArrayRef)>) -> Result<DataFrame> {
@@ -385,8 +387,9 @@ impl IcePie {
         Ok(self.inner.ctx.read_batch(batch)?)
     }
 
-    fn message(&self, column: &str, value: String) -> Result<DataFrame> {
-        self.batch(vec![(column, Arc::new(StringArray::from(vec![value])))])
+    /// One row naming what was dropped, or no row when `IF EXISTS` found nothing.
+    fn dropped(&self, name: Option<String>) -> Result<DataFrame> {
+        self.batch(vec![("dropped", strings(name.into_iter()))])
     }
 
     fn load_result(&self, out: Option<LoadOutcome>) -> Result<DataFrame> {

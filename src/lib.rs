@@ -53,6 +53,8 @@
 //! # }
 //! ```
 
+#![warn(missing_docs)]
+
 pub mod catalog;
 pub mod core;
 pub mod engine;
