@@ -504,4 +504,3 @@ fn strings(values: impl Iterator<Item = String>) -> ArrayRef {
 fn ints(values: impl Iterator<Item = i64>) -> ArrayRef {
     Arc::new(Int64Array::from(values.collect::<Vec<_>>()))
 }
-

@@ -25,6 +25,8 @@ use datafusion::logical_expr::{cast, EmptyRelation, Expr, LogicalPlan, LogicalPl
 use datafusion::sql::parser::{DFParser, Statement as DFStatement};
 use datafusion::sql::sqlparser::ast::{ColumnDef, Query, Statement as SQLStatement};
 use deltalake::kernel::transaction::CommitProperties;
+use deltalake::kernel::EagerSnapshot;
+use deltalake::logstore::LogStoreRef;
 use deltalake::operations::write::WriteBuilder;
 use deltalake::protocol::SaveMode;
 use deltalake::DeltaTable;
@@ -235,8 +237,8 @@ async fn source_plan(
 /// Appends (or, with `create`, creates the table with) the rows of `plan` in one commit.
 async fn commit(
     state: &SessionState,
-    log_store: deltalake::logstore::LogStoreRef,
-    snapshot: Option<deltalake::kernel::EagerSnapshot>,
+    log_store: LogStoreRef,
+    snapshot: Option<EagerSnapshot>,
     plan: LogicalPlan,
     what: serde_json::Value,
 ) -> Result<DeltaTable> {
@@ -301,7 +303,7 @@ pub(crate) async fn create(
         }),
         (None, None) => unreachable!("the parser requires columns or a source"),
     };
-    let log_store = shared.warehouse.handle(&rel)?.log_store();
+    let (log_store, _) = shared.warehouse.write_base(&rel, None)?;
     let what = serde_json::json!({"kind": "create", "source": source_text(stmt.source.as_ref())});
     match commit(state, log_store, None, plan, what).await {
         Ok(table) => outcome(name, 0, &table).map(Some),
@@ -341,7 +343,9 @@ pub(crate) async fn ingest(
     let qualified = format!("{CORE_SCHEMA}.{name}");
     let plan = source_plan(state, source, Some(schema.as_ref()), &qualified).await?;
     let what = serde_json::json!({"kind": "ingest", "source": source_text(Some(source))});
-    let snapshot = table.snapshot()?.snapshot().clone();
-    let table = commit(state, table.log_store(), Some(snapshot), plan, what).await?;
+    let (log_store, snapshot) = shared
+        .warehouse
+        .write_base(&Warehouse::core_path(name), Some(&table))?;
+    let table = commit(state, log_store, snapshot, plan, what).await?;
     outcome(name, before, &table)
 }

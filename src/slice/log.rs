@@ -99,10 +99,7 @@ pub async fn append(warehouse: &Warehouse, attempt: &Attempt) -> Result<()> {
     // Two processes may both find no log and race to create it; the loser appends after.
     for round in 0..2 {
         let existing = warehouse.load(REFRESHES_PATH, None).await?;
-        let (log_store, snapshot) = match &existing {
-            Some(t) => (t.log_store(), Some(t.snapshot()?.snapshot().clone())),
-            None => (warehouse.handle(REFRESHES_PATH)?.log_store(), None),
-        };
+        let (log_store, snapshot) = warehouse.write_base(REFRESHES_PATH, existing.as_ref())?;
         let write = WriteBuilder::new(log_store, snapshot)
             .with_input_batches([batch.clone()])
             .with_save_mode(SaveMode::Append)

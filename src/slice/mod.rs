@@ -284,16 +284,9 @@ async fn write_version(
         COMMIT_KEY.to_string(),
         serde_json::to_value(&meta).expect("slice metadata serializes"),
     )]);
-    let (log_store, snapshot) = match existing {
-        Some(t) => (t.log_store(), Some(t.snapshot()?.snapshot().clone())),
-        None => (
-            shared
-                .warehouse
-                .handle(&Warehouse::slice_path(name))?
-                .log_store(),
-            None,
-        ),
-    };
+    let (log_store, snapshot) = shared
+        .warehouse
+        .write_base(&Warehouse::slice_path(name), existing)?;
     let mut write = WriteBuilder::new(log_store, snapshot)
         .with_input_plan(plan)
         .with_session_state(Arc::new(state))

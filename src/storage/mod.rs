@@ -15,6 +15,8 @@ pub mod names;
 use std::collections::HashMap;
 use std::sync::Arc;
 
+use deltalake::kernel::EagerSnapshot;
+use deltalake::logstore::LogStoreRef;
 use deltalake::{DeltaTable, DeltaTableBuilder, DeltaTableError, ObjectStore};
 use futures::TryStreamExt;
 use object_store::path::Path;
@@ -128,6 +130,19 @@ impl Warehouse {
     /// An unloaded handle on the table at `rel`, for creating it.
     pub fn handle(&self, rel: &str) -> Result<DeltaTable> {
         Ok(self.builder(rel)?.build()?)
+    }
+
+    /// What a write to the table at `rel` starts from: its log store and, when the table
+    /// exists (`existing`), the snapshot the write commits on top of.
+    pub fn write_base(
+        &self,
+        rel: &str,
+        existing: Option<&DeltaTable>,
+    ) -> Result<(LogStoreRef, Option<EagerSnapshot>)> {
+        Ok(match existing {
+            Some(t) => (t.log_store(), Some(t.snapshot()?.snapshot().clone())),
+            None => (self.handle(rel)?.log_store(), None),
+        })
     }
 
     /// Loads the table at `rel` at its latest version (or `version`); `None` if there is none.

@@ -96,4 +96,3 @@ async fn a_refresh_reads_only_its_inputs_and_its_own_table() {
         }
     }
 }
-
