@@ -1,14 +1,42 @@
-//! The `icepie` command line: statements in order, formats, and exit status.
+//! The `icepie` command line without a terminal: statements in order, formats, errors and
+//! exit status. Outputs are snapshots (`tests/integration/snapshots/`), temp paths filtered.
 
-use std::process::{Command, Output};
+use std::process::{Command, Output, Stdio};
 
-fn icepie(dir: &std::path::Path, args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_icepie"))
-        .arg("--data")
-        .arg(dir)
-        .args(args)
-        .output()
-        .unwrap()
+fn icepie(dir: &std::path::Path, args: &[&str], stdin: Option<&str>) -> Output {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_icepie"));
+    cmd.arg("--data").arg(dir).args(args).env("NO_COLOR", "1");
+    cmd.stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = cmd.spawn().unwrap();
+    {
+        use std::io::Write;
+        let mut input = child.stdin.take().unwrap();
+        if let Some(text) = stdin {
+            input.write_all(text.as_bytes()).unwrap();
+        }
+    }
+    child.wait_with_output().unwrap()
+}
+
+/// Exit status, stdout and stderr as one text, for a snapshot.
+fn transcript(out: &Output) -> String {
+    format!(
+        "status: {}\n--- stdout\n{}--- stderr\n{}",
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+/// Asserts `value` against the snapshot `name`, with the temp dir and timings filtered.
+fn snapshot(name: &str, dir: &std::path::Path, value: String) {
+    let mut settings = insta::Settings::clone_current();
+    settings.add_filter(&regex::escape(&dir.to_string_lossy()), "[DIR]");
+    settings.add_filter(r"Elapsed \d+\.\d+ s", "Elapsed [TIME] s");
+    settings.set_prepend_module_to_snapshot(false);
+    settings.bind(|| insta::assert_snapshot!(name, value));
 }
 
 #[test]
@@ -34,57 +62,53 @@ fn runs_commands_and_files_in_order_and_prints_each_result() {
             "-c",
             "SELECT count(*) AS c FROM core.t",
         ],
+        None,
     );
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(stdout.ends_with("total\n3\nc\n2\n"), "{stdout}");
+    snapshot("cli_order", dir.path(), transcript(&out));
 }
 
 #[test]
-fn table_format_is_the_default_and_json_is_an_array() {
+fn formats() {
     let dir = tempfile::tempdir().unwrap();
-    let out = icepie(dir.path(), &["-c", "SELECT 1 AS one"]);
-    assert_eq!(
-        String::from_utf8_lossy(&out.stdout),
-        "+-----+\n| one |\n+-----+\n| 1   |\n+-----+\n"
-    );
-    let out = icepie(
-        dir.path(),
-        &["--format", "json", "-c", "SELECT 1 AS one, 'a' AS s"],
-    );
-    assert_eq!(
-        String::from_utf8_lossy(&out.stdout),
-        "[{\"one\":1,\"s\":\"a\"}]\n"
-    );
+    let sql =
+        "SELECT 1 AS one, 'a' AS s, NULL AS nothing UNION ALL SELECT 2, 'b', NULL ORDER BY one";
+    let mut all = String::new();
+    for format in ["table", "csv", "json", "ndjson", "markdown"] {
+        let out = icepie(dir.path(), &["--format", format, "-c", sql], None);
+        all.push_str(&format!("== {format}\n{}", transcript(&out)));
+    }
+    snapshot("cli_formats", dir.path(), all);
 }
 
 #[test]
-fn the_first_error_stops_the_run_with_status_1() {
+fn sql_piped_on_stdin_runs_statements_spanning_lines() {
     let dir = tempfile::tempdir().unwrap();
     let out = icepie(
         dir.path(),
-        &[
-            "-c",
-            "SELECT 1 AS a",
-            "-c",
-            "SELECT * FROM core.nope",
-            "-c",
-            "SELECT 2 AS b",
-        ],
+        &["-q"],
+        Some("CREATE CORE TABLE t (n INT);\nINGEST INTO t\n  VALUES (1), (2);\nSELECT\n  sum(n) AS s\nFROM core.t;\n"),
     );
-    assert_eq!(out.status.code(), Some(1));
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        stderr.starts_with("Error: ") && stderr.contains("nope"),
-        "{stderr}"
-    );
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        stdout.contains("| a |") && !stdout.contains("| b |"),
-        "{stdout}"
-    );
+    snapshot("cli_stdin", dir.path(), transcript(&out));
+}
+
+#[test]
+fn failures_are_reported_and_counted_and_bail_stops_at_the_first() {
+    let dir = tempfile::tempdir().unwrap();
+    let args = [
+        "-c",
+        "SELECT 1 AS a",
+        "-c",
+        "SELECT * FROM core.nope",
+        "-c",
+        "SELEC 2",
+        "-c",
+        "SELECT 3 AS b",
+    ];
+    let out = icepie(dir.path(), &args, None);
+    let mut all = format!("== going on\n{}", transcript(&out));
+    let mut with_bail = vec!["--bail"];
+    with_bail.extend(args);
+    let out = icepie(dir.path(), &with_bail, None);
+    all.push_str(&format!("== --bail\n{}", transcript(&out)));
+    snapshot("cli_failures", dir.path(), all);
 }

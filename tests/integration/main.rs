@@ -5,4 +5,5 @@ mod core_tables;
 mod failures;
 mod isolation;
 mod persistence;
+mod repl;
 mod support;

@@ -1,22 +1,26 @@
-//! `icepie`: run SQL against a warehouse from the command line.
+//! `icepie`: the SQL REPL and command line of an icepie warehouse.
 //!
 //! ```text
-//! icepie [--data LOCATION] [--format table|csv|json] [-c SQL]... [-f FILE]...
+//! icepie [--data LOCATION] [--format FORMAT] [-q] [--bail] [-c SQL]... [-f FILE]...
 //! ```
 //!
-//! Statements from `-c` and `-f` run in the order given (SQL is read from standard input when
-//! neither is given and input is piped). Each result is printed; the first error is printed on
-//! stderr and the exit status is 1.
+//! With a terminal on standard input and no `-c`/`-f`, `icepie` starts the interactive REPL.
+//! Otherwise it runs the statements of `-c` and `-f` in the order given (or SQL piped on
+//! standard input), prints each result, and exits with status 1 if any statement failed
+//! (`--bail` stops at the first failure).
 
 mod print;
+mod repl;
+mod session;
 
 use std::io::{IsTerminal, Read};
 use std::process::ExitCode;
 
 use clap::{Arg, ArgAction, Command};
-use icepie::{IcePie, IcePieError};
+use icepie::IcePie;
 
 use print::Format;
+use session::{Output, Session, Settings};
 
 fn cli() -> Command {
     Command::new("icepie")
@@ -28,13 +32,13 @@ fn cli() -> Command {
                 .short('d')
                 .value_name("LOCATION")
                 .default_value(icepie::storage::DEFAULT_LOCATION)
-                .help("Warehouse location: a local directory or a URL"),
+                .help("Warehouse location: a local directory (created if absent) or a URL"),
         )
         .arg(
             Arg::new("format")
                 .long("format")
                 .value_name("FORMAT")
-                .value_parser(["table", "csv", "json"])
+                .value_parser(Format::NAMES)
                 .default_value("table")
                 .help("How results are printed"),
         )
@@ -54,66 +58,90 @@ fn cli() -> Command {
                 .action(ArgAction::Append)
                 .help("File of SQL statements to run (repeatable; runs in order with -c)"),
         )
+        .arg(
+            Arg::new("quiet")
+                .short('q')
+                .long("quiet")
+                .action(ArgAction::SetTrue)
+                .help("No banner and no timing"),
+        )
+        .arg(
+            Arg::new("bail")
+                .long("bail")
+                .action(ArgAction::SetTrue)
+                .help("Stop at the first statement that fails"),
+        )
 }
 
-/// The SQL texts to run, in command-line order.
-fn scripts(matches: &clap::ArgMatches) -> Result<Vec<(String, String)>, String> {
-    let mut items: Vec<(usize, String, String)> = Vec::new();
+/// The SQL texts of `-c` and `-f`, in command-line order.
+fn scripts(matches: &clap::ArgMatches) -> Result<Vec<String>, String> {
+    let mut items: Vec<(usize, String)> = Vec::new();
     if let (Some(values), Some(indices)) = (
         matches.get_many::<String>("command"),
         matches.indices_of("command"),
     ) {
-        for (v, i) in values.zip(indices) {
-            items.push((i, "-c".into(), v.clone()));
-        }
+        items.extend(indices.zip(values.cloned()));
     }
     if let (Some(values), Some(indices)) = (
         matches.get_many::<String>("file"),
         matches.indices_of("file"),
     ) {
-        for (path, i) in values.zip(indices) {
+        for (i, path) in indices.zip(values) {
             let text = std::fs::read_to_string(path)
                 .map_err(|e| format!("cannot read file '{path}': {e}"))?;
-            items.push((i, path.clone(), text));
+            items.push((i, text));
         }
     }
-    items.sort_by_key(|(i, _, _)| *i);
-    Ok(items
-        .into_iter()
-        .map(|(_, src, text)| (src, text))
-        .collect())
+    items.sort_by_key(|(i, _)| *i);
+    Ok(items.into_iter().map(|(_, text)| text).collect())
 }
 
-async fn run(matches: clap::ArgMatches) -> Result<(), String> {
-    let format = Format::parse(matches.get_one::<String>("format").expect("default"));
+async fn run(matches: clap::ArgMatches) -> Result<bool, String> {
+    let format = Format::parse(matches.get_one::<String>("format").expect("default"))
+        .expect("clap checked the format");
+    let quiet = matches.get_flag("quiet");
+    let bail = matches.get_flag("bail");
     let mut scripts = scripts(&matches)?;
-    if scripts.is_empty() {
-        if std::io::stdin().is_terminal() {
-            return Err(
-                "nothing to run: give SQL with -c 'SQL' or -f FILE, or pipe it on standard input"
-                    .into(),
-            );
-        }
+    let interactive = scripts.is_empty() && std::io::stdin().is_terminal();
+    if scripts.is_empty() && !interactive {
         let mut text = String::new();
         std::io::stdin()
             .read_to_string(&mut text)
             .map_err(|e| format!("cannot read standard input: {e}"))?;
-        scripts.push(("stdin".into(), text));
+        scripts.push(text);
     }
     let location = matches.get_one::<String>("data").expect("default");
     let warehouse = IcePie::open(location.as_str())
         .await
         .map_err(|e| e.to_string())?;
-    let mut out = std::io::stdout().lock();
-    for (_source, text) in scripts {
-        for stmt in IcePie::parse(&text).map_err(|e| e.to_string())? {
-            let df = warehouse.execute(stmt).await.map_err(|e| e.to_string())?;
-            print::print(df, format, &mut out)
-                .await
-                .map_err(|e| IcePieError::from(e).to_string())?;
+    let stderr_terminal = std::io::stderr().is_terminal();
+    let mut session = Session {
+        warehouse,
+        settings: Settings {
+            format,
+            max_rows: interactive.then_some(40),
+            timing: !quiet && stderr_terminal,
+            color: std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty()),
+            progress: stderr_terminal,
+            cancel_on_ctrl_c: interactive,
+        },
+        output: Output::Stdout,
+    };
+    if interactive {
+        repl::run(&mut session, quiet).await?;
+        return Ok(true);
+    }
+    let mut all_ok = true;
+    for text in scripts {
+        let outcome = session.run_text(&text, bail).await;
+        if outcome.failed > 0 {
+            all_ok = false;
+            if bail {
+                break;
+            }
         }
     }
-    Ok(())
+    Ok(all_ok)
 }
 
 fn main() -> ExitCode {
@@ -129,7 +157,8 @@ fn main() -> ExitCode {
         }
     };
     match runtime.block_on(run(matches)) {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::FAILURE,
         Err(e) => {
             eprintln!("Error: {e}");
             ExitCode::FAILURE
