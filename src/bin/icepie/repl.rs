@@ -248,6 +248,39 @@ async fn completion_names(session: &Session) -> Vec<String> {
     names
 }
 
+/// False for input that only reads (queries, SHOW, DESCRIBE, EXPLAIN, most meta-commands),
+/// after which the completion names cannot have changed.
+fn may_change_names(text: &str) -> bool {
+    // Splitting at every ';' may cut a string literal; that only costs a needless refresh.
+    text.split(';').any(|part| {
+        let first = part
+            .trim_start()
+            .split(|c: char| c.is_whitespace() || c == '(')
+            .next()
+            .unwrap_or_default()
+            .to_ascii_uppercase();
+        !first.is_empty() && !READ_ONLY_STARTS.contains(&first.as_str())
+    })
+}
+
+/// First words of input that cannot create or drop anything.
+const READ_ONLY_STARTS: [&str; 14] = [
+    "SELECT",
+    "WITH",
+    "VALUES",
+    "SHOW",
+    "DESCRIBE",
+    "DESC",
+    "EXPLAIN",
+    "\\D",
+    "\\?",
+    "\\HISTORY",
+    "\\TIMING",
+    "\\FORMAT",
+    "\\MAXROWS",
+    "\\O",
+];
+
 /// Where the REPL keeps its history: `$XDG_DATA_HOME/icepie/history`
 /// (`~/.local/share/icepie/history` by default).
 fn history_path() -> Option<PathBuf> {
@@ -294,7 +327,10 @@ pub async fn run(session: &mut Session, quiet: bool) -> Result<(), String> {
                 } else {
                     session.run_text(text, false).await;
                 }
-                *names.lock().expect("names") = completion_names(session).await;
+                // Listing names plans every table; do it only when names may have changed.
+                if may_change_names(text) {
+                    *names.lock().expect("names") = completion_names(session).await;
+                }
             }
             Err(ReadlineError::Interrupted) => continue,
             Err(ReadlineError::Eof) => break,
@@ -410,5 +446,17 @@ mod tests {
         assert!(!is_complete("SELECT ';"));
         assert!(!is_complete("SELECT 1 -- ;"));
         assert!(is_complete("SELECT 1; SELECT 2;"));
+    }
+
+    #[test]
+    fn only_input_that_may_create_or_drop_refreshes_completion_names() {
+        use super::may_change_names;
+        assert!(!may_change_names("select 1;"));
+        assert!(!may_change_names("  SHOW SLICES;"));
+        assert!(!may_change_names("\\d core.t"));
+        assert!(may_change_names("CREATE SLICE s AS SELECT 1;"));
+        assert!(may_change_names("drop core table t;"));
+        assert!(may_change_names("\\i script.sql"));
+        assert!(may_change_names("SELECT 1; CREATE CORE TABLE t (n INT);"));
     }
 }
