@@ -5,6 +5,9 @@ use std::time::Duration;
 
 use rexpect::session::{spawn_command, PtySession};
 
+/// The REPL's prompt, drawn once the line editor owns the terminal.
+const PROMPT: &str = "icepie> ";
+
 fn start(dir: &std::path::Path) -> PtySession {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_icepie"));
     cmd.arg("--data")
@@ -88,6 +91,9 @@ fn a_cancelled_refresh_commits_nothing() {
     p.send_line("SELECT 'v' || version AS v FROM system.slices WHERE name = 'heavy';")
         .unwrap();
     p.exp_string("| v0 ").unwrap();
+    // Ctrl-D must reach the line editor: typed while the terminal is still in cooked mode
+    // (between statements), the terminal driver swallows it, as it would a person's.
+    p.exp_string(PROMPT).unwrap();
     p.send_control('d').unwrap();
     p.exp_eof().unwrap();
 }
