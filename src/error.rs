@@ -99,6 +99,63 @@ pub enum IcePieError {
         source: Box<IcePieError>,
     },
 
+    /// Another writer (usually another process) committed the slice while this change was
+    /// being prepared; nothing was committed.
+    #[error(
+        "slice '{slice}' was changed by another writer since {base}, which this change started \
+         from; nothing was committed (the other writer's version is served). Run it again to \
+         build on that version"
+    )]
+    Conflict {
+        /// The slice.
+        slice: String,
+        /// The version the change started from.
+        base: String,
+    },
+
+    /// A refresh needed more memory than its budget and could not spill.
+    #[error(
+        "the refresh ran out of its memory budget of {limit} (SET icepie.refresh_memory_limit \
+         = '...' to raise it): {detail}"
+    )]
+    MemoryBudget {
+        /// The budget.
+        limit: String,
+        /// DataFusion's report, naming the biggest consumers.
+        detail: String,
+    },
+
+    /// The slice is frozen: it changes only after `THAW SLICE`.
+    #[error("slice '{slice}' is {detail}")]
+    Frozen {
+        /// The slice.
+        slice: String,
+        /// Since when, why, and what was refused.
+        detail: String,
+    },
+
+    /// A version asked for does not exist or is no longer retained.
+    #[error("'{table}': {detail}")]
+    VersionNotFound {
+        /// The table or slice.
+        table: String,
+        /// Which versions there are.
+        detail: String,
+    },
+
+    /// A setting given to the builder has an unknown name or a bad value.
+    #[error("setting icepie.{name}: {reason}")]
+    Setting {
+        /// The setting's name.
+        name: String,
+        /// What is wrong.
+        reason: String,
+    },
+
+    /// The error of a refresh that several callers joined.
+    #[error(transparent)]
+    Joined(std::sync::Arc<IcePieError>),
+
     /// The warehouse location is not usable.
     #[error("warehouse '{location}': {reason}")]
     Warehouse {

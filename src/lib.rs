@@ -59,11 +59,16 @@ pub mod catalog;
 pub mod core;
 pub mod engine;
 pub mod error;
+pub mod options;
 pub mod slice;
 pub mod sql;
 pub mod storage;
 
-pub use engine::{IcePie, IcePieBuilder};
+pub use engine::{IcePie, IcePieBuilder, RefreshEvent};
 pub use error::{IcePieError, Result};
+pub use options::IcePieOptions;
+pub use slice::lifecycle::LifecycleOutcome;
+pub use slice::meta::HistoryEntry;
+pub use slice::vacuum::VacuumOutcome;
 pub use slice::{BuildOutcome, SliceInfo, SliceState};
 pub use sql::Statement;

@@ -121,7 +121,11 @@ async fn main() {
             let location = location.clone();
             async move {
                 Ok(IcePieDb {
-                    warehouse: IcePie::open(location).await?,
+                    // Statements alone decide what happens: no scheduled refresh interferes.
+                    warehouse: IcePie::builder(location)
+                        .with_scheduler(false)
+                        .open()
+                        .await?,
                 })
             }
         });

@@ -12,6 +12,7 @@
 
 pub mod system;
 pub mod table;
+pub mod time_travel;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex, RwLock};
@@ -21,6 +22,9 @@ use datafusion::catalog::{CatalogProvider, SchemaProvider, TableProvider};
 use datafusion::error::{DataFusionError, Result as DFResult};
 
 use crate::error::{IcePieError, Result};
+use crate::options::IcePieOptions;
+use crate::slice::log::{LogCache, RecentAttempts};
+use crate::slice::meta;
 use crate::storage::names::{
     validate_domain, validate_name, SliceName, CORE_SCHEMA, DEFAULT_DOMAIN, SYSTEM_SCHEMA,
 };
@@ -44,15 +48,40 @@ pub(crate) struct Shared {
     pub listing: RwLock<Listing>,
     /// Slices with a refresh running in this process.
     pub refreshing: Mutex<HashSet<SliceName>>,
+    /// The session's `icepie.*` settings as of its last statement (system tables and the
+    /// scheduler have no session to read them from).
+    options: RwLock<IcePieOptions>,
+    /// What this process has read of the refresh log.
+    log: tokio::sync::Mutex<LogCache>,
+    /// Tables opened for the time-travel calls of statements being planned.
+    pub pins: time_travel::Pins,
 }
 
 impl Shared {
-    pub fn new(warehouse: Warehouse) -> Self {
+    pub fn new(warehouse: Warehouse, options: IcePieOptions) -> Self {
         Self {
             warehouse,
             listing: RwLock::new(Listing::default()),
             refreshing: Mutex::new(HashSet::new()),
+            options: RwLock::new(options),
+            log: tokio::sync::Mutex::new(LogCache::default()),
+            pins: time_travel::Pins::default(),
         }
+    }
+
+    /// The settings as of the session's last statement.
+    pub fn options(&self) -> IcePieOptions {
+        self.options.read().expect("options lock").clone()
+    }
+
+    /// Records the session's settings.
+    pub fn set_options(&self, options: IcePieOptions) {
+        *self.options.write().expect("options lock") = options;
+    }
+
+    /// The recent refresh attempts of every slice, reading only what the log gained.
+    pub async fn recent_attempts(&self) -> Result<RecentAttempts> {
+        self.log.lock().await.recent(&self.warehouse).await
     }
 
     /// Lists the warehouse again (a few object-store list calls).
@@ -127,12 +156,28 @@ impl Shared {
         }
     }
 
+    /// The path of an input named as in lineage (`core.x` or `domain.name`).
+    fn input_path(qualified: &str) -> Result<String> {
+        Ok(match qualified.split_once('.') {
+            Some((CORE_SCHEMA, name)) => {
+                validate_name(name)?;
+                Warehouse::core_path(name)
+            }
+            _ => Warehouse::slice_path(&SliceName::parse(qualified)?),
+        })
+    }
+
+    /// When `version` of an input named as in lineage was committed (ms since the epoch).
+    pub async fn commit_time(&self, qualified: &str, version: i64) -> Result<Option<i64>> {
+        let table = self.warehouse.handle(&Self::input_path(qualified)?)?;
+        Ok(meta::commit_info(&table, version)
+            .await?
+            .and_then(|i| i.timestamp))
+    }
+
     /// The latest version of an input named as in lineage (`core.x` or `domain.name`).
     pub async fn latest_version(&self, qualified: &str) -> Result<Option<i64>> {
-        let rel = match qualified.split_once('.') {
-            Some((CORE_SCHEMA, name)) => Warehouse::core_path(name),
-            _ => Warehouse::slice_path(&SliceName::parse(qualified)?),
-        };
+        let rel = Self::input_path(qualified)?;
         if !self.warehouse.has_log(&rel).await? {
             return Ok(None);
         }

@@ -3,12 +3,12 @@
 //! `core_tables` and `slices` are computed from the warehouse each time a query names them;
 //! `refreshes` is the refresh log's Delta table itself.
 
-use std::collections::HashMap;
 use std::sync::{Arc, LazyLock};
 
 use async_trait::async_trait;
 use datafusion::arrow::array::{
-    ArrayRef, Int64Array, RecordBatch, StringArray, TimestampMillisecondArray,
+    ArrayRef, BooleanArray, DurationMillisecondArray, Int64Array, RecordBatch, StringArray,
+    TimestampMillisecondArray,
 };
 use datafusion::arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
 use datafusion::catalog::{SchemaProvider, TableProvider};
@@ -19,7 +19,9 @@ use futures::StreamExt;
 use super::table::{IcePieTable, TableKind};
 use super::Shared;
 use crate::error::Result;
-use crate::slice::{self, log, meta::format_inputs, SliceInfo};
+use crate::slice::lifecycle::retained;
+use crate::slice::meta::{format_inputs, HistoryEntry};
+use crate::slice::{self, log, InputCache, SliceInfo};
 use crate::storage::{table_stats, Warehouse, REFRESHES_PATH};
 
 /// Names of the system tables.
@@ -55,6 +57,10 @@ pub static SLICES_SCHEMA: LazyLock<SchemaRef> = LazyLock::new(|| {
         Field::new("files", DataType::Int64, false),
         Field::new("refreshed_at", ts(), true),
         Field::new("last_error", DataType::Utf8, true),
+        Field::new("failures", DataType::Int64, false),
+        Field::new("lag", DataType::Duration(TimeUnit::Millisecond), true),
+        Field::new("frozen_reason", DataType::Utf8, true),
+        Field::new("frozen_since", ts(), true),
         Field::new("refresh", DataType::Utf8, false),
         Field::new("inputs", DataType::Utf8, false),
         Field::new("definition", DataType::Utf8, false),
@@ -112,15 +118,19 @@ impl SchemaProvider for SystemSchema {
 
 /// Every slice's info, in name order.
 pub(crate) async fn all_slices(shared: &Shared) -> Result<Vec<SliceInfo>> {
-    let attempts = log::last_attempts(&shared.warehouse).await?;
-    let mut latest = HashMap::new();
+    let attempts = shared.recent_attempts().await?;
+    let mut inputs = InputCache::default();
     let mut out = Vec::new();
     for name in shared.slice_names() {
-        if let Some(info) = slice::info(shared, &name, &attempts, &mut latest).await? {
+        if let Some(info) = slice::info(shared, &name, &attempts, &mut inputs).await? {
             out.push(info);
         }
     }
     Ok(out)
+}
+
+fn timestamps(values: Vec<Option<i64>>) -> ArrayRef {
+    Arc::new(TimestampMillisecondArray::from(values).with_timezone("UTC"))
 }
 
 fn slices_table(infos: &[SliceInfo]) -> DFResult<Arc<dyn TableProvider>> {
@@ -141,13 +151,14 @@ fn slices_table(infos: &[SliceInfo]) -> DFResult<Arc<dyn TableProvider>> {
             i(&|x| x.stats.rows),
             i(&|x| x.stats.bytes),
             i(&|x| x.stats.files),
-            Arc::new(
-                TimestampMillisecondArray::from(
-                    infos.iter().map(|x| x.refreshed_at).collect::<Vec<_>>(),
-                )
-                .with_timezone("UTC"),
-            ),
+            timestamps(infos.iter().map(|x| x.refreshed_at).collect()),
             s(&|x| x.last_error.clone()),
+            i(&|x| i64::from(x.failures)),
+            Arc::new(DurationMillisecondArray::from(
+                infos.iter().map(|x| x.lag_ms).collect::<Vec<_>>(),
+            )),
+            s(&|x| x.frozen().and_then(|f| f.reason.clone())),
+            timestamps(infos.iter().map(|x| x.frozen().map(|f| f.since)).collect()),
             s(&|x| Some(x.meta.refresh.clone())),
             s(&|x| Some(format_inputs(&x.meta.inputs))),
             s(&|x| Some(x.meta.definition.clone())),
@@ -191,8 +202,52 @@ async fn core_tables(shared: &Shared) -> Result<Arc<dyn TableProvider>> {
             Arc::new(Int64Array::from(rows)),
             Arc::new(Int64Array::from(files)),
             Arc::new(Int64Array::from(bytes)),
-            Arc::new(TimestampMillisecondArray::from(created).with_timezone("UTC")),
-            Arc::new(TimestampMillisecondArray::from(ingested).with_timezone("UTC")),
+            timestamps(created),
+            timestamps(ingested),
+        ],
+    )?)
+}
+
+/// The table `slice_history('domain.name')` returns: one row per commit, newest first.
+pub(crate) fn history_table(
+    entries: &[HistoryEntry],
+    latest: i64,
+    retain_versions: usize,
+) -> Result<Arc<dyn TableProvider>> {
+    let kept = retained(latest, retain_versions);
+    let schema = Arc::new(Schema::new(vec![
+        Field::new("version", DataType::Int64, false),
+        Field::new("committed_at", ts(), true),
+        Field::new("kind", DataType::Utf8, false),
+        Field::new("rows", DataType::Int64, true),
+        Field::new("inputs", DataType::Utf8, false),
+        Field::new("retained", DataType::Boolean, false),
+    ]));
+    Ok(mem(
+        &schema,
+        vec![
+            Arc::new(Int64Array::from_iter_values(
+                entries.iter().map(|e| e.version),
+            )),
+            timestamps(entries.iter().map(|e| e.committed_at).collect()),
+            Arc::new(StringArray::from_iter_values(
+                entries.iter().map(HistoryEntry::kind),
+            )),
+            Arc::new(Int64Array::from(
+                entries.iter().map(|e| e.rows).collect::<Vec<_>>(),
+            )),
+            Arc::new(StringArray::from_iter_values(entries.iter().map(|e| {
+                e.meta
+                    .as_ref()
+                    .map(|m| format_inputs(&m.inputs))
+                    .unwrap_or_default()
+            }))),
+            Arc::new(BooleanArray::from(
+                entries
+                    .iter()
+                    .map(|e| kept.contains(&e.version))
+                    .collect::<Vec<_>>(),
+            )),
         ],
     )?)
 }

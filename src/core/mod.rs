@@ -31,7 +31,7 @@ use deltalake::operations::write::WriteBuilder;
 use deltalake::protocol::SaveMode;
 use deltalake::DeltaTable;
 
-use crate::catalog::Shared;
+use crate::catalog::{time_travel, Shared};
 use crate::error::{IcePieError, Result};
 use crate::sql::{DataSource, FileFormat};
 use crate::storage::names::CORE_SCHEMA;
@@ -51,9 +51,13 @@ pub struct LoadOutcome {
 }
 
 /// Plans `query` (an AST) in `state`.
-pub(crate) async fn plan_query(state: &SessionState, query: &Query) -> Result<LogicalPlan> {
+pub(crate) async fn plan_query(
+    state: &SessionState,
+    shared: &Shared,
+    query: &Query,
+) -> Result<LogicalPlan> {
     let stmt = DFStatement::Statement(Box::new(SQLStatement::Query(Box::new(query.clone()))));
-    Ok(state.statement_to_plan(stmt).await?)
+    time_travel::plan_statement(state, shared, stmt).await
 }
 
 /// The Arrow schema of declared columns, with DataFusion's own type mapping.
@@ -218,6 +222,7 @@ fn name_values_columns(plan: LogicalPlan, target: &Schema) -> Result<LogicalPlan
 /// The plan producing a source's rows, fitted to `target` when the table has a schema.
 async fn source_plan(
     state: &SessionState,
+    shared: &Shared,
     source: &DataSource,
     target: Option<&Schema>,
     table: &str,
@@ -226,7 +231,7 @@ async fn source_plan(
         DataSource::Files { location, format } => {
             plan_files(state, location, *format, target).await?
         }
-        DataSource::Query(q) => plan_query(state, q).await?,
+        DataSource::Query(q) => plan_query(state, shared, q).await?,
     };
     match target {
         Some(t) => fit(plan, t, table),
@@ -295,7 +300,7 @@ pub(crate) async fn create(
     };
     let plan = match (&stmt.source, &declared) {
         (Some(source), declared) => {
-            source_plan(state, source, declared.as_deref(), &qualified).await?
+            source_plan(state, shared, source, declared.as_deref(), &qualified).await?
         }
         (None, Some(schema)) => LogicalPlan::EmptyRelation(EmptyRelation {
             produce_one_row: false,
@@ -341,7 +346,7 @@ pub(crate) async fn ingest(
     let before = table_stats(&table)?.rows;
     let schema = table.snapshot()?.snapshot().arrow_schema();
     let qualified = format!("{CORE_SCHEMA}.{name}");
-    let plan = source_plan(state, source, Some(schema.as_ref()), &qualified).await?;
+    let plan = source_plan(state, shared, source, Some(schema.as_ref()), &qualified).await?;
     let what = serde_json::json!({"kind": "ingest", "source": source_text(Some(source))});
     let (log_store, snapshot) = shared
         .warehouse

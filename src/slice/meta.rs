@@ -1,16 +1,18 @@
 //! What icepie records in a slice's Delta log.
 //!
 //! Every commit icepie makes to a slice carries, in its `commitInfo` under the key `icepie`, the
-//! slice's whole descriptor: definition, owner, refresh policy, partitioning, and the exact input
-//! versions that commit was built from. The descriptor in force is therefore the one of the
-//! latest commit, a slice's lineage is in its Delta history, and `CREATE OR REPLACE SLICE`
-//! swaps definition and data in one commit. The table's `configuration` holds only what never
-//! changes: that it is an icepie slice, its name and when it was created.
+//! slice's whole descriptor: definition, owner, refresh policy, partitioning, the exact input
+//! versions that commit's data was built from, and whether the slice is frozen. The descriptor
+//! in force is therefore the one of the latest commit, a slice's lineage and lifecycle are its
+//! Delta history, and `CREATE OR REPLACE SLICE` swaps definition and data in one commit. The
+//! table's `configuration` holds only what never changes: that it is an icepie slice, its name
+//! and when it was created.
 
-use futures::StreamExt;
-use serde::{Deserialize, Serialize};
+use std::fmt;
 
+use deltalake::kernel::CommitInfo;
 use deltalake::DeltaTable;
+use serde::{Deserialize, Serialize};
 
 use crate::error::{IcePieError, Result};
 
@@ -35,11 +37,51 @@ pub fn format_inputs(inputs: &[InputVersion]) -> String {
         .join(", ")
 }
 
+/// What made a commit of a slice.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CommitKind {
+    /// The first version (`CREATE SLICE`).
+    Create,
+    /// A new version from the same definition (`REFRESH SLICE`, or the scheduler).
+    Refresh,
+    /// A new definition and its data (`CREATE OR REPLACE SLICE`).
+    Replace,
+    /// The data and definition of an earlier version (`ROLLBACK SLICE`).
+    Rollback,
+    /// Pinned: no refresh until thawed (`FREEZE SLICE`); the data is unchanged.
+    Freeze,
+    /// Unpinned (`THAW SLICE`); the data is unchanged.
+    Thaw,
+}
+
+impl fmt::Display for CommitKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Create => "create",
+            Self::Refresh => "refresh",
+            Self::Replace => "replace",
+            Self::Rollback => "rollback",
+            Self::Freeze => "freeze",
+            Self::Thaw => "thaw",
+        })
+    }
+}
+
+/// Why and since when a slice is frozen.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Frozen {
+    /// The reason given to `FREEZE SLICE`, if any.
+    pub reason: Option<String>,
+    /// When it was frozen (ms since the epoch).
+    pub since: i64,
+}
+
 /// The descriptor of a slice as recorded with each of its commits.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SliceMeta {
-    /// What made this commit: `create`, `refresh` or `replace`.
-    pub kind: String,
+    /// What made this commit.
+    pub kind: CommitKind,
     /// The refresh attempt that made it (matches `system.refreshes.attempt_id`).
     pub attempt_id: String,
     /// The defining query.
@@ -50,26 +92,149 @@ pub struct SliceMeta {
     pub refresh: String,
     /// Partition columns.
     pub partition_by: Vec<String>,
-    /// Input versions this commit was built from.
+    /// Input versions this commit's data was built from.
     pub inputs: Vec<InputVersion>,
+    /// Set while the slice is frozen.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub frozen: Option<Frozen>,
+    /// Rows of this version, for commits that write no data (freeze, thaw, rollback); a
+    /// data commit's rows are in Delta's own `operationMetrics`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rows: Option<i64>,
+    /// The version a rollback restored.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub restored_from: Option<i64>,
 }
 
-/// The descriptor and commit time (ms since the epoch) of the table's loaded version.
-pub async fn latest_meta(table: &DeltaTable, name: &str) -> Result<(SliceMeta, Option<i64>)> {
-    let corrupt = |reason: String| IcePieError::CorruptMetadata {
+/// One commit of a slice's Delta log, as `SHOW SLICE HISTORY` shows it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HistoryEntry {
+    /// The Delta version.
+    pub version: i64,
+    /// When it was committed (ms since the epoch).
+    pub committed_at: Option<i64>,
+    /// Its descriptor; `None` for a commit icepie did not make.
+    pub meta: Option<SliceMeta>,
+    /// The Delta operation (`WRITE`, `RESTORE`, ...), for commits icepie did not make.
+    pub operation: Option<String>,
+    /// Rows of that version, when known.
+    pub rows: Option<i64>,
+}
+
+impl HistoryEntry {
+    /// `create`, `refresh`, ... or, for a foreign commit, its Delta operation in lower case.
+    pub fn kind(&self) -> String {
+        match (&self.meta, &self.operation) {
+            (Some(m), _) => m.kind.to_string(),
+            (None, Some(op)) => op.to_lowercase(),
+            (None, None) => "unknown".into(),
+        }
+    }
+}
+
+fn corrupt(name: &str, reason: String) -> IcePieError {
+    IcePieError::CorruptMetadata {
         what: format!("slice '{name}'"),
         reason,
+    }
+}
+
+/// The `commitInfo` of one commit file's content.
+fn parse_commit_info(bytes: &[u8]) -> Option<CommitInfo> {
+    bytes
+        .split(|b| *b == b'\n')
+        .filter(|line| !line.is_empty())
+        .find_map(|line| {
+            let value: serde_json::Value = serde_json::from_slice(line).ok()?;
+            let info = value.get("commitInfo")?;
+            serde_json::from_value(info.clone()).ok()
+        })
+}
+
+/// The `commitInfo` of `version` of `table`, `None` when that commit file is gone.
+pub async fn commit_info(table: &DeltaTable, version: i64) -> Result<Option<CommitInfo>> {
+    let Ok(version) = u64::try_from(version) else {
+        return Ok(None);
     };
-    let mut history = table.history(Some(1));
-    let info = history
-        .next()
-        .await
-        .ok_or_else(|| corrupt("its Delta log has no commit".into()))??;
-    let value = info
-        .info
+    let bytes = table.log_store().read_commit_entry(version).await?;
+    Ok(bytes.as_deref().and_then(parse_commit_info))
+}
+
+/// The descriptor of one commit, `None` when icepie did not make it.
+fn descriptor(info: &CommitInfo, name: &str) -> Result<Option<SliceMeta>> {
+    info.info
         .get(COMMIT_KEY)
-        .ok_or_else(|| corrupt("its latest commit was not made by icepie".into()))?;
-    let meta = serde_json::from_value(value.clone())
-        .map_err(|e| corrupt(format!("unreadable descriptor: {e}")))?;
+        .map(|v| {
+            serde_json::from_value(v.clone())
+                .map_err(|e| corrupt(name, format!("unreadable descriptor: {e}")))
+        })
+        .transpose()
+}
+
+/// The descriptor in force and the time (ms since the epoch) of the table's loaded version.
+pub async fn latest_meta(table: &DeltaTable, name: &str) -> Result<(SliceMeta, Option<i64>)> {
+    let version = table
+        .version()
+        .ok_or_else(|| corrupt(name, "its Delta log has no commit".into()))?;
+    let info = commit_info(table, version as i64)
+        .await?
+        .ok_or_else(|| corrupt(name, format!("commit {version} has no commitInfo")))?;
+    let meta = descriptor(&info, name)?
+        .ok_or_else(|| corrupt(name, format!("commit {version} was not made by icepie")))?;
     Ok((meta, info.timestamp))
+}
+
+/// Every commit of the slice still in its Delta log, newest first.
+pub async fn history(table: &DeltaTable, name: &str) -> Result<Vec<HistoryEntry>> {
+    let latest = table.version().unwrap_or_default() as i64;
+    let mut out: Vec<HistoryEntry> = Vec::new();
+    for version in (0..=latest).rev() {
+        // Delta's log clean-up removes the oldest commit files first: stop at the first gap.
+        let Some(info) = commit_info(table, version).await? else {
+            break;
+        };
+        let meta = descriptor(&info, name)?;
+        let rows = meta.as_ref().and_then(|m| m.rows).or_else(|| {
+            info.info
+                .get("operationMetrics")
+                .and_then(|m| m.get("num_added_rows"))
+                .and_then(serde_json::Value::as_i64)
+        });
+        out.push(HistoryEntry {
+            version,
+            committed_at: info.timestamp,
+            operation: info.operation.clone(),
+            meta,
+            rows,
+        });
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn descriptors_written_before_freeze_existed_still_read() {
+        let old = serde_json::json!({
+            "kind": "refresh", "attempt_id": "a", "definition": "SELECT 1", "owner": null,
+            "refresh": "manual", "partition_by": [], "inputs": [{"table": "core.t", "version": 2}]
+        });
+        let meta: SliceMeta = serde_json::from_value(old).unwrap();
+        assert_eq!(meta.kind, CommitKind::Refresh);
+        assert_eq!(meta.frozen, None);
+        assert_eq!(format_inputs(&meta.inputs), "core.t@2");
+    }
+
+    #[test]
+    fn commit_info_is_found_on_any_line() {
+        let file = String::from(
+            "{\"add\":{\"path\":\"x\"}}\n{\"commitInfo\":{\"timestamp\":7,\"operation\":\"WRITE\",\
+             \"icepie\":{\"kind\":\"freeze\"}}}\n",
+        );
+        let info = parse_commit_info(file.as_bytes()).unwrap();
+        assert_eq!(info.timestamp, Some(7));
+        assert_eq!(info.info["icepie"]["kind"], "freeze");
+    }
 }

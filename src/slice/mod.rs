@@ -6,12 +6,20 @@
 //! ([`meta`]) and in the refresh log ([`log`]). A build that fails at any point commits nothing:
 //! the slice keeps serving its last version (invariant 2), and the failure is logged so that
 //! `system.slices` shows the slice `failed` with its error in every process.
+//!
+//! Each build runs under its own memory budget (`icepie.refresh_memory_limit`), so one greedy
+//! refresh fails alone instead of starving queries and other refreshes. A build commits only on
+//! top of the version it started from: if another process committed the slice meanwhile, the
+//! build reports a conflict and commits nothing, so no version is ever mixed or lost.
 
+pub mod lifecycle;
 pub mod log;
 pub mod meta;
+pub mod vacuum;
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
+use std::num::NonZeroUsize;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -19,19 +27,23 @@ use chrono::Utc;
 use datafusion::catalog::TableProvider;
 use datafusion::common::tree_node::TreeNodeRecursion;
 use datafusion::datasource::source_as_provider;
+use datafusion::execution::memory_pool::{FairSpillPool, TrackConsumersPool};
+use datafusion::execution::runtime_env::RuntimeEnvBuilder;
+use datafusion::execution::{SessionState, SessionStateBuilder};
 use datafusion::logical_expr::LogicalPlan;
-use datafusion::prelude::SessionContext;
-use deltalake::kernel::transaction::CommitProperties;
+use deltalake::kernel::transaction::{CommitProperties, TransactionError};
 use deltalake::operations::write::{SchemaMode, WriteBuilder};
 use deltalake::protocol::SaveMode;
-use deltalake::DeltaTable;
+use deltalake::{DeltaTable, DeltaTableError};
 
 use crate::catalog::table::{IcePieTable, TableKind};
-use crate::catalog::Shared;
+use crate::catalog::{time_travel, Shared};
 use crate::error::{IcePieError, Result};
+use crate::options::IcePieOptions;
 use crate::storage::names::SliceName;
 use crate::storage::{table_stats, TableStats, Warehouse};
-use meta::{format_inputs, InputVersion, SliceMeta, COMMIT_KEY};
+use log::RecentAttempts;
+use meta::{format_inputs, CommitKind, Frozen, InputVersion, SliceMeta, COMMIT_KEY};
 
 /// What a slice is built from: its definition and settings.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -54,27 +66,6 @@ impl From<&SliceMeta> for SliceSpec {
             refresh: m.refresh.clone(),
             partition_by: m.partition_by.clone(),
         }
-    }
-}
-
-/// Why a build runs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum BuildKind {
-    /// The first version (`CREATE SLICE`).
-    Create,
-    /// A new version from the same definition (`REFRESH SLICE`).
-    Refresh,
-    /// A new definition and its data in one commit (`CREATE OR REPLACE SLICE`).
-    Replace,
-}
-
-impl fmt::Display for BuildKind {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Self::Create => "create",
-            Self::Refresh => "refresh",
-            Self::Replace => "replace",
-        })
     }
 }
 
@@ -159,13 +150,64 @@ pub fn plan_inputs(plan: &LogicalPlan, slice: &SliceName) -> Result<Vec<InputVer
         .collect())
 }
 
+/// A copy of `state` whose queries may use at most `limit` bytes, spilling to disk where an
+/// operator can; the error of one that cannot names the biggest consumers.
+pub(crate) fn budgeted_state(state: &SessionState, limit: u64) -> Result<SessionState> {
+    let pool = TrackConsumersPool::new(
+        FairSpillPool::new(usize::try_from(limit).unwrap_or(usize::MAX)),
+        NonZeroUsize::new(3).expect("3 is not zero"),
+    );
+    let runtime = RuntimeEnvBuilder::from_runtime_env(state.runtime_env())
+        .with_memory_pool(Arc::new(pool))
+        .build_arc()?;
+    Ok(SessionStateBuilder::new_from_existing(state.clone())
+        .with_runtime_env(runtime)
+        .build())
+}
+
+/// True when a Delta error says another writer committed first.
+pub(crate) fn is_conflict(e: &DeltaTableError) -> bool {
+    matches!(
+        e,
+        DeltaTableError::VersionAlreadyExists(_)
+            | DeltaTableError::Transaction {
+                source: TransactionError::MaxCommitAttempts(_)
+                    | TransactionError::CommitConflict(_)
+                    | TransactionError::VersionAlreadyExists(_)
+            }
+    )
+}
+
+/// The commit properties of every icepie commit to a slice: its descriptor, and no retry, so
+/// that a commit lands only on the version it was prepared from.
+pub(crate) fn commit_properties(meta: &SliceMeta) -> CommitProperties {
+    CommitProperties::default()
+        .with_metadata([(
+            COMMIT_KEY.to_string(),
+            serde_json::to_value(meta).expect("slice metadata serializes"),
+        )])
+        .with_max_retries(0)
+}
+
+/// Turns a Delta error of a slice commit into a conflict error when another writer won.
+pub(crate) fn commit_error(name: &SliceName, base: Option<i64>, e: DeltaTableError) -> IcePieError {
+    if is_conflict(&e) {
+        IcePieError::Conflict {
+            slice: name.to_string(),
+            base: base.map_or("no version".into(), |v| format!("version {v}")),
+        }
+    } else {
+        e.into()
+    }
+}
+
 /// Builds and commits the next version of `name` (the first one when `existing` is `None`).
 pub(crate) async fn build(
-    ctx: &SessionContext,
+    state: &SessionState,
     shared: &Shared,
     name: &SliceName,
     spec: &SliceSpec,
-    kind: BuildKind,
+    kind: CommitKind,
     existing: Option<&DeltaTable>,
 ) -> Result<BuildOutcome> {
     let _refreshing = RefreshingGuard::new(shared, name);
@@ -173,17 +215,23 @@ pub(crate) async fn build(
     let started_at = Utc::now();
     let clock = Instant::now();
     let mut inputs = Vec::new();
-    let result = write_version(
-        ctx,
-        shared,
-        name,
-        spec,
-        kind,
-        existing,
-        &attempt_id,
-        &mut inputs,
-    )
-    .await;
+    let options = shared.options();
+    let result = match budgeted_state(state, options.refresh_memory_limit.0) {
+        Ok(state) => {
+            write_version(
+                &state,
+                shared,
+                name,
+                spec,
+                kind,
+                existing,
+                &attempt_id,
+                &mut inputs,
+            )
+            .await
+        }
+        Err(e) => Err(e),
+    };
     let duration_ms = clock.elapsed().as_millis() as i64;
     let mut attempt = log::Attempt {
         slice: name.to_string(),
@@ -222,7 +270,12 @@ pub(crate) async fn build(
             })
         }
         Err(source) => {
-            attempt.status = log::FAILED;
+            let source = over_budget(source, &options);
+            attempt.status = if matches!(source, IcePieError::Conflict { .. }) {
+                log::CONFLICT
+            } else {
+                log::FAILED
+            };
             attempt.error = Some(source.to_string());
             let rel = Warehouse::slice_path(name);
             if existing.is_none() && !shared.warehouse.has_log(&rel).await.unwrap_or(true) {
@@ -243,19 +296,31 @@ pub(crate) async fn build(
     }
 }
 
+/// Names the memory budget when a build ran out of it.
+fn over_budget(e: IcePieError, options: &IcePieOptions) -> IcePieError {
+    let text = e.to_string();
+    if text.contains("Resources exhausted") {
+        IcePieError::MemoryBudget {
+            limit: options.refresh_memory_limit.to_string(),
+            detail: text,
+        }
+    } else {
+        e
+    }
+}
+
 #[allow(clippy::too_many_arguments)]
 async fn write_version(
-    ctx: &SessionContext,
+    state: &SessionState,
     shared: &Shared,
     name: &SliceName,
     spec: &SliceSpec,
-    kind: BuildKind,
+    kind: CommitKind,
     existing: Option<&DeltaTable>,
     attempt_id: &str,
     inputs: &mut Vec<InputVersion>,
 ) -> Result<DeltaTable> {
-    let state = ctx.state();
-    let plan = state.create_logical_plan(&spec.definition).await?;
+    let plan = time_travel::plan_sql(state, shared, &spec.definition).await?;
     if !is_query(&plan) {
         return Err(IcePieError::InvalidDefinition {
             slice: name.to_string(),
@@ -272,33 +337,33 @@ async fn write_version(
         }
     }
     let meta = SliceMeta {
-        kind: kind.to_string(),
+        kind,
         attempt_id: attempt_id.to_string(),
         definition: spec.definition.clone(),
         owner: spec.owner.clone(),
         refresh: spec.refresh.clone(),
         partition_by: spec.partition_by.clone(),
         inputs: inputs.clone(),
+        frozen: None,
+        rows: None,
+        restored_from: None,
     };
-    let commit = CommitProperties::default().with_metadata([(
-        COMMIT_KEY.to_string(),
-        serde_json::to_value(&meta).expect("slice metadata serializes"),
-    )]);
     let (log_store, snapshot) = shared
         .warehouse
         .write_base(&Warehouse::slice_path(name), existing)?;
     let mut write = WriteBuilder::new(log_store, snapshot)
         .with_input_plan(plan)
-        .with_session_state(Arc::new(state))
+        .with_session_state(Arc::new(state.clone()))
         .with_partition_columns(spec.partition_by.clone())
-        .with_commit_properties(commit);
+        .with_commit_properties(commit_properties(&meta));
     write = match existing {
         Some(_) => write
             .with_save_mode(SaveMode::Overwrite)
             .with_schema_mode(SchemaMode::Overwrite),
         None => write.with_save_mode(SaveMode::ErrorIfExists),
     };
-    Ok(write.await?)
+    let base = existing.and_then(DeltaTable::version).map(|v| v as i64);
+    write.await.map_err(|e| commit_error(name, base, e))
 }
 
 /// True for plans that produce rows (not DDL, DML or statements).
@@ -326,6 +391,11 @@ pub enum SliceState {
     Refreshing,
     /// The last build failed; the previous version is served.
     Failed,
+    /// Pinned by `FREEZE SLICE`: no refresh until `THAW SLICE`.
+    Frozen,
+    /// Failed `icepie.max_failures` times in a row: the scheduler leaves it alone until a
+    /// `REFRESH SLICE` succeeds or `THAW SLICE`.
+    Suspended,
 }
 
 impl fmt::Display for SliceState {
@@ -335,6 +405,8 @@ impl fmt::Display for SliceState {
             Self::Stale => "stale",
             Self::Refreshing => "refreshing",
             Self::Failed => "failed",
+            Self::Frozen => "frozen",
+            Self::Suspended => "suspended",
         })
     }
 }
@@ -356,17 +428,38 @@ pub struct SliceInfo {
     pub state: SliceState,
     /// The error of the last build, if it failed.
     pub last_error: Option<String>,
+    /// Failed builds in a row since the version served was committed.
+    pub failures: u32,
+    /// When the last of them ended (ms since the epoch).
+    pub last_failure_at: Option<i64>,
+    /// True when an input has a newer version than this version was built from.
+    pub stale: bool,
+    /// How long ago the oldest input change this version has not consumed was committed (ms).
+    pub lag_ms: Option<i64>,
     /// Output columns and their types.
     pub columns: Vec<(String, String)>,
 }
 
-/// Reads what `system.slices` shows of one slice. `attempts` is the refresh log's latest
-/// attempt per slice; `latest` caches input versions across slices.
+impl SliceInfo {
+    /// Set while the slice is frozen.
+    pub fn frozen(&self) -> Option<&Frozen> {
+        self.meta.frozen.as_ref()
+    }
+}
+
+/// What inputs are at now: each input's latest version and, per version asked, commit time.
+#[derive(Debug, Default)]
+pub(crate) struct InputCache {
+    latest: HashMap<String, Option<i64>>,
+}
+
+/// Reads what `system.slices` shows of one slice. `attempts` is what the refresh log says of
+/// recent attempts; `inputs` caches input versions across slices.
 pub(crate) async fn info(
     shared: &Shared,
     name: &SliceName,
-    attempts: &HashMap<String, log::LastAttempt>,
-    latest: &mut HashMap<String, Option<i64>>,
+    attempts: &RecentAttempts,
+    inputs: &mut InputCache,
 ) -> Result<Option<SliceInfo>> {
     let Some(table) = shared
         .warehouse
@@ -378,7 +471,23 @@ pub(crate) async fn info(
     let (meta, committed) = meta::latest_meta(&table, &name.to_string()).await?;
     let version = table.version().unwrap_or_default() as i64;
     let stats = table_stats(&table)?;
-    let last = attempts.get(&name.to_string());
+    let failures = attempts.failures_since(&name.to_string(), committed.unwrap_or(0));
+    let now = Utc::now().timestamp_millis();
+    let mut stale = false;
+    let mut oldest_change: Option<i64> = None;
+    for input in &meta.inputs {
+        if !inputs.latest.contains_key(&input.table) {
+            let v = shared.latest_version(&input.table).await?;
+            inputs.latest.insert(input.table.clone(), v);
+        }
+        if inputs.latest[&input.table] != Some(input.version) {
+            stale = true;
+            if let Some(at) = shared.commit_time(&input.table, input.version + 1).await? {
+                oldest_change = Some(oldest_change.map_or(at, |o: i64| o.min(at)));
+            }
+        }
+    }
+    let options = shared.options();
     let state = if shared
         .refreshing
         .lock()
@@ -386,24 +495,16 @@ pub(crate) async fn info(
         .contains(name)
     {
         SliceState::Refreshing
-    } else if last.is_some_and(|a| a.status == log::FAILED) {
+    } else if meta.frozen.is_some() {
+        SliceState::Frozen
+    } else if failures.count as usize >= options.max_failures.max(1) {
+        SliceState::Suspended
+    } else if failures.count > 0 {
         SliceState::Failed
+    } else if stale {
+        SliceState::Stale
     } else {
-        let mut stale = false;
-        for input in &meta.inputs {
-            if !latest.contains_key(&input.table) {
-                let v = shared.latest_version(&input.table).await?;
-                latest.insert(input.table.clone(), v);
-            }
-            if latest[&input.table] != Some(input.version) {
-                stale = true;
-            }
-        }
-        if stale {
-            SliceState::Stale
-        } else {
-            SliceState::Fresh
-        }
+        SliceState::Fresh
     };
     let schema = table.snapshot()?.snapshot().arrow_schema();
     let columns = schema
@@ -418,9 +519,11 @@ pub(crate) async fn info(
         stats,
         refreshed_at: committed,
         state,
-        last_error: last
-            .filter(|a| a.status == log::FAILED)
-            .and_then(|a| a.error.clone()),
+        last_error: failures.last.as_ref().and_then(|a| a.error.clone()),
+        failures: failures.count,
+        last_failure_at: failures.last.as_ref().map(|a| a.ended_at),
+        stale,
+        lag_ms: oldest_change.map(|at| (now - at).max(0)),
         columns,
     }))
 }

@@ -50,6 +50,26 @@ pub enum Statement {
     ShowSlices,
     /// `DESCRIBE SLICE name`.
     DescribeSlice(SliceName),
+    /// `FREEZE SLICE name ['reason']`.
+    FreezeSlice {
+        /// The slice.
+        name: SliceName,
+        /// Why, as given.
+        reason: Option<String>,
+    },
+    /// `THAW SLICE name`.
+    ThawSlice(SliceName),
+    /// `ROLLBACK SLICE name TO VERSION n`.
+    RollbackSlice {
+        /// The slice.
+        name: SliceName,
+        /// The version whose data and definition to restore.
+        version: i64,
+    },
+    /// `SHOW SLICE HISTORY name`.
+    ShowSliceHistory(SliceName),
+    /// `VACUUM SLICE name` (one slice) or `VACUUM SLICES` (every slice, `None`).
+    Vacuum(Option<SliceName>),
 }
 
 /// `CREATE CORE TABLE [IF NOT EXISTS] name [(columns)] [FROM 'location' [FORMAT f] | AS query]`.

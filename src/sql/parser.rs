@@ -109,6 +109,42 @@ fn parse_statement(df: &mut DFParser) -> Result<Statement> {
         p.next_token();
         p.next_token();
         Statement::ShowSlices
+    } else if starts_with(p, &["SHOW", "SLICE", "HISTORY"]) {
+        for _ in 0..3 {
+            p.next_token();
+        }
+        Statement::ShowSliceHistory(slice_name(p)?)
+    } else if starts_with(p, &["FREEZE", "SLICE"]) {
+        p.next_token();
+        p.next_token();
+        let name = slice_name(p)?;
+        let reason = match p.peek_token().token {
+            Token::SingleQuotedString(_) => Some(p.parse_literal_string()?),
+            _ => None,
+        };
+        Statement::FreezeSlice { name, reason }
+    } else if starts_with(p, &["THAW", "SLICE"]) {
+        p.next_token();
+        p.next_token();
+        Statement::ThawSlice(slice_name(p)?)
+    } else if starts_with(p, &["ROLLBACK", "SLICE"]) {
+        p.next_token();
+        p.next_token();
+        let name = slice_name(p)?;
+        p.expect_keyword(Keyword::TO)?;
+        p.expect_keyword(Keyword::VERSION)?;
+        let version = p.parse_literal_uint()?;
+        let version = i64::try_from(version)
+            .map_err(|_| IcePieError::Syntax(format!("version {version} is too large")))?;
+        Statement::RollbackSlice { name, version }
+    } else if starts_with(p, &["VACUUM", "SLICES"]) {
+        p.next_token();
+        p.next_token();
+        Statement::Vacuum(None)
+    } else if starts_with(p, &["VACUUM", "SLICE"]) {
+        p.next_token();
+        p.next_token();
+        Statement::Vacuum(Some(slice_name(p)?))
     } else if starts_with(p, &["DESCRIBE", "SLICE"]) || starts_with(p, &["DESC", "SLICE"]) {
         p.next_token();
         p.next_token();
@@ -373,9 +409,42 @@ mod tests {
             "REFRESH SLICE",
             "SELECT 1 SELECT 2",
             "SELEC 1",
+            "FREEZE SLICE",
+            "FREEZE SLICE s 42",
+            "THAW SLICE s 'why'",
+            "ROLLBACK SLICE s",
+            "ROLLBACK SLICE s TO 3",
+            "ROLLBACK SLICE s TO VERSION -1",
+            "ROLLBACK SLICE s TO VERSION x",
+            "SHOW SLICE HISTORY",
+            "VACUUM SLICE",
+            "VACUUM SLICES s",
         ] {
             assert!(parse_sql(bad).is_err(), "{bad} parsed");
         }
+    }
+
+    #[test]
+    fn lifecycle_statements() {
+        let v = parse_sql(
+            "FREEZE SLICE finance.revenue 'bad upstream data'; freeze slice s; THAW SLICE s; \
+             ROLLBACK SLICE finance.revenue TO VERSION 3; SHOW SLICE HISTORY s; \
+             VACUUM SLICE a.b; VACUUM SLICES; ROLLBACK",
+        )
+        .unwrap();
+        assert_eq!(v.len(), 8);
+        assert!(
+            matches!(&v[0], Statement::FreezeSlice { name, reason: Some(r) }
+            if name.to_string() == "finance.revenue" && r == "bad upstream data")
+        );
+        assert!(matches!(&v[1], Statement::FreezeSlice { reason: None, .. }));
+        assert!(matches!(&v[2], Statement::ThawSlice(n) if n.to_string() == "slices.s"));
+        assert!(matches!(&v[3], Statement::RollbackSlice { version: 3, .. }));
+        assert!(matches!(&v[4], Statement::ShowSliceHistory(_)));
+        assert!(matches!(&v[5], Statement::Vacuum(Some(n)) if n.to_string() == "a.b"));
+        assert!(matches!(&v[6], Statement::Vacuum(None)));
+        // A plain ROLLBACK is DataFusion's (transaction) statement, untouched.
+        assert!(matches!(&v[7], Statement::DataFusion(_)));
     }
 
     #[test]

@@ -103,6 +103,11 @@ impl Warehouse {
         &self.root
     }
 
+    /// The object store of the warehouse, with paths relative to its root.
+    pub fn store(&self) -> Arc<dyn ObjectStore> {
+        self.root_store.clone()
+    }
+
     /// Relative path of a core table.
     pub fn core_path(name: &str) -> String {
         format!("{CORE_DIR}/{name}/")

@@ -24,6 +24,8 @@ async fn warehouse() -> (
     let store = Arc::new(RecordingStore::new(Arc::new(LocalFileSystem::new())));
     let warehouse = IcePie::builder(root.to_string_lossy().to_string())
         .with_object_store(store.clone())
+        // Only the statements under test may touch storage.
+        .with_scheduler(false)
         .open()
         .await
         .unwrap();

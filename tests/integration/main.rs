@@ -6,4 +6,5 @@ mod failures;
 mod isolation;
 mod persistence;
 mod repl;
+mod scheduler;
 mod support;

@@ -176,3 +176,38 @@ impl ObjectStore for RecordingStore {
         self.inner.copy_opts(from, to, options).await
     }
 }
+
+/// Polls `check` every 50 ms until it gives a value, for at most `secs` seconds; `what` says
+/// what was awaited when it never comes.
+pub async fn eventually<T, F, Fut>(secs: u64, what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(secs);
+    loop {
+        if let Some(v) = check().await {
+            return v;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "waited {secs} s for {what}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}
+
+/// A warehouse in a fresh temp dir, opened with `settings` (`icepie.*` names and values).
+pub async fn open_with(settings: &[(&str, &str)]) -> (tempfile::TempDir, IcePie) {
+    let dir = tempfile::tempdir().unwrap();
+    let mut builder = IcePie::builder(dir.path().to_string_lossy().to_string());
+    for (k, v) in settings {
+        builder = builder.with_setting(*k, *v);
+    }
+    (dir, builder.open().await.unwrap())
+}
+
+/// The version a slice serves.
+pub async fn version(warehouse: &IcePie, slice: &str) -> i64 {
+    warehouse.slice(slice).await.unwrap().version
+}

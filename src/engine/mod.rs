@@ -2,13 +2,21 @@
 //!
 //! One `IcePie` wraps one DataFusion [`SessionContext`] whose default catalog is the warehouse
 //! (schemas `core`, the slice domains and `system`; default schema `slices`). It runs icepie's
-//! statements itself and hands every other statement to DataFusion.
+//! statements itself and hands every other statement to DataFusion. While it is open, its
+//! [`scheduler`] runs the refreshes that slices' policies make due.
+//!
+//! Changes of one slice are serialized in this process (a per-slice lock), and a refresh asked
+//! for while one of the same slice runs joins it instead of running twice. Between processes
+//! Delta's commit protocol decides: a change commits only on the version it started from.
+
+mod output;
+pub mod scheduler;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
-use datafusion::arrow::array::{ArrayRef, Int64Array, RecordBatch, StringArray};
-use datafusion::arrow::datatypes::{Field, Schema};
+use datafusion::common::config::ExtensionOptions;
 use datafusion::dataframe::DataFrame;
 use datafusion::datasource::source_as_provider;
 use datafusion::execution::cache::cache_manager::CacheManagerConfig;
@@ -19,16 +27,24 @@ use datafusion::logical_expr::{DdlStatement, DropTable, LogicalPlan, WriteOp};
 use datafusion::prelude::{SessionConfig, SessionContext};
 use deltalake::delta_datafusion::planner::DeltaPlanner;
 use deltalake::ObjectStore;
+use futures::future::{BoxFuture, FutureExt, Shared as SharedFuture, WeakShared};
+use tokio::sync::broadcast;
 use url::Url;
 
 use crate::catalog::table::IcePieTable;
+use crate::catalog::time_travel::{self, PinnedFunction};
 use crate::catalog::{system, IcePieCatalog, Shared, CATALOG_NAME};
-use crate::core::{self, LoadOutcome};
+use crate::core::{self};
 use crate::error::{IcePieError, Result};
-use crate::slice::{self, meta, BuildKind, BuildOutcome, SliceInfo, SliceSpec};
+use crate::options::IcePieOptions;
+use crate::slice::lifecycle::{self, frozen_error, LifecycleOutcome};
+use crate::slice::meta::{self, CommitKind, HistoryEntry};
+use crate::slice::vacuum::{self, VacuumOutcome};
+use crate::slice::{self, BuildOutcome, InputCache, SliceInfo, SliceSpec};
 use crate::sql::{parse_sql, CreateSlice, Statement};
 use crate::storage::names::{SliceName, CORE_SCHEMA, DEFAULT_DOMAIN, SYSTEM_SCHEMA};
 use crate::storage::{Warehouse, DEFAULT_LOCATION};
+pub use scheduler::RefreshEvent;
 
 /// Options for opening a warehouse.
 #[derive(Debug, Clone)]
@@ -36,6 +52,7 @@ pub struct IcePieBuilder {
     location: String,
     store: Option<Arc<dyn ObjectStore>>,
     storage_options: HashMap<String, String>,
+    settings: Vec<(String, String)>,
 }
 
 impl IcePieBuilder {
@@ -54,13 +71,40 @@ impl IcePieBuilder {
         self
     }
 
-    /// Opens the warehouse, creating it if needed.
+    /// Sets one of the `icepie.*` settings ([`IcePieOptions`]) as `SET` would, e.g.
+    /// `("retain_versions", "20")` or `("icepie.refresh_memory_limit", "2GB")`. A bad name or
+    /// value makes [`open`](Self::open) fail with the reason.
+    pub fn with_setting(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
+        self.settings.push((key.into(), value.into()));
+        self
+    }
+
+    /// Turns the scheduler of due refreshes on (the default) or off.
+    pub fn with_scheduler(self, on: bool) -> Self {
+        self.with_setting("scheduler", if on { "on" } else { "off" })
+    }
+
+    /// How many scheduled refreshes may run at once in this process (default 2).
+    pub fn with_max_concurrent_refreshes(self, n: usize) -> Self {
+        self.with_setting("max_concurrent_refreshes", n.to_string())
+    }
+
+    /// Opens the warehouse, creating it if needed, and starts its scheduler.
     pub async fn open(self) -> Result<IcePie> {
+        let mut options = IcePieOptions::default();
+        for (key, value) in &self.settings {
+            let name = key.strip_prefix("icepie.").unwrap_or(key);
+            options.set(name, value).map_err(|e| IcePieError::Setting {
+                name: name.to_string(),
+                reason: e.strip_backtrace(),
+            })?;
+        }
         let warehouse = Warehouse::open(&self.location, self.store.clone(), self.storage_options)?;
         let config = SessionConfig::new()
             .with_default_catalog_and_schema(CATALOG_NAME, DEFAULT_DOMAIN)
             .with_create_default_catalog_and_schema(false)
             .with_information_schema(true)
+            .with_option_extension(options.clone())
             // delta-rs's workaround for hash-join IN-list pushdown on dictionary keys.
             .set_usize("datafusion.optimizer.hash_join_inlist_pushdown_max_size", 0)
             .set_usize(
@@ -85,32 +129,60 @@ impl IcePieBuilder {
             .with_query_planner(DeltaPlanner::new())
             .build();
         let ctx = SessionContext::new_with_state(state);
-        let shared = Arc::new(Shared::new(warehouse));
+        let shared = Arc::new(Shared::new(warehouse, options));
         ctx.register_catalog(CATALOG_NAME, Arc::new(IcePieCatalog::new(shared.clone())));
+        for (name, function) in PinnedFunction::all(&shared) {
+            ctx.register_udtf(name, function);
+        }
         shared.refresh_listing().await?;
-        Ok(IcePie {
-            inner: Arc::new(Inner {
-                shared,
-                ctx,
-                locks: Mutex::new(HashMap::new()),
-            }),
-        })
+        let (events, _) = broadcast::channel(256);
+        let inner = Arc::new(Inner {
+            shared,
+            ctx,
+            locks: Mutex::new(HashMap::new()),
+            inflight: Mutex::new(HashMap::new()),
+            events,
+            scheduler: Mutex::new(None),
+        });
+        let handle = scheduler::spawn(Arc::downgrade(&inner));
+        *inner.scheduler.lock().expect("scheduler lock") = Some(handle);
+        Ok(IcePie { inner })
     }
 }
 
+/// What a refresh that several callers may join resolves to.
+type RefreshResult = std::result::Result<BuildOutcome, Arc<IcePieError>>;
+type RefreshFuture = BoxFuture<'static, RefreshResult>;
+
 /// An open warehouse: the frozen core, its slices, and a DataFusion session over them.
 ///
-/// Cloning is cheap and clones share the session.
+/// Cloning is cheap and clones share the session. The scheduler stops when the last clone
+/// is dropped, or earlier with [`close`](Self::close).
 #[derive(Clone)]
 pub struct IcePie {
     inner: Arc<Inner>,
 }
 
-struct Inner {
+pub(crate) struct Inner {
     shared: Arc<Shared>,
     ctx: SessionContext,
-    /// One build at a time per slice in this process.
+    /// One change at a time per slice in this process.
     locks: Mutex<HashMap<SliceName, Arc<tokio::sync::Mutex<()>>>>,
+    /// Refreshes running in this process, for later requests to join.
+    inflight: Mutex<HashMap<SliceName, WeakShared<RefreshFuture>>>,
+    /// What the scheduler did.
+    events: broadcast::Sender<RefreshEvent>,
+    scheduler: Mutex<Option<scheduler::Handle>>,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        if let Ok(mut handle) = self.scheduler.lock() {
+            if let Some(h) = handle.take() {
+                h.abort();
+            }
+        }
+    }
 }
 
 impl std::fmt::Debug for IcePie {
@@ -138,6 +210,7 @@ impl IcePie {
             location: location.into(),
             store: None,
             storage_options: HashMap::new(),
+            settings: Vec::new(),
         }
     }
 
@@ -149,6 +222,35 @@ impl IcePie {
     /// The DataFusion session (catalog `icepie`), e.g. to register functions or tables.
     pub fn context(&self) -> &SessionContext {
         &self.inner.ctx
+    }
+
+    /// The `icepie.*` settings in force (`SET icepie.<name> = ...` changes them).
+    pub fn options(&self) -> IcePieOptions {
+        self.sync_options();
+        self.inner.shared.options()
+    }
+
+    /// Copies the session's settings to where system tables and the scheduler read them.
+    fn sync_options(&self) {
+        let config = self.inner.ctx.copied_config();
+        if let Some(o) = config.options().extensions.get::<IcePieOptions>() {
+            self.inner.shared.set_options(o.clone());
+        }
+    }
+
+    /// What the scheduler does from now on: one event per scheduled refresh that ended.
+    pub fn subscribe(&self) -> broadcast::Receiver<RefreshEvent> {
+        self.inner.events.subscribe()
+    }
+
+    /// Stops the scheduler: it starts no more refreshes, lets those running finish for up to
+    /// `grace`, then cancels the rest (a cancelled refresh commits nothing). Statements still
+    /// run afterwards; only scheduling has stopped.
+    pub async fn close(&self, grace: Duration) {
+        let handle = self.inner.scheduler.lock().expect("scheduler lock").take();
+        if let Some(h) = handle {
+            h.stop(grace).await;
+        }
     }
 
     /// Parses SQL text into statements without running them.
@@ -172,61 +274,93 @@ impl IcePie {
     /// Runs one statement.
     pub async fn execute(&self, stmt: Statement) -> Result<DataFrame> {
         let shared = &self.inner.shared;
+        self.sync_options();
         shared.refresh_listing().await?;
         let state = self.inner.ctx.state();
+        let ctx = &self.inner.ctx;
         match stmt {
             Statement::DataFusion(stmt) => {
-                let plan = state.statement_to_plan(*stmt).await?;
+                let plan = time_travel::plan_statement(&state, shared, *stmt).await?;
                 self.refuse_writes(&plan)?;
-                let df = self.inner.ctx.execute_logical_plan(plan).await?;
+                let df = ctx.execute_logical_plan(plan).await?;
+                self.sync_options();
                 Ok(df)
             }
             Statement::CreateCoreTable(c) => {
                 let out = core::create(&state, shared, &c).await?;
                 shared.refresh_listing().await?;
-                self.load_result(out)
+                output::loads(ctx, out)
             }
             Statement::Ingest(i) => {
                 let out = core::ingest(&state, shared, &i.table, &i.source).await?;
-                self.load_result(Some(out))
+                output::loads(ctx, Some(out))
             }
             Statement::DropCoreTable { name, if_exists } => {
                 let dropped = self.drop_core_table(&name, if_exists).await?;
-                self.dropped(dropped.then(|| format!("{CORE_SCHEMA}.{name}")))
+                output::dropped(ctx, dropped.then(|| format!("{CORE_SCHEMA}.{name}")))
             }
             Statement::CreateSlice(c) => {
                 let out = self.create_slice(&c).await?;
-                self.build_result(out)
+                output::builds(ctx, out)
             }
             Statement::RefreshSlice(name) => {
                 let out = self.refresh(&name.to_string()).await?;
-                self.build_result(Some(out))
+                output::builds(ctx, Some(out))
             }
             Statement::DropSlice { name, if_exists } => {
                 let dropped = self.drop_slice(&name, if_exists).await?;
-                self.dropped(dropped.then(|| name.to_string()))
+                output::dropped(ctx, dropped.then(|| name.to_string()))
             }
-            Statement::ShowCoreTables => Ok(self
-                .inner
-                .ctx
+            Statement::ShowCoreTables => Ok(ctx
                 .sql(
                     "SELECT name, version, rows, files, bytes, created_at, last_ingest_at \
                       FROM system.core_tables ORDER BY name",
                 )
                 .await?),
-            Statement::ShowSlices => Ok(self
-                .inner
-                .ctx
+            Statement::ShowSlices => Ok(ctx
                 .sql(
-                    "SELECT domain, name, state, version, rows, bytes, refreshed_at, refresh, \
+                    "SELECT domain, name, state, version, rows, bytes, refreshed_at, lag, refresh, \
                       owner, last_error FROM system.slices ORDER BY domain, name",
                 )
                 .await?),
             Statement::DescribeSlice(name) => {
                 let info = self.slice(&name.to_string()).await?;
-                self.describe(&info)
+                output::describe(ctx, &info)
+            }
+            Statement::FreezeSlice { name, reason } => {
+                let out = self.freeze(&name.to_string(), reason).await?;
+                self.lifecycle_result(out).await
+            }
+            Statement::ThawSlice(name) => {
+                let out = self.thaw(&name.to_string()).await?;
+                self.lifecycle_result(out).await
+            }
+            Statement::RollbackSlice { name, version } => {
+                let out = self.rollback(&name.to_string(), version).await?;
+                self.lifecycle_result(out).await
+            }
+            Statement::ShowSliceHistory(name) => {
+                let sql = format!(
+                    "SELECT * FROM {}('{name}') ORDER BY version DESC",
+                    time_travel::SLICE_HISTORY
+                );
+                let stmt = parse_sql(&sql)?.pop().expect("one statement");
+                Box::pin(self.execute(stmt)).await
+            }
+            Statement::Vacuum(Some(name)) => {
+                let out = self.vacuum(&name.to_string()).await?;
+                output::vacuums(ctx, &[out])
+            }
+            Statement::Vacuum(None) => {
+                let out = self.vacuum_all().await?;
+                output::vacuums(ctx, &out)
             }
         }
+    }
+
+    async fn lifecycle_result(&self, out: LifecycleOutcome) -> Result<DataFrame> {
+        let info = self.slice(&out.slice.to_string()).await?;
+        output::lifecycle(&self.inner.ctx, &out, &info)
     }
 
     fn lock(&self, name: &SliceName) -> Arc<tokio::sync::Mutex<()>> {
@@ -262,11 +396,17 @@ impl IcePie {
                     hint:
                         "; change it with CREATE OR REPLACE SLICE or rebuild it with REFRESH SLICE",
                 }),
-                (Some(_), true, _) => BuildKind::Replace,
-                (None, _, _) => BuildKind::Create,
+                (Some(table), true, _) => {
+                    let (meta, _) = meta::latest_meta(table, &c.name.to_string()).await?;
+                    if let Some(frozen) = &meta.frozen {
+                        return Err(frozen_error(&c.name, frozen, "CREATE OR REPLACE SLICE"));
+                    }
+                    CommitKind::Replace
+                }
+                (None, _, _) => CommitKind::Create,
             };
         let out = slice::build(
-            &self.inner.ctx,
+            &self.inner.ctx.state(),
             shared,
             &c.name,
             &spec,
@@ -280,33 +420,107 @@ impl IcePie {
 
     /// Builds and commits the next version of slice `name` (`domain.name` or `name`) from its
     /// definition, with every input pinned at its current version. On failure nothing is
-    /// committed and the slice keeps serving its last version.
+    /// committed and the slice keeps serving its last version. A refresh of a slice that is
+    /// already refreshing in this process joins the running one and returns its outcome.
     pub async fn refresh(&self, name: &str) -> Result<BuildOutcome> {
         let name = SliceName::parse(name)?;
-        let shared = &self.inner.shared;
-        let lock = self.lock(&name);
-        let _guard = lock.lock().await;
-        let Some(table) = shared
-            .warehouse
-            .load(&Warehouse::slice_path(&name), None)
-            .await?
-        else {
-            return Err(IcePieError::SliceNotFound(name.to_string()));
+        let running = {
+            let mut inflight = self.inner.inflight.lock().expect("inflight lock");
+            match inflight.get(&name).and_then(WeakShared::upgrade) {
+                Some(running) => running,
+                None => {
+                    let this = self.clone();
+                    let slice = name.clone();
+                    let fut: SharedFuture<RefreshFuture> =
+                        async move { this.refresh_now(&slice).await.map_err(Arc::new) }
+                            .boxed()
+                            .shared();
+                    if let Some(weak) = fut.downgrade() {
+                        inflight.insert(name.clone(), weak);
+                    }
+                    fut
+                }
+            }
         };
-        let (meta, _) = meta::latest_meta(&table, &name.to_string()).await?;
+        let result = running.await;
+        let mut inflight = self.inner.inflight.lock().expect("inflight lock");
+        if inflight.get(&name).is_some_and(|w| w.upgrade().is_none()) {
+            inflight.remove(&name);
+        }
+        result.map_err(|e| Arc::try_unwrap(e).unwrap_or_else(IcePieError::Joined))
+    }
+
+    async fn refresh_now(&self, name: &SliceName) -> Result<BuildOutcome> {
+        let shared = &self.inner.shared;
+        let lock = self.lock(name);
+        let _guard = lock.lock().await;
+        let (table, meta) = lifecycle::load(shared, name).await?;
+        if let Some(frozen) = &meta.frozen {
+            return Err(frozen_error(name, frozen, "REFRESH SLICE"));
+        }
         slice::build(
-            &self.inner.ctx,
+            &self.inner.ctx.state(),
             shared,
-            &name,
+            name,
             &SliceSpec::from(&meta),
-            BuildKind::Refresh,
+            CommitKind::Refresh,
             Some(&table),
         )
         .await
     }
 
+    /// `FREEZE SLICE`: pins the slice at its current data; refreshes are refused until
+    /// [`thaw`](Self::thaw).
+    pub async fn freeze(&self, name: &str, reason: Option<String>) -> Result<LifecycleOutcome> {
+        let name = SliceName::parse(name)?;
+        let lock = self.lock(&name);
+        let _guard = lock.lock().await;
+        lifecycle::freeze(&self.inner.shared, &name, reason).await
+    }
+
+    /// `THAW SLICE`: resumes the slice's refresh policy and clears a suspension.
+    pub async fn thaw(&self, name: &str) -> Result<LifecycleOutcome> {
+        let name = SliceName::parse(name)?;
+        let lock = self.lock(&name);
+        let _guard = lock.lock().await;
+        lifecycle::thaw(&self.inner.shared, &name).await
+    }
+
+    /// `ROLLBACK SLICE name TO VERSION n`: commits a new version whose data and definition
+    /// equal version `n`, which must still be retained.
+    pub async fn rollback(&self, name: &str, version: i64) -> Result<LifecycleOutcome> {
+        let name = SliceName::parse(name)?;
+        let lock = self.lock(&name);
+        let _guard = lock.lock().await;
+        lifecycle::rollback(&self.inner.shared, &name, version).await
+    }
+
+    /// `SHOW SLICE HISTORY`: every commit of the slice still in its log, newest first.
+    pub async fn history(&self, name: &str) -> Result<Vec<HistoryEntry>> {
+        let name = SliceName::parse(name)?;
+        let (table, _) = lifecycle::load(&self.inner.shared, &name).await?;
+        meta::history(&table, &name.to_string()).await
+    }
+
+    /// `VACUUM SLICE`: deletes the slice's files that no retained version references.
+    pub async fn vacuum(&self, name: &str) -> Result<VacuumOutcome> {
+        let name = SliceName::parse(name)?;
+        vacuum::vacuum(&self.inner.shared, &name).await
+    }
+
+    /// `VACUUM SLICES`: vacuums every slice.
+    pub async fn vacuum_all(&self) -> Result<Vec<VacuumOutcome>> {
+        self.inner.shared.refresh_listing().await?;
+        let mut out = Vec::new();
+        for name in self.inner.shared.slice_names() {
+            out.push(vacuum::vacuum(&self.inner.shared, &name).await?);
+        }
+        Ok(out)
+    }
+
     /// Every slice with its state, version, size and last error.
     pub async fn slices(&self) -> Result<Vec<SliceInfo>> {
+        self.sync_options();
         self.inner.shared.refresh_listing().await?;
         system::all_slices(&self.inner.shared).await
     }
@@ -315,8 +529,8 @@ impl IcePie {
     pub async fn slice(&self, name: &str) -> Result<SliceInfo> {
         let name = SliceName::parse(name)?;
         let shared = &self.inner.shared;
-        let attempts = slice::log::last_attempts(&shared.warehouse).await?;
-        slice::info(shared, &name, &attempts, &mut HashMap::new())
+        let attempts = shared.recent_attempts().await?;
+        slice::info(shared, &name, &attempts, &mut InputCache::default())
             .await?
             .ok_or_else(|| IcePieError::SliceNotFound(name.to_string()))
     }
@@ -373,86 +587,6 @@ impl IcePie {
         Ok(true)
     }
 
-    fn batch(&self, fields: Vec<(&str, ArrayRef)>) -> Result<DataFrame> {
-        let schema = Schema::new(
-            fields
-                .iter()
-                .map(|(n, a)| Field::new(*n, a.data_type().clone(), true))
-                .collect::<Vec<_>>(),
-        );
-        let batch = RecordBatch::try_new(
-            Arc::new(schema),
-            fields.into_iter().map(|(_, a)| a).collect(),
-        )?;
-        Ok(self.inner.ctx.read_batch(batch)?)
-    }
-
-    /// One row naming what was dropped, or no row when `IF EXISTS` found nothing.
-    fn dropped(&self, name: Option<String>) -> Result<DataFrame> {
-        self.batch(vec![("dropped", strings(name.into_iter()))])
-    }
-
-    fn load_result(&self, out: Option<LoadOutcome>) -> Result<DataFrame> {
-        let out: Vec<LoadOutcome> = out.into_iter().collect();
-        self.batch(vec![
-            ("table", strings(out.iter().map(|o| o.table.clone()))),
-            ("version", ints(out.iter().map(|o| o.version))),
-            ("rows_added", ints(out.iter().map(|o| o.rows_added))),
-            ("rows", ints(out.iter().map(|o| o.stats.rows))),
-            ("files", ints(out.iter().map(|o| o.stats.files))),
-        ])
-    }
-
-    fn build_result(&self, out: Option<BuildOutcome>) -> Result<DataFrame> {
-        let out: Vec<BuildOutcome> = out.into_iter().collect();
-        self.batch(vec![
-            ("slice", strings(out.iter().map(|o| o.slice.to_string()))),
-            ("version", ints(out.iter().map(|o| o.version))),
-            ("rows", ints(out.iter().map(|o| o.stats.rows))),
-            ("bytes", ints(out.iter().map(|o| o.stats.bytes))),
-            (
-                "inputs",
-                strings(out.iter().map(|o| meta::format_inputs(&o.inputs))),
-            ),
-            ("duration_ms", ints(out.iter().map(|o| o.duration_ms))),
-        ])
-    }
-
-    fn describe(&self, info: &SliceInfo) -> Result<DataFrame> {
-        let refreshed = info
-            .refreshed_at
-            .and_then(chrono::DateTime::from_timestamp_millis)
-            .map(|t| t.to_rfc3339())
-            .unwrap_or_default();
-        let mut rows: Vec<(String, String)> = vec![
-            ("slice".into(), info.name.to_string()),
-            ("state".into(), info.state.to_string()),
-            ("version".into(), info.version.to_string()),
-            ("owner".into(), info.meta.owner.clone().unwrap_or_default()),
-            ("refresh".into(), info.meta.refresh.clone()),
-            ("partition_by".into(), info.meta.partition_by.join(", ")),
-            ("rows".into(), info.stats.rows.to_string()),
-            ("bytes".into(), info.stats.bytes.to_string()),
-            ("files".into(), info.stats.files.to_string()),
-            ("refreshed_at".into(), refreshed),
-            ("inputs".into(), meta::format_inputs(&info.meta.inputs)),
-            (
-                "last_error".into(),
-                info.last_error.clone().unwrap_or_default(),
-            ),
-            ("definition".into(), info.meta.definition.clone()),
-        ];
-        rows.extend(
-            info.columns
-                .iter()
-                .map(|(n, t)| (format!("column {n}"), t.clone())),
-        );
-        self.batch(vec![
-            ("property", strings(rows.iter().map(|r| r.0.clone()))),
-            ("value", strings(rows.iter().map(|r| r.1.clone()))),
-        ])
-    }
-
     /// Refuses plain-SQL writes and drops aimed at core tables, slices and system tables
     /// before they run, naming the icepie statement to use instead.
     fn refuse_writes(&self, plan: &LogicalPlan) -> Result<()> {
@@ -495,12 +629,4 @@ impl IcePie {
         }
         Ok(())
     }
-}
-
-fn strings(values: impl Iterator<Item = String>) -> ArrayRef {
-    Arc::new(StringArray::from(values.collect::<Vec<_>>()))
-}
-
-fn ints(values: impl Iterator<Item = i64>) -> ArrayRef {
-    Arc::new(Int64Array::from(values.collect::<Vec<_>>()))
 }

@@ -1,0 +1,331 @@
+//! Reading the past: the table functions `slice_at('domain.name', version)`,
+//! `core_at('name', version)` and `slice_history('domain.name')`, and the planning helpers
+//! every SQL text of icepie goes through so that they work.
+//!
+//! DataFusion calls table functions synchronously while it plans, but opening a Delta table at
+//! a version is I/O. So before a statement is planned, [`plan_statement`] finds the calls in its
+//! syntax tree, opens each table at its version (checking that the version exists and, for a
+//! slice, is still retained), and *pins* the provider; the table function then only looks it
+//! up. A pin lasts while the statement is planned: the plan holds its provider after that.
+
+use std::collections::HashMap;
+use std::ops::ControlFlow;
+use std::sync::{Arc, Mutex};
+
+use datafusion::catalog::{TableFunctionArgs, TableFunctionImpl, TableProvider};
+use datafusion::common::ScalarValue;
+use datafusion::error::{DataFusionError, Result as DFResult};
+use datafusion::execution::SessionState;
+use datafusion::logical_expr::{Expr, LogicalPlan};
+use datafusion::sql::parser::{CopyToSource, DFParser, Statement as DFStatement};
+use datafusion::sql::sqlparser::ast::{
+    Expr as SqlExpr, FunctionArg, FunctionArgExpr, TableFactor, Value, Visit, Visitor,
+};
+use datafusion::sql::sqlparser::dialect::GenericDialect;
+
+use super::table::{IcePieTable, TableKind};
+use super::{system, Shared};
+use crate::error::{IcePieError, Result};
+use crate::slice::lifecycle::{self, check_retained};
+use crate::slice::meta;
+use crate::storage::names::{core_name, SliceName, CORE_SCHEMA};
+use crate::storage::Warehouse;
+
+/// Name of the table function reading a slice at a version.
+pub const SLICE_AT: &str = "slice_at";
+/// Name of the table function reading a core table at a version.
+pub const CORE_AT: &str = "core_at";
+/// Name of the table function listing the commits of a slice (`SHOW SLICE HISTORY`).
+pub const SLICE_HISTORY: &str = "slice_history";
+
+/// Which table a time-travel call reads.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct PinKey {
+    function: &'static str,
+    /// The name argument as written.
+    name: String,
+    /// The version argument (none for `slice_history`).
+    version: Option<i64>,
+}
+
+/// A pinned provider and how many statements being planned use it.
+type Pinned = (Arc<dyn TableProvider>, usize);
+
+/// Providers opened for statements being planned.
+#[derive(Debug, Default)]
+pub(crate) struct Pins(Mutex<HashMap<PinKey, Pinned>>);
+
+/// Releases a statement's pins when planning is over.
+struct PinGuard<'a> {
+    pins: &'a Pins,
+    keys: Vec<PinKey>,
+}
+
+impl Drop for PinGuard<'_> {
+    fn drop(&mut self) {
+        let Ok(mut map) = self.pins.0.lock() else {
+            return;
+        };
+        for key in &self.keys {
+            if let Some(entry) = map.get_mut(key) {
+                entry.1 -= 1;
+                if entry.1 == 0 {
+                    map.remove(key);
+                }
+            }
+        }
+    }
+}
+
+fn usage(function: &str) -> String {
+    match function {
+        SLICE_HISTORY => "slice_history takes a slice name as a literal, e.g. \
+                          slice_history('finance.revenue')"
+            .into(),
+        _ => {
+            let example = if function == SLICE_AT {
+                "slice_at('finance.revenue', 3)"
+            } else {
+                "core_at('orders', 7)"
+            };
+            format!(
+                "{function} takes a table name and a version number, both literals, e.g. {example}"
+            )
+        }
+    }
+}
+
+/// A literal argument of a call in the syntax tree.
+fn sql_literal(arg: &FunctionArg) -> Option<ScalarValue> {
+    let FunctionArg::Unnamed(FunctionArgExpr::Expr(SqlExpr::Value(v))) = arg else {
+        return None;
+    };
+    match &v.value {
+        Value::SingleQuotedString(s) | Value::DoubleQuotedString(s) => {
+            Some(ScalarValue::Utf8(Some(s.clone())))
+        }
+        Value::Number(n, _) => n.parse::<i64>().ok().map(|n| ScalarValue::Int64(Some(n))),
+        _ => None,
+    }
+}
+
+fn key_of(function: &'static str, args: &[ScalarValue]) -> Option<PinKey> {
+    let text = |v: &ScalarValue| match v {
+        ScalarValue::Utf8(Some(s))
+        | ScalarValue::LargeUtf8(Some(s))
+        | ScalarValue::Utf8View(Some(s)) => Some(s.clone()),
+        _ => None,
+    };
+    match args {
+        [name] if function == SLICE_HISTORY => Some(PinKey {
+            function,
+            name: text(name)?,
+            version: None,
+        }),
+        [name, version] if function != SLICE_HISTORY => {
+            let name = text(name)?;
+            let version = match version {
+                ScalarValue::Int64(Some(v)) => *v,
+                ScalarValue::Int32(Some(v)) => i64::from(*v),
+                ScalarValue::UInt64(Some(v)) => i64::try_from(*v).ok()?,
+                ScalarValue::Int16(Some(v)) => i64::from(*v),
+                ScalarValue::Int8(Some(v)) => i64::from(*v),
+                _ => return None,
+            };
+            Some(PinKey {
+                function,
+                name,
+                version: Some(version),
+            })
+        }
+        _ => None,
+    }
+}
+
+/// The time-travel calls of a statement.
+#[derive(Default)]
+struct Calls(Vec<PinKey>);
+
+impl Visitor for Calls {
+    type Break = ();
+
+    fn pre_visit_table_factor(&mut self, factor: &TableFactor) -> ControlFlow<()> {
+        if let TableFactor::Table {
+            name,
+            args: Some(args),
+            ..
+        } = factor
+        {
+            let called = name.to_string().to_ascii_lowercase();
+            let function = match called.as_str() {
+                SLICE_AT => SLICE_AT,
+                CORE_AT => CORE_AT,
+                SLICE_HISTORY => SLICE_HISTORY,
+                _ => return ControlFlow::Continue(()),
+            };
+            let values: Option<Vec<ScalarValue>> = args.args.iter().map(sql_literal).collect();
+            if let Some(key) = values.and_then(|v| key_of(function, &v)) {
+                self.0.push(key);
+            }
+        }
+        ControlFlow::Continue(())
+    }
+}
+
+fn collect_calls(stmt: &DFStatement, calls: &mut Calls) {
+    match stmt {
+        DFStatement::Statement(s) => {
+            let _ = s.visit(calls);
+        }
+        DFStatement::CopyTo(c) => {
+            if let CopyToSource::Query(q) = &c.source {
+                let _ = q.visit(calls);
+            }
+        }
+        DFStatement::Explain(e) => collect_calls(&e.statement, calls),
+        DFStatement::CreateExternalTable(_) | DFStatement::Reset(_) => {}
+    }
+}
+
+/// Opens the table a call names at its version.
+async fn open(shared: &Shared, key: &PinKey) -> Result<Arc<dyn TableProvider>> {
+    let version = key.version.unwrap_or_default();
+    if key.function == CORE_AT {
+        let parts: Vec<String> = key.name.split('.').map(str::to_string).collect();
+        let name = core_name(&parts)?;
+        let qualified = format!("{CORE_SCHEMA}.{name}");
+        let latest = shared
+            .latest_version(&qualified)
+            .await?
+            .ok_or_else(|| IcePieError::CoreTableNotFound(name.clone()))?;
+        // The core keeps every version: only existence is checked.
+        check_retained(&qualified, version, latest, usize::MAX)?;
+        let table = shared
+            .warehouse
+            .load(&Warehouse::core_path(&name), Some(version))
+            .await?
+            .ok_or_else(|| IcePieError::CoreTableNotFound(name.clone()))?;
+        return Ok(Arc::new(
+            IcePieTable::try_new(TableKind::Core, qualified, table).await?,
+        ));
+    }
+    let name = SliceName::parse(&key.name)?;
+    let latest = shared
+        .latest_version(&name.to_string())
+        .await?
+        .ok_or_else(|| IcePieError::SliceNotFound(name.to_string()))?;
+    let retain = shared.options().retain_versions;
+    if key.function == SLICE_HISTORY {
+        let (table, _) = lifecycle::load(shared, &name).await?;
+        let history = meta::history(&table, &name.to_string()).await?;
+        return system::history_table(&history, latest, retain);
+    }
+    check_retained(&name.to_string(), version, latest, retain)?;
+    Ok(Arc::new(
+        shared
+            .load_slice(&name, Some(version))
+            .await?
+            .ok_or_else(|| IcePieError::SliceNotFound(name.to_string()))?,
+    ))
+}
+
+/// Pins the providers of a statement's time-travel calls until the guard is dropped.
+async fn pin<'a>(shared: &'a Shared, stmt: &DFStatement) -> Result<PinGuard<'a>> {
+    let mut calls = Calls::default();
+    collect_calls(stmt, &mut calls);
+    let mut guard = PinGuard {
+        pins: &shared.pins,
+        keys: Vec::new(),
+    };
+    for key in calls.0 {
+        let pinned = match shared.pins.0.lock().expect("pins lock").get_mut(&key) {
+            Some(entry) => {
+                entry.1 += 1;
+                true
+            }
+            None => false,
+        };
+        if !pinned {
+            let table = open(shared, &key).await?;
+            let mut map = shared.pins.0.lock().expect("pins lock");
+            map.entry(key.clone()).or_insert((table, 0)).1 += 1;
+        }
+        guard.keys.push(key);
+    }
+    Ok(guard)
+}
+
+/// Plans one parsed statement, time-travel calls included.
+pub(crate) async fn plan_statement(
+    state: &SessionState,
+    shared: &Shared,
+    stmt: DFStatement,
+) -> Result<LogicalPlan> {
+    let _pins = pin(shared, &stmt).await?;
+    Ok(state.statement_to_plan(stmt).await?)
+}
+
+/// Plans SQL text holding one statement (a slice definition).
+pub(crate) async fn plan_sql(
+    state: &SessionState,
+    shared: &Shared,
+    sql: &str,
+) -> Result<LogicalPlan> {
+    let dialect = GenericDialect {};
+    let mut statements = DFParser::parse_sql_with_dialect(sql, &dialect)?;
+    let (Some(stmt), None) = (statements.pop_front(), statements.pop_front()) else {
+        return Err(IcePieError::Syntax(format!(
+            "expected exactly one statement, found {}",
+            statements.len() + 2
+        )));
+    };
+    plan_statement(state, shared, stmt).await
+}
+
+/// `slice_at`, `core_at` or `slice_history`: hands out the provider pinned for the call.
+#[derive(Debug)]
+pub(crate) struct PinnedFunction {
+    function: &'static str,
+    shared: Arc<Shared>,
+}
+
+impl PinnedFunction {
+    /// The functions, by name, to register in a session.
+    pub fn all(shared: &Arc<Shared>) -> Vec<(&'static str, Arc<dyn TableFunctionImpl>)> {
+        [SLICE_AT, CORE_AT, SLICE_HISTORY]
+            .into_iter()
+            .map(|function| {
+                let f: Arc<dyn TableFunctionImpl> = Arc::new(Self {
+                    function,
+                    shared: shared.clone(),
+                });
+                (function, f)
+            })
+            .collect()
+    }
+}
+
+impl TableFunctionImpl for PinnedFunction {
+    fn call_with_args(&self, args: TableFunctionArgs) -> DFResult<Arc<dyn TableProvider>> {
+        let values: Option<Vec<ScalarValue>> = args
+            .exprs()
+            .iter()
+            .map(|e| match e {
+                Expr::Literal(v, _) => Some(v.clone()),
+                _ => None,
+            })
+            .collect();
+        let key = values
+            .and_then(|v| key_of(self.function, &v))
+            .ok_or_else(|| DataFusionError::Plan(usage(self.function)))?;
+        let map = self.shared.pins.0.lock().expect("pins lock");
+        match map.get(&key) {
+            Some((table, _)) => Ok(table.clone()),
+            None => Err(DataFusionError::Plan(format!(
+                "{} works only in SQL run by icepie (IcePie::sql), not through the bare \
+                 DataFusion context",
+                self.function
+            ))),
+        }
+    }
+}

@@ -1,0 +1,162 @@
+//! The results of icepie's own statements, as one-batch DataFrames.
+
+use std::sync::Arc;
+
+use datafusion::arrow::array::{ArrayRef, BooleanArray, Int64Array, RecordBatch, StringArray};
+use datafusion::arrow::datatypes::{Field, Schema};
+use datafusion::dataframe::DataFrame;
+use datafusion::prelude::SessionContext;
+
+use crate::core::LoadOutcome;
+use crate::error::Result;
+use crate::slice::lifecycle::LifecycleOutcome;
+use crate::slice::meta::format_inputs;
+use crate::slice::vacuum::VacuumOutcome;
+use crate::slice::{BuildOutcome, SliceInfo};
+
+fn frame(ctx: &SessionContext, fields: Vec<(&str, ArrayRef)>) -> Result<DataFrame> {
+    let schema = Schema::new(
+        fields
+            .iter()
+            .map(|(n, a)| Field::new(*n, a.data_type().clone(), true))
+            .collect::<Vec<_>>(),
+    );
+    let batch = RecordBatch::try_new(
+        Arc::new(schema),
+        fields.into_iter().map(|(_, a)| a).collect(),
+    )?;
+    Ok(ctx.read_batch(batch)?)
+}
+
+fn strings(values: impl Iterator<Item = String>) -> ArrayRef {
+    Arc::new(StringArray::from(values.collect::<Vec<_>>()))
+}
+
+fn ints(values: impl Iterator<Item = i64>) -> ArrayRef {
+    Arc::new(Int64Array::from(values.collect::<Vec<_>>()))
+}
+
+fn rfc3339(ms: Option<i64>) -> String {
+    ms.and_then(chrono::DateTime::from_timestamp_millis)
+        .map(|t| t.to_rfc3339())
+        .unwrap_or_default()
+}
+
+/// One row naming what was dropped, or no row when `IF EXISTS` found nothing.
+pub(super) fn dropped(ctx: &SessionContext, name: Option<String>) -> Result<DataFrame> {
+    frame(ctx, vec![("dropped", strings(name.into_iter()))])
+}
+
+/// `CREATE CORE TABLE` and `INGEST`.
+pub(super) fn loads(ctx: &SessionContext, out: Option<LoadOutcome>) -> Result<DataFrame> {
+    let out: Vec<LoadOutcome> = out.into_iter().collect();
+    frame(
+        ctx,
+        vec![
+            ("table", strings(out.iter().map(|o| o.table.clone()))),
+            ("version", ints(out.iter().map(|o| o.version))),
+            ("rows_added", ints(out.iter().map(|o| o.rows_added))),
+            ("rows", ints(out.iter().map(|o| o.stats.rows))),
+            ("files", ints(out.iter().map(|o| o.stats.files))),
+        ],
+    )
+}
+
+/// `CREATE SLICE` and `REFRESH SLICE`.
+pub(super) fn builds(ctx: &SessionContext, out: Option<BuildOutcome>) -> Result<DataFrame> {
+    let out: Vec<BuildOutcome> = out.into_iter().collect();
+    frame(
+        ctx,
+        vec![
+            ("slice", strings(out.iter().map(|o| o.slice.to_string()))),
+            ("version", ints(out.iter().map(|o| o.version))),
+            ("rows", ints(out.iter().map(|o| o.stats.rows))),
+            ("bytes", ints(out.iter().map(|o| o.stats.bytes))),
+            (
+                "inputs",
+                strings(out.iter().map(|o| format_inputs(&o.inputs))),
+            ),
+            ("duration_ms", ints(out.iter().map(|o| o.duration_ms))),
+        ],
+    )
+}
+
+/// `FREEZE`, `THAW` and `ROLLBACK SLICE`: the slice, the version it serves now, its state.
+pub(super) fn lifecycle(
+    ctx: &SessionContext,
+    out: &LifecycleOutcome,
+    info: &SliceInfo,
+) -> Result<DataFrame> {
+    frame(
+        ctx,
+        vec![
+            ("slice", strings(std::iter::once(out.slice.to_string()))),
+            ("version", ints(std::iter::once(out.version))),
+            ("state", strings(std::iter::once(info.state.to_string()))),
+            (
+                "committed",
+                Arc::new(BooleanArray::from(vec![out.committed])) as ArrayRef,
+            ),
+        ],
+    )
+}
+
+/// `VACUUM SLICE` and `VACUUM SLICES`.
+pub(super) fn vacuums(ctx: &SessionContext, out: &[VacuumOutcome]) -> Result<DataFrame> {
+    frame(
+        ctx,
+        vec![
+            ("slice", strings(out.iter().map(|o| o.slice.to_string()))),
+            ("retained_from", ints(out.iter().map(|o| o.retained_from))),
+            ("files_deleted", ints(out.iter().map(|o| o.files_deleted))),
+            ("bytes_deleted", ints(out.iter().map(|o| o.bytes_deleted))),
+        ],
+    )
+}
+
+/// `DESCRIBE SLICE`: one property per row.
+pub(super) fn describe(ctx: &SessionContext, info: &SliceInfo) -> Result<DataFrame> {
+    let frozen = info.frozen();
+    let mut rows: Vec<(String, String)> = vec![
+        ("slice".into(), info.name.to_string()),
+        ("state".into(), info.state.to_string()),
+        ("version".into(), info.version.to_string()),
+        ("owner".into(), info.meta.owner.clone().unwrap_or_default()),
+        ("refresh".into(), info.meta.refresh.clone()),
+        ("partition_by".into(), info.meta.partition_by.join(", ")),
+        ("rows".into(), info.stats.rows.to_string()),
+        ("bytes".into(), info.stats.bytes.to_string()),
+        ("files".into(), info.stats.files.to_string()),
+        ("refreshed_at".into(), rfc3339(info.refreshed_at)),
+        ("inputs".into(), format_inputs(&info.meta.inputs)),
+        (
+            "lag".into(),
+            info.lag_ms
+                .map(|ms| format!("{:.1} s", ms as f64 / 1000.0))
+                .unwrap_or_default(),
+        ),
+        ("failures".into(), info.failures.to_string()),
+        (
+            "last_error".into(),
+            info.last_error.clone().unwrap_or_default(),
+        ),
+        (
+            "frozen_reason".into(),
+            frozen.and_then(|f| f.reason.clone()).unwrap_or_default(),
+        ),
+        ("frozen_since".into(), rfc3339(frozen.map(|f| f.since))),
+        ("definition".into(), info.meta.definition.clone()),
+    ];
+    rows.extend(
+        info.columns
+            .iter()
+            .map(|(n, t)| (format!("column {n}"), t.clone())),
+    );
+    frame(
+        ctx,
+        vec![
+            ("property", strings(rows.iter().map(|r| r.0.clone()))),
+            ("value", strings(rows.iter().map(|r| r.1.clone()))),
+        ],
+    )
+}

@@ -1,0 +1,269 @@
+//! The scheduler: a tokio task inside each open [`IcePie`] that runs the refreshes that
+//! slices' policies make due.
+//!
+//! Every `icepie.scheduler_tick` it reads the slices' states (as `system.slices` shows them)
+//! and starts, up to `icepie.max_concurrent_refreshes` at once, the refreshes that are due:
+//! `REFRESH EVERY 'interval'` once the interval has passed since the slice's latest commit,
+//! `REFRESH ON CHANGE` once an input has a newer version. It skips frozen and suspended
+//! slices; a slice whose last refreshes failed is retried after an exponential backoff, and
+//! after `icepie.max_failures` failures in a row it is suspended. All of this is derived from
+//! the warehouse (commit times and the refresh log), so several processes scheduling the same
+//! warehouse agree on what is due, and Delta's commit protocol settles who commits.
+//!
+//! The task holds the engine only weakly between ticks: dropping the last `IcePie` stops it.
+//! [`IcePie::close`] stops it gracefully, letting running refreshes finish for a while before
+//! cancelling them (a cancelled refresh commits nothing).
+
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex, Weak};
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+
+use super::{IcePie, Inner};
+use crate::options::IcePieOptions;
+use crate::slice::{SliceInfo, SliceState};
+use crate::sql::{parse_interval, RefreshPolicy};
+use crate::storage::names::SliceName;
+
+/// One scheduled refresh that ended.
+#[derive(Debug, Clone)]
+pub struct RefreshEvent {
+    /// The slice.
+    pub slice: SliceName,
+    /// When the refresh ended.
+    pub at: DateTime<Utc>,
+    /// The version committed and its rows, or the error.
+    pub outcome: std::result::Result<(i64, i64), String>,
+    /// How long it ran.
+    pub duration_ms: i64,
+}
+
+/// Controls a running scheduler task.
+#[derive(Debug)]
+pub(crate) struct Handle {
+    stop: watch::Sender<Option<Duration>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Handle {
+    /// Stops at once, cancelling running refreshes.
+    pub fn abort(self) {
+        self.task.abort();
+    }
+
+    /// Stops starting refreshes, waits up to `grace` for running ones, cancels the rest.
+    pub async fn stop(self, grace: Duration) {
+        let _ = self.stop.send(Some(grace));
+        let _ = self.task.await;
+    }
+}
+
+/// Starts the scheduler of the engine `inner`.
+pub(crate) fn spawn(inner: Weak<Inner>) -> Handle {
+    let (stop, stopped) = watch::channel(None);
+    let task = tokio::spawn(run(inner, stopped));
+    Handle { stop, task }
+}
+
+/// True when the scheduler should refresh the slice now.
+pub(crate) fn is_due(info: &SliceInfo, options: &IcePieOptions, now_ms: i64) -> bool {
+    if matches!(info.state, SliceState::Frozen | SliceState::Refreshing) {
+        return false;
+    }
+    if options.max_failures > 0 && info.failures as usize >= options.max_failures {
+        return false;
+    }
+    if info.failures > 0 {
+        let wait = options.backoff(info.failures).as_millis();
+        let wait = i64::try_from(wait).unwrap_or(i64::MAX);
+        if info
+            .last_failure_at
+            .is_some_and(|at| now_ms < at.saturating_add(wait))
+        {
+            return false;
+        }
+    }
+    match RefreshPolicy::parse(&info.meta.refresh) {
+        Ok(RefreshPolicy::OnChange) => info.stale,
+        Ok(RefreshPolicy::Every(text)) => match parse_interval(&text) {
+            Ok(every) => {
+                let every = i64::try_from(every.as_millis()).unwrap_or(i64::MAX);
+                info.refreshed_at
+                    .is_none_or(|at| now_ms >= at.saturating_add(every))
+            }
+            Err(_) => false,
+        },
+        Ok(RefreshPolicy::Manual) | Err(_) => false,
+    }
+}
+
+/// Slices with a scheduled refresh running, removed by the refresh's task however it ends.
+#[derive(Clone, Default)]
+struct Running(Arc<Mutex<HashSet<SliceName>>>);
+
+struct RunningGuard(Running, SliceName);
+
+impl Drop for RunningGuard {
+    fn drop(&mut self) {
+        if let Ok(mut set) = (self.0).0.lock() {
+            set.remove(&self.1);
+        }
+    }
+}
+
+async fn run(inner: Weak<Inner>, mut stop: watch::Receiver<Option<Duration>>) {
+    let mut tasks: JoinSet<()> = JoinSet::new();
+    let running = Running::default();
+    loop {
+        let tick = match inner.upgrade() {
+            Some(inner) => IcePie { inner }.options().scheduler_tick.0,
+            None => return,
+        };
+        tokio::select! {
+            _ = tokio::time::sleep(tick.max(Duration::from_millis(10))) => {}
+            _ = stop.changed() => break,
+        }
+        while tasks.try_join_next().is_some() {}
+        let Some(inner) = inner.upgrade() else {
+            return;
+        };
+        let engine = IcePie { inner };
+        let options = engine.options();
+        if !options.scheduler.0 {
+            continue;
+        }
+        let busy = running.0.lock().expect("running lock").len();
+        let free = options.max_concurrent_refreshes.saturating_sub(busy);
+        if free == 0 {
+            continue;
+        }
+        // A warehouse that cannot be read now is read again next tick.
+        let Ok(slices) = engine.slices().await else {
+            continue;
+        };
+        let now = Utc::now().timestamp_millis();
+        let mut due: Vec<&SliceInfo> = slices
+            .iter()
+            .filter(|s| is_due(s, &options, now))
+            .filter(|s| !running.0.lock().expect("running lock").contains(&s.name))
+            .collect();
+        // The longest-waiting first.
+        due.sort_by_key(|s| s.refreshed_at.unwrap_or(i64::MIN));
+        for info in due.into_iter().take(free) {
+            let name = info.name.clone();
+            running.0.lock().expect("running lock").insert(name.clone());
+            let guard = RunningGuard(running.clone(), name.clone());
+            let engine = engine.clone();
+            tasks.spawn(async move {
+                let _guard = guard;
+                let started = std::time::Instant::now();
+                let outcome = engine
+                    .refresh(&name.to_string())
+                    .await
+                    .map(|o| (o.version, o.stats.rows))
+                    .map_err(|e| e.to_string());
+                let _ = engine.inner.events.send(RefreshEvent {
+                    slice: name,
+                    at: Utc::now(),
+                    outcome,
+                    duration_ms: started.elapsed().as_millis() as i64,
+                });
+            });
+        }
+    }
+    let grace = stop.borrow().unwrap_or_default();
+    let _ = tokio::time::timeout(grace, async { while tasks.join_next().await.is_some() {} }).await;
+    tasks.abort_all();
+    while tasks.join_next().await.is_some() {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::slice::meta::{CommitKind, Frozen, SliceMeta};
+    use crate::storage::TableStats;
+
+    fn info(refresh: &str) -> SliceInfo {
+        SliceInfo {
+            name: SliceName::parse("d.s").unwrap(),
+            meta: SliceMeta {
+                kind: CommitKind::Refresh,
+                attempt_id: "a".into(),
+                definition: "SELECT 1".into(),
+                owner: None,
+                refresh: refresh.into(),
+                partition_by: vec![],
+                inputs: vec![],
+                frozen: None,
+                rows: None,
+                restored_from: None,
+            },
+            version: 3,
+            stats: TableStats::default(),
+            refreshed_at: Some(1_000_000),
+            state: SliceState::Fresh,
+            last_error: None,
+            failures: 0,
+            last_failure_at: None,
+            stale: false,
+            lag_ms: None,
+            columns: vec![],
+        }
+    }
+
+    fn options() -> IcePieOptions {
+        use datafusion::common::config::ExtensionOptions;
+        let mut o = IcePieOptions::default();
+        o.set("retry_backoff", "10 seconds").unwrap();
+        o.set("max_retry_backoff", "1 minute").unwrap();
+        o.set("max_failures", "3").unwrap();
+        o
+    }
+
+    #[test]
+    fn every_is_due_once_the_interval_has_passed_since_the_latest_commit() {
+        let s = info("every '30 seconds'");
+        assert!(!is_due(&s, &options(), 1_000_000 + 29_999));
+        assert!(is_due(&s, &options(), 1_000_000 + 30_000));
+    }
+
+    #[test]
+    fn on_change_is_due_when_stale_and_manual_never() {
+        let mut s = info("on change");
+        assert!(!is_due(&s, &options(), 9_999_999));
+        s.stale = true;
+        assert!(is_due(&s, &options(), 1_000_001));
+        let mut m = info("manual");
+        m.stale = true;
+        assert!(!is_due(&m, &options(), 9_999_999));
+    }
+
+    #[test]
+    fn failures_back_off_exponentially_then_suspend() {
+        let mut s = info("on change");
+        s.stale = true;
+        s.failures = 2;
+        s.last_failure_at = Some(2_000_000);
+        // Second failure in a row: 10 s doubled.
+        assert!(!is_due(&s, &options(), 2_000_000 + 19_999));
+        assert!(is_due(&s, &options(), 2_000_000 + 20_000));
+        s.failures = 3;
+        assert!(!is_due(&s, &options(), 9_999_999_999), "suspended");
+    }
+
+    #[test]
+    fn frozen_and_refreshing_slices_are_skipped() {
+        let mut s = info("every '1 second'");
+        s.state = SliceState::Frozen;
+        s.meta.frozen = Some(Frozen {
+            reason: None,
+            since: 0,
+        });
+        assert!(!is_due(&s, &options(), 9_999_999));
+        s.state = SliceState::Refreshing;
+        assert!(!is_due(&s, &options(), 9_999_999));
+    }
+}

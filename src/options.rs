@@ -1,0 +1,304 @@
+//! icepie's settings: a DataFusion configuration extension under the prefix `icepie`.
+//!
+//! Being a [`ConfigExtension`], the settings live in the session's configuration like
+//! DataFusion's own: `SET icepie.max_concurrent_refreshes = 4` changes them, `SHOW
+//! icepie.retain_versions` and `information_schema.df_settings` show them, and
+//! [`IcePieBuilder::with_setting`](crate::IcePieBuilder::with_setting) sets them before the
+//! warehouse opens. A value that does not parse is refused by `SET` itself, with the reason.
+//!
+//! Sizes are written `512MB`, `2 GiB`, `1000000` (bytes); durations `30 seconds`, `250ms`,
+//! `1 hour`.
+
+use std::fmt;
+use std::time::Duration;
+
+use datafusion::common::config::{ConfigEntry, ConfigExtension, ConfigField, Visit};
+use datafusion::common::extensions_options;
+use datafusion::error::{DataFusionError, Result as DFResult};
+
+extensions_options! {
+    /// icepie's settings (`SET icepie.<name> = <value>`).
+    pub struct IcePieOptions {
+        /// Run due refreshes (REFRESH EVERY, REFRESH ON CHANGE) in this process: on or off.
+        pub scheduler: Switch, default = Switch(true)
+        /// How often the scheduler looks for due refreshes.
+        pub scheduler_tick: Span, default = Span(Duration::from_secs(5))
+        /// Scheduled refreshes running at once in this process.
+        pub max_concurrent_refreshes: usize, default = 2
+        /// Wait after the first failed scheduled refresh of a slice; doubled after each
+        /// further failure, up to max_retry_backoff.
+        pub retry_backoff: Span, default = Span(Duration::from_secs(10))
+        /// Longest wait between scheduled retries of a failing slice.
+        pub max_retry_backoff: Span, default = Span(Duration::from_secs(600))
+        /// Consecutive failed refreshes after which a slice is suspended: the scheduler
+        /// leaves it alone until a REFRESH SLICE succeeds or THAW SLICE.
+        pub max_failures: usize, default = 5
+        /// Memory one refresh may use before it spills or fails (alone).
+        pub refresh_memory_limit: Size, default = Size(default_refresh_memory())
+        /// Slice versions kept for time travel and rollback; VACUUM deletes files only
+        /// older versions reference.
+        pub retain_versions: usize, default = 10
+        /// VACUUM keeps files newer than this, and files of versions that were current this
+        /// recently, so that running refreshes and readers of an old version never break.
+        pub vacuum_grace: Span, default = Span(Duration::from_secs(3600))
+    }
+}
+
+impl ConfigExtension for IcePieOptions {
+    const PREFIX: &'static str = "icepie";
+}
+
+impl IcePieOptions {
+    /// The wait before retry number `failures` (1 after the first failure): `retry_backoff`
+    /// doubled per further failure, at most `max_retry_backoff`.
+    pub fn backoff(&self, failures: u32) -> Duration {
+        let doublings = failures.saturating_sub(1).min(30);
+        self.retry_backoff
+            .0
+            .saturating_mul(1 << doublings)
+            .min(self.max_retry_backoff.0)
+    }
+}
+
+/// A quarter of this machine's memory (of its cgroup's limit when lower), or 1 GiB when
+/// neither can be read.
+fn default_refresh_memory() -> u64 {
+    let total = std::fs::read_to_string("/proc/meminfo").ok().and_then(|s| {
+        let line = s.lines().find(|l| l.starts_with("MemTotal:"))?;
+        let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+        Some(kb * 1024)
+    });
+    let cgroup = std::fs::read_to_string("/sys/fs/cgroup/memory.max")
+        .ok()
+        .and_then(|s| s.trim().parse::<u64>().ok());
+    match (total, cgroup) {
+        (Some(t), Some(c)) => t.min(c) / 4,
+        (Some(t), None) | (None, Some(t)) => t / 4,
+        (None, None) => 1 << 30,
+    }
+}
+
+/// The field setters get no key (DataFusion strips it), so the message names the value.
+fn config_error(value: &str, expected: &str) -> DataFusionError {
+    DataFusionError::Configuration(format!("invalid value '{value}': expected {expected}"))
+}
+
+/// On or off, written `on`/`off`, `true`/`false`, `yes`/`no` or `1`/`0`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Switch(pub bool);
+
+impl Switch {
+    /// Parses `on`, `off`, `true`, `false`, `yes`, `no`, `1` or `0` (any case).
+    pub fn parse(text: &str) -> Option<Self> {
+        match text.trim().trim_matches('\'').to_ascii_lowercase().as_str() {
+            "on" | "true" | "yes" | "1" => Some(Switch(true)),
+            "off" | "false" | "no" | "0" => Some(Switch(false)),
+            _ => None,
+        }
+    }
+}
+
+impl fmt::Display for Switch {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(if self.0 { "on" } else { "off" })
+    }
+}
+
+impl ConfigField for Switch {
+    fn visit<V: Visit>(&self, v: &mut V, key: &str, description: &'static str) {
+        v.some(key, self, description)
+    }
+
+    fn set(&mut self, _key: &str, value: &str) -> DFResult<()> {
+        *self = Switch::parse(value).ok_or_else(|| config_error(value, "on or off"))?;
+        Ok(())
+    }
+}
+
+/// A number of bytes, written `512MB`, `2 GiB`, `64k` or `1000000`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Size(pub u64);
+
+impl Size {
+    /// Parses `512MB`, `2 GiB`, `64k`, `1000000` (units are powers of 1024).
+    pub fn parse(text: &str) -> Option<Self> {
+        let t = text.trim().trim_matches('\'').trim();
+        let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+        let (n, unit) = t.split_at(split);
+        let n: u64 = n.parse().ok()?;
+        let shift = match unit.trim().to_ascii_lowercase().as_str() {
+            "" | "b" => 0,
+            "k" | "kb" | "kib" => 10,
+            "m" | "mb" | "mib" => 20,
+            "g" | "gb" | "gib" => 30,
+            "t" | "tb" | "tib" => 40,
+            _ => return None,
+        };
+        n.checked_mul(1 << shift).map(Size)
+    }
+}
+
+impl fmt::Display for Size {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let units = [(40, "TB"), (30, "GB"), (20, "MB"), (10, "KB")];
+        for (shift, unit) in units {
+            let scale = 1u64 << shift;
+            if self.0 >= scale && self.0.is_multiple_of(scale) {
+                return write!(f, "{}{unit}", self.0 / scale);
+            }
+        }
+        write!(f, "{}B", self.0)
+    }
+}
+
+impl ConfigField for Size {
+    fn visit<V: Visit>(&self, v: &mut V, key: &str, description: &'static str) {
+        v.some(key, self, description)
+    }
+
+    fn set(&mut self, _key: &str, value: &str) -> DFResult<()> {
+        *self = Size::parse(value)
+            .ok_or_else(|| config_error(value, "a size such as 512MB, 2GB or 1000000"))?;
+        Ok(())
+    }
+}
+
+/// A duration, written `30 seconds`, `250ms`, `5 minutes`, `1 hour` or `1 day`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Span(pub Duration);
+
+impl Span {
+    /// Parses `250ms`, `30 seconds`, `5 min`, `1 hour`, `2 days` (`0 seconds` is allowed).
+    pub fn parse(text: &str) -> Option<Self> {
+        let t = text.trim().trim_matches('\'').trim();
+        let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+        let (n, unit) = t.split_at(split);
+        let n: u64 = n.parse().ok()?;
+        let unit = unit.trim().to_ascii_lowercase();
+        let millis: u64 = match unit.as_str() {
+            "ms" | "millisecond" | "milliseconds" => 1,
+            "s" | "sec" | "secs" | "second" | "seconds" => 1_000,
+            "m" | "min" | "mins" | "minute" | "minutes" => 60_000,
+            "h" | "hour" | "hours" => 3_600_000,
+            "d" | "day" | "days" => 86_400_000,
+            _ => return None,
+        };
+        n.checked_mul(millis)
+            .map(|ms| Span(Duration::from_millis(ms)))
+    }
+}
+
+impl fmt::Display for Span {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let ms = self.0.as_millis();
+        let units = [
+            (86_400_000, "days"),
+            (3_600_000, "hours"),
+            (60_000, "minutes"),
+        ];
+        for (scale, unit) in units {
+            if ms >= scale && ms.is_multiple_of(scale) {
+                return write!(f, "{} {unit}", ms / scale);
+            }
+        }
+        if ms.is_multiple_of(1000) {
+            write!(f, "{} seconds", ms / 1000)
+        } else {
+            write!(f, "{ms} ms")
+        }
+    }
+}
+
+impl ConfigField for Span {
+    fn visit<V: Visit>(&self, v: &mut V, key: &str, description: &'static str) {
+        v.some(key, self, description)
+    }
+
+    fn set(&mut self, _key: &str, value: &str) -> DFResult<()> {
+        *self = Span::parse(value).ok_or_else(|| {
+            config_error(
+                value,
+                "a duration such as '250ms', '30 seconds' or '1 hour'",
+            )
+        })?;
+        Ok(())
+    }
+}
+
+/// Every setting with its value and description, for documentation and `\set`-like listings.
+pub fn entries(options: &IcePieOptions) -> Vec<ConfigEntry> {
+    datafusion::common::config::ExtensionOptions::entries(options)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn set(o: &mut IcePieOptions, key: &str, value: &str) -> DFResult<()> {
+        datafusion::common::config::ExtensionOptions::set(o, key, value)
+    }
+
+    #[test]
+    fn sizes_and_spans_parse_and_print_back() {
+        assert_eq!(Size::parse("512MB"), Some(Size(512 << 20)));
+        assert_eq!(Size::parse("2 GiB"), Some(Size(2 << 30)));
+        assert_eq!(Size::parse("1000"), Some(Size(1000)));
+        assert_eq!(Size::parse("'64k'"), Some(Size(64 << 10)));
+        for bad in ["", "MB", "1.5GB", "-1", "12 parsecs"] {
+            assert_eq!(Size::parse(bad), None, "{bad}");
+        }
+        assert_eq!(Size(512 << 20).to_string(), "512MB");
+        assert_eq!(Size(1000).to_string(), "1000B");
+
+        assert_eq!(Span::parse("250ms"), Some(Span(Duration::from_millis(250))));
+        assert_eq!(
+            Span::parse("30 seconds"),
+            Some(Span(Duration::from_secs(30)))
+        );
+        assert_eq!(Span::parse("1 hour"), Some(Span(Duration::from_secs(3600))));
+        assert_eq!(Span::parse("0 seconds"), Some(Span(Duration::ZERO)));
+        for bad in ["", "soon", "5 fortnights", "1.5 hours"] {
+            assert_eq!(Span::parse(bad), None, "{bad}");
+        }
+        for s in ["250 ms", "30 seconds", "5 minutes", "2 hours", "3 days"] {
+            let span = Span::parse(s).unwrap();
+            assert_eq!(Span::parse(&span.to_string()), Some(span), "{s}");
+        }
+    }
+
+    #[test]
+    fn settings_are_set_by_name_and_bad_values_say_what_is_expected() {
+        let mut o = IcePieOptions::default();
+        set(&mut o, "max_concurrent_refreshes", "4").unwrap();
+        set(&mut o, "refresh_memory_limit", "64MB").unwrap();
+        set(&mut o, "vacuum_grace", "0 seconds").unwrap();
+        set(&mut o, "scheduler", "off").unwrap();
+        assert!(!o.scheduler.0);
+        set(&mut o, "scheduler", "TRUE").unwrap();
+        assert!(o.scheduler.0);
+        assert!(set(&mut o, "scheduler", "maybe").is_err());
+        set(&mut o, "scheduler", "false").unwrap();
+        assert_eq!(o.max_concurrent_refreshes, 4);
+        assert_eq!(o.refresh_memory_limit, Size(64 << 20));
+        assert_eq!(o.vacuum_grace, Span(Duration::ZERO));
+        assert!(!o.scheduler.0);
+        let err = set(&mut o, "vacuum_grace", "a while")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("'a while'") && err.contains("'30 seconds'"),
+            "{err}"
+        );
+        assert!(set(&mut o, "no_such_setting", "1").is_err());
+        assert!(entries(&o).iter().any(|e| e.key == "retain_versions"));
+    }
+
+    #[test]
+    fn backoff_doubles_up_to_its_ceiling() {
+        let mut o = IcePieOptions::default();
+        set(&mut o, "retry_backoff", "10 seconds").unwrap();
+        set(&mut o, "max_retry_backoff", "1 minute").unwrap();
+        let secs: Vec<u64> = (1..=5).map(|k| o.backoff(k).as_secs()).collect();
+        assert_eq!(secs, vec![10, 20, 40, 60, 60]);
+    }
+}

@@ -1,0 +1,250 @@
+//! A slice's life besides refreshes: `FREEZE SLICE`, `THAW SLICE` and `ROLLBACK SLICE`.
+//!
+//! Each is one Delta commit carrying the slice's descriptor ([`meta`](super::meta)), so it is
+//! persisted in the warehouse, seen by every process and listed by `SHOW SLICE HISTORY`.
+//! Freezing and thawing change no data (the commit sets the table property `icepie.frozen`,
+//! which other Delta readers see too); a rollback is Delta's restore: one commit whose files
+//! and metadata are those of the earlier version. Like refreshes, these commits land only on
+//! the version they were prepared from; a concurrent writer makes them fail with a conflict.
+
+use std::collections::HashMap;
+
+use chrono::Utc;
+use deltalake::kernel::transaction::CommitProperties;
+use deltalake::DeltaTable;
+
+use super::meta::{self, CommitKind, Frozen, SliceMeta};
+use super::{commit_error, commit_properties};
+use crate::catalog::Shared;
+use crate::error::{IcePieError, Result};
+use crate::storage::names::SliceName;
+use crate::storage::{table_stats, Warehouse};
+
+/// Table property that mirrors the frozen state for other Delta readers.
+pub const FROZEN_PROPERTY: &str = "icepie.frozen";
+
+/// What a lifecycle command did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LifecycleOutcome {
+    /// The slice.
+    pub slice: SliceName,
+    /// The version now served (new when `committed`).
+    pub version: i64,
+    /// False when there was nothing to do (freezing a frozen slice, thawing a healthy one).
+    pub committed: bool,
+}
+
+/// The slice's table at its latest version and its descriptor, or `SliceNotFound`.
+pub(crate) async fn load(shared: &Shared, name: &SliceName) -> Result<(DeltaTable, SliceMeta)> {
+    let table = shared
+        .warehouse
+        .load(&Warehouse::slice_path(name), None)
+        .await?
+        .ok_or_else(|| IcePieError::SliceNotFound(name.to_string()))?;
+    let (meta, _) = meta::latest_meta(&table, &name.to_string()).await?;
+    Ok((table, meta))
+}
+
+/// The error a change of a frozen slice gets: when and why it was frozen, and what to do.
+pub fn frozen_error(name: &SliceName, frozen: &Frozen, what: &str) -> IcePieError {
+    let since = chrono::DateTime::from_timestamp_millis(frozen.since)
+        .map(|t| t.format("%Y-%m-%d %H:%M:%S UTC").to_string())
+        .unwrap_or_else(|| "an unknown time".into());
+    let why = frozen
+        .reason
+        .as_deref()
+        .map(|r| format!(" ('{r}')"))
+        .unwrap_or_default();
+    IcePieError::Frozen {
+        slice: name.to_string(),
+        detail: format!("frozen since {since}{why}; {what} is refused until THAW SLICE {name}"),
+    }
+}
+
+/// Commits a data-less version with descriptor `meta`, setting `icepie.frozen`.
+async fn commit_state(table: &DeltaTable, name: &SliceName, meta: &SliceMeta) -> Result<i64> {
+    let frozen = meta.frozen.is_some().to_string();
+    let base = table.version().map(|v| v as i64);
+    let table = table
+        .clone()
+        .set_tbl_properties()
+        .with_properties(HashMap::from([(FROZEN_PROPERTY.to_string(), frozen)]))
+        // Not a `delta.*` property: Delta has no opinion on it.
+        .with_raise_if_not_exists(false)
+        .with_commit_properties(commit_properties(meta))
+        .await
+        .map_err(|e| commit_error(name, base, e))?;
+    Ok(table.version().unwrap_or_default() as i64)
+}
+
+fn lifecycle_meta(meta: &SliceMeta, kind: CommitKind, rows: i64) -> SliceMeta {
+    SliceMeta {
+        kind,
+        attempt_id: uuid::Uuid::new_v4().to_string(),
+        rows: Some(rows),
+        restored_from: None,
+        ..meta.clone()
+    }
+}
+
+/// `FREEZE SLICE name ['reason']`: pins the slice at its current data. Freezing a frozen
+/// slice changes nothing.
+pub(crate) async fn freeze(
+    shared: &Shared,
+    name: &SliceName,
+    reason: Option<String>,
+) -> Result<LifecycleOutcome> {
+    let (table, meta) = load(shared, name).await?;
+    let version = table.version().unwrap_or_default() as i64;
+    if meta.frozen.is_some() {
+        return Ok(LifecycleOutcome {
+            slice: name.clone(),
+            version,
+            committed: false,
+        });
+    }
+    let mut next = lifecycle_meta(&meta, CommitKind::Freeze, table_stats(&table)?.rows);
+    next.frozen = Some(Frozen {
+        reason,
+        since: Utc::now().timestamp_millis(),
+    });
+    Ok(LifecycleOutcome {
+        slice: name.clone(),
+        version: commit_state(&table, name, &next).await?,
+        committed: true,
+    })
+}
+
+/// `THAW SLICE name`: resumes the slice's refresh policy, and clears a suspension (the
+/// failures in a row are counted from the latest commit). Thawing a slice that is neither
+/// frozen nor failing changes nothing.
+pub(crate) async fn thaw(shared: &Shared, name: &SliceName) -> Result<LifecycleOutcome> {
+    let (table, meta) = load(shared, name).await?;
+    let version = table.version().unwrap_or_default() as i64;
+    let (_, committed_at) = meta::latest_meta(&table, &name.to_string()).await?;
+    let failing = shared
+        .recent_attempts()
+        .await?
+        .failures_since(&name.to_string(), committed_at.unwrap_or(0))
+        .count
+        > 0;
+    if meta.frozen.is_none() && !failing {
+        return Ok(LifecycleOutcome {
+            slice: name.clone(),
+            version,
+            committed: false,
+        });
+    }
+    let mut next = lifecycle_meta(&meta, CommitKind::Thaw, table_stats(&table)?.rows);
+    next.frozen = None;
+    Ok(LifecycleOutcome {
+        slice: name.clone(),
+        version: commit_state(&table, name, &next).await?,
+        committed: true,
+    })
+}
+
+/// The versions of a slice whose latest version is `latest` that are retained.
+pub fn retained(latest: i64, retain_versions: usize) -> std::ops::RangeInclusive<i64> {
+    let keep = i64::try_from(retain_versions.max(1)).unwrap_or(i64::MAX);
+    (latest - keep + 1).max(0)..=latest
+}
+
+/// Refuses a version of `name` that does not exist or is no longer retained.
+pub fn check_retained(name: &str, version: i64, latest: i64, retain_versions: usize) -> Result<()> {
+    let range = retained(latest, retain_versions);
+    if version > latest || version < 0 {
+        return Err(IcePieError::VersionNotFound {
+            table: name.to_string(),
+            detail: format!("it has no version {version}; its latest version is {latest}"),
+        });
+    }
+    if !range.contains(&version) {
+        return Err(IcePieError::VersionNotFound {
+            table: name.to_string(),
+            detail: format!(
+                "version {version} is no longer retained: versions {} to {} are \
+                 (icepie.retain_versions = {retain_versions})",
+                range.start(),
+                range.end()
+            ),
+        });
+    }
+    Ok(())
+}
+
+/// `ROLLBACK SLICE name TO VERSION n`: commits a new version whose data and definition are
+/// those of version `n`.
+pub(crate) async fn rollback(
+    shared: &Shared,
+    name: &SliceName,
+    version: i64,
+) -> Result<LifecycleOutcome> {
+    let (table, meta) = load(shared, name).await?;
+    if let Some(frozen) = &meta.frozen {
+        return Err(frozen_error(name, frozen, "ROLLBACK SLICE"));
+    }
+    let latest = table.version().unwrap_or_default() as i64;
+    let options = shared.options();
+    check_retained(&name.to_string(), version, latest, options.retain_versions)?;
+    if version == latest {
+        return Err(IcePieError::VersionNotFound {
+            table: name.to_string(),
+            detail: format!("version {version} is the version it serves already"),
+        });
+    }
+    let target = shared
+        .warehouse
+        .load(&Warehouse::slice_path(name), Some(version))
+        .await?
+        .ok_or_else(|| IcePieError::SliceNotFound(name.to_string()))?;
+    let (target_meta, _) = meta::latest_meta(&target, &name.to_string()).await?;
+    let next = SliceMeta {
+        kind: CommitKind::Rollback,
+        attempt_id: uuid::Uuid::new_v4().to_string(),
+        frozen: None,
+        rows: Some(table_stats(&target)?.rows),
+        restored_from: Some(version),
+        ..target_meta
+    };
+    let props: CommitProperties = commit_properties(&next);
+    let restored = table
+        .clone()
+        .restore()
+        .with_version_to_restore(version as u64)
+        .with_commit_properties(props)
+        .await;
+    match restored {
+        Ok((table, _)) => Ok(LifecycleOutcome {
+            slice: name.clone(),
+            version: table.version().unwrap_or_default() as i64,
+            committed: true,
+        }),
+        // Delta's restore checks that the version's files still exist ("Find missing file").
+        Err(e) if e.to_string().contains("missing file") => Err(IcePieError::VersionNotFound {
+            table: name.to_string(),
+            detail: format!("the files of version {version} are gone (vacuumed?): {e}"),
+        }),
+        Err(e) => Err(commit_error(name, Some(latest), e)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retention_keeps_the_latest_versions() {
+        assert_eq!(retained(20, 10), 11..=20);
+        assert_eq!(retained(3, 10), 0..=3);
+        assert_eq!(retained(5, 0), 5..=5);
+        assert!(check_retained("d.s", 11, 20, 10).is_ok());
+        let old = check_retained("d.s", 10, 20, 10).unwrap_err().to_string();
+        assert!(
+            old.contains("no longer retained") && old.contains("11 to 20"),
+            "{old}"
+        );
+        let future = check_retained("d.s", 21, 20, 10).unwrap_err().to_string();
+        assert!(future.contains("latest version is 20"), "{future}");
+    }
+}

@@ -1,0 +1,261 @@
+//! Refresh policies run by the scheduler, retries, backoff and suspension, and concurrency:
+//! different slices in parallel, one slice never twice at once, two processes on one slice.
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use datafusion::arrow::array::{AsArray, RecordBatch};
+use datafusion::arrow::datatypes::{Int64Type, TimestampMicrosecondType};
+use icepie::{IcePie, IcePieError, SliceState};
+
+use crate::support::{eventually, open_with, run, scalar, version};
+
+/// A scheduler that looks every 50 ms.
+const FAST: (&str, &str) = ("scheduler_tick", "50ms");
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_and_on_change_slices_refresh_on_their_own_manual_and_frozen_ones_do_not() {
+    let (_dir, w) = open_with(&[FAST]).await;
+    let mut events = w.subscribe();
+    run(
+        &w,
+        "CREATE CORE TABLE t (n BIGINT); INGEST INTO t VALUES (1);
+         CREATE SLICE ticking REFRESH EVERY '1 second' AS SELECT sum(n) AS s FROM core.t;
+         CREATE SLICE follower REFRESH ON CHANGE AS SELECT sum(n) AS s FROM core.t;
+         CREATE SLICE manual AS SELECT sum(n) AS s FROM core.t;
+         CREATE SLICE pinned REFRESH EVERY '1 second' AS SELECT sum(n) AS s FROM core.t;
+         FREEZE SLICE pinned 'audit';",
+    )
+    .await;
+    // Every second, from the latest commit on.
+    eventually(15, "two scheduled refreshes of 'ticking'", || async {
+        (version(&w, "ticking").await >= 2).then_some(())
+    })
+    .await;
+    // Fresh inputs: nothing to do on change.
+    assert_eq!(version(&w, "follower").await, 0);
+
+    run(&w, "INGEST INTO t VALUES (41)").await;
+    eventually(15, "'follower' to follow the ingest", || async {
+        let info = w.slice("follower").await.unwrap();
+        (info.state == SliceState::Fresh && info.version == 1).then_some(())
+    })
+    .await;
+    assert_eq!(scalar(&w, "SELECT s FROM follower").await, "42");
+    assert_eq!(w.slice("follower").await.unwrap().meta.inputs[0].version, 2);
+
+    // The scheduler reported what it did.
+    let event = events.recv().await.unwrap();
+    assert!(event.outcome.is_ok(), "{event:?}");
+
+    assert_eq!(version(&w, "manual").await, 0);
+    assert_eq!(w.slice("manual").await.unwrap().state, SliceState::Stale);
+    let pinned = w.slice("pinned").await.unwrap();
+    assert_eq!((pinned.version, pinned.state), (1, SliceState::Frozen));
+    assert_eq!(
+        scalar(
+            &w,
+            "SELECT count(*) FROM system.refreshes WHERE slice IN ('slices.manual', 'slices.pinned') \
+             AND kind = 'refresh'"
+        )
+        .await,
+        "0"
+    );
+}
+
+/// (status, started_at µs, ended_at µs) of a slice's attempts, oldest first.
+async fn attempts(w: &IcePie, slice: &str) -> Vec<(String, i64, i64)> {
+    let batches: Vec<RecordBatch> = w
+        .sql(&format!(
+            "SELECT status, started_at, duration_ms FROM system.refreshes \
+             WHERE slice = '{slice}' AND kind = 'refresh' ORDER BY started_at"
+        ))
+        .await
+        .unwrap()
+        .collect()
+        .await
+        .unwrap();
+    let mut out = Vec::new();
+    for b in &batches {
+        let status = datafusion::arrow::compute::cast(
+            b.column(0),
+            &datafusion::arrow::datatypes::DataType::Utf8,
+        )
+        .unwrap();
+        let status = status.as_string::<i32>();
+        let started = b.column(1).as_primitive::<TimestampMicrosecondType>();
+        let duration = b.column(2).as_primitive::<Int64Type>();
+        for i in 0..b.num_rows() {
+            let start = started.value(i);
+            out.push((
+                status.value(i).to_string(),
+                start,
+                start + duration.value(i) * 1000,
+            ));
+        }
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failing_refreshes_back_off_then_suspend_until_thawed_or_fixed() {
+    let (_dir, w) = open_with(&[
+        FAST,
+        ("retry_backoff", "300ms"),
+        ("max_retry_backoff", "600ms"),
+        ("max_failures", "3"),
+    ])
+    .await;
+    run(
+        &w,
+        "CREATE CORE TABLE raw (v TEXT); INGEST INTO raw VALUES ('1');
+         CREATE SLICE typed REFRESH ON CHANGE AS SELECT CAST(v AS INT) AS n FROM core.raw;
+         INGEST INTO raw VALUES ('three');",
+    )
+    .await;
+    let info = eventually(20, "'typed' to be suspended", || async {
+        let info = w.slice("typed").await.unwrap();
+        (info.state == SliceState::Suspended).then_some(info)
+    })
+    .await;
+    assert_eq!(info.failures, 3);
+    assert!(info.last_error.unwrap().contains("three"));
+    assert_eq!(info.version, 0, "still serving its last good version");
+
+    // Suspended: no more automatic attempts.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let tried = attempts(&w, "slices.typed").await;
+    assert_eq!(tried.len(), 3, "{tried:?}");
+    assert!(tried.iter().all(|(s, _, _)| s == "failed"));
+    // Each retry waited its backoff after the previous failure: 300 ms, then 600 ms.
+    let gaps: Vec<i64> = tried.windows(2).map(|p| p[1].1 - p[0].2).collect();
+    assert!(gaps[0] >= 300_000 && gaps[1] >= 600_000, "{gaps:?} µs");
+
+    // THAW clears the suspension: the scheduler tries again (and fails again).
+    run(&w, "THAW SLICE typed").await;
+    assert_eq!(w.slice("typed").await.unwrap().failures, 0);
+    eventually(10, "a new attempt after THAW", || async {
+        (attempts(&w, "slices.typed").await.len() > 3).then_some(())
+    })
+    .await;
+
+    // A fixed definition commits, and the slice is healthy again.
+    run(
+        &w,
+        "CREATE OR REPLACE SLICE typed REFRESH ON CHANGE AS \
+         SELECT TRY_CAST(v AS INT) AS n FROM core.raw",
+    )
+    .await;
+    let info = w.slice("typed").await.unwrap();
+    assert_eq!((info.state, info.failures), (SliceState::Fresh, 0));
+    assert_eq!(info.last_error, None);
+}
+
+/// A core table big enough that a self-join of it takes a moment.
+async fn heavy_core(w: &IcePie) {
+    run(
+        w,
+        "CREATE CORE TABLE big AS SELECT value AS n FROM generate_series(1, 1500)",
+    )
+    .await;
+}
+
+const HEAVY: &str = "SELECT sum(a.n * b.n) AS s FROM core.big a, core.big b";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refreshes_of_different_slices_run_in_parallel_up_to_the_limit() {
+    for (limit, parallel) in [("2", true), ("1", false)] {
+        let (_dir, w) = open_with(&[FAST, ("max_concurrent_refreshes", limit)]).await;
+        heavy_core(&w).await;
+        run(&w, "SET icepie.scheduler = false").await;
+        run(
+            &w,
+            &format!(
+                "CREATE SLICE a REFRESH EVERY '1 second' AS {HEAVY};
+                 CREATE SLICE b REFRESH EVERY '1 second' AS {HEAVY};"
+            ),
+        )
+        .await;
+        // Both due by now: the next tick finds them together.
+        tokio::time::sleep(Duration::from_millis(1200)).await;
+        run(&w, "SET icepie.scheduler = true").await;
+        let (a, b) = eventually(30, "a scheduled refresh of each slice", || async {
+            let a = attempts(&w, "slices.a").await;
+            let b = attempts(&w, "slices.b").await;
+            (!a.is_empty() && !b.is_empty()).then(|| (a[0].clone(), b[0].clone()))
+        })
+        .await;
+        let overlap = a.1 < b.2 && b.1 < a.2;
+        assert_eq!(overlap, parallel, "limit {limit}: a {a:?}, b {b:?}");
+        w.close(Duration::from_secs(30)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refresh_asked_for_while_one_runs_joins_it() {
+    let (_dir, w) = open_with(&[("scheduler", "off")]).await;
+    heavy_core(&w).await;
+    run(&w, &format!("CREATE SLICE s AS {HEAVY}")).await;
+    let (first, second) = tokio::join!(w.refresh("s"), w.refresh("s"));
+    let (first, second) = (first.unwrap(), second.unwrap());
+    assert_eq!(first.version, 1);
+    assert_eq!(second.version, 1, "the second request joined the first");
+    assert_eq!(attempts(&w, "slices.s").await.len(), 1);
+    // Once it has ended, a new request runs anew.
+    assert_eq!(w.refresh("s").await.unwrap().version, 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_writers_on_one_slice_never_lose_mix_or_duplicate_a_version() {
+    let (dir, a) = open_with(&[("scheduler", "off")]).await;
+    heavy_core(&a).await;
+    run(&a, &format!("CREATE SLICE s AS {HEAVY}")).await;
+    // A second, independent handle: no lock or memory is shared with the first.
+    let b = IcePie::builder(dir.path().to_string_lossy().to_string())
+        .with_scheduler(false)
+        .open()
+        .await
+        .unwrap();
+    let mut versions = BTreeSet::new();
+    let mut conflicts = 0;
+    for _ in 0..4 {
+        let (x, y) = tokio::join!(a.refresh("s"), b.refresh("s"));
+        for r in [x, y] {
+            match r {
+                Ok(out) => assert!(
+                    versions.insert(out.version),
+                    "version {} twice",
+                    out.version
+                ),
+                Err(IcePieError::RefreshFailed { source, .. }) => {
+                    assert!(matches!(*source, IcePieError::Conflict { .. }), "{source}");
+                    assert!(source.to_string().contains("changed by another writer"));
+                    conflicts += 1;
+                }
+                Err(e) => panic!("{e}"),
+            }
+        }
+    }
+    // Versions 1..=n, each committed once; the slice holds one whole result.
+    let n = versions.len() as i64;
+    assert_eq!(versions.len() + conflicts, 8);
+    assert_eq!(versions, (1..=n).collect());
+    assert_eq!(version(&a, "s").await, n);
+    assert_eq!(scalar(&b, "SELECT count(*) FROM s").await, "1");
+    let expected = scalar(&a, &HEAVY.replace(" AS s", "")).await;
+    assert_eq!(scalar(&a, "SELECT s FROM s").await, expected);
+    let statuses = scalar(
+        &a,
+        "SELECT string_agg(status, ',' ORDER BY status) FROM \
+         (SELECT status FROM system.refreshes WHERE kind = 'refresh' GROUP BY status, attempt_id)",
+    )
+    .await;
+    assert_eq!(statuses.matches("success").count() as i64, n, "{statuses}");
+    assert_eq!(
+        statuses.matches("conflict").count(),
+        conflicts,
+        "{statuses}"
+    );
+    // A conflict is not a failure of the slice.
+    assert_ne!(a.slice("s").await.unwrap().state, SliceState::Failed);
+}
