@@ -12,35 +12,114 @@
 use std::fmt;
 use std::time::Duration;
 
-use datafusion::common::config::{ConfigEntry, ConfigExtension, ConfigField, Visit};
-use datafusion::common::extensions_options;
+use datafusion::common::config::{
+    ConfigEntry, ConfigExtension, ConfigField, ExtensionOptions, Visit,
+};
 use datafusion::error::{DataFusionError, Result as DFResult};
 
-extensions_options! {
+/// Declares the settings once: the struct, its defaults, `SET` by name and the listing.
+///
+/// DataFusion's own `extensions_options!` lists extension settings without their prefix
+/// (`retain_versions`, not `icepie.retain_versions`), so `SHOW icepie.retain_versions` and
+/// `information_schema.df_settings` would not find them; this lists them prefixed.
+macro_rules! settings {
+    ($(#[doc = $sd:literal])* pub struct $name:ident {
+        $($(#[doc = $d:literal])* pub $field:ident: $ty:ty = $default:expr,)*
+    }) => {
+        $(#[doc = $sd])*
+        #[derive(Debug, Clone, PartialEq)]
+        pub struct $name {
+            $($(#[doc = $d])* pub $field: $ty,)*
+        }
+
+        impl Default for $name {
+            fn default() -> Self {
+                Self { $($field: $default,)* }
+            }
+        }
+
+        impl ExtensionOptions for $name {
+            fn as_any(&self) -> &dyn std::any::Any {
+                self
+            }
+
+            fn as_any_mut(&mut self) -> &mut dyn std::any::Any {
+                self
+            }
+
+            fn cloned(&self) -> Box<dyn ExtensionOptions> {
+                Box::new(self.clone())
+            }
+
+            fn set(&mut self, key: &str, value: &str) -> DFResult<()> {
+                match key {
+                    $(stringify!($field) => ConfigField::set(&mut self.$field, key, value),)*
+                    _ => Err(DataFusionError::Configuration(format!(
+                        "unknown setting icepie.{key}; the settings are {}",
+                        [$(concat!("icepie.", stringify!($field))),*].join(", ")
+                    ))),
+                }
+            }
+
+            fn entries(&self) -> Vec<ConfigEntry> {
+                let mut v = Prefixed(Vec::new());
+                $(self.$field.visit(
+                    &mut v,
+                    concat!("icepie.", stringify!($field)),
+                    concat!($($d),*).trim(),
+                );)*
+                v.0
+            }
+        }
+    };
+}
+
+/// Collects entries under their full names.
+struct Prefixed(Vec<ConfigEntry>);
+
+impl Visit for Prefixed {
+    fn some<V: fmt::Display>(&mut self, key: &str, value: V, description: &'static str) {
+        self.0.push(ConfigEntry {
+            key: key.to_string(),
+            value: Some(value.to_string()),
+            description,
+        });
+    }
+
+    fn none(&mut self, key: &str, description: &'static str) {
+        self.0.push(ConfigEntry {
+            key: key.to_string(),
+            value: None,
+            description,
+        });
+    }
+}
+
+settings! {
     /// icepie's settings (`SET icepie.<name> = <value>`).
     pub struct IcePieOptions {
         /// Run due refreshes (REFRESH EVERY, REFRESH ON CHANGE) in this process: on or off.
-        pub scheduler: Switch, default = Switch(true)
+        pub scheduler: Switch = Switch(true),
         /// How often the scheduler looks for due refreshes.
-        pub scheduler_tick: Span, default = Span(Duration::from_secs(5))
+        pub scheduler_tick: Span = Span(Duration::from_secs(5)),
         /// Scheduled refreshes running at once in this process.
-        pub max_concurrent_refreshes: usize, default = 2
-        /// Wait after the first failed scheduled refresh of a slice; doubled after each
-        /// further failure, up to max_retry_backoff.
-        pub retry_backoff: Span, default = Span(Duration::from_secs(10))
+        pub max_concurrent_refreshes: usize = 2,
+        /// Wait after the first failed refresh of a slice before the scheduler retries it;
+        /// doubled after each further failure, up to max_retry_backoff.
+        pub retry_backoff: Span = Span(Duration::from_secs(10)),
         /// Longest wait between scheduled retries of a failing slice.
-        pub max_retry_backoff: Span, default = Span(Duration::from_secs(600))
-        /// Consecutive failed refreshes after which a slice is suspended: the scheduler
-        /// leaves it alone until a REFRESH SLICE succeeds or THAW SLICE.
-        pub max_failures: usize, default = 5
-        /// Memory one refresh may use before it spills or fails (alone).
-        pub refresh_memory_limit: Size, default = Size(default_refresh_memory())
-        /// Slice versions kept for time travel and rollback; VACUUM deletes files only
+        pub max_retry_backoff: Span = Span(Duration::from_secs(600)),
+        /// Failed refreshes in a row after which a slice is suspended: the scheduler leaves
+        /// it alone until a REFRESH SLICE succeeds or THAW SLICE (0: never suspend).
+        pub max_failures: usize = 5,
+        /// Memory one refresh may use before it spills to disk or fails (alone).
+        pub refresh_memory_limit: Size = Size(default_refresh_memory()),
+        /// Slice versions kept for time travel and rollback; VACUUM deletes files that only
         /// older versions reference.
-        pub retain_versions: usize, default = 10
+        pub retain_versions: usize = 10,
         /// VACUUM keeps files newer than this, and files of versions that were current this
         /// recently, so that running refreshes and readers of an old version never break.
-        pub vacuum_grace: Span, default = Span(Duration::from_secs(3600))
+        pub vacuum_grace: Span = Span(Duration::from_secs(3600)),
     }
 }
 
@@ -225,17 +304,12 @@ impl ConfigField for Span {
     }
 }
 
-/// Every setting with its value and description, for documentation and `\set`-like listings.
-pub fn entries(options: &IcePieOptions) -> Vec<ConfigEntry> {
-    datafusion::common::config::ExtensionOptions::entries(options)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     fn set(o: &mut IcePieOptions, key: &str, value: &str) -> DFResult<()> {
-        datafusion::common::config::ExtensionOptions::set(o, key, value)
+        ExtensionOptions::set(o, key, value)
     }
 
     #[test]
@@ -289,8 +363,13 @@ mod tests {
             err.contains("'a while'") && err.contains("'30 seconds'"),
             "{err}"
         );
-        assert!(set(&mut o, "no_such_setting", "1").is_err());
-        assert!(entries(&o).iter().any(|e| e.key == "retain_versions"));
+        let unknown = set(&mut o, "no_such_setting", "1").unwrap_err().to_string();
+        assert!(unknown.contains("icepie.retain_versions"), "{unknown}");
+        let retain = o
+            .entries()
+            .into_iter()
+            .find(|e| e.key == "icepie.retain_versions");
+        assert_eq!(retain.unwrap().value.as_deref(), Some("10"));
     }
 
     #[test]

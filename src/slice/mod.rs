@@ -497,7 +497,7 @@ pub(crate) async fn info(
         SliceState::Refreshing
     } else if meta.frozen.is_some() {
         SliceState::Frozen
-    } else if failures.count as usize >= options.max_failures.max(1) {
+    } else if options.max_failures > 0 && failures.count as usize >= options.max_failures {
         SliceState::Suspended
     } else if failures.count > 0 {
         SliceState::Failed

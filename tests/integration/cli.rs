@@ -112,3 +112,117 @@ fn failures_are_reported_and_counted_and_bail_stops_at_the_first() {
     all.push_str(&format!("== --bail\n{}", transcript(&out)));
     snapshot("cli_failures", dir.path(), all);
 }
+
+#[test]
+fn settings_are_given_with_set_and_bad_ones_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = icepie(
+        dir.path(),
+        &[
+            "--set",
+            "retain_versions=3",
+            "--set",
+            "icepie.refresh_memory_limit=64MB",
+            "--format",
+            "csv",
+            "-c",
+            "SELECT name, value FROM information_schema.df_settings \
+             WHERE name IN ('icepie.retain_versions', 'icepie.refresh_memory_limit', \
+             'icepie.scheduler') ORDER BY name",
+        ],
+        None,
+    );
+    // A script schedules nothing unless asked to.
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "name,value\nicepie.refresh_memory_limit,64MB\nicepie.retain_versions,3\nicepie.scheduler,off\n"
+    );
+    let out = icepie(
+        dir.path(),
+        &["--set", "retain_versions=many", "-c", "SELECT 1"],
+        None,
+    );
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("setting icepie.retain_versions"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_refreshes_due_slices_and_stops_cleanly_on_sigterm() {
+    use std::io::BufRead;
+    use std::time::{Duration, Instant};
+
+    let dir = tempfile::tempdir().unwrap();
+    let location = dir.path().join("wh").to_string_lossy().to_string();
+    {
+        let w = icepie::IcePie::builder(location.clone())
+            .with_scheduler(false)
+            .open()
+            .await
+            .unwrap();
+        crate::support::run(
+            &w,
+            "CREATE CORE TABLE t (n BIGINT); INGEST INTO t VALUES (1);
+             CREATE SLICE s REFRESH EVERY '1 second' AS SELECT sum(n) AS total FROM core.t;",
+        )
+        .await;
+    }
+    let mut child = Command::new(env!("CARGO_BIN_EXE_icepie"))
+        .args([
+            "serve",
+            "--data",
+            &location,
+            "--set",
+            "scheduler_tick=100ms",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (lines, seen) = std::sync::mpsc::channel();
+    let stdout = child.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
+            let _ = lines.send(line);
+        }
+    });
+    let line = seen.recv_timeout(Duration::from_secs(60)).unwrap();
+    assert!(
+        line.contains("refreshed slices.s: version 1, 1 rows"),
+        "{line}"
+    );
+
+    let term = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(term.success());
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(Instant::now() < deadline, "serve did not stop on SIGTERM");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr).unwrap();
+    assert!(status.success(), "{status}: {stderr}");
+    assert!(stderr.contains("stopped"), "{stderr}");
+
+    // Whatever it committed is whole: every version is an icepie refresh, the last is served.
+    let w = icepie::IcePie::builder(location)
+        .with_scheduler(false)
+        .open()
+        .await
+        .unwrap();
+    let history = w.history("s").await.unwrap();
+    let latest = history[0].version;
+    assert!(latest >= 1);
+    assert!(history.iter().all(|h| h.meta.is_some()));
+    assert_eq!(w.slice("s").await.unwrap().version, latest);
+    assert_eq!(crate::support::scalar(&w, "SELECT total FROM s").await, "1");
+}

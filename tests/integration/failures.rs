@@ -163,3 +163,53 @@ async fn a_failed_create_leaves_nothing_and_a_failed_replace_keeps_the_old_slice
     assert_eq!(after.state, SliceState::Failed);
     assert_eq!(scalar(&warehouse, "SELECT sum(n) FROM casted").await, "3");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refresh_over_its_memory_budget_fails_alone() {
+    let (_dir, w) = crate::support::open_with(&[("scheduler", "off")]).await;
+    run(
+        &w,
+        "CREATE CORE TABLE words AS SELECT value AS id, concat('word-', value) AS word
+             FROM generate_series(1, 200000);
+         CREATE SLICE vocabulary AS SELECT cardinality(array_agg(word)) AS n FROM core.words;
+         CREATE SLICE small AS SELECT count(*) AS n FROM core.words WHERE id < 10;
+         CREATE SLICE other.total AS SELECT count(*) AS n FROM core.words;
+         INGEST INTO words VALUES (0, 'zero');
+         SET icepie.refresh_memory_limit = '2MB';",
+    )
+    .await;
+    // The greedy refresh, another refresh and a query, all at once.
+    let (greedy, small, query) = tokio::join!(
+        w.refresh("vocabulary"),
+        w.refresh("small"),
+        scalar(&w, "SELECT count(DISTINCT word) FROM core.words"),
+    );
+    let err = greedy.unwrap_err();
+    let IcePieError::RefreshFailed { source, .. } = &err else {
+        panic!("{err}")
+    };
+    assert!(
+        matches!(**source, IcePieError::MemoryBudget { .. }),
+        "{source}"
+    );
+    let msg = err.to_string();
+    assert!(
+        msg.contains("memory budget of 2MB") && msg.contains("icepie.refresh_memory_limit"),
+        "{msg}"
+    );
+    assert_eq!(small.unwrap().version, 1);
+    assert_eq!(query, "200001");
+    // The greedy slice still serves its last version and says why it failed.
+    assert_eq!(scalar(&w, "SELECT n FROM vocabulary").await, "200000");
+    let info = w.slice("vocabulary").await.unwrap();
+    assert_eq!((info.state, info.version), (SliceState::Failed, 0));
+    assert!(info.last_error.unwrap().contains("memory budget"));
+    assert_eq!(
+        w.slice("other.total").await.unwrap().state,
+        SliceState::Stale
+    );
+
+    // With a budget that fits, the same refresh succeeds.
+    run(&w, "SET icepie.refresh_memory_limit = '1GB'").await;
+    assert_eq!(w.refresh("vocabulary").await.unwrap().version, 1);
+}

@@ -6,5 +6,6 @@ mod failures;
 mod isolation;
 mod persistence;
 mod repl;
+mod retention;
 mod scheduler;
 mod support;

@@ -109,3 +109,46 @@ async fn two_handles_on_one_location_see_each_others_commits() {
     );
     assert_eq!(String::from_utf8_lossy(&out.stdout), "total\n42\n");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn freezes_and_suspensions_are_kept_in_the_warehouse() {
+    let dir = tempfile::tempdir().unwrap();
+    let location = dir.path().to_string_lossy().to_string();
+    {
+        let a = IcePie::open(location.clone()).await.unwrap();
+        run(
+            &a,
+            "CREATE CORE TABLE t (v TEXT); INGEST INTO t VALUES ('1');
+             CREATE SLICE frozen AS SELECT count(*) AS n FROM core.t;
+             CREATE SLICE typed AS SELECT CAST(v AS INT) AS n FROM core.t;
+             FREEZE SLICE frozen 'month-end close';
+             INGEST INTO t VALUES ('x');
+             SET icepie.max_failures = 2;",
+        )
+        .await;
+        a.refresh("typed").await.unwrap_err();
+        a.refresh("typed").await.unwrap_err();
+        assert_eq!(a.slice("typed").await.unwrap().state, SliceState::Suspended);
+    }
+    // Another handle, as another process would: the freeze holds, with its reason.
+    let b = IcePie::builder(location)
+        .with_setting("max_failures", "2")
+        .open()
+        .await
+        .unwrap();
+    let frozen = b.slice("frozen").await.unwrap();
+    assert_eq!(frozen.state, SliceState::Frozen);
+    assert_eq!(
+        frozen.frozen().unwrap().reason.as_deref(),
+        Some("month-end close")
+    );
+    let err = b.refresh("frozen").await.unwrap_err().to_string();
+    assert!(
+        err.contains("month-end close") && err.contains("THAW SLICE slices.frozen"),
+        "{err}"
+    );
+    let typed = b.slice("typed").await.unwrap();
+    assert_eq!((typed.state, typed.failures), (SliceState::Suspended, 2));
+    b.thaw("frozen").await.unwrap();
+    assert_eq!(b.refresh("frozen").await.unwrap().version, 3);
+}
