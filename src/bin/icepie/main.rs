@@ -1,16 +1,24 @@
 //! `icepie`: the SQL REPL and command line of an icepie warehouse.
 //!
 //! ```text
-//! icepie [--data LOCATION] [--format FORMAT] [-q] [--bail] [-c SQL]... [-f FILE]...
+//! icepie [--data LOCATION] [--set NAME=VALUE]... [--format FORMAT] [-q] [--bail]
+//!        [-c SQL]... [-f FILE]...
+//! icepie serve [--data LOCATION] [--set NAME=VALUE]...
 //! ```
 //!
-//! With a terminal on standard input and no `-c`/`-f`, `icepie` starts the interactive REPL.
-//! Otherwise it runs the statements of `-c` and `-f` in the order given (or SQL piped on
-//! standard input), prints each result, and exits with status 1 if any statement failed
-//! (`--bail` stops at the first failure).
+//! With a terminal on standard input and no `-c`/`-f`, `icepie` starts the interactive REPL,
+//! whose warehouse runs its scheduler of due refreshes. Otherwise it runs the statements of
+//! `-c` and `-f` in the order given (or SQL piped on standard input), prints each result, and
+//! exits with status 1 if any statement failed (`--bail` stops at the first failure); such a
+//! script runs no scheduled refreshes unless `--set scheduler=on`.
+//!
+//! `icepie serve` runs the scheduler alone until SIGINT or SIGTERM, printing one line per
+//! scheduled refresh; on a signal it lets running refreshes finish (a second signal, or
+//! `--grace` seconds, cancels them: a cancelled refresh commits nothing).
 
 mod print;
 mod repl;
+mod serve;
 mod session;
 
 use std::io::{IsTerminal, Read};
@@ -32,7 +40,16 @@ fn cli() -> Command {
                 .short('d')
                 .value_name("LOCATION")
                 .default_value(icepie::storage::DEFAULT_LOCATION)
+                .global(true)
                 .help("Warehouse location: a local directory (created if absent) or a URL"),
+        )
+        .arg(
+            Arg::new("set")
+                .long("set")
+                .value_name("NAME=VALUE")
+                .action(ArgAction::Append)
+                .global(true)
+                .help("An icepie setting, as SET icepie.NAME = VALUE would (repeatable)"),
         )
         .arg(
             Arg::new("format")
@@ -71,6 +88,34 @@ fn cli() -> Command {
                 .action(ArgAction::SetTrue)
                 .help("Stop at the first statement that fails"),
         )
+        .subcommand(
+            Command::new("serve")
+                .about("Run the scheduler of due refreshes until SIGINT or SIGTERM")
+                .arg(
+                    Arg::new("grace")
+                        .long("grace")
+                        .value_name("SECONDS")
+                        .value_parser(clap::value_parser!(u64))
+                        .default_value("30")
+                        .help("How long running refreshes may finish after a stop signal"),
+                ),
+        )
+}
+
+/// Opens the warehouse of `--data` with the `--set` settings; `scheduler` is the default
+/// of the scheduler setting, which `--set scheduler=...` overrides.
+pub async fn open(matches: &clap::ArgMatches, scheduler: bool) -> Result<IcePie, String> {
+    let location = matches.get_one::<String>("data").expect("default");
+    let mut builder = IcePie::builder(location.as_str()).with_scheduler(scheduler);
+    for setting in matches.get_many::<String>("set").into_iter().flatten() {
+        let Some((name, value)) = setting.split_once('=') else {
+            return Err(format!(
+                "--set takes NAME=VALUE (e.g. --set retain_versions=20), not '{setting}'"
+            ));
+        };
+        builder = builder.with_setting(name.trim(), value.trim());
+    }
+    builder.open().await.map_err(|e| e.to_string())
 }
 
 /// The SQL texts of `-c` and `-f`, in command-line order.
@@ -110,10 +155,7 @@ async fn run(matches: clap::ArgMatches) -> Result<bool, String> {
             .map_err(|e| format!("cannot read standard input: {e}"))?;
         scripts.push(text);
     }
-    let location = matches.get_one::<String>("data").expect("default");
-    let warehouse = IcePie::open(location.as_str())
-        .await
-        .map_err(|e| e.to_string())?;
+    let warehouse = open(&matches, interactive).await?;
     let stderr_terminal = std::io::stderr().is_terminal();
     let mut session = Session {
         warehouse,
@@ -156,7 +198,13 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(run(matches)) {
+    let work = async move {
+        match matches.subcommand_matches("serve").cloned() {
+            Some(sub) => serve::run(&sub).await.map(|()| true),
+            None => run(matches).await,
+        }
+    };
+    match runtime.block_on(work) {
         Ok(true) => ExitCode::SUCCESS,
         Ok(false) => ExitCode::FAILURE,
         Err(e) => {

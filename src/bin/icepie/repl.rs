@@ -93,6 +93,13 @@ const KEYWORDS: &[&str] = &[
     "CSV",
     "JSON",
     "SET",
+    "FREEZE",
+    "THAW",
+    "ROLLBACK",
+    "TO",
+    "VERSION",
+    "HISTORY",
+    "VACUUM",
 ];
 
 const HELP: &str = r"Meta-commands:
@@ -313,7 +320,8 @@ pub async fn run(session: &mut Session, quiet: bool) -> Result<(), String> {
         );
     }
     loop {
-        match editor.readline("icepie> ") {
+        // Waiting for a line blocks this thread; let the scheduler's tasks run elsewhere.
+        match tokio::task::block_in_place(|| editor.readline("icepie> ")) {
             Ok(input) => {
                 let text = input.trim();
                 if text.is_empty() {

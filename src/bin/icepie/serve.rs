@@ -1,0 +1,105 @@
+//! `icepie serve`: the scheduler without a REPL, for a warehouse's refreshes to run
+//! unattended (a service, a container, a terminal left open).
+//!
+//! It prints one line per scheduled refresh that ended on standard output, and stops cleanly
+//! on SIGINT or SIGTERM: no new refresh starts, running ones may finish for `--grace`
+//! seconds, and a second signal cancels them at once. A cancelled refresh commits nothing.
+
+use std::time::Duration;
+
+use icepie::RefreshEvent;
+use tokio::sync::broadcast::error::RecvError;
+
+use crate::print::thousands;
+
+/// Resolves on the next SIGINT or SIGTERM.
+struct Signals {
+    #[cfg(unix)]
+    term: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn new() -> Result<Self, String> {
+        Ok(Self {
+            #[cfg(unix)]
+            term: tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+                .map_err(|e| format!("cannot watch for SIGTERM: {e}"))?,
+        })
+    }
+
+    async fn next(&mut self) {
+        #[cfg(unix)]
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = self.term.recv() => {}
+        }
+        #[cfg(not(unix))]
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+fn print_event(e: &RefreshEvent) {
+    let at = e.at.format("%Y-%m-%dT%H:%M:%SZ");
+    let secs = e.duration_ms as f64 / 1000.0;
+    match &e.outcome {
+        Ok((version, rows)) => println!(
+            "{at} refreshed {}: version {version}, {} rows, {secs:.2} s",
+            e.slice,
+            thousands(usize::try_from(*rows).unwrap_or_default())
+        ),
+        Err(error) => println!(
+            "{at} refresh of {} failed after {secs:.2} s: {error}",
+            e.slice
+        ),
+    }
+}
+
+/// Runs the scheduler until a stop signal.
+pub async fn run(matches: &clap::ArgMatches) -> Result<(), String> {
+    let grace = Duration::from_secs(*matches.get_one::<u64>("grace").expect("default"));
+    let warehouse = crate::open(matches, true).await?;
+    let options = warehouse.options();
+    if !options.scheduler.0 {
+        return Err("the scheduler is off (--set scheduler=off): nothing to serve".into());
+    }
+    let mut events = warehouse.subscribe();
+    let mut signals = Signals::new()?;
+    eprintln!(
+        "icepie serve on warehouse {}: checking for due refreshes every {}, at most {} at once \
+         (Ctrl-C or SIGTERM stops)",
+        warehouse.location(),
+        options.scheduler_tick,
+        options.max_concurrent_refreshes
+    );
+    loop {
+        tokio::select! {
+            event = events.recv() => match event {
+                Ok(e) => print_event(&e),
+                Err(RecvError::Lagged(n)) => eprintln!("({n} refresh events were not shown)"),
+                Err(RecvError::Closed) => break,
+            },
+            _ = signals.next() => break,
+        }
+    }
+    eprintln!(
+        "stopping: no new refreshes; running ones may finish for {} s (a second signal cancels them)",
+        grace.as_secs()
+    );
+    let close = warehouse.close(grace);
+    tokio::pin!(close);
+    loop {
+        tokio::select! {
+            _ = &mut close => break,
+            event = events.recv() => if let Ok(e) = event { print_event(&e) },
+            _ = signals.next() => {
+                eprintln!("cancelling running refreshes; nothing of them is committed");
+                return Ok(());
+            }
+        }
+    }
+    while let Ok(e) = events.try_recv() {
+        print_event(&e);
+    }
+    eprintln!("stopped");
+    Ok(())
+}
