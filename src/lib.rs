@@ -7,8 +7,14 @@
 //! notices.
 //!
 //! Everything DataFusion's SQL accepts works, plus `CREATE CORE TABLE`, `INGEST INTO`,
-//! `CREATE [OR REPLACE] SLICE`, `REFRESH SLICE`, `DROP SLICE`, `SHOW SLICES`,
-//! `DESCRIBE SLICE` and the `system.core_tables`, `system.slices` and `system.refreshes` tables.
+//! `CREATE [OR REPLACE] SLICE`, `REFRESH SLICE`, `FREEZE SLICE`, `THAW SLICE`,
+//! `ROLLBACK SLICE ... TO VERSION n`, `DROP SLICE`, `VACUUM SLICE(S)`, `SHOW SLICES`,
+//! `SHOW SLICE HISTORY`, `DESCRIBE SLICE`, the table functions `slice_at`, `core_at` and
+//! `slice_history`, the `system.core_tables`, `system.slices` and `system.refreshes` tables,
+//! and the settings `icepie.*` ([`IcePieOptions`]).
+//!
+//! While an [`IcePie`] is open, its scheduler runs the refreshes that slices' policies
+//! (`REFRESH EVERY 'interval'`, `REFRESH ON CHANGE`) make due.
 //!
 //! ## Embedding icepie
 //!

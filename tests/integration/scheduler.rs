@@ -36,6 +36,7 @@ async fn every_and_on_change_slices_refresh_on_their_own_manual_and_frozen_ones_
     assert_eq!(version(&w, "follower").await, 0);
 
     run(&w, "INGEST INTO t VALUES (41)").await;
+    let ingested = std::time::Instant::now();
     eventually(15, "'follower' to follow the ingest", || async {
         let info = w.slice("follower").await.unwrap();
         (info.state == SliceState::Fresh && info.version == 1).then_some(())
@@ -48,8 +49,15 @@ async fn every_and_on_change_slices_refresh_on_their_own_manual_and_frozen_ones_
     let event = events.recv().await.unwrap();
     assert!(event.outcome.is_ok(), "{event:?}");
 
-    assert_eq!(version(&w, "manual").await, 0);
-    assert_eq!(w.slice("manual").await.unwrap().state, SliceState::Stale);
+    let manual = w.slice("manual").await.unwrap();
+    assert_eq!((manual.version, manual.state), (0, SliceState::Stale));
+    // Its lag: how long ago the change it has not consumed was committed.
+    let since = ingested.elapsed().as_millis() as i64;
+    let lag = manual.lag_ms.unwrap();
+    assert!(
+        lag + 5 >= since && lag < since + 5_000,
+        "lag {lag} ms, {since} ms since"
+    );
     let pinned = w.slice("pinned").await.unwrap();
     assert_eq!((pinned.version, pinned.state), (1, SliceState::Frozen));
     assert_eq!(
