@@ -1,4 +1,4 @@
--- icepie demo: a frozen core, slices for three domains, new data, one refresh.
+-- icepie demo: a frozen core, slices for three domains, new data, one refresh, a slice's life.
 -- Run it with `cargo run -- -f sql/demo.sql` (warehouse: ./icepie-data).
 
 -- Start clean so the demo can run again.
@@ -44,6 +44,14 @@ SELECT domain, name, state, version FROM system.slices ORDER BY domain, name;
 -- 4. Refresh one slice: it reads only its inputs and writes only its own files.
 REFRESH SLICE finance.revenue_by_country;
 SELECT * FROM finance.revenue_by_country ORDER BY revenue DESC;
+
+-- 5. A slice's life: freeze it while investigating, read its past, roll it back.
+FREEZE SLICE finance.revenue_by_country 'checking February refunds';
+SELECT name, state, frozen_reason FROM system.slices WHERE state = 'frozen';
+SELECT * FROM slice_at('finance.revenue_by_country', 0) ORDER BY revenue DESC;
+THAW SLICE finance.revenue_by_country;
+ROLLBACK SLICE finance.revenue_by_country TO VERSION 0;
+SHOW SLICE HISTORY finance.revenue_by_country;
 
 SHOW SLICES;
 DESCRIBE SLICE finance.revenue_by_country;
