@@ -48,6 +48,15 @@ fn report(what: &str, ours: Duration, baseline: Duration, baseline_name: &str) {
     );
 }
 
+/// A warehouse without a scheduler: only the statements measured touch storage.
+async fn open(dir: &std::path::Path) -> IcePie {
+    IcePie::builder(dir.to_string_lossy().to_string())
+        .with_scheduler(false)
+        .open()
+        .await
+        .unwrap()
+}
+
 async fn rows_of(w: &IcePie, sql: &str) -> usize {
     let batches = w.sql(sql).await.unwrap().collect().await.unwrap();
     batches.iter().map(|b| b.num_rows()).sum()
@@ -68,9 +77,7 @@ async fn make_core(w: &IcePie, rows: u64) {
 
 async fn scan_bench(rows: u64) {
     let dir = tempfile::tempdir().unwrap();
-    let w = IcePie::open(dir.path().to_string_lossy().to_string())
-        .await
-        .unwrap();
+    let w = open(dir.path()).await;
     make_core(&w, rows).await;
     rows_of(
         &w,
@@ -135,9 +142,7 @@ async fn scan_bench(rows: u64) {
 
 async fn refresh_in_warehouse(rows: u64, slices: usize) -> Duration {
     let dir = tempfile::tempdir().unwrap();
-    let w = IcePie::open(dir.path().to_string_lossy().to_string())
-        .await
-        .unwrap();
+    let w = open(dir.path()).await;
     make_core(&w, rows).await;
     for i in 0..slices {
         rows_of(

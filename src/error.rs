@@ -102,14 +102,14 @@ pub enum IcePieError {
     /// Another writer (usually another process) committed the slice while this change was
     /// being prepared; nothing was committed.
     #[error(
-        "slice '{slice}' was changed by another writer since {base}, which this change started \
-         from; nothing was committed (the other writer's version is served). Run it again to \
-         build on that version"
+        "another writer committed slice '{slice}' while this change, based on {base}, was \
+         being prepared; nothing was committed and the other writer's version is served. Run \
+         it again to build on that version"
     )]
     Conflict {
         /// The slice.
         slice: String,
-        /// The version the change started from.
+        /// What the change started from: `version N`, or that the slice did not exist.
         base: String,
     },
 

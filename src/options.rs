@@ -162,6 +162,35 @@ fn config_error(value: &str, expected: &str) -> DataFusionError {
     DataFusionError::Configuration(format!("invalid value '{value}': expected {expected}"))
 }
 
+/// Implements [`ConfigField`] for a setting type with a `parse` function, so that `SET`
+/// refuses a bad value with what was expected.
+macro_rules! parsed_setting {
+    ($ty:ident, $expected:literal) => {
+        impl ConfigField for $ty {
+            fn visit<V: Visit>(&self, v: &mut V, key: &str, description: &'static str) {
+                v.some(key, self, description)
+            }
+
+            fn set(&mut self, _key: &str, value: &str) -> DFResult<()> {
+                *self = $ty::parse(value).ok_or_else(|| config_error(value, $expected))?;
+                Ok(())
+            }
+        }
+    };
+}
+
+parsed_setting!(Switch, "on or off");
+parsed_setting!(Size, "a size such as 512MB, 2GB or 1000000");
+parsed_setting!(Span, "a duration such as '250ms', '30 seconds' or '1 hour'");
+
+/// A whole number and the unit after it (`512MB`, `'30 seconds'`), the unit in lower case.
+fn number_and_unit(text: &str) -> Option<(u64, String)> {
+    let t = text.trim().trim_matches('\'').trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (n, unit) = t.split_at(split);
+    Some((n.parse().ok()?, unit.trim().to_ascii_lowercase()))
+}
+
 /// On or off, written `on`/`off`, `true`/`false`, `yes`/`no` or `1`/`0`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Switch(pub bool);
@@ -183,17 +212,6 @@ impl fmt::Display for Switch {
     }
 }
 
-impl ConfigField for Switch {
-    fn visit<V: Visit>(&self, v: &mut V, key: &str, description: &'static str) {
-        v.some(key, self, description)
-    }
-
-    fn set(&mut self, _key: &str, value: &str) -> DFResult<()> {
-        *self = Switch::parse(value).ok_or_else(|| config_error(value, "on or off"))?;
-        Ok(())
-    }
-}
-
 /// A number of bytes, written `512MB`, `2 GiB`, `64k` or `1000000`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub struct Size(pub u64);
@@ -201,11 +219,8 @@ pub struct Size(pub u64);
 impl Size {
     /// Parses `512MB`, `2 GiB`, `64k`, `1000000` (units are powers of 1024).
     pub fn parse(text: &str) -> Option<Self> {
-        let t = text.trim().trim_matches('\'').trim();
-        let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
-        let (n, unit) = t.split_at(split);
-        let n: u64 = n.parse().ok()?;
-        let shift = match unit.trim().to_ascii_lowercase().as_str() {
+        let (n, unit) = number_and_unit(text)?;
+        let shift = match unit.as_str() {
             "" | "b" => 0,
             "k" | "kb" | "kib" => 10,
             "m" | "mb" | "mib" => 20,
@@ -230,18 +245,6 @@ impl fmt::Display for Size {
     }
 }
 
-impl ConfigField for Size {
-    fn visit<V: Visit>(&self, v: &mut V, key: &str, description: &'static str) {
-        v.some(key, self, description)
-    }
-
-    fn set(&mut self, _key: &str, value: &str) -> DFResult<()> {
-        *self = Size::parse(value)
-            .ok_or_else(|| config_error(value, "a size such as 512MB, 2GB or 1000000"))?;
-        Ok(())
-    }
-}
-
 /// A duration, written `30 seconds`, `250ms`, `5 minutes`, `1 hour` or `1 day`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub struct Span(pub Duration);
@@ -249,11 +252,7 @@ pub struct Span(pub Duration);
 impl Span {
     /// Parses `250ms`, `30 seconds`, `5 min`, `1 hour`, `2 days` (`0 seconds` is allowed).
     pub fn parse(text: &str) -> Option<Self> {
-        let t = text.trim().trim_matches('\'').trim();
-        let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
-        let (n, unit) = t.split_at(split);
-        let n: u64 = n.parse().ok()?;
-        let unit = unit.trim().to_ascii_lowercase();
+        let (n, unit) = number_and_unit(text)?;
         let millis: u64 = match unit.as_str() {
             "ms" | "millisecond" | "milliseconds" => 1,
             "s" | "sec" | "secs" | "second" | "seconds" => 1_000,
@@ -285,22 +284,6 @@ impl fmt::Display for Span {
         } else {
             write!(f, "{ms} ms")
         }
-    }
-}
-
-impl ConfigField for Span {
-    fn visit<V: Visit>(&self, v: &mut V, key: &str, description: &'static str) {
-        v.some(key, self, description)
-    }
-
-    fn set(&mut self, _key: &str, value: &str) -> DFResult<()> {
-        *self = Span::parse(value).ok_or_else(|| {
-            config_error(
-                value,
-                "a duration such as '250ms', '30 seconds' or '1 hour'",
-            )
-        })?;
-        Ok(())
     }
 }
 

@@ -23,7 +23,7 @@ use datafusion::error::{DataFusionError, Result as DFResult};
 
 use crate::error::{IcePieError, Result};
 use crate::options::IcePieOptions;
-use crate::slice::log::{LogCache, RecentAttempts};
+use crate::slice::log::{AttemptSummary, LogCache};
 use crate::slice::meta;
 use crate::storage::names::{
     validate_domain, validate_name, SliceName, CORE_SCHEMA, DEFAULT_DOMAIN, SYSTEM_SCHEMA,
@@ -51,7 +51,7 @@ pub(crate) struct Shared {
     /// The session's `icepie.*` settings as of its last statement (system tables and the
     /// scheduler have no session to read them from).
     options: RwLock<IcePieOptions>,
-    /// What this process has read of the refresh log.
+    /// What this process has read of the refresh logs.
     log: tokio::sync::Mutex<LogCache>,
     /// Tables opened for the time-travel calls of statements being planned.
     pub pins: time_travel::Pins,
@@ -79,9 +79,9 @@ impl Shared {
         *self.options.write().expect("options lock") = options;
     }
 
-    /// The recent refresh attempts of every slice, reading only what the log gained.
-    pub async fn recent_attempts(&self) -> Result<RecentAttempts> {
-        self.log.lock().await.recent(&self.warehouse).await
+    /// The recent refresh attempts of a slice, oldest first, reading only what its log gained.
+    pub async fn attempts(&self, slice: &SliceName) -> Result<Vec<AttemptSummary>> {
+        self.log.lock().await.attempts(&self.warehouse, slice).await
     }
 
     /// Lists the warehouse again (a few object-store list calls).

@@ -11,9 +11,15 @@ use datafusion::arrow::array::{
     TimestampMillisecondArray,
 };
 use datafusion::arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
-use datafusion::catalog::{SchemaProvider, TableProvider};
+use datafusion::catalog::{SchemaProvider, Session, TableProvider};
+use datafusion::common::project_schema;
 use datafusion::datasource::MemTable;
+use datafusion::datasource::TableType;
 use datafusion::error::Result as DFResult;
+use datafusion::logical_expr::{Expr, TableProviderFilterPushDown};
+use datafusion::physical_plan::empty::EmptyExec;
+use datafusion::physical_plan::union::UnionExec;
+use datafusion::physical_plan::ExecutionPlan;
 use futures::StreamExt;
 
 use super::table::{IcePieTable, TableKind};
@@ -21,7 +27,8 @@ use super::Shared;
 use crate::error::Result;
 use crate::slice::lifecycle::retained;
 use crate::slice::meta::{format_inputs, HistoryEntry};
-use crate::slice::{self, log, InputCache, SliceInfo};
+use crate::slice::{self, log, InputCache, SliceInfo, SliceState};
+use crate::storage::names::SliceName;
 use crate::storage::{table_stats, Warehouse, REFRESHES_PATH};
 
 /// Names of the system tables.
@@ -51,19 +58,19 @@ pub static SLICES_SCHEMA: LazyLock<SchemaRef> = LazyLock::new(|| {
         Field::new("name", DataType::Utf8, false),
         Field::new("owner", DataType::Utf8, true),
         Field::new("state", DataType::Utf8, false),
-        Field::new("version", DataType::Int64, false),
-        Field::new("rows", DataType::Int64, false),
-        Field::new("bytes", DataType::Int64, false),
-        Field::new("files", DataType::Int64, false),
+        Field::new("version", DataType::Int64, true),
+        Field::new("rows", DataType::Int64, true),
+        Field::new("bytes", DataType::Int64, true),
+        Field::new("files", DataType::Int64, true),
         Field::new("refreshed_at", ts(), true),
         Field::new("last_error", DataType::Utf8, true),
-        Field::new("failures", DataType::Int64, false),
+        Field::new("failures", DataType::Int64, true),
         Field::new("lag", DataType::Duration(TimeUnit::Millisecond), true),
         Field::new("frozen_reason", DataType::Utf8, true),
         Field::new("frozen_since", ts(), true),
-        Field::new("refresh", DataType::Utf8, false),
-        Field::new("inputs", DataType::Utf8, false),
-        Field::new("definition", DataType::Utf8, false),
+        Field::new("refresh", DataType::Utf8, true),
+        Field::new("inputs", DataType::Utf8, true),
+        Field::new("definition", DataType::Utf8, true),
     ]))
 });
 
@@ -97,15 +104,10 @@ impl SchemaProvider for SystemSchema {
         let provider = match name {
             "core_tables" => core_tables(&self.shared).await?,
             "slices" => {
-                let infos = all_slices(&self.shared).await?;
-                slices_table(&infos)?
+                let (infos, unreadable) = all_slices(&self.shared).await?;
+                slices_table(&infos, &unreadable)?
             }
-            "refreshes" => match self.shared.warehouse.load(REFRESHES_PATH, None).await? {
-                Some(t) => Arc::new(
-                    IcePieTable::try_new(TableKind::System, "system.refreshes".into(), t).await?,
-                ) as Arc<dyn TableProvider>,
-                None => Arc::new(MemTable::try_new(log::SCHEMA.clone(), vec![vec![]])?),
-            },
+            "refreshes" => Arc::new(refresh_logs(&self.shared).await?) as Arc<dyn TableProvider>,
             _ => return Ok(None),
         };
         Ok(Some(provider))
@@ -116,49 +118,155 @@ impl SchemaProvider for SystemSchema {
     }
 }
 
-/// Every slice's info, in name order.
-pub(crate) async fn all_slices(shared: &Shared) -> Result<Vec<SliceInfo>> {
-    let attempts = shared.recent_attempts().await?;
-    let mut inputs = InputCache::default();
-    let mut out = Vec::new();
-    for name in shared.slice_names() {
-        if let Some(info) = slice::info(shared, &name, &attempts, &mut inputs).await? {
-            out.push(info);
+/// Every slice's refresh log, including those of slices since dropped.
+async fn refresh_logs(shared: &Shared) -> Result<RefreshLogs> {
+    let warehouse = &shared.warehouse;
+    let mut parts = Vec::new();
+    for domain in warehouse.list_children(REFRESHES_PATH).await? {
+        for name in warehouse
+            .list_children(&format!("{REFRESHES_PATH}{domain}"))
+            .await?
+        {
+            let Ok(slice) = SliceName::new(domain.clone(), name) else {
+                continue;
+            };
+            if let Some(t) = warehouse
+                .load(&Warehouse::refreshes_path(&slice), None)
+                .await?
+            {
+                let name = format!("system.refreshes of {slice}");
+                parts.push(Arc::new(
+                    IcePieTable::try_new(TableKind::System, name, t).await?,
+                ));
+            }
         }
     }
-    Ok(out)
+    Ok(RefreshLogs { parts })
+}
+
+/// `system.refreshes`: the refresh logs of all slices, read as one table.
+#[derive(Debug)]
+struct RefreshLogs {
+    parts: Vec<Arc<IcePieTable>>,
+}
+
+#[async_trait]
+impl TableProvider for RefreshLogs {
+    fn schema(&self) -> SchemaRef {
+        self.parts
+            .first()
+            .map_or_else(|| log::SCHEMA.clone(), |p| p.schema())
+    }
+
+    fn table_type(&self) -> TableType {
+        TableType::Base
+    }
+
+    fn supports_filters_pushdown(
+        &self,
+        filters: &[&Expr],
+    ) -> DFResult<Vec<TableProviderFilterPushDown>> {
+        Ok(vec![TableProviderFilterPushDown::Inexact; filters.len()])
+    }
+
+    async fn scan(
+        &self,
+        state: &dyn Session,
+        projection: Option<&Vec<usize>>,
+        filters: &[Expr],
+        limit: Option<usize>,
+    ) -> DFResult<Arc<dyn ExecutionPlan>> {
+        let mut plans = Vec::with_capacity(self.parts.len());
+        for part in &self.parts {
+            plans.push(part.scan(state, projection, filters, limit).await?);
+        }
+        if plans.is_empty() {
+            let schema = project_schema(&self.schema(), projection)?;
+            return Ok(Arc::new(EmptyExec::new(schema)));
+        }
+        UnionExec::try_new(plans)
+    }
+}
+
+/// Every slice's info, in name order, and the slices that could not be read with why: one
+/// damaged slice must not hide the others.
+pub(crate) async fn all_slices(
+    shared: &Shared,
+) -> Result<(Vec<SliceInfo>, Vec<(SliceName, String)>)> {
+    let mut inputs = InputCache::default();
+    let (mut out, mut unreadable) = (Vec::new(), Vec::new());
+    for name in shared.slice_names() {
+        match slice::info(shared, &name, &mut inputs).await {
+            Ok(Some(info)) => out.push(info),
+            Ok(None) => {}
+            Err(e) => unreadable.push((name, e.to_string())),
+        }
+    }
+    Ok((out, unreadable))
 }
 
 fn timestamps(values: Vec<Option<i64>>) -> ArrayRef {
     Arc::new(TimestampMillisecondArray::from(values).with_timezone("UTC"))
 }
 
-fn slices_table(infos: &[SliceInfo]) -> DFResult<Arc<dyn TableProvider>> {
+/// `system.slices`: one row per slice; a slice that cannot be read is `failed`, with why in
+/// `last_error` and NULL where nothing could be read.
+fn slices_table(
+    infos: &[SliceInfo],
+    unreadable: &[(SliceName, String)],
+) -> DFResult<Arc<dyn TableProvider>> {
+    let rows: Vec<(&SliceName, Option<&SliceInfo>, Option<&str>)> = infos
+        .iter()
+        .map(|i| (&i.name, Some(i), None))
+        .chain(unreadable.iter().map(|(n, e)| (n, None, Some(e.as_str()))))
+        .collect();
     let s = |f: &dyn Fn(&SliceInfo) -> Option<String>| -> ArrayRef {
-        Arc::new(StringArray::from(infos.iter().map(f).collect::<Vec<_>>()))
+        Arc::new(StringArray::from(
+            rows.iter().map(|r| r.1.and_then(f)).collect::<Vec<_>>(),
+        ))
     };
-    let i = |f: &dyn Fn(&SliceInfo) -> i64| -> ArrayRef {
-        Arc::new(Int64Array::from(infos.iter().map(f).collect::<Vec<_>>()))
+    let i = |f: &dyn Fn(&SliceInfo) -> Option<i64>| -> ArrayRef {
+        Arc::new(Int64Array::from(
+            rows.iter().map(|r| r.1.and_then(f)).collect::<Vec<_>>(),
+        ))
+    };
+    let t = |f: &dyn Fn(&SliceInfo) -> Option<i64>| -> ArrayRef {
+        timestamps(rows.iter().map(|r| r.1.and_then(f)).collect())
     };
     mem(
         &SLICES_SCHEMA,
         vec![
-            s(&|x| Some(x.name.domain.clone())),
-            s(&|x| Some(x.name.name.clone())),
+            Arc::new(StringArray::from_iter_values(
+                rows.iter().map(|r| &r.0.domain),
+            )),
+            Arc::new(StringArray::from_iter_values(
+                rows.iter().map(|r| &r.0.name),
+            )),
             s(&|x| x.meta.owner.clone()),
-            s(&|x| Some(x.state.to_string())),
-            i(&|x| x.version),
-            i(&|x| x.stats.rows),
-            i(&|x| x.stats.bytes),
-            i(&|x| x.stats.files),
-            timestamps(infos.iter().map(|x| x.refreshed_at).collect()),
-            s(&|x| x.last_error.clone()),
-            i(&|x| i64::from(x.failures)),
+            Arc::new(StringArray::from_iter_values(rows.iter().map(|r| {
+                r.1.map_or(SliceState::Failed, |x| x.state).to_string()
+            }))),
+            i(&|x| Some(x.version)),
+            i(&|x| Some(x.stats.rows)),
+            i(&|x| Some(x.stats.bytes)),
+            i(&|x| Some(x.stats.files)),
+            t(&|x| x.refreshed_at),
+            Arc::new(StringArray::from(
+                rows.iter()
+                    .map(|r| match r {
+                        (_, Some(x), _) => x.last_error.clone(),
+                        (_, None, e) => e.map(|e| format!("cannot read the slice: {e}")),
+                    })
+                    .collect::<Vec<_>>(),
+            )),
+            i(&|x| Some(i64::from(x.failures))),
             Arc::new(DurationMillisecondArray::from(
-                infos.iter().map(|x| x.lag_ms).collect::<Vec<_>>(),
+                rows.iter()
+                    .map(|r| r.1.and_then(|x| x.lag_ms))
+                    .collect::<Vec<_>>(),
             )),
             s(&|x| x.frozen().and_then(|f| f.reason.clone())),
-            timestamps(infos.iter().map(|x| x.frozen().map(|f| f.since)).collect()),
+            t(&|x| x.frozen().map(|f| f.since)),
             s(&|x| Some(x.meta.refresh.clone())),
             s(&|x| Some(format_inputs(&x.meta.inputs))),
             s(&|x| Some(x.meta.definition.clone())),

@@ -518,19 +518,20 @@ impl IcePie {
         Ok(out)
     }
 
-    /// Every slice with its state, version, size and last error.
+    /// Every slice with its state, version, size and last error. A slice whose metadata
+    /// cannot be read is left out rather than failing the others; `system.slices` lists it
+    /// as `failed` with the reason.
     pub async fn slices(&self) -> Result<Vec<SliceInfo>> {
         self.sync_options();
         self.inner.shared.refresh_listing().await?;
-        system::all_slices(&self.inner.shared).await
+        Ok(system::all_slices(&self.inner.shared).await?.0)
     }
 
     /// One slice's state, version, size, lineage and definition.
     pub async fn slice(&self, name: &str) -> Result<SliceInfo> {
         let name = SliceName::parse(name)?;
         let shared = &self.inner.shared;
-        let attempts = shared.recent_attempts().await?;
-        slice::info(shared, &name, &attempts, &mut InputCache::default())
+        slice::info(shared, &name, &mut InputCache::default())
             .await?
             .ok_or_else(|| IcePieError::SliceNotFound(name.to_string()))
     }

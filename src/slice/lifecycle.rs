@@ -122,12 +122,8 @@ pub(crate) async fn thaw(shared: &Shared, name: &SliceName) -> Result<LifecycleO
     let (table, meta) = load(shared, name).await?;
     let version = table.version().unwrap_or_default() as i64;
     let (_, committed_at) = meta::latest_meta(&table, &name.to_string()).await?;
-    let failing = shared
-        .recent_attempts()
-        .await?
-        .failures_since(&name.to_string(), committed_at.unwrap_or(0))
-        .count
-        > 0;
+    let attempts = shared.attempts(name).await?;
+    let failing = super::log::failures_since(&attempts, committed_at.unwrap_or(0)).count > 0;
     if meta.frozen.is_none() && !failing {
         return Ok(LifecycleOutcome {
             slice: name.clone(),

@@ -1,14 +1,15 @@
-//! The refresh log: `<warehouse>/_system/refreshes/`, an append-only Delta table with one row
-//! per refresh attempt, successful or not. It is what `system.refreshes` shows and where a
-//! slice's `failed` and `suspended` states and its last error come from, so every process
-//! sees them.
+//! The refresh logs: one append-only Delta table per slice, `<warehouse>/_system/refreshes/
+//! <domain>/<name>/`, with one row per refresh attempt of that slice, successful or not.
+//! Together they are `system.refreshes`; a slice's `failed` and `suspended` states and its
+//! last error come from its own log, so every process sees them.
 //!
-//! The log only grows, so [`LogCache`] reads each of its data files once: a process keeps the
-//! most recent attempts of every slice and, when the log has a new version, reads only the
-//! files that version added. The scheduler consults it on every tick at the cost of one
-//! listing when nothing changed.
+//! One log per slice keeps slices isolated here too: recording an attempt of slice A costs
+//! the same however many attempts other slices have made, and never contends with them.
+//! A log only grows, so [`LogCache`] reads each of its data files once: a process keeps the
+//! most recent attempts of a slice and, when its log has new versions, reads only the files
+//! those versions added.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, LazyLock};
 
 use chrono::{DateTime, Utc};
@@ -27,7 +28,8 @@ use object_store::path::Path;
 use object_store::ObjectStoreExt;
 
 use crate::error::{IcePieError, Result};
-use crate::storage::{Warehouse, REFRESHES_PATH};
+use crate::storage::names::SliceName;
+use crate::storage::Warehouse;
 
 /// Schema of `system.refreshes`.
 pub static SCHEMA: LazyLock<SchemaRef> = LazyLock::new(|| {
@@ -104,13 +106,14 @@ impl Attempt {
     }
 }
 
-/// Appends one attempt to the log (creating the log table on first use).
-pub async fn append(warehouse: &Warehouse, attempt: &Attempt) -> Result<()> {
+/// Appends one attempt to the slice's log (creating the log on first use).
+pub async fn append(warehouse: &Warehouse, slice: &SliceName, attempt: &Attempt) -> Result<()> {
     let batch = attempt.to_batch()?;
+    let rel = Warehouse::refreshes_path(slice);
     // Two processes may both find no log and race to create it; the loser appends after.
     for round in 0..2 {
-        let existing = warehouse.load(REFRESHES_PATH, None).await?;
-        let (log_store, snapshot) = warehouse.write_base(REFRESHES_PATH, existing.as_ref())?;
+        let existing = warehouse.load(&rel, None).await?;
+        let (log_store, snapshot) = warehouse.write_base(&rel, existing.as_ref())?;
         let write = WriteBuilder::new(log_store, snapshot)
             .with_input_batches([batch.clone()])
             .with_save_mode(SaveMode::Append)
@@ -151,66 +154,121 @@ pub struct Failures {
 /// `max_failures`.
 pub const KEPT_PER_SLICE: usize = 128;
 
-/// The most recent attempts of every slice, oldest first.
-#[derive(Debug, Clone, Default)]
-pub struct RecentAttempts(HashMap<String, Vec<AttemptSummary>>);
-
-impl RecentAttempts {
-    /// Failed attempts of `slice` that started at or after `since` (ms), its latest commit.
-    pub fn failures_since(&self, slice: &str, since: i64) -> Failures {
-        let mut out = Failures::default();
-        for a in self.0.get(slice).into_iter().flatten() {
-            if a.started_at >= since && a.status == FAILED {
-                out.count += 1;
-                out.last = Some(a.clone());
-            }
+/// Failed attempts among `attempts` (oldest first) that started at or after `since` (ms), the
+/// slice's latest commit.
+pub fn failures_since(attempts: &[AttemptSummary], since: i64) -> Failures {
+    let mut out = Failures::default();
+    for a in attempts {
+        if a.started_at >= since && a.status == FAILED {
+            out.count += 1;
+            out.last = Some(a.clone());
         }
-        out
     }
+    out
 }
 
-/// What this process has read of the refresh log.
+/// What this process has read of the slices' refresh logs.
 #[derive(Debug, Default)]
 pub(crate) struct LogCache {
+    slices: HashMap<SliceName, SliceLog>,
+}
+
+/// The recent attempts of one slice, as read up to `version` of its log.
+#[derive(Debug, Default)]
+struct SliceLog {
     version: Option<u64>,
-    files: HashSet<Path>,
-    attempts: HashMap<String, VecDeque<AttemptSummary>>,
+    attempts: VecDeque<AttemptSummary>,
+}
+
+/// The data files a commit of the log added, from the commit file's `add` actions.
+fn added_files(commit: &[u8]) -> Vec<Path> {
+    commit
+        .split(|b| *b == b'\n')
+        .filter_map(|line| serde_json::from_slice::<serde_json::Value>(line).ok())
+        .filter_map(|action| {
+            let path = action.get("add")?.get("path")?.as_str()?.to_string();
+            // Paths in the Delta log are URL-encoded.
+            Path::from_url_path(path).ok()
+        })
+        .collect()
 }
 
 impl LogCache {
-    /// Reads what the log gained since the last call and returns the recent attempts.
-    pub async fn recent(&mut self, warehouse: &Warehouse) -> Result<RecentAttempts> {
-        if let Some(table) = warehouse.load(REFRESHES_PATH, None).await? {
-            if table.version() != self.version {
-                let mut new = Vec::new();
-                for file in table.snapshot()?.log_data().iter() {
-                    let path = file.object_store_path();
-                    if !self.files.contains(&path) {
-                        new.push(path);
+    /// The recent attempts of `slice`, oldest first, reading what its log gained since the
+    /// last call: the commits since then and their files. Only when those commits are gone
+    /// (Delta's log clean-up) is the whole log read again.
+    pub async fn attempts(
+        &mut self,
+        warehouse: &Warehouse,
+        slice: &SliceName,
+    ) -> Result<Vec<AttemptSummary>> {
+        let rel = Warehouse::refreshes_path(slice);
+        if !warehouse.has_log(&rel).await? {
+            self.slices.remove(slice);
+            return Ok(Vec::new());
+        }
+        let log = warehouse.handle(&rel)?;
+        let latest = log.get_latest_version().await?;
+        let cached = self.slices.entry(slice.clone()).or_default();
+        if cached.version != Some(latest) {
+            cached.catch_up(warehouse, &rel, &log, latest).await?;
+        }
+        Ok(cached.attempts.iter().cloned().collect())
+    }
+}
+
+impl SliceLog {
+    async fn catch_up(
+        &mut self,
+        warehouse: &Warehouse,
+        rel: &str,
+        log: &deltalake::DeltaTable,
+        latest: u64,
+    ) -> Result<()> {
+        if let Some(read) = self.version.filter(|v| *v < latest) {
+            let mut files = Vec::new();
+            let mut complete = true;
+            for version in read + 1..=latest {
+                match log.log_store().read_commit_entry(version).await? {
+                    Some(commit) => files.extend(added_files(&commit)),
+                    None => {
+                        complete = false;
+                        break;
                     }
                 }
-                for path in new {
-                    self.read_file(warehouse, &path).await?;
-                    self.files.insert(path);
+            }
+            if complete {
+                for file in files {
+                    self.read_file(warehouse, rel, &file).await?;
                 }
-                self.version = table.version();
+                self.version = Some(latest);
+                return Ok(());
             }
         }
-        Ok(RecentAttempts(
-            self.attempts
-                .iter()
-                .map(|(k, v)| (k.clone(), v.iter().cloned().collect()))
-                .collect(),
-        ))
+        // First read, a log made anew, or commits gone: read every file of the latest version.
+        let Some(table) = warehouse.load(rel, None).await? else {
+            return Ok(());
+        };
+        self.attempts.clear();
+        let files: Vec<Path> = table
+            .snapshot()?
+            .log_data()
+            .iter()
+            .map(|f| f.object_store_path())
+            .collect();
+        for file in files {
+            self.read_file(warehouse, rel, &file).await?;
+        }
+        self.version = table.version();
+        Ok(())
     }
 
-    async fn read_file(&mut self, warehouse: &Warehouse, path: &Path) -> Result<()> {
-        let full = Path::parse(format!("{REFRESHES_PATH}{path}")).map_err(|e| {
-            IcePieError::CorruptMetadata {
+    async fn read_file(&mut self, warehouse: &Warehouse, rel: &str, path: &Path) -> Result<()> {
+        let full =
+            Path::parse(format!("{rel}{path}")).map_err(|e| IcePieError::CorruptMetadata {
                 what: "the refresh log".into(),
                 reason: format!("bad file path {path}: {e}"),
-            }
-        })?;
+            })?;
         // One attempt per file: small enough to read whole.
         let data = warehouse.store().get(&full).await?.bytes().await?;
         let reader = ParquetRecordBatchReaderBuilder::try_new(data)
@@ -224,8 +282,7 @@ impl LogCache {
 
     fn add_batch(&mut self, batch: &RecordBatch) {
         let column = |name: &str| batch.column_by_name(name).cloned();
-        let (Some(slice), Some(started), Some(duration), Some(status), error) = (
-            column("slice"),
+        let (Some(started), Some(duration), Some(status), error) = (
             column("started_at"),
             column("duration_ms"),
             column("status"),
@@ -233,7 +290,6 @@ impl LogCache {
         ) else {
             return;
         };
-        let slice = strings(&slice);
         let status = strings(&status);
         let error = error
             .map(|e| strings(&e))
@@ -246,7 +302,7 @@ impl LogCache {
             return;
         };
         for row in 0..batch.num_rows() {
-            let (Some(slice), Some(status)) = (slice[row].clone(), status[row].clone()) else {
+            let Some(status) = status[row].clone() else {
                 continue;
             };
             let started_at = started.value(row) / 1000;
@@ -256,11 +312,12 @@ impl LogCache {
                 ended_at: started_at + duration.value(row),
                 error: error[row].clone(),
             };
-            let list = self.attempts.entry(slice).or_default();
-            let at = list.partition_point(|a| a.started_at <= started_at);
-            list.insert(at, summary);
-            if list.len() > KEPT_PER_SLICE {
-                list.pop_front();
+            let at = self
+                .attempts
+                .partition_point(|a| a.started_at <= started_at);
+            self.attempts.insert(at, summary);
+            if self.attempts.len() > KEPT_PER_SLICE {
+                self.attempts.pop_front();
             }
         }
     }
@@ -300,7 +357,7 @@ mod tests {
 
     #[test]
     fn failures_count_only_failed_attempts_since_the_latest_commit() {
-        let mut cache = LogCache::default();
+        let mut log = SliceLog::default();
         // Out of order on purpose: files are read in no particular order.
         for a in [
             attempt(FAILED, 300),
@@ -309,32 +366,41 @@ mod tests {
             attempt(CONFLICT, 250),
             attempt(FAILED, 200),
         ] {
-            cache.add_batch(&a.to_batch().unwrap());
+            log.add_batch(&a.to_batch().unwrap());
         }
-        let recent = RecentAttempts(
-            cache
-                .attempts
-                .iter()
-                .map(|(k, v)| (k.clone(), v.iter().cloned().collect()))
-                .collect(),
-        );
-        let f = recent.failures_since("d.s", 150);
+        let attempts: Vec<AttemptSummary> = log.attempts.iter().cloned().collect();
+        let f = failures_since(&attempts, 150);
         assert_eq!(f.count, 2);
         let last = f.last.unwrap();
         assert_eq!((last.started_at, last.ended_at), (300, 305));
         assert_eq!(last.error.as_deref(), Some("boom at 300"));
-        assert_eq!(recent.failures_since("d.s", 301).count, 0);
-        assert_eq!(recent.failures_since("other.s", 0), Failures::default());
+        assert_eq!(failures_since(&attempts, 301).count, 0);
+        assert_eq!(failures_since(&[], 0), Failures::default());
     }
 
     #[test]
     fn only_the_most_recent_attempts_are_kept() {
-        let mut cache = LogCache::default();
+        let mut log = SliceLog::default();
         for i in 0..(KEPT_PER_SLICE as i64 + 10) {
-            cache.add_batch(&attempt(FAILED, i).to_batch().unwrap());
+            log.add_batch(&attempt(FAILED, i).to_batch().unwrap());
         }
-        let kept = &cache.attempts["d.s"];
-        assert_eq!(kept.len(), KEPT_PER_SLICE);
-        assert_eq!(kept.front().unwrap().started_at, 10);
+        assert_eq!(log.attempts.len(), KEPT_PER_SLICE);
+        assert_eq!(log.attempts.front().unwrap().started_at, 10);
+    }
+}
+
+#[cfg(test)]
+mod added_files_tests {
+    use super::added_files;
+
+    #[test]
+    fn commits_name_their_added_files_url_encoded() {
+        let commit = b"{\"commitInfo\":{\"timestamp\":1}}\n\
+            {\"add\":{\"path\":\"part-0001.parquet\",\"size\":10}}\n\
+            {\"add\":{\"path\":\"k=a%20b/part-0002.parquet\",\"size\":10}}\n";
+        let files: Vec<String> = added_files(commit).iter().map(|p| p.to_string()).collect();
+        assert_eq!(files.len(), 2);
+        assert_eq!(files[0], "part-0001.parquet");
+        assert!(files[1].starts_with("k=a"), "{}", files[1]);
     }
 }

@@ -171,17 +171,34 @@ fn descriptor(info: &CommitInfo, name: &str) -> Result<Option<SliceMeta>> {
         .transpose()
 }
 
+/// How far back [`latest_meta`] looks past commits icepie did not make.
+const FOREIGN_COMMITS_SKIPPED: i64 = 100;
+
 /// The descriptor in force and the time (ms since the epoch) of the table's loaded version.
+///
+/// Another Delta writer may have committed to the slice since (an `OPTIMIZE` by Spark, say):
+/// the descriptor is then the one of the latest commit icepie made.
 pub async fn latest_meta(table: &DeltaTable, name: &str) -> Result<(SliceMeta, Option<i64>)> {
-    let version = table
+    let latest = table
         .version()
-        .ok_or_else(|| corrupt(name, "its Delta log has no commit".into()))?;
-    let info = commit_info(table, version as i64)
-        .await?
-        .ok_or_else(|| corrupt(name, format!("commit {version} has no commitInfo")))?;
-    let meta = descriptor(&info, name)?
-        .ok_or_else(|| corrupt(name, format!("commit {version} was not made by icepie")))?;
-    Ok((meta, info.timestamp))
+        .ok_or_else(|| corrupt(name, "its Delta log has no commit".into()))?
+        as i64;
+    let mut committed_at = None;
+    for version in (0..=latest).rev().take(FOREIGN_COMMITS_SKIPPED as usize) {
+        let Some(info) = commit_info(table, version).await? else {
+            break;
+        };
+        if version == latest {
+            committed_at = info.timestamp;
+        }
+        if let Some(meta) = descriptor(&info, name)? {
+            return Ok((meta, committed_at));
+        }
+    }
+    Err(corrupt(
+        name,
+        format!("none of its latest commits (up to version {latest}) was made by icepie"),
+    ))
 }
 
 /// Every commit of the slice still in its Delta log, newest first.

@@ -42,7 +42,6 @@ use crate::error::{IcePieError, Result};
 use crate::options::IcePieOptions;
 use crate::storage::names::SliceName;
 use crate::storage::{table_stats, TableStats, Warehouse};
-use log::RecentAttempts;
 use meta::{format_inputs, CommitKind, Frozen, InputVersion, SliceMeta, COMMIT_KEY};
 
 /// What a slice is built from: its definition and settings.
@@ -194,7 +193,9 @@ pub(crate) fn commit_error(name: &SliceName, base: Option<i64>, e: DeltaTableErr
     if is_conflict(&e) {
         IcePieError::Conflict {
             slice: name.to_string(),
-            base: base.map_or("no version".into(), |v| format!("version {v}")),
+            base: base.map_or("no version (the slice did not exist yet)".into(), |v| {
+                format!("version {v}")
+            }),
         }
     } else {
         e.into()
@@ -253,7 +254,7 @@ pub(crate) async fn build(
             attempt.version = Some(version);
             attempt.rows = Some(stats.rows);
             attempt.bytes = Some(stats.bytes);
-            log::append(&shared.warehouse, &attempt).await.map_err(|e| {
+            log::append(&shared.warehouse, name, &attempt).await.map_err(|e| {
                 IcePieError::Warehouse {
                     location: shared.warehouse.url().to_string(),
                     reason: format!(
@@ -283,7 +284,7 @@ pub(crate) async fn build(
                 let _ = shared.warehouse.delete_prefix(&rel).await;
             }
             // The build's own error matters more than a failure to log it.
-            let _ = log::append(&shared.warehouse, &attempt).await;
+            let _ = log::append(&shared.warehouse, name, &attempt).await;
             Err(IcePieError::RefreshFailed {
                 slice: name.to_string(),
                 serving: existing
@@ -453,12 +454,11 @@ pub(crate) struct InputCache {
     latest: HashMap<String, Option<i64>>,
 }
 
-/// Reads what `system.slices` shows of one slice. `attempts` is what the refresh log says of
-/// recent attempts; `inputs` caches input versions across slices.
+/// Reads what `system.slices` shows of one slice; `inputs` caches input versions across
+/// slices.
 pub(crate) async fn info(
     shared: &Shared,
     name: &SliceName,
-    attempts: &RecentAttempts,
     inputs: &mut InputCache,
 ) -> Result<Option<SliceInfo>> {
     let Some(table) = shared
@@ -471,7 +471,7 @@ pub(crate) async fn info(
     let (meta, committed) = meta::latest_meta(&table, &name.to_string()).await?;
     let version = table.version().unwrap_or_default() as i64;
     let stats = table_stats(&table)?;
-    let failures = attempts.failures_since(&name.to_string(), committed.unwrap_or(0));
+    let failures = log::failures_since(&shared.attempts(name).await?, committed.unwrap_or(0));
     let now = Utc::now().timestamp_millis();
     let mut stale = false;
     let mut oldest_change: Option<i64> = None;

@@ -3,7 +3,8 @@
 //! ```text
 //! <warehouse>/core/<table>/            Delta table, append-only (delta.appendOnly = true)
 //! <warehouse>/slices/<domain>/<name>/  Delta table; one Overwrite commit per successful refresh
-//! <warehouse>/_system/refreshes/       Delta table: append-only log of every refresh attempt
+//! <warehouse>/_system/refreshes/<domain>/<name>/  Delta table: append-only log of a slice's
+//!                                                  refresh attempts
 //! ```
 //!
 //! Paths are only ever built from names validated by [`names`], so nothing is read or written
@@ -13,20 +14,20 @@
 pub mod names;
 
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use deltalake::kernel::EagerSnapshot;
 use deltalake::logstore::LogStoreRef;
 use deltalake::{DeltaTable, DeltaTableBuilder, DeltaTableError, ObjectStore};
 use futures::TryStreamExt;
 use object_store::path::Path;
-use object_store::ObjectStoreExt;
+use object_store::{ObjectMeta, ObjectStoreExt};
 use url::Url;
 
 use crate::error::{IcePieError, Result};
 use names::SliceName;
 
-/// Relative path of the refresh log table.
+/// Folder of the refresh logs, one Delta table per slice under `<domain>/<name>/`.
 pub const REFRESHES_PATH: &str = "_system/refreshes/";
 /// Folder of the core tables.
 pub const CORE_DIR: &str = "core";
@@ -43,6 +44,15 @@ pub struct Warehouse {
     custom_store: Option<Arc<dyn ObjectStore>>,
     storage_options: HashMap<String, String>,
     root_store: Arc<dyn ObjectStore>,
+    /// Tables loaded at their latest version, brought up to date incrementally.
+    latest: Arc<Mutex<HashMap<String, Cached>>>,
+}
+
+/// A table as last loaded, and the commit file its state ends with.
+#[derive(Debug, Clone)]
+struct Cached {
+    table: DeltaTable,
+    commit: ObjectMeta,
 }
 
 impl Warehouse {
@@ -95,6 +105,7 @@ impl Warehouse {
             custom_store,
             storage_options,
             root_store,
+            latest: Arc::default(),
         })
     }
 
@@ -116,6 +127,11 @@ impl Warehouse {
     /// Relative path of a slice.
     pub fn slice_path(name: &SliceName) -> String {
         format!("{SLICES_DIR}/{}/{}/", name.domain, name.name)
+    }
+
+    /// Relative path of a slice's refresh log.
+    pub fn refreshes_path(name: &SliceName) -> String {
+        format!("{REFRESHES_PATH}{}/{}/", name.domain, name.name)
     }
 
     /// A Delta table builder for the table at `rel` (a path built by this module).
@@ -151,7 +167,29 @@ impl Warehouse {
     }
 
     /// Loads the table at `rel` at its latest version (or `version`); `None` if there is none.
+    ///
+    /// A table loaded at its latest version before is brought up to date from where it was
+    /// (reading only the commits since), unless its log was replaced meanwhile: a table
+    /// dropped and created again, by any process, is loaded anew.
     pub async fn load(&self, rel: &str, version: Option<i64>) -> Result<Option<DeltaTable>> {
+        if version.is_some() {
+            return self.load_anew(rel, version).await;
+        }
+        let cached = self.latest.lock().expect("table cache").get(rel).cloned();
+        if let Some(cached) = cached {
+            if let Ok(Some(table)) = self.bring_up_to_date(rel, cached).await {
+                return Ok(Some(table));
+            }
+            self.latest.lock().expect("table cache").remove(rel);
+        }
+        let table = self.load_anew(rel, None).await?;
+        if let Some(t) = &table {
+            self.remember(rel, t).await;
+        }
+        Ok(table)
+    }
+
+    async fn load_anew(&self, rel: &str, version: Option<i64>) -> Result<Option<DeltaTable>> {
         let mut builder = self.builder(rel)?;
         if let Some(v) = version {
             builder = builder.with_version(v as _);
@@ -163,6 +201,48 @@ impl Warehouse {
             Err(_) if !self.has_log(rel).await? => Ok(None),
             Err(e) => Err(e.into()),
         }
+    }
+
+    fn commit_path(rel: &str, version: Option<u64>) -> Option<Path> {
+        version.map(|v| Path::from(format!("{rel}_delta_log/{v:020}.json")))
+    }
+
+    /// Keeps `table`, loaded at its latest version, with the identity of its last commit.
+    async fn remember(&self, rel: &str, table: &DeltaTable) {
+        let Some(path) = Self::commit_path(rel, table.version()) else {
+            return;
+        };
+        if let Ok(commit) = self.root_store.head(&path).await {
+            let cached = Cached {
+                table: table.clone(),
+                commit,
+            };
+            self.latest
+                .lock()
+                .expect("table cache")
+                .insert(rel.to_string(), cached);
+        }
+    }
+
+    /// `cached` brought to the latest version; `None` when its log is no longer the same.
+    async fn bring_up_to_date(&self, rel: &str, cached: Cached) -> Result<Option<DeltaTable>> {
+        let Some(path) = Self::commit_path(rel, cached.table.version()) else {
+            return Ok(None);
+        };
+        let now = self.root_store.head(&path).await?;
+        if now.last_modified != cached.commit.last_modified
+            || now.e_tag != cached.commit.e_tag
+            || now.size != cached.commit.size
+        {
+            return Ok(None);
+        }
+        let before = cached.table.version();
+        let mut table = cached.table;
+        table.update_incremental(None).await?;
+        if table.version() != before {
+            self.remember(rel, &table).await;
+        }
+        Ok(Some(table))
     }
 
     /// Names of the folders directly under `rel` that are valid names.
@@ -184,6 +264,10 @@ impl Warehouse {
     /// Deletes every object under `rel`, the Delta log first so that the table stops existing
     /// for readers before its data files go.
     pub async fn delete_prefix(&self, rel: &str) -> Result<()> {
+        self.latest
+            .lock()
+            .expect("table cache")
+            .retain(|cached, _| !cached.starts_with(rel));
         let log = Path::from(format!("{rel}_delta_log"));
         for prefix in [log, Path::from(rel)] {
             let paths: Vec<Path> = self

@@ -213,3 +213,42 @@ async fn a_refresh_over_its_memory_budget_fails_alone() {
     run(&w, "SET icepie.refresh_memory_limit = '1GB'").await;
     assert_eq!(w.refresh("vocabulary").await.unwrap().version, 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_damaged_slice_is_reported_and_hides_nothing_else() {
+    let (dir, w) = crate::support::open_with(&[("scheduler_tick", "50ms")]).await;
+    run(
+        &w,
+        "CREATE CORE TABLE t (n BIGINT); INGEST INTO t VALUES (1);
+         CREATE SLICE broken AS SELECT n FROM core.t;
+         CREATE SLICE healthy REFRESH ON CHANGE AS SELECT sum(n) AS s FROM core.t;",
+    )
+    .await;
+    let log = dir
+        .path()
+        .join("slices/slices/broken/_delta_log/00000000000000000000.json");
+    std::fs::write(log, "{ not json").unwrap();
+
+    assert_eq!(
+        table(
+            &w,
+            "SELECT name, state, version, last_error LIKE 'cannot read the slice: %' AS why \
+             FROM system.slices ORDER BY name"
+        )
+        .await,
+        "+---------+--------+---------+------+\n\
+         | name    | state  | version | why  |\n\
+         +---------+--------+---------+------+\n\
+         | broken  | failed |         | true |\n\
+         | healthy | fresh  | 0       |      |\n\
+         +---------+--------+---------+------+"
+    );
+    // The scheduler goes on refreshing the healthy slice.
+    run(&w, "INGEST INTO t VALUES (2)").await;
+    crate::support::eventually(15, "'healthy' refreshed by the scheduler", || async {
+        (crate::support::version(&w, "healthy").await == 1).then_some(())
+    })
+    .await;
+    assert_eq!(scalar(&w, "SELECT s FROM healthy").await, "3");
+    assert_eq!(w.slices().await.unwrap().len(), 1);
+}

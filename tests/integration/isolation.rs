@@ -85,7 +85,7 @@ async fn a_refresh_reads_only_its_inputs_and_its_own_table() {
     let allowed = [
         prefix(&root, "core/a/"),
         prefix(&root, "slices/slices/s1/"),
-        prefix(&root, "_system/refreshes/"),
+        prefix(&root, "_system/refreshes/slices/s1/"),
     ];
     let accesses = store.take();
     assert!(!accesses.is_empty());

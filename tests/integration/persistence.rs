@@ -152,3 +152,29 @@ async fn freezes_and_suspensions_are_kept_in_the_warehouse() {
     b.thaw("frozen").await.unwrap();
     assert_eq!(b.refresh("frozen").await.unwrap().version, 3);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slice_dropped_and_created_again_elsewhere_is_read_anew() {
+    let dir = tempfile::tempdir().unwrap();
+    let location = dir.path().to_string_lossy().to_string();
+    let a = IcePie::open(location.clone()).await.unwrap();
+    let b = IcePie::open(location).await.unwrap();
+    run(
+        &a,
+        "CREATE CORE TABLE t (n INT); INGEST INTO t VALUES (1), (2);
+         CREATE SLICE s AS SELECT sum(n) AS v FROM core.t;
+         REFRESH SLICE s;",
+    )
+    .await;
+    assert_eq!(scalar(&a, "SELECT v FROM s").await, "3");
+    // Another handle replaces the slice by a new table whose log starts again at version 0.
+    run(
+        &b,
+        "DROP SLICE s; CREATE SLICE s AS SELECT count(*) * 100 AS v FROM core.t;",
+    )
+    .await;
+    assert_eq!(scalar(&a, "SELECT v FROM s").await, "200");
+    assert_eq!(a.slice("s").await.unwrap().version, 0);
+    run(&b, "REFRESH SLICE s; REFRESH SLICE s").await;
+    assert_eq!(a.slice("s").await.unwrap().version, 2);
+}
