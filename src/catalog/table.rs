@@ -4,6 +4,12 @@
 //! query sees one whole committed version even while a refresh commits the next one
 //! (invariant 1), and it reads only that table's files (invariant 3). Writes through plain SQL
 //! are refused with an error that says which icepie statement to use instead.
+//!
+//! Tables as icepie writes them (no partition columns, no Delta reader features such as
+//! deletion vectors or column mapping) are exactly their Parquet files, so the provider hands
+//! that version's file list to DataFusion's own Parquet scan, as DataFusion reads a listing
+//! table, with no per-row work on top. Any other table (a partitioned slice, a table another
+//! engine upgraded) is read through delta-rs's provider, which applies what Delta requires.
 
 use std::borrow::Cow;
 use std::fmt;
@@ -12,13 +18,23 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use datafusion::arrow::datatypes::SchemaRef;
 use datafusion::catalog::{ScanArgs, ScanResult, Session, TableProvider};
+use datafusion::common::project_schema;
+use datafusion::common::stats::Precision;
 use datafusion::common::{Constraints, DFSchemaRef, Statistics};
+use datafusion::datasource::file_format::parquet::ParquetFormat;
+use datafusion::datasource::file_format::FileFormat;
+use datafusion::datasource::listing::PartitionedFile;
+use datafusion::datasource::physical_plan::{FileGroup, FileScanConfigBuilder};
+use datafusion::datasource::table_schema::TableSchema;
 use datafusion::datasource::TableType;
 use datafusion::error::Result as DFResult;
+use datafusion::execution::object_store::ObjectStoreUrl;
 use datafusion::logical_expr::dml::InsertOp;
 use datafusion::logical_expr::{Expr, LogicalPlan, TableProviderFilterPushDown};
+use datafusion::physical_plan::empty::EmptyExec;
 use datafusion::physical_plan::ExecutionPlan;
 use deltalake::DeltaTable;
+use object_store::path::Path;
 
 use crate::error::{IcePieError, Result};
 
@@ -39,7 +55,100 @@ pub struct IcePieTable {
     name: String,
     version: i64,
     table: DeltaTable,
-    inner: Arc<dyn TableProvider>,
+    reader: Reader,
+}
+
+/// How a provider reads its version.
+enum Reader {
+    /// The version's Parquet files, scanned by DataFusion directly.
+    Direct(DirectScan),
+    /// delta-rs's provider.
+    Delta(Arc<dyn TableProvider>),
+}
+
+/// The files of one version of a table that needs no Delta reader features.
+struct DirectScan {
+    schema: SchemaRef,
+    store: ObjectStoreUrl,
+    files: Vec<PartitionedFile>,
+    statistics: Statistics,
+}
+
+impl DirectScan {
+    /// The direct scan of `table`'s loaded version, or `None` when it needs delta-rs.
+    fn try_new(table: &DeltaTable) -> Result<Option<Self>> {
+        let state = table.snapshot()?;
+        // Read through serde: delta-rs keeps these accessors internal.
+        let metadata = serde_json::to_value(state.metadata()).unwrap_or_default();
+        let protocol = serde_json::to_value(state.protocol()).unwrap_or_default();
+        let partitioned = metadata
+            .get("partitionColumns")
+            .and_then(|c| c.as_array())
+            .is_none_or(|c| !c.is_empty());
+        let plain_reader = protocol.get("minReaderVersion").and_then(|v| v.as_i64()) == Some(1);
+        if partitioned || !plain_reader {
+            return Ok(None);
+        }
+        let url = table.table_url();
+        let store = ObjectStoreUrl::parse(&url[..url::Position::BeforePath])?;
+        let root = Path::from_url_path(url.path()).map_err(|e| IcePieError::CorruptMetadata {
+            what: url.to_string(),
+            reason: e.to_string(),
+        })?;
+        let schema = state.snapshot().arrow_schema();
+        let (mut rows, mut bytes) = (Some(0usize), 0usize);
+        let mut files = Vec::new();
+        for file in state.log_data().iter() {
+            let relative = file.object_store_path();
+            let location = root.parts().chain(relative.parts());
+            let size = u64::try_from(file.size()).unwrap_or_default();
+            files.push(PartitionedFile::new(
+                Path::from_iter(location).to_string(),
+                size,
+            ));
+            rows = rows.zip(file.num_records()).map(|(a, b)| a + b);
+            bytes += usize::try_from(size).unwrap_or_default();
+        }
+        let mut statistics = Statistics::new_unknown(&schema);
+        statistics.num_rows = rows.map_or(Precision::Absent, Precision::Exact);
+        statistics.total_byte_size = Precision::Inexact(bytes);
+        Ok(Some(Self {
+            schema,
+            store,
+            files,
+            statistics,
+        }))
+    }
+
+    async fn scan(
+        &self,
+        state: &dyn Session,
+        projection: Option<&Vec<usize>>,
+        limit: Option<usize>,
+    ) -> DFResult<Arc<dyn ExecutionPlan>> {
+        if self.files.is_empty() {
+            let schema = project_schema(&self.schema, projection)?;
+            return Ok(Arc::new(EmptyExec::new(schema)));
+        }
+        // Spread the files over the partitions; DataFusion splits big files further.
+        let groups = state
+            .config()
+            .target_partitions()
+            .clamp(1, self.files.len());
+        let mut file_groups: Vec<Vec<PartitionedFile>> = vec![Vec::new(); groups];
+        for (i, file) in self.files.iter().enumerate() {
+            file_groups[i % groups].push(file.clone());
+        }
+        let format = ParquetFormat::default().with_options(state.table_options().parquet.clone());
+        let source = format.file_source(TableSchema::from(self.schema.clone()));
+        let config = FileScanConfigBuilder::new(self.store.clone(), source)
+            .with_file_groups(file_groups.into_iter().map(FileGroup::new).collect())
+            .with_statistics(self.statistics.clone())
+            .with_projection_indices(projection.cloned())?
+            .with_limit(limit)
+            .build();
+        format.create_physical_plan(state, config).await
+    }
 }
 
 impl fmt::Debug for IcePieTable {
@@ -61,13 +170,16 @@ impl IcePieTable {
                 what: name.clone(),
                 reason: "the Delta table has no committed version".into(),
             })?;
-        let inner = table.table_provider().await?;
+        let reader = match DirectScan::try_new(&table)? {
+            Some(direct) => Reader::Direct(direct),
+            None => Reader::Delta(table.table_provider().await?),
+        };
         Ok(Self {
             kind,
             name,
             version: version as i64,
             table,
-            inner,
+            reader,
         })
     }
 
@@ -120,11 +232,17 @@ impl IcePieTable {
 #[async_trait]
 impl TableProvider for IcePieTable {
     fn schema(&self) -> SchemaRef {
-        self.inner.schema()
+        match &self.reader {
+            Reader::Direct(d) => d.schema.clone(),
+            Reader::Delta(p) => p.schema(),
+        }
     }
 
     fn constraints(&self) -> Option<&Constraints> {
-        self.inner.constraints()
+        match &self.reader {
+            Reader::Direct(_) => None,
+            Reader::Delta(p) => p.constraints(),
+        }
     }
 
     fn table_type(&self) -> TableType {
@@ -145,7 +263,11 @@ impl TableProvider for IcePieTable {
         self.table
             .update_datafusion_session(state)
             .map_err(IcePieError::from)?;
-        self.inner.scan(state, projection, filters, limit).await
+        match &self.reader {
+            // Filters are Inexact: DataFusion pushes them into the Parquet scan itself.
+            Reader::Direct(d) => d.scan(state, projection, limit).await,
+            Reader::Delta(p) => p.scan(state, projection, filters, limit).await,
+        }
     }
 
     async fn scan_with_args<'a>(
@@ -153,21 +275,39 @@ impl TableProvider for IcePieTable {
         state: &dyn Session,
         args: ScanArgs<'a>,
     ) -> DFResult<ScanResult> {
-        self.table
-            .update_datafusion_session(state)
-            .map_err(IcePieError::from)?;
-        self.inner.scan_with_args(state, args).await
+        match &self.reader {
+            Reader::Direct(_) => {
+                let projection = args.projection().map(|p| p.to_vec());
+                let filters = args.filters().map(|f| f.to_vec()).unwrap_or_default();
+                let plan = self
+                    .scan(state, projection.as_ref(), &filters, args.limit())
+                    .await?;
+                Ok(ScanResult::new(plan))
+            }
+            Reader::Delta(p) => {
+                self.table
+                    .update_datafusion_session(state)
+                    .map_err(IcePieError::from)?;
+                p.scan_with_args(state, args).await
+            }
+        }
     }
 
     fn supports_filters_pushdown(
         &self,
         filters: &[&Expr],
     ) -> DFResult<Vec<TableProviderFilterPushDown>> {
-        self.inner.supports_filters_pushdown(filters)
+        match &self.reader {
+            Reader::Direct(_) => Ok(vec![TableProviderFilterPushDown::Inexact; filters.len()]),
+            Reader::Delta(p) => p.supports_filters_pushdown(filters),
+        }
     }
 
     fn statistics(&self) -> Option<Statistics> {
-        self.inner.statistics()
+        match &self.reader {
+            Reader::Direct(d) => Some(d.statistics.clone()),
+            Reader::Delta(p) => p.statistics(),
+        }
     }
 
     async fn insert_into(

@@ -11,6 +11,7 @@
 
 mod output;
 pub mod scheduler;
+mod yield_points;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -127,6 +128,7 @@ impl IcePieBuilder {
             .with_config(config)
             .with_runtime_env(runtime)
             .with_query_planner(DeltaPlanner::new())
+            .with_physical_optimizer_rule(Arc::new(yield_points::YieldAfterJoins))
             .build();
         let ctx = SessionContext::new_with_state(state);
         let shared = Arc::new(Shared::new(warehouse, options));
