@@ -35,6 +35,7 @@ use datafusion::physical_plan::empty::EmptyExec;
 use datafusion::physical_plan::ExecutionPlan;
 use deltalake::DeltaTable;
 use object_store::path::Path;
+use object_store::ObjectMeta;
 
 use crate::error::{IcePieError, Result};
 
@@ -100,12 +101,16 @@ impl DirectScan {
         let mut files = Vec::new();
         for file in state.log_data().iter() {
             let relative = file.object_store_path();
-            let location = root.parts().chain(relative.parts());
             let size = u64::try_from(file.size()).unwrap_or_default();
-            files.push(PartitionedFile::new(
-                Path::from_iter(location).to_string(),
+            // The parts are already encoded: build the path from them, not from text.
+            files.push(PartitionedFile::new_from_meta(ObjectMeta {
+                location: Path::from_iter(root.parts().chain(relative.parts())),
+                last_modified: chrono::DateTime::from_timestamp_millis(file.modification_time())
+                    .unwrap_or_default(),
                 size,
-            ));
+                e_tag: None,
+                version: None,
+            }));
             rows = rows.zip(file.num_records()).map(|(a, b)| a + b);
             bytes += usize::try_from(size).unwrap_or_default();
         }

@@ -87,3 +87,21 @@ async fn names_never_reach_outside_the_warehouse() {
         .collect();
     assert_eq!(entries, vec!["wh".to_string()]);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_warehouse_whose_path_needs_escaping_works() {
+    let dir = tempfile::tempdir().unwrap();
+    let location = dir.path().join("my data 100%");
+    let w = IcePie::open(location.to_string_lossy().to_string())
+        .await
+        .unwrap();
+    run(
+        &w,
+        "CREATE CORE TABLE t (n INT); INGEST INTO t VALUES (1), (2);
+         CREATE SLICE s AS SELECT sum(n) AS total FROM core.t;",
+    )
+    .await;
+    assert_eq!(scalar(&w, "SELECT total FROM s").await, "3");
+    assert_eq!(scalar(&w, "SELECT count(*) FROM core.t").await, "2");
+    assert_eq!(scalar(&w, "SELECT total FROM slice_at('s', 0)").await, "3");
+}
