@@ -1,7 +1,7 @@
 //! Schema `system`: `core_tables`, `slices` and `refreshes`.
 //!
 //! `core_tables` and `slices` are computed from the warehouse each time a query names them;
-//! `refreshes` is the refresh log's Delta table itself.
+//! `refreshes` reads the slices' refresh logs (one Delta table per slice) as one table.
 
 use std::sync::{Arc, LazyLock};
 

@@ -216,7 +216,7 @@ async fn open(shared: &Shared, key: &PinKey) -> Result<Arc<dyn TableProvider>> {
         .ok_or_else(|| IcePieError::SliceNotFound(name.to_string()))?;
     let retain = shared.options().retain_versions;
     if key.function == SLICE_HISTORY {
-        let (table, _) = lifecycle::load(shared, &name).await?;
+        let table = lifecycle::load_table(shared, &name).await?;
         let history = meta::history(&table, &name.to_string()).await?;
         return system::history_table(&history, latest, retain);
     }
@@ -273,12 +273,13 @@ pub(crate) async fn plan_sql(
 ) -> Result<LogicalPlan> {
     let dialect = GenericDialect {};
     let mut statements = DFParser::parse_sql_with_dialect(sql, &dialect)?;
-    let (Some(stmt), None) = (statements.pop_front(), statements.pop_front()) else {
+    if statements.len() != 1 {
         return Err(IcePieError::Syntax(format!(
             "expected exactly one statement, found {}",
-            statements.len() + 2
+            statements.len()
         )));
-    };
+    }
+    let stmt = statements.pop_front().expect("one statement");
     plan_statement(state, shared, stmt).await
 }
 

@@ -346,8 +346,8 @@ impl IcePie {
                     "SELECT * FROM {}('{name}') ORDER BY version DESC",
                     time_travel::SLICE_HISTORY
                 );
-                let stmt = parse_sql(&sql)?.pop().expect("one statement");
-                Box::pin(self.execute(stmt)).await
+                let plan = time_travel::plan_sql(&state, shared, &sql).await?;
+                Ok(ctx.execute_logical_plan(plan).await?)
             }
             Statement::Vacuum(Some(name)) => {
                 let out = self.vacuum(&name.to_string()).await?;
@@ -456,7 +456,7 @@ impl IcePie {
         let shared = &self.inner.shared;
         let lock = self.lock(name);
         let _guard = lock.lock().await;
-        let (table, meta) = lifecycle::load(shared, name).await?;
+        let (table, meta, _) = lifecycle::load(shared, name).await?;
         if let Some(frozen) = &meta.frozen {
             return Err(frozen_error(name, frozen, "REFRESH SLICE"));
         }
@@ -500,7 +500,7 @@ impl IcePie {
     /// `SHOW SLICE HISTORY`: every commit of the slice still in its log, newest first.
     pub async fn history(&self, name: &str) -> Result<Vec<HistoryEntry>> {
         let name = SliceName::parse(name)?;
-        let (table, _) = lifecycle::load(&self.inner.shared, &name).await?;
+        let table = lifecycle::load_table(&self.inner.shared, &name).await?;
         meta::history(&table, &name.to_string()).await
     }
 

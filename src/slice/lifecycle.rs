@@ -34,15 +34,24 @@ pub struct LifecycleOutcome {
     pub committed: bool,
 }
 
-/// The slice's table at its latest version and its descriptor, or `SliceNotFound`.
-pub(crate) async fn load(shared: &Shared, name: &SliceName) -> Result<(DeltaTable, SliceMeta)> {
-    let table = shared
+/// The slice's table at its latest version, or `SliceNotFound`.
+pub(crate) async fn load_table(shared: &Shared, name: &SliceName) -> Result<DeltaTable> {
+    shared
         .warehouse
         .load(&Warehouse::slice_path(name), None)
         .await?
-        .ok_or_else(|| IcePieError::SliceNotFound(name.to_string()))?;
-    let (meta, _) = meta::latest_meta(&table, &name.to_string()).await?;
-    Ok((table, meta))
+        .ok_or_else(|| IcePieError::SliceNotFound(name.to_string()))
+}
+
+/// The slice's table at its latest version, its descriptor and when that version was
+/// committed (ms since the epoch), or `SliceNotFound`.
+pub(crate) async fn load(
+    shared: &Shared,
+    name: &SliceName,
+) -> Result<(DeltaTable, SliceMeta, Option<i64>)> {
+    let table = load_table(shared, name).await?;
+    let (meta, committed_at) = meta::latest_meta(&table, &name.to_string()).await?;
+    Ok((table, meta, committed_at))
 }
 
 /// The error a change of a frozen slice gets: when and why it was frozen, and what to do.
@@ -94,7 +103,7 @@ pub(crate) async fn freeze(
     name: &SliceName,
     reason: Option<String>,
 ) -> Result<LifecycleOutcome> {
-    let (table, meta) = load(shared, name).await?;
+    let (table, meta, _) = load(shared, name).await?;
     let version = table.version().unwrap_or_default() as i64;
     if meta.frozen.is_some() {
         return Ok(LifecycleOutcome {
@@ -119,9 +128,8 @@ pub(crate) async fn freeze(
 /// failures in a row are counted from the latest commit). Thawing a slice that is neither
 /// frozen nor failing changes nothing.
 pub(crate) async fn thaw(shared: &Shared, name: &SliceName) -> Result<LifecycleOutcome> {
-    let (table, meta) = load(shared, name).await?;
+    let (table, meta, committed_at) = load(shared, name).await?;
     let version = table.version().unwrap_or_default() as i64;
-    let (_, committed_at) = meta::latest_meta(&table, &name.to_string()).await?;
     let attempts = shared.attempts(name).await?;
     let failing = super::log::failures_since(&attempts, committed_at.unwrap_or(0)).count > 0;
     if meta.frozen.is_none() && !failing {
@@ -176,7 +184,7 @@ pub(crate) async fn rollback(
     name: &SliceName,
     version: i64,
 ) -> Result<LifecycleOutcome> {
-    let (table, meta) = load(shared, name).await?;
+    let (table, meta, _) = load(shared, name).await?;
     if let Some(frozen) = &meta.frozen {
         return Err(frozen_error(name, frozen, "ROLLBACK SLICE"));
     }

@@ -448,10 +448,38 @@ impl SliceInfo {
     }
 }
 
-/// What inputs are at now: each input's latest version and, per version asked, commit time.
+/// What inputs are at now, read once for all the slices described together: each input's
+/// latest version, and when its versions were committed.
 #[derive(Debug, Default)]
 pub(crate) struct InputCache {
     latest: HashMap<String, Option<i64>>,
+    committed: HashMap<(String, i64), Option<i64>>,
+}
+
+impl InputCache {
+    async fn latest(&mut self, shared: &Shared, input: &str) -> Result<Option<i64>> {
+        if let Some(v) = self.latest.get(input) {
+            return Ok(*v);
+        }
+        let v = shared.latest_version(input).await?;
+        self.latest.insert(input.to_string(), v);
+        Ok(v)
+    }
+
+    async fn commit_time(
+        &mut self,
+        shared: &Shared,
+        input: &str,
+        version: i64,
+    ) -> Result<Option<i64>> {
+        let key = (input.to_string(), version);
+        if let Some(at) = self.committed.get(&key) {
+            return Ok(*at);
+        }
+        let at = shared.commit_time(input, version).await?;
+        self.committed.insert(key, at);
+        Ok(at)
+    }
 }
 
 /// Reads what `system.slices` shows of one slice; `inputs` caches input versions across
@@ -476,13 +504,10 @@ pub(crate) async fn info(
     let mut stale = false;
     let mut oldest_change: Option<i64> = None;
     for input in &meta.inputs {
-        if !inputs.latest.contains_key(&input.table) {
-            let v = shared.latest_version(&input.table).await?;
-            inputs.latest.insert(input.table.clone(), v);
-        }
-        if inputs.latest[&input.table] != Some(input.version) {
+        if inputs.latest(shared, &input.table).await? != Some(input.version) {
             stale = true;
-            if let Some(at) = shared.commit_time(&input.table, input.version + 1).await? {
+            let next = input.version + 1;
+            if let Some(at) = inputs.commit_time(shared, &input.table, next).await? {
                 oldest_change = Some(oldest_change.map_or(at, |o: i64| o.min(at)));
             }
         }

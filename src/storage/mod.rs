@@ -2,14 +2,17 @@
 //!
 //! ```text
 //! <warehouse>/core/<table>/            Delta table, append-only (delta.appendOnly = true)
-//! <warehouse>/slices/<domain>/<name>/  Delta table; one Overwrite commit per successful refresh
+//! <warehouse>/slices/<domain>/<name>/  Delta table; one commit per refresh, replace, rollback,
+//!                                      freeze and thaw
 //! <warehouse>/_system/refreshes/<domain>/<name>/  Delta table: append-only log of a slice's
 //!                                                  refresh attempts
 //! ```
 //!
 //! Paths are only ever built from names validated by [`names`], so nothing is read or written
 //! outside the warehouse root. The warehouse is the only source of truth: nothing about tables or
-//! slices is kept in memory that another process could not read back from here.
+//! slices is kept in memory that another process could not read back from here. Tables loaded
+//! at their latest version are kept to be brought up to date cheaply, but every load checks
+//! the log first, so what another process committed is always seen.
 
 pub mod names;
 

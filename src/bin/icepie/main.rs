@@ -3,7 +3,7 @@
 //! ```text
 //! icepie [--data LOCATION] [--set NAME=VALUE]... [--format FORMAT] [-q] [--bail]
 //!        [-c SQL]... [-f FILE]...
-//! icepie serve [--data LOCATION] [--set NAME=VALUE]...
+//! icepie serve [--data LOCATION] [--set NAME=VALUE]... [--grace SECONDS]
 //! ```
 //!
 //! With a terminal on standard input and no `-c`/`-f`, `icepie` starts the interactive REPL,
