@@ -113,6 +113,29 @@ pub enum IcePieError {
         base: String,
     },
 
+    /// The slice was dropped, frozen or given a new definition by another writer while a
+    /// refresh of it ran; nothing was committed.
+    #[error("slice '{slice}' changed while this refresh ran: {change}. Nothing was committed")]
+    ChangedMeanwhile {
+        /// The slice.
+        slice: String,
+        /// What changed, and what to do.
+        change: String,
+    },
+
+    /// A data file of a table's current version is missing, truncated or not Parquet.
+    #[error("{what} is damaged: file {file} is {problem}. {fix}")]
+    Damaged {
+        /// `slice 'x.y'` or `core table 'core.t'`.
+        what: String,
+        /// The file, relative to the table.
+        file: String,
+        /// What is wrong with it.
+        problem: String,
+        /// What to do.
+        fix: String,
+    },
+
     /// A refresh needed more memory than its budget and could not spill.
     #[error(
         "the refresh ran out of its memory budget of {limit} (SET icepie.refresh_memory_limit \

@@ -120,6 +120,13 @@ settings! {
         /// VACUUM keeps files newer than this, and files of versions that were current this
         /// recently, so that running refreshes and readers of an old version never break.
         pub vacuum_grace: Span = Span(Duration::from_secs(3600)),
+        /// VACUUM refuses a vacuum_grace under 10 minutes (off: allow it, for when nothing
+        /// reads or refreshes the warehouse in any process, as delta-rs's
+        /// enforce_retention_duration).
+        pub vacuum_enforce_grace: Switch = Switch(true),
+        /// How often a running refresh renews its record in the warehouse; one not renewed
+        /// for 6 heartbeats counts as abandoned (its process died).
+        pub heartbeat: Span = Span(Duration::from_secs(10)),
     }
 }
 

@@ -10,6 +10,7 @@
 //! slice domains and `system` refuse plain `CREATE TABLE`/`DROP TABLE` with an error that names
 //! the icepie statement to use.
 
+mod damage;
 pub mod system;
 pub mod table;
 pub mod time_travel;
@@ -24,7 +25,7 @@ use datafusion::error::{DataFusionError, Result as DFResult};
 use crate::error::{IcePieError, Result};
 use crate::options::IcePieOptions;
 use crate::slice::log::{AttemptSummary, LogCache};
-use crate::slice::meta;
+use crate::slice::{meta, quarantine};
 use crate::storage::names::{
     validate_domain, validate_name, SliceName, CORE_SCHEMA, DEFAULT_DOMAIN, SYSTEM_SCHEMA,
 };
@@ -126,34 +127,51 @@ impl Shared {
     /// The core table `name` at its latest version.
     pub async fn load_core(&self, name: &str) -> Result<Option<IcePieTable>> {
         validate_name(name)?;
-        match self
-            .warehouse
-            .load(&Warehouse::core_path(name), None)
-            .await?
-        {
-            Some(t) => Ok(Some(
-                IcePieTable::try_new(TableKind::Core, format!("{CORE_SCHEMA}.{name}"), t).await?,
-            )),
-            None => Ok(None),
+        let rel = Warehouse::core_path(name);
+        let Some(t) = self.warehouse.load(&rel, None).await? else {
+            return Ok(None);
+        };
+        let qualified = format!("{CORE_SCHEMA}.{name}");
+        let watch = self.watch(&rel, TableKind::Core, &qualified);
+        Ok(Some(
+            IcePieTable::try_new(TableKind::Core, qualified, t)
+                .await?
+                .watched(watch),
+        ))
+    }
+
+    fn watch(&self, rel: &str, kind: TableKind, name: &str) -> damage::DamageWatch {
+        damage::DamageWatch {
+            warehouse: self.warehouse.clone(),
+            rel: rel.to_string(),
+            kind,
+            name: name.to_string(),
         }
     }
 
-    /// The slice `name` at `version` (latest when `None`).
+    /// The slice `name` at `version` (latest when `None`). A quarantined slice (a file of the
+    /// version it serves is damaged) is refused with the damage and the fix.
     pub async fn load_slice(
         &self,
         name: &SliceName,
         version: Option<i64>,
     ) -> Result<Option<IcePieTable>> {
-        match self
-            .warehouse
-            .load(&Warehouse::slice_path(name), version)
-            .await?
-        {
-            Some(t) => Ok(Some(
-                IcePieTable::try_new(TableKind::Slice, name.to_string(), t).await?,
-            )),
-            None => Ok(None),
+        let rel = Warehouse::slice_path(name);
+        let Some(t) = self.warehouse.load(&rel, version).await? else {
+            return Ok(None);
+        };
+        let qualified = name.to_string();
+        if version.is_none() {
+            if let Some(q) = quarantine::in_force(&self.warehouse, &rel, &t).await? {
+                return Err(quarantine::slice_damaged(&qualified, &q.file, &q.problem));
+            }
         }
+        let watch = self.watch(&rel, TableKind::Slice, &qualified);
+        Ok(Some(
+            IcePieTable::try_new(TableKind::Slice, qualified, t)
+                .await?
+                .watched(watch),
+        ))
     }
 
     /// The path of an input named as in lineage (`core.x` or `domain.name`).
@@ -177,16 +195,9 @@ impl Shared {
 
     /// The latest version of an input named as in lineage (`core.x` or `domain.name`).
     pub async fn latest_version(&self, qualified: &str) -> Result<Option<i64>> {
-        let rel = Self::input_path(qualified)?;
-        if !self.warehouse.has_log(&rel).await? {
-            return Ok(None);
-        }
-        let table = self.warehouse.handle(&rel)?;
-        match table.get_latest_version().await {
-            Ok(v) => Ok(Some(v as i64)),
-            Err(deltalake::DeltaTableError::NotATable(_)) => Ok(None),
-            Err(e) => Err(e.into()),
-        }
+        self.warehouse
+            .latest_version(&Self::input_path(qualified)?)
+            .await
     }
 }
 
@@ -210,6 +221,16 @@ impl IcePieCatalog {
     }
 }
 
+impl IcePieCatalog {
+    /// True when `name` is a scratch schema of this session.
+    pub(crate) fn is_scratch(&self, name: &str) -> bool {
+        self.scratch
+            .read()
+            .expect("scratch lock")
+            .contains_key(name)
+    }
+}
+
 impl CatalogProvider for IcePieCatalog {
     fn schema_names(&self) -> Vec<String> {
         let mut names = vec![CORE_SCHEMA.to_string(), SYSTEM_SCHEMA.to_string()];
@@ -228,12 +249,19 @@ impl CatalogProvider for IcePieCatalog {
             CORE_SCHEMA => Some(Arc::new(CoreSchema(self.shared.clone()))),
             SYSTEM_SCHEMA => Some(Arc::new(system::SystemSchema::new(self.shared.clone()))),
             _ => {
-                if let Some(s) = self.scratch.read().expect("scratch lock").get(name) {
-                    return Some(s.clone());
-                }
-                // A domain exists once it holds a slice (the default one always does).
-                if name != DEFAULT_DOMAIN && !self.shared.listing().domains.contains_key(name) {
-                    return None;
+                // A domain in the warehouse wins over a scratch schema of the same name that
+                // this session made before another process created the domain: the
+                // warehouse is the source of truth.
+                let is_domain =
+                    name == DEFAULT_DOMAIN || self.shared.listing().domains.contains_key(name);
+                if !is_domain {
+                    // A domain exists once it holds a slice (the default one always does).
+                    return self
+                        .scratch
+                        .read()
+                        .expect("scratch lock")
+                        .get(name)
+                        .cloned();
                 }
                 Some(Arc::new(DomainSchema {
                     shared: self.shared.clone(),

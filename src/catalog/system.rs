@@ -10,14 +10,13 @@ use datafusion::arrow::array::{
     ArrayRef, BooleanArray, DurationMillisecondArray, Int64Array, RecordBatch, StringArray,
     TimestampMillisecondArray,
 };
+use datafusion::arrow::compute::cast;
 use datafusion::arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
 use datafusion::catalog::{SchemaProvider, Session, TableProvider};
-use datafusion::common::project_schema;
 use datafusion::datasource::MemTable;
 use datafusion::datasource::TableType;
 use datafusion::error::Result as DFResult;
 use datafusion::logical_expr::{Expr, TableProviderFilterPushDown};
-use datafusion::physical_plan::empty::EmptyExec;
 use datafusion::physical_plan::union::UnionExec;
 use datafusion::physical_plan::ExecutionPlan;
 use futures::StreamExt;
@@ -27,7 +26,7 @@ use super::Shared;
 use crate::error::Result;
 use crate::slice::lifecycle::retained;
 use crate::slice::meta::{format_inputs, HistoryEntry};
-use crate::slice::{self, log, InputCache, SliceInfo, SliceState};
+use crate::slice::{self, log, running, InputCache, SliceInfo, SliceState};
 use crate::storage::names::SliceName;
 use crate::storage::{table_stats, Warehouse, REFRESHES_PATH};
 
@@ -141,13 +140,33 @@ async fn refresh_logs(shared: &Shared) -> Result<RefreshLogs> {
             }
         }
     }
-    Ok(RefreshLogs { parts })
+    // Attempts still running, or abandoned by a process that died, from their markers.
+    let found = running::list(warehouse, None).await?;
+    let now = chrono::Utc::now().timestamp_millis();
+    let schema = parts
+        .first()
+        .map_or_else(|| log::SCHEMA.clone(), |p| p.schema());
+    let mut batches = Vec::new();
+    for attempt in running::as_attempts(&found, shared.options().heartbeat.0, now) {
+        let batch = attempt.to_batch()?;
+        let columns = schema
+            .fields()
+            .iter()
+            .zip(batch.columns())
+            .map(|(f, c)| cast(c, f.data_type()))
+            .collect::<std::result::Result<Vec<_>, _>>()?;
+        batches.push(RecordBatch::try_new(schema.clone(), columns)?);
+    }
+    let markers = MemTable::try_new(schema, vec![batches])?;
+    Ok(RefreshLogs { parts, markers })
 }
 
-/// `system.refreshes`: the refresh logs of all slices, read as one table.
+/// `system.refreshes`: the refresh logs of all slices, read as one table, and the attempts
+/// that have not ended (or whose process died).
 #[derive(Debug)]
 struct RefreshLogs {
     parts: Vec<Arc<IcePieTable>>,
+    markers: MemTable,
 }
 
 #[async_trait]
@@ -176,14 +195,11 @@ impl TableProvider for RefreshLogs {
         filters: &[Expr],
         limit: Option<usize>,
     ) -> DFResult<Arc<dyn ExecutionPlan>> {
-        let mut plans = Vec::with_capacity(self.parts.len());
+        let mut plans = Vec::with_capacity(self.parts.len() + 1);
         for part in &self.parts {
             plans.push(part.scan(state, projection, filters, limit).await?);
         }
-        if plans.is_empty() {
-            let schema = project_schema(&self.schema(), projection)?;
-            return Ok(Arc::new(EmptyExec::new(schema)));
-        }
+        plans.push(self.markers.scan(state, projection, filters, limit).await?);
         UnionExec::try_new(plans)
     }
 }

@@ -21,10 +21,13 @@ use datafusion::catalog::{ScanArgs, ScanResult, Session, TableProvider};
 use datafusion::common::project_schema;
 use datafusion::common::stats::Precision;
 use datafusion::common::{Constraints, DFSchemaRef, Statistics};
-use datafusion::datasource::file_format::parquet::ParquetFormat;
-use datafusion::datasource::file_format::FileFormat;
 use datafusion::datasource::listing::PartitionedFile;
+use datafusion::datasource::physical_plan::parquet::{
+    CachedParquetFileReaderFactory, ParquetFileReaderFactory,
+};
+use datafusion::datasource::physical_plan::ParquetSource;
 use datafusion::datasource::physical_plan::{FileGroup, FileScanConfigBuilder};
+use datafusion::datasource::source::DataSourceExec;
 use datafusion::datasource::table_schema::TableSchema;
 use datafusion::datasource::TableType;
 use datafusion::error::Result as DFResult;
@@ -37,6 +40,7 @@ use deltalake::DeltaTable;
 use object_store::path::Path;
 use object_store::ObjectMeta;
 
+use super::damage::{DamageWatch, WatchedReaders};
 use crate::error::{IcePieError, Result};
 
 /// Which kind of icepie table a provider serves.
@@ -55,6 +59,10 @@ pub struct IcePieTable {
     kind: TableKind,
     name: String,
     version: i64,
+    /// Read at a version the SQL named (`core_at`, `slice_at`), not the latest.
+    pinned: bool,
+    /// Where a damaged file found while scanning is reported.
+    watch: Option<Arc<DamageWatch>>,
     table: DeltaTable,
     reader: Reader,
 }
@@ -71,6 +79,8 @@ enum Reader {
 struct DirectScan {
     schema: SchemaRef,
     store: ObjectStoreUrl,
+    /// The table's root in that store.
+    root: Path,
     files: Vec<PartitionedFile>,
     statistics: Statistics,
 }
@@ -120,6 +130,7 @@ impl DirectScan {
         Ok(Some(Self {
             schema,
             store,
+            root,
             files,
             statistics,
         }))
@@ -130,6 +141,7 @@ impl DirectScan {
         state: &dyn Session,
         projection: Option<&Vec<usize>>,
         limit: Option<usize>,
+        watch: Option<&Arc<DamageWatch>>,
     ) -> DFResult<Arc<dyn ExecutionPlan>> {
         if self.files.is_empty() {
             let schema = project_schema(&self.schema, projection)?;
@@ -144,15 +156,35 @@ impl DirectScan {
         for (i, file) in self.files.iter().enumerate() {
             file_groups[i % groups].push(file.clone());
         }
-        let format = ParquetFormat::default().with_options(state.table_options().parquet.clone());
-        let source = format.file_source(TableSchema::from(self.schema.clone()));
-        let config = FileScanConfigBuilder::new(self.store.clone(), source)
+        // As DataFusion's ParquetFormat plans a scan (footer cache included), with the
+        // readers watched for damaged files.
+        let options = state.table_options().parquet.clone();
+        let runtime = state.runtime_env();
+        let store = runtime.object_store(self.store.clone())?;
+        let cache = runtime.cache_manager.get_file_metadata_cache();
+        let mut readers: Arc<dyn ParquetFileReaderFactory> =
+            Arc::new(CachedParquetFileReaderFactory::new(store.clone(), cache));
+        if let Some(watch) = watch {
+            readers = Arc::new(WatchedReaders {
+                inner: readers,
+                store,
+                root: self.root.clone(),
+                watch: watch.clone(),
+            });
+        }
+        let mut source = ParquetSource::new(TableSchema::from(self.schema.clone()))
+            .with_table_parquet_options(options.clone())
+            .with_parquet_file_reader_factory(readers);
+        if let Some(hint) = options.global.metadata_size_hint {
+            source = source.with_metadata_size_hint(hint);
+        }
+        let config = FileScanConfigBuilder::new(self.store.clone(), Arc::new(source))
             .with_file_groups(file_groups.into_iter().map(FileGroup::new).collect())
             .with_statistics(self.statistics.clone())
             .with_projection_indices(projection.cloned())?
             .with_limit(limit)
             .build();
-        format.create_physical_plan(state, config).await
+        Ok(DataSourceExec::from_data_source(config))
     }
 }
 
@@ -183,9 +215,28 @@ impl IcePieTable {
             kind,
             name,
             version: version as i64,
+            pinned: false,
+            watch: None,
             table,
             reader,
         })
+    }
+
+    /// Marks this provider as reading a version the SQL named (`core_at`, `slice_at`).
+    pub fn pinned(mut self) -> Self {
+        self.pinned = true;
+        self
+    }
+
+    /// Reports damaged files found while scanning through `watch`.
+    pub(crate) fn watched(mut self, watch: DamageWatch) -> Self {
+        self.watch = Some(Arc::new(watch));
+        self
+    }
+
+    /// True for a version the SQL named rather than the latest.
+    pub fn is_pinned(&self) -> bool {
+        self.pinned
     }
 
     /// Kind of table.
@@ -270,7 +321,7 @@ impl TableProvider for IcePieTable {
             .map_err(IcePieError::from)?;
         match &self.reader {
             // Filters are Inexact: DataFusion pushes them into the Parquet scan itself.
-            Reader::Direct(d) => d.scan(state, projection, limit).await,
+            Reader::Direct(d) => d.scan(state, projection, limit, self.watch.as_ref()).await,
             Reader::Delta(p) => p.scan(state, projection, filters, limit).await,
         }
     }

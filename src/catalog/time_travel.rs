@@ -203,10 +203,13 @@ async fn open(shared: &Shared, key: &PinKey) -> Result<Arc<dyn TableProvider>> {
         let table = shared
             .warehouse
             .load(&Warehouse::core_path(&name), Some(version))
-            .await?
-            .ok_or_else(|| IcePieError::CoreTableNotFound(name.clone()))?;
+            .await
+            .map_err(|e| log_gone(&qualified, version, Some(e)))?
+            .ok_or_else(|| log_gone(&qualified, version, None))?;
         return Ok(Arc::new(
-            IcePieTable::try_new(TableKind::Core, qualified, table).await?,
+            IcePieTable::try_new(TableKind::Core, qualified, table)
+                .await?
+                .pinned(),
         ));
     }
     let name = SliceName::parse(&key.name)?;
@@ -221,12 +224,27 @@ async fn open(shared: &Shared, key: &PinKey) -> Result<Arc<dyn TableProvider>> {
         return system::history_table(&history, latest, retain);
     }
     check_retained(&name.to_string(), version, latest, retain)?;
+    let qualified = name.to_string();
     Ok(Arc::new(
         shared
             .load_slice(&name, Some(version))
-            .await?
-            .ok_or_else(|| IcePieError::SliceNotFound(name.to_string()))?,
+            .await
+            .map_err(|e| log_gone(&qualified, version, Some(e)))?
+            .ok_or_else(|| log_gone(&qualified, version, None))?
+            .pinned(),
     ))
+}
+
+/// The error of a version of an existing table that cannot be loaded any more.
+fn log_gone(table: &str, version: i64, cause: Option<IcePieError>) -> IcePieError {
+    IcePieError::VersionNotFound {
+        table: table.to_string(),
+        detail: format!(
+            "version {version} can no longer be read: the log entries it needs were removed \
+             from the table's Delta log{}",
+            cause.map(|e| format!(" ({e})")).unwrap_or_default()
+        ),
+    }
 }
 
 /// Pins the providers of a statement's time-travel calls until the guard is dropped.

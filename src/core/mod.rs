@@ -25,8 +25,6 @@ use datafusion::logical_expr::{cast, EmptyRelation, Expr, LogicalPlan, LogicalPl
 use datafusion::sql::parser::{DFParser, Statement as DFStatement};
 use datafusion::sql::sqlparser::ast::{ColumnDef, Query, Statement as SQLStatement};
 use deltalake::kernel::transaction::CommitProperties;
-use deltalake::kernel::EagerSnapshot;
-use deltalake::logstore::LogStoreRef;
 use deltalake::operations::write::WriteBuilder;
 use deltalake::protocol::SaveMode;
 use deltalake::DeltaTable;
@@ -35,7 +33,8 @@ use crate::catalog::{time_travel, Shared};
 use crate::error::{IcePieError, Result};
 use crate::sql::{DataSource, FileFormat};
 use crate::storage::names::CORE_SCHEMA;
-use crate::storage::{table_stats, TableStats, Warehouse};
+use crate::storage::tracked::TakeBack;
+use crate::storage::{table_stats, TableStats, Warehouse, WriteBase, NO_EXPIRED_LOG_CLEANUP};
 
 /// The result of creating a core table or ingesting into one.
 #[derive(Debug, Clone)]
@@ -239,16 +238,17 @@ async fn source_plan(
     }
 }
 
-/// Appends (or, with `create`, creates the table with) the rows of `plan` in one commit.
+/// Appends (or, without a snapshot, creates the table with) the rows of `plan` in one
+/// commit. A load that fails deletes the files it wrote, and only those: another process may
+/// be writing the same table.
 async fn commit(
     state: &SessionState,
-    log_store: LogStoreRef,
-    snapshot: Option<EagerSnapshot>,
+    base: WriteBase,
     plan: LogicalPlan,
     what: serde_json::Value,
 ) -> Result<DeltaTable> {
-    let create = snapshot.is_none();
-    let mut write = WriteBuilder::new(log_store, snapshot)
+    let create = base.snapshot.is_none();
+    let mut write = WriteBuilder::new(base.log_store, base.snapshot)
         .with_input_plan(plan)
         .with_session_state(Arc::new(state.clone()))
         .with_commit_properties(
@@ -257,11 +257,14 @@ async fn commit(
     write = if create {
         write
             .with_save_mode(SaveMode::ErrorIfExists)
-            .with_configuration([("delta.appendOnly", Some("true"))])
+            .with_configuration([("delta.appendOnly", Some("true")), NO_EXPIRED_LOG_CLEANUP])
     } else {
         write.with_save_mode(SaveMode::Append)
     };
-    Ok(write.await?)
+    let guard = TakeBack::new(base.tracked);
+    let result = write.await;
+    guard.finish(&result).await;
+    Ok(result?)
 }
 
 fn outcome(name: &str, before_rows: i64, table: &DeltaTable) -> Result<LoadOutcome> {
@@ -308,17 +311,10 @@ pub(crate) async fn create(
         }),
         (None, None) => unreachable!("the parser requires columns or a source"),
     };
-    let (log_store, _) = shared.warehouse.write_base(&rel, None)?;
+    let base = shared.warehouse.write_base(&rel, None)?;
     let what = serde_json::json!({"kind": "create", "source": source_text(stmt.source.as_ref())});
-    match commit(state, log_store, None, plan, what).await {
-        Ok(table) => outcome(name, 0, &table).map(Some),
-        Err(e) => {
-            if !shared.warehouse.has_log(&rel).await.unwrap_or(true) {
-                let _ = shared.warehouse.delete_prefix(&rel).await;
-            }
-            Err(e)
-        }
-    }
+    let table = commit(state, base, plan, what).await?;
+    outcome(name, 0, &table).map(Some)
 }
 
 fn source_text(source: Option<&DataSource>) -> String {
@@ -348,9 +344,9 @@ pub(crate) async fn ingest(
     let qualified = format!("{CORE_SCHEMA}.{name}");
     let plan = source_plan(state, shared, source, Some(schema.as_ref()), &qualified).await?;
     let what = serde_json::json!({"kind": "ingest", "source": source_text(Some(source))});
-    let (log_store, snapshot) = shared
+    let base = shared
         .warehouse
         .write_base(&Warehouse::core_path(name), Some(&table))?;
-    let table = commit(state, log_store, snapshot, plan, what).await?;
+    let table = commit(state, base, plan, what).await?;
     outcome(name, before, &table)
 }

@@ -14,6 +14,7 @@ pub mod scheduler;
 mod yield_points;
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -29,6 +30,7 @@ use datafusion::prelude::{SessionConfig, SessionContext};
 use deltalake::delta_datafusion::planner::DeltaPlanner;
 use deltalake::ObjectStore;
 use futures::future::{BoxFuture, FutureExt, Shared as SharedFuture, WeakShared};
+use futures::TryStreamExt;
 use tokio::sync::broadcast;
 use url::Url;
 
@@ -40,6 +42,7 @@ use crate::error::{IcePieError, Result};
 use crate::options::IcePieOptions;
 use crate::slice::lifecycle::{self, frozen_error, LifecycleOutcome};
 use crate::slice::meta::{self, CommitKind, HistoryEntry};
+use crate::slice::quarantine::{self, Verified};
 use crate::slice::vacuum::{self, VacuumOutcome};
 use crate::slice::{self, BuildOutcome, InputCache, SliceInfo, SliceSpec};
 use crate::sql::{parse_sql, CreateSlice, Statement};
@@ -132,7 +135,8 @@ impl IcePieBuilder {
             .build();
         let ctx = SessionContext::new_with_state(state);
         let shared = Arc::new(Shared::new(warehouse, options));
-        ctx.register_catalog(CATALOG_NAME, Arc::new(IcePieCatalog::new(shared.clone())));
+        let catalog = Arc::new(IcePieCatalog::new(shared.clone()));
+        ctx.register_catalog(CATALOG_NAME, catalog.clone());
         for (name, function) in PinnedFunction::all(&shared) {
             ctx.register_udtf(name, function);
         }
@@ -140,6 +144,7 @@ impl IcePieBuilder {
         let (events, _) = broadcast::channel(256);
         let inner = Arc::new(Inner {
             shared,
+            catalog,
             ctx,
             locks: Mutex::new(HashMap::new()),
             inflight: Mutex::new(HashMap::new()),
@@ -150,6 +155,24 @@ impl IcePieBuilder {
         *inner.scheduler.lock().expect("scheduler lock") = Some(handle);
         Ok(IcePie { inner })
     }
+}
+
+/// How many times a refresh that keeps losing races to other writers builds again before it
+/// reports the conflict.
+const MAX_REFRESH_RACES: usize = 3;
+
+/// Runs a statement's plan to its end, dropping its rows as they come.
+async fn drain(df: DataFrame) -> Result<()> {
+    let mut stream = df.execute_stream().await?;
+    while stream.try_next().await?.is_some() {}
+    Ok(())
+}
+
+/// A refresh of one slice that requests may join while `started` is false: until then it has
+/// not read its inputs, so it builds from data at least as new as any joiner saw.
+struct Joinable {
+    future: WeakShared<RefreshFuture>,
+    started: Arc<AtomicBool>,
 }
 
 /// What a refresh that several callers may join resolves to.
@@ -167,11 +190,13 @@ pub struct IcePie {
 
 pub(crate) struct Inner {
     shared: Arc<Shared>,
+    catalog: Arc<IcePieCatalog>,
     ctx: SessionContext,
     /// One change at a time per slice in this process.
     locks: Mutex<HashMap<SliceName, Arc<tokio::sync::Mutex<()>>>>,
-    /// Refreshes running in this process, for later requests to join.
-    inflight: Mutex<HashMap<SliceName, WeakShared<RefreshFuture>>>,
+    /// The refresh of each slice that later requests may still join: one that has not yet
+    /// read its inputs (see [`IcePie::refresh`]).
+    inflight: Mutex<HashMap<SliceName, Joinable>>,
     /// What the scheduler did.
     events: broadcast::Sender<RefreshEvent>,
     scheduler: Mutex<Option<scheduler::Handle>>,
@@ -261,16 +286,21 @@ impl IcePie {
     }
 
     /// Runs every statement of `text` in order and returns the result of the last one.
-    /// Queries are lazy: collect or stream the returned [`DataFrame`] to run them.
+    ///
+    /// Every statement but the last runs to completion before the next starts (a `COPY` or
+    /// `INSERT` early in the text writes what it says; a query's rows are read and dropped,
+    /// never held). The last is returned as DataFusion returns it: a query is lazy, so
+    /// collect or stream the returned [`DataFrame`] to run it.
     pub async fn sql(&self, text: &str) -> Result<DataFrame> {
-        let mut last = None;
-        for stmt in parse_sql(text)? {
-            last = Some(self.execute(stmt).await?);
+        let mut statements = parse_sql(text)?.into_iter().peekable();
+        while let Some(stmt) = statements.next() {
+            let df = self.execute(stmt).await?;
+            if statements.peek().is_none() {
+                return Ok(df);
+            }
+            drain(df).await?;
         }
-        match last {
-            Some(df) => Ok(df),
-            None => Ok(self.inner.ctx.read_empty()?),
-        }
+        Ok(self.inner.ctx.read_empty()?)
     }
 
     /// Runs one statement.
@@ -353,6 +383,14 @@ impl IcePie {
                 let out = self.vacuum(&name.to_string()).await?;
                 output::vacuums(ctx, &[out])
             }
+            Statement::Verify(Some(name)) => {
+                let out = self.verify(&name.to_string()).await?;
+                output::verifies(ctx, &[out])
+            }
+            Statement::Verify(None) => {
+                let out = self.verify_all().await?;
+                output::verifies(ctx, &out)
+            }
             Statement::Vacuum(None) => {
                 let out = self.vacuum_all().await?;
                 output::vacuums(ctx, &out)
@@ -377,6 +415,16 @@ impl IcePie {
 
     async fn create_slice(&self, c: &CreateSlice) -> Result<Option<BuildOutcome>> {
         let shared = &self.inner.shared;
+        if self.inner.catalog.is_scratch(&c.name.domain) {
+            return Err(IcePieError::InvalidName {
+                name: c.name.to_string(),
+                reason: format!(
+                    "'{}' is a scratch schema of this session; put the slice in another \
+                     domain, or DROP SCHEMA {} first",
+                    c.name.domain, c.name.domain
+                ),
+            });
+        }
         let lock = self.lock(&c.name);
         let _guard = lock.lock().await;
         let existing = shared
@@ -422,23 +470,34 @@ impl IcePie {
 
     /// Builds and commits the next version of slice `name` (`domain.name` or `name`) from its
     /// definition, with every input pinned at its current version. On failure nothing is
-    /// committed and the slice keeps serving its last version. A refresh of a slice that is
-    /// already refreshing in this process joins the running one and returns its outcome.
+    /// committed and the slice keeps serving its last version.
+    ///
+    /// The version returned is always built from inputs at least as new as those current when
+    /// this was called. Requests for a slice whose refresh is waiting for its turn join that
+    /// refresh and share its outcome; once a refresh has begun reading its inputs, a new
+    /// request queues one more refresh behind it instead of returning a version built from
+    /// older data.
     pub async fn refresh(&self, name: &str) -> Result<BuildOutcome> {
         let name = SliceName::parse(name)?;
         let running = {
             let mut inflight = self.inner.inflight.lock().expect("inflight lock");
-            match inflight.get(&name).and_then(WeakShared::upgrade) {
+            let joinable = inflight
+                .get(&name)
+                .filter(|j| !j.started.load(Ordering::SeqCst))
+                .and_then(|j| j.future.upgrade());
+            match joinable {
                 Some(running) => running,
                 None => {
                     let this = self.clone();
                     let slice = name.clone();
+                    let started = Arc::new(AtomicBool::new(false));
+                    let flag = started.clone();
                     let fut: SharedFuture<RefreshFuture> =
-                        async move { this.refresh_now(&slice).await.map_err(Arc::new) }
+                        async move { this.refresh_now(&slice, &flag).await.map_err(Arc::new) }
                             .boxed()
                             .shared();
-                    if let Some(weak) = fut.downgrade() {
-                        inflight.insert(name.clone(), weak);
+                    if let Some(future) = fut.downgrade() {
+                        inflight.insert(name.clone(), Joinable { future, started });
                     }
                     fut
                 }
@@ -446,29 +505,58 @@ impl IcePie {
         };
         let result = running.await;
         let mut inflight = self.inner.inflight.lock().expect("inflight lock");
-        if inflight.get(&name).is_some_and(|w| w.upgrade().is_none()) {
+        if inflight
+            .get(&name)
+            .is_some_and(|j| j.future.upgrade().is_none())
+        {
             inflight.remove(&name);
         }
         result.map_err(|e| Arc::try_unwrap(e).unwrap_or_else(IcePieError::Joined))
     }
 
-    async fn refresh_now(&self, name: &SliceName) -> Result<BuildOutcome> {
+    /// Refreshes `name` once it holds the slice's lock; sets `started` before reading any
+    /// input, from which point later requests no longer join this refresh.
+    ///
+    /// A refresh means "make it fresh", so losing a race to another writer (another process
+    /// committing the slice meanwhile) is not an error in itself: when the winner's version
+    /// was built from the inputs' latest versions, this refresh reports it as its outcome
+    /// (`by_another_writer`); otherwise it builds again on top of the winner, since a full
+    /// rebuild does not depend on the version it replaces. Only a change of definition, a
+    /// freeze or a drop in between fails it, with an error saying which.
+    async fn refresh_now(&self, name: &SliceName, started: &AtomicBool) -> Result<BuildOutcome> {
         let shared = &self.inner.shared;
         let lock = self.lock(name);
         let _guard = lock.lock().await;
-        let (table, meta, _) = lifecycle::load(shared, name).await?;
-        if let Some(frozen) = &meta.frozen {
-            return Err(frozen_error(name, frozen, "REFRESH SLICE"));
+        let mut races = 0;
+        loop {
+            let (table, meta, _) = lifecycle::load(shared, name).await?;
+            // From here on the build reads its inputs: later requests must not join it.
+            started.store(true, Ordering::SeqCst);
+            if let Some(frozen) = &meta.frozen {
+                return Err(frozen_error(name, frozen, "REFRESH SLICE"));
+            }
+            let result = slice::build(
+                &self.inner.ctx.state(),
+                shared,
+                name,
+                &SliceSpec::from(&meta),
+                CommitKind::Refresh,
+                Some(&table),
+            )
+            .await;
+            let lost_race = matches!(
+                &result,
+                Err(IcePieError::RefreshFailed { source, .. })
+                    if matches!(**source, IcePieError::Conflict { .. })
+            );
+            if !lost_race || races == MAX_REFRESH_RACES {
+                return result;
+            }
+            races += 1;
+            if let Some(winner) = slice::after_lost_race(shared, name, &meta).await? {
+                return Ok(winner);
+            }
         }
-        slice::build(
-            &self.inner.ctx.state(),
-            shared,
-            name,
-            &SliceSpec::from(&meta),
-            CommitKind::Refresh,
-            Some(&table),
-        )
-        .await
     }
 
     /// `FREEZE SLICE`: pins the slice at its current data; refreshes are refused until
@@ -516,6 +604,29 @@ impl IcePie {
         let mut out = Vec::new();
         for name in self.inner.shared.slice_names() {
             out.push(vacuum::vacuum(&self.inner.shared, &name).await?);
+        }
+        Ok(out)
+    }
+
+    /// `VERIFY SLICE`: checks that every file of the version the slice serves exists, has
+    /// the size its Delta log records and reads as Parquet (every row of it). A damaged file
+    /// quarantines the slice; all files sound lifts its quarantine.
+    pub async fn verify(&self, name: &str) -> Result<Verified> {
+        let name = SliceName::parse(name)?;
+        quarantine::verify(&self.inner.shared.warehouse, &name).await
+    }
+
+    /// `VERIFY SLICES`: verifies every slice.
+    pub async fn verify_all(&self) -> Result<Vec<Verified>> {
+        self.inner.shared.refresh_listing().await?;
+        let mut out = Vec::new();
+        for name in self.inner.shared.slice_names() {
+            match quarantine::verify(&self.inner.shared.warehouse, &name).await {
+                Ok(v) => out.push(v),
+                // A folder left by a failed first build holds no slice to verify.
+                Err(IcePieError::SliceNotFound(_)) => {}
+                Err(e) => return Err(e),
+            }
         }
         Ok(out)
     }
@@ -568,15 +679,19 @@ impl IcePie {
         let qualified = format!("{CORE_SCHEMA}.{name}");
         let mut readers = Vec::new();
         for s in shared.slice_names() {
-            if let Some(t) = shared
+            // A slice that cannot be read (damaged files or log) does not block the drop.
+            let Ok(Some(t)) = shared
                 .warehouse
                 .load(&Warehouse::slice_path(&s), None)
-                .await?
-            {
-                let (m, _) = meta::latest_meta(&t, &s.to_string()).await?;
-                if m.inputs.iter().any(|i| i.table == qualified) {
-                    readers.push(s.to_string());
-                }
+                .await
+            else {
+                continue;
+            };
+            let Ok((m, _)) = meta::latest_meta(&t, &s.to_string()).await else {
+                continue;
+            };
+            if m.inputs.iter().any(|i| i.table == qualified) {
+                readers.push(s.to_string());
             }
         }
         if !readers.is_empty() {
@@ -590,11 +705,48 @@ impl IcePie {
         Ok(true)
     }
 
+    /// True when `location` (a path or URL) is the warehouse or lies inside it.
+    fn inside_warehouse(&self, location: &str) -> bool {
+        let root = self.location();
+        if location.contains("://") {
+            return Url::parse(location).is_ok_and(|u| {
+                let mut text = u.to_string();
+                if !text.ends_with('/') {
+                    text.push('/');
+                }
+                text.starts_with(root.as_str())
+            });
+        }
+        let (Ok(root), Ok(path)) = (root.to_file_path(), std::path::absolute(location)) else {
+            return false;
+        };
+        // Lexically: `..` and `.` resolved, so `warehouse/../warehouse/x` is caught too.
+        let mut normal = std::path::PathBuf::new();
+        for part in path.components() {
+            match part {
+                std::path::Component::ParentDir => {
+                    normal.pop();
+                }
+                std::path::Component::CurDir => {}
+                other => normal.push(other),
+            }
+        }
+        normal.starts_with(root)
+    }
+
     /// Refuses plain-SQL writes and drops aimed at core tables, slices and system tables
     /// before they run, naming the icepie statement to use instead.
     fn refuse_writes(&self, plan: &LogicalPlan) -> Result<()> {
         let dml = match plan {
             LogicalPlan::Dml(dml) => dml,
+            LogicalPlan::Copy(copy) if self.inside_warehouse(&copy.output_url) => {
+                return Err(IcePieError::ReadOnly(format!(
+                    "COPY ... TO '{}' would write inside the warehouse {}, whose files change \
+                     only through icepie's statements; write to a location outside it",
+                    copy.output_url,
+                    self.location()
+                )));
+            }
             LogicalPlan::Ddl(DdlStatement::DropTable(DropTable { name, .. })) => {
                 let schema = name.schema().unwrap_or(DEFAULT_DOMAIN);
                 let table = name.table();

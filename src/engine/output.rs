@@ -11,6 +11,7 @@ use crate::core::LoadOutcome;
 use crate::error::Result;
 use crate::slice::lifecycle::LifecycleOutcome;
 use crate::slice::meta::format_inputs;
+use crate::slice::quarantine::{FileCheck, Verified};
 use crate::slice::vacuum::VacuumOutcome;
 use crate::slice::{BuildOutcome, SliceInfo};
 
@@ -77,6 +78,21 @@ pub(super) fn builds(ctx: &SessionContext, out: Option<BuildOutcome>) -> Result<
                 strings(out.iter().map(|o| format_inputs(&o.inputs))),
             ),
             ("duration_ms", ints(out.iter().map(|o| o.duration_ms))),
+            (
+                "note",
+                Arc::new(StringArray::from(
+                    out.iter()
+                        .map(|o| {
+                            o.by_another_writer.then(|| {
+                                format!(
+                                    "already refreshed to version {} by another writer",
+                                    o.version
+                                )
+                            })
+                        })
+                        .collect::<Vec<_>>(),
+                )) as ArrayRef,
+            ),
         ],
     )
 }
@@ -110,6 +126,42 @@ pub(super) fn vacuums(ctx: &SessionContext, out: &[VacuumOutcome]) -> Result<Dat
             ("retained_from", ints(out.iter().map(|o| o.retained_from))),
             ("files_deleted", ints(out.iter().map(|o| o.files_deleted))),
             ("bytes_deleted", ints(out.iter().map(|o| o.bytes_deleted))),
+            (
+                "log_files_deleted",
+                ints(out.iter().map(|o| o.log_files_deleted as i64)),
+            ),
+        ],
+    )
+}
+
+/// `VERIFY SLICE` and `VERIFY SLICES`: one row per file checked.
+pub(super) fn verifies(ctx: &SessionContext, out: &[Verified]) -> Result<DataFrame> {
+    let rows: Vec<(&Verified, &FileCheck)> = out
+        .iter()
+        .flat_map(|v| v.files.iter().map(move |f| (v, f)))
+        .collect();
+    frame(
+        ctx,
+        vec![
+            (
+                "slice",
+                strings(rows.iter().map(|(v, _)| v.slice.to_string())),
+            ),
+            ("version", ints(rows.iter().map(|(v, _)| v.version))),
+            ("file", strings(rows.iter().map(|(_, f)| f.file.clone()))),
+            ("bytes", ints(rows.iter().map(|(_, f)| f.bytes))),
+            (
+                "status",
+                strings(rows.iter().map(|(_, f)| f.status.to_string())),
+            ),
+            (
+                "detail",
+                Arc::new(StringArray::from(
+                    rows.iter()
+                        .map(|(_, f)| f.detail.clone())
+                        .collect::<Vec<_>>(),
+                )) as ArrayRef,
+            ),
         ],
     )
 }

@@ -86,7 +86,14 @@ pub(crate) fn is_due(info: &SliceInfo, options: &IcePieOptions, now_ms: i64) -> 
             return false;
         }
     }
-    match RefreshPolicy::parse(&info.meta.refresh) {
+    let policy = RefreshPolicy::parse(&info.meta.refresh);
+    // A damaged slice with a policy heals itself: its next refresh writes all files anew.
+    if info.state == SliceState::Quarantined
+        && !matches!(policy, Ok(RefreshPolicy::Manual) | Err(_))
+    {
+        return true;
+    }
+    match policy {
         Ok(RefreshPolicy::OnChange) => info.stale,
         Ok(RefreshPolicy::Every(text)) => match parse_interval(&text) {
             Ok(every) => {

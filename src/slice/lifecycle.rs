@@ -131,7 +131,9 @@ pub(crate) async fn thaw(shared: &Shared, name: &SliceName) -> Result<LifecycleO
     let (table, meta, committed_at) = load(shared, name).await?;
     let version = table.version().unwrap_or_default() as i64;
     let attempts = shared.attempts(name).await?;
-    let failing = super::log::failures_since(&attempts, committed_at.unwrap_or(0)).count > 0;
+    let failing = super::log::failures_since(&attempts, committed_at.unwrap_or(0))
+        .last
+        .is_some();
     if meta.frozen.is_none() && !failing {
         return Ok(LifecycleOutcome {
             slice: name.clone(),

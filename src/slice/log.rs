@@ -29,7 +29,8 @@ use object_store::ObjectStoreExt;
 
 use crate::error::{IcePieError, Result};
 use crate::storage::names::SliceName;
-use crate::storage::Warehouse;
+use crate::storage::tracked::TakeBack;
+use crate::storage::{Warehouse, NO_EXPIRED_LOG_CLEANUP};
 
 /// Schema of `system.refreshes`.
 pub static SCHEMA: LazyLock<SchemaRef> = LazyLock::new(|| {
@@ -53,6 +54,12 @@ pub static SCHEMA: LazyLock<SchemaRef> = LazyLock::new(|| {
 pub const SUCCESS: &str = "success";
 /// Status of a failed attempt.
 pub const FAILED: &str = "failed";
+/// Status of an attempt cancelled before it committed (Ctrl-C, a stopped scheduler).
+pub const CANCELLED: &str = "cancelled";
+/// Status of an attempt whose process died (or lost its storage) before it ended.
+pub const ABANDONED: &str = "abandoned";
+/// Status `system.refreshes` shows for an attempt still running (never stored).
+pub const RUNNING: &str = "running";
 /// Status of an attempt that lost a race: another writer committed the slice while it ran.
 /// It is not a failure of the slice: the winner's version is served.
 pub const CONFLICT: &str = "conflict";
@@ -85,7 +92,8 @@ pub struct Attempt {
 }
 
 impl Attempt {
-    fn to_batch(&self) -> Result<RecordBatch> {
+    /// The attempt as one row of [`SCHEMA`].
+    pub fn to_batch(&self) -> Result<RecordBatch> {
         let columns: Vec<ArrayRef> = vec![
             Arc::new(StringArray::from(vec![self.slice.as_str()])),
             Arc::new(StringArray::from(vec![self.attempt_id.as_str()])),
@@ -113,13 +121,16 @@ pub async fn append(warehouse: &Warehouse, slice: &SliceName, attempt: &Attempt)
     // Two processes may both find no log and race to create it; the loser appends after.
     for round in 0..2 {
         let existing = warehouse.load(&rel, None).await?;
-        let (log_store, snapshot) = warehouse.write_base(&rel, existing.as_ref())?;
-        let write = WriteBuilder::new(log_store, snapshot)
+        let base = warehouse.write_base(&rel, existing.as_ref())?;
+        let write = WriteBuilder::new(base.log_store, base.snapshot)
             .with_input_batches([batch.clone()])
             .with_save_mode(SaveMode::Append)
-            .with_configuration([("delta.appendOnly", Some("true"))])
+            .with_configuration([("delta.appendOnly", Some("true")), NO_EXPIRED_LOG_CLEANUP])
             .with_commit_properties(CommitProperties::default());
-        match write.await {
+        let guard = TakeBack::new(base.tracked);
+        let result = write.await;
+        guard.finish(&result).await;
+        match result {
             Ok(_) => return Ok(()),
             Err(_) if existing.is_none() && round == 0 => continue,
             Err(e) => return Err(e.into()),
@@ -131,6 +142,8 @@ pub async fn append(warehouse: &Warehouse, slice: &SliceName, attempt: &Attempt)
 /// What the log says of one attempt, as far as slice states need it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AttemptSummary {
+    /// `create`, `refresh` or `replace`.
+    pub kind: String,
     /// [`SUCCESS`], [`FAILED`] or [`CONFLICT`].
     pub status: String,
     /// When it started (ms since the epoch).
@@ -144,7 +157,8 @@ pub struct AttemptSummary {
 /// Attempts of one slice that matter to its state: failures since its latest commit.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Failures {
-    /// Failed attempts that started after the slice's latest commit, in a row.
+    /// Failed refreshes that started after the slice's latest commit, in a row (failed
+    /// replaces not counted).
     pub count: u32,
     /// The latest of them.
     pub last: Option<AttemptSummary>,
@@ -154,13 +168,17 @@ pub struct Failures {
 /// `max_failures`.
 pub const KEPT_PER_SLICE: usize = 128;
 
-/// Failed attempts among `attempts` (oldest first) that started at or after `since` (ms), the
-/// slice's latest commit.
+/// Failed attempts among `attempts` (oldest first) that started at or after `since` (ms),
+/// the slice's latest commit. A failed `CREATE OR REPLACE` is shown (it is the latest error)
+/// but not counted: the slice still serves its definition as before, so a user's bad new
+/// definition never brings it nearer to suspension.
 pub fn failures_since(attempts: &[AttemptSummary], since: i64) -> Failures {
     let mut out = Failures::default();
     for a in attempts {
         if a.started_at >= since && a.status == FAILED {
-            out.count += 1;
+            if a.kind != "replace" {
+                out.count += 1;
+            }
             out.last = Some(a.clone());
         }
     }
@@ -203,12 +221,12 @@ impl LogCache {
         slice: &SliceName,
     ) -> Result<Vec<AttemptSummary>> {
         let rel = Warehouse::refreshes_path(slice);
-        if !warehouse.has_log(&rel).await? {
+        let Some(latest) = warehouse.latest_version(&rel).await? else {
             self.slices.remove(slice);
             return Ok(Vec::new());
-        }
+        };
+        let latest = latest as u64;
         let log = warehouse.handle(&rel)?;
-        let latest = log.get_latest_version().await?;
         let cached = self.slices.entry(slice.clone()).or_default();
         if cached.version != Some(latest) {
             cached.catch_up(warehouse, &rel, &log, latest).await?;
@@ -282,15 +300,17 @@ impl SliceLog {
 
     fn add_batch(&mut self, batch: &RecordBatch) {
         let column = |name: &str| batch.column_by_name(name).cloned();
-        let (Some(started), Some(duration), Some(status), error) = (
+        let (Some(started), Some(duration), Some(status), Some(kind), error) = (
             column("started_at"),
             column("duration_ms"),
             column("status"),
+            column("kind"),
             column("error"),
         ) else {
             return;
         };
         let status = strings(&status);
+        let kind = strings(&kind);
         let error = error
             .map(|e| strings(&e))
             .unwrap_or_else(|| vec![None; batch.num_rows()]);
@@ -307,6 +327,7 @@ impl SliceLog {
             };
             let started_at = started.value(row) / 1000;
             let summary = AttemptSummary {
+                kind: kind[row].clone().unwrap_or_default(),
                 status,
                 started_at,
                 ended_at: started_at + duration.value(row),
@@ -376,6 +397,15 @@ mod tests {
         assert_eq!(last.error.as_deref(), Some("boom at 300"));
         assert_eq!(failures_since(&attempts, 301).count, 0);
         assert_eq!(failures_since(&[], 0), Failures::default());
+
+        // A failed replace is the latest error but not counted.
+        let mut replace = attempt(FAILED, 310);
+        replace.kind = "replace".into();
+        log.add_batch(&replace.to_batch().unwrap());
+        let attempts: Vec<AttemptSummary> = log.attempts.iter().cloned().collect();
+        let f = failures_since(&attempts, 150);
+        assert_eq!(f.count, 2);
+        assert_eq!(f.last.unwrap().started_at, 310);
     }
 
     #[test]

@@ -26,13 +26,20 @@ pub struct InputVersion {
     pub table: String,
     /// The Delta version read.
     pub version: i64,
+    /// True when the definition names this version itself (`core_at`, `slice_at`): newer
+    /// versions of the table do not make the slice stale.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub pinned: bool,
 }
 
-/// Formats inputs as `core.orders@3, finance.revenue@7`.
+/// Formats inputs as `core.orders@3, finance.revenue@7, core.rates@2 (pinned)`.
 pub fn format_inputs(inputs: &[InputVersion]) -> String {
     inputs
         .iter()
-        .map(|i| format!("{}@{}", i.table, i.version))
+        .map(|i| {
+            let pinned = if i.pinned { " (pinned)" } else { "" };
+            format!("{}@{}{pinned}", i.table, i.version)
+        })
         .collect::<Vec<_>>()
         .join(", ")
 }

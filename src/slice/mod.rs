@@ -15,6 +15,8 @@
 pub mod lifecycle;
 pub mod log;
 pub mod meta;
+pub mod quarantine;
+pub mod running;
 pub mod vacuum;
 
 use std::collections::{BTreeMap, HashMap};
@@ -40,8 +42,9 @@ use crate::catalog::table::{IcePieTable, TableKind};
 use crate::catalog::{time_travel, Shared};
 use crate::error::{IcePieError, Result};
 use crate::options::IcePieOptions;
-use crate::storage::names::SliceName;
-use crate::storage::{table_stats, TableStats, Warehouse};
+use crate::storage::names::{SliceName, CORE_SCHEMA};
+use crate::storage::tracked::TakeBack;
+use crate::storage::{table_stats, TableStats, Warehouse, NO_EXPIRED_LOG_CLEANUP};
 use meta::{format_inputs, CommitKind, Frozen, InputVersion, SliceMeta, COMMIT_KEY};
 
 /// What a slice is built from: its definition and settings.
@@ -81,6 +84,9 @@ pub struct BuildOutcome {
     pub inputs: Vec<InputVersion>,
     /// Time taken.
     pub duration_ms: i64,
+    /// True when this refresh committed nothing because another writer had just committed a
+    /// version built from the inputs' latest versions: that version is the outcome.
+    pub by_another_writer: bool,
 }
 
 /// Marks a slice as refreshing in this process for as long as it lives.
@@ -121,10 +127,13 @@ pub fn plan_inputs(plan: &LogicalPlan, slice: &SliceName) -> Result<Vec<InputVer
             let provider: Arc<dyn TableProvider> = source_as_provider(&scan.source)?;
             match provider.downcast_ref::<IcePieTable>() {
                 Some(t) if t.kind() != TableKind::System => {
-                    if t.kind() == TableKind::Slice && t.name() == slice.to_string() {
+                    if t.kind() == TableKind::Slice
+                        && t.name() == slice.to_string()
+                        && !t.is_pinned()
+                    {
                         refused = Some("a slice cannot read itself".into());
                     }
-                    inputs.insert(t.name().to_string(), t.version());
+                    inputs.insert((t.name().to_string(), t.is_pinned()), t.version());
                 }
                 _ => {
                     refused = Some(format!(
@@ -145,8 +154,64 @@ pub fn plan_inputs(plan: &LogicalPlan, slice: &SliceName) -> Result<Vec<InputVer
     }
     Ok(inputs
         .into_iter()
-        .map(|(table, version)| InputVersion { table, version })
+        .map(|((table, pinned), version)| InputVersion {
+            table,
+            version,
+            pinned,
+        })
         .collect())
+}
+
+/// Refuses a definition of `slice` whose inputs read `slice` again through other slices
+/// (`a` reads `b` reads `a`): each would make the other stale on every refresh, so `REFRESH
+/// ON CHANGE` would commit a new version every tick. Versions the SQL names (`slice_at`) are
+/// not followed: they never change. The error names the cycle.
+async fn refuse_cycles(shared: &Shared, slice: &SliceName, inputs: &[InputVersion]) -> Result<()> {
+    let me = slice.to_string();
+    // Depth-first over the slices' latest descriptors, with the path that led to each.
+    let mut stack: Vec<Vec<String>> = followed(inputs).map(|t| vec![me.clone(), t]).collect();
+    let mut seen = std::collections::HashSet::new();
+    while let Some(path) = stack.pop() {
+        let current = path.last().expect("paths are never empty").clone();
+        if current == me {
+            return Err(IcePieError::InvalidDefinition {
+                slice: me,
+                reason: format!(
+                    "it would read itself through other slices ({}); slices must not form a \
+                     cycle, or each refresh would make the other stale",
+                    path.join(" -> ")
+                ),
+            });
+        }
+        if !seen.insert(current.clone()) {
+            continue;
+        }
+        let Ok(name) = SliceName::parse(&current) else {
+            continue;
+        };
+        let Some(table) = shared
+            .warehouse
+            .load(&Warehouse::slice_path(&name), None)
+            .await?
+        else {
+            continue;
+        };
+        let (meta, _) = meta::latest_meta(&table, &current).await?;
+        for next in followed(&meta.inputs) {
+            let mut longer = path.clone();
+            longer.push(next);
+            stack.push(longer);
+        }
+    }
+    Ok(())
+}
+
+/// The slices among `inputs` that a refresh follows (not core tables, not pinned versions).
+fn followed(inputs: &[InputVersion]) -> impl Iterator<Item = String> + '_ {
+    inputs
+        .iter()
+        .filter(|i| !i.pinned && !i.table.starts_with(&format!("{CORE_SCHEMA}.")))
+        .map(|i| i.table.clone())
 }
 
 /// A copy of `state` whose queries may use at most `limit` bytes, spilling to disk where an
@@ -217,6 +282,18 @@ pub(crate) async fn build(
     let clock = Instant::now();
     let mut inputs = Vec::new();
     let options = shared.options();
+    let heartbeat = options.heartbeat.0;
+    // Attempts of this slice whose process died are recorded before this one starts.
+    running::resolve_abandoned(&shared.warehouse, name, heartbeat).await?;
+    let running = running::Running::start(
+        &shared.warehouse,
+        name,
+        &attempt_id,
+        &kind.to_string(),
+        started_at,
+        heartbeat,
+    )
+    .await?;
     let result = match budgeted_state(state, options.refresh_memory_limit.0) {
         Ok(state) => {
             write_version(
@@ -247,27 +324,30 @@ pub(crate) async fn build(
         inputs: format_inputs(&inputs),
         error: None,
     };
-    match result {
+    let outcome = match result {
         Ok(table) => {
             let version = table.version().unwrap_or_default() as i64;
-            let stats = table_stats(&table)?;
+            let stats = table_stats(&table).unwrap_or_default();
             attempt.version = Some(version);
             attempt.rows = Some(stats.rows);
             attempt.bytes = Some(stats.bytes);
-            log::append(&shared.warehouse, name, &attempt).await.map_err(|e| {
-                IcePieError::Warehouse {
+            if let Err(e) = log::append(&shared.warehouse, name, &attempt).await {
+                running.finish().await;
+                return Err(IcePieError::Warehouse {
                     location: shared.warehouse.url().to_string(),
                     reason: format!(
-                        "slice {name} version {version} was committed, but its refresh record could not be written: {e}"
+                        "slice {name} version {version} was committed, but its refresh record \
+                         could not be written: {e}"
                     ),
-                }
-            })?;
+                });
+            }
             Ok(BuildOutcome {
                 slice: name.clone(),
                 version,
                 stats,
                 inputs,
                 duration_ms,
+                by_another_writer: false,
             })
         }
         Err(source) => {
@@ -278,11 +358,6 @@ pub(crate) async fn build(
                 log::FAILED
             };
             attempt.error = Some(source.to_string());
-            let rel = Warehouse::slice_path(name);
-            if existing.is_none() && !shared.warehouse.has_log(&rel).await.unwrap_or(true) {
-                // A first build leaves no trace but its log row: remove files it wrote.
-                let _ = shared.warehouse.delete_prefix(&rel).await;
-            }
             // The build's own error matters more than a failure to log it.
             let _ = log::append(&shared.warehouse, name, &attempt).await;
             Err(IcePieError::RefreshFailed {
@@ -294,7 +369,53 @@ pub(crate) async fn build(
                 source: Box::new(source),
             })
         }
+    };
+    // The attempt's row is logged (or could not be): its marker goes.
+    running.finish().await;
+    outcome
+}
+
+/// What a refresh of `name` that lost a race to another writer does next, its descriptor
+/// having been `before`: `Some(outcome)` when the winner's version is built from the inputs'
+/// latest versions (nothing left to do), `None` to build again on top of it. A drop, a freeze
+/// or a new definition in between is an error that says which.
+pub(crate) async fn after_lost_race(
+    shared: &Shared,
+    name: &SliceName,
+    before: &SliceMeta,
+) -> Result<Option<BuildOutcome>> {
+    let changed = |change: &str| IcePieError::ChangedMeanwhile {
+        slice: name.to_string(),
+        change: change.to_string(),
+    };
+    let table = match lifecycle::load_table(shared, name).await {
+        Ok(t) => t,
+        Err(IcePieError::SliceNotFound(_)) => return Err(changed("it was dropped")),
+        Err(e) => return Err(e),
+    };
+    let (now, _) = meta::latest_meta(&table, &name.to_string()).await?;
+    if let Some(frozen) = &now.frozen {
+        return Err(lifecycle::frozen_error(name, frozen, "REFRESH SLICE"));
     }
+    if now.definition != before.definition || now.partition_by != before.partition_by {
+        return Err(changed(
+            "CREATE OR REPLACE SLICE gave it a new definition; run REFRESH SLICE again to \
+             build from it",
+        ));
+    }
+    for input in now.inputs.iter().filter(|i| !i.pinned) {
+        if shared.latest_version(&input.table).await? != Some(input.version) {
+            return Ok(None);
+        }
+    }
+    Ok(Some(BuildOutcome {
+        slice: name.clone(),
+        version: table.version().unwrap_or_default() as i64,
+        stats: table_stats(&table)?,
+        inputs: now.inputs,
+        duration_ms: 0,
+        by_another_writer: true,
+    }))
 }
 
 /// Names the memory budget when a build ran out of it.
@@ -329,6 +450,7 @@ async fn write_version(
         });
     }
     *inputs = plan_inputs(&plan, name)?;
+    refuse_cycles(shared, name, inputs).await?;
     for col in &spec.partition_by {
         if plan.schema().field_with_unqualified_name(col).is_err() {
             return Err(IcePieError::InvalidDefinition {
@@ -349,10 +471,10 @@ async fn write_version(
         rows: None,
         restored_from: None,
     };
-    let (log_store, snapshot) = shared
+    let base = shared
         .warehouse
         .write_base(&Warehouse::slice_path(name), existing)?;
-    let mut write = WriteBuilder::new(log_store, snapshot)
+    let mut write = WriteBuilder::new(base.log_store, base.snapshot)
         .with_input_plan(plan)
         .with_session_state(Arc::new(state.clone()))
         .with_partition_columns(spec.partition_by.clone())
@@ -361,10 +483,16 @@ async fn write_version(
         Some(_) => write
             .with_save_mode(SaveMode::Overwrite)
             .with_schema_mode(SchemaMode::Overwrite),
-        None => write.with_save_mode(SaveMode::ErrorIfExists),
+        None => write
+            .with_save_mode(SaveMode::ErrorIfExists)
+            .with_configuration([NO_EXPIRED_LOG_CLEANUP]),
     };
-    let base = existing.and_then(DeltaTable::version).map(|v| v as i64);
-    write.await.map_err(|e| commit_error(name, base, e))
+    // A failed or cancelled build leaves nothing behind, not even a file.
+    let guard = TakeBack::new(base.tracked);
+    let result = write.await;
+    guard.finish(&result).await;
+    let from = existing.and_then(DeltaTable::version).map(|v| v as i64);
+    result.map_err(|e| commit_error(name, from, e))
 }
 
 /// True for plans that produce rows (not DDL, DML or statements).
@@ -397,6 +525,9 @@ pub enum SliceState {
     /// Failed `icepie.max_failures` times in a row: the scheduler leaves it alone until a
     /// `REFRESH SLICE` succeeds or `THAW SLICE`.
     Suspended,
+    /// A file of the version served is damaged: queries fail naming it until a `REFRESH
+    /// SLICE` or `ROLLBACK SLICE` commits a version without it.
+    Quarantined,
 }
 
 impl fmt::Display for SliceState {
@@ -408,6 +539,7 @@ impl fmt::Display for SliceState {
             Self::Failed => "failed",
             Self::Frozen => "frozen",
             Self::Suspended => "suspended",
+            Self::Quarantined => "quarantined",
         })
     }
 }
@@ -503,7 +635,7 @@ pub(crate) async fn info(
     let now = Utc::now().timestamp_millis();
     let mut stale = false;
     let mut oldest_change: Option<i64> = None;
-    for input in &meta.inputs {
+    for input in meta.inputs.iter().filter(|i| !i.pinned) {
         if inputs.latest(shared, &input.table).await? != Some(input.version) {
             stale = true;
             let next = input.version + 1;
@@ -513,6 +645,8 @@ pub(crate) async fn info(
         }
     }
     let options = shared.options();
+    let rel = Warehouse::slice_path(name);
+    let damaged = quarantine::in_force(&shared.warehouse, &rel, &table).await?;
     let state = if shared
         .refreshing
         .lock()
@@ -520,11 +654,13 @@ pub(crate) async fn info(
         .contains(name)
     {
         SliceState::Refreshing
+    } else if damaged.is_some() {
+        SliceState::Quarantined
     } else if meta.frozen.is_some() {
         SliceState::Frozen
     } else if options.max_failures > 0 && failures.count as usize >= options.max_failures {
         SliceState::Suspended
-    } else if failures.count > 0 {
+    } else if failures.last.is_some() {
         SliceState::Failed
     } else if stale {
         SliceState::Stale
@@ -544,7 +680,10 @@ pub(crate) async fn info(
         stats,
         refreshed_at: committed,
         state,
-        last_error: failures.last.as_ref().and_then(|a| a.error.clone()),
+        last_error: match &damaged {
+            Some(q) => Some(format!("damaged file {}: {}", q.file, q.problem)),
+            None => failures.last.as_ref().and_then(|a| a.error.clone()),
+        },
         failures: failures.count,
         last_failure_at: failures.last.as_ref().map(|a| a.ended_at),
         stale,

@@ -5,20 +5,37 @@
 //! was the current version less than `icepie.vacuum_grace` ago: a reader that planned a query
 //! on it a moment before a refresh committed still finds its files. A file is deleted only
 //! when no retained version references it *and* it is older than the grace period, so the
-//! files of a refresh still being written are never touched. Nothing is committed (the Delta
-//! log is unchanged) and only the slice's own folder is listed: the core is never vacuumed.
+//! files of a refresh still being written are never touched. Nor are the files written since
+//! any attempt still running in any process started (its marker, see [`running`]), however
+//! long it runs. A slice folder with no Delta log (what failed first builds left) loses the
+//! files older than the grace. Nothing is committed (the Delta
+//! log gains no commit) and only the slice's own folder is listed: the core is never vacuumed.
+//!
+//! VACUUM also decides how much of the slice's Delta log is kept (Delta's own age-based log
+//! clean-up is off for icepie's tables): the commit and checkpoint files older than the latest
+//! checkpoint at or before the oldest retained version go, so every retained version stays
+//! readable from a checkpoint and the commits after it. Of the slice's refresh log only the
+//! commits before its latest checkpoint go; its rows are kept.
+//!
+//! A `vacuum_grace` under [`MIN_VACUUM_GRACE`] is refused unless
+//! `icepie.vacuum_enforce_grace` is off, as delta-rs refuses a retention under the table's
+//! `deletedFileRetentionDuration`. icepie does not use delta-rs's `VacuumBuilder` because it
+//! commits `VACUUM START`/`VACUUM END` versions: each would be a new version of the slice
+//! that wakes `REFRESH ON CHANGE` readers and is not an icepie commit.
 
 use std::collections::HashSet;
 use std::time::Duration;
 
 use chrono::Utc;
+use deltalake::protocol::checkpoints::cleanup_expired_logs_for;
 use futures::TryStreamExt;
 use object_store::path::Path;
 use object_store::ObjectStoreExt;
 
-use super::meta;
+use super::{meta, running};
 use crate::catalog::Shared;
 use crate::error::{IcePieError, Result};
+use crate::options::Span;
 use crate::storage::names::SliceName;
 use crate::storage::Warehouse;
 
@@ -33,16 +50,35 @@ pub struct VacuumOutcome {
     pub files_deleted: i64,
     /// Bytes deleted.
     pub bytes_deleted: i64,
+    /// Old Delta log files (commits, checkpoints) deleted, of the slice and its refresh log.
+    pub log_files_deleted: usize,
 }
+
+/// The shortest `icepie.vacuum_grace` VACUUM accepts while `icepie.vacuum_enforce_grace` is on.
+pub const MIN_VACUUM_GRACE: Duration = Duration::from_secs(600);
 
 /// Vacuums one slice with the current settings.
 pub(crate) async fn vacuum(shared: &Shared, name: &SliceName) -> Result<VacuumOutcome> {
     let options = shared.options();
+    let grace = options.vacuum_grace.0;
+    if options.vacuum_enforce_grace.0 && grace < MIN_VACUUM_GRACE {
+        return Err(IcePieError::Setting {
+            name: "vacuum_grace".into(),
+            reason: format!(
+                "VACUUM refuses a grace of {} (under {}): a refresh or a query still running in \
+                 any process could lose files it needs. Raise it, or SET \
+                 icepie.vacuum_enforce_grace = off when nothing else uses the warehouse",
+                Span(grace),
+                Span(MIN_VACUUM_GRACE)
+            ),
+        });
+    }
     vacuum_with(
         shared,
         name,
         options.retain_versions,
-        options.vacuum_grace.0,
+        grace,
+        options.heartbeat.0,
     )
     .await
 }
@@ -52,16 +88,23 @@ async fn vacuum_with(
     name: &SliceName,
     retain_versions: usize,
     grace: Duration,
+    heartbeat: Duration,
 ) -> Result<VacuumOutcome> {
     let rel = Warehouse::slice_path(name);
-    let table = shared
-        .warehouse
-        .load(&rel, None)
-        .await?
-        .ok_or_else(|| IcePieError::SliceNotFound(name.to_string()))?;
-    let latest = table.version().unwrap_or_default() as i64;
     let now = Utc::now().timestamp_millis();
-    let cutoff = now - i64::try_from(grace.as_millis()).unwrap_or(i64::MAX);
+    let mut cutoff = now - i64::try_from(grace.as_millis()).unwrap_or(i64::MAX);
+    // Files written since a running attempt (in any process) started may still be committed
+    // by it; a minute more covers clocks that disagree. Abandoned attempts are recorded.
+    running::resolve_abandoned(&shared.warehouse, name, heartbeat).await?;
+    for found in running::list(&shared.warehouse, Some(name)).await? {
+        if found.live(heartbeat, now) {
+            cutoff = cutoff.min(found.marker.started_at - CLOCK_SKEW_MS);
+        }
+    }
+    let Some(table) = shared.warehouse.load(&rel, None).await? else {
+        return debris(shared, name, &rel, cutoff).await;
+    };
+    let latest = table.version().unwrap_or_default() as i64;
     let mut oldest = *super::lifecycle::retained(latest, retain_versions).start();
     // Versions replaced within the grace period stay readable: commit times only grow, so
     // walk back until a version was replaced before the cutoff.
@@ -100,12 +143,63 @@ async fn vacuum_with(
         retained_from: oldest,
         files_deleted: 0,
         bytes_deleted: 0,
+        log_files_deleted: 0,
     };
     for (path, size) in doomed {
         match store.delete(&path).await {
             Ok(()) => {
                 outcome.files_deleted += 1;
                 outcome.bytes_deleted += i64::try_from(size).unwrap_or(i64::MAX);
+            }
+            Err(object_store::Error::NotFound { .. }) => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    // The log: commits and checkpoints older than the checkpoint the oldest kept version is
+    // read from (and older than the grace) go; Delta's own age-based clean-up is off.
+    outcome.log_files_deleted +=
+        cleanup_expired_logs_for(oldest as u64, table.log_store().as_ref(), cutoff, None).await?;
+    // The slice's refresh log keeps every row; only its commits before its latest checkpoint go.
+    let log_rel = Warehouse::refreshes_path(name);
+    if let Some(log) = shared.warehouse.load(&log_rel, None).await? {
+        let latest = log.version().unwrap_or_default();
+        outcome.log_files_deleted +=
+            cleanup_expired_logs_for(latest, log.log_store().as_ref(), cutoff, None).await?;
+    }
+    Ok(outcome)
+}
+
+/// Margin for clocks of different machines that disagree (ms).
+const CLOCK_SKEW_MS: i64 = 60_000;
+
+/// A slice folder with no Delta log holds only what failed or abandoned first builds left:
+/// files older than `cutoff` go. A name with no folder at all is not a slice.
+async fn debris(
+    shared: &Shared,
+    name: &SliceName,
+    rel: &str,
+    cutoff: i64,
+) -> Result<VacuumOutcome> {
+    let store = shared.warehouse.store();
+    let objects: Vec<_> = store.list(Some(&Path::from(rel))).try_collect().await?;
+    if objects.is_empty() {
+        return Err(IcePieError::SliceNotFound(name.to_string()));
+    }
+    let mut outcome = VacuumOutcome {
+        slice: name.clone(),
+        retained_from: 0,
+        files_deleted: 0,
+        bytes_deleted: 0,
+        log_files_deleted: 0,
+    };
+    for object in objects {
+        if object.last_modified.timestamp_millis() > cutoff {
+            continue;
+        }
+        match store.delete(&object.location).await {
+            Ok(()) => {
+                outcome.files_deleted += 1;
+                outcome.bytes_deleted += i64::try_from(object.size).unwrap_or(i64::MAX);
             }
             Err(object_store::Error::NotFound { .. }) => {}
             Err(e) => return Err(e.into()),

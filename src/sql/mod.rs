@@ -70,6 +70,8 @@ pub enum Statement {
     ShowSliceHistory(SliceName),
     /// `VACUUM SLICE name` (one slice) or `VACUUM SLICES` (every slice, `None`).
     Vacuum(Option<SliceName>),
+    /// `VERIFY SLICE name` (one slice) or `VERIFY SLICES` (every slice, `None`).
+    Verify(Option<SliceName>),
 }
 
 /// `CREATE CORE TABLE [IF NOT EXISTS] name [(columns)] [FROM 'location' [FORMAT f] | AS query]`.

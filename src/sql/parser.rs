@@ -145,6 +145,14 @@ fn parse_statement(df: &mut DFParser) -> Result<Statement> {
         p.next_token();
         p.next_token();
         Statement::Vacuum(Some(slice_name(p)?))
+    } else if starts_with(p, &["VERIFY", "SLICES"]) {
+        p.next_token();
+        p.next_token();
+        Statement::Verify(None)
+    } else if starts_with(p, &["VERIFY", "SLICE"]) {
+        p.next_token();
+        p.next_token();
+        Statement::Verify(Some(slice_name(p)?))
     } else if starts_with(p, &["DESCRIBE", "SLICE"]) || starts_with(p, &["DESC", "SLICE"]) {
         p.next_token();
         p.next_token();
@@ -419,6 +427,8 @@ mod tests {
             "SHOW SLICE HISTORY",
             "VACUUM SLICE",
             "VACUUM SLICES s",
+            "VERIFY SLICE",
+            "VERIFY SLICES s",
         ] {
             assert!(parse_sql(bad).is_err(), "{bad} parsed");
         }
@@ -429,10 +439,12 @@ mod tests {
         let v = parse_sql(
             "FREEZE SLICE finance.revenue 'bad upstream data'; freeze slice s; THAW SLICE s; \
              ROLLBACK SLICE finance.revenue TO VERSION 3; SHOW SLICE HISTORY s; \
-             VACUUM SLICE a.b; VACUUM SLICES; ROLLBACK",
+             VACUUM SLICE a.b; VACUUM SLICES; ROLLBACK; VERIFY SLICE a.b; verify slices",
         )
         .unwrap();
-        assert_eq!(v.len(), 8);
+        assert_eq!(v.len(), 10);
+        assert!(matches!(&v[8], Statement::Verify(Some(n)) if n.to_string() == "a.b"));
+        assert!(matches!(&v[9], Statement::Verify(None)));
         assert!(
             matches!(&v[0], Statement::FreezeSlice { name, reason: Some(r) }
             if name.to_string() == "finance.revenue" && r == "bad upstream data")

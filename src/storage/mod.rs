@@ -15,6 +15,7 @@
 //! the log first, so what another process committed is always seen.
 
 pub mod names;
+pub mod tracked;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -29,6 +30,7 @@ use url::Url;
 
 use crate::error::{IcePieError, Result};
 use names::SliceName;
+use tracked::TrackedStore;
 
 /// Folder of the refresh logs, one Delta table per slice under `<domain>/<name>/`.
 pub const REFRESHES_PATH: &str = "_system/refreshes/";
@@ -37,8 +39,28 @@ pub const CORE_DIR: &str = "core";
 /// Folder of the slice domains.
 pub const SLICES_DIR: &str = "slices";
 
+/// Table property that stops delta-rs from deleting old commit files after each commit.
+///
+/// Log retention in a warehouse is decided by icepie, not by age: the core keeps every
+/// version's log (its whole history can be read with `core_at`); a slice's log and its refresh
+/// log are trimmed by VACUUM to what the retained versions need (see `slice::vacuum`). Delta's
+/// own age-based clean-up (`delta.logRetentionDuration`, 30 days) would delete commits that
+/// time travel still needs, and lists the whole log on every commit to do it.
+pub const NO_EXPIRED_LOG_CLEANUP: (&str, Option<&str>) =
+    ("delta.enableExpiredLogCleanup", Some("false"));
+
 /// Default warehouse location when none is given.
 pub const DEFAULT_LOCATION: &str = "./icepie-data";
+
+/// Where one write to a table starts: see [`Warehouse::write_base`].
+pub struct WriteBase {
+    /// The table's log store, writing through `tracked`.
+    pub log_store: LogStoreRef,
+    /// The version the write commits on top of; `None` to create the table.
+    pub snapshot: Option<EagerSnapshot>,
+    /// What the write created, to take back if it fails.
+    pub tracked: Arc<TrackedStore>,
+}
 
 /// One warehouse location and the means to open the Delta tables in it.
 #[derive(Debug, Clone)]
@@ -47,6 +69,8 @@ pub struct Warehouse {
     custom_store: Option<Arc<dyn ObjectStore>>,
     storage_options: HashMap<String, String>,
     root_store: Arc<dyn ObjectStore>,
+    /// The store with "/" at the root of the location's object store (as delta-rs wants one).
+    base_store: Arc<dyn ObjectStore>,
     /// Tables loaded at their latest version, brought up to date incrementally.
     latest: Arc<Mutex<HashMap<String, Cached>>>,
 }
@@ -99,15 +123,17 @@ impl Warehouse {
         if let Some(store) = &custom_store {
             builder = builder.with_storage_backend(store.clone(), root.clone());
         }
-        let root_store = builder
+        let log_store = builder
             .build_storage()
-            .map_err(|e| err(format!("no object store for this location: {e}")))?
-            .object_store(None);
+            .map_err(|e| err(format!("no object store for this location: {e}")))?;
+        let root_store = log_store.object_store(None);
+        let base_store = log_store.root_object_store(None);
         Ok(Self {
             root,
             custom_store,
             storage_options,
             root_store,
+            base_store,
             latest: Arc::default(),
         })
     }
@@ -139,14 +165,22 @@ impl Warehouse {
 
     /// A Delta table builder for the table at `rel` (a path built by this module).
     pub fn builder(&self, rel: &str) -> Result<DeltaTableBuilder> {
+        self.builder_on(rel, self.custom_store.clone())
+    }
+
+    fn builder_on(
+        &self,
+        rel: &str,
+        store: Option<Arc<dyn ObjectStore>>,
+    ) -> Result<DeltaTableBuilder> {
         let url = self.root.join(rel).map_err(|e| IcePieError::Warehouse {
             location: self.root.to_string(),
             reason: format!("bad table path {rel}: {e}"),
         })?;
         let mut builder = DeltaTableBuilder::from_url(url.clone())?
             .with_storage_options(self.storage_options.clone());
-        if let Some(store) = &self.custom_store {
-            builder = builder.with_storage_backend(store.clone(), url);
+        if let Some(store) = store {
+            builder = builder.with_storage_backend(store, url);
         }
         Ok(builder)
     }
@@ -156,16 +190,27 @@ impl Warehouse {
         Ok(self.builder(rel)?.build()?)
     }
 
-    /// What a write to the table at `rel` starts from: its log store and, when the table
-    /// exists (`existing`), the snapshot the write commits on top of.
-    pub fn write_base(
-        &self,
-        rel: &str,
-        existing: Option<&DeltaTable>,
-    ) -> Result<(LogStoreRef, Option<EagerSnapshot>)> {
-        Ok(match existing {
-            Some(t) => (t.log_store(), Some(t.snapshot()?.snapshot().clone())),
-            None => (self.handle(rel)?.log_store(), None),
+    /// What a write to the table at `rel` starts from: a log store that tracks the files the
+    /// write creates (so that a failed write can take back exactly those, see [`tracked`])
+    /// and, when the table exists (`existing`), the snapshot the write commits on top of.
+    pub fn write_base(&self, rel: &str, existing: Option<&DeltaTable>) -> Result<WriteBase> {
+        let inner = self
+            .custom_store
+            .clone()
+            .unwrap_or_else(|| self.base_store.clone());
+        let tracked = Arc::new(TrackedStore::new(inner));
+        let log_store = self
+            .builder_on(rel, Some(tracked.clone()))?
+            .build()?
+            .log_store();
+        let snapshot = match existing {
+            Some(t) => Some(t.snapshot()?.snapshot().clone()),
+            None => None,
+        };
+        Ok(WriteBase {
+            log_store,
+            snapshot,
+            tracked,
         })
     }
 
@@ -289,12 +334,55 @@ impl Warehouse {
         Ok(())
     }
 
+    /// The latest version of the table at `rel`, `None` when it has no log.
+    ///
+    /// Found from the latest checkpoint onward, never by walking the log from version 0: old
+    /// commit files may be gone (Delta's log clean-up, another engine's, or VACUUM's). One GET
+    /// of `_last_checkpoint` and one listing of the commits after it.
+    pub async fn latest_version(&self, rel: &str) -> Result<Option<i64>> {
+        let log = format!("{rel}_delta_log/");
+        let hint = Path::from(format!("{log}_last_checkpoint"));
+        let checkpoint = match self.root_store.get(&hint).await {
+            Ok(got) => checkpoint_version(&got.bytes().await?),
+            Err(object_store::Error::NotFound { .. }) => None,
+            Err(e) => return Err(e.into()),
+        };
+        let offset = Path::from(format!("{log}{:020}", checkpoint.unwrap_or(0)));
+        let mut listing = self
+            .root_store
+            .list_with_offset(Some(&Path::from(log.as_str())), &offset);
+        let mut latest = checkpoint;
+        while let Some(object) = listing.try_next().await? {
+            if let Some(v) = object.location.filename().and_then(commit_version) {
+                latest = Some(latest.map_or(v, |l| l.max(v)));
+            }
+        }
+        Ok(latest)
+    }
+
     /// True when a Delta log exists under `rel`.
     pub async fn has_log(&self, rel: &str) -> Result<bool> {
         let log = Path::from(format!("{rel}_delta_log"));
         let mut listing = self.root_store.list(Some(&log));
         Ok(listing.try_next().await?.is_some())
     }
+}
+
+/// The version of a commit file's name (`00000000000000000042.json`).
+fn commit_version(file: &str) -> Option<i64> {
+    let digits = file.strip_suffix(".json")?;
+    if digits.len() != 20 || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    digits.parse().ok()
+}
+
+/// The version `_last_checkpoint` names; `None` when it cannot be read (it is only a hint).
+fn checkpoint_version(hint: &[u8]) -> Option<i64> {
+    serde_json::from_slice::<serde_json::Value>(hint)
+        .ok()?
+        .get("version")?
+        .as_i64()
 }
 
 /// Size of one version of a table.
@@ -317,4 +405,22 @@ pub fn table_stats(table: &DeltaTable) -> Result<TableStats> {
         stats.rows += file.num_records().unwrap_or(0) as i64;
     }
     Ok(stats)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn commit_files_and_checkpoint_hints_give_versions() {
+        assert_eq!(commit_version("00000000000000000042.json"), Some(42));
+        assert_eq!(
+            commit_version("00000000000000000042.checkpoint.parquet"),
+            None
+        );
+        assert_eq!(commit_version("_last_checkpoint"), None);
+        assert_eq!(commit_version("42.json"), None);
+        assert_eq!(checkpoint_version(br#"{"version":99,"size":12}"#), Some(99));
+        assert_eq!(checkpoint_version(b"not json"), None);
+    }
 }

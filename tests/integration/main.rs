@@ -4,6 +4,7 @@ mod cli;
 mod core_tables;
 mod failures;
 mod isolation;
+mod lifetime;
 mod persistence;
 mod repl;
 mod retention;

@@ -48,11 +48,11 @@ async fn vacuum_keeps_what_readers_may_need_and_deletes_the_rest() {
     // period (1 hour by default) ago: their files stay, and the reader still reads.
     assert_eq!(
         table(&w, "VACUUM SLICE s").await,
-        "+----------+---------------+---------------+---------------+\n\
-         | slice    | retained_from | files_deleted | bytes_deleted |\n\
-         +----------+---------------+---------------+---------------+\n\
-         | slices.s | 0             | 0             | 0             |\n\
-         +----------+---------------+---------------+---------------+"
+        "+----------+---------------+---------------+---------------+-------------------+\n\
+         | slice    | retained_from | files_deleted | bytes_deleted | log_files_deleted |\n\
+         +----------+---------------+---------------+---------------+-------------------+\n\
+         | slices.s | 0             | 0             | 0             | 0                 |\n\
+         +----------+---------------+---------------+---------------+-------------------+"
     );
     let batches = reader.collect().await.unwrap();
     assert_eq!(
@@ -66,8 +66,16 @@ async fn vacuum_keeps_what_readers_may_need_and_deletes_the_rest() {
     run(&w, "VACUUM SLICES").await;
     assert!(in_flight.exists());
 
-    // Without a grace period, everything but version 2's file goes, orphans included.
+    // A grace too short for other processes' refreshes and readers is refused...
     run(&w, "SET icepie.vacuum_grace = '0 seconds'").await;
+    let err = fails(&w, "VACUUM SLICE s").await;
+    assert!(
+        err.contains("vacuum_grace") && err.contains("vacuum_enforce_grace = off"),
+        "{err}"
+    );
+    assert!(in_flight.exists());
+    // ...unless asked for: everything but version 2's file goes, orphans included.
+    run(&w, "SET icepie.vacuum_enforce_grace = off").await;
     let out = w.vacuum("s").await.unwrap();
     assert_eq!((out.retained_from, out.files_deleted), (2, 3));
     assert!(!in_flight.exists());

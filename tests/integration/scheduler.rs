@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use datafusion::arrow::array::{AsArray, RecordBatch};
 use datafusion::arrow::datatypes::{Int64Type, TimestampMicrosecondType};
-use icepie::{IcePie, IcePieError, SliceState};
+use icepie::{IcePie, SliceState};
 
 use crate::support::{eventually, open_with, run, scalar, version};
 
@@ -225,30 +225,30 @@ async fn two_writers_on_one_slice_never_lose_mix_or_duplicate_a_version() {
         .await
         .unwrap();
     let mut versions = BTreeSet::new();
-    let mut conflicts = 0;
+    let mut superseded = 0;
     for _ in 0..4 {
         let (x, y) = tokio::join!(a.refresh("s"), b.refresh("s"));
-        for r in [x, y] {
-            match r {
-                Ok(out) => assert!(
+        // A REFRESH means "make it fresh": both succeed, racing or not.
+        let (x, y) = (x.unwrap(), y.unwrap());
+        for out in [&x, &y] {
+            if out.by_another_writer {
+                superseded += 1;
+            } else {
+                assert!(
                     versions.insert(out.version),
                     "version {} twice",
                     out.version
-                ),
-                Err(IcePieError::RefreshFailed { source, .. }) => {
-                    assert!(matches!(*source, IcePieError::Conflict { .. }), "{source}");
-                    assert!(source
-                        .to_string()
-                        .contains("another writer committed slice 'slices.s'"));
-                    conflicts += 1;
-                }
-                Err(e) => panic!("{e}"),
+                );
             }
+        }
+        // A refresh that found the other's version fresh reports that very version.
+        if x.by_another_writer || y.by_another_writer {
+            assert_eq!(x.version, y.version);
         }
     }
     // Versions 1..=n, each committed once; the slice holds one whole result.
     let n = versions.len() as i64;
-    assert_eq!(versions.len() + conflicts, 8);
+    assert_eq!(versions.len() + superseded, 8);
     assert_eq!(versions, (1..=n).collect());
     assert_eq!(version(&a, "s").await, n);
     assert_eq!(scalar(&b, "SELECT count(*) FROM s").await, "1");
@@ -261,9 +261,8 @@ async fn two_writers_on_one_slice_never_lose_mix_or_duplicate_a_version() {
     )
     .await;
     assert_eq!(statuses.matches("success").count() as i64, n, "{statuses}");
-    assert_eq!(
-        statuses.matches("conflict").count(),
-        conflicts,
+    assert!(
+        statuses.matches("conflict").count() >= superseded,
         "{statuses}"
     );
     // A conflict is not a failure of the slice.
@@ -292,12 +291,11 @@ async fn two_processes_refreshing_one_slice_agree_on_every_version() {
     })
     .await
     .unwrap();
-    // Every statement either committed or lost a race, and said so.
+    // Every REFRESH succeeded: it committed, or found the other process's version fresh.
     for out in &outputs {
         let stderr = String::from_utf8_lossy(&out.stderr);
-        for line in stderr.lines().filter(|l| l.starts_with("Error")) {
-            assert!(line.contains("another writer committed slice"), "{line}");
-        }
+        assert!(out.status.success(), "{stderr}");
+        assert!(!stderr.contains("Error"), "{stderr}");
     }
     let successes: i64 = scalar(
         &w,
@@ -306,10 +304,7 @@ async fn two_processes_refreshing_one_slice_agree_on_every_version() {
     .await
     .parse()
     .unwrap();
-    assert!(
-        successes >= 3,
-        "one process at least committed all it asked for"
-    );
+    assert!(successes >= 3, "at least one process's worth of versions");
     // One version per success, numbered without gaps, each made by icepie from one whole
     // result.
     assert_eq!(version(&w, "s").await, successes);

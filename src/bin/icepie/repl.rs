@@ -100,6 +100,7 @@ const KEYWORDS: &[&str] = &[
     "VERSION",
     "HISTORY",
     "VACUUM",
+    "VERIFY",
 ];
 
 const HELP: &str = r"Meta-commands:
@@ -376,6 +377,10 @@ async fn meta_command(session: &mut Session, meta: &str) -> bool {
         ("d", name) => describe(session, name).await,
         ("history", "") => session.notice("usage: \\history SLICE"),
         ("history", name) => {
+            let Some(name) = plain_name(name) else {
+                session.notice("usage: \\history SLICE, e.g. \\history finance.revenue");
+                return true;
+            };
             let name = if name.contains('.') {
                 name.to_string()
             } else {
@@ -427,9 +432,30 @@ async fn meta_command(session: &mut Session, meta: &str) -> bool {
     true
 }
 
+/// `NAME` or `SCHEMA.NAME` of plain identifiers, lower-cased; `None` for anything else, so
+/// that no other text is ever spliced into the SQL a meta-command runs.
+fn plain_name(text: &str) -> Option<String> {
+    let lower = text.trim().to_lowercase();
+    let parts: Vec<&str> = lower.split('.').collect();
+    let plain = |p: &&str| {
+        p.chars()
+            .next()
+            .is_some_and(|c| c.is_ascii_lowercase() || c == '_')
+            && p.chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+    };
+    (parts.len() <= 2 && parts.iter().all(plain)).then_some(lower)
+}
+
 /// `\d NAME`: a slice's description, or a core (or any) table's columns.
 async fn describe(session: &mut Session, name: &str) {
-    let lower = name.to_lowercase();
+    let Some(lower) = plain_name(name) else {
+        session.notice(&format!(
+            "\\d takes a table or slice name such as orders, core.orders or finance.revenue, \
+             not '{name}'"
+        ));
+        return;
+    };
     let is_slice = session.warehouse.slice(&lower).await.is_ok();
     let sql = if is_slice {
         format!("DESCRIBE SLICE {lower}")
@@ -454,6 +480,17 @@ mod tests {
         assert!(!is_complete("SELECT ';"));
         assert!(!is_complete("SELECT 1 -- ;"));
         assert!(is_complete("SELECT 1; SELECT 2;"));
+    }
+
+    #[test]
+    fn meta_commands_take_plain_names_only() {
+        use super::plain_name;
+        assert_eq!(plain_name("Core.Orders").as_deref(), Some("core.orders"));
+        assert_eq!(plain_name("revenue_2").as_deref(), Some("revenue_2"));
+        assert_eq!(plain_name("x; DROP CORE TABLE t"), None);
+        assert_eq!(plain_name("a.b.c"), None);
+        assert_eq!(plain_name("t'--"), None);
+        assert_eq!(plain_name(""), None);
     }
 
     #[test]

@@ -1,0 +1,296 @@
+//! Refresh attempts while they run: one small marker object per attempt,
+//! `<warehouse>/_system/running/<domain>/<name>/<attempt_id>.json`, written before the attempt
+//! reads or writes anything, renewed every `icepie.heartbeat` while it runs, and deleted once
+//! its outcome is in the slice's refresh log.
+//!
+//! The markers make attempts visible from the moment they start, in every process:
+//! `system.refreshes` lists a live one as `running`, and one whose process stopped renewing it
+//! for [`EXPIRY_HEARTBEATS`] heartbeats (killed, or cut off from storage) as `abandoned`. A
+//! cancelled attempt (Ctrl-C, a stopped scheduler) records `cancelled` itself. The next
+//! attempt of the slice, or VACUUM, turns an abandoned marker into an `abandoned` row of the
+//! refresh log; the files it may have written are orphans that VACUUM deletes after its grace.
+//!
+//! VACUUM reads the live markers of a slice and keeps every file written since the earliest
+//! of them started: a refresh running in any process never loses a file it may still commit.
+//!
+//! ## Invariants
+//! - A marker exists, or the attempt's row is in the refresh log, at every moment after the
+//!   attempt started writing (guarded by `lifetime::a_killed_refresh_shows_as_abandoned`).
+//! - Resolving an abandoned marker records one row, whichever processes resolve it at once:
+//!   the one that creates its claim object first records it.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use chrono::{DateTime, Utc};
+use futures::TryStreamExt;
+use object_store::path::Path;
+use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutOptions};
+use serde::{Deserialize, Serialize};
+use tokio::task::JoinHandle;
+
+use super::log::{self, Attempt};
+use crate::error::Result;
+use crate::storage::names::SliceName;
+use crate::storage::Warehouse;
+
+/// Folder of the markers, one folder per slice under `<domain>/<name>/`.
+pub const RUNNING_PATH: &str = "_system/running/";
+
+/// Heartbeats a marker may miss before its attempt counts as abandoned.
+pub const EXPIRY_HEARTBEATS: u32 = 6;
+
+/// What a marker holds.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Marker {
+    /// `domain.name`.
+    pub slice: String,
+    /// The attempt (matches `system.refreshes.attempt_id`).
+    pub attempt_id: String,
+    /// `create`, `refresh` or `replace`.
+    pub kind: String,
+    /// When the attempt started (ms since the epoch).
+    pub started_at: i64,
+    /// The process that runs it: host and pid, for people looking for it.
+    pub process: String,
+}
+
+/// A marker as found in the warehouse, with when it was last renewed.
+#[derive(Debug, Clone)]
+pub struct Found {
+    /// Its content.
+    pub marker: Marker,
+    /// When its process last renewed it (ms since the epoch).
+    pub renewed_at: i64,
+    /// Where it is.
+    path: Path,
+}
+
+impl Found {
+    /// True when its process renewed it within the expiry.
+    pub fn live(&self, heartbeat: Duration, now_ms: i64) -> bool {
+        let expiry = i64::try_from((heartbeat * EXPIRY_HEARTBEATS).as_millis()).unwrap_or(i64::MAX);
+        now_ms < self.renewed_at.saturating_add(expiry)
+    }
+}
+
+fn folder(slice: Option<&SliceName>) -> Path {
+    match slice {
+        Some(s) => Path::from(format!("{RUNNING_PATH}{}/{}/", s.domain, s.name)),
+        None => Path::from(RUNNING_PATH),
+    }
+}
+
+fn process() -> String {
+    let host = std::fs::read_to_string("/etc/hostname")
+        .map(|h| h.trim().to_string())
+        .unwrap_or_else(|_| "unknown-host".into());
+    format!("{host}:{}", std::process::id())
+}
+
+/// Lists the markers of `slice`, or of every slice (one listing).
+pub async fn list(warehouse: &Warehouse, slice: Option<&SliceName>) -> Result<Vec<Found>> {
+    let store = warehouse.store();
+    let objects: Vec<_> = store.list(Some(&folder(slice))).try_collect().await?;
+    let mut out = Vec::new();
+    for object in objects {
+        if !object.location.as_ref().ends_with(".json") {
+            continue;
+        }
+        // A marker deleted since the listing has ended: skip it.
+        let Ok(got) = store.get(&object.location).await else {
+            continue;
+        };
+        let Ok(marker) = serde_json::from_slice::<Marker>(&got.bytes().await?) else {
+            continue;
+        };
+        out.push(Found {
+            marker,
+            renewed_at: object.last_modified.timestamp_millis(),
+            path: object.location,
+        });
+    }
+    Ok(out)
+}
+
+/// Records the abandoned attempts of `slice` in its refresh log and deletes their markers.
+pub async fn resolve_abandoned(
+    warehouse: &Warehouse,
+    slice: &SliceName,
+    heartbeat: Duration,
+) -> Result<usize> {
+    let now = Utc::now().timestamp_millis();
+    let store = warehouse.store();
+    let mut resolved = 0;
+    for found in list(warehouse, Some(slice)).await? {
+        if found.live(heartbeat, now) {
+            continue;
+        }
+        // One process claims it; a store without conditional puts lets every process try.
+        let claim = Path::from(format!("{}.claimed", found.path));
+        let claimed = store
+            .put_opts(&claim, "".into(), PutOptions::from(PutMode::Create))
+            .await;
+        if let Err(object_store::Error::AlreadyExists { .. }) = claimed {
+            continue;
+        }
+        let m = &found.marker;
+        let attempt = Attempt {
+            slice: m.slice.clone(),
+            attempt_id: m.attempt_id.clone(),
+            kind: m.kind.clone(),
+            started_at: DateTime::from_timestamp_millis(m.started_at).unwrap_or_default(),
+            duration_ms: (found.renewed_at - m.started_at).max(0),
+            status: log::ABANDONED,
+            version: None,
+            rows: None,
+            bytes: None,
+            inputs: String::new(),
+            error: Some(format!(
+                "the process running it ({}) stopped renewing its record after {} ms: it was \
+                 killed or lost its storage; nothing was committed",
+                m.process,
+                (found.renewed_at - m.started_at).max(0)
+            )),
+        };
+        log::append(warehouse, slice, &attempt).await?;
+        for path in [&found.path, &claim] {
+            match store.delete(path).await {
+                Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        resolved += 1;
+    }
+    Ok(resolved)
+}
+
+/// A running attempt's marker, renewed while it lives. [`Running::finish`] deletes it once
+/// the attempt's row is logged; dropped before that (the attempt was cancelled), it records
+/// the attempt as `cancelled` and deletes the marker in the background.
+pub struct Running {
+    warehouse: Warehouse,
+    slice: SliceName,
+    marker: Marker,
+    path: Path,
+    clock: Instant,
+    heartbeat: JoinHandle<()>,
+    finished: bool,
+}
+
+impl Running {
+    /// Writes the marker of a new attempt and starts renewing it every `heartbeat`.
+    pub async fn start(
+        warehouse: &Warehouse,
+        slice: &SliceName,
+        attempt_id: &str,
+        kind: &str,
+        started_at: DateTime<Utc>,
+        heartbeat: Duration,
+    ) -> Result<Self> {
+        let marker = Marker {
+            slice: slice.to_string(),
+            attempt_id: attempt_id.to_string(),
+            kind: kind.to_string(),
+            started_at: started_at.timestamp_millis(),
+            process: process(),
+        };
+        let path = Path::from(format!(
+            "{RUNNING_PATH}{}/{}/{attempt_id}.json",
+            slice.domain, slice.name
+        ));
+        let body = serde_json::to_vec(&marker).expect("a marker serializes");
+        let store = warehouse.store();
+        store.put(&path, body.clone().into()).await?;
+        let heartbeat = tokio::spawn(renew(store, path.clone(), body, heartbeat));
+        Ok(Self {
+            warehouse: warehouse.clone(),
+            slice: slice.clone(),
+            marker,
+            path,
+            clock: Instant::now(),
+            heartbeat,
+            finished: false,
+        })
+    }
+
+    /// The attempt's row is in the log: the marker goes.
+    pub async fn finish(mut self) {
+        self.finished = true;
+        self.heartbeat.abort();
+        let _ = self.warehouse.store().delete(&self.path).await;
+    }
+}
+
+async fn renew(store: Arc<dyn ObjectStore>, path: Path, body: Vec<u8>, every: Duration) {
+    loop {
+        tokio::time::sleep(every.max(Duration::from_millis(10))).await;
+        // A failed renewal is retried at the next beat; enough misses make it abandoned.
+        let _ = store.put(&path, body.clone().into()).await;
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.heartbeat.abort();
+        if self.finished {
+            return;
+        }
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let warehouse = self.warehouse.clone();
+        let slice = self.slice.clone();
+        let path = self.path.clone();
+        let m = &self.marker;
+        let attempt = Attempt {
+            slice: m.slice.clone(),
+            attempt_id: m.attempt_id.clone(),
+            kind: m.kind.clone(),
+            started_at: DateTime::from_timestamp_millis(m.started_at).unwrap_or_default(),
+            duration_ms: self.clock.elapsed().as_millis() as i64,
+            status: log::CANCELLED,
+            version: None,
+            rows: None,
+            bytes: None,
+            inputs: String::new(),
+            error: Some("cancelled before it committed; nothing was committed".into()),
+        };
+        runtime.spawn(async move {
+            if log::append(&warehouse, &slice, &attempt).await.is_ok() {
+                let _ = warehouse.store().delete(&path).await;
+            }
+        });
+    }
+}
+
+/// The rows `system.refreshes` shows for markers: `running`, or `abandoned` when expired.
+pub fn as_attempts(found: &[Found], heartbeat: Duration, now_ms: i64) -> Vec<Attempt> {
+    found
+        .iter()
+        .map(|f| {
+            let m = &f.marker;
+            let live = f.live(heartbeat, now_ms);
+            let until = if live { now_ms } else { f.renewed_at };
+            Attempt {
+                slice: m.slice.clone(),
+                attempt_id: m.attempt_id.clone(),
+                kind: m.kind.clone(),
+                started_at: DateTime::from_timestamp_millis(m.started_at).unwrap_or_default(),
+                duration_ms: (until - m.started_at).max(0),
+                status: if live { log::RUNNING } else { log::ABANDONED },
+                version: None,
+                rows: None,
+                bytes: None,
+                inputs: String::new(),
+                error: (!live).then(|| {
+                    format!(
+                        "the process running it ({}) stopped renewing its record: it was \
+                         killed or lost its storage; nothing was committed",
+                        m.process
+                    )
+                }),
+            }
+        })
+        .collect()
+}
