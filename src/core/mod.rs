@@ -243,10 +243,13 @@ async fn source_plan(
 /// be writing the same table.
 async fn commit(
     state: &SessionState,
+    shared: &Shared,
+    rel: &str,
     base: WriteBase,
     plan: LogicalPlan,
     what: serde_json::Value,
 ) -> Result<DeltaTable> {
+    let tracked = base.tracked.clone();
     let create = base.snapshot.is_none();
     let mut write = WriteBuilder::new(base.log_store, base.snapshot)
         .with_input_plan(plan)
@@ -264,7 +267,7 @@ async fn commit(
     let guard = TakeBack::new(base.tracked);
     let result = write.await;
     guard.finish(&result).await;
-    Ok(result?)
+    shared.warehouse.landed(rel, &tracked, result).await
 }
 
 fn outcome(name: &str, before_rows: i64, table: &DeltaTable) -> Result<LoadOutcome> {
@@ -313,7 +316,7 @@ pub(crate) async fn create(
     };
     let base = shared.warehouse.write_base(&rel, None)?;
     let what = serde_json::json!({"kind": "create", "source": source_text(stmt.source.as_ref())});
-    let table = commit(state, base, plan, what).await?;
+    let table = commit(state, shared, &rel, base, plan, what).await?;
     outcome(name, 0, &table).map(Some)
 }
 
@@ -344,9 +347,8 @@ pub(crate) async fn ingest(
     let qualified = format!("{CORE_SCHEMA}.{name}");
     let plan = source_plan(state, shared, source, Some(schema.as_ref()), &qualified).await?;
     let what = serde_json::json!({"kind": "ingest", "source": source_text(Some(source))});
-    let base = shared
-        .warehouse
-        .write_base(&Warehouse::core_path(name), Some(&table))?;
-    let table = commit(state, base, plan, what).await?;
+    let rel = Warehouse::core_path(name);
+    let base = shared.warehouse.write_base(&rel, Some(&table))?;
+    let table = commit(state, shared, &rel, base, plan, what).await?;
     outcome(name, before, &table)
 }

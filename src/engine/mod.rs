@@ -161,6 +161,23 @@ impl IcePieBuilder {
 /// reports the conflict.
 const MAX_REFRESH_RACES: usize = 3;
 
+/// Runs a FREEZE, THAW or ROLLBACK again when another writer committed the slice first: none
+/// depends on the version it lands on, and each run checks the slice's state anew (a slice
+/// frozen meanwhile refuses a rollback, a thaw finds nothing to do).
+async fn retrying<F, Fut>(mut change: F) -> Result<LifecycleOutcome>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<LifecycleOutcome>>,
+{
+    let mut races = 0;
+    loop {
+        match change().await {
+            Err(IcePieError::Conflict { .. }) if races < MAX_REFRESH_RACES => races += 1,
+            other => return other,
+        }
+    }
+}
+
 /// Runs a statement's plan to its end, dropping its rows as they come.
 async fn drain(df: DataFrame) -> Result<()> {
     let mut stream = df.execute_stream().await?;
@@ -320,7 +337,8 @@ impl IcePie {
             }
             Statement::CreateCoreTable(c) => {
                 let out = core::create(&state, shared, &c).await?;
-                shared.refresh_listing().await?;
+                // The change is made; a listing that fails now is renewed by the next statement.
+                let _ = shared.refresh_listing().await;
                 output::loads(ctx, out)
             }
             Statement::Ingest(i) => {
@@ -399,8 +417,9 @@ impl IcePie {
     }
 
     async fn lifecycle_result(&self, out: LifecycleOutcome) -> Result<DataFrame> {
-        let info = self.slice(&out.slice.to_string()).await?;
-        output::lifecycle(&self.inner.ctx, &out, &info)
+        // The change is made: a state that cannot be read now is shown as unknown (NULL).
+        let info = self.slice(&out.slice.to_string()).await.ok();
+        output::lifecycle(&self.inner.ctx, &out, info.as_ref())
     }
 
     fn lock(&self, name: &SliceName) -> Arc<tokio::sync::Mutex<()>> {
@@ -464,7 +483,8 @@ impl IcePie {
             existing.as_ref(),
         )
         .await;
-        shared.refresh_listing().await?;
+        // The change is made; a listing that fails now is renewed by the next statement.
+        let _ = shared.refresh_listing().await;
         out.map(Some)
     }
 
@@ -565,7 +585,7 @@ impl IcePie {
         let name = SliceName::parse(name)?;
         let lock = self.lock(&name);
         let _guard = lock.lock().await;
-        lifecycle::freeze(&self.inner.shared, &name, reason).await
+        retrying(|| lifecycle::freeze(&self.inner.shared, &name, reason.clone())).await
     }
 
     /// `THAW SLICE`: resumes the slice's refresh policy and clears a suspension.
@@ -573,7 +593,7 @@ impl IcePie {
         let name = SliceName::parse(name)?;
         let lock = self.lock(&name);
         let _guard = lock.lock().await;
-        lifecycle::thaw(&self.inner.shared, &name).await
+        retrying(|| lifecycle::thaw(&self.inner.shared, &name)).await
     }
 
     /// `ROLLBACK SLICE name TO VERSION n`: commits a new version whose data and definition
@@ -582,7 +602,7 @@ impl IcePie {
         let name = SliceName::parse(name)?;
         let lock = self.lock(&name);
         let _guard = lock.lock().await;
-        lifecycle::rollback(&self.inner.shared, &name, version).await
+        retrying(|| lifecycle::rollback(&self.inner.shared, &name, version)).await
     }
 
     /// `SHOW SLICE HISTORY`: every commit of the slice still in its log, newest first.
@@ -662,7 +682,8 @@ impl IcePie {
             };
         }
         shared.warehouse.delete_prefix(&rel).await?;
-        shared.refresh_listing().await?;
+        // The change is made; a listing that fails now is renewed by the next statement.
+        let _ = shared.refresh_listing().await;
         Ok(true)
     }
 
@@ -701,7 +722,8 @@ impl IcePie {
             });
         }
         shared.warehouse.delete_prefix(&rel).await?;
-        shared.refresh_listing().await?;
+        // The change is made; a listing that fails now is renewed by the next statement.
+        let _ = shared.refresh_listing().await;
         Ok(true)
     }
 

@@ -101,14 +101,17 @@ pub(super) fn builds(ctx: &SessionContext, out: Option<BuildOutcome>) -> Result<
 pub(super) fn lifecycle(
     ctx: &SessionContext,
     out: &LifecycleOutcome,
-    info: &SliceInfo,
+    info: Option<&SliceInfo>,
 ) -> Result<DataFrame> {
     frame(
         ctx,
         vec![
             ("slice", strings(std::iter::once(out.slice.to_string()))),
             ("version", ints(std::iter::once(out.version))),
-            ("state", strings(std::iter::once(info.state.to_string()))),
+            (
+                "state",
+                Arc::new(StringArray::from(vec![info.map(|i| i.state.to_string())])) as ArrayRef,
+            ),
             (
                 "committed",
                 Arc::new(BooleanArray::from(vec![out.committed])) as ArrayRef,

@@ -5,9 +5,11 @@
 //! Freezing and thawing change no data (the commit sets the table property `icepie.frozen`,
 //! which other Delta readers see too); a rollback is Delta's restore: one commit whose files
 //! and metadata are those of the earlier version. Like refreshes, these commits land only on
-//! the version they were prepared from; a concurrent writer makes them fail with a conflict.
+//! the version they were prepared from; when another writer commits first, the engine runs
+//! them again on the new version (none depends on the data it replaces).
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use chrono::Utc;
 use deltalake::kernel::transaction::CommitProperties;
@@ -18,6 +20,7 @@ use super::{commit_error, commit_properties};
 use crate::catalog::Shared;
 use crate::error::{IcePieError, Result};
 use crate::storage::names::SliceName;
+use crate::storage::tracked::TrackedStore;
 use crate::storage::{table_stats, Warehouse};
 
 /// Table property that mirrors the frozen state for other Delta readers.
@@ -54,6 +57,21 @@ pub(crate) async fn load(
     Ok((table, meta, committed_at))
 }
 
+/// [`load`] for a change: the table is loaded anew through a store that tracks what the
+/// change writes, so that a change whose commit landed is never reported as failed.
+async fn load_for_change(
+    shared: &Shared,
+    name: &SliceName,
+) -> Result<(DeltaTable, SliceMeta, Option<i64>, Arc<TrackedStore>)> {
+    let (table, tracked) = shared
+        .warehouse
+        .load_tracked(&Warehouse::slice_path(name))
+        .await?
+        .ok_or_else(|| IcePieError::SliceNotFound(name.to_string()))?;
+    let (meta, committed_at) = meta::latest_meta(&table, &name.to_string()).await?;
+    Ok((table, meta, committed_at, tracked))
+}
+
 /// The error a change of a frozen slice gets: when and why it was frozen, and what to do.
 pub fn frozen_error(name: &SliceName, frozen: &Frozen, what: &str) -> IcePieError {
     let since = chrono::DateTime::from_timestamp_millis(frozen.since)
@@ -71,18 +89,32 @@ pub fn frozen_error(name: &SliceName, frozen: &Frozen, what: &str) -> IcePieErro
 }
 
 /// Commits a data-less version with descriptor `meta`, setting `icepie.frozen`.
-async fn commit_state(table: &DeltaTable, name: &SliceName, meta: &SliceMeta) -> Result<i64> {
+async fn commit_state(
+    shared: &Shared,
+    table: &DeltaTable,
+    tracked: &TrackedStore,
+    name: &SliceName,
+    meta: &SliceMeta,
+) -> Result<i64> {
     let frozen = meta.frozen.is_some().to_string();
     let base = table.version().map(|v| v as i64);
-    let table = table
+    let result = table
         .clone()
         .set_tbl_properties()
         .with_properties(HashMap::from([(FROZEN_PROPERTY.to_string(), frozen)]))
         // Not a `delta.*` property: Delta has no opinion on it.
         .with_raise_if_not_exists(false)
         .with_commit_properties(commit_properties(meta))
-        .await
-        .map_err(|e| commit_error(name, base, e))?;
+        .await;
+    let table = match result {
+        Err(e) if !tracked.committed() => return Err(commit_error(name, base, e)),
+        landed => {
+            shared
+                .warehouse
+                .landed(&Warehouse::slice_path(name), tracked, landed)
+                .await?
+        }
+    };
     Ok(table.version().unwrap_or_default() as i64)
 }
 
@@ -103,7 +135,7 @@ pub(crate) async fn freeze(
     name: &SliceName,
     reason: Option<String>,
 ) -> Result<LifecycleOutcome> {
-    let (table, meta, _) = load(shared, name).await?;
+    let (table, meta, _, tracked) = load_for_change(shared, name).await?;
     let version = table.version().unwrap_or_default() as i64;
     if meta.frozen.is_some() {
         return Ok(LifecycleOutcome {
@@ -119,7 +151,7 @@ pub(crate) async fn freeze(
     });
     Ok(LifecycleOutcome {
         slice: name.clone(),
-        version: commit_state(&table, name, &next).await?,
+        version: commit_state(shared, &table, &tracked, name, &next).await?,
         committed: true,
     })
 }
@@ -128,7 +160,7 @@ pub(crate) async fn freeze(
 /// failures in a row are counted from the latest commit). Thawing a slice that is neither
 /// frozen nor failing changes nothing.
 pub(crate) async fn thaw(shared: &Shared, name: &SliceName) -> Result<LifecycleOutcome> {
-    let (table, meta, committed_at) = load(shared, name).await?;
+    let (table, meta, committed_at, tracked) = load_for_change(shared, name).await?;
     let version = table.version().unwrap_or_default() as i64;
     let attempts = shared.attempts(name).await?;
     let failing = super::log::failures_since(&attempts, committed_at.unwrap_or(0))
@@ -145,7 +177,7 @@ pub(crate) async fn thaw(shared: &Shared, name: &SliceName) -> Result<LifecycleO
     next.frozen = None;
     Ok(LifecycleOutcome {
         slice: name.clone(),
-        version: commit_state(&table, name, &next).await?,
+        version: commit_state(shared, &table, &tracked, name, &next).await?,
         committed: true,
     })
 }
@@ -186,7 +218,7 @@ pub(crate) async fn rollback(
     name: &SliceName,
     version: i64,
 ) -> Result<LifecycleOutcome> {
-    let (table, meta, _) = load(shared, name).await?;
+    let (table, meta, _, tracked) = load_for_change(shared, name).await?;
     if let Some(frozen) = &meta.frozen {
         return Err(frozen_error(name, frozen, "ROLLBACK SLICE"));
     }
@@ -220,8 +252,15 @@ pub(crate) async fn rollback(
         .with_version_to_restore(version as u64)
         .with_commit_properties(props)
         .await;
+    let restored = match restored {
+        Err(e) if tracked.committed() => Ok(shared
+            .warehouse
+            .landed(&Warehouse::slice_path(name), &tracked, Err(e))
+            .await?),
+        other => other.map(|(table, _)| table),
+    };
     match restored {
-        Ok((table, _)) => Ok(LifecycleOutcome {
+        Ok(table) => Ok(LifecycleOutcome {
             slice: name.clone(),
             version: table.version().unwrap_or_default() as i64,
             committed: true,

@@ -119,7 +119,7 @@ pub async fn append(warehouse: &Warehouse, slice: &SliceName, attempt: &Attempt)
     let batch = attempt.to_batch()?;
     let rel = Warehouse::refreshes_path(slice);
     // Two processes may both find no log and race to create it; the loser appends after.
-    for round in 0..2 {
+    for round in 0..3 {
         let existing = warehouse.load(&rel, None).await?;
         let base = warehouse.write_base(&rel, existing.as_ref())?;
         let write = WriteBuilder::new(base.log_store, base.snapshot)
@@ -127,12 +127,16 @@ pub async fn append(warehouse: &Warehouse, slice: &SliceName, attempt: &Attempt)
             .with_save_mode(SaveMode::Append)
             .with_configuration([("delta.appendOnly", Some("true")), NO_EXPIRED_LOG_CLEANUP])
             .with_commit_properties(CommitProperties::default());
+        let tracked = base.tracked.clone();
         let guard = TakeBack::new(base.tracked);
         let result = write.await;
         guard.finish(&result).await;
+        if result.is_err() && tracked.committed() {
+            return Ok(());
+        }
         match result {
             Ok(_) => return Ok(()),
-            Err(_) if existing.is_none() && round == 0 => continue,
+            Err(_) if existing.is_none() && round < 2 => continue,
             Err(e) => return Err(e.into()),
         }
     }

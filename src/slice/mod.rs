@@ -351,7 +351,22 @@ pub(crate) async fn build(
             })
         }
         Err(source) => {
-            let source = over_budget(source, &options);
+            let mut source = over_budget(source, &options);
+            // A first build that failed because another writer created the slice meanwhile
+            // (whatever error the race surfaced as) lost a race, and says so.
+            if existing.is_none()
+                && !matches!(source, IcePieError::Conflict { .. })
+                && shared
+                    .warehouse
+                    .has_log(&Warehouse::slice_path(name))
+                    .await
+                    .unwrap_or(false)
+            {
+                source = IcePieError::Conflict {
+                    slice: name.to_string(),
+                    base: "no version (the slice did not exist yet)".into(),
+                };
+            }
             attempt.status = if matches!(source, IcePieError::Conflict { .. }) {
                 log::CONFLICT
             } else {
@@ -471,9 +486,9 @@ async fn write_version(
         rows: None,
         restored_from: None,
     };
-    let base = shared
-        .warehouse
-        .write_base(&Warehouse::slice_path(name), existing)?;
+    let rel = Warehouse::slice_path(name);
+    let base = shared.warehouse.write_base(&rel, existing)?;
+    let tracked = base.tracked.clone();
     let mut write = WriteBuilder::new(base.log_store, base.snapshot)
         .with_input_plan(plan)
         .with_session_state(Arc::new(state.clone()))
@@ -492,7 +507,10 @@ async fn write_version(
     let result = write.await;
     guard.finish(&result).await;
     let from = existing.and_then(DeltaTable::version).map(|v| v as i64);
-    result.map_err(|e| commit_error(name, from, e))
+    match result {
+        Err(e) if !tracked.committed() => Err(commit_error(name, from, e)),
+        landed => shared.warehouse.landed(&rel, &tracked, landed).await,
+    }
 }
 
 /// True for plans that produce rows (not DDL, DML or statements).

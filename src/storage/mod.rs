@@ -214,6 +214,55 @@ impl Warehouse {
         })
     }
 
+    /// The table at `rel` at its latest version, loaded anew through a store that tracks what
+    /// a write on it creates (for commits made through the table's own operations).
+    pub async fn load_tracked(&self, rel: &str) -> Result<Option<(DeltaTable, Arc<TrackedStore>)>> {
+        let inner = self
+            .custom_store
+            .clone()
+            .unwrap_or_else(|| self.base_store.clone());
+        let tracked = Arc::new(TrackedStore::new(inner));
+        match self.builder_on(rel, Some(tracked.clone()))?.load().await {
+            Ok(t) => Ok(Some((t, tracked))),
+            Err(e) if no_table(&e) => Ok(None),
+            Err(_) if !self.has_log(rel).await? => Ok(None),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// What a write through `tracked` ended with: `result`, or, when the write failed after
+    /// its commit landed (a failed checkpoint, a failed read-back), the table at the version
+    /// it committed. Only when even that cannot be read is it an error, which says the
+    /// change was committed so that nobody makes it twice.
+    pub async fn landed(
+        &self,
+        rel: &str,
+        tracked: &TrackedStore,
+        result: std::result::Result<DeltaTable, DeltaTableError>,
+    ) -> Result<DeltaTable> {
+        let error = match result {
+            Ok(table) => return Ok(table),
+            Err(e) => e,
+        };
+        let Some(version) = tracked.committed_version() else {
+            return Err(error.into());
+        };
+        match self.load_anew(rel, Some(version)).await {
+            Ok(Some(table)) => Ok(table),
+            other => Err(IcePieError::Warehouse {
+                location: self.root.to_string(),
+                reason: format!(
+                    "the change was committed as version {version} of {rel}, but could not be \
+                     read back ({error}{}); it is there: do not make it again",
+                    match other {
+                        Err(e) => format!("; {e}"),
+                        _ => String::new(),
+                    }
+                ),
+            }),
+        }
+    }
+
     /// Loads the table at `rel` at its latest version (or `version`); `None` if there is none.
     ///
     /// A table loaded at its latest version before is brought up to date from where it was
@@ -244,7 +293,7 @@ impl Warehouse {
         }
         match builder.load().await {
             Ok(t) => Ok(Some(t)),
-            Err(DeltaTableError::NotATable(_)) => Ok(None),
+            Err(e) if no_table(&e) => Ok(None),
             // Which error a missing table gives depends on the store; no log means no table.
             Err(_) if !self.has_log(rel).await? => Ok(None),
             Err(e) => Err(e.into()),
@@ -368,6 +417,18 @@ impl Warehouse {
     }
 }
 
+/// True when a load failed because there is no table at all: no log, or (on a local disk)
+/// not even its folder, as when another process is creating it at this very moment.
+fn no_table(e: &DeltaTableError) -> bool {
+    match e {
+        DeltaTableError::NotATable(_) | DeltaTableError::InvalidTableLocation(_) => true,
+        // delta-rs does not re-export the kernel's error type: its text is all there is
+        // (pinned by `tests::a_missing_folder_is_no_table`).
+        DeltaTableError::KernelError(k) => k.to_string().starts_with("Invalid table location"),
+        _ => false,
+    }
+}
+
 /// The version of a commit file's name (`00000000000000000042.json`).
 fn commit_version(file: &str) -> Option<i64> {
     let digits = file.strip_suffix(".json")?;
@@ -422,5 +483,19 @@ mod tests {
         assert_eq!(commit_version("42.json"), None);
         assert_eq!(checkpoint_version(br#"{"version":99,"size":12}"#), Some(99));
         assert_eq!(checkpoint_version(b"not json"), None);
+    }
+
+    #[tokio::test]
+    async fn a_missing_folder_is_no_table() {
+        let dir = tempfile::tempdir().unwrap();
+        let w = Warehouse::open(dir.path().to_str().unwrap(), None, HashMap::new()).unwrap();
+        assert!(w.load("core/nothing/", None).await.unwrap().is_none());
+        let url = Url::from_directory_path(dir.path().join("gone")).unwrap();
+        let err = DeltaTableBuilder::from_url(url)
+            .unwrap()
+            .load()
+            .await
+            .unwrap_err();
+        assert!(no_table(&err), "{err:?}");
     }
 }

@@ -58,13 +58,23 @@ impl TrackedStore {
     /// True when a Delta commit file (`_delta_log/<version>.json`) was created through this
     /// store: the write committed.
     pub fn committed(&self) -> bool {
-        self.written().iter().any(|p| {
+        self.committed_version().is_some()
+    }
+
+    /// The version of the Delta commit file created through this store, if any: the write
+    /// committed as that version, whatever error came after (a failed checkpoint, a failed
+    /// read of the new version).
+    pub fn committed_version(&self) -> Option<i64> {
+        self.written().iter().find_map(|p| {
             let mut parts: Vec<String> = p.parts().map(|x| x.as_ref().to_string()).collect();
             let file = parts.pop().unwrap_or_default();
-            parts.last().is_some_and(|d| d == "_delta_log")
-                && file
-                    .strip_suffix(".json")
-                    .is_some_and(|v| v.len() == 20 && v.bytes().all(|b| b.is_ascii_digit()))
+            if parts.last().is_none_or(|d| d != "_delta_log") {
+                return None;
+            }
+            let digits = file.strip_suffix(".json")?;
+            (digits.len() == 20 && digits.bytes().all(|b| b.is_ascii_digit()))
+                .then(|| digits.parse().ok())
+                .flatten()
         })
     }
 

@@ -2,10 +2,14 @@
 
 mod cli;
 mod core_tables;
+mod crash;
 mod failures;
+mod faults;
 mod isolation;
 mod lifetime;
+mod parser_fuzz;
 mod persistence;
+mod races;
 mod repl;
 mod retention;
 mod scheduler;

@@ -211,3 +211,77 @@ pub async fn open_with(settings: &[(&str, &str)]) -> (tempfile::TempDir, IcePie)
 pub async fn version(warehouse: &IcePie, slice: &str) -> i64 {
     warehouse.slice(slice).await.unwrap().version
 }
+
+/// Rows of one load of the workload table `core.t (x BIGINT)`: `x` = 1..=LOAD.
+pub const LOAD: i64 = 20_000;
+
+/// What breaks the invariants in a warehouse holding the workload: `core.t` holds whole loads
+/// only, and every slice over it holds exactly what its definition gives over the version of
+/// `core.t` it records. Empty when all hold.
+pub async fn violations(w: &IcePie) -> Vec<String> {
+    let mut out = Vec::new();
+    let whole = async {
+        let count: i64 = scalar(w, "SELECT count(*) FROM core.t")
+            .await
+            .parse()
+            .ok()?;
+        let sum: i64 = scalar(w, "SELECT coalesce(sum(x), 0) FROM core.t")
+            .await
+            .parse()
+            .ok()?;
+        Some((count, sum))
+    };
+    match whole.await {
+        Some((count, sum)) => {
+            let loads = count / LOAD;
+            if count % LOAD != 0 || sum != loads * LOAD * (LOAD + 1) / 2 {
+                out.push(format!(
+                    "core.t holds part of a load: {count} rows, sum {sum}"
+                ));
+            }
+        }
+        None => out.push("core.t cannot be counted".into()),
+    }
+    let unreadable = scalar(
+        w,
+        "SELECT count(*) FROM system.slices WHERE last_error LIKE 'cannot read the slice%'",
+    )
+    .await;
+    if unreadable != "0" {
+        out.push(format!("{unreadable} slice(s) cannot be read"));
+    }
+    let slices = match w.slices().await {
+        Ok(s) => s,
+        Err(e) => return vec![format!("system.slices fails: {e}")],
+    };
+    for info in slices {
+        let [input] = info.meta.inputs.as_slice() else {
+            continue;
+        };
+        if input.table != "core.t" || input.pinned {
+            continue;
+        }
+        let expected = info
+            .meta
+            .definition
+            .replace("core.t", &format!("core_at('t', {})", input.version));
+        let got = rows_of(w, &format!("SELECT * FROM {}", info.name)).await;
+        let want = rows_of(w, &expected).await;
+        if got != want {
+            out.push(format!(
+                "{} v{} holds {got:?}, but its definition over core.t@{} gives {want:?}",
+                info.name, info.version, input.version
+            ));
+        }
+    }
+    out
+}
+
+/// A query's rows as text, or its error.
+async fn rows_of(w: &IcePie, sql: &str) -> std::result::Result<String, String> {
+    let df = w.sql(sql).await.map_err(|e| e.to_string())?;
+    let batches = df.collect().await.map_err(|e| e.to_string())?;
+    pretty_format_batches(&batches)
+        .map(|t| t.to_string())
+        .map_err(|e| e.to_string())
+}

@@ -1,0 +1,385 @@
+//! Fault injection: an object store that fails chosen calls (by kind, count and path) and
+//! adds latency. Every statement either fully succeeds or changes nothing readers see, with
+//! a clear error, and the warehouse is usable afterwards.
+//!
+//! CI fails a few calls of each kind each statement makes (the first, a middle one and the
+//! last PUT, a middle one of the others); `ICEPIE_FAULTS=all` fails every one in turn.
+
+use std::fmt;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use futures::stream::BoxStream;
+use futures::StreamExt;
+use icepie::IcePie;
+use object_store::local::LocalFileSystem;
+use object_store::path::Path;
+use object_store::{
+    CopyOptions, GetOptions, GetResult, ListResult, MultipartUpload, ObjectMeta, ObjectStore,
+    PutMultipartOptions, PutOptions, PutPayload, PutResult, Result,
+};
+
+use crate::support::{run, violations, LOAD};
+
+/// Kinds of object-store calls.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Op {
+    Put,
+    Get,
+    List,
+    Delete,
+}
+
+const OPS: [Op; 4] = [Op::Put, Op::Get, Op::List, Op::Delete];
+
+#[derive(Debug, Default)]
+struct Plan {
+    /// Calls of each kind so far (index: `Op as usize`).
+    calls: [usize; 4],
+    /// Fail the call of this kind with this number (1-based) whose path contains `path`.
+    fail: Option<(Op, usize)>,
+    path: Option<String>,
+    /// Added to every call.
+    latency: Duration,
+    injected: usize,
+}
+
+/// An object store that fails the calls it is told to.
+#[derive(Debug, Default)]
+pub struct FaultyStore {
+    inner: Option<Arc<dyn ObjectStore>>,
+    plan: Arc<Mutex<Plan>>,
+}
+
+impl FaultyStore {
+    pub fn new(inner: Arc<dyn ObjectStore>) -> Self {
+        Self {
+            inner: Some(inner),
+            plan: Arc::default(),
+        }
+    }
+
+    fn inner(&self) -> &Arc<dyn ObjectStore> {
+        self.inner.as_ref().expect("an inner store")
+    }
+
+    /// Counts calls from zero again and fails call `n` of kind `op` (none: count only).
+    pub fn arm(&self, fail: Option<(Op, usize)>, path: Option<&str>, latency: Duration) {
+        let mut p = self.plan.lock().unwrap();
+        p.calls = [0; 4];
+        p.fail = fail;
+        p.path = path.map(str::to_string);
+        p.latency = latency;
+    }
+
+    /// Calls of each kind since the last `arm`.
+    pub fn calls(&self) -> [usize; 4] {
+        self.plan.lock().unwrap().calls
+    }
+
+    /// Faults injected so far.
+    pub fn injected(&self) -> usize {
+        self.plan.lock().unwrap().injected
+    }
+
+    /// Counts a call; an error when it is the one to fail.
+    fn check(&self, op: Op, path: &Path) -> (Duration, Result<()>) {
+        check(&self.plan, op, path)
+    }
+
+    async fn enter(&self, op: Op, path: &Path) -> Result<()> {
+        let (latency, result) = self.check(op, path);
+        if !latency.is_zero() {
+            tokio::time::sleep(latency).await;
+        }
+        result
+    }
+}
+
+/// Counts a call of `op` on `path`; an error when it is the one to fail.
+fn check(plan: &Mutex<Plan>, op: Op, path: &Path) -> (Duration, Result<()>) {
+    let mut p = plan.lock().unwrap();
+    let matches = p.path.as_ref().is_none_or(|s| path.as_ref().contains(s));
+    if matches {
+        p.calls[op as usize] += 1;
+    }
+    let fail = matches && p.fail == Some((op, p.calls[op as usize]));
+    if fail {
+        p.injected += 1;
+    }
+    let result = if fail {
+        Err(object_store::Error::Generic {
+            store: "faulty",
+            source: format!("injected {op:?} fault on {path}").into(),
+        })
+    } else {
+        Ok(())
+    };
+    (p.latency, result)
+}
+
+impl fmt::Display for FaultyStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Faulty({})", self.inner())
+    }
+}
+
+#[async_trait]
+impl ObjectStore for FaultyStore {
+    async fn put_opts(
+        &self,
+        location: &Path,
+        payload: PutPayload,
+        opts: PutOptions,
+    ) -> Result<PutResult> {
+        self.enter(Op::Put, location).await?;
+        self.inner().put_opts(location, payload, opts).await
+    }
+
+    async fn put_multipart_opts(
+        &self,
+        location: &Path,
+        opts: PutMultipartOptions,
+    ) -> Result<Box<dyn MultipartUpload>> {
+        self.enter(Op::Put, location).await?;
+        self.inner().put_multipart_opts(location, opts).await
+    }
+
+    async fn get_opts(&self, location: &Path, options: GetOptions) -> Result<GetResult> {
+        self.enter(Op::Get, location).await?;
+        self.inner().get_opts(location, options).await
+    }
+
+    async fn get_ranges(
+        &self,
+        location: &Path,
+        ranges: &[std::ops::Range<u64>],
+    ) -> Result<Vec<bytes::Bytes>> {
+        self.enter(Op::Get, location).await?;
+        self.inner().get_ranges(location, ranges).await
+    }
+
+    fn delete_stream(
+        &self,
+        locations: BoxStream<'static, Result<Path>>,
+    ) -> BoxStream<'static, Result<Path>> {
+        // Faults are decided per path, before the inner store deletes it.
+        let plan = self.plan.clone();
+        let decided = locations
+            .map(move |p| p.and_then(|path| check(&plan, Op::Delete, &path).1.map(|()| path)));
+        self.inner().delete_stream(decided.boxed())
+    }
+
+    fn list(&self, prefix: Option<&Path>) -> BoxStream<'static, Result<ObjectMeta>> {
+        let at = prefix.cloned().unwrap_or_default();
+        match self.check(Op::List, &at).1 {
+            Ok(()) => self.inner().list(prefix),
+            Err(e) => futures::stream::once(async move { Err(e) }).boxed(),
+        }
+    }
+
+    fn list_with_offset(
+        &self,
+        prefix: Option<&Path>,
+        offset: &Path,
+    ) -> BoxStream<'static, Result<ObjectMeta>> {
+        let at = prefix.cloned().unwrap_or_default();
+        match self.check(Op::List, &at).1 {
+            Ok(()) => self.inner().list_with_offset(prefix, offset),
+            Err(e) => futures::stream::once(async move { Err(e) }).boxed(),
+        }
+    }
+
+    async fn list_with_delimiter(&self, prefix: Option<&Path>) -> Result<ListResult> {
+        self.enter(Op::List, &prefix.cloned().unwrap_or_default())
+            .await?;
+        self.inner().list_with_delimiter(prefix).await
+    }
+
+    async fn copy_opts(&self, from: &Path, to: &Path, options: CopyOptions) -> Result<()> {
+        self.enter(Op::Put, to).await?;
+        self.inner().copy_opts(from, to, options).await
+    }
+}
+
+/// Versions of the workload's tables and slices, as readers see them.
+async fn versions(w: &IcePie) -> String {
+    crate::support::table(
+        w,
+        "SELECT 'core.t' AS name, version FROM system.core_tables WHERE name = 't' UNION ALL \
+         SELECT domain || '.' || name, version FROM system.slices ORDER BY name",
+    )
+    .await
+}
+
+/// A warehouse holding the workload, on a faulty store.
+async fn faulty_warehouse() -> (tempfile::TempDir, Arc<FaultyStore>, IcePie) {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(FaultyStore::new(Arc::new(LocalFileSystem::new())));
+    let w = IcePie::builder(dir.path().to_string_lossy().to_string())
+        .with_object_store(store.clone())
+        .with_scheduler(false)
+        .with_setting("vacuum_enforce_grace", "off")
+        .with_setting("vacuum_grace", "0 seconds")
+        .with_setting("retain_versions", "1000")
+        .open()
+        .await
+        .unwrap();
+    run(
+        &w,
+        &format!(
+            "CREATE CORE TABLE t (x BIGINT);
+             INGEST INTO t SELECT value AS x FROM generate_series(1, {LOAD});
+             CREATE SLICE s AS SELECT count(*) AS n, sum(x) AS total FROM core.t;
+             CREATE SLICE r AS SELECT count(*) * 1 AS n FROM core.t;"
+        ),
+    )
+    .await;
+    (dir, store, w)
+}
+
+/// Which of `calls` numbered calls of kind `op` to fail: all of them in the long form; in
+/// the short form the first, a middle one and the last PUT (commits are PUTs) and a middle
+/// call of each other kind.
+fn chosen(op: Op, calls: usize) -> Vec<usize> {
+    if std::env::var("ICEPIE_FAULTS").is_ok_and(|v| v == "all") {
+        return (1..=calls).collect();
+    }
+    let mut n = match op {
+        Op::Put => vec![1, calls.div_ceil(2), calls],
+        _ => vec![calls.div_ceil(2)],
+    };
+    n.retain(|c| *c >= 1);
+    n.dedup();
+    n
+}
+
+/// A statement under test, what puts the warehouse in the state it needs first, and what
+/// undoes it after.
+struct Case {
+    prepare: &'static str,
+    statement: String,
+    reset: &'static str,
+}
+
+fn case(prepare: &'static str, statement: impl Into<String>, reset: &'static str) -> Case {
+    Case {
+        prepare,
+        statement: statement.into(),
+        reset,
+    }
+}
+
+/// Runs SQL, returning its outcome.
+async fn attempt(w: &IcePie, sql: &str) -> icepie::Result<()> {
+    match w.sql(sql).await {
+        Ok(df) => df
+            .collect()
+            .await
+            .map(|_| ())
+            .map_err(icepie::IcePieError::from),
+        Err(e) => Err(e),
+    }
+}
+
+async fn run_all(w: &IcePie, sql: &str) {
+    if !sql.is_empty() {
+        run(w, sql).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_statement_succeeds_whole_or_changes_nothing_under_faults() {
+    let (_dir, store, w) = faulty_warehouse().await;
+    let cases = [
+        case(
+            "",
+            format!("INGEST INTO t SELECT value AS x FROM generate_series(1, {LOAD})"),
+            "",
+        ),
+        case("", "REFRESH SLICE s", ""),
+        case(
+            "",
+            "CREATE OR REPLACE SLICE r AS SELECT count(*) * 2 AS n FROM core.t",
+            "",
+        ),
+        case("", "FREEZE SLICE s 'checking'", "THAW SLICE s"),
+        case("FREEZE SLICE s", "THAW SLICE s", ""),
+        case("", "ROLLBACK SLICE s TO VERSION 0", ""),
+        case("", "VACUUM SLICES", ""),
+        case(
+            "",
+            "CREATE CORE TABLE u AS SELECT 1 AS one",
+            "DROP CORE TABLE IF EXISTS u",
+        ),
+    ];
+    let mut trials = 0;
+    for Case {
+        prepare,
+        statement,
+        reset,
+    } in &cases
+    {
+        // How many calls of each kind the statement makes (it runs for real once).
+        run_all(&w, prepare).await;
+        store.arm(None, None, Duration::ZERO);
+        attempt(&w, statement).await.unwrap();
+        let calls = store.calls();
+        run_all(&w, reset).await;
+        for op in OPS {
+            for n in chosen(op, calls[op as usize]) {
+                trials += 1;
+                run_all(&w, prepare).await;
+                let before = versions(&w).await;
+                // Call n of this kind fails; reads are slowed a little too.
+                let latency = if op == Op::Get {
+                    Duration::from_millis(1)
+                } else {
+                    Duration::ZERO
+                };
+                store.arm(Some((op, n)), None, latency);
+                let result = attempt(&w, statement).await;
+                store.arm(None, None, Duration::ZERO);
+                let after = versions(&w).await;
+                if let Err(e) = &result {
+                    let msg = e.to_string();
+                    assert!(!msg.is_empty() && !msg.contains("panicked"), "{msg}");
+                    // A failure changes nothing readers see, unless it says its commit
+                    // landed (VACUUM changes no version either way).
+                    if !msg.contains("was committed") {
+                        assert_eq!(
+                            after, before,
+                            "{statement} with {op:?} fault #{n} failed ({msg}) but changed \
+                             versions"
+                        );
+                    }
+                }
+                let broken = violations(&w).await;
+                assert!(
+                    broken.is_empty(),
+                    "{statement} with {op:?} fault #{n} ({result:?}): {broken:?}"
+                );
+                // Usable afterwards: the statement works without faults.
+                run_all(&w, reset).await;
+                run_all(&w, prepare).await;
+                attempt(&w, statement)
+                    .await
+                    .unwrap_or_else(|e| panic!("{statement} after {op:?} fault #{n}: {e}"));
+                run_all(&w, reset).await;
+            }
+        }
+    }
+    // A statement may make fewer calls on a later run (a cache, a smaller log): a few chosen
+    // calls never come. Most do.
+    assert!(trials >= 30, "only {trials} trials");
+    assert!(
+        store.injected() * 10 >= trials * 7,
+        "{} faults in {trials} trials",
+        store.injected()
+    );
+    eprintln!(
+        "fault injection: {trials} trials, {} faults injected",
+        store.injected()
+    );
+}
