@@ -11,6 +11,7 @@
 //! the icepie statement to use.
 
 mod damage;
+pub(crate) mod live;
 pub mod system;
 pub mod table;
 pub mod time_travel;
@@ -161,17 +162,19 @@ impl Shared {
             return Ok(None);
         };
         let qualified = name.to_string();
-        if version.is_none() {
-            if let Some(q) = quarantine::in_force(&self.warehouse, &rel, &t).await? {
-                return Err(quarantine::slice_damaged(&qualified, &q.file, &q.problem));
-            }
+        let table = IcePieTable::try_new(TableKind::Slice, qualified.clone(), t.clone()).await?;
+        if version.is_some() {
+            // An old version's damage is not the slice's: it serves the latest.
+            return Ok(Some(table));
         }
-        let watch = self.watch(&rel, TableKind::Slice, &qualified);
-        Ok(Some(
-            IcePieTable::try_new(TableKind::Slice, qualified, t)
-                .await?
-                .watched(watch),
-        ))
+        if let Some(q) = quarantine::in_force(&self.warehouse, &rel, &t).await? {
+            return Err(quarantine::slice_damaged(&qualified, &q.file, &q.problem));
+        }
+        Ok(Some(table.watched(self.watch(
+            &rel,
+            TableKind::Slice,
+            &qualified,
+        ))))
     }
 
     /// The path of an input named as in lineage (`core.x` or `domain.name`).

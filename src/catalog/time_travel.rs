@@ -27,7 +27,7 @@ use super::table::{IcePieTable, TableKind};
 use super::{system, Shared};
 use crate::error::{IcePieError, Result};
 use crate::slice::lifecycle::{self, check_retained};
-use crate::slice::meta;
+use crate::slice::{meta, vacuum};
 use crate::storage::names::{core_name, SliceName, CORE_SCHEMA};
 use crate::storage::Warehouse;
 
@@ -224,6 +224,7 @@ async fn open(shared: &Shared, key: &PinKey) -> Result<Arc<dyn TableProvider>> {
         return system::history_table(&history, latest, retain);
     }
     check_retained(&name.to_string(), version, latest, retain)?;
+    vacuum::check_not_vacuumed(shared, &name, version).await?;
     let qualified = name.to_string();
     Ok(Arc::new(
         shared

@@ -36,7 +36,7 @@ use url::Url;
 
 use crate::catalog::table::IcePieTable;
 use crate::catalog::time_travel::{self, PinnedFunction};
-use crate::catalog::{system, IcePieCatalog, Shared, CATALOG_NAME};
+use crate::catalog::{live, system, IcePieCatalog, Shared, CATALOG_NAME};
 use crate::core::{self};
 use crate::error::{IcePieError, Result};
 use crate::options::IcePieOptions;
@@ -331,6 +331,15 @@ impl IcePie {
             Statement::DataFusion(stmt) => {
                 let plan = time_travel::plan_statement(&state, shared, *stmt).await?;
                 self.refuse_writes(&plan)?;
+                // A view over slices and core tables reads their latest versions, always.
+                let plan = match plan {
+                    LogicalPlan::Ddl(DdlStatement::CreateView(mut view)) => {
+                        let input = Arc::unwrap_or_clone(view.input);
+                        view.input = Arc::new(live::follow_latest(shared, input)?);
+                        LogicalPlan::Ddl(DdlStatement::CreateView(view))
+                    }
+                    other => other,
+                };
                 let df = ctx.execute_logical_plan(plan).await?;
                 self.sync_options();
                 Ok(df)

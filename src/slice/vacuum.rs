@@ -155,6 +155,16 @@ async fn vacuum_with(
             Err(e) => return Err(e.into()),
         }
     }
+    // Readers of older versions (another process's slice_at or ROLLBACK, whatever its own
+    // retain_versions) learn that their files are gone.
+    if outcome.files_deleted > 0 && kept_from(shared, name).await?.is_none_or(|k| k < oldest) {
+        let body = serde_json::json!({ "kept_from": oldest, "at": now }).to_string();
+        shared
+            .warehouse
+            .store()
+            .put(&watermark_path(name), body.into())
+            .await?;
+    }
     // The log: commits and checkpoints older than the checkpoint the oldest kept version is
     // read from (and older than the grace) go; Delta's own age-based clean-up is off.
     outcome.log_files_deleted +=
@@ -167,6 +177,46 @@ async fn vacuum_with(
             cleanup_expired_logs_for(latest, log.log_store().as_ref(), cutoff, None).await?;
     }
     Ok(outcome)
+}
+
+/// Folder of the VACUUM watermarks: `<domain>/<name>.json` holds the oldest version of the
+/// slice whose files the last VACUUM kept.
+pub const VACUUMED_PATH: &str = "_system/vacuumed/";
+
+fn watermark_path(name: &SliceName) -> Path {
+    Path::from(format!("{VACUUMED_PATH}{}/{}.json", name.domain, name.name))
+}
+
+/// The oldest version of `name` whose files VACUUM kept, if it ever deleted any: older
+/// versions may have lost files, whatever a process's `icepie.retain_versions` says.
+pub(crate) async fn kept_from(shared: &Shared, name: &SliceName) -> Result<Option<i64>> {
+    match shared.warehouse.store().get(&watermark_path(name)).await {
+        Ok(got) => Ok(
+            serde_json::from_slice::<serde_json::Value>(&got.bytes().await?)
+                .ok()
+                .and_then(|v| v.get("kept_from")?.as_i64()),
+        ),
+        Err(object_store::Error::NotFound { .. }) => Ok(None),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Refuses to read `version` of `name` when VACUUM deleted files older versions need.
+pub(crate) async fn check_not_vacuumed(
+    shared: &Shared,
+    name: &SliceName,
+    version: i64,
+) -> Result<()> {
+    match kept_from(shared, name).await? {
+        Some(kept) if version < kept => Err(IcePieError::VersionNotFound {
+            table: name.to_string(),
+            detail: format!(
+                "the files of version {version} were deleted by VACUUM, which kept versions \
+                 {kept} and later"
+            ),
+        }),
+        _ => Ok(()),
+    }
 }
 
 /// Margin for clocks of different machines that disagree (ms).

@@ -573,3 +573,31 @@ async fn a_damaged_core_file_names_the_table_and_its_readers() {
 async fn table_of(w: &IcePie, sql: &str) -> String {
     crate::support::table(w, sql).await
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_view_over_a_slice_reads_its_latest_version() {
+    let (_dir, w) = open_with(&[("scheduler", "off")]).await;
+    run(
+        &w,
+        "CREATE CORE TABLE t (n BIGINT); INGEST INTO t VALUES (1);
+         CREATE SLICE s AS SELECT sum(n) AS total FROM core.t;
+         CREATE SCHEMA scratch;
+         CREATE VIEW scratch.v AS SELECT total * 10 AS big FROM s;
+         CREATE VIEW scratch.raw AS SELECT count(*) AS rows FROM core.t;
+         CREATE VIEW scratch.first AS SELECT total FROM slice_at('s', 0);",
+    )
+    .await;
+    run(&w, "INGEST INTO t VALUES (2); REFRESH SLICE s").await;
+    assert_eq!(scalar(&w, "SELECT big FROM scratch.v").await, "30");
+    assert_eq!(scalar(&w, "SELECT rows FROM scratch.raw").await, "2");
+    // A version the SQL names stays as named.
+    assert_eq!(scalar(&w, "SELECT total FROM scratch.first").await, "1");
+    // New columns: the view says to re-create it.
+    run(
+        &w,
+        "CREATE OR REPLACE SLICE s AS SELECT sum(n) AS total, 1 AS one FROM core.t",
+    )
+    .await;
+    let err = fails(&w, "SELECT big FROM scratch.v").await;
+    assert!(err.contains("CREATE OR REPLACE VIEW"), "{err}");
+}

@@ -87,6 +87,12 @@ async fn vacuum_keeps_what_readers_may_need_and_deletes_the_rest() {
     // Versions not retained are refused with a clear error, not a missing file.
     run(&w, "SET icepie.retain_versions = 10").await;
     let err = fails(&w, "ROLLBACK SLICE s TO VERSION 0").await;
-    assert!(err.contains("are gone (vacuumed?)"), "{err}");
+    assert!(
+        err.contains("deleted by VACUUM, which kept versions 2 and later"),
+        "{err}"
+    );
+    // Also for another process whose own retention would allow it.
+    let err = fails(&w, "SELECT * FROM slice_at('s', 1)").await;
+    assert!(err.contains("deleted by VACUUM"), "{err}");
     assert_eq!(scalar(&w, "SELECT total FROM s").await, "6");
 }
