@@ -55,6 +55,25 @@ pub struct Marker {
     pub process: String,
 }
 
+impl Marker {
+    /// The refresh-log row of this marker's attempt, ended with `status` after `duration_ms`.
+    fn attempt(&self, duration_ms: i64, status: &'static str, error: Option<String>) -> Attempt {
+        Attempt {
+            slice: self.slice.clone(),
+            attempt_id: self.attempt_id.clone(),
+            kind: self.kind.clone(),
+            started_at: DateTime::from_timestamp_millis(self.started_at).unwrap_or_default(),
+            duration_ms,
+            status,
+            version: None,
+            rows: None,
+            bytes: None,
+            inputs: String::new(),
+            error,
+        }
+    }
+}
+
 /// A marker as found in the warehouse, with when it was last renewed.
 #[derive(Debug, Clone)]
 pub struct Found {
@@ -135,24 +154,16 @@ pub async fn resolve_abandoned(
             continue;
         }
         let m = &found.marker;
-        let attempt = Attempt {
-            slice: m.slice.clone(),
-            attempt_id: m.attempt_id.clone(),
-            kind: m.kind.clone(),
-            started_at: DateTime::from_timestamp_millis(m.started_at).unwrap_or_default(),
-            duration_ms: (found.renewed_at - m.started_at).max(0),
-            status: log::ABANDONED,
-            version: None,
-            rows: None,
-            bytes: None,
-            inputs: String::new(),
-            error: Some(format!(
-                "the process running it ({}) stopped renewing its record after {} ms: it was \
+        let ran = (found.renewed_at - m.started_at).max(0);
+        let attempt = m.attempt(
+            ran,
+            log::ABANDONED,
+            Some(format!(
+                "the process running it ({}) stopped renewing its record after {ran} ms: it was \
                  killed or lost its storage; nothing was committed",
-                m.process,
-                (found.renewed_at - m.started_at).max(0)
+                m.process
             )),
-        };
+        );
         log::append(warehouse, slice, &attempt).await?;
         for path in [&found.path, &claim] {
             match store.delete(path).await {
@@ -242,20 +253,11 @@ impl Drop for Running {
         let warehouse = self.warehouse.clone();
         let slice = self.slice.clone();
         let path = self.path.clone();
-        let m = &self.marker;
-        let attempt = Attempt {
-            slice: m.slice.clone(),
-            attempt_id: m.attempt_id.clone(),
-            kind: m.kind.clone(),
-            started_at: DateTime::from_timestamp_millis(m.started_at).unwrap_or_default(),
-            duration_ms: self.clock.elapsed().as_millis() as i64,
-            status: log::CANCELLED,
-            version: None,
-            rows: None,
-            bytes: None,
-            inputs: String::new(),
-            error: Some("cancelled before it committed; nothing was committed".into()),
-        };
+        let attempt = self.marker.attempt(
+            self.clock.elapsed().as_millis() as i64,
+            log::CANCELLED,
+            Some("cancelled before it committed; nothing was committed".into()),
+        );
         runtime.spawn(async move {
             if log::append(&warehouse, &slice, &attempt).await.is_ok() {
                 let _ = warehouse.store().delete(&path).await;
@@ -272,25 +274,17 @@ pub fn as_attempts(found: &[Found], heartbeat: Duration, now_ms: i64) -> Vec<Att
             let m = &f.marker;
             let live = f.live(heartbeat, now_ms);
             let until = if live { now_ms } else { f.renewed_at };
-            Attempt {
-                slice: m.slice.clone(),
-                attempt_id: m.attempt_id.clone(),
-                kind: m.kind.clone(),
-                started_at: DateTime::from_timestamp_millis(m.started_at).unwrap_or_default(),
-                duration_ms: (until - m.started_at).max(0),
-                status: if live { log::RUNNING } else { log::ABANDONED },
-                version: None,
-                rows: None,
-                bytes: None,
-                inputs: String::new(),
-                error: (!live).then(|| {
+            m.attempt(
+                (until - m.started_at).max(0),
+                if live { log::RUNNING } else { log::ABANDONED },
+                (!live).then(|| {
                     format!(
                         "the process running it ({}) stopped renewing its record: it was \
                          killed or lost its storage; nothing was committed",
                         m.process
                     )
                 }),
-            }
+            )
         })
         .collect()
 }

@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use icepie::IcePie;
 
-use crate::support::{run, violations, LOAD};
+use crate::support::{create_workload, load_sql, run, violations, LOAD};
 
 /// A small, seedable random number generator (xorshift64*), so a failing run can be replayed.
 struct Rng(u64);
@@ -33,7 +33,7 @@ impl Rng {
 /// One round of the work the child does, repeated until it is killed.
 fn round() -> String {
     format!(
-        "INGEST INTO t SELECT value AS x FROM generate_series(1, {LOAD});
+        "{};
          REFRESH SLICE s;
          CREATE OR REPLACE SLICE r AS SELECT count(*) * 2 AS n FROM core.t;
          FREEZE SLICE s 'crash test';
@@ -42,7 +42,8 @@ fn round() -> String {
          CREATE OR REPLACE SLICE r AS SELECT count(*) * 1 AS n FROM core.t;
          REFRESH SLICE s;
          VACUUM SLICES;
-         "
+         ",
+        load_sql()
     )
 }
 
@@ -78,16 +79,7 @@ async fn a_killed_process_leaves_whole_versions_and_a_working_warehouse() {
         }
         b.open().await.unwrap()
     };
-    run(
-        &open().await,
-        &format!(
-            "CREATE CORE TABLE t (x BIGINT);
-             INGEST INTO t SELECT value AS x FROM generate_series(1, {LOAD});
-             CREATE SLICE s AS SELECT count(*) AS n, sum(x) AS total FROM core.t;
-             CREATE SLICE r AS SELECT count(*) * 1 AS n FROM core.t;"
-        ),
-    )
-    .await;
+    create_workload(&open().await).await;
     let script = dir.path().join("work.sql");
     std::fs::write(&script, round().repeat(50)).unwrap();
     let mut broken = Vec::new();
@@ -117,10 +109,7 @@ async fn a_killed_process_leaves_whole_versions_and_a_working_warehouse() {
         let next = async {
             w.thaw("s").await?;
             w.refresh("s").await?;
-            w.sql(&format!(
-                "INGEST INTO t SELECT value AS x FROM generate_series(1, {LOAD})"
-            ))
-            .await?;
+            w.sql(&load_sql()).await?;
             w.refresh("r").await
         };
         if let Err(e) = next.await {

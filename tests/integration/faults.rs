@@ -20,7 +20,7 @@ use object_store::{
     PutMultipartOptions, PutOptions, PutPayload, PutResult, Result,
 };
 
-use crate::support::{run, violations, LOAD};
+use crate::support::{create_workload, load_sql, run, violations};
 
 /// Kinds of object-store calls.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -226,16 +226,7 @@ async fn faulty_warehouse() -> (tempfile::TempDir, Arc<FaultyStore>, IcePie) {
         .open()
         .await
         .unwrap();
-    run(
-        &w,
-        &format!(
-            "CREATE CORE TABLE t (x BIGINT);
-             INGEST INTO t SELECT value AS x FROM generate_series(1, {LOAD});
-             CREATE SLICE s AS SELECT count(*) AS n, sum(x) AS total FROM core.t;
-             CREATE SLICE r AS SELECT count(*) * 1 AS n FROM core.t;"
-        ),
-    )
-    .await;
+    create_workload(&w).await;
     (dir, store, w)
 }
 
@@ -293,11 +284,7 @@ async fn run_all(w: &IcePie, sql: &str) {
 async fn every_statement_succeeds_whole_or_changes_nothing_under_faults() {
     let (_dir, store, w) = faulty_warehouse().await;
     let cases = [
-        case(
-            "",
-            format!("INGEST INTO t SELECT value AS x FROM generate_series(1, {LOAD})"),
-            "",
-        ),
+        case("", load_sql(), ""),
         case("", "REFRESH SLICE s", ""),
         case(
             "",

@@ -110,14 +110,12 @@ async fn slices_stay_readable_once_old_log_files_are_gone() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_refresh_asked_after_an_ingest_builds_from_it() {
     let (_dir, w) = open_with(&[("scheduler", "off")]).await;
-    // A slice whose refresh takes a while: a cross join of 12,000 x 12,000 rows (summed, not
-    // counted: a count would be answered from statistics).
+    slow_slice(&w).await;
     run(
         &w,
-        "CREATE CORE TABLE big (k BIGINT);
-         INGEST INTO big SELECT value AS k FROM generate_series(1, 12000);
-         CREATE CORE TABLE t (n BIGINT); INGEST INTO t VALUES (1);
-         CREATE SLICE s AS SELECT sum(a.k * b.k) AS pairs, (SELECT sum(n) FROM core.t) AS total
+        "CREATE CORE TABLE t (n BIGINT); INGEST INTO t VALUES (1);
+         CREATE OR REPLACE SLICE s AS
+             SELECT sum(a.k * b.k) AS pairs, (SELECT sum(n) FROM core.t) AS total
              FROM core.big a, core.big b;",
     )
     .await;
@@ -349,7 +347,8 @@ async fn drop_core_table_is_not_blocked_by_a_damaged_slice() {
     assert!(err.contains("slices.reader"), "{err}");
 }
 
-/// A core table and a slice whose refresh takes a second or so (a 12,000 x 12,000 cross join).
+/// A core table and a slice whose refresh takes a second or so: a cross join of 12,000 x
+/// 12,000 rows (summed, not counted: a count would be answered from statistics).
 async fn slow_slice(w: &IcePie) {
     run(
         w,
@@ -358,6 +357,22 @@ async fn slow_slice(w: &IcePie) {
          CREATE SLICE s AS SELECT sum(a.k * b.k) AS pairs FROM core.big a, core.big b;",
     )
     .await;
+}
+
+/// Starts a refresh of the slow slice `s` and waits until `system.refreshes` shows it running.
+async fn refresh_running(
+    w: &IcePie,
+) -> tokio::task::JoinHandle<icepie::Result<icepie::BuildOutcome>> {
+    slow_slice(w).await;
+    let running = {
+        let w = w.clone();
+        tokio::spawn(async move { w.refresh("s").await })
+    };
+    eventually(10, "the refresh to show as running", || async {
+        (statuses(w, "slices.s").await == "success,running").then_some(())
+    })
+    .await;
+    running
 }
 
 /// `status` of every attempt of `slice` in `system.refreshes`, oldest first.
@@ -375,16 +390,8 @@ async fn statuses(w: &IcePie, slice: &str) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cancelled_refresh_is_recorded_as_cancelled() {
     let (dir, w) = open_with(&[("scheduler", "off")]).await;
-    slow_slice(&w).await;
-    let running = {
-        let w = w.clone();
-        tokio::spawn(async move { w.refresh("s").await })
-    };
     // While it runs, every process sees it.
-    eventually(10, "the refresh to show as running", || async {
-        (statuses(&w, "slices.s").await == "success,running").then_some(())
-    })
-    .await;
+    let running = refresh_running(&w).await;
     running.abort();
     eventually(10, "the refresh to be recorded as cancelled", || async {
         (statuses(&w, "slices.s").await == "success,cancelled").then_some(())
@@ -440,15 +447,7 @@ async fn vacuum_never_deletes_files_a_running_refresh_may_commit() {
         ("vacuum_grace", "0 seconds"),
     ])
     .await;
-    slow_slice(&w).await;
-    let running = {
-        let w = w.clone();
-        tokio::spawn(async move { w.refresh("s").await })
-    };
-    eventually(10, "the refresh to show as running", || async {
-        (statuses(&w, "slices.s").await == "success,running").then_some(())
-    })
-    .await;
+    let running = refresh_running(&w).await;
     // A file the running refresh has written and not yet committed.
     let in_flight = dir.path().join("slices/slices/s/part-in-flight.parquet");
     std::fs::write(&in_flight, b"written by the running refresh").unwrap();

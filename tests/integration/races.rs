@@ -7,7 +7,7 @@
 
 use icepie::{IcePie, SliceState};
 
-use crate::support::{run, scalar, violations, LOAD};
+use crate::support::{create_workload, load_sql, run, scalar, violations};
 
 fn rounds() -> usize {
     std::env::var("ICEPIE_RACES")
@@ -30,15 +30,7 @@ async fn two_processes() -> (tempfile::TempDir, IcePie, IcePie) {
             .unwrap()
     };
     let (a, b) = (open().await, open().await);
-    run(
-        &a,
-        &format!(
-            "CREATE CORE TABLE t (x BIGINT);
-             INGEST INTO t SELECT value AS x FROM generate_series(1, {LOAD});
-             CREATE SLICE s AS SELECT count(*) AS n, sum(x) AS total FROM core.t;"
-        ),
-    )
-    .await;
+    create_workload(&a).await;
     (dir, a, b)
 }
 
@@ -59,11 +51,7 @@ async fn whole(w: &IcePie, slice: &str) {
 async fn freeze_racing_refresh_never_commits_a_refresh_over_a_freeze() {
     let (_dir, a, b) = two_processes().await;
     for _ in 0..rounds() {
-        run(
-            &a,
-            &format!("INGEST INTO t SELECT value AS x FROM generate_series(1, {LOAD})"),
-        )
-        .await;
+        run(&a, &load_sql()).await;
         let (frozen, refreshed) = tokio::join!(a.freeze("s", Some("race".into())), b.refresh("s"));
         if let Err(e) = &refreshed {
             let msg = e.to_string();
@@ -107,11 +95,7 @@ async fn two_creates_of_one_name_make_one_slice() {
 async fn vacuum_racing_refresh_never_deletes_a_referenced_file() {
     let (_dir, a, b) = two_processes().await;
     for _ in 0..rounds() {
-        run(
-            &a,
-            &format!("INGEST INTO t SELECT value AS x FROM generate_series(1, {LOAD})"),
-        )
-        .await;
+        run(&a, &load_sql()).await;
         let (vacuumed, refreshed) = tokio::join!(a.vacuum("s"), b.refresh("s"));
         vacuumed.unwrap();
         refreshed.unwrap();

@@ -215,6 +215,26 @@ pub async fn version(warehouse: &IcePie, slice: &str) -> i64 {
 /// Rows of one load of the workload table `core.t (x BIGINT)`: `x` = 1..=LOAD.
 pub const LOAD: i64 = 20_000;
 
+/// One whole load of the workload table.
+pub fn load_sql() -> String {
+    format!("INGEST INTO t SELECT value AS x FROM generate_series(1, {LOAD})")
+}
+
+/// Creates the workload: `core.t` with one load, slice `s` (count and sum of `x`) and slice
+/// `r` (a count, times 1).
+pub async fn create_workload(w: &IcePie) {
+    run(
+        w,
+        &format!(
+            "CREATE CORE TABLE t (x BIGINT); {};
+             CREATE SLICE s AS SELECT count(*) AS n, sum(x) AS total FROM core.t;
+             CREATE SLICE r AS SELECT count(*) * 1 AS n FROM core.t;",
+            load_sql()
+        ),
+    )
+    .await;
+}
+
 /// What breaks the invariants in a warehouse holding the workload: `core.t` holds whole loads
 /// only, and every slice over it holds exactly what its definition gives over the version of
 /// `core.t` it records. Empty when all hold.
