@@ -27,6 +27,7 @@ use futures::TryStreamExt;
 use object_store::path::Path;
 use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutOptions};
 use serde::{Deserialize, Serialize};
+use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
 use super::log::{self, Attempt};
@@ -185,8 +186,22 @@ pub struct Running {
     marker: Marker,
     path: Path,
     clock: Instant,
-    heartbeat: JoinHandle<()>,
-    finished: bool,
+    heartbeat: Option<Heartbeat>,
+}
+
+/// The task renewing a marker, and how to stop it.
+struct Heartbeat {
+    stop: oneshot::Sender<()>,
+    task: JoinHandle<()>,
+}
+
+impl Heartbeat {
+    /// Stops renewing and waits until no renewal is in flight: a marker deleted after this
+    /// stays deleted.
+    async fn stop(self) {
+        let _ = self.stop.send(());
+        let _ = self.task.await;
+    }
 }
 
 impl Running {
@@ -213,29 +228,41 @@ impl Running {
         let body = serde_json::to_vec(&marker).expect("a marker serializes");
         let store = warehouse.store();
         store.put(&path, body.clone().into()).await?;
-        let heartbeat = tokio::spawn(renew(store, path.clone(), body, heartbeat));
+        let (stop, stopped) = oneshot::channel();
+        let task = tokio::spawn(renew(store, path.clone(), body, heartbeat, stopped));
         Ok(Self {
             warehouse: warehouse.clone(),
             slice: slice.clone(),
             marker,
             path,
             clock: Instant::now(),
-            heartbeat,
-            finished: false,
+            heartbeat: Some(Heartbeat { stop, task }),
         })
     }
 
     /// The attempt's row is in the log: the marker goes.
     pub async fn finish(mut self) {
-        self.finished = true;
-        self.heartbeat.abort();
+        if let Some(heartbeat) = self.heartbeat.take() {
+            heartbeat.stop().await;
+        }
         let _ = self.warehouse.store().delete(&self.path).await;
     }
 }
 
-async fn renew(store: Arc<dyn ObjectStore>, path: Path, body: Vec<u8>, every: Duration) {
+/// Renews the marker at `path` every `every` until told to stop. A renewal in flight when
+/// the stop comes finishes first, so the marker is never written after its owner deleted it.
+async fn renew(
+    store: Arc<dyn ObjectStore>,
+    path: Path,
+    body: Vec<u8>,
+    every: Duration,
+    mut stop: oneshot::Receiver<()>,
+) {
     loop {
-        tokio::time::sleep(every.max(Duration::from_millis(10))).await;
+        tokio::select! {
+            _ = tokio::time::sleep(every.max(Duration::from_millis(10))) => {}
+            _ = &mut stop => return,
+        }
         // A failed renewal is retried at the next beat; enough misses make it abandoned.
         let _ = store.put(&path, body.clone().into()).await;
     }
@@ -243,11 +270,12 @@ async fn renew(store: Arc<dyn ObjectStore>, path: Path, body: Vec<u8>, every: Du
 
 impl Drop for Running {
     fn drop(&mut self) {
-        self.heartbeat.abort();
-        if self.finished {
+        // Finished: nothing left to do.
+        let Some(heartbeat) = self.heartbeat.take() else {
             return;
-        }
+        };
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            heartbeat.task.abort();
             return;
         };
         let warehouse = self.warehouse.clone();
@@ -259,6 +287,7 @@ impl Drop for Running {
             Some("cancelled before it committed; nothing was committed".into()),
         );
         runtime.spawn(async move {
+            heartbeat.stop().await;
             if log::append(&warehouse, &slice, &attempt).await.is_ok() {
                 let _ = warehouse.store().delete(&path).await;
             }
