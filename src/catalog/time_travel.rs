@@ -19,7 +19,8 @@ use datafusion::execution::SessionState;
 use datafusion::logical_expr::{Expr, LogicalPlan};
 use datafusion::sql::parser::{CopyToSource, DFParser, Statement as DFStatement};
 use datafusion::sql::sqlparser::ast::{
-    Expr as SqlExpr, FunctionArg, FunctionArgExpr, TableFactor, Value, Visit, Visitor,
+    Expr as SqlExpr, FunctionArg, FunctionArgExpr, TableFactor, UnaryOperator, Value, Visit,
+    Visitor,
 };
 use datafusion::sql::sqlparser::dialect::GenericDialect;
 
@@ -97,7 +98,23 @@ fn usage(function: &str) -> String {
 
 /// A literal argument of a call in the syntax tree.
 fn sql_literal(arg: &FunctionArg) -> Option<ScalarValue> {
-    let FunctionArg::Unnamed(FunctionArgExpr::Expr(SqlExpr::Value(v))) = arg else {
+    let FunctionArg::Unnamed(FunctionArgExpr::Expr(expr)) = arg else {
+        return None;
+    };
+    // `-1` is a minus applied to 1: pinned too, so that its error names the version.
+    if let SqlExpr::UnaryOp {
+        op: UnaryOperator::Minus,
+        expr,
+    } = expr
+    {
+        if let SqlExpr::Value(v) = expr.as_ref() {
+            if let Value::Number(n, _) = &v.value {
+                return n.parse::<i64>().ok().map(|n| ScalarValue::Int64(Some(-n)));
+            }
+        }
+        return None;
+    }
+    let SqlExpr::Value(v) = expr else {
         return None;
     };
     match &v.value {
@@ -342,9 +359,9 @@ impl TableFunctionImpl for PinnedFunction {
         match map.get(&key) {
             Some((table, _)) => Ok(table.clone()),
             None => Err(DataFusionError::Plan(format!(
-                "{} works only in SQL run by icepie (IcePie::sql), not through the bare \
-                 DataFusion context",
-                self.function
+                "{}; and it works only in SQL run by icepie (IcePie::sql), not through the \
+                 bare DataFusion context",
+                usage(self.function)
             ))),
         }
     }

@@ -147,6 +147,7 @@ impl IcePieBuilder {
             catalog,
             ctx,
             locks: Mutex::new(HashMap::new()),
+            core_drop: tokio::sync::RwLock::new(()),
             inflight: Mutex::new(HashMap::new()),
             events,
             scheduler: Mutex::new(None),
@@ -211,6 +212,9 @@ pub(crate) struct Inner {
     ctx: SessionContext,
     /// One change at a time per slice in this process.
     locks: Mutex<HashMap<SliceName, Arc<tokio::sync::Mutex<()>>>>,
+    /// Held shared by every build and ingest, exclusively by DROP CORE TABLE: in this process
+    /// no slice can start reading a core table while it is checked for readers and deleted.
+    core_drop: tokio::sync::RwLock<()>,
     /// The refresh of each slice that later requests may still join: one that has not yet
     /// read its inputs (see [`IcePie::refresh`]).
     inflight: Mutex<HashMap<SliceName, Joinable>>,
@@ -351,6 +355,7 @@ impl IcePie {
                 output::loads(ctx, out)
             }
             Statement::Ingest(i) => {
+                let _no_drop = self.inner.core_drop.read().await;
                 let out = core::ingest(&state, shared, &i.table, &i.source).await?;
                 output::loads(ctx, Some(out))
             }
@@ -455,6 +460,7 @@ impl IcePie {
         }
         let lock = self.lock(&c.name);
         let _guard = lock.lock().await;
+        let _no_drop = self.inner.core_drop.read().await;
         let existing = shared
             .warehouse
             .load(&Warehouse::slice_path(&c.name), None)
@@ -556,6 +562,7 @@ impl IcePie {
         let shared = &self.inner.shared;
         let lock = self.lock(name);
         let _guard = lock.lock().await;
+        let _no_drop = self.inner.core_drop.read().await;
         let mut races = 0;
         loop {
             let (table, meta, _) = lifecycle::load(shared, name).await?;
@@ -698,6 +705,7 @@ impl IcePie {
 
     async fn drop_core_table(&self, name: &str, if_exists: bool) -> Result<bool> {
         let shared = &self.inner.shared;
+        let _no_reader_starts = self.inner.core_drop.write().await;
         let rel = Warehouse::core_path(name);
         if !shared.warehouse.has_log(&rel).await? {
             return if if_exists {

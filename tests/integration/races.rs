@@ -141,3 +141,26 @@ async fn dropping_a_core_table_racing_a_slice_that_reads_it() {
         }
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn in_one_process_a_dropped_core_table_never_gains_a_reader() {
+    let (_dir, a, _b) = two_processes().await;
+    for round in 0..rounds() {
+        let (table, slice) = (format!("u{round}"), format!("y{round}"));
+        run(
+            &a,
+            &format!("CREATE CORE TABLE {table} (x BIGINT); INGEST INTO {table} VALUES (7)"),
+        )
+        .await;
+        let (drop, create) = (
+            format!("DROP CORE TABLE {table}"),
+            format!("CREATE SLICE {slice} AS SELECT sum(x) AS v FROM core.{table}"),
+        );
+        let (dropped, created) = tokio::join!(a.sql(&drop), a.sql(&create));
+        match (dropped, created) {
+            (Err(e), Ok(_)) => assert!(e.to_string().contains(&slice), "{e}"),
+            (Ok(_), Err(e)) => assert!(e.to_string().contains(&table), "{e}"),
+            (d, c) => panic!("drop {:?}, create {:?}", d.map(|_| ()), c.map(|_| ())),
+        }
+    }
+}
