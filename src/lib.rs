@@ -8,7 +8,8 @@
 //!
 //! Everything DataFusion's SQL accepts works, plus `CREATE CORE TABLE`, `INGEST INTO`,
 //! `CREATE [OR REPLACE] SLICE`, `REFRESH SLICE`, `FREEZE SLICE`, `THAW SLICE`,
-//! `ROLLBACK SLICE ... TO VERSION n`, `DROP SLICE`, `VACUUM SLICE(S)`, `SHOW SLICES`,
+//! `ROLLBACK SLICE ... TO VERSION n`, `DROP SLICE`, `VACUUM SLICE(S)`, `VERIFY SLICE(S)`,
+//! `SHOW SLICES`,
 //! `SHOW SLICE HISTORY`, `DESCRIBE SLICE`, the table functions `slice_at`, `core_at` and
 //! `slice_history`, the `system.core_tables`, `system.slices` and `system.refreshes` tables,
 //! and the settings `icepie.*` ([`IcePieOptions`]).

@@ -6,8 +6,10 @@
 //! [`scheduler`] runs the refreshes that slices' policies make due.
 //!
 //! Changes of one slice are serialized in this process (a per-slice lock), and a refresh asked
-//! for while one of the same slice runs joins it instead of running twice. Between processes
-//! Delta's commit protocol decides: a change commits only on the version it started from.
+//! for while one of the same slice waits for its turn joins it instead of running twice.
+//! Between processes Delta's commit protocol decides: a change commits only on the version it
+//! started from; a refresh, freeze, thaw or rollback that loses the race runs again on the
+//! winner's version (or, for a refresh, reports the winner's version when it is fresh).
 
 mod output;
 pub mod scheduler;

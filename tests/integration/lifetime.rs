@@ -139,9 +139,15 @@ async fn a_refresh_asked_after_an_ingest_builds_from_it() {
             .find(|i| i.table == "core.t")
             .map(|i| i.version)
     };
-    assert_eq!(t_version(&first), Some(1), "{first:?}");
+    // The running refresh read core.t before the ingest (on a slow machine it may have
+    // planned after it); either way the refresh asked after the ingest is a new one that
+    // read it.
+    assert!(t_version(&first).is_some(), "{first:?}");
     assert_eq!(t_version(&asked_after), Some(2), "{asked_after:?}");
-    assert!(asked_after.version > first.version);
+    assert!(
+        asked_after.version > first.version,
+        "it joined the earlier refresh"
+    );
     assert_eq!(scalar(&w, "SELECT total FROM s").await, "3");
 }
 
