@@ -133,17 +133,19 @@ pub async fn list(warehouse: &Warehouse, slice: Option<&SliceName>) -> Result<Ve
     Ok(out)
 }
 
-/// Records the abandoned attempts of `slice` in its refresh log and deletes their markers.
+/// Records the abandoned attempts of `slice` in its refresh log and deletes their markers;
+/// returns the markers of the attempts still live (one listing serves both).
 pub async fn resolve_abandoned(
     warehouse: &Warehouse,
     slice: &SliceName,
     heartbeat: Duration,
-) -> Result<usize> {
+) -> Result<Vec<Found>> {
     let now = Utc::now().timestamp_millis();
     let store = warehouse.store();
-    let mut resolved = 0;
+    let mut live = Vec::new();
     for found in list(warehouse, Some(slice)).await? {
         if found.live(heartbeat, now) {
+            live.push(found);
             continue;
         }
         // One process claims it; a store without conditional puts lets every process try.
@@ -172,9 +174,8 @@ pub async fn resolve_abandoned(
                 Err(e) => return Err(e.into()),
             }
         }
-        resolved += 1;
     }
-    Ok(resolved)
+    Ok(live)
 }
 
 /// A running attempt's marker, renewed while it lives. [`Running::finish`] deletes it once

@@ -8,8 +8,8 @@
 //! files of a refresh still being written are never touched. Nor are the files written since
 //! any attempt still running in any process started (its marker, see [`running`]), however
 //! long it runs. A slice folder with no Delta log (what failed first builds left) loses the
-//! files older than the grace. Nothing is committed (the Delta
-//! log gains no commit) and only the slice's own folder is listed: the core is never vacuumed.
+//! files older than the grace. VACUUM commits nothing to the slice, and lists only the
+//! slice's own folders: the core is never vacuumed.
 //!
 //! VACUUM also decides how much of the slice's Delta log is kept (Delta's own age-based log
 //! clean-up is off for icepie's tables): the commit and checkpoint files older than the latest
@@ -95,11 +95,8 @@ async fn vacuum_with(
     let mut cutoff = now - i64::try_from(grace.as_millis()).unwrap_or(i64::MAX);
     // Files written since a running attempt (in any process) started may still be committed
     // by it; a minute more covers clocks that disagree. Abandoned attempts are recorded.
-    running::resolve_abandoned(&shared.warehouse, name, heartbeat).await?;
-    for found in running::list(&shared.warehouse, Some(name)).await? {
-        if found.live(heartbeat, now) {
-            cutoff = cutoff.min(found.marker.started_at - CLOCK_SKEW_MS);
-        }
+    for live in running::resolve_abandoned(&shared.warehouse, name, heartbeat).await? {
+        cutoff = cutoff.min(live.marker.started_at - CLOCK_SKEW_MS);
     }
     let Some(table) = shared.warehouse.load(&rel, None).await? else {
         return debris(shared, name, &rel, cutoff).await;

@@ -107,28 +107,39 @@ async fn vacuum_racing_refresh_never_deletes_a_referenced_file() {
     }
 }
 
+/// A new core table `u<round>`, then `DROP CORE TABLE` through `dropper` racing `CREATE SLICE
+/// y<round>` reading it through `creator`: the table and slice names and both outcomes.
+async fn drop_racing_create(
+    dropper: &IcePie,
+    creator: &IcePie,
+    round: usize,
+) -> (String, String, icepie::Result<()>, icepie::Result<()>) {
+    let (table, slice) = (format!("u{round}"), format!("y{round}"));
+    run(
+        dropper,
+        &format!("CREATE CORE TABLE {table} (x BIGINT); INGEST INTO {table} VALUES (7)"),
+    )
+    .await;
+    let (drop, create) = (
+        format!("DROP CORE TABLE {table}"),
+        format!("CREATE SLICE {slice} AS SELECT sum(x) AS v FROM core.{table}"),
+    );
+    let (dropped, created) = tokio::join!(dropper.sql(&drop), creator.sql(&create));
+    (table, slice, dropped.map(|_| ()), created.map(|_| ()))
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dropping_a_core_table_racing_a_slice_that_reads_it() {
     let (_dir, a, b) = two_processes().await;
     for round in 0..rounds() {
-        let (table, slice) = (format!("u{round}"), format!("y{round}"));
-        run(
-            &a,
-            &format!("CREATE CORE TABLE {table} (x BIGINT); INGEST INTO {table} VALUES (7)"),
-        )
-        .await;
-        let (drop, create) = (
-            format!("DROP CORE TABLE {table}"),
-            format!("CREATE SLICE {slice} AS SELECT sum(x) AS v FROM core.{table}"),
-        );
-        let (dropped, created) = tokio::join!(a.sql(&drop), b.sql(&create));
+        let (table, slice, dropped, created) = drop_racing_create(&a, &b, round).await;
         match (dropped, created) {
             // The drop saw the slice and refused, naming it.
-            (Err(e), Ok(_)) => assert!(e.to_string().contains(&slice), "{e}"),
+            (Err(e), Ok(())) => assert!(e.to_string().contains(&slice), "{e}"),
             // The slice was planned after the drop: no such table.
-            (Ok(_), Err(e)) => assert!(e.to_string().contains(&table), "{e}"),
+            (Ok(()), Err(e)) => assert!(e.to_string().contains(&table), "{e}"),
             // Both ran: the slice serves what it read, and says its input is gone.
-            (Ok(_), Ok(_)) => {
+            (Ok(()), Ok(())) => {
                 assert_eq!(scalar(&a, &format!("SELECT v FROM {slice}")).await, "7");
                 let e = b.refresh(&slice).await.unwrap_err().to_string();
                 assert!(e.contains(&table), "{e}");
@@ -146,21 +157,11 @@ async fn dropping_a_core_table_racing_a_slice_that_reads_it() {
 async fn in_one_process_a_dropped_core_table_never_gains_a_reader() {
     let (_dir, a, _b) = two_processes().await;
     for round in 0..rounds() {
-        let (table, slice) = (format!("u{round}"), format!("y{round}"));
-        run(
-            &a,
-            &format!("CREATE CORE TABLE {table} (x BIGINT); INGEST INTO {table} VALUES (7)"),
-        )
-        .await;
-        let (drop, create) = (
-            format!("DROP CORE TABLE {table}"),
-            format!("CREATE SLICE {slice} AS SELECT sum(x) AS v FROM core.{table}"),
-        );
-        let (dropped, created) = tokio::join!(a.sql(&drop), a.sql(&create));
+        let (table, slice, dropped, created) = drop_racing_create(&a, &a, round).await;
         match (dropped, created) {
-            (Err(e), Ok(_)) => assert!(e.to_string().contains(&slice), "{e}"),
-            (Ok(_), Err(e)) => assert!(e.to_string().contains(&table), "{e}"),
-            (d, c) => panic!("drop {:?}, create {:?}", d.map(|_| ()), c.map(|_| ())),
+            (Err(e), Ok(())) => assert!(e.to_string().contains(&slice), "{e}"),
+            (Ok(()), Err(e)) => assert!(e.to_string().contains(&table), "{e}"),
+            (d, c) => panic!("drop {d:?}, create {c:?}"),
         }
     }
 }
