@@ -2,9 +2,11 @@
 //! (`slices` by default), and `system`.
 //!
 //! Tables are looked up in the warehouse each time a query is planned, so a query always sees
-//! the latest committed version of each table, including those another process committed. Only
-//! the *lists* of names (for `SHOW TABLES`, `information_schema` and completion) come from a
-//! listing that [`Shared::refresh_listing`] renews before each statement.
+//! the latest committed version of each table, including those another process committed. The
+//! *lists* of names come from a listing of the warehouse, renewed only when a statement needs
+//! it ([`Shared::know_schemas`]): `SHOW TABLES` and `information_schema` list everything, a
+//! schema not known yet costs one listing of its folder, and a statement that names only
+//! known schemas lists nothing, so its cost does not grow with the number of slices.
 //!
 //! Users may also `CREATE SCHEMA` scratch schemas held in memory by this process; the core,
 //! slice domains and `system` refuse plain `CREATE TABLE`/`DROP TABLE` with an error that names
@@ -16,12 +18,15 @@ pub mod system;
 pub mod table;
 pub mod time_travel;
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::{Arc, Mutex, RwLock};
 
 use async_trait::async_trait;
 use datafusion::catalog::{CatalogProvider, SchemaProvider, TableProvider};
 use datafusion::error::{DataFusionError, Result as DFResult};
+use datafusion::execution::SessionState;
+use datafusion::sql::parser::Statement as DFStatement;
+use datafusion::sql::sqlparser::ast::{SchemaName, Statement as SQLStatement};
 
 use crate::error::{IcePieError, Result};
 use crate::options::IcePieOptions;
@@ -35,6 +40,9 @@ use table::{IcePieTable, TableKind};
 
 /// Name of the catalog icepie registers (and makes the default).
 pub const CATALOG_NAME: &str = "icepie";
+
+/// DataFusion's schema of catalog views.
+const INFORMATION_SCHEMA: &str = "information_schema";
 
 /// Names of the tables in the warehouse, as last listed.
 #[derive(Debug, Default, Clone)]
@@ -103,6 +111,63 @@ impl Shared {
             }
         }
         *self.listing.write().expect("listing lock") = Listing { core, domains };
+        Ok(())
+    }
+
+    /// Makes the listing good enough to plan `stmt`: everything for a statement that reads
+    /// `information_schema` (or `SHOW TABLES`), else the domains it names that were not known
+    /// (one listing of each one's folder, so a domain another process created is found, and
+    /// a scratch schema gives way to a domain of the same name). Nothing when every schema it
+    /// names is known.
+    pub async fn know_schemas(&self, state: &SessionState, stmt: &DFStatement) -> Result<()> {
+        let default_schema = state.config_options().catalog.default_schema.clone();
+        let mut unknown = BTreeSet::new();
+        if let DFStatement::Statement(s) = stmt {
+            if let SQLStatement::CreateSchema {
+                schema_name: SchemaName::Simple(name) | SchemaName::NamedAuthorization(name, _),
+                ..
+            } = s.as_ref()
+            {
+                if let Some(last) = name.0.last().and_then(|p| p.as_ident()) {
+                    unknown.insert(last.value.clone());
+                }
+            }
+        }
+        let listing = self.listing();
+        for reference in state.resolve_table_references(stmt)? {
+            if reference.catalog().is_some_and(|c| c != CATALOG_NAME) {
+                continue;
+            }
+            let schema = reference.schema().unwrap_or(&default_schema);
+            if schema == INFORMATION_SCHEMA {
+                return self.refresh_listing().await;
+            }
+            if ![CORE_SCHEMA, SYSTEM_SCHEMA, DEFAULT_DOMAIN].contains(&schema)
+                && !listing.domains.contains_key(schema)
+            {
+                unknown.insert(schema.to_string());
+            }
+        }
+        for domain in unknown {
+            if validate_domain(&domain).is_ok() {
+                self.know_domain(&domain).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Lists one domain's folder into the listing.
+    async fn know_domain(&self, domain: &str) -> Result<()> {
+        let slices = self
+            .warehouse
+            .list_children(&format!("{SLICES_DIR}/{domain}"))
+            .await?;
+        let mut listing = self.listing.write().expect("listing lock");
+        if slices.is_empty() {
+            listing.domains.remove(domain);
+        } else {
+            listing.domains.insert(domain.to_string(), slices);
+        }
         Ok(())
     }
 

@@ -100,6 +100,10 @@ impl SchemaProvider for SystemSchema {
     }
 
     async fn table(&self, name: &str) -> DFResult<Option<Arc<dyn TableProvider>>> {
+        // Tables that list the warehouse list it now: statements no longer do.
+        if name == "core_tables" || name == "slices" {
+            self.shared.refresh_listing().await.map_err(super::df)?;
+        }
         let provider = match name {
             "core_tables" => core_tables(&self.shared).await?,
             "slices" => {

@@ -297,6 +297,7 @@ pub(crate) async fn plan_statement(
     shared: &Shared,
     stmt: DFStatement,
 ) -> Result<LogicalPlan> {
+    shared.know_schemas(state, &stmt).await?;
     let _pins = pin(shared, &stmt).await?;
     Ok(state.statement_to_plan(stmt).await?)
 }

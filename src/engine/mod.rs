@@ -142,7 +142,6 @@ impl IcePieBuilder {
         for (name, function) in PinnedFunction::all(&shared) {
             ctx.register_udtf(name, function);
         }
-        shared.refresh_listing().await?;
         let (events, _) = broadcast::channel(256);
         let inner = Arc::new(Inner {
             shared,
@@ -270,6 +269,10 @@ impl IcePie {
     }
 
     /// The DataFusion session (catalog `icepie`), e.g. to register functions or tables.
+    ///
+    /// Queries planned here directly read the latest version of every table they name, but
+    /// the lists of names (`information_schema`, `SHOW TABLES`) are as of the last statement
+    /// [`IcePie::sql`] ran that listed them: run those through [`IcePie::sql`].
     pub fn context(&self) -> &SessionContext {
         &self.inner.ctx
     }
@@ -330,7 +333,6 @@ impl IcePie {
     pub async fn execute(&self, stmt: Statement) -> Result<DataFrame> {
         let shared = &self.inner.shared;
         self.sync_options();
-        shared.refresh_listing().await?;
         let state = self.inner.ctx.state();
         let ctx = &self.inner.ctx;
         match stmt {
@@ -352,8 +354,6 @@ impl IcePie {
             }
             Statement::CreateCoreTable(c) => {
                 let out = core::create(&state, shared, &c).await?;
-                // The change is made; a listing that fails now is renewed by the next statement.
-                let _ = shared.refresh_listing().await;
                 output::loads(ctx, out)
             }
             Statement::Ingest(i) => {
@@ -500,8 +500,6 @@ impl IcePie {
             existing.as_ref(),
         )
         .await;
-        // The change is made; a listing that fails now is renewed by the next statement.
-        let _ = shared.refresh_listing().await;
         out.map(Some)
     }
 
@@ -700,8 +698,6 @@ impl IcePie {
             };
         }
         shared.warehouse.delete_prefix(&rel).await?;
-        // The change is made; a listing that fails now is renewed by the next statement.
-        let _ = shared.refresh_listing().await;
         Ok(true)
     }
 
@@ -718,6 +714,7 @@ impl IcePie {
         }
         let qualified = format!("{CORE_SCHEMA}.{name}");
         let mut readers = Vec::new();
+        shared.refresh_listing().await?;
         for s in shared.slice_names() {
             // A slice that cannot be read (damaged files or log) does not block the drop.
             let Ok(Some(t)) = shared
@@ -741,8 +738,6 @@ impl IcePie {
             });
         }
         shared.warehouse.delete_prefix(&rel).await?;
-        // The change is made; a listing that fails now is renewed by the next statement.
-        let _ = shared.refresh_listing().await;
         Ok(true)
     }
 

@@ -30,7 +30,7 @@ use object_store::ObjectStoreExt;
 use crate::error::{IcePieError, Result};
 use crate::storage::names::SliceName;
 use crate::storage::tracked::TakeBack;
-use crate::storage::{Warehouse, NO_EXPIRED_LOG_CLEANUP};
+use crate::storage::{Warehouse, FREQUENT_CHECKPOINTS, NO_EXPIRED_LOG_CLEANUP};
 
 /// Schema of `system.refreshes`.
 pub static SCHEMA: LazyLock<SchemaRef> = LazyLock::new(|| {
@@ -125,7 +125,11 @@ pub async fn append(warehouse: &Warehouse, slice: &SliceName, attempt: &Attempt)
         let write = WriteBuilder::new(base.log_store, base.snapshot)
             .with_input_batches([batch.clone()])
             .with_save_mode(SaveMode::Append)
-            .with_configuration([("delta.appendOnly", Some("true")), NO_EXPIRED_LOG_CLEANUP])
+            .with_configuration([
+                ("delta.appendOnly", Some("true")),
+                NO_EXPIRED_LOG_CLEANUP,
+                FREQUENT_CHECKPOINTS,
+            ])
             .with_commit_properties(CommitProperties::default());
         let tracked = base.tracked.clone();
         let guard = TakeBack::new(base.tracked);

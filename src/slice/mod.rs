@@ -44,7 +44,9 @@ use crate::error::{IcePieError, Result};
 use crate::options::IcePieOptions;
 use crate::storage::names::{SliceName, CORE_SCHEMA};
 use crate::storage::tracked::TakeBack;
-use crate::storage::{table_stats, TableStats, Warehouse, NO_EXPIRED_LOG_CLEANUP};
+use crate::storage::{
+    table_stats, TableStats, Warehouse, FREQUENT_CHECKPOINTS, NO_EXPIRED_LOG_CLEANUP,
+};
 use meta::{format_inputs, CommitKind, Frozen, InputVersion, SliceMeta, COMMIT_KEY};
 
 /// What a slice is built from: its definition and settings.
@@ -500,7 +502,7 @@ async fn write_version(
             .with_schema_mode(SchemaMode::Overwrite),
         None => write
             .with_save_mode(SaveMode::ErrorIfExists)
-            .with_configuration([NO_EXPIRED_LOG_CLEANUP]),
+            .with_configuration([NO_EXPIRED_LOG_CLEANUP, FREQUENT_CHECKPOINTS]),
     };
     // A failed or cancelled build leaves nothing behind, not even a file.
     let guard = TakeBack::new(base.tracked);

@@ -49,6 +49,16 @@ pub const SLICES_DIR: &str = "slices";
 pub const NO_EXPIRED_LOG_CLEANUP: (&str, Option<&str>) =
     ("delta.enableExpiredLogCleanup", Some("false"));
 
+/// Table property that makes delta-rs write a checkpoint every 10 commits on slices and
+/// refresh logs (Delta's default is 100).
+///
+/// A process opening a table reads its latest checkpoint and every commit after it, so the
+/// interval bounds what a first query of a slice costs however long its history: a slice
+/// commits once per refresh and its checkpoint holds only the files of one version, so
+/// checkpoints are small. Core tables keep Delta's default: each ingest adds files and a
+/// checkpoint lists them all.
+pub const FREQUENT_CHECKPOINTS: (&str, Option<&str>) = ("delta.checkpointInterval", Some("10"));
+
 /// Default warehouse location when none is given.
 pub const DEFAULT_LOCATION: &str = "./icepie-data";
 
@@ -310,33 +320,61 @@ impl Warehouse {
             return;
         };
         if let Ok(commit) = self.root_store.head(&path).await {
-            let cached = Cached {
-                table: table.clone(),
-                commit,
-            };
-            self.latest
-                .lock()
-                .expect("table cache")
-                .insert(rel.to_string(), cached);
+            self.keep(rel, table, commit);
         }
     }
 
+    fn keep(&self, rel: &str, table: &DeltaTable, commit: ObjectMeta) {
+        let cached = Cached {
+            table: table.clone(),
+            commit,
+        };
+        self.latest
+            .lock()
+            .expect("table cache")
+            .insert(rel.to_string(), cached);
+    }
+
     /// `cached` brought to the latest version; `None` when its log is no longer the same.
+    ///
+    /// One listing of the log from the cached commit on answers both questions: the commit
+    /// must still be there, unchanged (a table dropped and created again has a new one), and
+    /// any later commit means there is more to read. A table nobody changed costs that one
+    /// request, whatever its history.
     async fn bring_up_to_date(&self, rel: &str, cached: Cached) -> Result<Option<DeltaTable>> {
         let Some(path) = Self::commit_path(rel, cached.table.version()) else {
             return Ok(None);
         };
-        let now = self.root_store.head(&path).await?;
-        if now.last_modified != cached.commit.last_modified
-            || now.e_tag != cached.commit.e_tag
-            || now.size != cached.commit.size
-        {
+        let log = Path::from(format!("{rel}_delta_log"));
+        // "…N.jso" sorts just before "…N.json" and after every earlier log file.
+        let name = path.as_ref();
+        let offset = Path::from(&name[..name.len() - 1]);
+        let mut listing = self.root_store.list_with_offset(Some(&log), &offset);
+        let before = cached.table.version().unwrap_or_default() as i64;
+        let (mut same, mut newest) = (false, None::<(i64, ObjectMeta)>);
+        while let Some(object) = listing.try_next().await? {
+            if object.location == path {
+                same = object.last_modified == cached.commit.last_modified
+                    && object.e_tag == cached.commit.e_tag
+                    && object.size == cached.commit.size;
+            } else if let Some(v) = object.location.filename().and_then(commit_version) {
+                if v > before && newest.as_ref().is_none_or(|(n, _)| v > *n) {
+                    newest = Some((v, object));
+                }
+            }
+        }
+        drop(listing);
+        if !same {
             return Ok(None);
         }
-        let before = cached.table.version();
+        let Some((_, newest)) = newest else {
+            return Ok(Some(cached.table));
+        };
         let mut table = cached.table;
         table.update_incremental(None).await?;
-        if table.version() != before {
+        if Self::commit_path(rel, table.version()).as_ref() == Some(&newest.location) {
+            self.keep(rel, &table, newest);
+        } else {
             self.remember(rel, &table).await;
         }
         Ok(Some(table))

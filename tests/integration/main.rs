@@ -1,5 +1,6 @@
 //! icepie's Rust integration tests: one test binary, one module per feature.
 
+mod budgets;
 mod cli;
 mod core_tables;
 mod crash;

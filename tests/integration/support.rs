@@ -8,6 +8,7 @@ use async_trait::async_trait;
 use datafusion::arrow::array::RecordBatch;
 use datafusion::arrow::util::pretty::pretty_format_batches;
 use futures::stream::BoxStream;
+use futures::StreamExt;
 use icepie::IcePie;
 use object_store::path::Path;
 use object_store::{
@@ -75,20 +76,33 @@ pub enum Access {
     Read(String),
     /// A listing of a prefix.
     List(String),
+    /// An object written (put, multipart upload, copy target).
+    Write(String),
+    /// An object deleted.
+    Delete(String),
+}
+
+impl Access {
+    /// The object or prefix accessed.
+    pub fn path(&self) -> &str {
+        match self {
+            Access::Read(p) | Access::List(p) | Access::Write(p) | Access::Delete(p) => p,
+        }
+    }
 }
 
 /// An object store that records every read and listing, then delegates.
 #[derive(Debug)]
 pub struct RecordingStore {
     inner: Arc<dyn ObjectStore>,
-    pub log: Mutex<Vec<Access>>,
+    pub log: Arc<Mutex<Vec<Access>>>,
 }
 
 impl RecordingStore {
     pub fn new(inner: Arc<dyn ObjectStore>) -> Self {
         Self {
             inner,
-            log: Mutex::new(Vec::new()),
+            log: Arc::default(),
         }
     }
 
@@ -115,6 +129,7 @@ impl ObjectStore for RecordingStore {
         payload: PutPayload,
         opts: PutOptions,
     ) -> Result<PutResult> {
+        self.record(Access::Write(location.to_string()));
         self.inner.put_opts(location, payload, opts).await
     }
 
@@ -123,6 +138,7 @@ impl ObjectStore for RecordingStore {
         location: &Path,
         opts: PutMultipartOptions,
     ) -> Result<Box<dyn MultipartUpload>> {
+        self.record(Access::Write(location.to_string()));
         self.inner.put_multipart_opts(location, opts).await
     }
 
@@ -144,7 +160,16 @@ impl ObjectStore for RecordingStore {
         &self,
         locations: BoxStream<'static, Result<Path>>,
     ) -> BoxStream<'static, Result<Path>> {
-        self.inner.delete_stream(locations)
+        let log = self.log.clone();
+        self.inner.delete_stream(
+            locations
+                .inspect(move |p| {
+                    if let Ok(p) = p {
+                        log.lock().unwrap().push(Access::Delete(p.to_string()));
+                    }
+                })
+                .boxed(),
+        )
     }
 
     fn list(&self, prefix: Option<&Path>) -> BoxStream<'static, Result<ObjectMeta>> {
@@ -173,6 +198,7 @@ impl ObjectStore for RecordingStore {
     }
 
     async fn copy_opts(&self, from: &Path, to: &Path, options: CopyOptions) -> Result<()> {
+        self.record(Access::Write(to.to_string()));
         self.inner.copy_opts(from, to, options).await
     }
 }

@@ -215,7 +215,7 @@ async fn completion_names(session: &Session) -> Vec<String> {
     let sql = "SELECT table_schema, table_name, column_name FROM information_schema.columns \
                WHERE table_schema <> 'information_schema'";
     let mut names = vec![];
-    let Ok(df) = session.warehouse.context().sql(sql).await else {
+    let Ok(df) = session.warehouse.sql(sql).await else {
         return names;
     };
     let Ok(mut stream) = df.execute_stream().await else {

@@ -1,0 +1,153 @@
+//! Request budgets: what one statement costs in object-store requests, whatever the size of the
+//! warehouse and the length of its history. Every request is counted by [`RecordingStore`].
+//!
+//! `ICEPIE_BUDGET_REFRESHES` sets how many past refreshes the long history has (default 25,
+//! past two checkpoints).
+
+use std::sync::Arc;
+
+use icepie::IcePie;
+use object_store::local::LocalFileSystem;
+
+use crate::support::{run, scalar, Access, RecordingStore};
+
+async fn open(dir: &std::path::Path) -> (Arc<RecordingStore>, IcePie) {
+    let store = Arc::new(RecordingStore::new(Arc::new(LocalFileSystem::new())));
+    let w = IcePie::builder(dir.to_string_lossy().to_string())
+        .with_object_store(store.clone())
+        .with_scheduler(false)
+        .open()
+        .await
+        .unwrap();
+    (store, w)
+}
+
+/// The requests `sql` makes, with the result it gives.
+async fn cost(store: &RecordingStore, w: &IcePie, sql: &str) -> (String, Vec<Access>) {
+    store.take();
+    let result = scalar(w, sql).await;
+    (result, store.take())
+}
+
+/// A warehouse with core table `a` and slice `slices.s1` over it, as `root`.
+async fn small(root: &std::path::Path) -> (Arc<RecordingStore>, IcePie) {
+    let (store, w) = open(root).await;
+    run(
+        &w,
+        "CREATE CORE TABLE a (id INT, v TEXT); INGEST INTO a VALUES (1, 'x'), (2, 'y');
+         CREATE SLICE s1 AS SELECT id, v FROM core.a;",
+    )
+    .await;
+    (store, w)
+}
+
+/// Grows the warehouse of [`small`]: 30 more slices in three domains, and `refreshes` more
+/// ingests into `a`, each followed by a refresh of `s1`.
+async fn grow(w: &IcePie, refreshes: usize) {
+    let mut sql = String::from("CREATE CORE TABLE b (n INT); INGEST INTO b VALUES (1);");
+    for d in ["sales", "ops", "finance"] {
+        for i in 0..10 {
+            sql.push_str(&format!(
+                "CREATE SLICE {d}.t{i} AS SELECT n + {i} AS n FROM core.b;"
+            ));
+        }
+    }
+    run(w, &sql).await;
+    for i in 0..refreshes {
+        run(
+            w,
+            &format!("INGEST INTO a VALUES ({i}, 'z'); REFRESH SLICE s1"),
+        )
+        .await;
+    }
+}
+
+fn refreshes() -> usize {
+    std::env::var("ICEPIE_BUDGET_REFRESHES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(25)
+}
+
+const QUERY: &str = "SELECT sum(id) FROM slices.s1";
+
+/// A query on a slice a process has read before costs one listing of the slice's log (is
+/// there a newer commit?), one GET of its quarantine record and the reads of its data file:
+/// the same with 1 slice or 31, with 0 past refreshes or many. A first query in a new process
+/// reads the latest checkpoint and the commits after it (at most 10).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_query_on_one_slice_costs_the_same_however_big_the_warehouse_and_its_history() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().canonicalize().unwrap();
+    let (store, w) = small(&root).await;
+    scalar(&w, QUERY).await;
+    let (_, before) = cost(&store, &w, QUERY).await;
+    let lists = |a: &[Access]| a.iter().filter(|a| matches!(a, Access::List(_))).count();
+    let data = |a: &[Access]| a.iter().filter(|a| a.path().ends_with(".parquet")).count();
+    assert_eq!(lists(&before), 1, "{before:#?}");
+    assert_eq!(
+        before.len(),
+        2 + data(&before),
+        "one listing, one quarantine record, data: {before:#?}"
+    );
+
+    let n = refreshes();
+    grow(&w, n).await;
+    // The first query after the refreshes reads the commits it has not seen, then the
+    // slice costs what it cost before.
+    let (sum, _) = cost(&store, &w, QUERY).await;
+    assert_eq!(sum, (3 + (0..n as i64).sum::<i64>()).to_string());
+    let (_, after) = cost(&store, &w, QUERY).await;
+    assert_eq!(lists(&after), 1, "{after:#?}");
+    assert_eq!(after.len(), before.len(), "{before:#?}\n{after:#?}");
+
+    // A new process: the latest checkpoint, the commits after it (each read up to three
+    // times by delta-rs), the quarantine record and the data.
+    let (fresh_store, fresh) = open(&root).await;
+    let (_, cold) = cost(&fresh_store, &fresh, QUERY).await;
+    let commits = cold
+        .iter()
+        .filter(|a| a.path().ends_with(".json") && a.path().contains("/_delta_log/"))
+        .count();
+    assert!(commits <= 3 * 10, "{commits} commit reads: {cold:#?}");
+    assert!(cold.len() <= 4 + 3 * 10 + data(&cold), "{cold:#?}");
+    for a in &cold {
+        assert!(
+            a.path().contains("slices/slices/s1/") || a.path().contains("_system/quarantine/"),
+            "outside the slice: {a:?}"
+        );
+    }
+}
+
+/// `REFRESH SLICE s` costs the same with 1 slice or 31: it touches s's folders, its inputs,
+/// its refresh log and its attempt markers, nothing else.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refresh_costs_the_same_however_many_other_slices() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().canonicalize().unwrap();
+    let (store, w) = small(&root).await;
+    run(&w, "REFRESH SLICE s1").await;
+    store.take();
+    run(&w, "REFRESH SLICE s1").await;
+    let before = store.take();
+    grow(&w, 0).await;
+    run(&w, "REFRESH SLICE s1").await;
+    store.take();
+    run(&w, "REFRESH SLICE s1").await;
+    let after = store.take();
+    assert_eq!(before.len(), after.len(), "{before:#?}\n{after:#?}");
+    for a in &after {
+        let p = a.path();
+        assert!(
+            [
+                "slices/slices/s1/",
+                "core/a/",
+                "_system/refreshes/slices/s1/",
+                "_system/running/slices/s1"
+            ]
+            .iter()
+            .any(|own| p.contains(own)),
+            "outside s1, its input and its records: {a:?}"
+        );
+    }
+}
