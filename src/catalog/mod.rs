@@ -14,6 +14,7 @@
 
 mod damage;
 pub(crate) mod live;
+mod pushdown;
 pub mod system;
 pub mod table;
 pub mod time_travel;
@@ -62,7 +63,7 @@ pub(crate) struct Shared {
     /// scheduler have no session to read them from).
     options: RwLock<IcePieOptions>,
     /// What this process has read of the refresh logs.
-    log: tokio::sync::Mutex<LogCache>,
+    log: LogCache,
     /// Tables opened for the time-travel calls of statements being planned.
     pub pins: time_travel::Pins,
 }
@@ -74,7 +75,7 @@ impl Shared {
             listing: RwLock::new(Listing::default()),
             refreshing: Mutex::new(HashSet::new()),
             options: RwLock::new(options),
-            log: tokio::sync::Mutex::new(LogCache::default()),
+            log: LogCache::default(),
             pins: time_travel::Pins::default(),
         }
     }
@@ -91,7 +92,7 @@ impl Shared {
 
     /// The recent refresh attempts of a slice, oldest first, reading only what its log gained.
     pub async fn attempts(&self, slice: &SliceName) -> Result<Vec<AttemptSummary>> {
-        self.log.lock().await.attempts(&self.warehouse, slice).await
+        self.log.attempts(&self.warehouse, slice).await
     }
 
     /// Lists the warehouse again (a few object-store list calls).

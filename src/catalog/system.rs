@@ -1,7 +1,9 @@
 //! Schema `system`: `core_tables`, `slices` and `refreshes`.
 //!
-//! `core_tables` and `slices` are computed from the warehouse each time a query names them;
-//! `refreshes` reads the slices' refresh logs (one Delta table per slice) as one table.
+//! `core_tables` and `slices` are computed from the warehouse each time a query scans them;
+//! `refreshes` reads the slices' refresh logs (one Delta table per slice) as one table. A
+//! filter on the key column (`name` and `domain`, or `slice`: `=`, `IN`) limits what is read
+//! to the tables it names; without one, the tables are read 16 at a time.
 
 use std::sync::{Arc, LazyLock};
 
@@ -19,16 +21,18 @@ use datafusion::error::Result as DFResult;
 use datafusion::logical_expr::{Expr, TableProviderFilterPushDown};
 use datafusion::physical_plan::union::UnionExec;
 use datafusion::physical_plan::ExecutionPlan;
-use futures::StreamExt;
+use deltalake::DeltaTable;
+use futures::{StreamExt, TryStreamExt};
 
+use super::pushdown::wanted;
 use super::table::{IcePieTable, TableKind};
 use super::Shared;
 use crate::error::Result;
 use crate::slice::lifecycle::retained;
 use crate::slice::meta::{format_inputs, HistoryEntry};
 use crate::slice::{self, log, running, InputCache, SliceInfo, SliceState};
-use crate::storage::names::SliceName;
-use crate::storage::{table_stats, Warehouse, REFRESHES_PATH};
+use crate::storage::names::{validate_name, SliceName};
+use crate::storage::{table_stats, Warehouse, REFRESHES_PATH, SLICES_DIR};
 
 /// Names of the system tables.
 pub const TABLES: [&str; 3] = ["core_tables", "refreshes", "slices"];
@@ -100,20 +104,16 @@ impl SchemaProvider for SystemSchema {
     }
 
     async fn table(&self, name: &str) -> DFResult<Option<Arc<dyn TableProvider>>> {
-        // Tables that list the warehouse list it now: statements no longer do.
-        if name == "core_tables" || name == "slices" {
-            self.shared.refresh_listing().await.map_err(super::df)?;
-        }
-        let provider = match name {
-            "core_tables" => core_tables(&self.shared).await?,
-            "slices" => {
-                let (infos, unreadable) = all_slices(&self.shared).await?;
-                slices_table(&infos, &unreadable)?
-            }
-            "refreshes" => Arc::new(refresh_logs(&self.shared).await?) as Arc<dyn TableProvider>,
+        let which = match name {
+            "core_tables" => Which::CoreTables,
+            "slices" => Which::Slices,
+            "refreshes" => Which::Refreshes,
             _ => return Ok(None),
         };
-        Ok(Some(provider))
+        Ok(Some(Arc::new(SystemTable {
+            shared: self.shared.clone(),
+            which,
+        })))
     }
 
     fn table_exist(&self, name: &str) -> bool {
@@ -121,35 +121,161 @@ impl SchemaProvider for SystemSchema {
     }
 }
 
-/// Every slice's refresh log, including those of slices since dropped.
-async fn refresh_logs(shared: &Shared) -> Result<RefreshLogs> {
-    let warehouse = &shared.warehouse;
-    let mut parts = Vec::new();
-    for domain in warehouse.list_children(REFRESHES_PATH).await? {
-        for name in warehouse
-            .list_children(&format!("{REFRESHES_PATH}{domain}"))
-            .await?
-        {
-            let Ok(slice) = SliceName::new(domain.clone(), name) else {
-                continue;
-            };
-            if let Some(t) = warehouse
-                .load(&Warehouse::refreshes_path(&slice), None)
-                .await?
-            {
-                let name = format!("system.refreshes of {slice}");
-                parts.push(Arc::new(
-                    IcePieTable::try_new(TableKind::System, name, t).await?,
-                ));
-            }
+/// One system table, computed when a query scans it, for the rows its filters can match.
+#[derive(Debug)]
+struct SystemTable {
+    shared: Arc<Shared>,
+    which: Which,
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Which {
+    CoreTables,
+    Slices,
+    Refreshes,
+}
+
+#[async_trait]
+impl TableProvider for SystemTable {
+    fn schema(&self) -> SchemaRef {
+        match self.which {
+            Which::CoreTables => CORE_TABLES_SCHEMA.clone(),
+            Which::Slices => SLICES_SCHEMA.clone(),
+            Which::Refreshes => log::SCHEMA.clone(),
         }
     }
+
+    fn table_type(&self) -> TableType {
+        TableType::Base
+    }
+
+    /// Filters on the key columns (`name`, `domain`, `slice`) choose what is read; every
+    /// filter is applied again to the rows.
+    fn supports_filters_pushdown(
+        &self,
+        filters: &[&Expr],
+    ) -> DFResult<Vec<TableProviderFilterPushDown>> {
+        Ok(vec![TableProviderFilterPushDown::Inexact; filters.len()])
+    }
+
+    async fn scan(
+        &self,
+        state: &dyn Session,
+        projection: Option<&Vec<usize>>,
+        filters: &[Expr],
+        limit: Option<usize>,
+    ) -> DFResult<Arc<dyn ExecutionPlan>> {
+        let shared = &self.shared;
+        let table: Arc<dyn TableProvider> = match self.which {
+            Which::CoreTables => {
+                let names = match wanted(filters, "name") {
+                    Some(names) => names.into_iter().collect(),
+                    None => {
+                        shared.refresh_listing().await.map_err(super::df)?;
+                        shared.listing().core
+                    }
+                };
+                core_tables(shared, names).await?
+            }
+            Which::Slices => {
+                let names = wanted_slices(shared, filters).await?;
+                let (infos, unreadable) = describe(shared, names).await?;
+                slices_table(&infos, &unreadable)?
+            }
+            Which::Refreshes => {
+                let slices = wanted(filters, "slice").map(|names| {
+                    names
+                        .iter()
+                        .filter_map(|n| SliceName::parse(n).ok())
+                        .collect::<Vec<_>>()
+                });
+                Arc::new(refresh_logs(shared, slices).await?)
+            }
+        };
+        table.scan(state, projection, filters, limit).await
+    }
+}
+
+/// The slices a scan of `system.slices` with `filters` can show: those named by filters on
+/// `domain` and `name` (without listing other slices), else every slice.
+async fn wanted_slices(shared: &Shared, filters: &[Expr]) -> Result<Vec<SliceName>> {
+    let names = wanted(filters, "name");
+    let domains = match wanted(filters, "domain") {
+        Some(domains) => domains.into_iter().collect::<Vec<_>>(),
+        None if names.is_some() => shared.warehouse.list_children(SLICES_DIR).await?,
+        None => {
+            shared.refresh_listing().await?;
+            return Ok(shared.slice_names());
+        }
+    };
+    let mut out = Vec::new();
+    for domain in domains {
+        let in_domain = match &names {
+            Some(names) => names.iter().cloned().collect(),
+            None => {
+                shared
+                    .warehouse
+                    .list_children(&format!("{SLICES_DIR}/{domain}"))
+                    .await?
+            }
+        };
+        out.extend(
+            in_domain
+                .into_iter()
+                .filter_map(|n| SliceName::new(domain.clone(), n).ok()),
+        );
+    }
+    Ok(out)
+}
+
+/// Every slice's refresh log (including those of slices since dropped), or those of `only`.
+async fn refresh_logs(shared: &Shared, only: Option<Vec<SliceName>>) -> Result<RefreshLogs> {
+    let warehouse = &shared.warehouse;
+    let slices = match &only {
+        Some(only) => only.clone(),
+        None => {
+            let mut all = Vec::new();
+            for domain in warehouse.list_children(REFRESHES_PATH).await? {
+                for name in warehouse
+                    .list_children(&format!("{REFRESHES_PATH}{domain}"))
+                    .await?
+                {
+                    all.extend(SliceName::new(domain.clone(), name).ok());
+                }
+            }
+            all
+        }
+    };
+    let loaded: Vec<Option<IcePieTable>> = futures::stream::iter(slices)
+        .map(|slice| async move {
+            let Some(t) = warehouse
+                .load(&Warehouse::refreshes_path(&slice), None)
+                .await?
+            else {
+                return Ok(None);
+            };
+            let name = format!("system.refreshes of {slice}");
+            IcePieTable::try_new(TableKind::System, name, t)
+                .await
+                .map(Some)
+        })
+        .buffered(PARALLEL)
+        .try_collect()
+        .await?;
+    let parts: Vec<Arc<IcePieTable>> = loaded.into_iter().flatten().map(Arc::new).collect();
     // Attempts still running, or abandoned by a process that died, from their markers.
-    let found = running::list(warehouse, None).await?;
+    let found = match &only {
+        None => running::list(warehouse, None).await?,
+        Some(only) => {
+            let mut found = Vec::new();
+            for slice in only {
+                found.extend(running::list(warehouse, Some(slice)).await?);
+            }
+            found
+        }
+    };
     let now = chrono::Utc::now().timestamp_millis();
-    let schema = parts
-        .first()
-        .map_or_else(|| log::SCHEMA.clone(), |p| p.schema());
+    let schema = log::SCHEMA.clone();
     let mut batches = Vec::new();
     for attempt in running::as_attempts(&found, shared.options().heartbeat.0, now) {
         let batch = attempt.to_batch()?;
@@ -176,9 +302,7 @@ struct RefreshLogs {
 #[async_trait]
 impl TableProvider for RefreshLogs {
     fn schema(&self) -> SchemaRef {
-        self.parts
-            .first()
-            .map_or_else(|| log::SCHEMA.clone(), |p| p.schema())
+        log::SCHEMA.clone()
     }
 
     fn table_type(&self) -> TableType {
@@ -208,15 +332,28 @@ impl TableProvider for RefreshLogs {
     }
 }
 
-/// Every slice's info, in name order, and the slices that could not be read with why: one
-/// damaged slice must not hide the others.
-pub(crate) async fn all_slices(
+/// How many slices (or tables) are read at once for a listing of the warehouse.
+const PARALLEL: usize = 16;
+
+/// The info of the slices `names`, in that order, and those that could not be read with why:
+/// one damaged slice must not hide the others. Slices that do not exist are left out.
+pub(crate) async fn describe(
     shared: &Shared,
+    names: Vec<SliceName>,
 ) -> Result<(Vec<SliceInfo>, Vec<(SliceName, String)>)> {
-    let mut inputs = InputCache::default();
+    let inputs = InputCache::default();
+    let inputs = &inputs;
+    let results: Vec<_> = futures::stream::iter(names)
+        .map(|name| async move {
+            let info = slice::info(shared, &name, inputs).await;
+            (name, info)
+        })
+        .buffered(PARALLEL)
+        .collect()
+        .await;
     let (mut out, mut unreadable) = (Vec::new(), Vec::new());
-    for name in shared.slice_names() {
-        match slice::info(shared, &name, &mut inputs).await {
+    for (name, info) in results {
+        match info {
             Ok(Some(info)) => out.push(info),
             Ok(None) => {}
             Err(e) => unreadable.push((name, e.to_string())),
@@ -294,15 +431,23 @@ fn slices_table(
     )
 }
 
-async fn core_tables(shared: &Shared) -> Result<Arc<dyn TableProvider>> {
-    let (mut names, mut versions, mut rows, mut files, mut bytes, mut created, mut ingested) =
+async fn core_tables(shared: &Shared, names: Vec<String>) -> Result<Arc<dyn TableProvider>> {
+    let (mut names_out, mut versions, mut rows, mut files, mut bytes, mut created, mut ingested) =
         (vec![], vec![], vec![], vec![], vec![], vec![], vec![]);
-    for name in shared.listing().core {
-        let Some(table) = shared
-            .warehouse
-            .load(&Warehouse::core_path(&name), None)
-            .await?
-        else {
+    let loaded: Vec<(String, Option<DeltaTable>)> = futures::stream::iter(names)
+        .filter(|name| std::future::ready(validate_name(name).is_ok()))
+        .map(|name| async move {
+            let table = shared
+                .warehouse
+                .load(&Warehouse::core_path(&name), None)
+                .await?;
+            Ok::<_, crate::error::IcePieError>((name, table))
+        })
+        .buffered(PARALLEL)
+        .try_collect()
+        .await?;
+    for (name, table) in loaded {
+        let Some(table) = table else {
             continue;
         };
         let stats = table_stats(&table)?;
@@ -314,7 +459,7 @@ async fn core_tables(shared: &Shared) -> Result<Arc<dyn TableProvider>> {
             Some(Ok(info)) => info.timestamp,
             _ => None,
         };
-        names.push(name);
+        names_out.push(name);
         versions.push(table.version().unwrap_or_default() as i64);
         rows.push(stats.rows);
         files.push(stats.files);
@@ -325,7 +470,7 @@ async fn core_tables(shared: &Shared) -> Result<Arc<dyn TableProvider>> {
     Ok(mem(
         &CORE_TABLES_SCHEMA,
         vec![
-            Arc::new(StringArray::from(names)),
+            Arc::new(StringArray::from(names_out)),
             Arc::new(Int64Array::from(versions)),
             Arc::new(Int64Array::from(rows)),
             Arc::new(Int64Array::from(files)),

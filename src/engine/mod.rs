@@ -673,14 +673,15 @@ impl IcePie {
     pub async fn slices(&self) -> Result<Vec<SliceInfo>> {
         self.sync_options();
         self.inner.shared.refresh_listing().await?;
-        Ok(system::all_slices(&self.inner.shared).await?.0)
+        let names = self.inner.shared.slice_names();
+        Ok(system::describe(&self.inner.shared, names).await?.0)
     }
 
     /// One slice's state, version, size, lineage and definition.
     pub async fn slice(&self, name: &str) -> Result<SliceInfo> {
         let name = SliceName::parse(name)?;
         let shared = &self.inner.shared;
-        slice::info(shared, &name, &mut InputCache::default())
+        slice::info(shared, &name, &InputCache::default())
             .await?
             .ok_or_else(|| IcePieError::SliceNotFound(name.to_string()))
     }

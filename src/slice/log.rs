@@ -10,7 +10,7 @@
 //! those versions added.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::{Arc, LazyLock};
+use std::sync::{Arc, LazyLock, Mutex};
 
 use chrono::{DateTime, Utc};
 use datafusion::arrow::array::{
@@ -196,7 +196,8 @@ pub fn failures_since(attempts: &[AttemptSummary], since: i64) -> Failures {
 /// What this process has read of the slices' refresh logs.
 #[derive(Debug, Default)]
 pub(crate) struct LogCache {
-    slices: HashMap<SliceName, SliceLog>,
+    /// One lock per slice: reading one slice's long log never holds up another's.
+    slices: Mutex<HashMap<SliceName, Arc<tokio::sync::Mutex<SliceLog>>>>,
 }
 
 /// The recent attempts of one slice, as read up to `version` of its log.
@@ -224,18 +225,25 @@ impl LogCache {
     /// last call: the commits since then and their files. Only when those commits are gone
     /// (Delta's log clean-up) is the whole log read again.
     pub async fn attempts(
-        &mut self,
+        &self,
         warehouse: &Warehouse,
         slice: &SliceName,
     ) -> Result<Vec<AttemptSummary>> {
         let rel = Warehouse::refreshes_path(slice);
         let Some(latest) = warehouse.latest_version(&rel).await? else {
-            self.slices.remove(slice);
+            self.slices.lock().expect("log cache").remove(slice);
             return Ok(Vec::new());
         };
         let latest = latest as u64;
         let log = warehouse.handle(&rel)?;
-        let cached = self.slices.entry(slice.clone()).or_default();
+        let entry = self
+            .slices
+            .lock()
+            .expect("log cache")
+            .entry(slice.clone())
+            .or_default()
+            .clone();
+        let mut cached = entry.lock().await;
         if cached.version != Some(latest) {
             cached.catch_up(warehouse, &rel, &log, latest).await?;
         }

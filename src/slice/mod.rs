@@ -604,32 +604,30 @@ impl SliceInfo {
 /// latest version, and when its versions were committed.
 #[derive(Debug, Default)]
 pub(crate) struct InputCache {
-    latest: HashMap<String, Option<i64>>,
-    committed: HashMap<(String, i64), Option<i64>>,
+    latest: std::sync::Mutex<HashMap<String, Option<i64>>>,
+    committed: std::sync::Mutex<HashMap<(String, i64), Option<i64>>>,
 }
 
 impl InputCache {
-    async fn latest(&mut self, shared: &Shared, input: &str) -> Result<Option<i64>> {
-        if let Some(v) = self.latest.get(input) {
+    async fn latest(&self, shared: &Shared, input: &str) -> Result<Option<i64>> {
+        if let Some(v) = self.latest.lock().expect("input cache").get(input) {
             return Ok(*v);
         }
         let v = shared.latest_version(input).await?;
-        self.latest.insert(input.to_string(), v);
+        self.latest
+            .lock()
+            .expect("input cache")
+            .insert(input.to_string(), v);
         Ok(v)
     }
 
-    async fn commit_time(
-        &mut self,
-        shared: &Shared,
-        input: &str,
-        version: i64,
-    ) -> Result<Option<i64>> {
+    async fn commit_time(&self, shared: &Shared, input: &str, version: i64) -> Result<Option<i64>> {
         let key = (input.to_string(), version);
-        if let Some(at) = self.committed.get(&key) {
+        if let Some(at) = self.committed.lock().expect("input cache").get(&key) {
             return Ok(*at);
         }
         let at = shared.commit_time(input, version).await?;
-        self.committed.insert(key, at);
+        self.committed.lock().expect("input cache").insert(key, at);
         Ok(at)
     }
 }
@@ -639,7 +637,7 @@ impl InputCache {
 pub(crate) async fn info(
     shared: &Shared,
     name: &SliceName,
-    inputs: &mut InputCache,
+    inputs: &InputCache,
 ) -> Result<Option<SliceInfo>> {
     let Some(table) = shared
         .warehouse

@@ -151,3 +151,74 @@ async fn a_refresh_costs_the_same_however_many_other_slices() {
         );
     }
 }
+
+/// The requests of `sql` that touch anything of another slice than `slices.s1` (or of
+/// another core table than `a`).
+fn outside_s1(accesses: &[Access]) -> Vec<&Access> {
+    accesses
+        .iter()
+        .filter(|a| {
+            let p = a.path();
+            [
+                "slices/sales",
+                "slices/ops",
+                "slices/finance",
+                "core/b",
+                "/sales/",
+                "/ops/",
+                "/finance/",
+            ]
+            .iter()
+            .any(|other| p.contains(other))
+        })
+        .collect()
+}
+
+/// `system.slices WHERE name = 'x'` and `system.refreshes WHERE slice = 'x'` read only x's
+/// metadata, and cost the same with 1 slice or 31.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn system_tables_filtered_to_one_slice_read_only_its_metadata() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().canonicalize().unwrap();
+    let (store, w) = small(&root).await;
+    run(&w, "REFRESH SLICE s1").await;
+    let queries = [
+        "SELECT state FROM system.slices WHERE domain = 'slices' AND name = 's1'",
+        "SELECT count(*) FROM system.refreshes WHERE slice = 'slices.s1'",
+        "SELECT count(*) FROM system.refreshes WHERE slice IN ('slices.s1', 'slices.gone')",
+        "SELECT rows FROM system.core_tables WHERE name = 'a'",
+    ];
+    let mut small_costs = Vec::new();
+    for q in queries {
+        scalar(&w, q).await;
+        small_costs.push(cost(&store, &w, q).await);
+    }
+    grow(&w, 0).await;
+    run(&w, "REFRESH SLICE sales.t1; REFRESH SLICE ops.t2").await;
+    for (q, (result, before)) in queries.iter().zip(small_costs) {
+        scalar(&w, q).await;
+        let (again, after) = cost(&store, &w, q).await;
+        assert_eq!(result, again, "{q}");
+        assert!(outside_s1(&after).is_empty(), "{q}: {after:#?}");
+        assert_eq!(before.len(), after.len(), "{q}:\n{before:#?}\n{after:#?}");
+    }
+    // Without the domain, one listing of the domains finds the slice wherever it is.
+    let (state, accesses) = cost(
+        &store,
+        &w,
+        "SELECT domain || '.' || state FROM system.slices WHERE name = 's1'",
+    )
+    .await;
+    assert_eq!(state, "slices.fresh");
+    let others: Vec<_> = outside_s1(&accesses)
+        .into_iter()
+        .filter(|a| !matches!(a, Access::List(p) if p.ends_with("/s1/_delta_log")))
+        .collect();
+    assert!(others.is_empty(), "{others:#?}");
+    // Unfiltered, every slice is there.
+    assert_eq!(scalar(&w, "SELECT count(*) FROM system.slices").await, "31");
+    assert_eq!(
+        scalar(&w, "SELECT count(DISTINCT slice) FROM system.refreshes").await,
+        "31"
+    );
+}
