@@ -139,12 +139,38 @@ pub async fn append(warehouse: &Warehouse, slice: &SliceName, attempt: &Attempt)
             return Ok(());
         }
         match result {
-            Ok(_) => return Ok(()),
+            Ok(table) => {
+                compact(table).await;
+                return Ok(());
+            }
             Err(_) if existing.is_none() && round < 2 => continue,
             Err(e) => return Err(e.into()),
         }
     }
     Ok(())
+}
+
+/// A refresh log holding this many files is compacted.
+pub const COMPACT_AT: usize = 32;
+
+/// Files of a refresh log stop being compacted again once this big.
+const COMPACTED_SIZE: u64 = 1 << 20;
+
+/// Compacts a refresh log grown to [`COMPACT_AT`] files into files of up to
+/// [`COMPACTED_SIZE`] (Delta's OPTIMIZE: the commit changes no data, `dataChange=false`), so
+/// that a process reading a slice's history reads a few files, however many attempts it has.
+/// Best effort: a compaction that fails or loses a race leaves the log as it was, and its
+/// output, if any, is deleted by VACUUM.
+async fn compact(table: deltalake::DeltaTable) {
+    let files = table
+        .snapshot()
+        .map(|s| s.log_data().num_files())
+        .unwrap_or(0);
+    if files < COMPACT_AT {
+        return;
+    }
+    let target = std::num::NonZeroU64::new(COMPACTED_SIZE).expect("non-zero");
+    let _ = table.optimize().with_target_size(target).await;
 }
 
 /// What the log says of one attempt, as far as slice states need it.
@@ -207,13 +233,18 @@ struct SliceLog {
     attempts: VecDeque<AttemptSummary>,
 }
 
-/// The data files a commit of the log added, from the commit file's `add` actions.
+/// The data files a commit of the log added with new rows, from the commit file's `add`
+/// actions: a compaction's files (`dataChange: false`) hold rows read before.
 fn added_files(commit: &[u8]) -> Vec<Path> {
     commit
         .split(|b| *b == b'\n')
         .filter_map(|line| serde_json::from_slice::<serde_json::Value>(line).ok())
         .filter_map(|action| {
-            let path = action.get("add")?.get("path")?.as_str()?.to_string();
+            let add = action.get("add")?;
+            if add.get("dataChange").and_then(|d| d.as_bool()) == Some(false) {
+                return None;
+            }
+            let path = add.get("path")?.as_str()?.to_string();
             // Paths in the Delta log are URL-encoded.
             Path::from_url_path(path).ok()
         })
@@ -448,5 +479,13 @@ mod added_files_tests {
         assert_eq!(files.len(), 2);
         assert_eq!(files[0], "part-0001.parquet");
         assert!(files[1].starts_with("k=a"), "{}", files[1]);
+    }
+
+    #[test]
+    fn a_compaction_adds_no_new_rows() {
+        let commit = b"{\"commitInfo\":{\"operation\":\"OPTIMIZE\"}}\n\
+            {\"remove\":{\"path\":\"part-0001.parquet\",\"dataChange\":false}}\n\
+            {\"add\":{\"path\":\"part-0009.parquet\",\"size\":10,\"dataChange\":false}}\n";
+        assert!(added_files(commit).is_empty());
     }
 }

@@ -15,7 +15,8 @@
 //! clean-up is off for icepie's tables): the commit and checkpoint files older than the latest
 //! checkpoint at or before the oldest retained version go, so every retained version stays
 //! readable from a checkpoint and the commits after it. Of the slice's refresh log only the
-//! commits before its latest checkpoint go; its rows are kept.
+//! commits before its latest checkpoint go, and the files its compactions replaced (see
+//! `log::compact`); its rows are kept. Files are deleted in batches (S3's DeleteObjects).
 //!
 //! A `vacuum_grace` under [`MIN_VACUUM_GRACE`] is refused unless
 //! `icepie.vacuum_enforce_grace` is off, as delta-rs refuses a retention under the table's
@@ -23,12 +24,12 @@
 //! commits `VACUUM START`/`VACUUM END` versions: each would be a new version of the slice
 //! that wakes `REFRESH ON CHANGE` readers and is not an icepie commit.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
 use chrono::Utc;
 use deltalake::protocol::checkpoints::cleanup_expired_logs_for;
-use futures::TryStreamExt;
+use futures::{StreamExt, TryStreamExt};
 use object_store::path::Path;
 use object_store::ObjectStoreExt;
 
@@ -120,38 +121,14 @@ async fn vacuum_with(
             keep.insert(table_file(&rel, &file.object_store_path())?);
         }
     }
-    let log_prefix = format!("{rel}_delta_log/");
-    let store = shared.warehouse.store();
-    let mut doomed: Vec<(Path, u64)> = Vec::new();
-    let mut listing = store.list(Some(&Path::from(rel.as_str())));
-    while let Some(object) = listing.try_next().await? {
-        let path = object.location;
-        if path.as_ref().starts_with(&log_prefix)
-            || keep.contains(&path)
-            || object.last_modified.timestamp_millis() > cutoff
-        {
-            continue;
-        }
-        doomed.push((path, object.size));
-    }
-    drop(listing);
+    let (files_deleted, bytes_deleted) = sweep(shared, &rel, Some(&keep), cutoff).await?;
     let mut outcome = VacuumOutcome {
         slice: name.clone(),
         retained_from: oldest,
-        files_deleted: 0,
-        bytes_deleted: 0,
+        files_deleted,
+        bytes_deleted,
         log_files_deleted: 0,
     };
-    for (path, size) in doomed {
-        match store.delete(&path).await {
-            Ok(()) => {
-                outcome.files_deleted += 1;
-                outcome.bytes_deleted += i64::try_from(size).unwrap_or(i64::MAX);
-            }
-            Err(object_store::Error::NotFound { .. }) => {}
-            Err(e) => return Err(e.into()),
-        }
-    }
     // Readers of older versions (another process's slice_at or ROLLBACK, whatever its own
     // retain_versions) learn that their files are gone.
     if outcome.files_deleted > 0 && kept_from(shared, name).await?.is_none_or(|k| k < oldest) {
@@ -166,10 +143,18 @@ async fn vacuum_with(
     // read from (and older than the grace) go; Delta's own age-based clean-up is off.
     outcome.log_files_deleted +=
         cleanup_expired_logs_for(oldest as u64, table.log_store().as_ref(), cutoff, None).await?;
-    // The slice's refresh log keeps every row; only its commits before its latest checkpoint go.
+    // The slice's refresh log keeps every row: only its commits before its latest checkpoint
+    // go, and the files its compactions replaced.
     let log_rel = Warehouse::refreshes_path(name);
     if let Some(log) = shared.warehouse.load(&log_rel, None).await? {
         let latest = log.version().unwrap_or_default();
+        let mut keep = HashSet::new();
+        for file in log.snapshot()?.log_data().iter() {
+            keep.insert(table_file(&log_rel, &file.object_store_path())?);
+        }
+        let (files, bytes) = sweep(shared, &log_rel, Some(&keep), cutoff).await?;
+        outcome.files_deleted += files;
+        outcome.bytes_deleted += bytes;
         outcome.log_files_deleted +=
             cleanup_expired_logs_for(latest, log.log_store().as_ref(), cutoff, None).await?;
     }
@@ -228,31 +213,60 @@ async fn debris(
     cutoff: i64,
 ) -> Result<VacuumOutcome> {
     let store = shared.warehouse.store();
-    let objects: Vec<_> = store.list(Some(&Path::from(rel))).try_collect().await?;
-    if objects.is_empty() {
+    let mut any = store.list(Some(&Path::from(rel)));
+    if any.try_next().await?.is_none() {
         return Err(IcePieError::SliceNotFound(name.to_string()));
     }
-    let mut outcome = VacuumOutcome {
+    drop(any);
+    let (files_deleted, bytes_deleted) = sweep(shared, rel, None, cutoff).await?;
+    Ok(VacuumOutcome {
         slice: name.clone(),
         retained_from: 0,
-        files_deleted: 0,
-        bytes_deleted: 0,
+        files_deleted,
+        bytes_deleted,
         log_files_deleted: 0,
-    };
-    for object in objects {
-        if object.last_modified.timestamp_millis() > cutoff {
+    })
+}
+
+/// Deletes the files under `rel` older than `cutoff` that `keep` does not hold, in batches
+/// (one request per 1,000 files on S3); with `keep`, the Delta log is left alone. Returns the
+/// files and bytes deleted.
+async fn sweep(
+    shared: &Shared,
+    rel: &str,
+    keep: Option<&HashSet<Path>>,
+    cutoff: i64,
+) -> Result<(i64, i64)> {
+    let log_prefix = format!("{rel}_delta_log/");
+    let store = shared.warehouse.store();
+    let mut doomed: HashMap<Path, u64> = HashMap::new();
+    let mut listing = store.list(Some(&Path::from(rel)));
+    while let Some(object) = listing.try_next().await? {
+        let path = object.location;
+        let kept =
+            keep.is_some_and(|k| path.as_ref().starts_with(&log_prefix) || k.contains(&path));
+        if kept || object.last_modified.timestamp_millis() > cutoff {
             continue;
         }
-        match store.delete(&object.location).await {
-            Ok(()) => {
-                outcome.files_deleted += 1;
-                outcome.bytes_deleted += i64::try_from(object.size).unwrap_or(i64::MAX);
+        doomed.insert(path, object.size);
+    }
+    drop(listing);
+    let paths: Vec<Path> = doomed.keys().cloned().collect();
+    let mut deleted = store.delete_stream(futures::stream::iter(paths).map(Ok).boxed());
+    let (mut files, mut bytes) = (0, 0);
+    while let Some(result) = deleted.next().await {
+        match result {
+            Ok(path) => {
+                files += 1;
+                bytes += doomed
+                    .get(&path)
+                    .map_or(0, |s| i64::try_from(*s).unwrap_or(i64::MAX));
             }
             Err(object_store::Error::NotFound { .. }) => {}
             Err(e) => return Err(e.into()),
         }
     }
-    Ok(outcome)
+    Ok((files, bytes))
 }
 
 /// The warehouse-relative path of a file of the table at `rel`.

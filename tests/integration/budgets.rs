@@ -6,6 +6,7 @@
 
 use std::sync::Arc;
 
+use icepie::slice::log::COMPACT_AT;
 use icepie::IcePie;
 use object_store::local::LocalFileSystem;
 
@@ -221,4 +222,80 @@ async fn system_tables_filtered_to_one_slice_read_only_its_metadata() {
         scalar(&w, "SELECT count(DISTINCT slice) FROM system.refreshes").await,
         "31"
     );
+}
+
+/// A slice's refresh log is compacted as it grows: a new process reads a few files for its
+/// whole history, however many attempts it records, and VACUUM deletes the files compactions
+/// replaced without losing an attempt.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_refresh_history_reads_as_few_files_as_a_short_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().canonicalize().unwrap();
+    let (_, w) = small(&root).await;
+    let attempts = 2 * COMPACT_AT + 6;
+    for _ in 1..attempts {
+        run(&w, "REFRESH SLICE s1").await;
+    }
+    let history = "SELECT count(*) FROM system.refreshes WHERE slice = 'slices.s1'";
+    assert_eq!(scalar(&w, history).await, attempts.to_string());
+    let parquet_reads = |a: &[Access]| {
+        a.iter()
+            .filter(|a| matches!(a, Access::Read(p) if p.contains("_system/refreshes/") && p.ends_with(".parquet")))
+            .count()
+    };
+    let (store, fresh) = open(&root).await;
+    let (count, accesses) = cost(&store, &fresh, history).await;
+    assert_eq!(count, attempts.to_string());
+    assert!(
+        parquet_reads(&accesses) < COMPACT_AT,
+        "{} files read for {attempts} attempts",
+        parquet_reads(&accesses)
+    );
+    let (state, accesses) = cost(
+        &store,
+        &fresh,
+        "SELECT state FROM system.slices WHERE domain = 'slices' AND name = 's1'",
+    )
+    .await;
+    assert_eq!(state, "fresh");
+    assert!(parquet_reads(&accesses) < COMPACT_AT, "{accesses:#?}");
+
+    let files = |rel: &str| {
+        walk(&root.join(rel))
+            .into_iter()
+            .filter(|p| {
+                p.extension().is_some_and(|e| e == "parquet")
+                    && !p.to_string_lossy().contains("_delta_log")
+            })
+            .count()
+    };
+    let before = files("_system/refreshes/slices/s1");
+    assert!(before >= attempts, "{before} files for {attempts} attempts");
+    run(
+        &fresh,
+        "SET icepie.vacuum_enforce_grace = off; SET icepie.vacuum_grace = '0s'; VACUUM SLICE s1",
+    )
+    .await;
+    let after = files("_system/refreshes/slices/s1");
+    assert!(after < COMPACT_AT, "{after} files left after VACUUM");
+    assert_eq!(scalar(&fresh, history).await, attempts.to_string());
+    let (_, w2) = open(&root).await;
+    assert_eq!(scalar(&w2, history).await, attempts.to_string());
+}
+
+/// Every file under `dir`.
+fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return out;
+    };
+    for entry in entries.flatten() {
+        let path = entry.path();
+        if path.is_dir() {
+            out.extend(walk(&path));
+        } else {
+            out.push(path);
+        }
+    }
+    out
 }
