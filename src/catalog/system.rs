@@ -74,6 +74,7 @@ pub static SLICES_SCHEMA: LazyLock<SchemaRef> = LazyLock::new(|| {
         Field::new("refresh", DataType::Utf8, true),
         Field::new("inputs", DataType::Utf8, true),
         Field::new("definition", DataType::Utf8, true),
+        Field::new("refreshing_by", DataType::Utf8, true),
     ]))
 });
 
@@ -427,6 +428,7 @@ fn slices_table(
             s(&|x| Some(x.meta.refresh.clone())),
             s(&|x| Some(format_inputs(&x.meta.inputs))),
             s(&|x| Some(x.meta.definition.clone())),
+            s(&|x| x.refreshing_by.clone()),
         ],
     )
 }

@@ -8,7 +8,10 @@
 //! slices; a slice whose last refreshes failed is retried after an exponential backoff, and
 //! after `icepie.max_failures` failures in a row it is suspended. All of this is derived from
 //! the warehouse (commit times and the refresh log), so several processes scheduling the same
-//! warehouse agree on what is due, and Delta's commit protocol settles who commits.
+//! warehouse agree on what is due. A process runs a due refresh only once it holds the
+//! slice's lease (see [`lease`]) and has checked that the slice is still due, so each due
+//! refresh runs once in the whole warehouse; should two writers still meet, Delta's commit
+//! protocol settles who commits.
 //!
 //! The task holds the engine only weakly between ticks: dropping the last `IcePie` stops it.
 //! [`IcePie::close`] stops it gracefully, letting running refreshes finish for a while before
@@ -24,6 +27,7 @@ use tokio::task::JoinSet;
 
 use super::{IcePie, Inner};
 use crate::options::IcePieOptions;
+use crate::slice::lease::{self, Lease};
 use crate::slice::{SliceInfo, SliceState};
 use crate::sql::{parse_interval, RefreshPolicy};
 use crate::storage::names::SliceName;
@@ -107,6 +111,22 @@ pub(crate) fn is_due(info: &SliceInfo, options: &IcePieOptions, now_ms: i64) -> 
     }
 }
 
+/// The slice's lease (see [`lease`]), if no other process holds it and the slice is still
+/// due: another process may have refreshed it since this tick read its state.
+async fn take_lease(engine: &IcePie, name: &SliceName, options: &IcePieOptions) -> Option<Lease> {
+    let warehouse = &engine.inner.shared.warehouse;
+    let lease = lease::acquire(warehouse, name, options.heartbeat.0)
+        .await
+        .ok()??;
+    match engine.slice(&name.to_string()).await {
+        Ok(info) if is_due(&info, options, Utc::now().timestamp_millis()) => Some(lease),
+        _ => {
+            lease.release().await;
+            None
+        }
+    }
+}
+
 /// Slices with a scheduled refresh running, removed by the refresh's task however it ends.
 #[derive(Clone, Default)]
 struct Running(Arc<Mutex<HashSet<SliceName>>>);
@@ -164,14 +184,19 @@ async fn run(inner: Weak<Inner>, mut stop: watch::Receiver<Option<Duration>>) {
             running.0.lock().expect("running lock").insert(name.clone());
             let guard = RunningGuard(running.clone(), name.clone());
             let engine = engine.clone();
+            let options = options.clone();
             tasks.spawn(async move {
                 let _guard = guard;
+                let Some(lease) = take_lease(&engine, &name, &options).await else {
+                    return;
+                };
                 let started = std::time::Instant::now();
                 let outcome = engine
                     .refresh(&name.to_string())
                     .await
                     .map(|o| (o.version, o.stats.rows))
                     .map_err(|e| e.to_string());
+                lease.release().await;
                 let _ = engine.inner.events.send(RefreshEvent {
                     slice: name,
                     at: Utc::now(),
@@ -218,6 +243,7 @@ mod tests {
             stale: false,
             lag_ms: None,
             columns: vec![],
+            refreshing_by: None,
         }
     }
 

@@ -12,6 +12,7 @@
 //! top of the version it started from: if another process committed the slice meanwhile, the
 //! build reports a conflict and commits nothing, so no version is ever mixed or lost.
 
+pub mod lease;
 pub mod lifecycle;
 pub mod log;
 pub mod meta;
@@ -591,6 +592,9 @@ pub struct SliceInfo {
     pub lag_ms: Option<i64>,
     /// Output columns and their types.
     pub columns: Vec<(String, String)>,
+    /// The process (host:pid) holding the slice's scheduler lease: running a scheduled
+    /// refresh of it now.
+    pub refreshing_by: Option<String>,
 }
 
 impl SliceInfo {
@@ -665,11 +669,16 @@ pub(crate) async fn info(
     let options = shared.options();
     let rel = Warehouse::slice_path(name);
     let damaged = quarantine::in_force(&shared.warehouse, &rel, &table).await?;
-    let state = if shared
-        .refreshing
-        .lock()
-        .expect("refreshing lock")
-        .contains(name)
+    let holder = lease::holder(&shared.warehouse, name, options.heartbeat.0).await?;
+    let elsewhere = holder
+        .as_ref()
+        .is_some_and(|h| h.process != running::process());
+    let state = if elsewhere
+        || shared
+            .refreshing
+            .lock()
+            .expect("refreshing lock")
+            .contains(name)
     {
         SliceState::Refreshing
     } else if damaged.is_some() {
@@ -707,5 +716,6 @@ pub(crate) async fn info(
         stale,
         lag_ms: oldest_change.map(|at| (now - at).max(0)),
         columns,
+        refreshing_by: holder.map(|h| h.process),
     }))
 }

@@ -101,7 +101,7 @@ fn folder(slice: Option<&SliceName>) -> Path {
     }
 }
 
-fn process() -> String {
+pub(crate) fn process() -> String {
     let host = std::fs::read_to_string("/etc/hostname")
         .map(|h| h.trim().to_string())
         .unwrap_or_else(|_| "unknown-host".into());
@@ -190,16 +190,28 @@ pub struct Running {
     heartbeat: Option<Heartbeat>,
 }
 
-/// The task renewing a marker, and how to stop it.
-struct Heartbeat {
+/// The task renewing a marker (or a lease), and how to stop it.
+pub(crate) struct Heartbeat {
     stop: oneshot::Sender<()>,
     task: JoinHandle<()>,
 }
 
 impl Heartbeat {
+    /// Starts rewriting `body` at `path` every `every`.
+    pub(crate) fn start(
+        store: Arc<dyn ObjectStore>,
+        path: Path,
+        body: Vec<u8>,
+        every: Duration,
+    ) -> Self {
+        let (stop, stopped) = oneshot::channel();
+        let task = tokio::spawn(renew(store, path, body, every, stopped));
+        Self { stop, task }
+    }
+
     /// Stops renewing and waits until no renewal is in flight: a marker deleted after this
     /// stays deleted.
-    async fn stop(self) {
+    pub(crate) async fn stop(self) {
         let _ = self.stop.send(());
         let _ = self.task.await;
     }
@@ -229,15 +241,14 @@ impl Running {
         let body = serde_json::to_vec(&marker).expect("a marker serializes");
         let store = warehouse.store();
         store.put(&path, body.clone().into()).await?;
-        let (stop, stopped) = oneshot::channel();
-        let task = tokio::spawn(renew(store, path.clone(), body, heartbeat, stopped));
+        let beat = Heartbeat::start(store, path.clone(), body, heartbeat);
         Ok(Self {
             warehouse: warehouse.clone(),
             slice: slice.clone(),
             marker,
             path,
             clock: Instant::now(),
-            heartbeat: Some(Heartbeat { stop, task }),
+            heartbeat: Some(beat),
         })
     }
 

@@ -316,3 +316,136 @@ async fn two_processes_refreshing_one_slice_agree_on_every_version() {
     let expected = scalar(&w, &HEAVY.replace(" AS s", "")).await;
     assert_eq!(scalar(&w, "SELECT s FROM s").await, expected);
 }
+
+/// `icepie serve` on `location`, ticking every 50 ms with 200 ms heartbeats (a lease expires
+/// 1.2 s after its holder's last renewal).
+fn serve(location: &str) -> std::process::Child {
+    std::process::Command::new(env!("CARGO_BIN_EXE_icepie"))
+        .args(["serve", "--data", location, "--grace", "0"])
+        .args(["--set", "scheduler_tick=50ms", "--set", "heartbeat=200ms"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap()
+}
+
+/// Kills every child with `signal` and waits for it.
+fn stop_all(children: &mut [std::process::Child], signal: &str) {
+    for c in children.iter() {
+        let _ = std::process::Command::new("kill")
+            .args([signal, &c.id().to_string()])
+            .status();
+    }
+    for c in children.iter_mut() {
+        let _ = c.wait();
+    }
+}
+
+/// Three schedulers on one warehouse run each due refresh once: no refresh runs twice, no
+/// attempt loses a race, and refreshes come one interval apart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_serve_processes_run_each_due_refresh_once() {
+    let (dir, w) = open_with(&[("scheduler", "off")]).await;
+    run(
+        &w,
+        "CREATE CORE TABLE t (n BIGINT); INGEST INTO t VALUES (1);
+         CREATE SLICE s REFRESH EVERY '1 second' AS SELECT sum(n) AS total FROM core.t;",
+    )
+    .await;
+    let location = dir.path().to_string_lossy().to_string();
+    let mut children: Vec<_> = (0..3).map(|_| serve(&location)).collect();
+    eventually(60, "four scheduled refreshes", || async {
+        (version(&w, "s").await >= 4).then_some(())
+    })
+    .await;
+    stop_all(&mut children, "-TERM");
+    let done = attempts(&w, "slices.s").await;
+    let statuses: BTreeSet<&str> = done.iter().map(|(s, _, _)| s.as_str()).collect();
+    assert_eq!(statuses, BTreeSet::from(["success"]), "{done:?}");
+    assert_eq!(done.len() as i64, version(&w, "s").await, "{done:?}");
+    for pair in done.windows(2) {
+        let (ended, next) = (pair[0].2, pair[1].1);
+        assert!(
+            next >= ended + 900_000,
+            "a refresh started {} ms after the previous ended: {done:?}",
+            (next - ended) / 1000
+        );
+    }
+}
+
+/// The lease on a slice, as `(epoch file, holder pid)`, if one is in force.
+fn lease_holder(root: &std::path::Path, slice: &str) -> Option<(String, u32)> {
+    let folder = root.join("_system/leases/slices").join(slice);
+    let mut files: Vec<_> = std::fs::read_dir(folder)
+        .ok()?
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|e| e == "json"))
+        .collect();
+    files.sort();
+    let newest = files.pop()?;
+    let body: serde_json::Value = serde_json::from_slice(&std::fs::read(&newest).ok()?).ok()?;
+    let pid = body["process"].as_str()?.rsplit(':').next()?.parse().ok()?;
+    Some((newest.file_name()?.to_string_lossy().to_string(), pid))
+}
+
+/// A holder killed mid-refresh: its lease expires and another process takes the refresh
+/// over; its attempt shows as abandoned; never do two processes run it at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_lease_holder_is_taken_over_once_its_lease_expires() {
+    let (dir, w) = open_with(&[("scheduler", "off"), ("heartbeat", "200ms")]).await;
+    run(
+        &w,
+        "CREATE CORE TABLE big (n BIGINT); INGEST INTO big VALUES (1);
+         CREATE SLICE slow REFRESH EVERY '1 second' AS
+           SELECT sum(a.n * b.n) AS total FROM core.big a, core.big b;
+         INGEST INTO big SELECT value AS n FROM generate_series(1, 200000);",
+    )
+    .await;
+    let root = dir.path().canonicalize().unwrap();
+    let location = root.to_string_lossy().to_string();
+    let mut children: Vec<_> = (0..3).map(|_| serve(&location)).collect();
+    let running = "SELECT count(*) FROM system.refreshes WHERE slice = 'slices.slow' \
+                   AND status = 'running'";
+    let (first, killed) = eventually(60, "a process to take the lease", || async {
+        lease_holder(&root, "slow")
+    })
+    .await;
+    // For a while, one process runs the refresh and the others wait.
+    for _ in 0..10 {
+        let n: i64 = scalar(&w, running).await.parse().unwrap();
+        assert!(n <= 1, "{n} refreshes of one slice at once");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(lease_holder(&root, "slow").map(|h| h.1), Some(killed));
+    let _ = std::process::Command::new("kill")
+        .args(["-KILL", &killed.to_string()])
+        .status();
+    let (second, taker) = eventually(60, "another process to take the lease over", || async {
+        lease_holder(&root, "slow").filter(|(_, pid)| *pid != killed)
+    })
+    .await;
+    assert!(second > first, "{second} after {first}");
+    assert_ne!(taker, killed);
+    eventually(60, "the killed attempt to show as abandoned", || async {
+        let n: i64 = scalar(
+            &w,
+            "SELECT count(*) FROM system.refreshes WHERE slice = 'slices.slow' \
+             AND status = 'abandoned'",
+        )
+        .await
+        .parse()
+        .unwrap();
+        (n >= 1).then_some(())
+    })
+    .await;
+    let n: i64 = scalar(&w, running).await.parse().unwrap();
+    assert!(n <= 1, "{n} refreshes of one slice at once");
+    let by = scalar(
+        &w,
+        "SELECT refreshing_by FROM system.slices WHERE name = 'slow'",
+    )
+    .await;
+    assert!(by.ends_with(&format!(":{taker}")), "{by}");
+    stop_all(&mut children, "-KILL");
+}

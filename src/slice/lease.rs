@@ -1,0 +1,172 @@
+//! One scheduler per slice across processes: a lease that a process takes before it runs a
+//! scheduled refresh, so that a due refresh runs once in the whole warehouse, however many
+//! processes (REPLs, apps, `icepie serve`) schedule it.
+//!
+//! A lease is an object `<warehouse>/_system/leases/<domain>/<name>/<epoch>.json`; the
+//! highest epoch is the lease in force. A process takes the lease by creating the next epoch
+//! with put-if-absent, which exactly one process wins, when there is no epoch, or when the
+//! highest one's holder stopped renewing it for [`EXPIRY_HEARTBEATS`] heartbeats (killed, or
+//! cut off from storage). The holder rewrites its epoch every `icepie.heartbeat` while the
+//! refresh runs, and deletes it when done. Taking a lease costs one listing and one write.
+//!
+//! A lease only keeps processes from doing the same work: a holder paused past its expiry
+//! whose lease was taken over can still commit, and Delta's commit protocol then settles the
+//! race as for any two writers (one wins, the other records `conflict`).
+
+use std::time::Duration;
+
+use chrono::Utc;
+use futures::TryStreamExt;
+use object_store::path::Path;
+use object_store::{ObjectMeta, ObjectStoreExt, PutMode, PutOptions};
+use serde::{Deserialize, Serialize};
+
+use super::running::{process, Heartbeat, EXPIRY_HEARTBEATS};
+use crate::error::Result;
+use crate::storage::names::SliceName;
+use crate::storage::Warehouse;
+
+/// Folder of the leases, one folder per slice under `<domain>/<name>/`.
+pub const LEASES_PATH: &str = "_system/leases/";
+
+/// What a lease object holds.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Holder {
+    /// The process holding it: host and pid.
+    pub process: String,
+    /// When it was taken (ms since the epoch).
+    pub taken_at: i64,
+}
+
+/// A lease this process holds, renewed until [`Lease::release`] (or drop).
+pub struct Lease {
+    warehouse: Warehouse,
+    path: Path,
+    heartbeat: Option<Heartbeat>,
+}
+
+fn folder(slice: &SliceName) -> String {
+    format!("{LEASES_PATH}{}/{}/", slice.domain, slice.name)
+}
+
+/// The epoch an object of a lease folder names.
+fn epoch(object: &ObjectMeta) -> Option<u64> {
+    let digits = object.location.filename()?.strip_suffix(".json")?;
+    (digits.len() == 20 && digits.bytes().all(|b| b.is_ascii_digit()))
+        .then(|| digits.parse().ok())
+        .flatten()
+}
+
+fn expired(object: &ObjectMeta, heartbeat: Duration, now_ms: i64) -> bool {
+    let expiry = i64::try_from((heartbeat * EXPIRY_HEARTBEATS).as_millis()).unwrap_or(i64::MAX);
+    now_ms
+        >= object
+            .last_modified
+            .timestamp_millis()
+            .saturating_add(expiry)
+}
+
+/// The lease in force on `slice`, if any: its highest epoch, unless expired.
+async fn in_force(
+    warehouse: &Warehouse,
+    slice: &SliceName,
+    heartbeat: Duration,
+) -> Result<(Vec<(u64, ObjectMeta)>, Option<(u64, ObjectMeta)>)> {
+    let store = warehouse.store();
+    let epochs: Vec<(u64, ObjectMeta)> = store
+        .list(Some(&Path::from(folder(slice))))
+        .try_collect::<Vec<_>>()
+        .await?
+        .into_iter()
+        .filter_map(|o| epoch(&o).map(|e| (e, o)))
+        .collect();
+    let now = Utc::now().timestamp_millis();
+    let held = epochs
+        .iter()
+        .max_by_key(|(e, _)| *e)
+        .filter(|(_, o)| !expired(o, heartbeat, now))
+        .cloned();
+    Ok((epochs, held))
+}
+
+/// Takes the lease on `slice` for this process, renewing it every `heartbeat`; `None` when
+/// another process holds it (or took it at this very moment).
+pub async fn acquire(
+    warehouse: &Warehouse,
+    slice: &SliceName,
+    heartbeat: Duration,
+) -> Result<Option<Lease>> {
+    let (epochs, held) = in_force(warehouse, slice, heartbeat).await?;
+    if held.is_some() {
+        return Ok(None);
+    }
+    let next = epochs.iter().map(|(e, _)| e + 1).max().unwrap_or(0);
+    let path = Path::from(format!("{}{next:020}.json", folder(slice)));
+    let body = serde_json::to_vec(&Holder {
+        process: process(),
+        taken_at: Utc::now().timestamp_millis(),
+    })
+    .expect("a lease serializes");
+    let store = warehouse.store();
+    let create = PutOptions::from(PutMode::Create);
+    match store.put_opts(&path, body.clone().into(), create).await {
+        Ok(_) => {}
+        Err(object_store::Error::AlreadyExists { .. }) => return Ok(None),
+        Err(e) => return Err(e.into()),
+    }
+    // The expired epochs before it go (best effort: the highest epoch is what counts).
+    for (_, old) in epochs {
+        let _ = store.delete(&old.location).await;
+    }
+    let heartbeat = Heartbeat::start(store, path.clone(), body, heartbeat);
+    Ok(Some(Lease {
+        warehouse: warehouse.clone(),
+        path,
+        heartbeat: Some(heartbeat),
+    }))
+}
+
+/// The process holding the lease on `slice`, if one is in force.
+pub async fn holder(
+    warehouse: &Warehouse,
+    slice: &SliceName,
+    heartbeat: Duration,
+) -> Result<Option<Holder>> {
+    let (_, held) = in_force(warehouse, slice, heartbeat).await?;
+    let Some((_, object)) = held else {
+        return Ok(None);
+    };
+    match warehouse.store().get(&object.location).await {
+        Ok(got) => Ok(serde_json::from_slice(&got.bytes().await?).ok()),
+        // Released since the listing.
+        Err(object_store::Error::NotFound { .. }) => Ok(None),
+        Err(e) => Err(e.into()),
+    }
+}
+
+impl Lease {
+    /// Stops renewing the lease and deletes it: the next due refresh may run anywhere.
+    pub async fn release(mut self) {
+        if let Some(heartbeat) = self.heartbeat.take() {
+            heartbeat.stop().await;
+        }
+        let _ = self.warehouse.store().delete(&self.path).await;
+    }
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        let Some(heartbeat) = self.heartbeat.take() else {
+            return;
+        };
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let store = self.warehouse.store();
+        let path = self.path.clone();
+        runtime.spawn(async move {
+            heartbeat.stop().await;
+            let _ = store.delete(&path).await;
+        });
+    }
+}
