@@ -275,6 +275,7 @@ async fn refresh_logs(shared: &Shared, only: Option<Vec<SliceName>>) -> Result<R
             found
         }
     };
+    let found = running::not_logged(shared, found).await?;
     let now = chrono::Utc::now().timestamp_millis();
     let schema = log::SCHEMA.clone();
     let mut batches = Vec::new();

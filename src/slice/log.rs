@@ -176,6 +176,8 @@ async fn compact(table: deltalake::DeltaTable) {
 /// What the log says of one attempt, as far as slice states need it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AttemptSummary {
+    /// The attempt's id (as its marker names it).
+    pub attempt_id: String,
     /// `create`, `refresh` or `replace`.
     pub kind: String,
     /// [`SUCCESS`], [`FAILED`] or [`CONFLICT`].
@@ -358,6 +360,9 @@ impl SliceLog {
         };
         let status = strings(&status);
         let kind = strings(&kind);
+        let ids = column("attempt_id")
+            .map(|c| strings(&c))
+            .unwrap_or_else(|| vec![None; batch.num_rows()]);
         let error = error
             .map(|e| strings(&e))
             .unwrap_or_else(|| vec![None; batch.num_rows()]);
@@ -374,6 +379,7 @@ impl SliceLog {
             };
             let started_at = started.value(row) / 1000;
             let summary = AttemptSummary {
+                attempt_id: ids[row].clone().unwrap_or_default(),
                 kind: kind[row].clone().unwrap_or_default(),
                 status,
                 started_at,

@@ -287,7 +287,7 @@ pub(crate) async fn build(
     let options = shared.options();
     let heartbeat = options.heartbeat.0;
     // Attempts of this slice whose process died are recorded before this one starts.
-    running::resolve_abandoned(&shared.warehouse, name, heartbeat).await?;
+    running::resolve_abandoned(shared, name, heartbeat).await?;
     let running = running::Running::start(
         &shared.warehouse,
         name,

@@ -19,6 +19,7 @@
 //! - Resolving an abandoned marker records one row, whichever processes resolve it at once:
 //!   the one that creates its claim object first records it.
 
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -31,6 +32,7 @@ use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
 use super::log::{self, Attempt};
+use crate::catalog::Shared;
 use crate::error::Result;
 use crate::storage::names::SliceName;
 use crate::storage::Warehouse;
@@ -135,17 +137,34 @@ pub async fn list(warehouse: &Warehouse, slice: Option<&SliceName>) -> Result<Ve
 
 /// Records the abandoned attempts of `slice` in its refresh log and deletes their markers;
 /// returns the markers of the attempts still live (one listing serves both).
-pub async fn resolve_abandoned(
-    warehouse: &Warehouse,
+pub(crate) async fn resolve_abandoned(
+    shared: &Shared,
     slice: &SliceName,
     heartbeat: Duration,
 ) -> Result<Vec<Found>> {
+    let warehouse = &shared.warehouse;
     let now = Utc::now().timestamp_millis();
     let store = warehouse.store();
     let mut live = Vec::new();
+    let mut logged: Option<HashSet<String>> = None;
     for found in list(warehouse, Some(slice)).await? {
         if found.live(heartbeat, now) {
             live.push(found);
+            continue;
+        }
+        // A process stopped between logging its attempt and deleting the marker: the row
+        // is there, only the marker goes.
+        if logged.is_none() {
+            logged = Some(logged_ids(shared, slice).await?);
+        }
+        if logged
+            .as_ref()
+            .is_some_and(|l| l.contains(&found.marker.attempt_id))
+        {
+            match store.delete(&found.path).await {
+                Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
+                Err(e) => return Err(e.into()),
+            }
             continue;
         }
         // One process claims it; a store without conditional puts lets every process try.
@@ -176,6 +195,36 @@ pub async fn resolve_abandoned(
         }
     }
     Ok(live)
+}
+
+/// The ids of the recent attempts of `slice` in its refresh log.
+pub(crate) async fn logged_ids(shared: &Shared, slice: &SliceName) -> Result<HashSet<String>> {
+    Ok(shared
+        .attempts(slice)
+        .await?
+        .into_iter()
+        .map(|a| a.attempt_id)
+        .collect())
+}
+
+/// Of `found` markers, those whose attempt is not in its slice's refresh log yet: a process
+/// that stopped between logging its attempt and deleting the marker left one behind.
+pub(crate) async fn not_logged(shared: &Shared, found: Vec<Found>) -> Result<Vec<Found>> {
+    let mut logged: HashMap<String, HashSet<String>> = HashMap::new();
+    let mut out = Vec::new();
+    for f in found {
+        if !logged.contains_key(&f.marker.slice) {
+            let ids = match SliceName::parse(&f.marker.slice) {
+                Ok(slice) => logged_ids(shared, &slice).await?,
+                Err(_) => HashSet::new(),
+            };
+            logged.insert(f.marker.slice.clone(), ids);
+        }
+        if !logged[&f.marker.slice].contains(&f.marker.attempt_id) {
+            out.push(f);
+        }
+    }
+    Ok(out)
 }
 
 /// A running attempt's marker, renewed while it lives. [`Running::finish`] deletes it once

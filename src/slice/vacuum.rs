@@ -96,7 +96,7 @@ async fn vacuum_with(
     let mut cutoff = now - i64::try_from(grace.as_millis()).unwrap_or(i64::MAX);
     // Files written since a running attempt (in any process) started may still be committed
     // by it; a minute more covers clocks that disagree. Abandoned attempts are recorded.
-    for live in running::resolve_abandoned(&shared.warehouse, name, heartbeat).await? {
+    for live in running::resolve_abandoned(shared, name, heartbeat).await? {
         cutoff = cutoff.min(live.marker.started_at - CLOCK_SKEW_MS);
     }
     let Some(table) = shared.warehouse.load(&rel, None).await? else {

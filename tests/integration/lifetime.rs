@@ -606,3 +606,51 @@ async fn a_view_over_a_slice_reads_its_latest_version() {
     let err = fails(&w, "SELECT big FROM scratch.v").await;
     assert!(err.contains("CREATE OR REPLACE VIEW"), "{err}");
 }
+
+/// A process stopped between logging its attempt and deleting the attempt's marker leaves a
+/// marker behind: the attempt is shown and counted once, as logged, never as abandoned too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_marker_left_after_its_attempt_was_logged_is_not_an_abandoned_attempt() {
+    let (dir, w) = open_with(&[("heartbeat", "10ms"), ("scheduler", "off")]).await;
+    run(
+        &w,
+        "CREATE CORE TABLE t (n BIGINT); INGEST INTO t VALUES (1);
+         CREATE SLICE s AS SELECT sum(n) AS total FROM core.t; REFRESH SLICE s;",
+    )
+    .await;
+    let id = scalar(
+        &w,
+        "SELECT attempt_id FROM system.refreshes WHERE kind = 'refresh'",
+    )
+    .await;
+    let marker = icepie::slice::running::Marker {
+        slice: "slices.s".into(),
+        attempt_id: id.clone(),
+        kind: "refresh".into(),
+        started_at: chrono::Utc::now().timestamp_millis() - 1000,
+        process: "gone:1".into(),
+    };
+    let folder = dir.path().join("_system/running/slices/s");
+    std::fs::create_dir_all(&folder).unwrap();
+    let path = folder.join(format!("{id}.json"));
+    std::fs::write(&path, serde_json::to_vec(&marker).unwrap()).unwrap();
+    // Expired (6 heartbeats of 10 ms), and its attempt is logged.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(statuses(&w, "slices.s").await, "success,success");
+    run(&w, "REFRESH SLICE s").await;
+    assert!(!path.exists(), "the marker was left");
+    let rows = scalar(
+        &w,
+        &format!("SELECT count(*) FROM system.refreshes WHERE attempt_id = '{id}'"),
+    )
+    .await;
+    assert_eq!(rows, "1");
+    assert_eq!(
+        scalar(
+            &w,
+            "SELECT count(*) FROM system.refreshes WHERE status <> 'success'"
+        )
+        .await,
+        "0"
+    );
+}
