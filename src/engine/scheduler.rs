@@ -1,8 +1,9 @@
 //! The scheduler: a tokio task inside each open [`IcePie`] that runs the refreshes that
 //! slices' policies make due.
 //!
-//! Every `icepie.scheduler_tick` it reads the slices' states (as `system.slices` shows them)
-//! and starts, up to `icepie.max_concurrent_refreshes` at once, the refreshes that are due:
+//! Every `icepie.scheduler_tick` it brings its view of the slices' states (as `system.slices`
+//! shows them) up to date from the warehouse's change journal (one listing when nothing
+//! changed, see [`View`]) and starts, up to `icepie.max_concurrent_refreshes` at once, the refreshes that are due:
 //! `REFRESH EVERY 'interval'` once the interval has passed since the slice's latest commit,
 //! `REFRESH ON CHANGE` once an input has a newer version. It skips frozen and suspended
 //! slices; a slice whose last refreshes failed is retried after an exponential backoff, and
@@ -17,20 +18,25 @@
 //! [`IcePie::close`] stops it gracefully, letting running refreshes finish for a while before
 //! cancelling them (a cancelled refresh commits nothing).
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, Weak};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 
 use super::{IcePie, Inner};
+use crate::catalog::system;
+use crate::error::Result;
 use crate::options::IcePieOptions;
 use crate::slice::lease::{self, Lease};
 use crate::slice::{SliceInfo, SliceState};
 use crate::sql::{parse_interval, RefreshPolicy};
+use crate::storage::journal;
 use crate::storage::names::SliceName;
+use crate::storage::names::CORE_SCHEMA;
+use crate::storage::{CORE_DIR, SLICES_DIR};
 
 /// One scheduled refresh that ended.
 #[derive(Debug, Clone)]
@@ -127,6 +133,94 @@ async fn take_lease(engine: &IcePie, name: &SliceName, options: &IcePieOptions) 
     }
 }
 
+/// How often the scheduler reads every slice's state again, whatever the change journal says
+/// (changes made by other engines, journal entries that failed to be written).
+pub const RESCAN: Duration = Duration::from_secs(600);
+
+/// What the scheduler knows of the warehouse's slices: every slice's state as of a full
+/// scan, kept up to date from the change journal (see [`journal`]), so that a tick that finds
+/// nothing changed costs one listing however many slices there are.
+#[derive(Default)]
+struct View {
+    slices: HashMap<SliceName, SliceInfo>,
+    journal: Option<(journal::Reader, Instant)>,
+}
+
+impl View {
+    /// Forgets everything: the next update scans anew.
+    fn stale(&mut self) {
+        self.journal = None;
+    }
+
+    /// Brings the view up to date: a full scan every [`RESCAN`], else the slices that the
+    /// changes since the last tick concern (a changed slice, the slices reading a changed
+    /// table, a slice whose refresh log grew) are read again.
+    async fn update(&mut self, engine: &IcePie) -> Result<()> {
+        let shared = &engine.inner.shared;
+        let fresh = self
+            .journal
+            .as_ref()
+            .is_some_and(|(_, scanned)| scanned.elapsed() < RESCAN);
+        if !fresh {
+            let store = shared.warehouse.store();
+            // From before the scan: what changes meanwhile is read again next tick.
+            let reader = journal::Reader::from_now(store.clone());
+            journal::prune(&store).await;
+            self.slices = engine
+                .slices()
+                .await?
+                .into_iter()
+                .map(|s| (s.name.clone(), s))
+                .collect();
+            self.journal = Some((reader, Instant::now()));
+            return Ok(());
+        }
+        let (reader, _) = self.journal.as_mut().expect("fresh");
+        let changed = reader.changed().await?;
+        if changed.is_empty() {
+            return Ok(());
+        }
+        let mut again: HashSet<SliceName> = HashSet::new();
+        for rel in &changed {
+            let (table, slice) = changed_table(rel);
+            if let Some(slice) = slice {
+                again.insert(slice);
+            }
+            if let Some(table) = table {
+                again.extend(
+                    self.slices
+                        .values()
+                        .filter(|s| s.meta.inputs.iter().any(|i| i.table == table))
+                        .map(|s| s.name.clone()),
+                );
+            }
+        }
+        let names: Vec<SliceName> = again.into_iter().collect();
+        for name in &names {
+            self.slices.remove(name);
+        }
+        let (infos, _) = system::describe(shared, names).await?;
+        self.slices
+            .extend(infos.into_iter().map(|s| (s.name.clone(), s)));
+        Ok(())
+    }
+}
+
+/// What a change of the folder `rel` concerns: the table slices read it as (`core.t`,
+/// `d.n`), and the slice whose state it changes.
+fn changed_table(rel: &str) -> (Option<String>, Option<SliceName>) {
+    let parts: Vec<&str> = rel.trim_end_matches('/').split('/').collect();
+    match parts.as_slice() {
+        [CORE_DIR, t] => (Some(format!("{CORE_SCHEMA}.{t}")), None),
+        [SLICES_DIR, d, n] => {
+            let slice = SliceName::new(d.to_string(), *n).ok();
+            (slice.as_ref().map(ToString::to_string), slice)
+        }
+        ["_system", "refreshes", d, n] => (None, SliceName::new(d.to_string(), *n).ok()),
+        _ => (None, None),
+    }
+}
+
 /// Slices with a scheduled refresh running, removed by the refresh's task however it ends.
 #[derive(Clone, Default)]
 struct Running(Arc<Mutex<HashSet<SliceName>>>);
@@ -144,6 +238,7 @@ impl Drop for RunningGuard {
 async fn run(inner: Weak<Inner>, mut stop: watch::Receiver<Option<Duration>>) {
     let mut tasks: JoinSet<()> = JoinSet::new();
     let running = Running::default();
+    let mut view = View::default();
     loop {
         let tick = match inner.upgrade() {
             Some(inner) => IcePie { inner }.options().scheduler_tick.0,
@@ -168,12 +263,14 @@ async fn run(inner: Weak<Inner>, mut stop: watch::Receiver<Option<Duration>>) {
             continue;
         }
         // A warehouse that cannot be read now is read again next tick.
-        let Ok(slices) = engine.slices().await else {
+        if view.update(&engine).await.is_err() {
+            view.stale();
             continue;
-        };
+        }
         let now = Utc::now().timestamp_millis();
-        let mut due: Vec<&SliceInfo> = slices
-            .iter()
+        let mut due: Vec<&SliceInfo> = view
+            .slices
+            .values()
             .filter(|s| is_due(s, &options, now))
             .filter(|s| !running.0.lock().expect("running lock").contains(&s.name))
             .collect();

@@ -39,7 +39,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{IcePieError, Result};
 use crate::storage::names::SliceName;
-use crate::storage::Warehouse;
+use crate::storage::{journal, Warehouse};
 
 /// Folder of the quarantine records, one per table under the table's own path.
 pub const QUARANTINE_PATH: &str = "_system/quarantine/";
@@ -152,13 +152,18 @@ pub async fn record(warehouse: &Warehouse, rel: &str, file: &str, problem: &str)
         .store()
         .put(&record_path(rel), body.into())
         .await?;
+    journal::note(warehouse.store().as_ref(), rel).await;
     Ok(())
 }
 
 /// Lifts the quarantine of the table at `rel` (nothing when there is none).
 pub async fn clear(warehouse: &Warehouse, rel: &str) -> Result<()> {
     match warehouse.store().delete(&record_path(rel)).await {
-        Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+        Ok(()) => {
+            journal::note(warehouse.store().as_ref(), rel).await;
+            Ok(())
+        }
+        Err(object_store::Error::NotFound { .. }) => Ok(()),
         Err(e) => Err(e.into()),
     }
 }

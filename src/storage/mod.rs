@@ -14,6 +14,7 @@
 //! at their latest version are kept to be brought up to date cheaply, but every load checks
 //! the log first, so what another process committed is always seen.
 
+pub mod journal;
 pub mod names;
 pub mod tracked;
 
@@ -208,7 +209,7 @@ impl Warehouse {
             .custom_store
             .clone()
             .unwrap_or_else(|| self.base_store.clone());
-        let tracked = Arc::new(TrackedStore::new(inner));
+        let tracked = Arc::new(TrackedStore::new(inner).with_journal(self.root_store.clone(), rel));
         let log_store = self
             .builder_on(rel, Some(tracked.clone()))?
             .build()?
@@ -231,7 +232,7 @@ impl Warehouse {
             .custom_store
             .clone()
             .unwrap_or_else(|| self.base_store.clone());
-        let tracked = Arc::new(TrackedStore::new(inner));
+        let tracked = Arc::new(TrackedStore::new(inner).with_journal(self.root_store.clone(), rel));
         match self.builder_on(rel, Some(tracked.clone()))?.load().await {
             Ok(t) => Ok(Some((t, tracked))),
             Err(e) if no_table(&e) => Ok(None),
@@ -418,6 +419,7 @@ impl Warehouse {
                 }
             }
         }
+        journal::note(self.root_store.as_ref(), rel).await;
         Ok(())
     }
 

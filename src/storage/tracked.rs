@@ -33,6 +33,8 @@ use object_store::{
 pub struct TrackedStore {
     inner: Arc<dyn ObjectStore>,
     written: Arc<Mutex<Vec<Path>>>,
+    /// Where to note a commit: the warehouse's store and the table's folder in it.
+    journal: Option<(Arc<dyn ObjectStore>, String)>,
 }
 
 impl TrackedStore {
@@ -41,12 +43,25 @@ impl TrackedStore {
         Self {
             inner,
             written: Arc::default(),
+            journal: None,
         }
     }
 
-    fn record(&self, path: &Path) {
+    /// Also notes each commit in the change journal of `warehouse` (a store rooted at the
+    /// warehouse) as a change of the table at `rel`.
+    pub fn with_journal(mut self, warehouse: Arc<dyn ObjectStore>, rel: &str) -> Self {
+        self.journal = Some((warehouse, rel.to_string()));
+        self
+    }
+
+    async fn record(&self, path: &Path) {
         if let Ok(mut w) = self.written.lock() {
             w.push(path.clone());
+        }
+        if let Some((store, rel)) = &self.journal {
+            if commit_version(path).is_some() {
+                super::journal::note(store.as_ref(), rel).await;
+            }
         }
     }
 
@@ -65,17 +80,7 @@ impl TrackedStore {
     /// committed as that version, whatever error came after (a failed checkpoint, a failed
     /// read of the new version).
     pub fn committed_version(&self) -> Option<i64> {
-        self.written().iter().find_map(|p| {
-            let mut parts: Vec<String> = p.parts().map(|x| x.as_ref().to_string()).collect();
-            let file = parts.pop().unwrap_or_default();
-            if parts.last().is_none_or(|d| d != "_delta_log") {
-                return None;
-            }
-            let digits = file.strip_suffix(".json")?;
-            (digits.len() == 20 && digits.bytes().all(|b| b.is_ascii_digit()))
-                .then(|| digits.parse().ok())
-                .flatten()
-        })
+        self.written().iter().find_map(commit_version)
     }
 
     /// Deletes every path this write created, unless it committed. Returns how many were
@@ -94,6 +99,19 @@ impl TrackedStore {
         }
         deleted
     }
+}
+
+/// The version of a Delta commit file's path (`…/_delta_log/<20 digits>.json`).
+fn commit_version(p: &Path) -> Option<i64> {
+    let mut parts: Vec<String> = p.parts().map(|x| x.as_ref().to_string()).collect();
+    let file = parts.pop().unwrap_or_default();
+    if parts.last().is_none_or(|d| d != "_delta_log") {
+        return None;
+    }
+    let digits = file.strip_suffix(".json")?;
+    (digits.len() == 20 && digits.bytes().all(|b| b.is_ascii_digit()))
+        .then(|| digits.parse().ok())
+        .flatten()
 }
 
 /// Takes back what a write created unless told it succeeded: awaited when the write fails
@@ -167,7 +185,7 @@ impl ObjectStore for TrackedStore {
         opts: PutOptions,
     ) -> Result<PutResult> {
         let result = self.inner.put_opts(location, payload, opts).await?;
-        self.record(location);
+        self.record(location).await;
         Ok(result)
     }
 
@@ -213,13 +231,13 @@ impl ObjectStore for TrackedStore {
 
     async fn copy_opts(&self, from: &Path, to: &Path, options: CopyOptions) -> Result<()> {
         self.inner.copy_opts(from, to, options).await?;
-        self.record(to);
+        self.record(to).await;
         Ok(())
     }
 
     async fn rename_opts(&self, from: &Path, to: &Path, options: RenameOptions) -> Result<()> {
         self.inner.rename_opts(from, to, options).await?;
-        self.record(to);
+        self.record(to).await;
         Ok(())
     }
 }

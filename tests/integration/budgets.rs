@@ -144,7 +144,9 @@ async fn a_refresh_costs_the_same_however_many_other_slices() {
                 "slices/slices/s1/",
                 "core/a/",
                 "_system/refreshes/slices/s1/",
-                "_system/running/slices/s1"
+                "_system/running/slices/s1",
+                // The change journal's entries: one per commit, named after its table.
+                "_system/changes/",
             ]
             .iter()
             .any(|own| p.contains(own)),
@@ -298,4 +300,47 @@ fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
         }
     }
     out
+}
+
+/// A scheduler tick that finds nothing changed costs one listing of the warehouse's change
+/// journal, however many slices there are; a change is still picked up at the next tick.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_scheduler_tick_costs_one_listing() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().canonicalize().unwrap();
+    let (_, w) = small(&root).await;
+    grow(&w, 0).await;
+    run(
+        &w,
+        "CREATE SLICE follower REFRESH ON CHANGE AS SELECT count(*) AS n FROM core.a;
+         CREATE SLICE hourly REFRESH EVERY '1 hour' AS SELECT count(*) AS n FROM core.a;",
+    )
+    .await;
+    let store = Arc::new(RecordingStore::new(Arc::new(LocalFileSystem::new())));
+    let scheduled = IcePie::builder(root.to_string_lossy().to_string())
+        .with_object_store(store.clone())
+        .with_setting("scheduler_tick", "50ms")
+        .open()
+        .await
+        .unwrap();
+    // The first tick reads every slice; then the scheduler only reads the journal.
+    tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+    store.take();
+    tokio::time::sleep(std::time::Duration::from_millis(1000)).await;
+    let idle = store.take();
+    let journal = |a: &Access| matches!(a, Access::List(p) if p.ends_with("_system/changes"));
+    assert!(idle.iter().all(journal), "{idle:#?}");
+    assert!(
+        (3..=40).contains(&idle.len()),
+        "{} listings in a second of 50 ms ticks",
+        idle.len()
+    );
+    // A change made by another process is seen at the next tick.
+    run(&w, "INGEST INTO a VALUES (9, 'q')").await;
+    crate::support::eventually(30, "the follower to follow the ingest", || async {
+        (crate::support::version(&scheduled, "follower").await >= 1).then_some(())
+    })
+    .await;
+    assert_eq!(scalar(&scheduled, "SELECT n FROM follower").await, "3");
+    assert_eq!(crate::support::version(&scheduled, "hourly").await, 0);
 }

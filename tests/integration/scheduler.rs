@@ -321,7 +321,7 @@ async fn two_processes_refreshing_one_slice_agree_on_every_version() {
 /// 1.2 s after its holder's last renewal).
 fn serve(location: &str) -> std::process::Child {
     std::process::Command::new(env!("CARGO_BIN_EXE_icepie"))
-        .args(["serve", "--data", location, "--grace", "0"])
+        .args(["serve", "--data", location, "--grace", "10"])
         .args(["--set", "scheduler_tick=50ms", "--set", "heartbeat=200ms"])
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
