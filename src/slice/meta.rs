@@ -12,6 +12,7 @@ use std::fmt;
 
 use deltalake::kernel::CommitInfo;
 use deltalake::DeltaTable;
+use futures::StreamExt;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{IcePieError, Result};
@@ -212,9 +213,14 @@ pub async fn latest_meta(table: &DeltaTable, name: &str) -> Result<(SliceMeta, O
 pub async fn history(table: &DeltaTable, name: &str) -> Result<Vec<HistoryEntry>> {
     let latest = table.version().unwrap_or_default() as i64;
     let mut out: Vec<HistoryEntry> = Vec::new();
-    for version in (0..=latest).rev() {
-        // Delta's log clean-up removes the oldest commit files first: stop at the first gap.
-        let Some(info) = commit_info(table, version).await? else {
+    // One GET per commit, 16 at a time.
+    let mut infos = futures::stream::iter((0..=latest).rev())
+        .map(|version| async move { (version, commit_info(table, version).await) })
+        .buffered(16);
+    while let Some((version, info)) = infos.next().await {
+        // Log clean-up (VACUUM's, or another engine's) removes the oldest commit files
+        // first: stop at the first gap.
+        let Some(info) = info? else {
             break;
         };
         let meta = descriptor(&info, name)?;

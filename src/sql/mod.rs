@@ -223,29 +223,17 @@ impl fmt::Display for RefreshPolicy {
     }
 }
 
-/// Parses an interval such as `30 seconds`, `5 minutes`, `1 hour` or `2 days`.
+/// Parses an interval such as `250ms`, `30 seconds`, `5 minutes`, `1 hour` or `2 days`, as
+/// settings read durations; zero is refused.
 pub fn parse_interval(text: &str) -> Result<Duration> {
-    let bad = || {
-        IcePieError::Syntax(format!(
-            "invalid interval '{text}': write a positive whole number and a unit, e.g. '30 seconds', '5 minutes', '1 hour', '1 day'"
-        ))
-    };
-    let mut parts = text.split_whitespace();
-    let (Some(n), Some(unit), None) = (parts.next(), parts.next(), parts.next()) else {
-        return Err(bad());
-    };
-    let n: u64 = n.parse().map_err(|_| bad())?;
-    let secs = match unit.to_ascii_lowercase().trim_end_matches('s') {
-        "second" | "sec" => 1,
-        "minute" | "min" => 60,
-        "hour" => 3600,
-        "day" => 86400,
-        _ => return Err(bad()),
-    };
-    if n == 0 {
-        return Err(bad());
+    // One reading of durations everywhere: the one `SET icepie.*` uses.
+    match crate::options::Span::parse(text) {
+        Some(span) if !span.0.is_zero() => Ok(span.0),
+        _ => Err(IcePieError::Syntax(format!(
+            "invalid interval '{text}': write a positive whole number and a unit, e.g. \
+             '30 seconds', '5 minutes', '1 hour', '1 day' or '250ms'"
+        ))),
     }
-    n.checked_mul(secs).map(Duration::from_secs).ok_or_else(bad)
 }
 
 #[cfg(test)]
@@ -263,6 +251,9 @@ mod tests {
             Duration::from_secs(300)
         );
         assert_eq!(parse_interval("1 hour").unwrap(), Duration::from_secs(3600));
+        // As SET reads durations.
+        assert_eq!(parse_interval("250ms").unwrap(), Duration::from_millis(250));
+        assert_eq!(parse_interval("2h").unwrap(), Duration::from_secs(7200));
         for bad in [
             "",
             "5",

@@ -82,15 +82,28 @@ pub struct Warehouse {
     root_store: Arc<dyn ObjectStore>,
     /// The store with "/" at the root of the location's object store (as delta-rs wants one).
     base_store: Arc<dyn ObjectStore>,
-    /// Tables loaded at their latest version, brought up to date incrementally.
+    /// Tables loaded at their latest version, brought up to date incrementally; at most
+    /// [`CACHED_TABLES`], the least recently used going first.
     latest: Arc<Mutex<HashMap<String, Cached>>>,
 }
+
+/// Tables a process keeps loaded at most (each holds its version's file list).
+pub const CACHED_TABLES: usize = 256;
 
 /// A table as last loaded, and the commit file its state ends with.
 #[derive(Debug, Clone)]
 struct Cached {
     table: DeltaTable,
     commit: ObjectMeta,
+    /// When it was last used, in uses of the cache.
+    used: u64,
+}
+
+/// Counts uses of the table caches, for least-recently-used eviction.
+static USES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+fn next_use() -> u64 {
+    USES.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
 }
 
 impl Warehouse {
@@ -283,7 +296,15 @@ impl Warehouse {
         if version.is_some() {
             return self.load_anew(rel, version).await;
         }
-        let cached = self.latest.lock().expect("table cache").get(rel).cloned();
+        let cached = self
+            .latest
+            .lock()
+            .expect("table cache")
+            .get_mut(rel)
+            .map(|c| {
+                c.used = next_use();
+                c.clone()
+            });
         if let Some(cached) = cached {
             if let Ok(Some(table)) = self.bring_up_to_date(rel, cached).await {
                 return Ok(Some(table));
@@ -329,11 +350,11 @@ impl Warehouse {
         let cached = Cached {
             table: table.clone(),
             commit,
+            used: next_use(),
         };
-        self.latest
-            .lock()
-            .expect("table cache")
-            .insert(rel.to_string(), cached);
+        let mut latest = self.latest.lock().expect("table cache");
+        latest.insert(rel.to_string(), cached);
+        evict_least_recent(&mut latest, CACHED_TABLES, |c| c.used);
     }
 
     /// `cached` brought to the latest version; `None` when its log is no longer the same.
@@ -457,6 +478,20 @@ impl Warehouse {
     }
 }
 
+/// Removes the least recently `used` entries of `map` beyond `cap`.
+fn evict_least_recent<V>(map: &mut HashMap<String, V>, cap: usize, used: impl Fn(&V) -> u64) {
+    while map.len() > cap {
+        let Some(oldest) = map
+            .iter()
+            .min_by_key(|(_, v)| used(v))
+            .map(|(k, _)| k.clone())
+        else {
+            return;
+        };
+        map.remove(&oldest);
+    }
+}
+
 /// True when a load failed because there is no table at all: no log, or (on a local disk)
 /// not even its folder, as when another process is creating it at this very moment.
 fn no_table(e: &DeltaTableError) -> bool {
@@ -511,6 +546,17 @@ pub fn table_stats(table: &DeltaTable) -> Result<TableStats> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_least_recently_used_tables_go_first() {
+        let mut map: HashMap<String, u64> = (0..5).map(|i| (format!("t{i}"), i)).collect();
+        // t0 used again last.
+        map.insert("t0".into(), 9);
+        evict_least_recent(&mut map, 3, |u| *u);
+        let mut left: Vec<&String> = map.keys().collect();
+        left.sort();
+        assert_eq!(left, ["t0", "t3", "t4"]);
+    }
 
     #[test]
     fn commit_files_and_checkpoint_hints_give_versions() {
