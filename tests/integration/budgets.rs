@@ -324,12 +324,13 @@ async fn an_idle_scheduler_tick_costs_one_listing() {
         .await
         .unwrap();
     // The first tick reads every slice; then the scheduler only reads the journal.
-    tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
-    store.take();
+    crate::support::until_idle(&store).await;
     tokio::time::sleep(std::time::Duration::from_millis(1000)).await;
     let idle = store.take();
-    let journal = |a: &Access| matches!(a, Access::List(p) if p.ends_with("_system/changes"));
-    assert!(idle.iter().all(journal), "{idle:#?}");
+    assert!(
+        idle.iter().all(crate::support::journal_listing),
+        "{idle:#?}"
+    );
     assert!(
         (3..=40).contains(&idle.len()),
         "{} listings in a second of 50 ms ticks",

@@ -13,5 +13,7 @@ mod persistence;
 mod races;
 mod repl;
 mod retention;
+#[cfg(feature = "s3")]
+mod s3;
 mod scheduler;
 mod support;

@@ -331,3 +331,26 @@ async fn rows_of(w: &IcePie, sql: &str) -> std::result::Result<String, String> {
         .map(|t| t.to_string())
         .map_err(|e| e.to_string())
 }
+
+/// True for a listing of the warehouse's change journal (what an idle scheduler tick does).
+pub fn journal_listing(a: &Access) -> bool {
+    matches!(a, Access::List(p) if p.ends_with("_system/changes"))
+}
+
+/// Waits (up to a minute) until a scheduler recording through `store` has finished its
+/// first full scan: a half second in which it only listed the change journal.
+pub async fn until_idle(store: &RecordingStore) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        store.take();
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+        let seen = store.take();
+        if !seen.is_empty() && seen.iter().all(journal_listing) {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the scheduler never went idle: {seen:#?}"
+        );
+    }
+}
