@@ -21,7 +21,7 @@ use datafusion::logical_expr::{Expr, LogicalPlan, TableProviderFilterPushDown, T
 use datafusion::physical_plan::ExecutionPlan;
 
 use super::table::{IcePieTable, TableKind};
-use super::Shared;
+use crate::engine::state::Shared;
 use crate::error::{IcePieError, Result};
 use crate::storage::names::SliceName;
 

@@ -2,275 +2,35 @@
 //! (`slices` by default), and `system`.
 //!
 //! Tables are looked up in the warehouse each time a query is planned, so a query always sees
-//! the latest committed version of each table, including those another process committed. The
-//! *lists* of names come from a listing of the warehouse, renewed only when a statement needs
-//! it ([`Shared::know_schemas`]): `SHOW TABLES` and `information_schema` list everything, a
-//! schema not known yet costs one listing of its folder, and a statement that names only
-//! known schemas lists nothing, so its cost does not grow with the number of slices.
+//! the latest committed version of each table, including those another process committed; the
+//! lists of names come from the listing kept in [`Shared`].
 //!
 //! Users may also `CREATE SCHEMA` scratch schemas held in memory by this process; the core,
 //! slice domains and `system` refuse plain `CREATE TABLE`/`DROP TABLE` with an error that names
 //! the icepie statement to use.
 
-mod damage;
+pub(crate) mod damage;
 pub(crate) mod live;
 mod pushdown;
 pub mod system;
 pub mod table;
 pub mod time_travel;
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
-use std::sync::{Arc, Mutex, RwLock};
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
 
 use async_trait::async_trait;
 use datafusion::catalog::{CatalogProvider, SchemaProvider, TableProvider};
 use datafusion::error::{DataFusionError, Result as DFResult};
-use datafusion::execution::SessionState;
-use datafusion::sql::parser::Statement as DFStatement;
-use datafusion::sql::sqlparser::ast::{SchemaName, Statement as SQLStatement};
 
-use crate::error::{IcePieError, Result};
-use crate::options::IcePieOptions;
-use crate::slice::log::{AttemptSummary, LogCache};
-use crate::slice::{meta, quarantine};
-use crate::storage::names::{
-    validate_domain, validate_name, SliceName, CORE_SCHEMA, DEFAULT_DOMAIN, SYSTEM_SCHEMA,
-};
-use crate::storage::{Warehouse, CORE_DIR, SLICES_DIR};
-use table::{IcePieTable, TableKind};
+use crate::engine::state::Shared;
+use crate::error::IcePieError;
+use crate::storage::names::{validate_name, SliceName, CORE_SCHEMA, DEFAULT_DOMAIN, SYSTEM_SCHEMA};
 
 /// Name of the catalog icepie registers (and makes the default).
 pub const CATALOG_NAME: &str = "icepie";
 
-/// DataFusion's schema of catalog views.
-const INFORMATION_SCHEMA: &str = "information_schema";
-
-/// Names of the tables in the warehouse, as last listed.
-#[derive(Debug, Default, Clone)]
-pub(crate) struct Listing {
-    pub core: Vec<String>,
-    pub domains: BTreeMap<String, Vec<String>>,
-}
-
-/// State shared by the engine, the catalog and the system tables of one `IcePie`.
-#[derive(Debug)]
-pub(crate) struct Shared {
-    pub warehouse: Warehouse,
-    pub listing: RwLock<Listing>,
-    /// Slices with a refresh running in this process.
-    pub refreshing: Mutex<HashSet<SliceName>>,
-    /// The session's `icepie.*` settings as of its last statement (system tables and the
-    /// scheduler have no session to read them from).
-    options: RwLock<IcePieOptions>,
-    /// What this process has read of the refresh logs.
-    log: LogCache,
-    /// Tables opened for the time-travel calls of statements being planned.
-    pub pins: time_travel::Pins,
-}
-
-impl Shared {
-    pub fn new(warehouse: Warehouse, options: IcePieOptions) -> Self {
-        Self {
-            warehouse,
-            listing: RwLock::new(Listing::default()),
-            refreshing: Mutex::new(HashSet::new()),
-            options: RwLock::new(options),
-            log: LogCache::default(),
-            pins: time_travel::Pins::default(),
-        }
-    }
-
-    /// The settings as of the session's last statement.
-    pub fn options(&self) -> IcePieOptions {
-        self.options.read().expect("options lock").clone()
-    }
-
-    /// Records the session's settings.
-    pub fn set_options(&self, options: IcePieOptions) {
-        *self.options.write().expect("options lock") = options;
-    }
-
-    /// The recent refresh attempts of a slice, oldest first, reading only what its log gained.
-    pub async fn attempts(&self, slice: &SliceName) -> Result<Vec<AttemptSummary>> {
-        self.log.attempts(&self.warehouse, slice).await
-    }
-
-    /// Lists the warehouse again (a few object-store list calls).
-    pub async fn refresh_listing(&self) -> Result<()> {
-        let core = self.warehouse.list_children(CORE_DIR).await?;
-        let mut domains = BTreeMap::new();
-        for domain in self.warehouse.list_children(SLICES_DIR).await? {
-            if validate_domain(&domain).is_err() {
-                continue;
-            }
-            let slices = self
-                .warehouse
-                .list_children(&format!("{SLICES_DIR}/{domain}"))
-                .await?;
-            if !slices.is_empty() {
-                domains.insert(domain, slices);
-            }
-        }
-        *self.listing.write().expect("listing lock") = Listing { core, domains };
-        Ok(())
-    }
-
-    /// Makes the listing good enough to plan `stmt`: everything for a statement that reads
-    /// `information_schema` (or `SHOW TABLES`), else the domains it names that were not known
-    /// (one listing of each one's folder, so a domain another process created is found, and
-    /// a scratch schema gives way to a domain of the same name). Nothing when every schema it
-    /// names is known.
-    pub async fn know_schemas(&self, state: &SessionState, stmt: &DFStatement) -> Result<()> {
-        let default_schema = state.config_options().catalog.default_schema.clone();
-        let mut unknown = BTreeSet::new();
-        if let DFStatement::Statement(s) = stmt {
-            if let SQLStatement::CreateSchema {
-                schema_name: SchemaName::Simple(name) | SchemaName::NamedAuthorization(name, _),
-                ..
-            } = s.as_ref()
-            {
-                if let Some(last) = name.0.last().and_then(|p| p.as_ident()) {
-                    unknown.insert(last.value.clone());
-                }
-            }
-        }
-        let listing = self.listing();
-        for reference in state.resolve_table_references(stmt)? {
-            if reference.catalog().is_some_and(|c| c != CATALOG_NAME) {
-                continue;
-            }
-            let schema = reference.schema().unwrap_or(&default_schema);
-            if schema == INFORMATION_SCHEMA {
-                return self.refresh_listing().await;
-            }
-            if ![CORE_SCHEMA, SYSTEM_SCHEMA, DEFAULT_DOMAIN].contains(&schema)
-                && !listing.domains.contains_key(schema)
-            {
-                unknown.insert(schema.to_string());
-            }
-        }
-        for domain in unknown {
-            if validate_domain(&domain).is_ok() {
-                self.know_domain(&domain).await?;
-            }
-        }
-        Ok(())
-    }
-
-    /// Lists one domain's folder into the listing.
-    async fn know_domain(&self, domain: &str) -> Result<()> {
-        let slices = self
-            .warehouse
-            .list_children(&format!("{SLICES_DIR}/{domain}"))
-            .await?;
-        let mut listing = self.listing.write().expect("listing lock");
-        if slices.is_empty() {
-            listing.domains.remove(domain);
-        } else {
-            listing.domains.insert(domain.to_string(), slices);
-        }
-        Ok(())
-    }
-
-    /// The last listing.
-    pub fn listing(&self) -> Listing {
-        self.listing.read().expect("listing lock").clone()
-    }
-
-    /// Every slice in the last listing.
-    pub fn slice_names(&self) -> Vec<SliceName> {
-        self.listing()
-            .domains
-            .into_iter()
-            .flat_map(|(d, names)| {
-                names.into_iter().map(move |n| SliceName {
-                    domain: d.clone(),
-                    name: n,
-                })
-            })
-            .collect()
-    }
-
-    /// The core table `name` at its latest version.
-    pub async fn load_core(&self, name: &str) -> Result<Option<IcePieTable>> {
-        validate_name(name)?;
-        let rel = Warehouse::core_path(name);
-        let Some(t) = self.warehouse.load(&rel, None).await? else {
-            return Ok(None);
-        };
-        let qualified = format!("{CORE_SCHEMA}.{name}");
-        let watch = self.watch(&rel, TableKind::Core, &qualified);
-        Ok(Some(
-            IcePieTable::try_new(TableKind::Core, qualified, t)
-                .await?
-                .watched(watch),
-        ))
-    }
-
-    fn watch(&self, rel: &str, kind: TableKind, name: &str) -> damage::DamageWatch {
-        damage::DamageWatch {
-            warehouse: self.warehouse.clone(),
-            rel: rel.to_string(),
-            kind,
-            name: name.to_string(),
-        }
-    }
-
-    /// The slice `name` at `version` (latest when `None`). A quarantined slice (a file of the
-    /// version it serves is damaged) is refused with the damage and the fix.
-    pub async fn load_slice(
-        &self,
-        name: &SliceName,
-        version: Option<i64>,
-    ) -> Result<Option<IcePieTable>> {
-        let rel = Warehouse::slice_path(name);
-        let Some(t) = self.warehouse.load(&rel, version).await? else {
-            return Ok(None);
-        };
-        let qualified = name.to_string();
-        let table = IcePieTable::try_new(TableKind::Slice, qualified.clone(), t.clone()).await?;
-        if version.is_some() {
-            // An old version's damage is not the slice's: it serves the latest.
-            return Ok(Some(table));
-        }
-        if let Some(q) = quarantine::in_force(&self.warehouse, &rel, &t).await? {
-            return Err(quarantine::slice_damaged(&qualified, &q.file, &q.problem));
-        }
-        Ok(Some(table.watched(self.watch(
-            &rel,
-            TableKind::Slice,
-            &qualified,
-        ))))
-    }
-
-    /// The path of an input named as in lineage (`core.x` or `domain.name`).
-    fn input_path(qualified: &str) -> Result<String> {
-        Ok(match qualified.split_once('.') {
-            Some((CORE_SCHEMA, name)) => {
-                validate_name(name)?;
-                Warehouse::core_path(name)
-            }
-            _ => Warehouse::slice_path(&SliceName::parse(qualified)?),
-        })
-    }
-
-    /// When `version` of an input named as in lineage was committed (ms since the epoch).
-    pub async fn commit_time(&self, qualified: &str, version: i64) -> Result<Option<i64>> {
-        let table = self.warehouse.handle(&Self::input_path(qualified)?)?;
-        Ok(meta::commit_info(&table, version)
-            .await?
-            .and_then(|i| i.timestamp))
-    }
-
-    /// The latest version of an input named as in lineage (`core.x` or `domain.name`).
-    pub async fn latest_version(&self, qualified: &str) -> Result<Option<i64>> {
-        self.warehouse
-            .latest_version(&Self::input_path(qualified)?)
-            .await
-    }
-}
-
-fn df(e: IcePieError) -> DataFusionError {
+pub(crate) fn df(e: IcePieError) -> DataFusionError {
     e.into()
 }
 

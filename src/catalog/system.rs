@@ -26,7 +26,7 @@ use futures::{StreamExt, TryStreamExt};
 
 use super::pushdown::wanted;
 use super::table::{IcePieTable, TableKind};
-use super::Shared;
+use crate::engine::state::Shared;
 use crate::error::Result;
 use crate::slice::lifecycle::retained;
 use crate::slice::meta::{format_inputs, HistoryEntry};

@@ -24,8 +24,9 @@ use datafusion::sql::sqlparser::ast::{
 };
 use datafusion::sql::sqlparser::dialect::GenericDialect;
 
+use super::system;
 use super::table::{IcePieTable, TableKind};
-use super::{system, Shared};
+use crate::engine::state::Shared;
 use crate::error::{IcePieError, Result};
 use crate::slice::lifecycle::{self, check_retained};
 use crate::slice::{meta, vacuum};

@@ -29,7 +29,8 @@ use deltalake::operations::write::WriteBuilder;
 use deltalake::protocol::SaveMode;
 use deltalake::DeltaTable;
 
-use crate::catalog::{time_travel, Shared};
+use crate::catalog::time_travel;
+use crate::engine::state::Shared;
 use crate::error::{IcePieError, Result};
 use crate::sql::{DataSource, FileFormat};
 use crate::storage::names::CORE_SCHEMA;

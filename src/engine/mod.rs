@@ -13,6 +13,7 @@
 
 mod output;
 pub mod scheduler;
+pub(crate) mod state;
 mod yield_points;
 
 use std::collections::HashMap;
@@ -38,7 +39,7 @@ use url::Url;
 
 use crate::catalog::table::IcePieTable;
 use crate::catalog::time_travel::{self, PinnedFunction};
-use crate::catalog::{live, system, IcePieCatalog, Shared, CATALOG_NAME};
+use crate::catalog::{live, system, IcePieCatalog, CATALOG_NAME};
 use crate::core::{self};
 use crate::error::{IcePieError, Result};
 use crate::options::IcePieOptions;
@@ -51,6 +52,7 @@ use crate::sql::{parse_sql, CreateSlice, Statement};
 use crate::storage::names::{SliceName, CORE_SCHEMA, DEFAULT_DOMAIN, SYSTEM_SCHEMA};
 use crate::storage::{Warehouse, DEFAULT_LOCATION};
 pub use scheduler::RefreshEvent;
+use state::Shared;
 
 /// Options for opening a warehouse.
 #[derive(Debug, Clone)]

@@ -17,7 +17,7 @@ use deltalake::DeltaTable;
 
 use super::meta::{self, CommitKind, Frozen, SliceMeta};
 use super::{commit_error, commit_properties};
-use crate::catalog::Shared;
+use crate::engine::state::Shared;
 use crate::error::{IcePieError, Result};
 use crate::storage::names::SliceName;
 use crate::storage::tracked::TrackedStore;

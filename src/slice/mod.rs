@@ -40,7 +40,8 @@ use deltalake::protocol::SaveMode;
 use deltalake::{DeltaTable, DeltaTableError};
 
 use crate::catalog::table::{IcePieTable, TableKind};
-use crate::catalog::{time_travel, Shared};
+use crate::catalog::time_travel;
+use crate::engine::state::Shared;
 use crate::error::{IcePieError, Result};
 use crate::options::IcePieOptions;
 use crate::storage::names::{SliceName, CORE_SCHEMA};

@@ -32,7 +32,7 @@ use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
 use super::log::{self, Attempt};
-use crate::catalog::Shared;
+use crate::engine::state::Shared;
 use crate::error::Result;
 use crate::storage::names::SliceName;
 use crate::storage::Warehouse;

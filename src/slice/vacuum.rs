@@ -34,7 +34,7 @@ use object_store::path::Path;
 use object_store::ObjectStoreExt;
 
 use super::{meta, running};
-use crate::catalog::Shared;
+use crate::engine::state::Shared;
 use crate::error::{IcePieError, Result};
 use crate::options::Span;
 use crate::storage::names::SliceName;
