@@ -144,6 +144,9 @@ impl IcePieBuilder {
         for (name, function) in PinnedFunction::all(&shared) {
             ctx.register_udtf(name, function);
         }
+        // The names of the warehouse, for queries planned through `context()` directly; icepie's
+        // own statements renew what they need.
+        shared.refresh_listing().await?;
         let (events, _) = broadcast::channel(256);
         let inner = Arc::new(Inner {
             shared,
@@ -273,8 +276,9 @@ impl IcePie {
     /// The DataFusion session (catalog `icepie`), e.g. to register functions or tables.
     ///
     /// Queries planned here directly read the latest version of every table they name, but
-    /// the lists of names (`information_schema`, `SHOW TABLES`) are as of the last statement
-    /// [`IcePie::sql`] ran that listed them: run those through [`IcePie::sql`].
+    /// the lists of names (the domains, `information_schema`, `SHOW TABLES`) are as of the
+    /// opening or the last statement [`IcePie::sql`] ran that listed them: a domain created
+    /// since by another process is found through [`IcePie::sql`].
     pub fn context(&self) -> &SessionContext {
         &self.inner.ctx
     }

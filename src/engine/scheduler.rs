@@ -144,6 +144,8 @@ pub const RESCAN: Duration = Duration::from_secs(600);
 struct View {
     slices: HashMap<SliceName, SliceInfo>,
     journal: Option<(journal::Reader, Instant)>,
+    /// Slices that could not be read at the last tick: read again at the next.
+    retry: HashSet<SliceName>,
 }
 
 impl View {
@@ -177,10 +179,16 @@ impl View {
         }
         let (reader, _) = self.journal.as_mut().expect("fresh");
         let changed = reader.changed().await?;
-        if changed.is_empty() {
-            return Ok(());
-        }
-        let mut again: HashSet<SliceName> = HashSet::new();
+        let mut again: HashSet<SliceName> = std::mem::take(&mut self.retry);
+        // A refresh running here or elsewhere is followed every tick until it ends: the end
+        // of a refresh, or the expiry of a dead process's lease, writes nothing more to the
+        // journal than what may have been read while it ran.
+        again.extend(
+            self.slices
+                .values()
+                .filter(|s| s.state == SliceState::Refreshing || s.refreshing_by.is_some())
+                .map(|s| s.name.clone()),
+        );
         for rel in &changed {
             let (table, slice) = changed_table(rel);
             if let Some(slice) = slice {
@@ -195,11 +203,16 @@ impl View {
                 );
             }
         }
+        if again.is_empty() {
+            return Ok(());
+        }
         let names: Vec<SliceName> = again.into_iter().collect();
-        for name in &names {
+        let (infos, unreadable) = system::describe(shared, names.clone()).await?;
+        // A slice that could not be read keeps its last known state until it can.
+        self.retry = unreadable.into_iter().map(|(name, _)| name).collect();
+        for name in names.iter().filter(|n| !self.retry.contains(*n)) {
             self.slices.remove(name);
         }
-        let (infos, _) = system::describe(shared, names).await?;
         self.slices
             .extend(infos.into_iter().map(|s| (s.name.clone(), s)));
         Ok(())

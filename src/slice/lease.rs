@@ -100,7 +100,15 @@ pub async fn acquire(
     if held.is_some() {
         return Ok(None);
     }
-    let next = epochs.iter().map(|(e, _)| e + 1).max().unwrap_or(0);
+    // Epochs are never reused, even once every lease object is gone: a holder paused past its
+    // expiry only ever renews or deletes its own, older epoch.
+    let now = u64::try_from(Utc::now().timestamp_millis()).unwrap_or_default();
+    let next = epochs
+        .iter()
+        .map(|(e, _)| e + 1)
+        .max()
+        .unwrap_or(0)
+        .max(now);
     let path = Path::from(format!("{}{next:020}.json", folder(slice)));
     let body = serde_json::to_vec(&Holder {
         process: process(),

@@ -292,31 +292,24 @@ impl SliceLog {
         log: &deltalake::DeltaTable,
         latest: u64,
     ) -> Result<()> {
+        // Only what the commits since the last read added, into a copy kept only if every
+        // commit and file could be read: commits or files may be gone (log clean-up, files a
+        // compaction replaced and VACUUM deleted).
         if let Some(read) = self.version.filter(|v| *v < latest) {
-            let mut files = Vec::new();
-            let mut complete = true;
-            for version in read + 1..=latest {
-                match log.log_store().read_commit_entry(version).await? {
-                    Some(commit) => files.extend(added_files(&commit)),
-                    None => {
-                        complete = false;
-                        break;
-                    }
-                }
-            }
-            if complete {
-                for file in files {
-                    self.read_file(warehouse, rel, &file).await?;
-                }
-                self.version = Some(latest);
+            let mut ahead = SliceLog {
+                version: Some(latest),
+                attempts: self.attempts.clone(),
+            };
+            if let Ok(true) = ahead.read_since(warehouse, rel, log, read, latest).await {
+                *self = ahead;
                 return Ok(());
             }
         }
-        // First read, a log made anew, or commits gone: read every file of the latest version.
+        // First read, a log made anew, or the above failed: every file of the latest version.
         let Some(table) = warehouse.load(rel, None).await? else {
             return Ok(());
         };
-        self.attempts.clear();
+        let mut anew = SliceLog::default();
         let files: Vec<Path> = table
             .snapshot()?
             .log_data()
@@ -324,10 +317,34 @@ impl SliceLog {
             .map(|f| f.object_store_path())
             .collect();
         for file in files {
+            anew.read_file(warehouse, rel, &file).await?;
+        }
+        anew.version = table.version();
+        *self = anew;
+        Ok(())
+    }
+
+    /// Reads the files the commits after `read` up to `latest` added; false when a commit
+    /// is gone.
+    async fn read_since(
+        &mut self,
+        warehouse: &Warehouse,
+        rel: &str,
+        log: &deltalake::DeltaTable,
+        read: u64,
+        latest: u64,
+    ) -> Result<bool> {
+        let mut files = Vec::new();
+        for version in read + 1..=latest {
+            match log.log_store().read_commit_entry(version).await? {
+                Some(commit) => files.extend(added_files(&commit)),
+                None => return Ok(false),
+            }
+        }
+        for file in files {
             self.read_file(warehouse, rel, &file).await?;
         }
-        self.version = table.version();
-        Ok(())
+        Ok(true)
     }
 
     async fn read_file(&mut self, warehouse: &Warehouse, rel: &str, path: &Path) -> Result<()> {

@@ -112,13 +112,14 @@ pub async fn prune(store: &Arc<dyn ObjectStore>) {
     let cutoff = Utc::now().timestamp_millis().saturating_sub(keep);
     let old: Vec<Path> = store
         .list(Some(&Path::from(CHANGES_PATH)))
-        .try_take_while(|o| {
+        // Not every store lists in key order (a local directory does not).
+        .try_filter(|o| {
             let old = o
                 .location
                 .filename()
                 .and_then(parse)
                 .is_some_and(|(ms, _)| ms < cutoff);
-            std::future::ready(Ok(old))
+            std::future::ready(old)
         })
         .map_ok(|o| o.location)
         .try_collect()

@@ -376,9 +376,7 @@ impl Warehouse {
         let (mut same, mut newest) = (false, None::<(i64, ObjectMeta)>);
         while let Some(object) = listing.try_next().await? {
             if object.location == path {
-                same = object.last_modified == cached.commit.last_modified
-                    && object.e_tag == cached.commit.e_tag
-                    && object.size == cached.commit.size;
+                same = same_object(&object, &cached.commit);
             } else if let Some(v) = object.location.filename().and_then(commit_version) {
                 if v > before && newest.as_ref().is_none_or(|(n, _)| v > *n) {
                     newest = Some((v, object));
@@ -426,7 +424,7 @@ impl Warehouse {
             .expect("table cache")
             .retain(|cached, _| !cached.starts_with(rel));
         let log = Path::from(format!("{rel}_delta_log"));
-        for prefix in [log, Path::from(rel)] {
+        for (i, prefix) in [log, Path::from(rel)].into_iter().enumerate() {
             let paths: Vec<Path> = self
                 .root_store
                 .list(Some(&prefix))
@@ -439,8 +437,11 @@ impl Warehouse {
                     Err(e) => return Err(e.into()),
                 }
             }
+            if i == 0 {
+                // The table no longer exists for readers, whatever becomes of its files.
+                journal::note(self.root_store.as_ref(), rel).await;
+            }
         }
-        journal::note(self.root_store.as_ref(), rel).await;
         Ok(())
     }
 
@@ -476,6 +477,17 @@ impl Warehouse {
         let mut listing = self.root_store.list(Some(&log));
         Ok(listing.try_next().await?.is_some())
     }
+}
+
+/// True when two descriptions of an object (from a HEAD and a listing) are of the same
+/// write: by ETag and size where the store gives ETags (some stores give a listing's times in
+/// milliseconds and a HEAD's in whole seconds), else by time and size.
+fn same_object(a: &ObjectMeta, b: &ObjectMeta) -> bool {
+    a.size == b.size
+        && match (&a.e_tag, &b.e_tag) {
+            (Some(x), Some(y)) => x == y,
+            _ => a.last_modified == b.last_modified,
+        }
 }
 
 /// Removes the least recently `used` entries of `map` beyond `cap`.

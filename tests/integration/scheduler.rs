@@ -317,12 +317,13 @@ async fn two_processes_refreshing_one_slice_agree_on_every_version() {
     assert_eq!(scalar(&w, "SELECT s FROM s").await, expected);
 }
 
-/// `icepie serve` on `location`, ticking every 50 ms with 200 ms heartbeats (a lease expires
-/// 1.2 s after its holder's last renewal).
-fn serve(location: &str) -> std::process::Child {
+/// `icepie serve` on `location`, ticking every 50 ms with heartbeats of `heartbeat` (a lease
+/// expires 6 heartbeats after its holder's last renewal).
+fn serve(location: &str, heartbeat: &str) -> std::process::Child {
     std::process::Command::new(env!("CARGO_BIN_EXE_icepie"))
         .args(["serve", "--data", location, "--grace", "10"])
-        .args(["--set", "scheduler_tick=50ms", "--set", "heartbeat=200ms"])
+        .args(["--set", "scheduler_tick=50ms", "--set"])
+        .arg(format!("heartbeat={heartbeat}"))
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
         .spawn()
@@ -353,7 +354,7 @@ async fn three_serve_processes_run_each_due_refresh_once() {
     )
     .await;
     let location = dir.path().to_string_lossy().to_string();
-    let mut children: Vec<_> = (0..3).map(|_| serve(&location)).collect();
+    let mut children: Vec<_> = (0..3).map(|_| serve(&location, "1s")).collect();
     eventually(60, "four scheduled refreshes", || async {
         (version(&w, "s").await >= 4).then_some(())
     })
@@ -393,7 +394,7 @@ fn lease_holder(root: &std::path::Path, slice: &str) -> Option<(String, u32)> {
 /// over; its attempt shows as abandoned; never do two processes run it at once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_lease_holder_is_taken_over_once_its_lease_expires() {
-    let (dir, w) = open_with(&[("scheduler", "off"), ("heartbeat", "200ms")]).await;
+    let (dir, w) = open_with(&[("scheduler", "off"), ("heartbeat", "500ms")]).await;
     run(
         &w,
         "CREATE CORE TABLE big (n BIGINT); INGEST INTO big VALUES (1);
@@ -404,7 +405,7 @@ async fn a_killed_lease_holder_is_taken_over_once_its_lease_expires() {
     .await;
     let root = dir.path().canonicalize().unwrap();
     let location = root.to_string_lossy().to_string();
-    let mut children: Vec<_> = (0..3).map(|_| serve(&location)).collect();
+    let mut children: Vec<_> = (0..3).map(|_| serve(&location, "500ms")).collect();
     let running = "SELECT count(*) FROM system.refreshes WHERE slice = 'slices.slow' \
                    AND status = 'running'";
     let (first, killed) = eventually(60, "a process to take the lease", || async {
