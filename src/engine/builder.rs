@@ -1,0 +1,122 @@
+//! [`IcePieBuilder`]: how a warehouse is opened.
+
+use super::*;
+
+/// Options for opening a warehouse.
+#[derive(Debug, Clone)]
+pub struct IcePieBuilder {
+    location: String,
+    store: Option<Arc<dyn ObjectStore>>,
+    storage_options: HashMap<String, String>,
+    settings: Vec<(String, String)>,
+}
+
+impl IcePieBuilder {
+    pub(super) fn new(location: String) -> Self {
+        Self {
+            location,
+            store: None,
+            storage_options: HashMap::new(),
+            settings: Vec::new(),
+        }
+    }
+
+    /// Uses `store` for every read and write of the warehouse instead of the object store the
+    /// location's URL implies. Its "/" must be the root of that URL's store (for a local
+    /// path, the file system root). Useful to wrap storage, e.g. to observe reads.
+    pub fn with_object_store(mut self, store: Arc<dyn ObjectStore>) -> Self {
+        self.store = Some(store);
+        self
+    }
+
+    /// Options of the object store (credentials, region, endpoint, ...), as object_store and
+    /// delta-rs name them, e.g. `AWS_REGION`.
+    pub fn with_storage_option(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
+        self.storage_options.insert(key.into(), value.into());
+        self
+    }
+
+    /// Sets one of the `icepie.*` settings ([`IcePieOptions`]) as `SET` would, e.g.
+    /// `("retain_versions", "20")` or `("icepie.refresh_memory_limit", "2GB")`. A bad name or
+    /// value makes [`open`](Self::open) fail with the reason.
+    pub fn with_setting(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
+        self.settings.push((key.into(), value.into()));
+        self
+    }
+
+    /// Turns the scheduler of due refreshes on (the default) or off.
+    pub fn with_scheduler(self, on: bool) -> Self {
+        self.with_setting("scheduler", if on { "on" } else { "off" })
+    }
+
+    /// How many scheduled refreshes may run at once in this process (default 2).
+    pub fn with_max_concurrent_refreshes(self, n: usize) -> Self {
+        self.with_setting("max_concurrent_refreshes", n.to_string())
+    }
+
+    /// Opens the warehouse, creating it if needed, and starts its scheduler.
+    pub async fn open(self) -> Result<IcePie> {
+        let mut options = IcePieOptions::default();
+        for (key, value) in &self.settings {
+            let name = key.strip_prefix("icepie.").unwrap_or(key);
+            options.set(name, value).map_err(|e| IcePieError::Setting {
+                name: name.to_string(),
+                reason: e.strip_backtrace(),
+            })?;
+        }
+        let warehouse = Warehouse::open(&self.location, self.store.clone(), self.storage_options)?;
+        let config = SessionConfig::new()
+            .with_default_catalog_and_schema(CATALOG_NAME, DEFAULT_DOMAIN)
+            .with_create_default_catalog_and_schema(false)
+            .with_information_schema(true)
+            .with_option_extension(options.clone())
+            // delta-rs's workaround for hash-join IN-list pushdown on dictionary keys.
+            .set_usize("datafusion.optimizer.hash_join_inlist_pushdown_max_size", 0)
+            .set_usize(
+                "datafusion.optimizer.hash_join_inlist_pushdown_max_distinct_values",
+                0,
+            );
+        // DataFusion caches directory listings forever by default; INGEST must see the files
+        // that are there now, so listings are not cached.
+        let caches = CacheManagerConfig::default().with_list_files_cache_limit(0);
+        let runtime = RuntimeEnvBuilder::new()
+            .with_cache_manager(caches)
+            .build_arc()?;
+        if let Some(store) = &self.store {
+            let url = warehouse.url();
+            let root = ObjectStoreUrl::parse(format!("{}://{}", url.scheme(), url.authority()))?;
+            runtime.register_object_store(root.as_ref(), store.clone());
+        }
+        let state = SessionStateBuilder::new()
+            .with_default_features()
+            .with_config(config)
+            .with_runtime_env(runtime)
+            .with_query_planner(DeltaPlanner::new())
+            .with_physical_optimizer_rule(Arc::new(yield_points::YieldAfterJoins))
+            .build();
+        let ctx = SessionContext::new_with_state(state);
+        let shared = Arc::new(Shared::new(warehouse, options));
+        let catalog = Arc::new(IcePieCatalog::new(shared.clone()));
+        ctx.register_catalog(CATALOG_NAME, catalog.clone());
+        for (name, function) in PinnedFunction::all(&shared) {
+            ctx.register_udtf(name, function);
+        }
+        // The names of the warehouse, for queries planned through `context()` directly; icepie's
+        // own statements renew what they need.
+        shared.refresh_listing().await?;
+        let (events, _) = broadcast::channel(256);
+        let inner = Arc::new(Inner {
+            shared,
+            catalog,
+            ctx,
+            locks: Mutex::new(HashMap::new()),
+            core_drop: tokio::sync::RwLock::new(()),
+            inflight: Mutex::new(HashMap::new()),
+            events,
+            scheduler: Mutex::new(None),
+        });
+        let handle = scheduler::spawn(Arc::downgrade(&inner));
+        *inner.scheduler.lock().expect("scheduler lock") = Some(handle);
+        Ok(IcePie { inner })
+    }
+}

@@ -1,0 +1,194 @@
+//! What `system.slices` shows of a slice: its state, version, size, staleness, failures and
+//! who is refreshing it, read from the warehouse.
+
+use super::*;
+
+/// State of a slice (DESIGN §6).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SliceState {
+    /// Built from the latest versions of its inputs.
+    Fresh,
+    /// An input has moved on since the version being served.
+    Stale,
+    /// A build is running in this process.
+    Refreshing,
+    /// The last build failed; the previous version is served.
+    Failed,
+    /// Pinned by `FREEZE SLICE`: no refresh until `THAW SLICE`.
+    Frozen,
+    /// Failed `icepie.max_failures` times in a row: the scheduler leaves it alone until a
+    /// `REFRESH SLICE` succeeds or `THAW SLICE`.
+    Suspended,
+    /// A file of the version served is damaged: queries fail naming it until a `REFRESH
+    /// SLICE` or `ROLLBACK SLICE` commits a version without it.
+    Quarantined,
+}
+
+impl fmt::Display for SliceState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Fresh => "fresh",
+            Self::Stale => "stale",
+            Self::Refreshing => "refreshing",
+            Self::Failed => "failed",
+            Self::Frozen => "frozen",
+            Self::Suspended => "suspended",
+            Self::Quarantined => "quarantined",
+        })
+    }
+}
+
+/// Everything known about one slice.
+#[derive(Debug, Clone)]
+pub struct SliceInfo {
+    /// The slice.
+    pub name: SliceName,
+    /// Its descriptor, from the version served.
+    pub meta: SliceMeta,
+    /// Version served.
+    pub version: i64,
+    /// Size of that version.
+    pub stats: TableStats,
+    /// When that version was committed (ms since the epoch).
+    pub refreshed_at: Option<i64>,
+    /// Its state.
+    pub state: SliceState,
+    /// The error of the last build, if it failed.
+    pub last_error: Option<String>,
+    /// Failed builds in a row since the version served was committed.
+    pub failures: u32,
+    /// When the last of them ended (ms since the epoch).
+    pub last_failure_at: Option<i64>,
+    /// True when an input has a newer version than this version was built from.
+    pub stale: bool,
+    /// How long ago the oldest input change this version has not consumed was committed (ms).
+    pub lag_ms: Option<i64>,
+    /// Output columns and their types.
+    pub columns: Vec<(String, String)>,
+    /// The process (host:pid) holding the slice's scheduler lease: running a scheduled
+    /// refresh of it now.
+    pub refreshing_by: Option<String>,
+}
+
+impl SliceInfo {
+    /// Set while the slice is frozen.
+    pub fn frozen(&self) -> Option<&Frozen> {
+        self.meta.frozen.as_ref()
+    }
+}
+
+/// What inputs are at now, read once for all the slices described together: each input's
+/// latest version, and when its versions were committed.
+#[derive(Debug, Default)]
+pub(crate) struct InputCache {
+    latest: std::sync::Mutex<HashMap<String, Option<i64>>>,
+    committed: std::sync::Mutex<HashMap<(String, i64), Option<i64>>>,
+}
+
+impl InputCache {
+    async fn latest(&self, shared: &Shared, input: &str) -> Result<Option<i64>> {
+        if let Some(v) = self.latest.lock().expect("input cache").get(input) {
+            return Ok(*v);
+        }
+        let v = shared.latest_version(input).await?;
+        self.latest
+            .lock()
+            .expect("input cache")
+            .insert(input.to_string(), v);
+        Ok(v)
+    }
+
+    async fn commit_time(&self, shared: &Shared, input: &str, version: i64) -> Result<Option<i64>> {
+        let key = (input.to_string(), version);
+        if let Some(at) = self.committed.lock().expect("input cache").get(&key) {
+            return Ok(*at);
+        }
+        let at = shared.commit_time(input, version).await?;
+        self.committed.lock().expect("input cache").insert(key, at);
+        Ok(at)
+    }
+}
+
+/// Reads what `system.slices` shows of one slice; `inputs` caches input versions across
+/// slices.
+pub(crate) async fn info(
+    shared: &Shared,
+    name: &SliceName,
+    inputs: &InputCache,
+) -> Result<Option<SliceInfo>> {
+    let Some(table) = shared
+        .warehouse
+        .load(&Warehouse::slice_path(name), None)
+        .await?
+    else {
+        return Ok(None);
+    };
+    let (meta, committed) = meta::latest_meta(&table, &name.to_string()).await?;
+    let version = table.version().unwrap_or_default() as i64;
+    let stats = table_stats(&table)?;
+    let failures = log::failures_since(&shared.attempts(name).await?, committed.unwrap_or(0));
+    let now = Utc::now().timestamp_millis();
+    let mut stale = false;
+    let mut oldest_change: Option<i64> = None;
+    for input in meta.inputs.iter().filter(|i| !i.pinned) {
+        if inputs.latest(shared, &input.table).await? != Some(input.version) {
+            stale = true;
+            let next = input.version + 1;
+            if let Some(at) = inputs.commit_time(shared, &input.table, next).await? {
+                oldest_change = Some(oldest_change.map_or(at, |o: i64| o.min(at)));
+            }
+        }
+    }
+    let options = shared.options();
+    let rel = Warehouse::slice_path(name);
+    let damaged = quarantine::in_force(&shared.warehouse, &rel, &table).await?;
+    let holder = lease::holder(&shared.warehouse, name, options.heartbeat.0).await?;
+    let elsewhere = holder
+        .as_ref()
+        .is_some_and(|h| h.process != running::process());
+    let state = if elsewhere
+        || shared
+            .refreshing
+            .lock()
+            .expect("refreshing lock")
+            .contains(name)
+    {
+        SliceState::Refreshing
+    } else if damaged.is_some() {
+        SliceState::Quarantined
+    } else if meta.frozen.is_some() {
+        SliceState::Frozen
+    } else if options.max_failures > 0 && failures.count as usize >= options.max_failures {
+        SliceState::Suspended
+    } else if failures.last.is_some() {
+        SliceState::Failed
+    } else if stale {
+        SliceState::Stale
+    } else {
+        SliceState::Fresh
+    };
+    let schema = table.snapshot()?.snapshot().arrow_schema();
+    let columns = schema
+        .fields()
+        .iter()
+        .map(|f| (f.name().clone(), f.data_type().to_string()))
+        .collect();
+    Ok(Some(SliceInfo {
+        name: name.clone(),
+        meta,
+        version,
+        stats,
+        refreshed_at: committed,
+        state,
+        last_error: match &damaged {
+            Some(q) => Some(format!("damaged file {}: {}", q.file, q.problem)),
+            None => failures.last.as_ref().and_then(|a| a.error.clone()),
+        },
+        failures: failures.count,
+        last_failure_at: failures.last.as_ref().map(|a| a.ended_at),
+        stale,
+        lag_ms: oldest_change.map(|at| (now - at).max(0)),
+        columns,
+        refreshing_by: holder.map(|h| h.process),
+    }))
+}
