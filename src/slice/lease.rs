@@ -7,7 +7,8 @@
 //! with put-if-absent, which exactly one process wins, when there is no epoch, or when the
 //! highest one's holder stopped renewing it for [`EXPIRY_HEARTBEATS`] heartbeats (killed, or
 //! cut off from storage). The holder rewrites its epoch every `icepie.heartbeat` while the
-//! refresh runs, and deletes it when done. Taking a lease costs one listing and one write.
+//! refresh runs, and empties it when done (an empty epoch is released; it stays so that epoch
+//! numbers are never reused). Taking a lease costs one listing and one write.
 //!
 //! A lease only keeps processes from doing the same work: a holder paused past its expiry
 //! whose lease was taken over can still commit, and Delta's commit protocol then settles the
@@ -81,10 +82,11 @@ async fn in_force(
         .filter_map(|o| epoch(&o).map(|e| (e, o)))
         .collect();
     let now = Utc::now().timestamp_millis();
+    // A released epoch is an empty object.
     let held = epochs
         .iter()
         .max_by_key(|(e, _)| *e)
-        .filter(|(_, o)| !expired(o, heartbeat, now))
+        .filter(|(_, o)| o.size > 0 && !expired(o, heartbeat, now))
         .cloned();
     Ok((epochs, held))
 }
@@ -100,15 +102,10 @@ pub async fn acquire(
     if held.is_some() {
         return Ok(None);
     }
-    // Epochs are never reused, even once every lease object is gone: a holder paused past its
-    // expiry only ever renews or deletes its own, older epoch.
-    let now = u64::try_from(Utc::now().timestamp_millis()).unwrap_or_default();
-    let next = epochs
-        .iter()
-        .map(|(e, _)| e + 1)
-        .max()
-        .unwrap_or(0)
-        .max(now);
+    // Every process that saw the same epochs tries the same next one, and put-if-absent lets
+    // one win. Released epochs stay (empty) so that numbers are never reused: a holder paused
+    // past its expiry only ever renews or releases its own, older epoch.
+    let next = epochs.iter().map(|(e, _)| e + 1).max().unwrap_or(0);
     let path = Path::from(format!("{}{next:020}.json", folder(slice)));
     let body = serde_json::to_vec(&Holder {
         process: process(),
@@ -122,9 +119,11 @@ pub async fn acquire(
         Err(object_store::Error::AlreadyExists { .. }) => return Ok(None),
         Err(e) => return Err(e.into()),
     }
-    // The expired epochs before it go (best effort: the highest epoch is what counts).
-    for (_, old) in epochs {
-        let _ = store.delete(&old.location).await;
+    // The epochs before it go but the last (best effort: the highest epoch is what counts).
+    for (e, old) in epochs {
+        if e + 1 < next {
+            let _ = store.delete(&old.location).await;
+        }
     }
     let heartbeat = Heartbeat::start(store, path.clone(), body, heartbeat);
     Ok(Some(Lease {
@@ -152,13 +151,19 @@ pub async fn holder(
     }
 }
 
+/// Marks the epoch at `path` released: empty, kept so that its number is not used again.
+/// Best effort: a lease not released expires.
+async fn release(store: std::sync::Arc<dyn object_store::ObjectStore>, path: &Path) {
+    let _ = store.put(path, Vec::<u8>::new().into()).await;
+}
+
 impl Lease {
-    /// Stops renewing the lease and deletes it: the next due refresh may run anywhere.
+    /// Stops renewing the lease and empties it: the next due refresh may run anywhere.
     pub async fn release(mut self) {
         if let Some(heartbeat) = self.heartbeat.take() {
             heartbeat.stop().await;
         }
-        let _ = self.warehouse.store().delete(&self.path).await;
+        release(self.warehouse.store(), &self.path).await;
     }
 }
 
@@ -174,7 +179,36 @@ impl Drop for Lease {
         let path = self.path.clone();
         runtime.spawn(async move {
             heartbeat.stop().await;
-            let _ = store.delete(&path).await;
+            release(store, &path).await;
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn one_holder_at_a_time_and_epochs_are_never_reused() {
+        let dir = tempfile::tempdir().unwrap();
+        let w = Warehouse::open(dir.path().to_str().unwrap(), None, Default::default()).unwrap();
+        let s = SliceName::parse("d.s").unwrap();
+        let beat = Duration::from_secs(10);
+        let (a, b) = tokio::join!(acquire(&w, &s, beat), acquire(&w, &s, beat));
+        let (a, b) = (a.unwrap(), b.unwrap());
+        assert!(a.is_some() != b.is_some(), "exactly one holds the lease");
+        let held = a.or(b).unwrap();
+        assert!(acquire(&w, &s, beat).await.unwrap().is_none());
+        assert!(holder(&w, &s, beat).await.unwrap().is_some());
+        let first = held.path.clone();
+        held.release().await;
+        assert!(holder(&w, &s, beat).await.unwrap().is_none());
+        let next = acquire(&w, &s, beat).await.unwrap().unwrap();
+        assert!(
+            next.path.as_ref() > first.as_ref(),
+            "{} after {first}",
+            next.path
+        );
+        next.release().await;
     }
 }
