@@ -81,8 +81,7 @@ impl CatalogProvider for IcePieCatalog {
                 // A domain in the warehouse wins over a scratch schema of the same name that
                 // this session made before another process created the domain: the
                 // warehouse is the source of truth.
-                let is_domain =
-                    name == DEFAULT_DOMAIN || self.shared.listing().domains.contains_key(name);
+                let is_domain = name == DEFAULT_DOMAIN || self.shared.has_domain(name);
                 if !is_domain {
                     // A domain exists once it holds a slice (the default one always does).
                     return self
@@ -105,9 +104,8 @@ impl CatalogProvider for IcePieCatalog {
         name: &str,
         schema: Arc<dyn SchemaProvider>,
     ) -> DFResult<Option<Arc<dyn SchemaProvider>>> {
-        let listing = self.shared.listing();
         if [CORE_SCHEMA, SYSTEM_SCHEMA, DEFAULT_DOMAIN].contains(&name)
-            || listing.domains.contains_key(name)
+            || self.shared.has_domain(name)
         {
             return Err(df(IcePieError::ReadOnly(format!(
                 "schema '{name}' belongs to icepie; scratch schemas need another name"

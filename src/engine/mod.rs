@@ -381,9 +381,7 @@ impl IcePie {
                     format!("core tables are dropped with DROP CORE TABLE {table}")
                 } else if schema == SYSTEM_SCHEMA {
                     format!("'{SYSTEM_SCHEMA}.{table}' is a system table and cannot be dropped")
-                } else if schema == DEFAULT_DOMAIN
-                    || self.inner.shared.listing().domains.contains_key(schema)
-                {
+                } else if schema == DEFAULT_DOMAIN || self.inner.shared.has_domain(schema) {
                     format!("slices are dropped with DROP SLICE {schema}.{table}")
                 } else {
                     return Ok(());

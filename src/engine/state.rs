@@ -119,7 +119,6 @@ impl Shared {
                 }
             }
         }
-        let listing = self.listing();
         for reference in state.resolve_table_references(stmt)? {
             if reference.catalog().is_some_and(|c| c != CATALOG_NAME) {
                 continue;
@@ -129,7 +128,7 @@ impl Shared {
                 return self.refresh_listing().await;
             }
             if ![CORE_SCHEMA, SYSTEM_SCHEMA, DEFAULT_DOMAIN].contains(&schema)
-                && !listing.domains.contains_key(schema)
+                && !self.has_domain(schema)
             {
                 unknown.insert(schema.to_string());
             }
@@ -155,6 +154,15 @@ impl Shared {
             listing.domains.insert(domain.to_string(), slices);
         }
         Ok(())
+    }
+
+    /// True when the last listing holds the domain `name` (without copying the listing).
+    pub fn has_domain(&self, name: &str) -> bool {
+        self.listing
+            .read()
+            .expect("listing lock")
+            .domains
+            .contains_key(name)
     }
 
     /// The last listing.

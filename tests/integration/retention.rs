@@ -1,29 +1,7 @@
 //! Retention: VACUUM deletes only files no retained version references, never while a reader
 //! or a refresh may still need them, and never a file of the core.
 
-use std::path::Path;
-
-use crate::support::{fails, open_with, run, scalar, table};
-
-/// Data files (not the Delta log) under `dir`, recursively.
-fn data_files(dir: &Path) -> Vec<std::path::PathBuf> {
-    let mut out = Vec::new();
-    let Ok(entries) = std::fs::read_dir(dir) else {
-        return out;
-    };
-    for e in entries.flatten() {
-        let p = e.path();
-        if p.is_dir() {
-            if p.file_name().is_some_and(|n| n != "_delta_log") {
-                out.extend(data_files(&p));
-            }
-        } else {
-            out.push(p);
-        }
-    }
-    out.sort();
-    out
-}
+use crate::support::{data_files, fails, open_with, run, scalar, table};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn vacuum_keeps_what_readers_may_need_and_deletes_the_rest() {

@@ -354,3 +354,23 @@ pub async fn until_idle(store: &RecordingStore) {
         );
     }
 }
+
+/// Data files (not the Delta log) under `dir`, recursively.
+pub fn data_files(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return out;
+    };
+    for e in entries.flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            if p.file_name().is_some_and(|n| n != "_delta_log") {
+                out.extend(data_files(&p));
+            }
+        } else {
+            out.push(p);
+        }
+    }
+    out.sort();
+    out
+}
