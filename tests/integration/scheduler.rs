@@ -202,15 +202,42 @@ async fn refreshes_of_different_slices_run_in_parallel_up_to_the_limit() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_refresh_asked_for_while_one_runs_joins_it() {
     let (_dir, w) = open_with(&[("scheduler", "off")]).await;
-    heavy_core(&w).await;
-    run(&w, &format!("CREATE SLICE s AS {HEAVY}")).await;
-    let (first, second) = tokio::join!(w.refresh("s"), w.refresh("s"));
-    let (first, second) = (first.unwrap(), second.unwrap());
-    assert_eq!(first.version, 1);
-    assert_eq!(second.version, 1, "the second request joined the first");
-    assert_eq!(attempts(&w, "slices.s").await.len(), 1);
+    // Small to create, then big enough that a refresh runs for a second or more.
+    run(
+        &w,
+        &format!(
+            "CREATE CORE TABLE big (n BIGINT); INGEST INTO big VALUES (1);
+             CREATE SLICE s AS {HEAVY};
+             INGEST INTO big SELECT value AS n FROM generate_series(2, 30000);"
+        ),
+    )
+    .await;
+    // A refresh that has started (read its inputs) is not joined: the next request waits for
+    // its turn, and a request made while that one waits joins it. Which of two requests made
+    // at once starts first depends on the machine, so the first one is seen running first.
+    let running = {
+        let w = w.clone();
+        tokio::spawn(async move { w.refresh("s").await })
+    };
+    eventually(30, "the first refresh to run", || async {
+        let n: i64 = scalar(
+            &w,
+            "SELECT count(*) FROM system.refreshes WHERE status = 'running'",
+        )
+        .await
+        .parse()
+        .unwrap();
+        (n == 1).then_some(())
+    })
+    .await;
+    let (second, third) = tokio::join!(w.refresh("s"), w.refresh("s"));
+    let (second, third) = (second.unwrap(), third.unwrap());
+    assert_eq!(running.await.unwrap().unwrap().version, 1);
+    assert_eq!(second.version, 2);
+    assert_eq!(third.version, 2, "the third request joined the second");
+    assert_eq!(attempts(&w, "slices.s").await.len(), 2);
     // Once it has ended, a new request runs anew.
-    assert_eq!(w.refresh("s").await.unwrap().version, 2);
+    assert_eq!(w.refresh("s").await.unwrap().version, 3);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
