@@ -10,6 +10,7 @@
 //! the icepie statement to use.
 
 pub(crate) mod damage;
+mod file_stats;
 pub(crate) mod live;
 mod pushdown;
 pub mod system;

@@ -8,7 +8,9 @@
 //! Tables as icepie writes them (no partition columns, no Delta reader features such as
 //! deletion vectors or column mapping) are exactly their Parquet files, so the provider hands
 //! that version's file list to DataFusion's own Parquet scan, as DataFusion reads a listing
-//! table, with no per-row work on top. Any other table (a partitioned slice, a table another
+//! table, with no per-row work on top: strings as view types, and each file's Delta
+//! statistics attached so filters skip files without opening them ([`super::file_stats`];
+//! test `budgets::filters_skip_files_by_their_delta_statistics`). Any other table (a partitioned slice, a table another
 //! engine upgraded) is read through delta-rs's provider, which applies what Delta requires.
 
 use std::borrow::Cow;
@@ -19,11 +21,10 @@ use async_trait::async_trait;
 use datafusion::arrow::datatypes::SchemaRef;
 use datafusion::catalog::{ScanArgs, ScanResult, Session, TableProvider};
 use datafusion::common::project_schema;
-use datafusion::common::stats::Precision;
 use datafusion::common::{Constraints, DFSchemaRef, Statistics};
 use datafusion::datasource::listing::PartitionedFile;
 use datafusion::datasource::physical_plan::parquet::{
-    CachedParquetFileReaderFactory, ParquetFileReaderFactory,
+    transform_schema_to_view, CachedParquetFileReaderFactory, ParquetFileReaderFactory,
 };
 use datafusion::datasource::physical_plan::ParquetSource;
 use datafusion::datasource::physical_plan::{FileGroup, FileScanConfigBuilder};
@@ -41,6 +42,7 @@ use object_store::path::Path;
 use object_store::ObjectMeta;
 
 use super::damage::{DamageWatch, WatchedReaders};
+use super::file_stats::file_statistics;
 use crate::error::{IcePieError, Result};
 
 /// Which kind of icepie table a provider serves.
@@ -87,7 +89,8 @@ struct DirectScan {
 
 impl DirectScan {
     /// The direct scan of `table`'s loaded version, or `None` when it needs delta-rs.
-    fn try_new(table: &DeltaTable) -> Result<Option<Self>> {
+    /// `views`: strings and binaries read as view types.
+    fn try_new(table: &DeltaTable, views: bool) -> Result<Option<Self>> {
         let state = table.snapshot()?;
         // Read through serde: delta-rs keeps these accessors internal.
         let metadata = serde_json::to_value(state.metadata()).unwrap_or_default();
@@ -106,27 +109,38 @@ impl DirectScan {
             what: url.to_string(),
             reason: e.to_string(),
         })?;
+        // Strings and binaries as views, as DataFusion reads Parquet by default
+        // (`schema_force_view_types`): faster to filter, group and join on.
         let schema = state.snapshot().arrow_schema();
-        let (mut rows, mut bytes) = (Some(0usize), 0usize);
+        let schema = match views {
+            true => Arc::new(transform_schema_to_view(&schema)),
+            false => schema,
+        };
         let mut files = Vec::new();
         for file in state.log_data().iter() {
             let relative = file.object_store_path();
             let size = u64::try_from(file.size()).unwrap_or_default();
+            let stats = file_statistics(&schema, file.stats().as_deref(), file.num_records(), size);
             // The parts are already encoded: build the path from them, not from text.
-            files.push(PartitionedFile::new_from_meta(ObjectMeta {
-                location: Path::from_iter(root.parts().chain(relative.parts())),
-                last_modified: chrono::DateTime::from_timestamp_millis(file.modification_time())
+            files.push(
+                PartitionedFile::new_from_meta(ObjectMeta {
+                    location: Path::from_iter(root.parts().chain(relative.parts())),
+                    last_modified: chrono::DateTime::from_timestamp_millis(
+                        file.modification_time(),
+                    )
                     .unwrap_or_default(),
-                size,
-                e_tag: None,
-                version: None,
-            }));
-            rows = rows.zip(file.num_records()).map(|(a, b)| a + b);
-            bytes += usize::try_from(size).unwrap_or_default();
+                    size,
+                    e_tag: None,
+                    version: None,
+                })
+                .with_statistics(Arc::new(stats)),
+            );
         }
-        let mut statistics = Statistics::new_unknown(&schema);
-        statistics.num_rows = rows.map_or(Precision::Absent, Precision::Exact);
-        statistics.total_byte_size = Precision::Inexact(bytes);
+        // The table's ranges and counts, as a listing table derives them from the footers.
+        let statistics = Statistics::try_merge_iter(
+            files.iter().filter_map(|f| f.statistics.as_deref()),
+            &schema,
+        )?;
         Ok(Some(Self {
             schema,
             store,
@@ -207,7 +221,9 @@ impl IcePieTable {
                 what: name.clone(),
                 reason: "the Delta table has no committed version".into(),
             })?;
-        let reader = match DirectScan::try_new(&table)? {
+        // The refresh log keeps its declared types: system tables combine it with rows
+        // built in memory.
+        let reader = match DirectScan::try_new(&table, kind != TableKind::System)? {
             Some(direct) => Reader::Direct(direct),
             None => Reader::Delta(table.table_provider().await?),
         };

@@ -3,6 +3,7 @@
 //! vacuum, verify and drops, and what they show.
 
 use super::*;
+use deltalake::DeltaTable;
 
 impl IcePie {
     pub(super) fn lock(&self, name: &SliceName) -> Arc<tokio::sync::Mutex<()>> {
@@ -13,6 +14,24 @@ impl IcePie {
             .entry(name.clone())
             .or_default()
             .clone()
+    }
+
+    /// Builds a version of `name` on the build pool ([`background`]), at a lower priority
+    /// than queries.
+    async fn build_in_background(
+        &self,
+        name: &SliceName,
+        spec: &SliceSpec,
+        kind: CommitKind,
+        existing: Option<&DeltaTable>,
+    ) -> Result<BuildOutcome> {
+        let state = self.inner.ctx.state();
+        let shared = self.inner.shared.clone();
+        let (name, spec, existing) = (name.clone(), spec.clone(), existing.cloned());
+        background::run(async move {
+            slice::build(&state, &shared, &name, &spec, kind, existing.as_ref()).await
+        })
+        .await
     }
 
     pub(super) async fn create_slice(&self, c: &CreateSlice) -> Result<Option<BuildOutcome>> {
@@ -58,15 +77,9 @@ impl IcePie {
                 }
                 (None, _, _) => CommitKind::Create,
             };
-        let out = slice::build(
-            &self.inner.ctx.state(),
-            shared,
-            &c.name,
-            &spec,
-            kind,
-            existing.as_ref(),
-        )
-        .await;
+        let out = self
+            .build_in_background(&c.name, &spec, kind, existing.as_ref())
+            .await;
         out.map(Some)
     }
 
@@ -138,15 +151,14 @@ impl IcePie {
             if let Some(frozen) = &meta.frozen {
                 return Err(frozen_error(name, frozen, "REFRESH SLICE"));
             }
-            let result = slice::build(
-                &self.inner.ctx.state(),
-                shared,
-                name,
-                &SliceSpec::from(&meta),
-                CommitKind::Refresh,
-                Some(&table),
-            )
-            .await;
+            let result = self
+                .build_in_background(
+                    name,
+                    &SliceSpec::from(&meta),
+                    CommitKind::Refresh,
+                    Some(&table),
+                )
+                .await;
             let lost_race = matches!(
                 &result,
                 Err(IcePieError::RefreshFailed { source, .. })

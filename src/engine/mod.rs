@@ -11,6 +11,7 @@
 //! started from; a refresh, freeze, thaw or rollback that loses the race runs again on the
 //! winner's version (or, for a refresh, reports the winner's version when it is fresh).
 
+mod background;
 mod builder;
 mod changes;
 mod output;

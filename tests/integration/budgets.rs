@@ -281,3 +281,51 @@ async fn a_long_refresh_history_reads_as_few_files_as_a_short_one() {
     let (_, w2) = open(&root).await;
     assert_eq!(scalar(&w2, history).await, attempts.to_string());
 }
+
+/// A filter skips the files whose Delta statistics rule them out, without opening them: a
+/// query on one of three loads reads one data file, of a core table and of a slice alike.
+#[tokio::test]
+async fn filters_skip_files_by_their_delta_statistics() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, w) = open(dir.path()).await;
+    run(
+        &w,
+        "CREATE CORE TABLE t (id BIGINT, day DATE, v TEXT);
+         INGEST INTO t SELECT value AS id, DATE '2024-01-01' AS day, 'a' AS v FROM generate_series(1, 100);
+         INGEST INTO t SELECT value AS id, DATE '2024-02-01' AS day, 'b' AS v FROM generate_series(101, 200);
+         INGEST INTO t SELECT value AS id, DATE '2024-03-01' AS day, 'c' AS v FROM generate_series(201, 300);
+         CREATE SLICE s AS SELECT * FROM core.t;
+         REFRESH SLICE s;",
+    )
+    .await;
+    let parquet_reads = |accesses: &[Access]| {
+        let mut files: Vec<String> = accesses
+            .iter()
+            .filter_map(|a| match a {
+                Access::Read(p) if p.ends_with(".parquet") && !p.contains("_delta_log") => {
+                    Some(p.clone())
+                }
+                _ => None,
+            })
+            .collect();
+        files.sort();
+        files.dedup();
+        files.len()
+    };
+    for (sql, expected) in [
+        ("SELECT count(*) FROM core.t WHERE id BETWEEN 150 AND 160", "11"),
+        ("SELECT count(*) FROM core.t WHERE day = DATE '2024-03-01'", "100"),
+        ("SELECT max(v) FROM core.t WHERE id < 50", "a"),
+    ] {
+        let (result, accesses) = cost(&store, &w, sql).await;
+        assert_eq!(result, expected, "{sql}");
+        assert_eq!(parquet_reads(&accesses), 1, "{sql}: {accesses:#?}");
+    }
+    // The slice was written in one file: nothing to skip, but nothing wrong either.
+    let (result, _) = cost(&store, &w, "SELECT count(*) FROM s WHERE id > 290").await;
+    assert_eq!(result, "10");
+    // Without a filter every file is read.
+    let (result, accesses) = cost(&store, &w, "SELECT count(*), max(v) FROM core.t").await;
+    assert_eq!(result, "300");
+    assert_eq!(parquet_reads(&accesses), 3);
+}

@@ -1,0 +1,620 @@
+//! icepie against the engine's own limit, on TPC-H data generated in-process.
+//!
+//! Every figure is a ratio of two timings taken in the same run on the same files (medians of
+//! `ICEPIE_BENCH_RUNS` runs after one warm-up), so the machine's speed and noise cancel out.
+//! Nothing is asserted: the report says where a ratio is above its target.
+//!
+//! Sections (all by default; name some to run only those, e.g.
+//! `cargo bench --bench tpch -- scan refresh`):
+//!
+//! - `ingest`: `INGEST` of lineitem vs DataFusion's `COPY` of the same Parquet files to Parquet.
+//! - `scan`: queries on a slice (full scan, selective filter, group by) vs DataFusion's
+//!   `ListingTable` over the slice's own files.
+//! - `refresh`: `REFRESH SLICE` of each of the 22 TPC-H query slices vs DataFusion's
+//!   `COPY (query) TO` Parquet over the core's own files.
+//! - `p99`: a small slice query's 99th-percentile latency while another slice's heavy refresh
+//!   runs, vs the same query on an idle warehouse.
+//! - `scale`: a warehouse with `ICEPIE_BENCH_SLICES` slices (1,000) and `ICEPIE_BENCH_ATTEMPTS`
+//!   refresh attempts in history (10,000) vs a fresh one with one slice: process start to first
+//!   result, a slice query, a refresh, `system.slices` for that slice.
+//!
+//! `ICEPIE_BENCH_SF` sets the TPC-H scale factor (default 1).
+
+#[path = "tpch/queries.rs"]
+mod queries;
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use datafusion::arrow::record_batch::RecordBatch;
+use datafusion::datasource::file_format::parquet::ParquetFormat;
+use datafusion::datasource::listing::{
+    ListingOptions, ListingTable, ListingTableConfig, ListingTableUrl,
+};
+use datafusion::parquet::arrow::ArrowWriter;
+use datafusion::parquet::basic::Compression;
+use datafusion::parquet::file::properties::WriterProperties;
+use datafusion::prelude::SessionContext;
+use futures::StreamExt;
+use icepie::IcePie;
+use tpchgen::generators::{
+    CustomerGenerator, LineItemGenerator, NationGenerator, OrderGenerator, PartGenerator,
+    PartSuppGenerator, RegionGenerator, SupplierGenerator,
+};
+use tpchgen_arrow::{
+    CustomerArrow, LineItemArrow, NationArrow, OrderArrow, PartArrow, PartSuppArrow, RegionArrow,
+    SupplierArrow,
+};
+
+fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+fn runs() -> usize {
+    env_or("ICEPIE_BENCH_RUNS", 5usize).max(1)
+}
+
+/// Median of `runs()` timings of `f`, after one warm-up run.
+async fn time<F, Fut>(mut f: F) -> Duration
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
+    f().await;
+    let mut times = Vec::new();
+    for _ in 0..runs() {
+        let start = Instant::now();
+        f().await;
+        times.push(start.elapsed());
+    }
+    times.sort();
+    times[times.len() / 2]
+}
+
+/// One line of the report; returns the ratio.
+fn report(what: &str, ours: Duration, base: Duration, base_name: &str, target: f64) -> f64 {
+    let ratio = ours.as_secs_f64() / base.as_secs_f64();
+    let wanted = if target.is_finite() {
+        format!("(target <= {target:.2})")
+    } else {
+        "(no target)".to_string()
+    };
+    println!(
+        "{what:<34} icepie {:>9.2} ms   {base_name:<16} {:>9.2} ms   ratio {ratio:>5.2} {wanted}{}",
+        ours.as_secs_f64() * 1e3,
+        base.as_secs_f64() * 1e3,
+        if ratio <= target {
+            ""
+        } else {
+            "  ABOVE TARGET"
+        }
+    );
+    ratio
+}
+
+/// A warehouse without a scheduler: only the statements measured touch storage.
+async fn open(dir: &Path) -> IcePie {
+    IcePie::builder(dir.to_string_lossy().to_string())
+        .with_scheduler(false)
+        .open()
+        .await
+        .expect("open the warehouse")
+}
+
+async fn run(w: &IcePie, sql: &str) -> usize {
+    let batches = w
+        .sql(sql)
+        .await
+        .unwrap_or_else(|e| panic!("{sql}: {e}"))
+        .collect()
+        .await
+        .unwrap_or_else(|e| panic!("{sql}: {e}"));
+    batches.iter().map(|b| b.num_rows()).sum()
+}
+
+async fn run_df(ctx: &SessionContext, sql: &str) -> usize {
+    let batches = ctx
+        .sql(sql)
+        .await
+        .unwrap_or_else(|e| panic!("{sql}: {e}"))
+        .collect()
+        .await
+        .unwrap_or_else(|e| panic!("{sql}: {e}"));
+    batches.iter().map(|b| b.num_rows()).sum()
+}
+
+// ---------------------------------------------------------------------------------------------
+// Data
+
+/// Writes `batches` to one Parquet file.
+fn write_parquet(path: &Path, batches: impl Iterator<Item = RecordBatch>) {
+    let mut batches = batches.peekable();
+    let schema = batches.peek().expect("a generator yields batches").schema();
+    let file = std::fs::File::create(path).expect("create a source file");
+    let props = WriterProperties::builder()
+        .set_compression(Compression::SNAPPY)
+        .build();
+    let mut writer = ArrowWriter::try_new(file, schema, Some(props)).expect("parquet writer");
+    for batch in batches {
+        writer.write(&batch).expect("write a batch");
+    }
+    writer.close().expect("close a source file");
+}
+
+/// The eight TPC-H tables at scale factor `sf` as Parquet files, `<dir>/<table>/part-N.parquet`.
+fn generate(dir: &Path, sf: f64) {
+    type Parts = fn(f64, i32, i32) -> Box<dyn Iterator<Item = RecordBatch>>;
+    let tables: [(&str, i32, Parts); 8] = [
+        ("lineitem", 8, |sf, p, n| {
+            Box::new(
+                LineItemArrow::new(LineItemGenerator::new(sf, p, n)).map(|b| b.expect("generate")),
+            )
+        }),
+        ("orders", 2, |sf, p, n| {
+            Box::new(OrderArrow::new(OrderGenerator::new(sf, p, n)).map(|b| b.expect("generate")))
+        }),
+        ("partsupp", 2, |sf, p, n| {
+            Box::new(
+                PartSuppArrow::new(PartSuppGenerator::new(sf, p, n)).map(|b| b.expect("generate")),
+            )
+        }),
+        ("part", 1, |sf, p, n| {
+            Box::new(PartArrow::new(PartGenerator::new(sf, p, n)).map(|b| b.expect("generate")))
+        }),
+        ("customer", 1, |sf, p, n| {
+            Box::new(
+                CustomerArrow::new(CustomerGenerator::new(sf, p, n)).map(|b| b.expect("generate")),
+            )
+        }),
+        ("supplier", 1, |sf, p, n| {
+            Box::new(
+                SupplierArrow::new(SupplierGenerator::new(sf, p, n)).map(|b| b.expect("generate")),
+            )
+        }),
+        ("nation", 1, |sf, p, n| {
+            Box::new(NationArrow::new(NationGenerator::new(sf, p, n)).map(|b| b.expect("generate")))
+        }),
+        ("region", 1, |sf, p, n| {
+            Box::new(RegionArrow::new(RegionGenerator::new(sf, p, n)).map(|b| b.expect("generate")))
+        }),
+    ];
+    std::thread::scope(|scope| {
+        for (table, parts, make) in tables {
+            for part in 1..=parts {
+                let path = dir.join(table);
+                scope.spawn(move || {
+                    std::fs::create_dir_all(&path).unwrap();
+                    write_parquet(
+                        &path.join(format!("part-{part}.parquet")),
+                        make(sf, part, parts),
+                    );
+                });
+            }
+        }
+    });
+}
+
+const TABLES: [&str; 8] = [
+    "lineitem", "orders", "partsupp", "part", "customer", "supplier", "nation", "region",
+];
+
+/// A `ListingTable` over exactly `files`, as DataFusion plans a Parquet table by default.
+async fn listing(ctx: &SessionContext, files: Vec<String>) -> Arc<ListingTable> {
+    let urls = files
+        .iter()
+        .map(|f| ListingTableUrl::parse(f).expect("file url"))
+        .collect();
+    let options =
+        ListingOptions::new(Arc::new(ParquetFormat::default())).with_file_extension(".parquet");
+    let config = ListingTableConfig::new_with_multi_paths(urls)
+        .with_listing_options(options)
+        .infer_schema(&ctx.state())
+        .await
+        .expect("infer the schema");
+    Arc::new(ListingTable::try_new(config).expect("listing table"))
+}
+
+/// The Parquet files of the current version of the Delta table at `dir`.
+async fn delta_files(dir: &Path) -> Vec<String> {
+    let url = url::Url::from_directory_path(dir.canonicalize().unwrap()).unwrap();
+    let table = deltalake::open_table(url)
+        .await
+        .expect("open a Delta table");
+    table
+        .get_file_uris()
+        .expect("file list")
+        .map(|u| u.to_string())
+        .collect()
+}
+
+fn source_files(dir: &Path) -> Vec<String> {
+    let mut files: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path().canonicalize().unwrap())
+        .map(|p| p.to_string_lossy().to_string())
+        .collect();
+    files.sort();
+    files
+}
+
+/// A warehouse whose core holds the eight TPC-H tables, loaded from `src`.
+async fn tpch_warehouse(dir: &Path, src: &Path) -> IcePie {
+    let w = open(dir).await;
+    for table in TABLES {
+        let glob = src.join(table).join("*.parquet");
+        run(
+            &w,
+            &format!(
+                "CREATE CORE TABLE {table} FROM '{}' FORMAT parquet",
+                glob.display()
+            ),
+        )
+        .await;
+    }
+    w
+}
+
+/// DataFusion with the core's own Delta files registered as `core.<table>` listing tables.
+async fn baseline_over_core(warehouse: &Path) -> SessionContext {
+    let ctx = SessionContext::new();
+    run_df(&ctx, "CREATE SCHEMA core").await;
+    for table in TABLES {
+        let files = delta_files(&warehouse.join("core").join(table)).await;
+        ctx.register_table(format!("core.{table}"), listing(&ctx, files).await)
+            .unwrap();
+    }
+    ctx
+}
+
+// ---------------------------------------------------------------------------------------------
+// Sections
+
+async fn ingest(w: &IcePie, src: &Path, out: &Path) {
+    let glob = src.join("lineitem").join("*.parquet");
+    run(
+        w,
+        "CREATE CORE TABLE lineitem_in AS SELECT * FROM core.lineitem LIMIT 0",
+    )
+    .await;
+    let sql = format!(
+        "INGEST INTO core.lineitem_in FROM '{}' FORMAT parquet",
+        glob.display()
+    );
+    let sql = sql.as_str();
+    let ours = time(|| async move {
+        run(w, sql).await;
+    })
+    .await;
+    let ctx = SessionContext::new();
+    let table = listing(&ctx, source_files(&src.join("lineitem"))).await;
+    ctx.register_table("lineitem", table).unwrap();
+    let mut n = 0;
+    let base = time(|| {
+        n += 1;
+        let target = out.join(format!("copy-{n}"));
+        let ctx = ctx.clone();
+        async move {
+            run_df(
+                &ctx,
+                &format!(
+                    "COPY (SELECT * FROM lineitem) TO '{}/' STORED AS PARQUET",
+                    target.display()
+                ),
+            )
+            .await;
+        }
+    })
+    .await;
+    report("INGEST lineitem", ours, base, "DataFusion COPY", 1.10);
+}
+
+async fn scan(w: &IcePie, warehouse: &Path) {
+    run(
+        w,
+        "CREATE SLICE bench.lineitem AS SELECT * FROM core.lineitem",
+    )
+    .await;
+    let ctx = SessionContext::new();
+    let files = delta_files(&warehouse.join("slices/bench/lineitem")).await;
+    ctx.register_table("lineitem", listing(&ctx, files).await)
+        .unwrap();
+    for (what, query) in [
+        (
+            "scan, full",
+            "SELECT count(*), sum(l_extendedprice), max(l_comment) FROM {t}",
+        ),
+        (
+            "scan, selective (clustered key)",
+            "SELECT count(*), sum(l_quantity) FROM {t} WHERE l_orderkey BETWEEN 100000 AND 110000",
+        ),
+        (
+            "scan, selective (other column)",
+            "SELECT count(*), sum(l_quantity) FROM {t} WHERE l_shipdate = DATE '1995-03-15'",
+        ),
+        (
+            "scan, group by",
+            "SELECT l_returnflag, l_linestatus, count(*), sum(l_extendedprice * (1 - l_discount)) \
+             FROM {t} GROUP BY l_returnflag, l_linestatus",
+        ),
+    ] {
+        let ours_sql = query.replace("{t}", "bench.lineitem");
+        let base_sql = query.replace("{t}", "lineitem");
+        let (ours_sql, base_sql, ctx) = (ours_sql.as_str(), base_sql.as_str(), &ctx);
+        let ours = time(|| async move {
+            run(w, ours_sql).await;
+        })
+        .await;
+        let base = time(|| async move {
+            run_df(ctx, base_sql).await;
+        })
+        .await;
+        report(what, ours, base, "ListingTable", 1.05);
+    }
+}
+
+async fn refresh(w: &IcePie, warehouse: &Path, out: &Path) {
+    let ctx = baseline_over_core(warehouse).await;
+    let mut worst: f64 = 0.0;
+    for (name, sql) in queries::QUERIES {
+        run(w, &format!("CREATE SLICE tpch.{name} AS {sql}")).await;
+        let slice = format!("tpch.{name}");
+        let slice = slice.as_str();
+        let ours = time(|| async move {
+            w.refresh(slice).await.expect("refresh");
+        })
+        .await;
+        let mut n = 0;
+        let base = time(|| {
+            n += 1;
+            let target = out.join(format!("{name}-{n}.parquet"));
+            let ctx = ctx.clone();
+            async move {
+                run_df(
+                    &ctx,
+                    &format!("COPY ({sql}) TO '{}' STORED AS PARQUET", target.display()),
+                )
+                .await;
+            }
+        })
+        .await;
+        let ratio = report(
+            &format!("REFRESH SLICE {name}"),
+            ours,
+            base,
+            "DataFusion COPY",
+            1.10,
+        );
+        worst = worst.max(ratio);
+    }
+    println!(
+        "{:<34} worst ratio {worst:.2} (target <= 1.10)",
+        "REFRESH, 22 queries"
+    );
+}
+
+async fn p99(w: &IcePie) {
+    run(w, "CREATE SLICE bench.small AS SELECT * FROM core.nation").await;
+    run(
+        w,
+        "CREATE SLICE bench.heavy AS SELECT l_orderkey, count(*) AS n, \
+         sum(l_extendedprice * (1 - l_discount)) AS revenue FROM core.lineitem GROUP BY l_orderkey",
+    )
+    .await;
+    let samples = env_or("ICEPIE_BENCH_SAMPLES", 1000usize).max(100);
+    let query = "SELECT n_regionkey, count(*) FROM bench.small GROUP BY n_regionkey";
+    latencies(w, query, samples).await; // warm-up
+    let idle = latencies(w, query, samples).await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let background = {
+        let (w, stop) = (w.clone(), stop.clone());
+        tokio::spawn(async move {
+            let mut n = 0;
+            while !stop.load(Ordering::Relaxed) {
+                w.refresh("bench.heavy").await.expect("heavy refresh");
+                n += 1;
+            }
+            n
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let busy = latencies(w, query, samples).await;
+    stop.store(true, Ordering::Relaxed);
+    let refreshes = background.await.unwrap();
+    report(
+        "small query p99, heavy refresh",
+        busy.1,
+        idle.1,
+        "idle warehouse",
+        1.2,
+    );
+    report(
+        "small query median, heavy refresh",
+        busy.0,
+        idle.0,
+        "idle warehouse",
+        f64::INFINITY,
+    );
+    println!("{:<34} ({refreshes} heavy refreshes ran meanwhile)", "");
+}
+
+/// The median and the 99th percentile of `samples` sequential runs of `query`.
+async fn latencies(w: &IcePie, query: &str, samples: usize) -> (Duration, Duration) {
+    let mut times = Vec::with_capacity(samples);
+    for _ in 0..samples {
+        let start = Instant::now();
+        run(w, query).await;
+        times.push(start.elapsed());
+    }
+    times.sort();
+    (times[times.len() / 2], times[times.len() * 99 / 100])
+}
+
+/// A warehouse of `slices` small slices over one core table, with `attempts` refreshes.
+async fn populated(dir: &Path, slices: usize, attempts: usize) -> IcePie {
+    let w = open(dir).await;
+    run(
+        &w,
+        "CREATE CORE TABLE facts AS SELECT value AS id, value % 100 AS k FROM generate_series(1, 10000)",
+    )
+    .await;
+    let name = |i: usize| format!("d{}.s{}", i / 10, i % 10);
+    futures::stream::iter(0..slices)
+        .map(|i| {
+            let (w, name) = (w.clone(), name(i));
+            async move {
+                run(
+                    &w,
+                    &format!(
+                        "CREATE SLICE {name} AS SELECT k, count(*) AS n FROM core.facts GROUP BY k"
+                    ),
+                )
+                .await;
+            }
+        })
+        .buffer_unordered(4)
+        .collect::<Vec<_>>()
+        .await;
+    let more = attempts.saturating_sub(slices);
+    futures::stream::iter(0..more)
+        .map(|i| {
+            let (w, name) = (w.clone(), name(i % slices));
+            async move {
+                w.refresh(&name).await.expect("refresh");
+            }
+        })
+        .buffer_unordered(4)
+        .collect::<Vec<_>>()
+        .await;
+    w
+}
+
+struct ScaleTimes {
+    start: Duration,
+    query: Duration,
+    refresh: Duration,
+    system: Duration,
+}
+
+async fn scale_times(dir: &Path) -> ScaleTimes {
+    let bin = env!("CARGO_BIN_EXE_icepie");
+    let start = time(|| async move {
+        let status = tokio::process::Command::new(bin)
+            .args(["-q", "--set", "scheduler=off", "-d"])
+            .arg(dir)
+            .args(["-c", "SELECT count(*) FROM d0.s0"])
+            .stdout(std::process::Stdio::null())
+            .status()
+            .await
+            .expect("run icepie");
+        assert!(status.success());
+    })
+    .await;
+    let w = &open(dir).await;
+    let query = time(|| async move {
+        run(w, "SELECT sum(n) FROM d0.s0 WHERE k < 50").await;
+    })
+    .await;
+    let refresh = time(|| async move {
+        w.refresh("d0.s0").await.expect("refresh");
+    })
+    .await;
+    let system = time(|| async move {
+        run(
+            w,
+            "SELECT * FROM system.slices WHERE domain = 'd0' AND name = 's0'",
+        )
+        .await;
+    })
+    .await;
+    ScaleTimes {
+        start,
+        query,
+        refresh,
+        system,
+    }
+}
+
+async fn scale(root: &Path) {
+    let slices = env_or("ICEPIE_BENCH_SLICES", 1000usize).max(1);
+    let attempts = env_or("ICEPIE_BENCH_ATTEMPTS", 10_000usize);
+    let fresh_dir = root.join("fresh");
+    let big_dir = root.join("big");
+    populated(&fresh_dir, 1, 1).await;
+    let started = Instant::now();
+    populated(&big_dir, slices, attempts).await;
+    println!(
+        "(built {slices} slices and {attempts} refresh attempts in {:.0} s)",
+        started.elapsed().as_secs_f64()
+    );
+    let fresh = scale_times(&fresh_dir).await;
+    let big = scale_times(&big_dir).await;
+    let label = format!("{slices} slices/{attempts} attempts");
+    println!("{label} vs fresh warehouse:");
+    report(
+        "  process start to first result",
+        big.start,
+        fresh.start,
+        "fresh",
+        1.10,
+    );
+    report("  slice query", big.query, fresh.query, "fresh", 1.10);
+    report("  REFRESH SLICE", big.refresh, fresh.refresh, "fresh", 1.10);
+    report(
+        "  system.slices WHERE name",
+        big.system,
+        fresh.system,
+        "fresh",
+        1.10,
+    );
+}
+
+#[tokio::main]
+async fn main() {
+    let wanted: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| !a.starts_with('-'))
+        .collect();
+    let on = |s: &str| wanted.is_empty() || wanted.iter().any(|w| w == s);
+    let sf: f64 = env_or("ICEPIE_BENCH_SF", 1.0);
+    let root = tempfile::tempdir().expect("temporary directory");
+    let (src, warehouse, out) = (
+        root.path().join("src"),
+        root.path().join("warehouse"),
+        root.path().join("out"),
+    );
+    std::fs::create_dir_all(&out).unwrap();
+    println!(
+        "icepie benchmarks: TPC-H SF {sf}, median of {} runs, {} cores",
+        runs(),
+        std::thread::available_parallelism().map_or(1, |n| n.get())
+    );
+    if ["ingest", "scan", "refresh", "p99"].iter().any(|s| on(s)) {
+        let started = Instant::now();
+        generate(&src, sf);
+        let w = tpch_warehouse(&warehouse, &src).await;
+        println!(
+            "(generated and loaded TPC-H in {:.0} s)",
+            started.elapsed().as_secs_f64()
+        );
+        if on("ingest") {
+            ingest(&w, &src, &out).await;
+        }
+        if on("scan") {
+            scan(&w, &warehouse).await;
+        }
+        if on("refresh") {
+            refresh(&w, &warehouse, &out).await;
+        }
+        if on("p99") {
+            p99(&w).await;
+        }
+    }
+    if on("scale") {
+        scale(&PathBuf::from(root.path()).join("scale")).await;
+    }
+}
