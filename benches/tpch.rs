@@ -76,6 +76,35 @@ where
     times[times.len() / 2]
 }
 
+/// Medians of `runs()` timings of `ours` and of `base`, after one warm-up run of each. The
+/// runs alternate (and which goes first alternates), so the machine's drifts hit both alike.
+async fn time_pair<A, FA, B, FB>(mut ours: A, mut base: B) -> (Duration, Duration)
+where
+    A: FnMut() -> FA,
+    FA: std::future::Future<Output = ()>,
+    B: FnMut() -> FB,
+    FB: std::future::Future<Output = ()>,
+{
+    ours().await;
+    base().await;
+    let (mut a, mut b) = (Vec::new(), Vec::new());
+    for i in 0..runs() {
+        for first in [i % 2 == 0, i % 2 != 0] {
+            let start = Instant::now();
+            if first {
+                ours().await;
+                a.push(start.elapsed());
+            } else {
+                base().await;
+                b.push(start.elapsed());
+            }
+        }
+    }
+    a.sort();
+    b.sort();
+    (a[a.len() / 2], b[b.len() / 2])
+}
+
 /// One line of the report; returns the ratio.
 fn report(what: &str, ours: Duration, base: Duration, base_name: &str, target: f64) -> f64 {
     let ratio = ours.as_secs_f64() / base.as_secs_f64();
@@ -286,29 +315,30 @@ async fn ingest(w: &IcePie, src: &Path, out: &Path) {
         glob.display()
     );
     let sql = sql.as_str();
-    let ours = time(|| async move {
-        run(w, sql).await;
-    })
-    .await;
     let ctx = SessionContext::new();
     let table = listing(&ctx, source_files(&src.join("lineitem"))).await;
     ctx.register_table("lineitem", table).unwrap();
     let mut n = 0;
-    let base = time(|| {
-        n += 1;
-        let target = out.join(format!("copy-{n}"));
-        let ctx = ctx.clone();
-        async move {
-            run_df(
-                &ctx,
-                &format!(
-                    "COPY (SELECT * FROM lineitem) TO '{}/' STORED AS PARQUET",
-                    target.display()
-                ),
-            )
-            .await;
-        }
-    })
+    let (ours, base) = time_pair(
+        || async move {
+            run(w, sql).await;
+        },
+        || {
+            n += 1;
+            let target = out.join(format!("copy-{n}"));
+            let ctx = ctx.clone();
+            async move {
+                run_df(
+                    &ctx,
+                    &format!(
+                        "COPY (SELECT * FROM lineitem) TO '{}/' STORED AS PARQUET",
+                        target.display()
+                    ),
+                )
+                .await;
+            }
+        },
+    )
     .await;
     report("INGEST lineitem", ours, base, "DataFusion COPY", 1.10);
 }
@@ -345,13 +375,14 @@ async fn scan(w: &IcePie, warehouse: &Path) {
         let ours_sql = query.replace("{t}", "bench.lineitem");
         let base_sql = query.replace("{t}", "lineitem");
         let (ours_sql, base_sql, ctx) = (ours_sql.as_str(), base_sql.as_str(), &ctx);
-        let ours = time(|| async move {
-            run(w, ours_sql).await;
-        })
-        .await;
-        let base = time(|| async move {
-            run_df(ctx, base_sql).await;
-        })
+        let (ours, base) = time_pair(
+            || async move {
+                run(w, ours_sql).await;
+            },
+            || async move {
+                run_df(ctx, base_sql).await;
+            },
+        )
         .await;
         report(what, ours, base, "ListingTable", 1.05);
     }
@@ -364,23 +395,24 @@ async fn refresh(w: &IcePie, warehouse: &Path, out: &Path) {
         run(w, &format!("CREATE SLICE tpch.{name} AS {sql}")).await;
         let slice = format!("tpch.{name}");
         let slice = slice.as_str();
-        let ours = time(|| async move {
-            w.refresh(slice).await.expect("refresh");
-        })
-        .await;
         let mut n = 0;
-        let base = time(|| {
-            n += 1;
-            let target = out.join(format!("{name}-{n}.parquet"));
-            let ctx = ctx.clone();
-            async move {
-                run_df(
-                    &ctx,
-                    &format!("COPY ({sql}) TO '{}' STORED AS PARQUET", target.display()),
-                )
-                .await;
-            }
-        })
+        let (ours, base) = time_pair(
+            || async move {
+                w.refresh(slice).await.expect("refresh");
+            },
+            || {
+                n += 1;
+                let target = out.join(format!("{name}-{n}.parquet"));
+                let ctx = ctx.clone();
+                async move {
+                    run_df(
+                        &ctx,
+                        &format!("COPY ({sql}) TO '{}' STORED AS PARQUET", target.display()),
+                    )
+                    .await;
+                }
+            },
+        )
         .await;
         let ratio = report(
             &format!("REFRESH SLICE {name}"),
@@ -397,7 +429,7 @@ async fn refresh(w: &IcePie, warehouse: &Path, out: &Path) {
     );
 }
 
-async fn p99(w: &IcePie) {
+async fn p99(w: &IcePie, warehouse: &Path) {
     run(w, "CREATE SLICE bench.small AS SELECT * FROM core.nation").await;
     run(
         w,
@@ -405,10 +437,27 @@ async fn p99(w: &IcePie) {
          sum(l_extendedprice * (1 - l_discount)) AS revenue FROM core.lineitem GROUP BY l_orderkey",
     )
     .await;
+    // The engine's own limit: DataFusion alone, on the small slice's files, same machine load.
+    let ctx = &SessionContext::new();
+    let files = delta_files(&warehouse.join("slices/bench/small")).await;
+    ctx.register_table("small", listing(ctx, files).await)
+        .unwrap();
     let samples = env_or("ICEPIE_BENCH_SAMPLES", 1000usize).max(100);
-    let query = "SELECT n_regionkey, count(*) FROM bench.small GROUP BY n_regionkey";
-    latencies(w, query, samples).await; // warm-up
-    let idle = latencies(w, query, samples).await;
+    let query = "SELECT n_regionkey, count(*) FROM {t} GROUP BY n_regionkey";
+    let (ours_sql, base_sql) = (
+        query.replace("{t}", "bench.small"),
+        query.replace("{t}", "small"),
+    );
+    let (ours_sql, base_sql) = (ours_sql.as_str(), base_sql.as_str());
+    let ours = || async move {
+        run(w, ours_sql).await;
+    };
+    let base = || async move {
+        run_df(ctx, base_sql).await;
+    };
+    latencies(samples, ours).await; // warm-up
+    let idle = latencies(samples, ours).await;
+    let base_idle = latencies(samples, base).await;
     let stop = Arc::new(AtomicBool::new(false));
     let background = {
         let (w, stop) = (w.clone(), stop.clone());
@@ -422,7 +471,8 @@ async fn p99(w: &IcePie) {
         })
     };
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let busy = latencies(w, query, samples).await;
+    let busy = latencies(samples, ours).await;
+    let base_busy = latencies(samples, base).await;
     stop.store(true, Ordering::Relaxed);
     let refreshes = background.await.unwrap();
     report(
@@ -439,18 +489,42 @@ async fn p99(w: &IcePie) {
         "idle warehouse",
         f64::INFINITY,
     );
+    println!(
+        "{:<34} DataFusion alone (ListingTable, same load): p99 {:.2} ms busy / {:.2} ms idle = {:.2}",
+        "",
+        base_busy.1.as_secs_f64() * 1e3,
+        base_idle.1.as_secs_f64() * 1e3,
+        base_busy.1.as_secs_f64() / base_idle.1.as_secs_f64()
+    );
     println!("{:<34} ({refreshes} heavy refreshes ran meanwhile)", "");
 }
 
 /// The median and the 99th percentile of `samples` sequential runs of `query`.
-async fn latencies(w: &IcePie, query: &str, samples: usize) -> (Duration, Duration) {
+async fn latencies<F, Fut>(samples: usize, query: F) -> (Duration, Duration)
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
     let mut times = Vec::with_capacity(samples);
     for _ in 0..samples {
         let start = Instant::now();
-        run(w, query).await;
+        query().await;
         times.push(start.elapsed());
     }
     times.sort();
+    if std::env::var_os("ICEPIE_BENCH_TAIL").is_some() {
+        let at =
+            |q: usize| times[(times.len() * q / 1000).min(times.len() - 1)].as_secs_f64() * 1e3;
+        println!(
+            "  latency ms: p50 {:.2} p90 {:.2} p95 {:.2} p99 {:.2} p99.9 {:.2} max {:.2}",
+            at(500),
+            at(900),
+            at(950),
+            at(990),
+            at(999),
+            at(1000)
+        );
+    }
     (times[times.len() / 2], times[times.len() * 99 / 100])
 }
 
@@ -611,7 +685,7 @@ async fn main() {
             refresh(&w, &warehouse, &out).await;
         }
         if on("p99") {
-            p99(&w).await;
+            p99(&w, &warehouse).await;
         }
     }
     if on("scale") {

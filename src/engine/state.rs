@@ -18,7 +18,9 @@ use datafusion::sql::sqlparser::ast::{SchemaName, Statement as SQLStatement};
 
 use crate::catalog::table::{IcePieTable, TableKind};
 use crate::catalog::{damage, time_travel, CATALOG_NAME};
-use crate::error::Result;
+use futures::{StreamExt, TryStreamExt};
+
+use crate::error::{IcePieError, Result};
 use crate::options::IcePieOptions;
 use crate::slice::log::{AttemptSummary, LogCache};
 use crate::slice::{meta, quarantine};
@@ -26,6 +28,9 @@ use crate::storage::names::{
     validate_domain, validate_name, SliceName, CORE_SCHEMA, DEFAULT_DOMAIN, SYSTEM_SCHEMA,
 };
 use crate::storage::{Warehouse, CORE_DIR, SLICES_DIR};
+
+/// How many domains' folders a whole listing lists at a time.
+const LISTING_FANOUT: usize = 16;
 
 /// DataFusion's schema of catalog views.
 const INFORMATION_SCHEMA: &str = "information_schema";
@@ -80,22 +85,27 @@ impl Shared {
         self.log.attempts(&self.warehouse, slice).await
     }
 
-    /// Lists the warehouse again (a few object-store list calls).
+    /// Lists the warehouse again: the core, the domains, and each domain's slices, up to
+    /// [`LISTING_FANOUT`] domains at a time.
     pub async fn refresh_listing(&self) -> Result<()> {
-        let core = self.warehouse.list_children(CORE_DIR).await?;
-        let mut domains = BTreeMap::new();
-        for domain in self.warehouse.list_children(SLICES_DIR).await? {
-            if validate_domain(&domain).is_err() {
-                continue;
-            }
-            let slices = self
-                .warehouse
-                .list_children(&format!("{SLICES_DIR}/{domain}"))
+        let (core, names) = futures::try_join!(
+            self.warehouse.list_children(CORE_DIR),
+            self.warehouse.list_children(SLICES_DIR)
+        )?;
+        let listed: Vec<(String, Vec<String>)> =
+            futures::stream::iter(names.into_iter().filter(|d| validate_domain(d).is_ok()))
+                .map(|domain| async move {
+                    let path = format!("{SLICES_DIR}/{domain}");
+                    let slices = self.warehouse.list_children(&path).await?;
+                    Ok::<_, IcePieError>((domain, slices))
+                })
+                .buffer_unordered(LISTING_FANOUT)
+                .try_collect()
                 .await?;
-            if !slices.is_empty() {
-                domains.insert(domain, slices);
-            }
-        }
+        let domains: BTreeMap<String, Vec<String>> = listed
+            .into_iter()
+            .filter(|(_, slices)| !slices.is_empty())
+            .collect();
         *self.listing.write().expect("listing lock") = Listing { core, domains };
         Ok(())
     }

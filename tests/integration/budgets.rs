@@ -313,8 +313,14 @@ async fn filters_skip_files_by_their_delta_statistics() {
         files.len()
     };
     for (sql, expected) in [
-        ("SELECT count(*) FROM core.t WHERE id BETWEEN 150 AND 160", "11"),
-        ("SELECT count(*) FROM core.t WHERE day = DATE '2024-03-01'", "100"),
+        (
+            "SELECT count(*) FROM core.t WHERE id BETWEEN 150 AND 160",
+            "11",
+        ),
+        (
+            "SELECT count(*) FROM core.t WHERE day = DATE '2024-03-01'",
+            "100",
+        ),
         ("SELECT max(v) FROM core.t WHERE id < 50", "a"),
     ] {
         let (result, accesses) = cost(&store, &w, sql).await;
