@@ -197,13 +197,24 @@ pub enum IcePieError {
         reason: String,
     },
 
+    /// The statement names a column that is not there, or one that is ambiguous.
+    #[error("{0}")]
+    Column(String),
+
+    /// A value read or computed does not fit where it goes: text that is not a number or a
+    /// date, a value out of its type's range, a division by zero, a NULL in a NOT NULL
+    /// column, a line of a text file with the wrong number of fields. The message names the
+    /// value (and, where known, the file, line and column); nothing was written.
+    #[error("{0}")]
+    BadData(String),
+
     /// An error from DataFusion (planning or execution).
     #[error(transparent)]
     DataFusion(DataFusionError),
 
     /// An error from Delta Lake (storage, commits, conflicts).
     #[error(transparent)]
-    Delta(#[from] DeltaTableError),
+    Delta(DeltaTableError),
 
     /// An error from the object store.
     #[error(transparent)]
@@ -235,9 +246,130 @@ impl From<DataFusionError> for IcePieError {
                 ours => ours,
             },
             DataFusionError::SQL(e, _) => IcePieError::Syntax(e.to_string()),
-            other => IcePieError::DataFusion(other),
+            DataFusionError::SchemaError(e, _) => IcePieError::Column(e.to_string()),
+            // The message is the inner error's; the source span is not shown anyway.
+            DataFusionError::Diagnostic(_, inner) => IcePieError::from(*inner),
+            other => match bad_data(&other.to_string()) {
+                Some(message) => IcePieError::BadData(message),
+                None => IcePieError::DataFusion(other),
+            },
         }
     }
+}
+
+impl From<DeltaTableError> for IcePieError {
+    /// Delta Lake carries DataFusion's and Arrow's errors as text ("Generic DeltaTable error:
+    /// Arrow error: Cast error: ..."): those about the data are said plainly.
+    fn from(e: DeltaTableError) -> Self {
+        match bad_data(&e.to_string()) {
+            Some(message) => IcePieError::BadData(message),
+            None => IcePieError::Delta(e),
+        }
+    }
+}
+
+/// The text between `start` and the next `end` in `text`, and what follows it.
+fn between<'a>(text: &'a str, start: &str, end: &str) -> Option<(&'a str, &'a str)> {
+    let from = text.find(start)? + start.len();
+    let len = text[from..].find(end)?;
+    Some((&text[from..from + len], &text[from + len + end.len()..]))
+}
+
+/// An Arrow type name as Arrow's messages print it (`Int64`, `Date32`), in SQL's words.
+fn sql_type_of(arrow_name: &str) -> String {
+    match arrow_name.parse::<datafusion::arrow::datatypes::DataType>() {
+        Ok(t) => crate::text::sql_type_name(&t),
+        Err(_) => arrow_name.to_string(),
+    }
+}
+
+/// A value that does not parse as its type in a text file: `(value, SQL type, column index,
+/// record number counted from the header, the row)`, from Arrow's CSV reader's message.
+pub(crate) fn csv_value_error(text: &str) -> Option<(String, String, usize, usize, String)> {
+    let (value, rest) = between(text, "Error while parsing value '", "' as type '")?;
+    let (arrow_type, rest) = between(rest, "", "' for column ")?;
+    let (column, rest) = between(rest, "", " at line ")?;
+    let (line, rest) = between(rest, "", ".")?;
+    let row = between(rest, "Row data: '[", "]'").map_or("", |(r, _)| r);
+    Some((
+        value.to_string(),
+        sql_type_of(arrow_type),
+        column.parse().ok()?,
+        line.parse().ok()?,
+        row.to_string(),
+    ))
+}
+
+/// A line of a text file with the wrong number of fields: `(record number counted from the
+/// header, fields expected, fields found)`, from Arrow's CSV reader's message.
+pub(crate) fn csv_fields_error(text: &str) -> Option<(usize, usize, usize)> {
+    let (line, rest) = between(text, "incorrect number of fields for line ", ", expected ")?;
+    let (expected, rest) = between(rest, "", " got ")?;
+    let got: String = rest.chars().take_while(char::is_ascii_digit).collect();
+    Some((
+        line.parse().ok()?,
+        expected.parse().ok()?,
+        got.parse().ok()?,
+    ))
+}
+
+/// Says plainly what is wrong with the data, for the messages of DataFusion, Arrow and Delta
+/// Lake that are about a value rather than the statement; `None` for any other message.
+pub(crate) fn bad_data(text: &str) -> Option<String> {
+    if let Some((value, rest)) = between(text, "Cannot cast string '", "' to value of ") {
+        let (arrow_type, _) = between(rest, "", " type")?;
+        let sql = sql_type_of(arrow_type);
+        return Some(format!(
+            "the text '{value}' is not a valid {sql} (TRY_CAST(... AS {sql}) gives NULL for \
+             such values)"
+        ));
+    }
+    if let Some((value, rest)) = between(text, "Can't cast value ", " to type ") {
+        let arrow_type: String = rest
+            .chars()
+            .take_while(|c| c.is_ascii_alphanumeric() || *c == '(' || *c == ')' || *c == ',')
+            .collect();
+        return Some(format!(
+            "the value {value} is out of range for {}",
+            sql_type_of(&arrow_type)
+        ));
+    }
+    if text.contains("Divide by zero error") {
+        return Some(
+            "division by zero (NULLIF(divisor, 0) gives NULL instead of failing)".to_string(),
+        );
+    }
+    if let Some((value, sql, column, line, row)) = csv_value_error(text) {
+        return Some(format!(
+            "'{value}' in field {} of record {line} is not a valid {sql} (the record: {row})",
+            column + 1
+        ));
+    }
+    if let Some((line, expected, got)) = csv_fields_error(text) {
+        return Some(format!(
+            "record {line} has {got} field(s) where {expected} were expected"
+        ));
+    }
+    if let Some((field, rest)) = between(text, "whilst decoding field '", "': ") {
+        return Some(format!("JSON field '{field}': {}", first_line(rest)));
+    }
+    if let Some((rows, _)) = between(
+        text,
+        "Invalid data found: ",
+        " rows failed validation check",
+    ) {
+        return Some(format!(
+            "{rows} row(s) have NULL in a NOT NULL column, or break a constraint of the table"
+        ));
+    }
+    if let Some((_, detail)) = between(text, "Arithmetic overflow", ":") {
+        return Some(format!("arithmetic overflow:{}", first_line(detail)));
+    }
+    None
+}
+
+fn first_line(text: &str) -> &str {
+    text.lines().next().unwrap_or_default()
 }
 
 impl From<datafusion::sql::sqlparser::parser::ParserError> for IcePieError {
@@ -249,5 +381,57 @@ impl From<datafusion::sql::sqlparser::parser::ParserError> for IcePieError {
 impl From<datafusion::arrow::error::ArrowError> for IcePieError {
     fn from(e: datafusion::arrow::error::ArrowError) -> Self {
         IcePieError::DataFusion(e.into())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn data_errors_of_dependencies_are_said_plainly() {
+        let said = |t: &str| bad_data(t).unwrap();
+        assert_eq!(
+            said(
+                "Generic DeltaTable error: Arrow error: Cast error: Cannot cast string \
+                  '02/03/2024' to value of Date32 type"
+            ),
+            "the text '02/03/2024' is not a valid DATE (TRY_CAST(... AS DATE) gives NULL for \
+             such values)"
+        );
+        assert_eq!(
+            said(
+                "Failed to convert into Arrow schema: Cast error: Can't cast value 1e23 to \
+                  type Int64"
+            ),
+            "the value 1e23 is out of range for BIGINT"
+        );
+        assert!(said("Arrow error: Divide by zero error").starts_with("division by zero"));
+        assert_eq!(
+            said(
+                "Arrow error: Parser error: Error while parsing value 'x' as type 'Int64' \
+                  for column 1 at line 2. Row data: '[2,x,4]'"
+            ),
+            "'x' in field 2 of record 2 is not a valid BIGINT (the record: 2,x,4)"
+        );
+        assert_eq!(
+            said("Csv error: incorrect number of fields for line 2, expected 2 got 1"),
+            "record 2 has 1 field(s) where 2 were expected"
+        );
+        assert!(said(
+            "External error: Invalid data found: 1 rows failed validation check.\nPreview"
+        )
+        .starts_with("1 row(s) have NULL in a NOT NULL column"));
+        assert_eq!(bad_data("table 'icepie.core.nope' not found"), None);
+    }
+
+    #[test]
+    fn delta_errors_about_data_become_bad_data() {
+        let e = IcePieError::from(DeltaTableError::Generic(
+            "Arrow error: Divide by zero error".into(),
+        ));
+        assert!(matches!(e, IcePieError::BadData(_)), "{e:?}");
+        let e = IcePieError::from(DeltaTableError::Generic("something else".into()));
+        assert!(matches!(e, IcePieError::Delta(_)), "{e:?}");
     }
 }

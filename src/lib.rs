@@ -70,6 +70,7 @@ pub mod options;
 pub mod slice;
 pub mod sql;
 pub mod storage;
+pub mod text;
 
 pub use engine::{IcePie, IcePieBuilder, RefreshEvent};
 pub use error::{IcePieError, Result};

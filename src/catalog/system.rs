@@ -9,8 +9,7 @@ use std::sync::{Arc, LazyLock};
 
 use async_trait::async_trait;
 use datafusion::arrow::array::{
-    ArrayRef, BooleanArray, DurationMillisecondArray, Int64Array, RecordBatch, StringArray,
-    TimestampMillisecondArray,
+    ArrayRef, BooleanArray, Int64Array, RecordBatch, StringArray, TimestampMillisecondArray,
 };
 use datafusion::arrow::compute::cast;
 use datafusion::arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
@@ -33,6 +32,7 @@ use crate::slice::meta::{format_inputs, HistoryEntry};
 use crate::slice::{self, log, running, InputCache, SliceInfo, SliceState};
 use crate::storage::names::{validate_name, SliceName};
 use crate::storage::{table_stats, Warehouse, REFRESHES_PATH, SLICES_DIR};
+use crate::text::human_duration;
 
 /// Names of the system tables.
 pub const TABLES: [&str; 3] = ["core_tables", "refreshes", "slices"];
@@ -68,7 +68,8 @@ pub static SLICES_SCHEMA: LazyLock<SchemaRef> = LazyLock::new(|| {
         Field::new("refreshed_at", ts(), true),
         Field::new("last_error", DataType::Utf8, true),
         Field::new("failures", DataType::Int64, true),
-        Field::new("lag", DataType::Duration(TimeUnit::Millisecond), true),
+        Field::new("lag", DataType::Utf8, true),
+        Field::new("lag_ms", DataType::Int64, true),
         Field::new("frozen_reason", DataType::Utf8, true),
         Field::new("frozen_since", ts(), true),
         Field::new("refresh", DataType::Utf8, true),
@@ -419,11 +420,8 @@ fn slices_table(
                     .collect::<Vec<_>>(),
             )),
             i(&|x| Some(i64::from(x.failures))),
-            Arc::new(DurationMillisecondArray::from(
-                rows.iter()
-                    .map(|r| r.1.and_then(|x| x.lag_ms))
-                    .collect::<Vec<_>>(),
-            )),
+            s(&|x| x.lag_ms.map(human_duration)),
+            i(&|x| x.lag_ms),
             s(&|x| x.frozen().and_then(|f| f.reason.clone())),
             t(&|x| x.frozen().map(|f| f.since)),
             s(&|x| Some(x.meta.refresh.clone())),

@@ -6,6 +6,8 @@
 //! to its columns by name and cast to their types; a load whose columns do not fit is refused
 //! before anything is written, with an error that names the columns.
 
+mod explain;
+
 use std::sync::Arc;
 
 use datafusion::arrow::compute::can_cast_types;
@@ -36,6 +38,7 @@ use crate::sql::{DataSource, FileFormat};
 use crate::storage::names::CORE_SCHEMA;
 use crate::storage::tracked::TakeBack;
 use crate::storage::{table_stats, TableStats, Warehouse, WriteBase, NO_EXPIRED_LOG_CLEANUP};
+use crate::text::sql_type_name;
 
 /// The result of creating a core table or ingesting into one.
 #[derive(Debug, Clone)]
@@ -177,8 +180,8 @@ fn fit(plan: LogicalPlan, target: &Schema, table: &str) -> Result<LogicalPlan> {
             problems.push(format!(
                 "column {} is {} but the table has {}",
                 field.name(),
-                src.data_type(),
-                field.data_type()
+                sql_type_name(src.data_type()),
+                sql_type_name(field.data_type())
             ));
             continue;
         }
@@ -317,7 +320,25 @@ pub(crate) async fn create(
     };
     let base = shared.warehouse.write_base(&rel, None)?;
     let what = serde_json::json!({"kind": "create", "source": source_text(stmt.source.as_ref())});
-    let table = commit(state, shared, &rel, base, plan, what).await?;
+    let casts = explain::casts_of(&plan);
+    let table = match commit(state, shared, &rel, base, plan, what).await {
+        Ok(table) => table,
+        Err(e) => {
+            let Some(source) = &stmt.source else {
+                return Err(e);
+            };
+            let nothing = format!("core table {qualified} was not created");
+            return Err(explain::load_error(
+                state,
+                source,
+                declared.as_deref(),
+                &casts,
+                &nothing,
+                e,
+            )
+            .await);
+        }
+    };
     outcome(name, 0, &table).map(Some)
 }
 
@@ -350,6 +371,14 @@ pub(crate) async fn ingest(
     let what = serde_json::json!({"kind": "ingest", "source": source_text(Some(source))});
     let rel = Warehouse::core_path(name);
     let base = shared.warehouse.write_base(&rel, Some(&table))?;
-    let table = commit(state, shared, &rel, base, plan, what).await?;
+    let casts = explain::casts_of(&plan);
+    let table = match commit(state, shared, &rel, base, plan, what).await {
+        Ok(table) => table,
+        Err(e) => {
+            let nothing = format!("nothing was ingested into {qualified}");
+            let target = Some(schema.as_ref());
+            return Err(explain::load_error(state, source, target, &casts, &nothing, e).await);
+        }
+    };
     outcome(name, before, &table)
 }

@@ -234,6 +234,10 @@ impl IcePie {
             Statement::DataFusion(stmt) => {
                 let plan = time_travel::plan_statement(&state, shared, *stmt).await?;
                 self.refuse_writes(&plan)?;
+                // DESCRIBE names types as SQL does (BIGINT, TEXT), not as Arrow does.
+                if let LogicalPlan::DescribeTable(describe) = &plan {
+                    return output::columns(ctx, &describe.schema);
+                }
                 // A view over slices and core tables reads their latest versions, always.
                 let plan = match plan {
                     LogicalPlan::Ddl(DdlStatement::CreateView(mut view)) => {

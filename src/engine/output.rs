@@ -14,6 +14,7 @@ use crate::slice::meta::format_inputs;
 use crate::slice::quarantine::{FileCheck, Verified};
 use crate::slice::vacuum::VacuumOutcome;
 use crate::slice::{BuildOutcome, SliceInfo};
+use crate::text::{human_duration, sql_type_name};
 
 fn frame(ctx: &SessionContext, fields: Vec<(&str, ArrayRef)>) -> Result<DataFrame> {
     let schema = Schema::new(
@@ -169,6 +170,32 @@ pub(super) fn verifies(ctx: &SessionContext, out: &[Verified]) -> Result<DataFra
     )
 }
 
+/// `DESCRIBE table`: each column's name, SQL type and whether it may be NULL.
+pub(super) fn columns(ctx: &SessionContext, schema: &Schema) -> Result<DataFrame> {
+    let fields = schema.fields();
+    frame(
+        ctx,
+        vec![
+            (
+                "column_name",
+                strings(fields.iter().map(|f| f.name().clone())),
+            ),
+            (
+                "data_type",
+                strings(fields.iter().map(|f| sql_type_name(f.data_type()))),
+            ),
+            (
+                "is_nullable",
+                strings(
+                    fields
+                        .iter()
+                        .map(|f| if f.is_nullable() { "YES" } else { "NO" }.to_string()),
+                ),
+            ),
+        ],
+    )
+}
+
 /// `DESCRIBE SLICE`: one property per row.
 pub(super) fn describe(ctx: &SessionContext, info: &SliceInfo) -> Result<DataFrame> {
     let frozen = info.frozen();
@@ -186,9 +213,7 @@ pub(super) fn describe(ctx: &SessionContext, info: &SliceInfo) -> Result<DataFra
         ("inputs".into(), format_inputs(&info.meta.inputs)),
         (
             "lag".into(),
-            info.lag_ms
-                .map(|ms| format!("{:.1} s", ms as f64 / 1000.0))
-                .unwrap_or_default(),
+            info.lag_ms.map(human_duration).unwrap_or_default(),
         ),
         ("failures".into(), info.failures.to_string()),
         (

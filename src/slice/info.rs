@@ -2,6 +2,7 @@
 //! who is refreshing it, read from the warehouse.
 
 use super::*;
+use crate::text::sql_type_name;
 
 /// State of a slice (DESIGN §6).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -171,7 +172,7 @@ pub(crate) async fn info(
     let columns = schema
         .fields()
         .iter()
-        .map(|f| (f.name().clone(), f.data_type().to_string()))
+        .map(|f| (f.name().clone(), sql_type_name(f.data_type())))
         .collect();
     Ok(Some(SliceInfo {
         name: name.clone(),

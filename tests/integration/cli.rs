@@ -226,3 +226,161 @@ async fn serve_refreshes_due_slices_and_stops_cleanly_on_sigterm() {
     assert_eq!(w.slice("s").await.unwrap().version, latest);
     assert_eq!(crate::support::scalar(&w, "SELECT total FROM s").await, "1");
 }
+
+/// `text` with table padding removed and the cells of columns whose values change from run
+/// to run (times, durations, lags, file sizes) replaced by `*`.
+fn steady(text: &str) -> String {
+    const VOLATILE: [&str; 8] = [
+        "bytes",
+        "duration_ms",
+        "refreshed_at",
+        "created_at",
+        "last_ingest_at",
+        "lag",
+        "committed_at",
+        "frozen_since",
+    ];
+    let mut out = String::new();
+    let mut header: Vec<String> = Vec::new();
+    // 0: outside a table, 1: after its top border, 2: after its header, 3: in its rows.
+    let mut state = 0;
+    for line in text.lines() {
+        if line.starts_with('+') {
+            state = match state {
+                0 | 1 => 1,
+                2 => 3,
+                _ => 0,
+            };
+            out.push_str("+--+\n");
+        } else if line.starts_with('|') {
+            let mut cells: Vec<String> = line
+                .trim_matches('|')
+                .split('|')
+                .map(|c| c.trim().to_string())
+                .collect();
+            if state < 2 {
+                header = cells.clone();
+                state = 2;
+            } else {
+                for (i, c) in cells.iter_mut().enumerate() {
+                    let name = header.get(i).map(String::as_str).unwrap_or_default();
+                    if VOLATILE.contains(&name) && c != "NULL" {
+                        *c = "*".into();
+                    }
+                }
+            }
+            out.push_str(&format!("| {} |\n", cells.join(" | ")));
+        } else {
+            state = 0;
+            out.push_str(line);
+            out.push('\n');
+        }
+    }
+    out
+}
+
+#[test]
+fn the_demo_tells_its_story_and_succeeds() {
+    let dir = tempfile::tempdir().unwrap();
+    let wh = dir.path().join("wh");
+    let out = icepie(&wh, &["-f", "sql/demo.sql"], None);
+    let text = transcript(&out);
+    assert_eq!(out.status.code(), Some(0), "{text}");
+    snapshot("cli_demo", dir.path(), steady(&text));
+    // It runs again on its own warehouse: the clean-up drops what the first run made.
+    let again = icepie(&wh, &["-f", "sql/demo.sql"], None);
+    let again_text = String::from_utf8_lossy(&again.stdout);
+    assert_eq!(again.status.code(), Some(0), "{}", transcript(&again));
+    assert!(
+        again_text.contains("| dropped") && again_text.contains("| core.events"),
+        "{again_text}"
+    );
+}
+
+#[test]
+fn scripts_run_meta_commands_between_statements() {
+    let dir = tempfile::tempdir().unwrap();
+    let inner = dir.path().join("inner.sql");
+    std::fs::write(&inner, "\\echo from inner\nSELECT 2 AS two;\n").unwrap();
+    let script = format!(
+        "\\echo == heading\n\
+         DROP SLICE IF EXISTS nothing_here;\n\
+         SELECT 1 AS one;\n\
+         -- a comment, then a statement meant to fail\n\
+         \\expect error\n\
+         SELECT * FROM core.missing;\n\
+         SELECT '\n\\echo inside a string\n' AS text;\n\
+         \\format csv\n\
+         \\i {}\n\
+         \\q\n\
+         SELECT 'not reached' AS never;\n",
+        inner.display()
+    );
+    let out = icepie(&dir.path().join("wh"), &["-q"], Some(&script));
+    snapshot("cli_meta_commands", dir.path(), transcript(&out));
+
+    // A statement after \expect error that succeeds is a failure, as is a syntax error
+    // without one; line numbers are the script's.
+    let out = icepie(
+        &dir.path().join("wh"),
+        &["-q"],
+        Some("\\echo a\n\\expect error\nSELECT 1 AS fine;\n\\echo b\nSELECT\n  1 +;\n"),
+    );
+    snapshot("cli_meta_failures", dir.path(), transcript(&out));
+}
+
+#[test]
+fn help_has_examples_and_version_names_the_engines() {
+    let dir = tempfile::tempdir().unwrap();
+    let help = icepie(dir.path(), &["--help"], None);
+    let text = String::from_utf8_lossy(&help.stdout);
+    assert!(help.status.success(), "{text}");
+    for example in ["icepie -c ", "icepie --data s3://", " serve"] {
+        assert!(text.contains(example), "{example} missing from:\n{text}");
+    }
+    let version = icepie(dir.path(), &["--version"], None);
+    let text = String::from_utf8_lossy(&version.stdout);
+    assert_eq!(
+        text.trim(),
+        format!(
+            "icepie {} (DataFusion {}, delta-rs {})",
+            env!("CARGO_PKG_VERSION"),
+            datafusion::DATAFUSION_VERSION,
+            deltalake::crate_version()
+        )
+    );
+}
+
+#[test]
+fn describe_shows_sql_types() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = icepie(
+        &dir.path().join("wh"),
+        &[
+            "--format",
+            "csv",
+            "-c",
+            "CREATE CORE TABLE t (n INT NOT NULL, at TIMESTAMP, price DECIMAL(10,2))",
+            "-c",
+            "CREATE SLICE s AS SELECT sum(n) AS total, max(at) AS last, min(price) AS low \
+             FROM core.t",
+            "-c",
+            "DESCRIBE core.t",
+            "-c",
+            "DESCRIBE SLICE s",
+        ],
+        None,
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}", transcript(&out));
+    for line in [
+        "n,INT,NO",
+        "at,TIMESTAMP,YES",
+        "price,\"DECIMAL(10,2)\",YES",
+        "column total,BIGINT",
+        "column last,TIMESTAMP",
+        "column low,\"DECIMAL(10,2)\"",
+    ] {
+        assert!(text.contains(line), "{line} missing from:\n{text}");
+    }
+}

@@ -16,6 +16,7 @@
 //! scheduled refresh; on a signal it lets running refreshes finish (a second signal, or
 //! `--grace` seconds, cancels them: a cancelled refresh commits nothing).
 
+mod meta;
 mod print;
 mod repl;
 mod serve;
@@ -30,10 +31,37 @@ use icepie::IcePie;
 use print::Format;
 use session::{Output, Session, Settings};
 
+/// Worked examples at the end of `--help`.
+const EXAMPLES: &str = "\
+Examples:
+  Ask a question of the warehouse in ./icepie-data:
+    icepie -c \"SELECT name, state, version, lag FROM system.slices\"
+
+  Run a script (statements, and meta-commands such as \\echo on lines of their own),
+  stopping at the first error, on a warehouse in S3:
+    icepie --data s3://bucket/warehouse --bail -f nightly.sql
+
+  Keep the slices of a warehouse refreshed (their REFRESH EVERY / ON CHANGE policies)
+  until Ctrl-C or SIGTERM, at most two refreshes at once:
+    icepie --data /srv/warehouse --set max_concurrent_refreshes=2 serve
+
+With no -c/-f and a terminal, icepie starts its REPL (\\? lists its meta-commands).";
+
+/// `--version`: icepie's own and those of the engines it was built with.
+fn version() -> String {
+    format!(
+        "{} (DataFusion {}, delta-rs {})",
+        env!("CARGO_PKG_VERSION"),
+        datafusion::DATAFUSION_VERSION,
+        deltalake::crate_version()
+    )
+}
+
 fn cli() -> Command {
     Command::new("icepie")
         .about("SQL over a frozen core and isolated slices (Apache DataFusion + Delta Lake)")
-        .version(env!("CARGO_PKG_VERSION"))
+        .version(&*Box::leak(version().into_boxed_str()))
+        .after_help(EXAMPLES)
         .arg(
             Arg::new("data")
                 .long("data")
@@ -168,6 +196,7 @@ async fn run(matches: clap::ArgMatches) -> Result<bool, String> {
             cancel_on_ctrl_c: interactive,
         },
         output: Output::Stdout,
+        expect_error: false,
     };
     if interactive {
         repl::run(&mut session, quiet).await?;
@@ -175,12 +204,12 @@ async fn run(matches: clap::ArgMatches) -> Result<bool, String> {
     }
     let mut all_ok = true;
     for text in scripts {
-        let outcome = session.run_text(&text, bail).await;
+        let (outcome, flow) = session.run_script(&text, bail).await;
         if outcome.failed > 0 {
             all_ok = false;
-            if bail {
-                break;
-            }
+        }
+        if flow == meta::Flow::Quit || (bail && !all_ok) {
+            break;
         }
     }
     Ok(all_ok)

@@ -58,6 +58,8 @@ pub struct Layout {
     pub width: Option<u16>,
     /// Dim `NULL` with ANSI colour.
     pub color: bool,
+    /// Print nothing for a result without rows (`table` and `markdown`).
+    pub hide_empty: bool,
 }
 
 fn io(e: std::io::Error) -> DataFusionError {
@@ -94,6 +96,9 @@ pub async fn print(
                     kept.push(batch.slice(0, take));
                     shown += take;
                 }
+            }
+            if total == 0 && layout.hide_empty {
+                return Ok(());
             }
             let table = render(&schema, &kept, layout)?;
             writeln!(out, "{table}").map_err(io)?;

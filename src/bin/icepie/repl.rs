@@ -17,8 +17,8 @@ use rustyline::history::DefaultHistory;
 use rustyline::validate::{ValidationContext, ValidationResult, Validator};
 use rustyline::{Context, Editor, Helper};
 
-use crate::print::Format;
-use crate::session::{Output, Session};
+use crate::meta::{self, Flow};
+use crate::session::Session;
 
 const KEYWORDS: &[&str] = &[
     "SELECT",
@@ -102,20 +102,6 @@ const KEYWORDS: &[&str] = &[
     "VACUUM",
     "VERIFY",
 ];
-
-const HELP: &str = r"Meta-commands:
-  \?               this help
-  \d               list core tables, slices (state, version) and system tables
-  \d NAME          describe a core table or slice
-  \history NAME    refresh history of a slice
-  \timing on|off   show elapsed time after each statement
-  \format FORMAT   table, csv, json, ndjson or markdown
-  \maxrows N       rows shown at most by table output (0: no limit)
-  \o FILE          send results to FILE; \o alone sends them back to the terminal
-  \i FILE          run the SQL statements in FILE
-  \q               quit (also Ctrl-D)
-SQL statements end with ';' and may span lines. Ctrl-C cancels a running statement
-(a cancelled refresh or ingest commits nothing) or clears the line.";
 
 /// Completion, multi-line validation; no hints or highlighting.
 struct IcePieHelper {
@@ -330,7 +316,7 @@ pub async fn run(session: &mut Session, quiet: bool) -> Result<(), String> {
                 }
                 let _ = editor.add_history_entry(text);
                 if let Some(meta) = text.strip_prefix('\\') {
-                    if !meta_command(session, meta).await {
+                    if meta::run(session, meta).await.1 == Flow::Quit {
                         break;
                     }
                 } else {
@@ -352,121 +338,6 @@ pub async fn run(session: &mut Session, quiet: bool) -> Result<(), String> {
     Ok(())
 }
 
-/// Runs one meta-command (without its `\`); false means quit.
-async fn meta_command(session: &mut Session, meta: &str) -> bool {
-    let meta = meta.trim_end_matches(';').trim();
-    let (cmd, arg) = match meta.split_once(char::is_whitespace) {
-        Some((c, a)) => (c, a.trim()),
-        None => (meta, ""),
-    };
-    match (cmd, arg) {
-        ("q", _) => return false,
-        ("?", _) => println!("{HELP}"),
-        ("d", "") => {
-            session
-                .run_text(
-                    "SELECT name AS core_table, version, rows FROM system.core_tables ORDER BY name; \
-                     SELECT domain || '.' || name AS slice, state, version, rows FROM system.slices \
-                     ORDER BY domain, name; \
-                     SELECT table_name AS system_table FROM information_schema.tables \
-                     WHERE table_schema = 'system' ORDER BY table_name;",
-                    false,
-                )
-                .await;
-        }
-        ("d", name) => describe(session, name).await,
-        ("history", "") => session.notice("usage: \\history SLICE"),
-        ("history", name) => {
-            let Some(name) = plain_name(name) else {
-                session.notice("usage: \\history SLICE, e.g. \\history finance.revenue");
-                return true;
-            };
-            let name = if name.contains('.') {
-                name.to_string()
-            } else {
-                format!("slices.{name}")
-            };
-            let sql = format!(
-                "SELECT started_at, kind, status, version, rows, bytes, duration_ms, inputs, error \
-                 FROM system.refreshes WHERE slice = '{}' ORDER BY started_at",
-                name.replace('\'', "''")
-            );
-            session.run_text(&sql, false).await;
-        }
-        ("timing", "on") => session.settings.timing = true,
-        ("timing", "off") => session.settings.timing = false,
-        ("timing", "") => session.settings.timing = !session.settings.timing,
-        ("format", f) => match Format::parse(f) {
-            Some(f) => session.settings.format = f,
-            None => session.notice(&format!("formats: {}", Format::NAMES.join(", "))),
-        },
-        ("maxrows", n) => match n.parse::<usize>() {
-            Ok(0) => session.settings.max_rows = None,
-            Ok(n) => session.settings.max_rows = Some(n),
-            Err(_) => session.notice("usage: \\maxrows N (0 for no limit)"),
-        },
-        ("o", "") => {
-            if let Output::File(mut f, path) =
-                std::mem::replace(&mut session.output, Output::Stdout)
-            {
-                use std::io::Write;
-                let _ = f.flush();
-                session.notice(&format!(
-                    "results go to the terminal again (were going to {path})"
-                ));
-            }
-        }
-        ("o", path) => match std::fs::File::create(path) {
-            Ok(f) => session.output = Output::File(std::io::BufWriter::new(f), path.to_string()),
-            Err(e) => session.notice(&format!("cannot write {path}: {e}")),
-        },
-        ("i", "") => session.notice("usage: \\i FILE"),
-        ("i", path) => match std::fs::read_to_string(path) {
-            Ok(text) => {
-                session.run_text(&text, false).await;
-            }
-            Err(e) => session.notice(&format!("cannot read {path}: {e}")),
-        },
-        _ => session.notice(&format!("unknown meta-command \\{cmd}; \\? lists them")),
-    }
-    true
-}
-
-/// `NAME` or `SCHEMA.NAME` of plain identifiers, lower-cased; `None` for anything else, so
-/// that no other text is ever spliced into the SQL a meta-command runs.
-fn plain_name(text: &str) -> Option<String> {
-    let lower = text.trim().to_lowercase();
-    let parts: Vec<&str> = lower.split('.').collect();
-    let plain = |p: &&str| {
-        p.chars()
-            .next()
-            .is_some_and(|c| c.is_ascii_lowercase() || c == '_')
-            && p.chars()
-                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
-    };
-    (parts.len() <= 2 && parts.iter().all(plain)).then_some(lower)
-}
-
-/// `\d NAME`: a slice's description, or a core (or any) table's columns.
-async fn describe(session: &mut Session, name: &str) {
-    let Some(lower) = plain_name(name) else {
-        session.notice(&format!(
-            "\\d takes a table or slice name such as orders, core.orders or finance.revenue, \
-             not '{name}'"
-        ));
-        return;
-    };
-    let is_slice = session.warehouse.slice(&lower).await.is_ok();
-    let sql = if is_slice {
-        format!("DESCRIBE SLICE {lower}")
-    } else if lower.contains('.') {
-        format!("DESCRIBE {lower}")
-    } else {
-        format!("DESCRIBE core.{lower}")
-    };
-    session.run_text(&sql, false).await;
-}
-
 #[cfg(test)]
 mod tests {
     use super::is_complete;
@@ -480,17 +351,6 @@ mod tests {
         assert!(!is_complete("SELECT ';"));
         assert!(!is_complete("SELECT 1 -- ;"));
         assert!(is_complete("SELECT 1; SELECT 2;"));
-    }
-
-    #[test]
-    fn meta_commands_take_plain_names_only() {
-        use super::plain_name;
-        assert_eq!(plain_name("Core.Orders").as_deref(), Some("core.orders"));
-        assert_eq!(plain_name("revenue_2").as_deref(), Some("revenue_2"));
-        assert_eq!(plain_name("x; DROP CORE TABLE t"), None);
-        assert_eq!(plain_name("a.b.c"), None);
-        assert_eq!(plain_name("t'--"), None);
-        assert_eq!(plain_name(""), None);
     }
 
     #[test]

@@ -10,6 +10,10 @@ use std::time::{Duration, Instant};
 use icepie::{IcePie, IcePieError};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
+use datafusion::sql::sqlparser::dialect::GenericDialect;
+use datafusion::sql::sqlparser::tokenizer::{Token, Tokenizer};
+
+use crate::meta::{self, Flow};
 use crate::print::{self, Format, Layout};
 
 /// Where results go.
@@ -40,11 +44,20 @@ pub struct Outcome {
     pub failed: usize,
 }
 
+impl std::ops::AddAssign for Outcome {
+    fn add_assign(&mut self, other: Self) {
+        self.ok += other.ok;
+        self.failed += other.failed;
+    }
+}
+
 /// A warehouse plus presentation state.
 pub struct Session {
     pub warehouse: IcePie,
     pub settings: Settings,
     pub output: Output,
+    /// `\expect error` was given: the next statement is meant to fail.
+    pub expect_error: bool,
 }
 
 /// Why a statement did not complete.
@@ -71,7 +84,47 @@ impl Session {
             max_rows: self.settings.max_rows,
             width: self.width(),
             color: self.settings.color && to_terminal,
+            hide_empty: false,
         }
+    }
+
+    /// Runs a script: SQL statements and, on lines of their own between statements,
+    /// meta-commands (`\echo`, `\expect error`, `\timing`, ...). With `bail`, stops at the
+    /// first failure; `\q` stops it too, and is passed on.
+    pub async fn run_script(&mut self, text: &str, bail: bool) -> (Outcome, Flow) {
+        let mut outcome = Outcome::default();
+        // The SQL not run yet, after blank lines standing for the lines before it, so that
+        // a syntax error's line number is the script's.
+        let mut pending = String::new();
+        for line in text.lines() {
+            if let Some(meta) = line.trim_start().strip_prefix('\\') {
+                if !inside_literal(&pending) {
+                    if has_sql(&pending) {
+                        outcome += self.run_text(&pending, bail).await;
+                        if bail && outcome.failed > 0 {
+                            return (outcome, Flow::Continue);
+                        }
+                    }
+                    pending = "\n".repeat(pending.lines().count() + 1);
+                    let (inner, flow) = meta::run(self, meta).await;
+                    outcome += inner;
+                    if flow == Flow::Quit || (bail && outcome.failed > 0) {
+                        return (outcome, flow);
+                    }
+                    continue;
+                }
+            }
+            pending.push_str(line);
+            pending.push('\n');
+        }
+        if has_sql(&pending) {
+            outcome += self.run_text(&pending, bail).await;
+        }
+        if std::mem::take(&mut self.expect_error) {
+            self.notice("Error: \\expect error is not followed by a statement");
+            outcome.failed += 1;
+        }
+        (outcome, Flow::Continue)
     }
 
     /// Runs every statement of `text`; with `bail`, stops at the first failure.
@@ -80,34 +133,70 @@ impl Session {
         let statements = match IcePie::parse(text) {
             Ok(s) => s,
             Err(e) => {
-                self.report(&e, text);
-                outcome.failed += 1;
+                let expected = std::mem::take(&mut self.expect_error);
+                self.report(&e, text, expected);
+                if expected {
+                    outcome.ok += 1;
+                } else {
+                    outcome.failed += 1;
+                }
                 return outcome;
             }
         };
         for stmt in statements {
+            let expected = std::mem::take(&mut self.expect_error);
             match self.run_statement(stmt).await {
+                Ok(()) if expected => {
+                    self.notice("Error: the statement after \\expect error succeeded");
+                    outcome.failed += 1;
+                }
                 Ok(()) => outcome.ok += 1,
+                Err(Stop::Error(e)) if expected => {
+                    self.report(&e, text, true);
+                    outcome.ok += 1;
+                }
                 Err(stop) => {
                     match stop {
-                        Stop::Error(e) => self.report(&e, text),
+                        Stop::Error(e) => self.report(&e, text, false),
                         Stop::Cancelled => self.notice("cancelled; nothing was committed"),
                     }
                     outcome.failed += 1;
-                    if bail {
-                        break;
-                    }
                 }
+            }
+            if bail && outcome.failed > 0 {
+                break;
             }
         }
         outcome
+    }
+
+    /// Writes a line where results go (`\echo`).
+    pub fn write_line(&mut self, text: &str) {
+        let written = match &mut self.output {
+            Output::Stdout => writeln!(std::io::stdout(), "{text}"),
+            Output::File(f, _) => writeln!(f, "{text}"),
+        };
+        if let Err(e) = written {
+            self.notice(&format!("cannot write: {e}"));
+        }
     }
 
     async fn run_statement(&mut self, stmt: icepie::Statement) -> Result<(), Stop> {
         let started = Instant::now();
         let rows = Arc::new(AtomicU64::new(0));
         let progress = self.settings.progress.then(|| spinner(rows.clone()));
-        let layout = self.layout();
+        let mut layout = self.layout();
+        // A DROP ... IF EXISTS that found nothing has nothing to say.
+        layout.hide_empty = matches!(
+            stmt,
+            icepie::Statement::DropSlice {
+                if_exists: true,
+                ..
+            } | icepie::Statement::DropCoreTable {
+                if_exists: true,
+                ..
+            }
+        );
         let warehouse = self.warehouse.clone();
         let out: &mut dyn Write = match &mut self.output {
             Output::Stdout => &mut std::io::stdout(),
@@ -141,16 +230,21 @@ impl Session {
         eprintln!("{text}");
     }
 
-    /// Prints an error on stderr: in red on a terminal, with a syntax error's position marked
-    /// under the line of the statement it is in.
-    pub fn report(&self, e: &IcePieError, text: &str) {
-        let color = self.settings.color && std::io::stderr().is_terminal();
+    /// Prints an error on stderr: in red on a terminal (unless `expected`), with a syntax
+    /// error's position marked under the line of the statement it is in.
+    pub fn report(&self, e: &IcePieError, text: &str, expected: bool) {
+        let color = self.settings.color && std::io::stderr().is_terminal() && !expected;
         let (red, reset) = if color {
             ("\x1b[31m", "\x1b[0m")
         } else {
             ("", "")
         };
-        let mut msg = format!("{red}Error: {e}{reset}");
+        let label = if expected {
+            "Error (expected)"
+        } else {
+            "Error"
+        };
+        let mut msg = format!("{red}{label}: {e}{reset}");
         if let IcePieError::Syntax(s) = e {
             if let Some((line, column)) = position(s) {
                 if let Some(src) = text.lines().nth(line.saturating_sub(1)) {
@@ -162,6 +256,20 @@ impl Session {
             }
         }
         eprintln!("{msg}");
+    }
+}
+
+/// True when `text` ends inside a string literal or a block comment, where a line starting
+/// with `\\` is text, not a meta-command.
+fn inside_literal(text: &str) -> bool {
+    Tokenizer::new(&GenericDialect {}, text).tokenize().is_err()
+}
+
+/// True when `text` holds anything but whitespace and comments.
+fn has_sql(text: &str) -> bool {
+    match Tokenizer::new(&GenericDialect {}, text).tokenize() {
+        Ok(tokens) => tokens.iter().any(|t| !matches!(t, Token::Whitespace(_))),
+        Err(_) => !text.trim().is_empty(),
     }
 }
 
