@@ -209,11 +209,11 @@ pub enum IcePieError {
     BadData(String),
 
     /// An error from DataFusion (planning or execution).
-    #[error(transparent)]
+    #[error("{}", unwrapped(&.0.to_string()))]
     DataFusion(DataFusionError),
 
     /// An error from Delta Lake (storage, commits, conflicts).
-    #[error(transparent)]
+    #[error("{}", unwrapped(&.0.to_string()))]
     Delta(DeltaTableError),
 
     /// An error from the object store.
@@ -266,6 +266,23 @@ impl From<DeltaTableError> for IcePieError {
             None => IcePieError::Delta(e),
         }
     }
+}
+
+/// A dependency's message without the wrappers that name only the layer it passed through
+/// ("Generic DeltaTable error: Arrow error: External error: ...").
+fn unwrapped(text: &str) -> &str {
+    const WRAPPERS: [&str; 5] = [
+        "Generic DeltaTable error: ",
+        "Failed to convert into Arrow schema: ",
+        "Arrow error: ",
+        "External error: ",
+        "Generic error: ",
+    ];
+    let mut text = text;
+    while let Some(rest) = WRAPPERS.iter().find_map(|w| text.strip_prefix(w)) {
+        text = rest;
+    }
+    text
 }
 
 /// The text between `start` and the next `end` in `text`, and what follows it.
@@ -431,7 +448,11 @@ mod tests {
             "Arrow error: Divide by zero error".into(),
         ));
         assert!(matches!(e, IcePieError::BadData(_)), "{e:?}");
-        let e = IcePieError::from(DeltaTableError::Generic("something else".into()));
+        let e = IcePieError::from(DeltaTableError::Generic(
+            "Arrow error: External error: something else".into(),
+        ));
         assert!(matches!(e, IcePieError::Delta(_)), "{e:?}");
+        // Said without the layers it passed through.
+        assert_eq!(e.to_string(), "something else");
     }
 }

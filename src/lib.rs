@@ -72,6 +72,7 @@ pub mod sql;
 pub mod storage;
 pub mod text;
 
+pub use engine::progress::Progress;
 pub use engine::{IcePie, IcePieBuilder, RefreshEvent};
 pub use error::{IcePieError, Result};
 pub use options::IcePieOptions;

@@ -32,6 +32,7 @@ use deltalake::protocol::SaveMode;
 use deltalake::DeltaTable;
 
 use crate::catalog::time_travel;
+use crate::engine::progress;
 use crate::engine::state::Shared;
 use crate::error::{IcePieError, Result};
 use crate::sql::{DataSource, FileFormat};
@@ -257,7 +258,7 @@ async fn commit(
     let create = base.snapshot.is_none();
     let mut write = WriteBuilder::new(base.log_store, base.snapshot)
         .with_input_plan(plan)
-        .with_session_state(Arc::new(state.clone()))
+        .with_session_state(Arc::new(progress::counting(state)))
         .with_commit_properties(
             CommitProperties::default().with_metadata([("icepie".to_string(), what)]),
         );
@@ -328,14 +329,11 @@ pub(crate) async fn create(
                 return Err(e);
             };
             let nothing = format!("core table {qualified} was not created");
-            return Err(explain::load_error(
-                state,
-                source,
-                declared.as_deref(),
-                &casts,
-                &nothing,
-                e,
-            )
+            let target = declared.as_deref();
+            // Boxed, as in `ingest`.
+            return Err(Box::pin(explain::load_error(
+                state, source, target, &casts, &nothing, e,
+            ))
             .await);
         }
     };
@@ -377,7 +375,11 @@ pub(crate) async fn ingest(
         Err(e) => {
             let nothing = format!("nothing was ingested into {qualified}");
             let target = Some(schema.as_ref());
-            return Err(explain::load_error(state, source, target, &casts, &nothing, e).await);
+            // Boxed: this rare path should not grow every load's future.
+            return Err(Box::pin(explain::load_error(
+                state, source, target, &casts, &nothing, e,
+            ))
+            .await);
         }
     };
     outcome(name, before, &table)

@@ -28,8 +28,22 @@ impl IcePie {
         let state = self.inner.ctx.state();
         let shared = self.inner.shared.clone();
         let (name, spec, existing) = (name.clone(), spec.clone(), existing.cloned());
+        // The statement's progress, if it has one, goes with the build to the pool.
+        let progress = progress::current();
         background::run(async move {
-            slice::build(&state, &shared, &name, &spec, kind, existing.as_ref()).await
+            // Boxed: a build's future is large, and the pool's threads have ordinary stacks.
+            let build = Box::pin(slice::build(
+                &state,
+                &shared,
+                &name,
+                &spec,
+                kind,
+                existing.as_ref(),
+            ));
+            match progress {
+                Some(p) => progress::scope(p, build).await,
+                None => build.await,
+            }
         })
         .await
     }

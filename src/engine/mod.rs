@@ -15,6 +15,7 @@ mod background;
 mod builder;
 mod changes;
 mod output;
+pub mod progress;
 pub mod scheduler;
 pub(crate) mod state;
 mod yield_points;
@@ -222,6 +223,17 @@ impl IcePie {
             drain(df).await?;
         }
         Ok(self.inner.ctx.read_empty()?)
+    }
+
+    /// Runs one statement, adding the rows and bytes it writes to `progress` as it goes
+    /// (`INGEST`, `CREATE CORE TABLE ... FROM`, `CREATE SLICE`, `REFRESH SLICE`), so that
+    /// another task can show how far it has got.
+    pub async fn execute_with_progress(
+        &self,
+        stmt: Statement,
+        progress: Arc<progress::Progress>,
+    ) -> Result<DataFrame> {
+        progress::scope(progress, self.execute(stmt)).await
     }
 
     /// Runs one statement.

@@ -499,7 +499,7 @@ async fn write_version(
     let tracked = base.tracked.clone();
     let mut write = WriteBuilder::new(base.log_store, base.snapshot)
         .with_input_plan(plan)
-        .with_session_state(Arc::new(state.clone()))
+        .with_session_state(Arc::new(crate::engine::progress::counting(state)))
         .with_partition_columns(spec.partition_by.clone())
         .with_commit_properties(commit_properties(&meta));
     write = match existing {

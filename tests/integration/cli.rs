@@ -384,3 +384,39 @@ fn describe_shows_sql_types() {
         assert!(text.contains(line), "{line} missing from:\n{text}");
     }
 }
+
+#[test]
+fn errors_about_data_name_the_file_line_column_and_value() {
+    let dir = tempfile::tempdir().unwrap();
+    let csv = dir.path().join("sales.csv");
+    std::fs::write(
+        &csv,
+        "id,region,amount,units\n300,south,12.5,4\n301,north,99.5,XX\n",
+    )
+    .unwrap();
+    let load = format!("INGEST INTO sales FROM '{}'", csv.display());
+    let out = icepie(
+        &dir.path().join("wh"),
+        &[
+            "-c",
+            "CREATE CORE TABLE sales (id BIGINT NOT NULL, region TEXT, amount DOUBLE, units BIGINT)",
+            "-c",
+            &load,
+            "-c",
+            "INGEST INTO sales VALUES (NULL, 'west', 1.0, 1)",
+            "-c",
+            "INGEST INTO sales VALUES (302, 'west', 'lots', 1)",
+            "-c",
+            "CREATE SLICE per_unit AS SELECT id, CAST(amount AS BIGINT) / units AS price \
+             FROM core.sales",
+            "-c",
+            "INGEST INTO sales VALUES (303, 'east', 10.0, 0)",
+            "-c",
+            "REFRESH SLICE per_unit",
+            "-c",
+            "SELECT count(*) AS loaded FROM core.sales",
+        ],
+        None,
+    );
+    snapshot("cli_data_errors", dir.path(), steady(&transcript(&out)));
+}

@@ -105,3 +105,38 @@ async fn a_warehouse_whose_path_needs_escaping_works() {
     assert_eq!(scalar(&w, "SELECT count(*) FROM core.t").await, "2");
     assert_eq!(scalar(&w, "SELECT total FROM slice_at('s', 0)").await, "3");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn long_writes_report_rows_and_bytes_as_they_go() {
+    use icepie::Progress;
+    let (_dir, w) = open().await;
+    let one = |sql: &str| IcePie::parse(sql).unwrap().remove(0);
+    run(&w, "CREATE CORE TABLE t (n BIGINT, s TEXT)").await;
+
+    let ingest = Progress::new();
+    let sql = "INGEST INTO t SELECT value AS n, 'some text' AS s FROM generate_series(1, 50000)";
+    w.execute_with_progress(one(sql), ingest.clone())
+        .await
+        .unwrap();
+    assert_eq!(ingest.rows(), 50_000);
+    // Eight bytes a number, nine of text and its offset at least.
+    assert!(ingest.bytes() >= 50_000 * 17, "{}", ingest.bytes());
+
+    // A build runs on the build pool: its rows are counted there.
+    let create = Progress::new();
+    let sql = "CREATE SLICE s AS SELECT n % 100 AS k, count(*) AS c FROM core.t GROUP BY 1";
+    w.execute_with_progress(one(sql), create.clone())
+        .await
+        .unwrap();
+    assert_eq!(create.rows(), 100);
+    run(&w, "INGEST INTO t VALUES (50001, 'x')").await;
+    let refresh = Progress::new();
+    w.execute_with_progress(one("REFRESH SLICE s"), refresh.clone())
+        .await
+        .unwrap();
+    assert_eq!(refresh.rows(), 100);
+
+    // Statements run without it add nothing to an earlier progress.
+    run(&w, "INGEST INTO t VALUES (50002, 'y'); REFRESH SLICE s").await;
+    assert_eq!((ingest.rows(), refresh.rows()), (50_000, 100));
+}

@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use icepie::{IcePie, IcePieError};
+use icepie::{IcePie, IcePieError, Progress};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
 use datafusion::sql::sqlparser::dialect::GenericDialect;
@@ -184,7 +184,11 @@ impl Session {
     async fn run_statement(&mut self, stmt: icepie::Statement) -> Result<(), Stop> {
         let started = Instant::now();
         let rows = Arc::new(AtomicU64::new(0));
-        let progress = self.settings.progress.then(|| spinner(rows.clone()));
+        let written = Progress::new();
+        let progress = self
+            .settings
+            .progress
+            .then(|| spinner(rows.clone(), written.clone()));
         let mut layout = self.layout();
         // A DROP ... IF EXISTS that found nothing has nothing to say.
         layout.hide_empty = matches!(
@@ -203,7 +207,7 @@ impl Session {
             Output::File(f, _) => f,
         };
         let work = async {
-            let df = warehouse.execute(stmt).await?;
+            let df = warehouse.execute_with_progress(stmt, written).await?;
             print::print(df, layout, out, &rows)
                 .await
                 .map_err(IcePieError::from)
@@ -281,8 +285,9 @@ fn position(msg: &str) -> Option<(usize, usize)> {
     Some((line.trim().parse().ok()?, column.parse().ok()?))
 }
 
-/// A progress line on stderr that appears once a statement has run for half a second.
-fn spinner(rows: Arc<AtomicU64>) -> ProgressBar {
+/// A progress line on stderr that appears once a statement has run for half a second: the
+/// rows and bytes a load or build has processed, or the rows of a result printed so far.
+fn spinner(rows: Arc<AtomicU64>, written: Arc<Progress>) -> ProgressBar {
     let bar = ProgressBar::with_draw_target(None, ProgressDrawTarget::stderr());
     bar.set_style(
         ProgressStyle::with_template("{spinner} {elapsed_precise} {msg}").expect("valid template"),
@@ -291,12 +296,11 @@ fn spinner(rows: Arc<AtomicU64>) -> ProgressBar {
     tokio::spawn(async move {
         tokio::time::sleep(Duration::from_millis(500)).await;
         while !handle.is_finished() {
-            let n = rows.load(Ordering::Relaxed) as usize;
-            handle.set_message(if n > 0 {
-                format!("{} rows", print::thousands(n))
-            } else {
-                "running".to_string()
-            });
+            handle.set_message(progress_message(
+                written.rows(),
+                written.bytes(),
+                rows.load(Ordering::Relaxed),
+            ));
             handle.tick();
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
@@ -304,9 +308,53 @@ fn spinner(rows: Arc<AtomicU64>) -> ProgressBar {
     bar
 }
 
+/// What the progress line says: what was processed, else the result rows printed so far.
+fn progress_message(processed_rows: u64, processed_bytes: u64, printed_rows: u64) -> String {
+    if processed_rows > 0 {
+        format!(
+            "{} rows, {} processed",
+            print::thousands(processed_rows as usize),
+            human_bytes(processed_bytes)
+        )
+    } else if printed_rows > 0 {
+        format!("{} rows", print::thousands(printed_rows as usize))
+    } else {
+        "running".to_string()
+    }
+}
+
+/// 1536 → "1.5 KB"; 3.2e9 → "3.0 GB" (powers of 1024).
+fn human_bytes(n: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KB", "MB", "GB", "TB"];
+    let mut value = n as f64;
+    let mut unit = 0;
+    while value >= 1024.0 && unit < UNITS.len() - 1 {
+        value /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{n} B")
+    } else {
+        format!("{value:.1} {}", UNITS[unit])
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::position;
+
+    #[test]
+    fn progress_says_what_was_processed_then_what_was_printed() {
+        use super::{human_bytes, progress_message};
+        assert_eq!(progress_message(0, 0, 0), "running");
+        assert_eq!(progress_message(0, 0, 1204), "1,204 rows");
+        assert_eq!(
+            progress_message(2_500_000, 3 * 1024 * 1024 * 1024 + 1, 7),
+            "2,500,000 rows, 3.0 GB processed"
+        );
+        assert_eq!(human_bytes(999), "999 B");
+        assert_eq!(human_bytes(1536), "1.5 KB");
+    }
 
     #[test]
     fn finds_the_position_in_parser_messages() {

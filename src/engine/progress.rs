@@ -1,0 +1,224 @@
+//! Progress of long writes: the rows and bytes an `INGEST`, `CREATE CORE TABLE ... FROM`,
+//! `CREATE SLICE` or `REFRESH SLICE` has processed so far, for a live display.
+//!
+//! [`IcePie::execute_with_progress`](crate::IcePie::execute_with_progress) runs a statement
+//! with a [`Progress`] in a task-local; the write paths plan their input with
+//! [`counting`], whose query planner puts a node above the plan that counts each batch on its
+//! way to the Parquet writer (two atomic adds a batch). Builds that run on the build pool carry
+//! the task-local over ([`current`]).
+
+use std::fmt;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use datafusion::arrow::array::{Array, RecordBatch};
+use datafusion::catalog::Session;
+use datafusion::common::tree_node::TreeNodeRecursion;
+use datafusion::error::Result as DFResult;
+use datafusion::execution::context::QueryPlanner;
+use datafusion::execution::TaskContext;
+use datafusion::execution::{SendableRecordBatchStream, SessionState, SessionStateBuilder};
+use datafusion::logical_expr::LogicalPlan;
+use datafusion::physical_expr::PhysicalExpr;
+use datafusion::physical_plan::execution_plan::ReplaceChildrenOptions;
+use datafusion::physical_plan::stream::RecordBatchStreamAdapter;
+use datafusion::physical_plan::{DisplayAs, DisplayFormatType, ExecutionPlan, PlanProperties};
+use futures::TryStreamExt;
+
+/// Rows and bytes (their size in memory, uncompressed) a statement has written so far.
+/// Shared between the statement and whoever displays it; every count only grows.
+#[derive(Debug, Default)]
+pub struct Progress {
+    rows: AtomicU64,
+    bytes: AtomicU64,
+}
+
+impl Progress {
+    /// A new, zeroed progress.
+    pub fn new() -> Arc<Self> {
+        Arc::default()
+    }
+
+    /// Rows processed so far.
+    pub fn rows(&self) -> u64 {
+        self.rows.load(Ordering::Relaxed)
+    }
+
+    /// Bytes processed so far: the in-memory size of the rows' values.
+    pub fn bytes(&self) -> u64 {
+        self.bytes.load(Ordering::Relaxed)
+    }
+
+    fn add(&self, batch: &RecordBatch) {
+        let bytes: usize = batch
+            .columns()
+            .iter()
+            .map(|c| c.to_data().get_slice_memory_size().unwrap_or(0))
+            .sum();
+        self.rows
+            .fetch_add(batch.num_rows() as u64, Ordering::Relaxed);
+        self.bytes.fetch_add(bytes as u64, Ordering::Relaxed);
+    }
+}
+
+tokio::task_local! {
+    static PROGRESS: Arc<Progress>;
+}
+
+/// Runs `work` with `progress` as the statement's progress.
+pub(crate) async fn scope<F: std::future::Future>(progress: Arc<Progress>, work: F) -> F::Output {
+    PROGRESS.scope(progress, work).await
+}
+
+/// The progress of the statement this task runs for, if any.
+pub(crate) fn current() -> Option<Arc<Progress>> {
+    PROGRESS.try_with(Arc::clone).ok()
+}
+
+/// `state`, planning so that the rows of every plan it runs add to the current progress;
+/// `state` itself when there is none.
+pub(crate) fn counting(state: &SessionState) -> SessionState {
+    let Some(progress) = current() else {
+        return state.clone();
+    };
+    let inner = state.query_planner().clone();
+    SessionStateBuilder::new_from_existing(state.clone())
+        .with_query_planner(Arc::new(CountingPlanner { inner, progress }))
+        .build()
+}
+
+/// Plans as `inner` does, then counts the plan's output.
+#[derive(Debug)]
+struct CountingPlanner {
+    inner: Arc<dyn QueryPlanner + Send + Sync>,
+    progress: Arc<Progress>,
+}
+
+#[async_trait]
+impl QueryPlanner for CountingPlanner {
+    async fn create_physical_plan(
+        &self,
+        logical_plan: &LogicalPlan,
+        session: &dyn Session,
+    ) -> DFResult<Arc<dyn ExecutionPlan>> {
+        let plan = self
+            .inner
+            .create_physical_plan(logical_plan, session)
+            .await?;
+        Ok(Arc::new(CountingExec {
+            input: plan,
+            progress: self.progress.clone(),
+        }))
+    }
+}
+
+/// Passes its input's batches through, counting them.
+#[derive(Debug)]
+struct CountingExec {
+    input: Arc<dyn ExecutionPlan>,
+    progress: Arc<Progress>,
+}
+
+impl DisplayAs for CountingExec {
+    fn fmt_as(&self, _t: DisplayFormatType, f: &mut fmt::Formatter) -> fmt::Result {
+        write!(f, "CountingExec")
+    }
+}
+
+impl ExecutionPlan for CountingExec {
+    fn name(&self) -> &str {
+        "CountingExec"
+    }
+
+    fn apply_expressions(
+        &self,
+        _f: &mut dyn FnMut(&Arc<dyn PhysicalExpr>) -> DFResult<TreeNodeRecursion>,
+    ) -> DFResult<TreeNodeRecursion> {
+        Ok(TreeNodeRecursion::Continue)
+    }
+
+    fn properties(&self) -> &Arc<PlanProperties> {
+        self.input.properties()
+    }
+
+    fn children(&self) -> Vec<&Arc<dyn ExecutionPlan>> {
+        vec![&self.input]
+    }
+
+    fn maintains_input_order(&self) -> Vec<bool> {
+        vec![true]
+    }
+
+    fn replace_children(
+        self: Arc<Self>,
+        mut children: Vec<Arc<dyn ExecutionPlan>>,
+        _options: ReplaceChildrenOptions,
+    ) -> DFResult<Arc<dyn ExecutionPlan>> {
+        Ok(Arc::new(CountingExec {
+            input: children.swap_remove(0),
+            progress: self.progress.clone(),
+        }))
+    }
+
+    #[allow(deprecated)]
+    fn with_new_children(
+        self: Arc<Self>,
+        children: Vec<Arc<dyn ExecutionPlan>>,
+    ) -> DFResult<Arc<dyn ExecutionPlan>> {
+        self.replace_children(
+            children,
+            ReplaceChildrenOptions::new(
+                datafusion::physical_plan::execution_plan::ChildrenPropertiesMode::Recompute,
+            ),
+        )
+    }
+
+    fn execute(
+        &self,
+        partition: usize,
+        context: Arc<TaskContext>,
+    ) -> DFResult<SendableRecordBatchStream> {
+        let stream = self.input.execute(partition, context)?;
+        let schema = stream.schema();
+        let progress = self.progress.clone();
+        Ok(Box::pin(RecordBatchStreamAdapter::new(
+            schema,
+            stream.inspect_ok(move |batch| progress.add(batch)),
+        )))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use datafusion::prelude::SessionContext;
+
+    #[tokio::test]
+    async fn counts_what_a_plan_produces_only_within_its_scope() {
+        let ctx = SessionContext::new();
+        let progress = Progress::new();
+        let sql = "SELECT value, 'x' AS s FROM generate_series(1, 10000)";
+        let counted = scope(progress.clone(), async {
+            let state = counting(&ctx.state());
+            let plan = state.create_logical_plan(sql).await.unwrap();
+            let physical = state.create_physical_plan(&plan).await.unwrap();
+            datafusion::physical_plan::collect(physical, state.task_ctx())
+                .await
+                .unwrap()
+        })
+        .await;
+        let rows: usize = counted.iter().map(RecordBatch::num_rows).sum();
+        assert_eq!(rows, 10_000);
+        assert_eq!(progress.rows(), 10_000);
+        assert!(progress.bytes() >= 80_000, "{}", progress.bytes());
+        // Outside a scope, planning counts nothing.
+        let state = counting(&ctx.state());
+        let plan = state.create_logical_plan(sql).await.unwrap();
+        let physical = state.create_physical_plan(&plan).await.unwrap();
+        datafusion::physical_plan::collect(physical, state.task_ctx())
+            .await
+            .unwrap();
+        assert_eq!(progress.rows(), 10_000);
+    }
+}
