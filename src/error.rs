@@ -237,7 +237,10 @@ impl From<DataFusionError> for IcePieError {
         match e {
             DataFusionError::External(inner) => match inner.downcast::<IcePieError>() {
                 Ok(e) => *e,
-                Err(inner) => IcePieError::DataFusion(DataFusionError::External(inner)),
+                Err(inner) => match bad_data(&inner.to_string()) {
+                    Some(message) => IcePieError::BadData(message),
+                    None => IcePieError::DataFusion(DataFusionError::External(inner)),
+                },
             },
             DataFusionError::Context(ctx, inner) => match IcePieError::from(*inner) {
                 IcePieError::DataFusion(inner) => {
@@ -271,8 +274,9 @@ impl From<DeltaTableError> for IcePieError {
 /// A dependency's message without the wrappers that name only the layer it passed through
 /// ("Generic DeltaTable error: Arrow error: External error: ...").
 fn unwrapped(text: &str) -> &str {
-    const WRAPPERS: [&str; 5] = [
+    const WRAPPERS: [&str; 6] = [
         "Generic DeltaTable error: ",
+        "Error during planning: ",
         "Failed to convert into Arrow schema: ",
         "Arrow error: ",
         "External error: ",
@@ -322,6 +326,8 @@ pub(crate) fn csv_value_error(text: &str) -> Option<(String, String, usize, usiz
 pub(crate) fn csv_fields_error(text: &str) -> Option<(usize, usize, usize)> {
     let (line, rest) = between(text, "incorrect number of fields for line ", ", expected ")?;
     let (expected, rest) = between(rest, "", " got ")?;
+    // "got 3", or "got more than 5" when a record has too many fields.
+    let rest = rest.strip_prefix("more than ").unwrap_or(rest);
     let got: String = rest.chars().take_while(char::is_ascii_digit).collect();
     Some((
         line.parse().ok()?,
@@ -342,13 +348,11 @@ pub(crate) fn bad_data(text: &str) -> Option<String> {
         ));
     }
     if let Some((value, rest)) = between(text, "Can't cast value ", " to type ") {
-        let arrow_type: String = rest
-            .chars()
-            .take_while(|c| c.is_ascii_alphanumeric() || *c == '(' || *c == ')' || *c == ',')
-            .collect();
+        // The type runs to the end of the line ("Decimal128(10, 2)" has a space in it).
+        let arrow_type = first_line(rest).trim_end_matches('.').trim();
         return Some(format!(
             "the value {value} is out of range for {}",
-            sql_type_of(&arrow_type)
+            sql_type_of(arrow_type)
         ));
     }
     if text.contains("Divide by zero error") {
@@ -356,16 +360,35 @@ pub(crate) fn bad_data(text: &str) -> Option<String> {
             "division by zero (NULLIF(divisor, 0) gives NULL instead of failing)".to_string(),
         );
     }
-    if let Some((value, sql, column, line, row)) = csv_value_error(text) {
+    // Arrow numbers CSV records within the part of a file it was given: no number is said
+    // unless the file is read again from its start (`core::explain`).
+    if let Some((value, sql, column, _, row)) = csv_value_error(text) {
         return Some(format!(
-            "'{value}' in field {} of record {line} is not a valid {sql} (the record: {row})",
+            "'{value}' in field {} of a CSV record is not a valid {sql} (the record: {row})",
             column + 1
         ));
     }
-    if let Some((line, expected, got)) = csv_fields_error(text) {
+    if let Some((_, expected, got)) = csv_fields_error(text) {
         return Some(format!(
-            "record {line} has {got} field(s) where {expected} were expected"
+            "a CSV record has {got} field(s) where {expected} were expected"
         ));
+    }
+    if let Some((column, rest)) = between(text, "Error parsing column ", " at line ") {
+        let detail = rest.split_once(": ").map_or(rest, |(_, d)| d);
+        return Some(format!(
+            "field {} of a CSV record does not parse: {}",
+            column.parse::<usize>().map_or(0, |c| c + 1),
+            first_line(detail)
+        ));
+    }
+    if let Some((value, _)) = between(text, "Error parsing timestamp from '", "'") {
+        return Some(format!(
+            "the text '{value}' is not a valid TIMESTAMP (TRY_CAST(... AS TIMESTAMP) gives \
+             NULL for such values)"
+        ));
+    }
+    if let Some((value, _)) = between(text, "can't parse the string value ", " to decimal") {
+        return Some(format!("the text '{value}' is not a valid DECIMAL"));
     }
     if let Some((field, rest)) = between(text, "whilst decoding field '", "': ") {
         return Some(format!("JSON field '{field}': {}", first_line(rest)));
@@ -397,7 +420,7 @@ impl From<datafusion::sql::sqlparser::parser::ParserError> for IcePieError {
 
 impl From<datafusion::arrow::error::ArrowError> for IcePieError {
     fn from(e: datafusion::arrow::error::ArrowError) -> Self {
-        IcePieError::DataFusion(e.into())
+        IcePieError::from(DataFusionError::from(e))
     }
 }
 
@@ -429,11 +452,24 @@ mod tests {
                 "Arrow error: Parser error: Error while parsing value 'x' as type 'Int64' \
                   for column 1 at line 2. Row data: '[2,x,4]'"
             ),
-            "'x' in field 2 of record 2 is not a valid BIGINT (the record: 2,x,4)"
+            "'x' in field 2 of a CSV record is not a valid BIGINT (the record: 2,x,4)"
         );
         assert_eq!(
             said("Csv error: incorrect number of fields for line 2, expected 2 got 1"),
-            "record 2 has 1 field(s) where 2 were expected"
+            "a CSV record has 1 field(s) where 2 were expected"
+        );
+        assert_eq!(
+            said("Csv error: incorrect number of fields for line 4, expected 2 got more than 2"),
+            "a CSV record has 2 field(s) where 2 were expected"
+        );
+        assert_eq!(
+            said("Cast error: Can't cast value 123456789 to type Decimal128(5, 2)"),
+            "the value 123456789 is out of range for DECIMAL(5,2)"
+        );
+        assert_eq!(
+            said("Parser error: Error parsing timestamp from 'soon': error parsing date"),
+            "the text 'soon' is not a valid TIMESTAMP (TRY_CAST(... AS TIMESTAMP) gives NULL \
+             for such values)"
         );
         assert!(said(
             "External error: Invalid data found: 1 rows failed validation check.\nPreview"

@@ -49,7 +49,9 @@ pub(super) async fn load_error(
         return e;
     };
     let mut said = said;
-    if let DataSource::Files { location, format } = source {
+    // Only a CSV value or field count can be found again by reading the files.
+    let csv_problem = said.contains("of a CSV record") || said.starts_with("a CSV record");
+    if let (DataSource::Files { location, format }, true) = (source, csv_problem) {
         if format.or_else(|| FileFormat::from_location(location)) == Some(FileFormat::Csv) {
             if let Some(found) = find_in_csv_files(state, location, target).await {
                 said = found;
@@ -81,10 +83,13 @@ pub(super) async fn load_error(
             .unwrap_or_default();
         if !not_null.is_empty() {
             let rows = said.split(' ').next().unwrap_or_default();
-            said = format!(
-                "{rows} row(s) have NULL in NOT NULL column(s) {}",
-                not_null.join(", ")
-            );
+            said = match not_null.as_slice() {
+                [one] => format!("{rows} row(s) have NULL in NOT NULL column {one}"),
+                many => format!(
+                    "{rows} row(s) have NULL in one of the NOT NULL columns {}",
+                    many.join(", ")
+                ),
+            };
         }
     }
     IcePieError::BadData(format!("{said}; {nothing}"))
@@ -139,9 +144,11 @@ async fn find_in_csv_files(
             file_url.clone()
         };
         let config = ListingTableConfig::new(ListingTableUrl::parse(&file_url).ok()?)
-            .with_listing_options(ListingOptions::new(Arc::new(
-                CsvFormat::default().with_has_header(true),
-            )))
+            .with_listing_options(
+                // Whatever the file is called: it was listed as CSV already.
+                ListingOptions::new(Arc::new(CsvFormat::default().with_has_header(true)))
+                    .with_file_extension(""),
+            )
             .with_schema(schema.clone());
         let provider = Arc::new(ListingTable::try_new(config).ok()?);
         let plan = LogicalPlanBuilder::scan("source", provider_as_source(provider), None)

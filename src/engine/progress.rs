@@ -14,7 +14,7 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use datafusion::arrow::array::{Array, RecordBatch};
 use datafusion::catalog::Session;
-use datafusion::common::tree_node::TreeNodeRecursion;
+use datafusion::common::tree_node::{Transformed, TreeNode, TreeNodeRecursion};
 use datafusion::error::Result as DFResult;
 use datafusion::execution::context::QueryPlanner;
 use datafusion::execution::TaskContext;
@@ -26,12 +26,14 @@ use datafusion::physical_plan::stream::RecordBatchStreamAdapter;
 use datafusion::physical_plan::{DisplayAs, DisplayFormatType, ExecutionPlan, PlanProperties};
 use futures::TryStreamExt;
 
-/// Rows and bytes (their size in memory, uncompressed) a statement has written so far.
-/// Shared between the statement and whoever displays it; every count only grows.
+/// How far a statement has got: the rows and bytes (their size in memory, uncompressed) it has
+/// read from its sources, and the rows it has written. Shared between the statement and
+/// whoever displays it; every count only grows.
 #[derive(Debug, Default)]
 pub struct Progress {
     rows: AtomicU64,
     bytes: AtomicU64,
+    rows_written: AtomicU64,
 }
 
 impl Progress {
@@ -40,26 +42,47 @@ impl Progress {
         Arc::default()
     }
 
-    /// Rows processed so far.
+    /// Rows read from the statement's sources (files, tables, `VALUES`) so far.
     pub fn rows(&self) -> u64 {
         self.rows.load(Ordering::Relaxed)
     }
 
-    /// Bytes processed so far: the in-memory size of the rows' values.
+    /// Bytes read from the statement's sources so far: the in-memory size of the values.
     pub fn bytes(&self) -> u64 {
         self.bytes.load(Ordering::Relaxed)
     }
 
-    fn add(&self, batch: &RecordBatch) {
-        let bytes: usize = batch
-            .columns()
-            .iter()
-            .map(|c| c.to_data().get_slice_memory_size().unwrap_or(0))
-            .sum();
-        self.rows
-            .fetch_add(batch.num_rows() as u64, Ordering::Relaxed);
-        self.bytes.fetch_add(bytes as u64, Ordering::Relaxed);
+    /// Rows written so far.
+    pub fn rows_written(&self) -> u64 {
+        self.rows_written.load(Ordering::Relaxed)
     }
+
+    fn add(&self, side: Side, batch: &RecordBatch) {
+        let rows = batch.num_rows() as u64;
+        match side {
+            Side::Written => {
+                self.rows_written.fetch_add(rows, Ordering::Relaxed);
+            }
+            Side::Read => {
+                let bytes: usize = batch
+                    .columns()
+                    .iter()
+                    .map(|c| c.to_data().get_slice_memory_size().unwrap_or(0))
+                    .sum();
+                self.rows.fetch_add(rows, Ordering::Relaxed);
+                self.bytes.fetch_add(bytes as u64, Ordering::Relaxed);
+            }
+        }
+    }
+}
+
+/// Which count a [`CountingExec`] adds to.
+#[derive(Debug, Clone, Copy)]
+enum Side {
+    /// Above a source (a leaf of the plan).
+    Read,
+    /// Above the whole plan, whose output is written.
+    Written,
 }
 
 tokio::task_local! {
@@ -106,10 +129,25 @@ impl QueryPlanner for CountingPlanner {
             .inner
             .create_physical_plan(logical_plan, session)
             .await?;
-        Ok(Arc::new(CountingExec {
-            input: plan,
-            progress: self.progress.clone(),
-        }))
+        let progress = &self.progress;
+        let counted = |input, side| -> Arc<dyn ExecutionPlan> {
+            Arc::new(CountingExec {
+                input,
+                progress: progress.clone(),
+                side,
+            })
+        };
+        // Above every source, then above the whole: the plan is optimized already.
+        let plan = plan
+            .transform_up(|node| {
+                Ok(if node.children().is_empty() {
+                    Transformed::yes(counted(node, Side::Read))
+                } else {
+                    Transformed::no(node)
+                })
+            })?
+            .data;
+        Ok(counted(plan, Side::Written))
     }
 }
 
@@ -118,11 +156,12 @@ impl QueryPlanner for CountingPlanner {
 struct CountingExec {
     input: Arc<dyn ExecutionPlan>,
     progress: Arc<Progress>,
+    side: Side,
 }
 
 impl DisplayAs for CountingExec {
     fn fmt_as(&self, _t: DisplayFormatType, f: &mut fmt::Formatter) -> fmt::Result {
-        write!(f, "CountingExec")
+        write!(f, "CountingExec: {:?}", self.side)
     }
 }
 
@@ -158,6 +197,7 @@ impl ExecutionPlan for CountingExec {
         Ok(Arc::new(CountingExec {
             input: children.swap_remove(0),
             progress: self.progress.clone(),
+            side: self.side,
         }))
     }
 
@@ -181,10 +221,10 @@ impl ExecutionPlan for CountingExec {
     ) -> DFResult<SendableRecordBatchStream> {
         let stream = self.input.execute(partition, context)?;
         let schema = stream.schema();
-        let progress = self.progress.clone();
+        let (progress, side) = (self.progress.clone(), self.side);
         Ok(Box::pin(RecordBatchStreamAdapter::new(
             schema,
-            stream.inspect_ok(move |batch| progress.add(batch)),
+            stream.inspect_ok(move |batch| progress.add(side, batch)),
         )))
     }
 }
@@ -198,7 +238,7 @@ mod tests {
     async fn counts_what_a_plan_produces_only_within_its_scope() {
         let ctx = SessionContext::new();
         let progress = Progress::new();
-        let sql = "SELECT value, 'x' AS s FROM generate_series(1, 10000)";
+        let sql = "SELECT value, 'x' AS s FROM generate_series(1, 10000) WHERE value > 0";
         let counted = scope(progress.clone(), async {
             let state = counting(&ctx.state());
             let plan = state.create_logical_plan(sql).await.unwrap();
@@ -211,6 +251,7 @@ mod tests {
         let rows: usize = counted.iter().map(RecordBatch::num_rows).sum();
         assert_eq!(rows, 10_000);
         assert_eq!(progress.rows(), 10_000);
+        assert_eq!(progress.rows_written(), 10_000);
         assert!(progress.bytes() >= 80_000, "{}", progress.bytes());
         // Outside a scope, planning counts nothing.
         let state = counting(&ctx.state());

@@ -320,11 +320,16 @@ fn scripts_run_meta_commands_between_statements() {
     snapshot("cli_meta_commands", dir.path(), transcript(&out));
 
     // A statement after \expect error that succeeds is a failure, as is a syntax error
-    // without one; line numbers are the script's.
+    // without one; line numbers are the script's. \expect covers one statement only; a
+    // meta-command inside a statement runs, and the statement goes on; CRLF lines work.
     let out = icepie(
         &dir.path().join("wh"),
         &["-q"],
-        Some("\\echo a\n\\expect error\nSELECT 1 AS fine;\n\\echo b\nSELECT\n  1 +;\n"),
+        Some(
+            "\\echo a\n\\expect error\nSELECT 1 AS fine;\n\\echo b\nSELECT\n  1 +;\n\
+             \\expect error\nSELEC 1; SELECT 2 AS two;\n\
+             SELECT\n\\echo inside a statement\n3 AS three;\r\n\\echo crlf\r\n",
+        ),
     );
     snapshot("cli_meta_failures", dir.path(), transcript(&out));
 }

@@ -197,6 +197,7 @@ async fn run(matches: clap::ArgMatches) -> Result<bool, String> {
         },
         output: Output::Stdout,
         expect_error: false,
+        include_depth: 0,
     };
     if interactive {
         repl::run(&mut session, quiet).await?;

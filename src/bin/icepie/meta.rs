@@ -20,6 +20,9 @@ SQL statements end with ';' and may span lines; in scripts (-f, \i) a meta-comma
 line of its own between statements. Ctrl-C cancels a running statement
 (a cancelled refresh or ingest commits nothing) or clears the line.";
 
+/// How deep `\\i` may nest files.
+const MAX_INCLUDE_DEPTH: usize = 16;
+
 /// What comes after a meta-command.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Flow {
@@ -99,8 +102,17 @@ pub async fn run(session: &mut Session, meta: &str) -> (Outcome, Flow) {
         },
         ("i", "") => session.notice("usage: \\i FILE"),
         ("i", path) => match std::fs::read_to_string(path) {
+            Ok(_) if session.include_depth >= MAX_INCLUDE_DEPTH => session.notice(&format!(
+                "Error: \\i {path} would nest files more than {MAX_INCLUDE_DEPTH} deep (does a \
+                 file include itself?)"
+            )),
             // A file run from a file: boxed, as the call is recursive.
-            Ok(text) => return Box::pin(session.run_script(&text, false)).await,
+            Ok(text) => {
+                session.include_depth += 1;
+                let ran = Box::pin(session.run_script(&text, false)).await;
+                session.include_depth -= 1;
+                return ran;
+            }
             Err(e) => session.notice(&format!("cannot read {path}: {e}")),
         },
         ("echo", text) => session.write_line(text),

@@ -58,6 +58,8 @@ pub struct Session {
     pub output: Output,
     /// `\expect error` was given: the next statement is meant to fail.
     pub expect_error: bool,
+    /// How many `\i` files are running inside each other.
+    pub include_depth: usize,
 }
 
 /// Why a statement did not complete.
@@ -93,22 +95,36 @@ impl Session {
     /// first failure; `\q` stops it too, and is passed on.
     pub async fn run_script(&mut self, text: &str, bail: bool) -> (Outcome, Flow) {
         let mut outcome = Outcome::default();
+        let text = text.strip_prefix('\u{feff}').unwrap_or(text);
         // The SQL not run yet, after blank lines standing for the lines before it, so that
         // a syntax error's line number is the script's.
         let mut pending = String::new();
+        let mut quit = false;
         for line in text.lines() {
             if let Some(meta) = line.trim_start().strip_prefix('\\') {
                 if !inside_literal(&pending) {
-                    if has_sql(&pending) {
-                        outcome += self.run_text(&pending, bail).await;
+                    // The statements finished so far run first; one not finished yet goes on
+                    // after the meta-command, as in psql.
+                    let (complete, tail) = split_statements(&pending);
+                    for statement in complete {
+                        outcome += self.run_text(&statement, bail).await;
                         if bail && outcome.failed > 0 {
                             return (outcome, Flow::Continue);
                         }
                     }
-                    pending = "\n".repeat(pending.lines().count() + 1);
+                    pending = tail;
+                    pending.push('\n');
+                    // `\expect error` is for the next statement, not a meta-command's own.
+                    let expect = std::mem::take(&mut self.expect_error);
                     let (inner, flow) = meta::run(self, meta).await;
+                    self.expect_error |= expect;
                     outcome += inner;
-                    if flow == Flow::Quit || (bail && outcome.failed > 0) {
+                    if flow == Flow::Quit {
+                        quit = true;
+                        pending.clear();
+                        break;
+                    }
+                    if bail && outcome.failed > 0 {
                         return (outcome, flow);
                     }
                     continue;
@@ -117,14 +133,18 @@ impl Session {
             pending.push_str(line);
             pending.push('\n');
         }
-        if has_sql(&pending) {
-            outcome += self.run_text(&pending, bail).await;
+        let (complete, tail) = split_statements(&pending);
+        for statement in complete.into_iter().chain(has_sql(&tail).then_some(tail)) {
+            outcome += self.run_text(&statement, bail).await;
+            if bail && outcome.failed > 0 {
+                break;
+            }
         }
         if std::mem::take(&mut self.expect_error) {
             self.notice("Error: \\expect error is not followed by a statement");
             outcome.failed += 1;
         }
-        (outcome, Flow::Continue)
+        (outcome, if quit { Flow::Quit } else { Flow::Continue })
     }
 
     /// Runs every statement of `text`; with `bail`, stops at the first failure.
@@ -269,6 +289,29 @@ fn inside_literal(text: &str) -> bool {
     Tokenizer::new(&GenericDialect {}, text).tokenize().is_err()
 }
 
+/// The statements of `text` that end with `;`, each after blank lines standing for the lines
+/// before it, and what follows the last of them (likewise).
+fn split_statements(text: &str) -> (Vec<String>, String) {
+    let Ok(tokens) = Tokenizer::new(&GenericDialect {}, text).tokenize() else {
+        // Unfinished (an open string or comment): nothing is complete yet.
+        return (vec![], text.to_string());
+    };
+    let (mut complete, mut current, mut lines, mut start) = (vec![], String::new(), 0, 0);
+    for token in tokens {
+        let piece = token.to_string();
+        lines += piece.matches('\n').count();
+        current.push_str(&piece);
+        if token == Token::SemiColon {
+            if has_sql(&current) {
+                complete.push(format!("{}{current}", "\n".repeat(start)));
+            }
+            current.clear();
+            start = lines;
+        }
+    }
+    (complete, format!("{}{current}", "\n".repeat(start)))
+}
+
 /// True when `text` holds anything but whitespace and comments.
 fn has_sql(text: &str) -> bool {
     match Tokenizer::new(&GenericDialect {}, text).tokenize() {
@@ -299,6 +342,7 @@ fn spinner(rows: Arc<AtomicU64>, written: Arc<Progress>) -> ProgressBar {
             handle.set_message(progress_message(
                 written.rows(),
                 written.bytes(),
+                written.rows_written(),
                 rows.load(Ordering::Relaxed),
             ));
             handle.tick();
@@ -308,16 +352,17 @@ fn spinner(rows: Arc<AtomicU64>, written: Arc<Progress>) -> ProgressBar {
     bar
 }
 
-/// What the progress line says: what was processed, else the result rows printed so far.
-fn progress_message(processed_rows: u64, processed_bytes: u64, printed_rows: u64) -> String {
-    if processed_rows > 0 {
+/// What the progress line says: what was read and written, else the result rows printed.
+fn progress_message(read: u64, read_bytes: u64, written: u64, printed: u64) -> String {
+    if read > 0 || written > 0 {
         format!(
-            "{} rows, {} processed",
-            print::thousands(processed_rows as usize),
-            human_bytes(processed_bytes)
+            "{} rows read ({}), {} written",
+            print::thousands(read as usize),
+            human_bytes(read_bytes),
+            print::thousands(written as usize)
         )
-    } else if printed_rows > 0 {
-        format!("{} rows", print::thousands(printed_rows as usize))
+    } else if printed > 0 {
+        format!("{} rows", print::thousands(printed as usize))
     } else {
         "running".to_string()
     }
@@ -346,14 +391,25 @@ mod tests {
     #[test]
     fn progress_says_what_was_processed_then_what_was_printed() {
         use super::{human_bytes, progress_message};
-        assert_eq!(progress_message(0, 0, 0), "running");
-        assert_eq!(progress_message(0, 0, 1204), "1,204 rows");
+        assert_eq!(progress_message(0, 0, 0, 0), "running");
+        assert_eq!(progress_message(0, 0, 0, 1204), "1,204 rows");
         assert_eq!(
-            progress_message(2_500_000, 3 * 1024 * 1024 * 1024 + 1, 7),
-            "2,500,000 rows, 3.0 GB processed"
+            progress_message(2_500_000, 3 * 1024 * 1024 * 1024 + 1, 7, 0),
+            "2,500,000 rows read (3.0 GB), 7 written"
         );
         assert_eq!(human_bytes(999), "999 B");
         assert_eq!(human_bytes(1536), "1.5 KB");
+    }
+
+    #[test]
+    fn scripts_split_into_statements_keeping_their_lines() {
+        use super::split_statements;
+        let (done, rest) = split_statements("SELECT 1;\n-- note\nSELECT ';'\n  ;\nSELECT");
+        assert_eq!(done, vec!["SELECT 1;", "\n-- note\nSELECT ';'\n  ;"]);
+        assert_eq!(rest, "\n\n\n\nSELECT");
+        let (done, rest) = split_statements("SELECT 'open\n");
+        assert!(done.is_empty());
+        assert_eq!(rest, "SELECT 'open\n");
     }
 
     #[test]
