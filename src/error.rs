@@ -290,7 +290,7 @@ fn unwrapped(text: &str) -> &str {
 }
 
 /// The text between `start` and the next `end` in `text`, and what follows it.
-fn between<'a>(text: &'a str, start: &str, end: &str) -> Option<(&'a str, &'a str)> {
+pub(crate) fn between<'a>(text: &'a str, start: &str, end: &str) -> Option<(&'a str, &'a str)> {
     let from = text.find(start)? + start.len();
     let len = text[from..].find(end)?;
     Some((&text[from..from + len], &text[from + len + end.len()..]))

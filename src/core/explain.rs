@@ -14,7 +14,7 @@ use datafusion::physical_plan::execute_stream;
 use futures::TryStreamExt;
 
 use super::*;
-use crate::error::{csv_fields_error, csv_value_error};
+use crate::error::{between, csv_fields_error, csv_value_error};
 use crate::text::sql_type_name;
 
 /// The columns a fitted load plan casts, and the types it casts them to.
@@ -93,12 +93,6 @@ pub(super) async fn load_error(
         }
     }
     IcePieError::BadData(format!("{said}; {nothing}"))
-}
-
-fn between<'a>(text: &'a str, start: &str, end: &str) -> Option<(&'a str, &'a str)> {
-    let from = text.find(start)? + start.len();
-    let len = text[from..].find(end)?;
-    Some((&text[from..from + len], &text[from + len + end.len()..]))
 }
 
 /// Reads the CSV files at `location` one at a time, in name order, each from its start in
