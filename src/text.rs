@@ -1,4 +1,4 @@
-//! Values in people's words: SQL type names for Arrow types and short durations.
+//! Values in people's words: SQL type names for Arrow types, short durations and sizes.
 
 use datafusion::arrow::datatypes::DataType;
 
@@ -81,6 +81,22 @@ pub fn human_duration(ms: i64) -> String {
     }
 }
 
+/// A number of bytes as a person reads it: `999 B`, `1.5 KB`, `3.0 GB` (powers of 1024).
+pub fn human_bytes(n: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KB", "MB", "GB", "TB"];
+    let mut value = n as f64;
+    let mut unit = 0;
+    while value >= 1024.0 && unit < UNITS.len() - 1 {
+        value /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{n} B")
+    } else {
+        format!("{value:.1} {}", UNITS[unit])
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -98,6 +114,13 @@ mod tests {
         assert_eq!(human_duration((2 * 3600 + 3 * 60 + 59) * 1000), "2 h 3 min");
         assert_eq!(human_duration(7_200_000), "2 h");
         assert_eq!(human_duration((3 * 86_400 + 4 * 3600) * 1000), "3 d 4 h");
+    }
+
+    #[test]
+    fn sizes_read_as_people_say_them() {
+        assert_eq!(human_bytes(999), "999 B");
+        assert_eq!(human_bytes(1536), "1.5 KB");
+        assert_eq!(human_bytes(3 * 1024 * 1024 * 1024 + 1), "3.0 GB");
     }
 
     #[test]

@@ -10,7 +10,8 @@
 //! whose warehouse runs its scheduler of due refreshes. Otherwise it runs the statements of
 //! `-c` and `-f` in the order given (or SQL piped on standard input), prints each result, and
 //! exits with status 1 if any statement failed (`--bail` stops at the first failure); such a
-//! script runs no scheduled refreshes unless `--set scheduler=on`.
+//! script runs no scheduled refreshes unless `--set scheduler=on`. A script's lines that start
+//! with `\` are meta-commands (`\echo`, `\expect error`, ...; `\?` in the REPL lists them).
 //!
 //! `icepie serve` runs the scheduler alone until SIGINT or SIGTERM, printing one line per
 //! scheduled refresh; on a signal it lets running refreshes finish (a second signal, or

@@ -7,6 +7,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use icepie::text::human_bytes;
 use icepie::{IcePie, IcePieError, Progress};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
@@ -90,9 +91,9 @@ impl Session {
         }
     }
 
-    /// Runs a script: SQL statements and, on lines of their own between statements,
-    /// meta-commands (`\echo`, `\expect error`, `\timing`, ...). With `bail`, stops at the
-    /// first failure; `\q` stops it too, and is passed on.
+    /// Runs a script: SQL statements and, on lines of their own, meta-commands (`\echo`,
+    /// `\expect error`, `\timing`, ...). With `bail`, stops at the first failure; `\q` stops
+    /// it too, and is passed on.
     pub async fn run_script(&mut self, text: &str, bail: bool) -> (Outcome, Flow) {
         let mut outcome = Outcome::default();
         let text = text.strip_prefix('\u{feff}').unwrap_or(text);
@@ -368,37 +369,19 @@ fn progress_message(read: u64, read_bytes: u64, written: u64, printed: u64) -> S
     }
 }
 
-/// 1536 → "1.5 KB"; 3.2e9 → "3.0 GB" (powers of 1024).
-fn human_bytes(n: u64) -> String {
-    const UNITS: [&str; 5] = ["B", "KB", "MB", "GB", "TB"];
-    let mut value = n as f64;
-    let mut unit = 0;
-    while value >= 1024.0 && unit < UNITS.len() - 1 {
-        value /= 1024.0;
-        unit += 1;
-    }
-    if unit == 0 {
-        format!("{n} B")
-    } else {
-        format!("{value:.1} {}", UNITS[unit])
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::position;
 
     #[test]
     fn progress_says_what_was_processed_then_what_was_printed() {
-        use super::{human_bytes, progress_message};
+        use super::progress_message;
         assert_eq!(progress_message(0, 0, 0, 0), "running");
         assert_eq!(progress_message(0, 0, 0, 1204), "1,204 rows");
         assert_eq!(
             progress_message(2_500_000, 3 * 1024 * 1024 * 1024 + 1, 7, 0),
             "2,500,000 rows read (3.0 GB), 7 written"
         );
-        assert_eq!(human_bytes(999), "999 B");
-        assert_eq!(human_bytes(1536), "1.5 KB");
     }
 
     #[test]
