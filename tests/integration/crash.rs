@@ -4,15 +4,15 @@
 //! holds whole loads; each slice holds what its definition gives over the core version it
 //! records), and the next statements must work.
 //!
-//! CI runs 24 kills; `ICEPIE_CRASH_TRIALS=1000` runs the long form, `ICEPIE_CRASH_SEED=n`
-//! replays a run (the seed is printed).
+//! CI runs 24 kills on local disk and 6 on S3 (`s3.rs`); `ICEPIE_CRASH_TRIALS=1000` runs the
+//! long form, `ICEPIE_CRASH_SEED=n` replays a run (the seed is printed).
 
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use icepie::IcePie;
 
-use crate::support::{create_workload, load_sql, run, violations, LOAD};
+use crate::support::{create_workload, load_sql, run, scalar, violations, LOAD};
 
 /// A small, seedable random number generator (xorshift64*), so a failing run can be replayed.
 struct Rng(u64);
@@ -47,12 +47,37 @@ fn round() -> String {
     )
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_killed_process_leaves_whole_versions_and_a_working_warehouse() {
-    let trials: usize = std::env::var("ICEPIE_CRASH_TRIALS")
+/// The settings of the warehouse under test and of the child: every version kept, vacuum
+/// deletes at once.
+pub(crate) const SETTINGS: [(&str, &str); 4] = [
+    ("scheduler", "off"),
+    ("retain_versions", "1000"),
+    ("vacuum_enforce_grace", "off"),
+    ("vacuum_grace", "0 seconds"),
+];
+
+/// Kills per run: `ICEPIE_CRASH_TRIALS`, else `default`.
+pub(crate) fn trials(default: usize) -> usize {
+    std::env::var("ICEPIE_CRASH_TRIALS")
         .ok()
         .and_then(|t| t.parse().ok())
-        .unwrap_or(24);
+        .unwrap_or(default)
+}
+
+/// The crash trials on the warehouse at `location` (created by `open`, which applies
+/// [`SETTINGS`]): `trials` times, a child `icepie` with `env` runs the workload and is killed
+/// after a random delay of up to `max_delay_ms`; then a fresh process checks the invariants and
+/// runs the next statements. Panics with every violation found.
+pub(crate) async fn kill_trials<F, Fut>(
+    location: &str,
+    env: &[(&str, &str)],
+    trials: usize,
+    max_delay_ms: u64,
+    open: F,
+) where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = IcePie>,
+{
     let seed = std::env::var("ICEPIE_CRASH_SEED")
         .ok()
         .and_then(|s| s.parse().ok())
@@ -62,42 +87,35 @@ async fn a_killed_process_leaves_whole_versions_and_a_working_warehouse() {
                 .map_or(1, |d| d.as_nanos() as u64)
                 | 1
         });
-    eprintln!("crash test: {trials} kills, ICEPIE_CRASH_SEED={seed}");
+    eprintln!("crash test on {location}: {trials} kills, ICEPIE_CRASH_SEED={seed}");
     let mut rng = Rng(seed);
-    let dir = tempfile::tempdir().unwrap();
-    let location = dir.path().to_string_lossy().to_string();
-    let settings = [
-        ("scheduler", "off"),
-        ("retain_versions", "1000"),
-        ("vacuum_enforce_grace", "off"),
-        ("vacuum_grace", "0 seconds"),
-    ];
-    let open = || async {
-        let mut b = IcePie::builder(location.clone());
-        for (k, v) in settings {
-            b = b.with_setting(k, v);
-        }
-        b.open().await.unwrap()
-    };
     create_workload(&open().await).await;
+    let dir = tempfile::tempdir().unwrap();
     let script = dir.path().join("work.sql");
     std::fs::write(&script, round().repeat(50)).unwrap();
     let mut broken = Vec::new();
     for trial in 0..trials {
         let mut child = Command::new(env!("CARGO_BIN_EXE_icepie"))
-            .args(["--data", &location, "-q"])
+            .args(["--data", location, "-q"])
             .args(
-                settings
+                SETTINGS
                     .iter()
                     .flat_map(|(k, v)| ["--set".into(), format!("{k}={v}")]),
             )
             .arg("-f")
             .arg(&script)
+            .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
             .unwrap();
-        tokio::time::sleep(Duration::from_millis(rng.between(30, 900))).await;
+        tokio::time::sleep(Duration::from_millis(rng.between(30, max_delay_ms))).await;
+        let finished = child.try_wait().unwrap();
+        assert!(
+            finished.is_none(),
+            "the child stopped before it was killed ({finished:?}): it cannot reach the \
+             warehouse"
+        );
         child.kill().unwrap();
         child.wait().unwrap();
 
@@ -118,11 +136,32 @@ async fn a_killed_process_leaves_whole_versions_and_a_working_warehouse() {
             ));
         }
     }
+    let w = open().await;
+    let reached = scalar(
+        &w,
+        "SELECT string_agg(name || ' v' || version, ', ' ORDER BY name) FROM system.slices",
+    )
+    .await;
     eprintln!(
-        "crash test: {trials} kills, {} violations (ICEPIE_CRASH_SEED={seed})",
+        "crash test on {location}: {trials} kills, {} violations, reached {reached} \
+         (ICEPIE_CRASH_SEED={seed})",
         broken.len()
     );
     assert!(broken.is_empty(), "{broken:#?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_process_leaves_whole_versions_and_a_working_warehouse() {
+    let dir = tempfile::tempdir().unwrap();
+    let location = dir.path().to_string_lossy().to_string();
+    let open = || async {
+        let mut b = IcePie::builder(location.clone());
+        for (k, v) in SETTINGS {
+            b = b.with_setting(k, v);
+        }
+        b.open().await.unwrap()
+    };
+    kill_trials(&location, &[], trials(24), 900, open).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -9,7 +9,7 @@ use icepie::{IcePie, SliceState};
 
 use crate::support::{create_workload, load_sql, run, scalar, violations};
 
-fn rounds() -> usize {
+pub(crate) fn rounds() -> usize {
     std::env::var("ICEPIE_RACES")
         .ok()
         .and_then(|r| r.parse().ok())
@@ -94,15 +94,22 @@ async fn two_creates_of_one_name_make_one_slice() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn vacuum_racing_refresh_never_deletes_a_referenced_file() {
     let (_dir, a, b) = two_processes().await;
-    for _ in 0..rounds() {
-        run(&a, &load_sql()).await;
+    vacuum_racing_refresh(&a, &b, rounds()).await;
+}
+
+/// `rounds` times, a load then VACUUM through `a` racing REFRESH through `b` (two handles on
+/// one warehouse holding the workload): both succeed, versions stay whole and the slice
+/// counts every loaded row.
+pub(crate) async fn vacuum_racing_refresh(a: &IcePie, b: &IcePie, rounds: usize) {
+    for _ in 0..rounds {
+        run(a, &load_sql()).await;
         let (vacuumed, refreshed) = tokio::join!(a.vacuum("s"), b.refresh("s"));
         vacuumed.unwrap();
         refreshed.unwrap();
-        whole(&a, "s").await;
+        whole(a, "s").await;
         assert_eq!(
-            scalar(&a, "SELECT n FROM s").await,
-            scalar(&a, "SELECT count(*) FROM core.t").await
+            scalar(a, "SELECT n FROM s").await,
+            scalar(a, "SELECT count(*) FROM core.t").await
         );
     }
 }

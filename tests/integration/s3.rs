@@ -358,3 +358,28 @@ async fn one_scheduler_per_slice_on_s3() {
     .unwrap();
     assert_eq!(successes, version(&a, "s").await);
 }
+
+/// The crash test of `crash.rs` on S3: the real `icepie` binary, pointed at the server by the
+/// environment as a user would (`AWS_ENDPOINT_URL`, …), is killed at random moments; every
+/// fresh process then sees whole versions only and goes on working.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_process_on_s3_leaves_whole_versions() {
+    let moto = Moto::start();
+    let endpoint = moto.endpoint();
+    let mut env = vec![("AWS_ENDPOINT_URL", endpoint.as_str())];
+    env.extend(Moto::OPTIONS);
+    let location = format!("s3://{BUCKET}/crash");
+    let open = || moto.open("crash", &crate::crash::SETTINGS);
+    crate::crash::kill_trials(&location, &env, crate::crash::trials(6), 3000, open).await;
+}
+
+/// VACUUM racing REFRESH from two processes on S3 (`races.rs`): no file a version references
+/// is deleted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn vacuum_racing_refresh_on_s3_never_deletes_a_referenced_file() {
+    let moto = Moto::start();
+    let a = moto.open("vacuum", &crate::crash::SETTINGS).await;
+    let b = moto.open("vacuum", &crate::crash::SETTINGS).await;
+    crate::support::create_workload(&a).await;
+    crate::races::vacuum_racing_refresh(&a, &b, crate::races::rounds().min(3)).await;
+}
