@@ -251,7 +251,8 @@ async fn two_writers_on_s3_never_lose_or_duplicate_a_version() {
 
 /// The request budgets of `budgets.rs` hold on S3: a query on a slice read before costs one
 /// listing of its log, one GET of its quarantine record and its data reads, with 1 slice or
-/// 11, and the lease and change journal work with S3's conditional puts.
+/// 11; a refresh costs the same with 1 slice or 11 and touches nothing of the others; and the
+/// lease and change journal work with S3's conditional puts.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn request_budgets_hold_on_s3() {
     let moto = Moto::start();
@@ -284,6 +285,11 @@ async fn request_budgets_hold_on_s3() {
         .count();
     assert_eq!(lists, 1, "{before:#?}");
     assert_eq!(before.len(), 2 + data, "{before:#?}");
+    let refresh = "REFRESH SLICE s1";
+    run(&w, refresh).await;
+    store.take();
+    run(&w, refresh).await;
+    let refresh_before = store.take();
     let mut more = String::new();
     for i in 0..10 {
         more.push_str(&format!(
@@ -302,6 +308,21 @@ async fn request_budgets_hold_on_s3() {
         after.len(),
         data
     );
+    // A refresh costs the same with 1 slice or 11, and touches nothing of the others.
+    run(&w, refresh).await;
+    store.take();
+    run(&w, refresh).await;
+    let refresh_after = store.take();
+    assert_eq!(
+        refresh_after.len(),
+        refresh_before.len(),
+        "{refresh_before:#?}\n{refresh_after:#?}"
+    );
+    assert!(
+        refresh_after.iter().all(|a| !a.path().contains("/other/")),
+        "{refresh_after:#?}"
+    );
+    eprintln!("S3 requests of REFRESH SLICE: {}", refresh_after.len());
     // A scheduler's idle ticks on S3: listings of the change journal only.
     let scheduled = moto
         .open_with(
