@@ -61,23 +61,29 @@
 //! ```
 
 #![warn(missing_docs)]
+#![warn(unnameable_types)]
 
-pub mod catalog;
-pub mod core;
-pub mod engine;
-pub mod error;
-pub mod options;
-pub mod slice;
-pub mod sql;
-pub mod storage;
+pub(crate) mod catalog;
+pub(crate) mod core;
+pub(crate) mod engine;
+pub(crate) mod error;
+pub(crate) mod options;
+pub(crate) mod slice;
+pub(crate) mod sql;
+pub(crate) mod storage;
 pub mod text;
 
 pub use engine::progress::Progress;
 pub use engine::{IcePie, IcePieBuilder, RefreshEvent};
 pub use error::{IcePieError, Result};
-pub use options::IcePieOptions;
+pub use options::{IcePieOptions, Size, Span, Switch};
 pub use slice::lifecycle::LifecycleOutcome;
-pub use slice::meta::HistoryEntry;
+pub use slice::meta::{CommitKind, Frozen, HistoryEntry, InputVersion, SliceMeta};
+pub use slice::quarantine::{FileCheck, Verified};
 pub use slice::vacuum::VacuumOutcome;
 pub use slice::{BuildOutcome, SliceInfo, SliceState};
-pub use sql::Statement;
+pub use sql::{
+    CreateCoreTable, CreateSlice, DataSource, FileFormat, Ingest, RefreshPolicy, Statement,
+};
+pub use storage::names::SliceName;
+pub use storage::{TableStats, DEFAULT_LOCATION};

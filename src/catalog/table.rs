@@ -270,11 +270,6 @@ impl IcePieTable {
         self.version
     }
 
-    /// The loaded Delta table.
-    pub fn delta(&self) -> &DeltaTable {
-        &self.table
-    }
-
     /// The error a plain-SQL write of kind `what` (INSERT, UPDATE, ...) at this table gets.
     pub fn write_refused(&self, what: &str) -> IcePieError {
         let name = &self.name;

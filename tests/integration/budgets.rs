@@ -6,11 +6,14 @@
 
 use std::sync::Arc;
 
-use icepie::slice::log::COMPACT_AT;
 use icepie::IcePie;
 use object_store::local::LocalFileSystem;
 
 use crate::support::{data_files, run, scalar, Access, RecordingStore};
+
+/// How many files a slice's refresh log grows to before it is compacted (`COMPACT_AT` in
+/// `src/slice/log.rs`).
+const COMPACT_AT: usize = 32;
 
 async fn open(dir: &std::path::Path) -> (Arc<RecordingStore>, IcePie) {
     let store = Arc::new(RecordingStore::new(Arc::new(LocalFileSystem::new())));

@@ -623,13 +623,14 @@ async fn a_marker_left_after_its_attempt_was_logged_is_not_an_abandoned_attempt(
         "SELECT attempt_id FROM system.refreshes WHERE kind = 'refresh'",
     )
     .await;
-    let marker = icepie::slice::running::Marker {
-        slice: "slices.s".into(),
-        attempt_id: id.clone(),
-        kind: "refresh".into(),
-        started_at: chrono::Utc::now().timestamp_millis() - 1000,
-        process: "gone:1".into(),
-    };
+    // An attempt marker as the storage layout (DESIGN.md) defines it.
+    let marker = serde_json::json!({
+        "slice": "slices.s",
+        "attempt_id": id,
+        "kind": "refresh",
+        "started_at": chrono::Utc::now().timestamp_millis() - 1000,
+        "process": "gone:1",
+    });
     let folder = dir.path().join("_system/running/slices/s");
     std::fs::create_dir_all(&folder).unwrap();
     let path = folder.join(format!("{id}.json"));

@@ -68,7 +68,7 @@ fn cli() -> Command {
                 .long("data")
                 .short('d')
                 .value_name("LOCATION")
-                .default_value(icepie::storage::DEFAULT_LOCATION)
+                .default_value(icepie::DEFAULT_LOCATION)
                 .global(true)
                 .help("Warehouse location: a local directory (created if absent) or a URL"),
         )

@@ -11,28 +11,28 @@ use async_trait::async_trait;
 use datafusion::arrow::array::{
     ArrayRef, BooleanArray, Int64Array, RecordBatch, StringArray, TimestampMillisecondArray,
 };
-use datafusion::arrow::compute::cast;
 use datafusion::arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
 use datafusion::catalog::{SchemaProvider, Session, TableProvider};
 use datafusion::datasource::MemTable;
 use datafusion::datasource::TableType;
 use datafusion::error::Result as DFResult;
 use datafusion::logical_expr::{Expr, TableProviderFilterPushDown};
-use datafusion::physical_plan::union::UnionExec;
 use datafusion::physical_plan::ExecutionPlan;
 use deltalake::DeltaTable;
 use futures::{StreamExt, TryStreamExt};
 
 use super::pushdown::wanted;
-use super::table::{IcePieTable, TableKind};
 use crate::engine::state::Shared;
 use crate::error::Result;
 use crate::slice::lifecycle::retained;
 use crate::slice::meta::{format_inputs, HistoryEntry};
-use crate::slice::{self, log, running, InputCache, SliceInfo, SliceState};
+use crate::slice::{self, log, InputCache, SliceInfo, SliceState};
 use crate::storage::names::{validate_name, SliceName};
-use crate::storage::{table_stats, Warehouse, REFRESHES_PATH, SLICES_DIR};
+use crate::storage::{table_stats, Warehouse, SLICES_DIR};
 use crate::text::human_duration;
+use refreshes::refresh_logs;
+
+mod refreshes;
 
 /// Names of the system tables.
 pub const TABLES: [&str; 3] = ["core_tables", "refreshes", "slices"];
@@ -228,111 +228,6 @@ async fn wanted_slices(shared: &Shared, filters: &[Expr]) -> Result<Vec<SliceNam
         );
     }
     Ok(out)
-}
-
-/// Every slice's refresh log (including those of slices since dropped), or those of `only`.
-async fn refresh_logs(shared: &Shared, only: Option<Vec<SliceName>>) -> Result<RefreshLogs> {
-    let warehouse = &shared.warehouse;
-    let slices = match &only {
-        Some(only) => only.clone(),
-        None => {
-            let mut all = Vec::new();
-            for domain in warehouse.list_children(REFRESHES_PATH).await? {
-                for name in warehouse
-                    .list_children(&format!("{REFRESHES_PATH}{domain}"))
-                    .await?
-                {
-                    all.extend(SliceName::new(domain.clone(), name).ok());
-                }
-            }
-            all
-        }
-    };
-    let loaded: Vec<Option<IcePieTable>> = futures::stream::iter(slices)
-        .map(|slice| async move {
-            let Some(t) = warehouse
-                .load(&Warehouse::refreshes_path(&slice), None)
-                .await?
-            else {
-                return Ok(None);
-            };
-            let name = format!("system.refreshes of {slice}");
-            IcePieTable::try_new(TableKind::System, name, t)
-                .await
-                .map(Some)
-        })
-        .buffered(PARALLEL)
-        .try_collect()
-        .await?;
-    let parts: Vec<Arc<IcePieTable>> = loaded.into_iter().flatten().map(Arc::new).collect();
-    // Attempts still running, or abandoned by a process that died, from their markers.
-    let found = match &only {
-        None => running::list(warehouse, None).await?,
-        Some(only) => {
-            let mut found = Vec::new();
-            for slice in only {
-                found.extend(running::list(warehouse, Some(slice)).await?);
-            }
-            found
-        }
-    };
-    let found = running::not_logged(shared, found).await?;
-    let now = chrono::Utc::now().timestamp_millis();
-    let schema = log::SCHEMA.clone();
-    let mut batches = Vec::new();
-    for attempt in running::as_attempts(&found, shared.options().heartbeat.0, now) {
-        let batch = attempt.to_batch()?;
-        let columns = schema
-            .fields()
-            .iter()
-            .zip(batch.columns())
-            .map(|(f, c)| cast(c, f.data_type()))
-            .collect::<std::result::Result<Vec<_>, _>>()?;
-        batches.push(RecordBatch::try_new(schema.clone(), columns)?);
-    }
-    let markers = MemTable::try_new(schema, vec![batches])?;
-    Ok(RefreshLogs { parts, markers })
-}
-
-/// `system.refreshes`: the refresh logs of all slices, read as one table, and the attempts
-/// that have not ended (or whose process died).
-#[derive(Debug)]
-struct RefreshLogs {
-    parts: Vec<Arc<IcePieTable>>,
-    markers: MemTable,
-}
-
-#[async_trait]
-impl TableProvider for RefreshLogs {
-    fn schema(&self) -> SchemaRef {
-        log::SCHEMA.clone()
-    }
-
-    fn table_type(&self) -> TableType {
-        TableType::Base
-    }
-
-    fn supports_filters_pushdown(
-        &self,
-        filters: &[&Expr],
-    ) -> DFResult<Vec<TableProviderFilterPushDown>> {
-        Ok(vec![TableProviderFilterPushDown::Inexact; filters.len()])
-    }
-
-    async fn scan(
-        &self,
-        state: &dyn Session,
-        projection: Option<&Vec<usize>>,
-        filters: &[Expr],
-        limit: Option<usize>,
-    ) -> DFResult<Arc<dyn ExecutionPlan>> {
-        let mut plans = Vec::with_capacity(self.parts.len() + 1);
-        for part in &self.parts {
-            plans.push(part.scan(state, projection, filters, limit).await?);
-        }
-        plans.push(self.markers.scan(state, projection, filters, limit).await?);
-        UnionExec::try_new(plans)
-    }
 }
 
 /// How many slices (or tables) are read at once for a listing of the warehouse.

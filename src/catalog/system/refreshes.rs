@@ -1,0 +1,132 @@
+//! `system.refreshes`: every slice's refresh log, or only those a filter names, read as one
+//! table together with the attempts still running.
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use datafusion::arrow::array::RecordBatch;
+use datafusion::arrow::compute::cast;
+use datafusion::arrow::datatypes::SchemaRef;
+use datafusion::catalog::{Session, TableProvider};
+use datafusion::datasource::{MemTable, TableType};
+use datafusion::error::Result as DFResult;
+use datafusion::logical_expr::{Expr, TableProviderFilterPushDown};
+use datafusion::physical_plan::union::UnionExec;
+use datafusion::physical_plan::ExecutionPlan;
+use futures::{StreamExt, TryStreamExt};
+
+use super::PARALLEL;
+use crate::catalog::table::{IcePieTable, TableKind};
+use crate::engine::state::Shared;
+use crate::error::Result;
+use crate::slice::{log, running};
+use crate::storage::names::SliceName;
+use crate::storage::{Warehouse, REFRESHES_PATH};
+
+/// Every slice's refresh log (including those of slices since dropped), or those of `only`.
+pub(super) async fn refresh_logs(
+    shared: &Shared,
+    only: Option<Vec<SliceName>>,
+) -> Result<RefreshLogs> {
+    let warehouse = &shared.warehouse;
+    let slices = match &only {
+        Some(only) => only.clone(),
+        None => {
+            let mut all = Vec::new();
+            for domain in warehouse.list_children(REFRESHES_PATH).await? {
+                for name in warehouse
+                    .list_children(&format!("{REFRESHES_PATH}{domain}"))
+                    .await?
+                {
+                    all.extend(SliceName::new(domain.clone(), name).ok());
+                }
+            }
+            all
+        }
+    };
+    let loaded: Vec<Option<IcePieTable>> = futures::stream::iter(slices)
+        .map(|slice| async move {
+            let Some(t) = warehouse
+                .load(&Warehouse::refreshes_path(&slice), None)
+                .await?
+            else {
+                return Ok(None);
+            };
+            let name = format!("system.refreshes of {slice}");
+            IcePieTable::try_new(TableKind::System, name, t)
+                .await
+                .map(Some)
+        })
+        .buffered(PARALLEL)
+        .try_collect()
+        .await?;
+    let parts: Vec<Arc<IcePieTable>> = loaded.into_iter().flatten().map(Arc::new).collect();
+    // Attempts still running, or abandoned by a process that died, from their markers.
+    let found = match &only {
+        None => running::list(warehouse, None).await?,
+        Some(only) => {
+            let mut found = Vec::new();
+            for slice in only {
+                found.extend(running::list(warehouse, Some(slice)).await?);
+            }
+            found
+        }
+    };
+    let found = running::not_logged(shared, found).await?;
+    let now = chrono::Utc::now().timestamp_millis();
+    let schema = log::SCHEMA.clone();
+    let mut batches = Vec::new();
+    for attempt in running::as_attempts(&found, shared.options().heartbeat.0, now) {
+        let batch = attempt.to_batch()?;
+        let columns = schema
+            .fields()
+            .iter()
+            .zip(batch.columns())
+            .map(|(f, c)| cast(c, f.data_type()))
+            .collect::<std::result::Result<Vec<_>, _>>()?;
+        batches.push(RecordBatch::try_new(schema.clone(), columns)?);
+    }
+    let markers = MemTable::try_new(schema, vec![batches])?;
+    Ok(RefreshLogs { parts, markers })
+}
+
+/// `system.refreshes`: the refresh logs of all slices, read as one table, and the attempts
+/// that have not ended (or whose process died).
+#[derive(Debug)]
+pub(super) struct RefreshLogs {
+    parts: Vec<Arc<IcePieTable>>,
+    markers: MemTable,
+}
+
+#[async_trait]
+impl TableProvider for RefreshLogs {
+    fn schema(&self) -> SchemaRef {
+        log::SCHEMA.clone()
+    }
+
+    fn table_type(&self) -> TableType {
+        TableType::Base
+    }
+
+    fn supports_filters_pushdown(
+        &self,
+        filters: &[&Expr],
+    ) -> DFResult<Vec<TableProviderFilterPushDown>> {
+        Ok(vec![TableProviderFilterPushDown::Inexact; filters.len()])
+    }
+
+    async fn scan(
+        &self,
+        state: &dyn Session,
+        projection: Option<&Vec<usize>>,
+        filters: &[Expr],
+        limit: Option<usize>,
+    ) -> DFResult<Arc<dyn ExecutionPlan>> {
+        let mut plans = Vec::with_capacity(self.parts.len() + 1);
+        for part in &self.parts {
+            plans.push(part.scan(state, projection, filters, limit).await?);
+        }
+        plans.push(self.markers.scan(state, projection, filters, limit).await?);
+        UnionExec::try_new(plans)
+    }
+}

@@ -1,0 +1,313 @@
+//! One build of a slice: the first version, a refresh or a replace, from planning the
+//! definition over pinned inputs to the commit and its entry in the refresh log.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use chrono::Utc;
+use datafusion::execution::SessionState;
+use datafusion::logical_expr::LogicalPlan;
+use deltalake::operations::write::{SchemaMode, WriteBuilder};
+use deltalake::protocol::SaveMode;
+use deltalake::DeltaTable;
+
+use super::{
+    budgeted_state, commit_error, commit_properties, lifecycle, log, meta, plan_inputs,
+    refuse_cycles, running, BuildOutcome, SliceSpec,
+};
+use crate::catalog::time_travel;
+use crate::engine::state::Shared;
+use crate::error::{IcePieError, Result};
+use crate::options::IcePieOptions;
+use crate::storage::names::SliceName;
+use crate::storage::tracked::TakeBack;
+use crate::storage::{table_stats, Warehouse, FREQUENT_CHECKPOINTS, NO_EXPIRED_LOG_CLEANUP};
+use meta::{format_inputs, CommitKind, InputVersion, SliceMeta};
+
+/// Marks a slice as refreshing in this process for as long as it lives.
+struct RefreshingGuard<'a> {
+    shared: &'a Shared,
+    name: SliceName,
+}
+
+impl<'a> RefreshingGuard<'a> {
+    fn new(shared: &'a Shared, name: &SliceName) -> Self {
+        shared
+            .refreshing
+            .lock()
+            .expect("refreshing lock")
+            .insert(name.clone());
+        Self {
+            shared,
+            name: name.clone(),
+        }
+    }
+}
+
+impl Drop for RefreshingGuard<'_> {
+    fn drop(&mut self) {
+        if let Ok(mut set) = self.shared.refreshing.lock() {
+            set.remove(&self.name);
+        }
+    }
+}
+
+/// Builds and commits the next version of `name` (the first one when `existing` is `None`).
+pub(crate) async fn build(
+    state: &SessionState,
+    shared: &Shared,
+    name: &SliceName,
+    spec: &SliceSpec,
+    kind: CommitKind,
+    existing: Option<&DeltaTable>,
+) -> Result<BuildOutcome> {
+    let _refreshing = RefreshingGuard::new(shared, name);
+    let attempt_id = uuid::Uuid::new_v4().to_string();
+    let started_at = Utc::now();
+    let clock = Instant::now();
+    let mut inputs = Vec::new();
+    let options = shared.options();
+    let heartbeat = options.heartbeat.0;
+    // Attempts of this slice whose process died are recorded before this one starts.
+    running::resolve_abandoned(shared, name, heartbeat).await?;
+    let running = running::Running::start(
+        &shared.warehouse,
+        name,
+        &attempt_id,
+        &kind.to_string(),
+        started_at,
+        heartbeat,
+    )
+    .await?;
+    let result = match budgeted_state(state, options.refresh_memory_limit.0) {
+        Ok(state) => {
+            write_version(
+                &state,
+                shared,
+                name,
+                spec,
+                kind,
+                existing,
+                &attempt_id,
+                &mut inputs,
+            )
+            .await
+        }
+        Err(e) => Err(e),
+    };
+    let duration_ms = clock.elapsed().as_millis() as i64;
+    let mut attempt = log::Attempt {
+        slice: name.to_string(),
+        attempt_id,
+        kind: kind.to_string(),
+        started_at,
+        duration_ms,
+        status: log::SUCCESS,
+        version: None,
+        rows: None,
+        bytes: None,
+        inputs: format_inputs(&inputs),
+        error: None,
+    };
+    let outcome = match result {
+        Ok(table) => {
+            let version = table.version().unwrap_or_default() as i64;
+            let stats = table_stats(&table).unwrap_or_default();
+            attempt.version = Some(version);
+            attempt.rows = Some(stats.rows);
+            attempt.bytes = Some(stats.bytes);
+            if let Err(e) = log::append(&shared.warehouse, name, &attempt).await {
+                running.finish().await;
+                return Err(IcePieError::Warehouse {
+                    location: shared.warehouse.url().to_string(),
+                    reason: format!(
+                        "slice {name} version {version} was committed, but its refresh record \
+                         could not be written: {e}"
+                    ),
+                });
+            }
+            Ok(BuildOutcome {
+                slice: name.clone(),
+                version,
+                stats,
+                inputs,
+                duration_ms,
+                by_another_writer: false,
+            })
+        }
+        Err(source) => {
+            let mut source = over_budget(source, &options);
+            // A first build that failed because another writer created the slice meanwhile
+            // (whatever error the race surfaced as) lost a race, and says so.
+            if existing.is_none()
+                && !matches!(source, IcePieError::Conflict { .. })
+                && shared
+                    .warehouse
+                    .has_log(&Warehouse::slice_path(name))
+                    .await
+                    .unwrap_or(false)
+            {
+                source = IcePieError::Conflict {
+                    slice: name.to_string(),
+                    base: "no version (the slice did not exist yet)".into(),
+                };
+            }
+            attempt.status = if matches!(source, IcePieError::Conflict { .. }) {
+                log::CONFLICT
+            } else {
+                log::FAILED
+            };
+            attempt.error = Some(source.to_string());
+            // The build's own error matters more than a failure to log it.
+            let _ = log::append(&shared.warehouse, name, &attempt).await;
+            Err(IcePieError::RefreshFailed {
+                slice: name.to_string(),
+                serving: existing
+                    .and_then(|t| t.version())
+                    .map(|v| format!(", still serving version {v}"))
+                    .unwrap_or_default(),
+                source: Box::new(source),
+            })
+        }
+    };
+    // The attempt's row is logged (or could not be): its marker goes.
+    running.finish().await;
+    outcome
+}
+
+/// What a refresh of `name` that lost a race to another writer does next, its descriptor
+/// having been `before`: `Some(outcome)` when the winner's version is built from the inputs'
+/// latest versions (nothing left to do), `None` to build again on top of it. A drop, a freeze
+/// or a new definition in between is an error that says which.
+pub(crate) async fn after_lost_race(
+    shared: &Shared,
+    name: &SliceName,
+    before: &SliceMeta,
+) -> Result<Option<BuildOutcome>> {
+    let changed = |change: &str| IcePieError::ChangedMeanwhile {
+        slice: name.to_string(),
+        change: change.to_string(),
+    };
+    let table = match lifecycle::load_table(shared, name).await {
+        Ok(t) => t,
+        Err(IcePieError::SliceNotFound(_)) => return Err(changed("it was dropped")),
+        Err(e) => return Err(e),
+    };
+    let (now, _) = meta::latest_meta(&table, &name.to_string()).await?;
+    if let Some(frozen) = &now.frozen {
+        return Err(lifecycle::frozen_error(name, frozen, "REFRESH SLICE"));
+    }
+    if now.definition != before.definition || now.partition_by != before.partition_by {
+        return Err(changed(
+            "CREATE OR REPLACE SLICE gave it a new definition; run REFRESH SLICE again to \
+             build from it",
+        ));
+    }
+    for input in now.inputs.iter().filter(|i| !i.pinned) {
+        if shared.latest_version(&input.table).await? != Some(input.version) {
+            return Ok(None);
+        }
+    }
+    Ok(Some(BuildOutcome {
+        slice: name.clone(),
+        version: table.version().unwrap_or_default() as i64,
+        stats: table_stats(&table)?,
+        inputs: now.inputs,
+        duration_ms: 0,
+        by_another_writer: true,
+    }))
+}
+
+/// Names the memory budget when a build ran out of it.
+fn over_budget(e: IcePieError, options: &IcePieOptions) -> IcePieError {
+    let text = e.to_string();
+    if text.contains("Resources exhausted") {
+        IcePieError::MemoryBudget {
+            limit: options.refresh_memory_limit.to_string(),
+            detail: text,
+        }
+    } else {
+        e
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn write_version(
+    state: &SessionState,
+    shared: &Shared,
+    name: &SliceName,
+    spec: &SliceSpec,
+    kind: CommitKind,
+    existing: Option<&DeltaTable>,
+    attempt_id: &str,
+    inputs: &mut Vec<InputVersion>,
+) -> Result<DeltaTable> {
+    let plan = time_travel::plan_sql(state, shared, &spec.definition).await?;
+    if !is_query(&plan) {
+        return Err(IcePieError::InvalidDefinition {
+            slice: name.to_string(),
+            reason: "the definition must be a query (SELECT, WITH, VALUES)".into(),
+        });
+    }
+    *inputs = plan_inputs(&plan, name)?;
+    refuse_cycles(shared, name, inputs).await?;
+    for col in &spec.partition_by {
+        if plan.schema().field_with_unqualified_name(col).is_err() {
+            return Err(IcePieError::InvalidDefinition {
+                slice: name.to_string(),
+                reason: format!("PARTITION BY column '{col}' is not in the query's output"),
+            });
+        }
+    }
+    let meta = SliceMeta {
+        kind,
+        attempt_id: attempt_id.to_string(),
+        definition: spec.definition.clone(),
+        owner: spec.owner.clone(),
+        refresh: spec.refresh.clone(),
+        partition_by: spec.partition_by.clone(),
+        inputs: inputs.clone(),
+        frozen: None,
+        rows: None,
+        restored_from: None,
+    };
+    let rel = Warehouse::slice_path(name);
+    let base = shared.warehouse.write_base(&rel, existing)?;
+    let tracked = base.tracked.clone();
+    let mut write = WriteBuilder::new(base.log_store, base.snapshot)
+        .with_input_plan(plan)
+        .with_session_state(Arc::new(crate::engine::progress::counting(state)))
+        .with_partition_columns(spec.partition_by.clone())
+        .with_commit_properties(commit_properties(&meta));
+    write = match existing {
+        Some(_) => write
+            .with_save_mode(SaveMode::Overwrite)
+            .with_schema_mode(SchemaMode::Overwrite),
+        None => write
+            .with_save_mode(SaveMode::ErrorIfExists)
+            .with_configuration([NO_EXPIRED_LOG_CLEANUP, FREQUENT_CHECKPOINTS]),
+    };
+    // A failed or cancelled build leaves nothing behind, not even a file.
+    let guard = TakeBack::new(base.tracked);
+    let result = write.await;
+    guard.finish(&result).await;
+    let from = existing.and_then(DeltaTable::version).map(|v| v as i64);
+    match result {
+        Err(e) if !tracked.committed() => Err(commit_error(name, from, e)),
+        landed => shared.warehouse.landed(&rel, &tracked, landed).await,
+    }
+}
+
+/// True for plans that produce rows (not DDL, DML or statements).
+fn is_query(plan: &LogicalPlan) -> bool {
+    !matches!(
+        plan,
+        LogicalPlan::Ddl(_)
+            | LogicalPlan::Dml(_)
+            | LogicalPlan::Statement(_)
+            | LogicalPlan::Copy(_)
+            | LogicalPlan::Explain(_)
+            | LogicalPlan::Analyze(_)
+            | LogicalPlan::DescribeTable(_)
+    )
+}
