@@ -4,8 +4,9 @@
 //! A version is retained when it is one of the latest `icepie.retain_versions`, or when it
 //! was the current version less than `icepie.vacuum_grace` ago: a reader that planned a query
 //! on it a moment before a refresh committed still finds its files. A file is deleted only
-//! when no retained version references it *and* it is older than the grace period, so the
-//! files of a refresh still being written are never touched. Nor are the files written since
+//! when no retained version references it *and* it is older than the grace period (and a
+//! second more: S3 reports times in whole seconds), so the files of a refresh still being
+//! written are never touched. Nor are the files written since
 //! any attempt still running in any process started (its marker, see [`running`]), however
 //! long it runs. A slice folder with no Delta log (what failed first builds left) loses the
 //! files older than the grace. VACUUM commits nothing to the slice, and lists only the
@@ -93,7 +94,11 @@ async fn vacuum_with(
 ) -> Result<VacuumOutcome> {
     let rel = Warehouse::slice_path(name);
     let now = Utc::now().timestamp_millis();
-    let mut cutoff = now - i64::try_from(grace.as_millis()).unwrap_or(i64::MAX);
+    // Object stores may report times in whole seconds (S3 does): a file written a moment
+    // after `now` can look older than it, so the cutoff is a second earlier.
+    let mut cutoff = now
+        .saturating_sub(i64::try_from(grace.as_millis()).unwrap_or(i64::MAX))
+        .saturating_sub(STORE_TIME_GRANULARITY_MS);
     // Files written since a running attempt (in any process) started may still be committed
     // by it; a minute more covers clocks that disagree. Abandoned attempts are recorded.
     for live in running::resolve_abandoned(shared, name, heartbeat).await? {
@@ -200,6 +205,9 @@ pub(crate) async fn check_not_vacuumed(
         _ => Ok(()),
     }
 }
+
+/// The coarsest modification times object stores report (ms): S3 gives whole seconds.
+const STORE_TIME_GRANULARITY_MS: i64 = 1_000;
 
 /// Margin for clocks of different machines that disagree (ms).
 const CLOCK_SKEW_MS: i64 = 60_000;

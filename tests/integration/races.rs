@@ -9,11 +9,16 @@ use icepie::{IcePie, SliceState};
 
 use crate::support::{create_workload, load_sql, run, scalar, violations};
 
-pub(crate) fn rounds() -> usize {
+fn rounds() -> usize {
+    rounds_or(5)
+}
+
+/// Rounds of a race: `ICEPIE_RACES`, else `default`.
+pub(crate) fn rounds_or(default: usize) -> usize {
     std::env::var("ICEPIE_RACES")
         .ok()
         .and_then(|r| r.parse().ok())
-        .unwrap_or(5)
+        .unwrap_or(default)
 }
 
 /// Two handles on a warehouse holding the workload (`core.t`, slice `s`).

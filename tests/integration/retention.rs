@@ -54,6 +54,7 @@ async fn vacuum_keeps_what_readers_may_need_and_deletes_the_rest() {
     assert!(in_flight.exists());
     // ...unless asked for: everything but version 2's file goes, orphans included.
     run(&w, "SET icepie.vacuum_enforce_grace = off").await;
+    crate::support::let_files_age().await;
     let out = w.vacuum("s").await.unwrap();
     assert_eq!((out.retained_from, out.files_deleted), (2, 3));
     assert!(!in_flight.exists());
