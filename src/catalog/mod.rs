@@ -66,7 +66,10 @@ impl CatalogProvider for IcePieCatalog {
         let mut names = vec![CORE_SCHEMA.to_string(), SYSTEM_SCHEMA.to_string()];
         let listing = self.shared.listing();
         names.extend(listing.domains.keys().cloned());
-        if !listing.domains.contains_key(DEFAULT_DOMAIN) {
+        names.extend(listing.unlisted.iter().cloned());
+        if !listing.domains.contains_key(DEFAULT_DOMAIN)
+            && !listing.unlisted.contains(DEFAULT_DOMAIN)
+        {
             names.push(DEFAULT_DOMAIN.to_string());
         }
         names.extend(self.scratch.read().expect("scratch lock").keys().cloned());

@@ -101,9 +101,9 @@ impl IcePieBuilder {
         for (name, function) in PinnedFunction::all(&shared) {
             ctx.register_udtf(name, function);
         }
-        // The names of the warehouse, for queries planned through `context()` directly; icepie's
-        // own statements renew what they need.
-        shared.refresh_listing().await?;
+        // The names of the core and the domains, for queries planned through `context()`
+        // directly; icepie's own statements renew what they need.
+        shared.list_names().await?;
         let (events, _) = broadcast::channel(256);
         let inner = Arc::new(Inner {
             shared,

@@ -39,7 +39,11 @@ const INFORMATION_SCHEMA: &str = "information_schema";
 #[derive(Debug, Default, Clone)]
 pub(crate) struct Listing {
     pub core: Vec<String>,
+    /// Domains whose slices were listed, with their slices' names.
     pub domains: BTreeMap<String, Vec<String>>,
+    /// Domains whose folder was seen but not listed yet ([`Shared::list_names`]): a slice of
+    /// one loads by its name; what lists them all lists them first.
+    pub unlisted: BTreeSet<String>,
 }
 
 /// State shared by the engine, the catalog and the system tables of one `IcePie`.
@@ -106,7 +110,29 @@ impl Shared {
             .into_iter()
             .filter(|(_, slices)| !slices.is_empty())
             .collect();
-        *self.listing.write().expect("listing lock") = Listing { core, domains };
+        *self.listing.write().expect("listing lock") = Listing {
+            core,
+            domains,
+            unlisted: BTreeSet::new(),
+        };
+        Ok(())
+    }
+
+    /// Lists the core and the names of the domains, not their slices: two requests however
+    /// many slices the warehouse holds, so that opening it costs the same with 1 or 1,000.
+    /// A statement naming a slice loads it by its name; one that needs every name (a system
+    /// table, `SHOW TABLES`, `information_schema`) lists the warehouse first.
+    pub async fn list_names(&self) -> Result<()> {
+        let (core, names) = futures::try_join!(
+            self.warehouse.list_children(CORE_DIR),
+            self.warehouse.list_children(SLICES_DIR)
+        )?;
+        let mut listing = self.listing.write().expect("listing lock");
+        listing.core = core;
+        listing.unlisted = names
+            .into_iter()
+            .filter(|d| validate_domain(d).is_ok() && !listing.domains.contains_key(d))
+            .collect();
         Ok(())
     }
 
@@ -158,6 +184,7 @@ impl Shared {
             .list_children(&format!("{SLICES_DIR}/{domain}"))
             .await?;
         let mut listing = self.listing.write().expect("listing lock");
+        listing.unlisted.remove(domain);
         if slices.is_empty() {
             listing.domains.remove(domain);
         } else {
@@ -168,11 +195,8 @@ impl Shared {
 
     /// True when the last listing holds the domain `name` (without copying the listing).
     pub fn has_domain(&self, name: &str) -> bool {
-        self.listing
-            .read()
-            .expect("listing lock")
-            .domains
-            .contains_key(name)
+        let listing = self.listing.read().expect("listing lock");
+        listing.domains.contains_key(name) || listing.unlisted.contains(name)
     }
 
     /// The last listing.

@@ -75,6 +75,48 @@ fn refreshes() -> usize {
 
 const QUERY: &str = "SELECT sum(id) FROM slices.s1";
 
+/// Opening a warehouse lists two folders (the core, the domains), whether it holds 1 slice
+/// or 31 in four domains; a first query then loads its slice by name, listing nothing else.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn opening_a_warehouse_costs_the_same_however_many_slices() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().canonicalize().unwrap();
+    let (_, w) = small(&root).await;
+    let (store, _) = open(&root).await;
+    let opened_small = store.take();
+    grow(&w, 0).await;
+    let (store, fresh) = open(&root).await;
+    let opened_big = store.take();
+    for opened in [&opened_small, &opened_big] {
+        assert_eq!(opened.len(), 2, "{opened:#?}");
+        assert!(
+            opened.iter().all(|a| matches!(a, Access::List(_))),
+            "{opened:#?}"
+        );
+    }
+    let (n, first) = cost(&store, &fresh, "SELECT sum(n) FROM sales.t3").await;
+    assert_eq!(n, "4");
+    for a in &first {
+        assert!(
+            a.path().contains("slices/sales/t3/") || a.path().contains("_system/quarantine/"),
+            "outside the slice: {a:?}"
+        );
+    }
+    // What needs every name lists them all first.
+    assert_eq!(
+        scalar(
+            &fresh,
+            "SELECT count(*) FROM information_schema.tables WHERE table_schema = 'ops'"
+        )
+        .await,
+        "10"
+    );
+    assert_eq!(
+        scalar(&fresh, "SELECT count(*) FROM system.slices").await,
+        "31"
+    );
+}
+
 /// A query on a slice a process has read before costs one listing of the slice's log (is
 /// there a newer commit?), one GET of its quarantine record and the reads of its data file:
 /// the same with 1 slice or 31, with 0 past refreshes or many. A first query in a new process
