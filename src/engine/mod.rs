@@ -193,13 +193,25 @@ impl IcePie {
     }
 
     /// Stops the scheduler: it starts no more refreshes, lets those running finish for up to
-    /// `grace`, then cancels the rest (a cancelled refresh commits nothing). Statements still
-    /// run afterwards; only scheduling has stopped.
+    /// `grace`, then cancels the rest (a cancelled refresh commits nothing), and waits for
+    /// the refresh records still being written ([`IcePie::flush`]). Statements still run
+    /// afterwards; only scheduling has stopped.
     pub async fn close(&self, grace: Duration) {
         let handle = self.inner.scheduler.lock().expect("scheduler lock").take();
         if let Some(h) = handle {
             h.stop(grace).await;
         }
+        self.flush().await;
+    }
+
+    /// Waits until the rows of `system.refreshes` for the refreshes that succeeded so far are
+    /// written. A refresh returns once its version is committed and writes its row in the
+    /// background; this process shows it at once, other processes a few milliseconds later.
+    /// Call this (or [`IcePie::close`]) before dropping the last handle: a row not written
+    /// when the process ends is recorded later, from the slice's commit, by the slice's next
+    /// refresh or VACUUM after `icepie.heartbeat` × 6.
+    pub async fn flush(&self) {
+        self.inner.shared.settling.flush().await;
     }
 
     /// Parses SQL text into statements without running them.

@@ -23,7 +23,7 @@ use futures::{StreamExt, TryStreamExt};
 use crate::error::{IcePieError, Result};
 use crate::options::IcePieOptions;
 use crate::slice::log::{AttemptSummary, LogCache};
-use crate::slice::{meta, quarantine};
+use crate::slice::{meta, quarantine, Settling};
 use crate::storage::names::{
     validate_domain, validate_name, SliceName, CORE_SCHEMA, DEFAULT_DOMAIN, SYSTEM_SCHEMA,
 };
@@ -60,6 +60,8 @@ pub(crate) struct Shared {
     log: LogCache,
     /// Tables opened for the time-travel calls of statements being planned.
     pub pins: time_travel::Pins,
+    /// Successful attempts whose rows are still being written to their refresh logs.
+    pub settling: Settling,
 }
 
 impl Shared {
@@ -71,6 +73,7 @@ impl Shared {
             options: RwLock::new(options),
             log: LogCache::default(),
             pins: time_travel::Pins::default(),
+            settling: Settling::default(),
         }
     }
 

@@ -109,23 +109,17 @@ pub(crate) async fn build(
         inputs: format_inputs(&inputs),
         error: None,
     };
-    let outcome = match result {
+    match result {
         Ok(table) => {
             let version = table.version().unwrap_or_default() as i64;
             let stats = table_stats(&table).unwrap_or_default();
             attempt.version = Some(version);
             attempt.rows = Some(stats.rows);
             attempt.bytes = Some(stats.bytes);
-            if let Err(e) = log::append(&shared.warehouse, name, &attempt).await {
-                running.finish().await;
-                return Err(IcePieError::Warehouse {
-                    location: shared.warehouse.url().to_string(),
-                    reason: format!(
-                        "slice {name} version {version} was committed, but its refresh record \
-                         could not be written: {e}"
-                    ),
-                });
-            }
+            // The version is committed: its row is written after the statement returns.
+            shared
+                .settling
+                .record(&shared.warehouse, name, attempt, running);
             Ok(BuildOutcome {
                 slice: name.clone(),
                 version,
@@ -158,8 +152,11 @@ pub(crate) async fn build(
                 log::FAILED
             };
             attempt.error = Some(source.to_string());
-            // The build's own error matters more than a failure to log it.
+            // The build's own error matters more than a failure to log it. A failure is
+            // logged before the statement returns: the slice's state depends on it.
             let _ = log::append(&shared.warehouse, name, &attempt).await;
+            // The attempt's row is logged (or could not be): its marker goes.
+            running.finish().await;
             Err(IcePieError::RefreshFailed {
                 slice: name.to_string(),
                 serving: existing
@@ -169,10 +166,7 @@ pub(crate) async fn build(
                 source: Box::new(source),
             })
         }
-    };
-    // The attempt's row is logged (or could not be): its marker goes.
-    running.finish().await;
-    outcome
+    }
 }
 
 /// What a refresh of `name` that lost a race to another writer does next, its descriptor

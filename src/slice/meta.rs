@@ -169,7 +169,7 @@ pub async fn commit_info(table: &DeltaTable, version: i64) -> Result<Option<Comm
 }
 
 /// The descriptor of one commit, `None` when icepie did not make it.
-fn descriptor(info: &CommitInfo, name: &str) -> Result<Option<SliceMeta>> {
+pub(crate) fn descriptor(info: &CommitInfo, name: &str) -> Result<Option<SliceMeta>> {
     info.info
         .get(COMMIT_KEY)
         .map(|v| {

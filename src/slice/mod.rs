@@ -20,11 +20,13 @@ pub mod log;
 pub mod meta;
 pub mod quarantine;
 pub mod running;
+mod settle;
 pub mod vacuum;
 
 pub(crate) use build::{after_lost_race, build};
 pub(crate) use info::{info, InputCache};
 pub use info::{SliceInfo, SliceState};
+pub(crate) use settle::Settling;
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;

@@ -9,6 +9,9 @@
 //! cancelled attempt (Ctrl-C, a stopped scheduler) records `cancelled` itself. The next
 //! attempt of the slice, or VACUUM, turns an abandoned marker into an `abandoned` row of the
 //! refresh log; the files it may have written are orphans that VACUUM deletes after its grace.
+//! An attempt that committed before its process stopped (its row is written after the
+//! statement returns, see [`super::settle`]) is found by its id in the slice's latest commits
+//! and recorded as the success it was.
 //!
 //! VACUUM reads the live markers of a slice and keeps every file written since the earliest
 //! of them started: a refresh running in any process never loses a file it may still commit.
@@ -32,10 +35,11 @@ use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
 use super::log::{self, Attempt};
+use super::meta;
 use crate::engine::state::Shared;
 use crate::error::Result;
 use crate::storage::names::SliceName;
-use crate::storage::Warehouse;
+use crate::storage::{table_stats, Warehouse};
 
 /// Folder of the markers, one folder per slice under `<domain>/<name>/`.
 pub const RUNNING_PATH: &str = "_system/running/";
@@ -177,15 +181,18 @@ pub(crate) async fn resolve_abandoned(
         }
         let m = &found.marker;
         let ran = (found.renewed_at - m.started_at).max(0);
-        let attempt = m.attempt(
-            ran,
-            log::ABANDONED,
-            Some(format!(
-                "the process running it ({}) stopped renewing its record after {ran} ms: it was \
-                 killed or lost its storage; nothing was committed",
-                m.process
-            )),
-        );
+        let attempt = match committed(shared, slice, m, ran).await? {
+            Some(success) => success,
+            None => m.attempt(
+                ran,
+                log::ABANDONED,
+                Some(format!(
+                    "the process running it ({}) stopped renewing its record after {ran} ms: \
+                     it was killed or lost its storage; nothing was committed",
+                    m.process
+                )),
+            ),
+        };
         log::append(warehouse, slice, &attempt).await?;
         for path in [&found.path, &claim] {
             match store.delete(path).await {
@@ -195,6 +202,60 @@ pub(crate) async fn resolve_abandoned(
         }
     }
     Ok(live)
+}
+
+/// How many of a slice's latest commits [`committed`] looks through.
+const COMMITS_SEARCHED: usize = 16;
+
+/// The row of `marker`'s attempt if it committed before its process ended (the process
+/// stopped before the row was written): a success, from the commit's descriptor.
+async fn committed(
+    shared: &Shared,
+    slice: &SliceName,
+    marker: &Marker,
+    ran: i64,
+) -> Result<Option<Attempt>> {
+    let Some(table) = shared
+        .warehouse
+        .load(&Warehouse::slice_path(slice), None)
+        .await?
+    else {
+        return Ok(None);
+    };
+    let latest = table.version().unwrap_or_default() as i64;
+    let name = slice.to_string();
+    for version in (0..=latest).rev().take(COMMITS_SEARCHED) {
+        let Some(info) = meta::commit_info(&table, version).await? else {
+            break;
+        };
+        // Commits older than the attempt cannot be its own.
+        if info.timestamp.is_some_and(|t| t < marker.started_at) {
+            break;
+        }
+        let Ok(Some(found)) = meta::descriptor(&info, &name) else {
+            continue;
+        };
+        // FREEZE and THAW commits copy the descriptor of the build before them.
+        if found.attempt_id != marker.attempt_id || found.kind.to_string() != marker.kind {
+            continue;
+        }
+        let mut attempt = marker.attempt(ran, log::SUCCESS, None);
+        attempt.version = Some(version);
+        attempt.inputs = meta::format_inputs(&found.inputs);
+        attempt.rows = found.rows.or_else(|| {
+            info.info
+                .get("operationMetrics")
+                .and_then(|m| m.get("num_added_rows"))
+                .and_then(serde_json::Value::as_i64)
+        });
+        if version == latest {
+            let stats = table_stats(&table)?;
+            attempt.rows = Some(stats.rows);
+            attempt.bytes = Some(stats.bytes);
+        }
+        return Ok(Some(attempt));
+    }
+    Ok(None)
 }
 
 /// The ids of the recent attempts of `slice` in its refresh log.
@@ -308,6 +369,15 @@ impl Running {
         }
         let _ = self.warehouse.store().delete(&self.path).await;
     }
+
+    /// The attempt committed but its row could not be written: the marker stops being
+    /// renewed and stays, so that once it expires its resolution records the attempt from
+    /// its commit.
+    pub(crate) async fn leave(mut self) {
+        if let Some(heartbeat) = self.heartbeat.take() {
+            heartbeat.stop().await;
+        }
+    }
 }
 
 /// Renews the marker at `path` every `every` until told to stop. A renewal in flight when
@@ -370,7 +440,7 @@ pub fn as_attempts(found: &[Found], heartbeat: Duration, now_ms: i64) -> Vec<Att
                 (!live).then(|| {
                     format!(
                         "the process running it ({}) stopped renewing its record: it was \
-                         killed or lost its storage; nothing was committed",
+                         killed or lost its storage",
                         m.process
                     )
                 }),

@@ -42,6 +42,7 @@ async fn small(root: &std::path::Path) -> (Arc<RecordingStore>, IcePie) {
          CREATE SLICE s1 AS SELECT id, v FROM core.a;",
     )
     .await;
+    w.flush().await;
     (store, w)
 }
 
@@ -64,6 +65,8 @@ async fn grow(w: &IcePie, refreshes: usize) {
         )
         .await;
     }
+    // Refresh records are written in the background: none may land in a measurement.
+    w.flush().await;
 }
 
 fn refreshes() -> usize {
@@ -165,6 +168,12 @@ async fn a_query_on_one_slice_costs_the_same_however_big_the_warehouse_and_its_h
     }
 }
 
+/// Refreshes `s1` and waits for its row in the refresh log, written in the background.
+async fn refresh_s1(w: &IcePie) {
+    run(w, "REFRESH SLICE s1").await;
+    w.flush().await;
+}
+
 /// `REFRESH SLICE s` costs the same with 1 slice or 31: it touches s's folders, its inputs,
 /// its refresh log and its attempt markers, nothing else.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -172,14 +181,14 @@ async fn a_refresh_costs_the_same_however_many_other_slices() {
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path().canonicalize().unwrap();
     let (store, w) = small(&root).await;
-    run(&w, "REFRESH SLICE s1").await;
+    refresh_s1(&w).await;
     store.take();
-    run(&w, "REFRESH SLICE s1").await;
+    refresh_s1(&w).await;
     let before = store.take();
     grow(&w, 0).await;
-    run(&w, "REFRESH SLICE s1").await;
+    refresh_s1(&w).await;
     store.take();
-    run(&w, "REFRESH SLICE s1").await;
+    refresh_s1(&w).await;
     let after = store.take();
     assert_eq!(before.len(), after.len(), "{before:#?}\n{after:#?}");
     for a in &after {
@@ -229,7 +238,7 @@ async fn system_tables_filtered_to_one_slice_read_only_its_metadata() {
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path().canonicalize().unwrap();
     let (store, w) = small(&root).await;
-    run(&w, "REFRESH SLICE s1").await;
+    refresh_s1(&w).await;
     let queries = [
         "SELECT state FROM system.slices WHERE domain = 'slices' AND name = 's1'",
         "SELECT count(*) FROM system.refreshes WHERE slice = 'slices.s1'",
@@ -243,6 +252,7 @@ async fn system_tables_filtered_to_one_slice_read_only_its_metadata() {
     }
     grow(&w, 0).await;
     run(&w, "REFRESH SLICE sales.t1; REFRESH SLICE ops.t2").await;
+    w.flush().await;
     for (q, (result, before)) in queries.iter().zip(small_costs) {
         scalar(&w, q).await;
         let (again, after) = cost(&store, &w, q).await;
@@ -285,6 +295,7 @@ async fn a_long_refresh_history_reads_as_few_files_as_a_short_one() {
     }
     let history = "SELECT count(*) FROM system.refreshes WHERE slice = 'slices.s1'";
     assert_eq!(scalar(&w, history).await, attempts.to_string());
+    w.flush().await;
     let parquet_reads = |a: &[Access]| {
         a.iter()
             .filter(|a| matches!(a, Access::Read(p) if p.contains("_system/refreshes/") && p.ends_with(".parquet")))

@@ -37,7 +37,8 @@ const OPS: [Op; 4] = [Op::Put, Op::Get, Op::List, Op::Delete];
 struct Plan {
     /// Calls of each kind so far (index: `Op as usize`).
     calls: [usize; 4],
-    /// Fail the call of this kind with this number (1-based) whose path contains `path`.
+    /// Fail the call of this kind with this number (1-based; 0: every one) whose path
+    /// contains `path`.
     fail: Option<(Op, usize)>,
     path: Option<String>,
     /// Added to every call.
@@ -104,7 +105,7 @@ fn check(plan: &Mutex<Plan>, op: Op, path: &Path) -> (Duration, Result<()>) {
     if matches {
         p.calls[op as usize] += 1;
     }
-    let fail = matches && p.fail == Some((op, p.calls[op as usize]));
+    let fail = matches && (p.fail == Some((op, p.calls[op as usize])) || p.fail == Some((op, 0)));
     if fail {
         p.injected += 1;
     }
@@ -262,16 +263,18 @@ fn case(prepare: &'static str, statement: impl Into<String>, reset: &'static str
     }
 }
 
-/// Runs SQL, returning its outcome.
+/// Runs SQL, returning its outcome, once what it writes in the background is written too.
 async fn attempt(w: &IcePie, sql: &str) -> icepie::Result<()> {
-    match w.sql(sql).await {
+    let result = match w.sql(sql).await {
         Ok(df) => df
             .collect()
             .await
             .map(|_| ())
             .map_err(icepie::IcePieError::from),
         Err(e) => Err(e),
-    }
+    };
+    w.flush().await;
+    result
 }
 
 async fn run_all(w: &IcePie, sql: &str) {
@@ -368,5 +371,98 @@ async fn every_statement_succeeds_whole_or_changes_nothing_under_faults() {
     eprintln!(
         "fault injection: {trials} trials, {} faults injected",
         store.injected()
+    );
+}
+
+/// A refresh whose row could not be written to its refresh log (or whose process ended
+/// first) committed all the same: its marker outlives it, and the slice's next refresh finds
+/// the commit and records the attempt as the success it was, never as abandoned.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refresh_whose_record_was_lost_is_recorded_from_its_commit() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(FaultyStore::new(Arc::new(LocalFileSystem::new())));
+    let w = IcePie::builder(dir.path().to_string_lossy().to_string())
+        .with_object_store(store.clone())
+        .with_scheduler(false)
+        .with_setting("heartbeat", "10ms")
+        .open()
+        .await
+        .unwrap();
+    run(
+        &w,
+        "CREATE CORE TABLE t (n BIGINT); INGEST INTO t VALUES (1);
+         CREATE SLICE s AS SELECT sum(n) AS total FROM core.t;",
+    )
+    .await;
+    w.flush().await;
+    // Every write to the refresh logs fails: the refresh commits, its row cannot be written.
+    store.arm(
+        Some((Op::Put, 0)),
+        Some("_system/refreshes/"),
+        Duration::ZERO,
+    );
+    run(&w, "INGEST INTO t VALUES (2); REFRESH SLICE s").await;
+    w.flush().await;
+    store.arm(None, None, Duration::ZERO);
+    assert!(store.injected() >= 1);
+    let markers = dir.path().join("_system/running/slices/s");
+    let left = std::fs::read_dir(&markers).unwrap().count();
+    assert_eq!(left, 1, "the attempt's marker stays");
+    // Once it expires (6 heartbeats), the next refresh resolves it.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    run(&w, "INGEST INTO t VALUES (3); REFRESH SLICE s").await;
+    w.flush().await;
+    assert_eq!(
+        crate::support::scalar(
+            &w,
+            "SELECT string_agg(concat_ws(' ', kind, status, version, rows, inputs), '; ' \
+             ORDER BY started_at) FROM system.refreshes"
+        )
+        .await,
+        "create success 0 1 core.t@1; refresh success 1 1 core.t@2; refresh success 2 1 core.t@3"
+    );
+    assert_eq!(std::fs::read_dir(&markers).unwrap().count(), 0);
+    assert_eq!(crate::support::scalar(&w, "SELECT total FROM s").await, "6");
+}
+
+/// A refresh returns once its version is committed and writes its row in the background; its
+/// own process shows the attempt as it ended at once, however slow the refresh log is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refresh_shows_its_outcome_at_once_in_its_own_process() {
+    let (dir, store, w) = faulty_warehouse().await;
+    // Writing to the refresh logs takes long; reading them too.
+    store.arm(None, Some("_system/refreshes/"), Duration::from_millis(400));
+    w.sql("REFRESH SLICE s")
+        .await
+        .unwrap()
+        .collect()
+        .await
+        .unwrap();
+    // Its row is still being written: its marker is there.
+    let markers = dir.path().join("_system/running/slices/s");
+    assert_eq!(std::fs::read_dir(&markers).map_or(0, |d| d.count()), 1);
+    let shown = crate::support::scalar(
+        &w,
+        "SELECT string_agg(status, ',' ORDER BY started_at) FROM system.refreshes \
+         WHERE slice = 'slices.s' AND kind = 'refresh'",
+    )
+    .await;
+    w.flush().await;
+    store.arm(None, None, Duration::ZERO);
+    assert_eq!(shown, "success");
+    assert_eq!(std::fs::read_dir(&markers).unwrap().count(), 0);
+    let other = IcePie::builder(dir.path().to_string_lossy().to_string())
+        .with_scheduler(false)
+        .open()
+        .await
+        .unwrap();
+    assert_eq!(
+        crate::support::scalar(
+            &other,
+            "SELECT count(*) FROM system.refreshes WHERE slice = 'slices.s' AND \
+             kind = 'refresh' AND status = 'success'"
+        )
+        .await,
+        "1"
     );
 }

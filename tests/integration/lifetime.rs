@@ -620,6 +620,8 @@ async fn a_marker_left_after_its_attempt_was_logged_is_not_an_abandoned_attempt(
          CREATE SLICE s AS SELECT sum(n) AS total FROM core.t; REFRESH SLICE s;",
     )
     .await;
+    // The refresh's own marker goes once its row is written.
+    w.flush().await;
     let id = scalar(
         &w,
         "SELECT attempt_id FROM system.refreshes WHERE kind = 'refresh'",

@@ -51,6 +51,9 @@ pub async fn run(warehouse: &IcePie, sql: &str) {
         .collect()
         .await
         .unwrap_or_else(|e| panic!("{sql}: {e}"));
+    // Refresh records are written after a refresh returns: other processes (and request
+    // counts) see them once written.
+    warehouse.flush().await;
 }
 
 /// Runs SQL that must fail, returning the error text.

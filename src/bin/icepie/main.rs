@@ -201,7 +201,10 @@ async fn run(matches: clap::ArgMatches) -> Result<bool, String> {
         include_depth: 0,
     };
     if interactive {
-        repl::run(&mut session, quiet).await?;
+        let done = repl::run(&mut session, quiet).await;
+        // Refreshes return once committed; their records are written before exiting.
+        session.warehouse.flush().await;
+        done?;
         return Ok(true);
     }
     let mut all_ok = true;
@@ -214,6 +217,7 @@ async fn run(matches: clap::ArgMatches) -> Result<bool, String> {
             break;
         }
     }
+    session.warehouse.flush().await;
     Ok(all_ok)
 }
 

@@ -29,6 +29,19 @@ pub(super) async fn refresh_logs(
     only: Option<Vec<SliceName>>,
 ) -> Result<RefreshLogs> {
     let warehouse = &shared.warehouse;
+    // Attempts still running, or abandoned by a process that died, from their markers,
+    // listed before the logs are read: a marker goes only after its row is in the log, so
+    // an attempt ending meanwhile is found in one or the other.
+    let found = match &only {
+        None => running::list(warehouse, None).await?,
+        Some(only) => {
+            let mut found = Vec::new();
+            for slice in only {
+                found.extend(running::list(warehouse, Some(slice)).await?);
+            }
+            found
+        }
+    };
     let slices = match &only {
         Some(only) => only.clone(),
         None => {
@@ -61,22 +74,20 @@ pub(super) async fn refresh_logs(
         .try_collect()
         .await?;
     let parts: Vec<Arc<IcePieTable>> = loaded.into_iter().flatten().map(Arc::new).collect();
-    // Attempts still running, or abandoned by a process that died, from their markers.
-    let found = match &only {
-        None => running::list(warehouse, None).await?,
-        Some(only) => {
-            let mut found = Vec::new();
-            for slice in only {
-                found.extend(running::list(warehouse, Some(slice)).await?);
-            }
-            found
-        }
-    };
     let found = running::not_logged(shared, found).await?;
     let now = chrono::Utc::now().timestamp_millis();
     let schema = log::SCHEMA.clone();
     let mut batches = Vec::new();
-    for attempt in running::as_attempts(&found, shared.options().heartbeat.0, now) {
+    let heartbeat = shared.options().heartbeat.0;
+    for (found, attempt) in found
+        .iter()
+        .zip(running::as_attempts(&found, heartbeat, now))
+    {
+        // A success of this process whose row is still being written shows as it ended.
+        let attempt = shared
+            .settling
+            .outcome(&found.marker.attempt_id)
+            .unwrap_or(attempt);
         let batch = attempt.to_batch()?;
         let columns = schema
             .fields()

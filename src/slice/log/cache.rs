@@ -191,8 +191,14 @@ impl SliceLog {
                 continue;
             };
             let started_at = started.value(row) / 1000;
+            let attempt_id = ids[row].clone().unwrap_or_default();
+            // A row read twice (two compactions of one log by two processes at once both
+            // commit: delta-rs does not see them conflict) counts once.
+            if !attempt_id.is_empty() && self.attempts.iter().any(|a| a.attempt_id == attempt_id) {
+                continue;
+            }
             let summary = AttemptSummary {
-                attempt_id: ids[row].clone().unwrap_or_default(),
+                attempt_id,
                 kind: kind[row].clone().unwrap_or_default(),
                 status,
                 started_at,

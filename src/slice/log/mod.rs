@@ -9,7 +9,8 @@
 //! most recent attempts of a slice and, when its log has new versions, reads only the files
 //! those versions added.
 
-use std::sync::{Arc, LazyLock};
+use std::collections::HashSet;
+use std::sync::{Arc, LazyLock, Mutex};
 
 use chrono::{DateTime, Utc};
 use datafusion::arrow::array::{
@@ -136,7 +137,12 @@ pub async fn append(warehouse: &Warehouse, slice: &SliceName, attempt: &Attempt)
         }
         match result {
             Ok(table) => {
-                compact(table).await;
+                if table
+                    .snapshot()
+                    .is_ok_and(|s| s.log_data().num_files() >= COMPACT_AT)
+                {
+                    compact(warehouse, &rel).await;
+                }
                 return Ok(());
             }
             Err(_) if existing.is_none() && round < 2 => continue,
@@ -152,12 +158,43 @@ pub const COMPACT_AT: usize = 32;
 /// Files of a refresh log stop being compacted again once this big.
 const COMPACTED_SIZE: u64 = 1 << 20;
 
-/// Compacts a refresh log grown to [`COMPACT_AT`] files into files of up to
+/// Logs being compacted by this process, by URL.
+static COMPACTING: LazyLock<Mutex<HashSet<String>>> = LazyLock::new(Mutex::default);
+
+/// A compaction of this process, until dropped.
+struct Compacting(String);
+
+impl Drop for Compacting {
+    fn drop(&mut self) {
+        if let Ok(mut logs) = COMPACTING.lock() {
+            logs.remove(&self.0);
+        }
+    }
+}
+
+/// Compacts the refresh log at `rel`, grown to [`COMPACT_AT`] files, into files of up to
 /// [`COMPACTED_SIZE`] (Delta's OPTIMIZE: the commit changes no data, `dataChange=false`), so
 /// that a process reading a slice's history reads a few files, however many attempts it has.
 /// Best effort: a compaction that fails or loses a race leaves the log as it was, and its
 /// output, if any, is deleted by VACUUM.
-async fn compact(table: deltalake::DeltaTable) {
+///
+/// One compaction of a log at a time, from its latest version: delta-rs does not count two
+/// compactions removing the same files as a conflict, so two at once would both commit and
+/// the rows of those files would be read twice.
+async fn compact(warehouse: &Warehouse, rel: &str) {
+    let key = format!("{}{rel}", warehouse.url());
+    // Another task of this process is compacting it: the next append will, if need be.
+    if !COMPACTING
+        .lock()
+        .expect("compacting lock")
+        .insert(key.clone())
+    {
+        return;
+    }
+    let _done = Compacting(key);
+    let Ok(Some(table)) = warehouse.load(rel, None).await else {
+        return;
+    };
     let files = table
         .snapshot()
         .map(|s| s.log_data().num_files())
