@@ -89,7 +89,13 @@ impl Shared {
 
     /// The recent refresh attempts of a slice, oldest first, reading only what its log gained.
     pub async fn attempts(&self, slice: &SliceName) -> Result<Vec<AttemptSummary>> {
-        self.log.attempts(&self.warehouse, slice).await
+        self.log.attempts(&self.warehouse, slice, None).await
+    }
+
+    /// The recent refresh attempts of a slice as of version `upto` of its refresh log (or a
+    /// later one this process has read).
+    pub async fn attempts_upto(&self, slice: &SliceName, upto: u64) -> Result<Vec<AttemptSummary>> {
+        self.log.attempts(&self.warehouse, slice, Some(upto)).await
     }
 
     /// Lists the warehouse again: the core, the domains, and each domain's slices, up to

@@ -179,21 +179,28 @@ pub(crate) async fn resolve_abandoned(
         if let Err(object_store::Error::AlreadyExists { .. }) = claimed {
             continue;
         }
-        let m = &found.marker;
-        let ran = (found.renewed_at - m.started_at).max(0);
-        let attempt = match committed(shared, slice, m, ran).await? {
-            Some(success) => success,
-            None => m.attempt(
-                ran,
-                log::ABANDONED,
-                Some(format!(
-                    "the process running it ({}) stopped renewing its record after {ran} ms: \
-                     it was killed or lost its storage; nothing was committed",
-                    m.process
-                )),
-            ),
+        let recorded = async {
+            let m = &found.marker;
+            let ran = (found.renewed_at - m.started_at).max(0);
+            let attempt = match committed(shared, slice, m, ran).await? {
+                Some(success) => success,
+                None => m.attempt(
+                    ran,
+                    log::ABANDONED,
+                    Some(format!(
+                        "the process running it ({}) stopped renewing its record after {ran} \
+                         ms: it was killed or lost its storage; nothing was committed",
+                        m.process
+                    )),
+                ),
+            };
+            log::append(warehouse, slice, &attempt).await
         };
-        log::append(warehouse, slice, &attempt).await?;
+        if let Err(e) = recorded.await {
+            // Unclaimed again, so that a later try (this process's or another's) records it.
+            let _ = store.delete(&claim).await;
+            return Err(e);
+        }
         for path in [&found.path, &claim] {
             match store.delete(path).await {
                 Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
@@ -205,7 +212,7 @@ pub(crate) async fn resolve_abandoned(
 }
 
 /// How many of a slice's latest commits [`committed`] looks through.
-const COMMITS_SEARCHED: usize = 16;
+const COMMITS_SEARCHED: usize = 32;
 
 /// The row of `marker`'s attempt if it committed before its process ended (the process
 /// stopped before the row was written): a success, from the commit's descriptor.
@@ -228,14 +235,15 @@ async fn committed(
         let Some(info) = meta::commit_info(&table, version).await? else {
             break;
         };
-        // Commits older than the attempt cannot be its own.
+        // Commits older than the attempt cannot be its own (its own process stamped both;
+        // other writers' clocks may differ, so look on).
         if info.timestamp.is_some_and(|t| t < marker.started_at) {
-            break;
+            continue;
         }
         let Ok(Some(found)) = meta::descriptor(&info, &name) else {
             continue;
         };
-        // FREEZE and THAW commits copy the descriptor of the build before them.
+        // The kind as well: a descriptor names the attempt that made its commit.
         if found.attempt_id != marker.attempt_id || found.kind.to_string() != marker.kind {
             continue;
         }
@@ -268,16 +276,26 @@ pub(crate) async fn logged_ids(shared: &Shared, slice: &SliceName) -> Result<Has
         .collect())
 }
 
-/// Of `found` markers, those whose attempt is not in its slice's refresh log yet: a process
-/// that stopped between logging its attempt and deleting the marker left one behind.
-pub(crate) async fn not_logged(shared: &Shared, found: Vec<Found>) -> Result<Vec<Found>> {
+/// Of `found` markers, those whose attempt is not in its slice's refresh log as read, at
+/// the versions `read` (by slice, `domain.name`): an attempt ending meanwhile, or a process
+/// that stopped between logging its attempt and deleting the marker, leaves one behind.
+pub(crate) async fn not_logged(
+    shared: &Shared,
+    found: Vec<Found>,
+    read: &HashMap<String, u64>,
+) -> Result<Vec<Found>> {
     let mut logged: HashMap<String, HashSet<String>> = HashMap::new();
     let mut out = Vec::new();
     for f in found {
         if !logged.contains_key(&f.marker.slice) {
-            let ids = match SliceName::parse(&f.marker.slice) {
-                Ok(slice) => logged_ids(shared, &slice).await?,
-                Err(_) => HashSet::new(),
+            let ids = match (SliceName::parse(&f.marker.slice), read.get(&f.marker.slice)) {
+                (Ok(slice), Some(version)) => shared
+                    .attempts_upto(&slice, *version)
+                    .await?
+                    .into_iter()
+                    .map(|a| a.attempt_id)
+                    .collect(),
+                _ => HashSet::new(),
             };
             logged.insert(f.marker.slice.clone(), ids);
         }
@@ -298,6 +316,8 @@ pub struct Running {
     path: Path,
     clock: Instant,
     heartbeat: Option<Heartbeat>,
+    /// The attempt committed: dropped, it is not `cancelled`.
+    committed: bool,
 }
 
 /// The task renewing a marker (or a lease), and how to stop it.
@@ -359,6 +379,7 @@ impl Running {
             path,
             clock: Instant::now(),
             heartbeat: Some(beat),
+            committed: false,
         })
     }
 
@@ -368,6 +389,12 @@ impl Running {
             heartbeat.stop().await;
         }
         let _ = self.warehouse.store().delete(&self.path).await;
+    }
+
+    /// The attempt committed: if this is dropped before [`Running::finish`] (its process is
+    /// ending), the marker stays for its resolution to find the commit.
+    pub(crate) fn committed(&mut self) {
+        self.committed = true;
     }
 
     /// The attempt committed but its row could not be written: the marker stops being
@@ -405,6 +432,10 @@ impl Drop for Running {
         let Some(heartbeat) = self.heartbeat.take() else {
             return;
         };
+        if self.committed {
+            heartbeat.task.abort();
+            return;
+        }
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
             heartbeat.task.abort();
             return;

@@ -16,7 +16,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use tokio::task::JoinSet;
+use tokio::sync::watch;
 
 use super::log::{self, Attempt};
 use super::running::Running;
@@ -27,45 +27,71 @@ use crate::storage::Warehouse;
 const TRIES: u32 = 3;
 
 /// The successful attempts of this process whose rows are still being written.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub(crate) struct Settling {
     /// By attempt id.
     outcomes: Arc<Mutex<HashMap<String, Attempt>>>,
-    tasks: Mutex<JoinSet<()>>,
+    /// Rows still being written. The tasks writing them are detached: dropping the last
+    /// `IcePie` or a cancelled flush never cancels one half-way.
+    pending: Arc<watch::Sender<usize>>,
+}
+
+impl Default for Settling {
+    fn default() -> Self {
+        Self {
+            outcomes: Arc::default(),
+            pending: Arc::new(watch::channel(0).0),
+        }
+    }
+}
+
+/// One row being written, until dropped (also when its task panics or is cancelled at the
+/// runtime's shutdown).
+struct Pending {
+    pending: Arc<watch::Sender<usize>>,
+    outcomes: Arc<Mutex<HashMap<String, Attempt>>>,
+    id: String,
+}
+
+impl Drop for Pending {
+    fn drop(&mut self) {
+        if let Ok(mut outcomes) = self.outcomes.lock() {
+            outcomes.remove(&self.id);
+        }
+        self.pending.send_modify(|n| *n = n.saturating_sub(1));
+    }
 }
 
 impl Settling {
     /// Writes `attempt`'s row to its slice's log in the background, then ends its marker.
     pub fn record(&self, warehouse: &Warehouse, slice: &SliceName, attempt: Attempt, run: Running) {
-        let outcomes = self.outcomes.clone();
-        outcomes
+        self.outcomes
             .lock()
             .expect("settling lock")
             .insert(attempt.attempt_id.clone(), attempt.clone());
+        self.pending.send_modify(|n| *n += 1);
+        let pending = Pending {
+            pending: self.pending.clone(),
+            outcomes: self.outcomes.clone(),
+            id: attempt.attempt_id.clone(),
+        };
         let warehouse = warehouse.clone();
         let slice = slice.clone();
-        let mut tasks = self.tasks.lock().expect("settling lock");
-        // Rows written since the last call: forget their tasks.
-        while tasks.try_join_next().is_some() {}
-        tasks.spawn(async move {
-            let mut written = false;
+        let mut run = run;
+        run.committed();
+        tokio::spawn(async move {
+            let _pending = pending;
             for round in 0..TRIES {
                 if log::append(&warehouse, &slice, &attempt).await.is_ok() {
-                    written = true;
-                    break;
+                    run.finish().await;
+                    return;
                 }
-                tokio::time::sleep(Duration::from_millis(100 << round)).await;
+                if round + 1 < TRIES {
+                    tokio::time::sleep(Duration::from_millis(100 << round)).await;
+                }
             }
-            if written {
-                run.finish().await;
-            } else {
-                // The marker stays and expires; its resolution finds the commit.
-                run.leave().await;
-            }
-            outcomes
-                .lock()
-                .expect("settling lock")
-                .remove(&attempt.attempt_id);
+            // The marker stays and expires; its resolution finds the commit.
+            run.leave().await;
         });
     }
 
@@ -80,7 +106,7 @@ impl Settling {
 
     /// Waits until every row recorded so far is written (or given up on).
     pub async fn flush(&self) {
-        let tasks = std::mem::take(&mut *self.tasks.lock().expect("settling lock"));
-        tasks.join_all().await;
+        let mut pending = self.pending.subscribe();
+        let _ = pending.wait_for(|n| *n == 0).await;
     }
 }

@@ -57,7 +57,7 @@ pub(super) async fn refresh_logs(
             all
         }
     };
-    let loaded: Vec<Option<IcePieTable>> = futures::stream::iter(slices)
+    let loaded: Vec<Option<(String, u64, IcePieTable)>> = futures::stream::iter(slices)
         .map(|slice| async move {
             let Some(t) = warehouse
                 .load(&Warehouse::refreshes_path(&slice), None)
@@ -65,16 +65,22 @@ pub(super) async fn refresh_logs(
             else {
                 return Ok(None);
             };
+            let version = t.version().unwrap_or_default();
             let name = format!("system.refreshes of {slice}");
-            IcePieTable::try_new(TableKind::System, name, t)
-                .await
-                .map(Some)
+            let part = IcePieTable::try_new(TableKind::System, name, t).await?;
+            Ok::<_, crate::error::IcePieError>(Some((slice.to_string(), version, part)))
         })
         .buffered(PARALLEL)
         .try_collect()
         .await?;
-    let parts: Vec<Arc<IcePieTable>> = loaded.into_iter().flatten().map(Arc::new).collect();
-    let found = running::not_logged(shared, found).await?;
+    let mut read = std::collections::HashMap::new();
+    let mut parts = Vec::new();
+    for (slice, version, part) in loaded.into_iter().flatten() {
+        read.insert(slice, version);
+        parts.push(Arc::new(part));
+    }
+    // Markers whose rows are in the versions just read are shown from there.
+    let found = running::not_logged(shared, found, &read).await?;
     let now = chrono::Utc::now().timestamp_millis();
     let schema = log::SCHEMA.clone();
     let mut batches = Vec::new();

@@ -52,18 +52,25 @@ fn added_files(commit: &[u8]) -> Vec<Path> {
 impl LogCache {
     /// The recent attempts of `slice`, oldest first, reading what its log gained since the
     /// last call: the commits since then and their files. Only when those commits are gone
-    /// (Delta's log clean-up) is the whole log read again.
+    /// (Delta's log clean-up) is the whole log read again. With `upto`, as of that version
+    /// of the log, unless this process has already read further.
     pub async fn attempts(
         &self,
         warehouse: &Warehouse,
         slice: &SliceName,
+        upto: Option<u64>,
     ) -> Result<Vec<AttemptSummary>> {
         let rel = Warehouse::refreshes_path(slice);
-        let Some(latest) = warehouse.latest_version(&rel).await? else {
-            self.slices.lock().expect("log cache").remove(slice);
-            return Ok(Vec::new());
+        let latest = match upto {
+            Some(v) => v,
+            None => match warehouse.latest_version(&rel).await? {
+                Some(latest) => latest as u64,
+                None => {
+                    self.slices.lock().expect("log cache").remove(slice);
+                    return Ok(Vec::new());
+                }
+            },
         };
-        let latest = latest as u64;
         let log = warehouse.handle(&rel)?;
         let entry = self
             .slices
@@ -73,7 +80,12 @@ impl LogCache {
             .or_default()
             .clone();
         let mut cached = entry.lock().await;
-        if cached.version != Some(latest) {
+        // Behind, or (without `upto`) a log made anew since: read.
+        let stale = match upto {
+            Some(_) => cached.version.is_none_or(|v| v < latest),
+            None => cached.version != Some(latest),
+        };
+        if stale {
             cached.catch_up(warehouse, &rel, &log, latest).await?;
         }
         Ok(cached.attempts.iter().cloned().collect())
@@ -102,7 +114,7 @@ impl SliceLog {
             }
         }
         // First read, a log made anew, or the above failed: every file of the latest version.
-        let Some(table) = warehouse.load(rel, None).await? else {
+        let Some(table) = warehouse.load(rel, Some(latest as i64)).await? else {
             return Ok(());
         };
         let mut anew = SliceLog::default();
