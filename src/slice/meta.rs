@@ -179,6 +179,17 @@ pub(crate) fn descriptor(info: &CommitInfo, name: &str) -> Result<Option<SliceMe
         .transpose()
 }
 
+/// Rows of the version a commit made: from its descriptor for commits that write no data,
+/// from Delta's `operationMetrics` otherwise.
+pub(crate) fn commit_rows(info: &CommitInfo, meta: Option<&SliceMeta>) -> Option<i64> {
+    meta.and_then(|m| m.rows).or_else(|| {
+        info.info
+            .get("operationMetrics")
+            .and_then(|m| m.get("num_added_rows"))
+            .and_then(serde_json::Value::as_i64)
+    })
+}
+
 /// How far back [`latest_meta`] looks past commits icepie did not make.
 const FOREIGN_COMMITS_SKIPPED: i64 = 100;
 
@@ -224,12 +235,7 @@ pub async fn history(table: &DeltaTable, name: &str) -> Result<Vec<HistoryEntry>
             break;
         };
         let meta = descriptor(&info, name)?;
-        let rows = meta.as_ref().and_then(|m| m.rows).or_else(|| {
-            info.info
-                .get("operationMetrics")
-                .and_then(|m| m.get("num_added_rows"))
-                .and_then(serde_json::Value::as_i64)
-        });
+        let rows = commit_rows(&info, meta.as_ref());
         out.push(HistoryEntry {
             version,
             committed_at: info.timestamp,

@@ -250,12 +250,7 @@ async fn committed(
         let mut attempt = marker.attempt(ran, log::SUCCESS, None);
         attempt.version = Some(version);
         attempt.inputs = meta::format_inputs(&found.inputs);
-        attempt.rows = found.rows.or_else(|| {
-            info.info
-                .get("operationMetrics")
-                .and_then(|m| m.get("num_added_rows"))
-                .and_then(serde_json::Value::as_i64)
-        });
+        attempt.rows = meta::commit_rows(&info, Some(&found));
         if version == latest {
             let stats = table_stats(&table)?;
             attempt.rows = Some(stats.rows);
@@ -308,7 +303,8 @@ pub(crate) async fn not_logged(
 
 /// A running attempt's marker, renewed while it lives. [`Running::finish`] deletes it once
 /// the attempt's row is logged; dropped before that (the attempt was cancelled), it records
-/// the attempt as `cancelled` and deletes the marker in the background.
+/// the attempt as `cancelled` and deletes the marker in the background, unless the attempt
+/// committed ([`Running::committed`]): then the marker stays for its resolution.
 pub struct Running {
     warehouse: Warehouse,
     slice: SliceName,
