@@ -78,7 +78,10 @@ pub use engine::{IcePie, IcePieBuilder, RefreshEvent};
 pub use error::{IcePieError, Result};
 pub use options::{IcePieOptions, Size, Span, Switch};
 pub use slice::lifecycle::LifecycleOutcome;
-pub use slice::meta::{CommitKind, Frozen, HistoryEntry, InputVersion, SliceMeta};
+pub use slice::meta::{
+    BuildMode, Built, CommitKind, Frozen, HistoryEntry, InputRead, InputVersion, RefreshMode,
+    SliceMeta,
+};
 pub use slice::quarantine::{FileCheck, Verified};
 pub use slice::vacuum::VacuumOutcome;
 pub use slice::{BuildOutcome, SliceInfo, SliceState};

@@ -112,6 +112,9 @@ settings! {
         /// Failed refreshes in a row after which a slice is suspended: the scheduler leaves
         /// it alone until a REFRESH SLICE succeeds or THAW SLICE (0: never suspend).
         pub max_failures: usize = 5,
+        /// REFRESH ... AUTO slices refresh incrementally when each changed input's new data
+        /// is at most this share of the input's bytes (0 to 1), in full otherwise.
+        pub incremental_max_share: f64 = 0.5,
         /// Memory one refresh may use before it spills to disk or fails (alone).
         pub refresh_memory_limit: Size = Size(default_refresh_memory()),
         /// Slice versions kept for time travel and rollback; VACUUM deletes files that only

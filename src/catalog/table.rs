@@ -57,6 +57,7 @@ pub enum TableKind {
 }
 
 /// A read-only Delta table pinned to one version.
+#[derive(Clone)]
 pub struct IcePieTable {
     kind: TableKind,
     name: String,
@@ -70,6 +71,7 @@ pub struct IcePieTable {
 }
 
 /// How a provider reads its version.
+#[derive(Clone)]
 enum Reader {
     /// The version's Parquet files, scanned by DataFusion directly.
     Direct(DirectScan),
@@ -78,6 +80,7 @@ enum Reader {
 }
 
 /// The files of one version of a table that needs no Delta reader features.
+#[derive(Clone)]
 struct DirectScan {
     schema: SchemaRef,
     store: ObjectStoreUrl,
@@ -236,6 +239,74 @@ impl IcePieTable {
             table,
             reader,
         })
+    }
+
+    /// The Delta table read, at its version.
+    pub(crate) fn delta_table(&self) -> &DeltaTable {
+        &self.table
+    }
+
+    /// The Delta table id (`metaData.id`), which a table created again under the same name
+    /// does not share.
+    pub(crate) fn table_id(&self) -> Option<String> {
+        let state = self.table.snapshot().ok()?;
+        let metadata = serde_json::to_value(state.metadata()).ok()?;
+        Some(metadata.get("id")?.as_str()?.to_string())
+    }
+
+    /// The data files this provider scans, `None` when it reads through delta-rs.
+    pub(crate) fn files(&self) -> Option<&[PartitionedFile]> {
+        match &self.reader {
+            Reader::Direct(d) => Some(&d.files),
+            Reader::Delta(_) => None,
+        }
+    }
+
+    /// The same version scanning only the files `keep` accepts; `None` when this provider
+    /// reads through delta-rs, which cannot be limited so.
+    pub(crate) fn only_files(
+        &self,
+        keep: impl Fn(&PartitionedFile) -> bool,
+    ) -> Result<Option<Self>> {
+        let Reader::Direct(direct) = &self.reader else {
+            return Ok(None);
+        };
+        let files: Vec<PartitionedFile> =
+            direct.files.iter().filter(|f| keep(f)).cloned().collect();
+        let statistics = Statistics::try_merge_iter(
+            files.iter().filter_map(|f| f.statistics.as_deref()),
+            &direct.schema,
+        )?;
+        Ok(Some(Self {
+            kind: self.kind,
+            name: self.name.clone(),
+            version: self.version,
+            pinned: self.pinned,
+            watch: self.watch.clone(),
+            table: self.table.clone(),
+            reader: Reader::Direct(DirectScan {
+                files,
+                statistics,
+                ..direct.clone()
+            }),
+        }))
+    }
+
+    /// What a full scan reads: data files, rows and bytes.
+    pub(crate) fn read_size(&self) -> (i64, i64, i64) {
+        match &self.reader {
+            Reader::Direct(d) => d.files.iter().fold((0, 0, 0), |(f, r, b), file| {
+                let rows = file
+                    .statistics
+                    .as_deref()
+                    .and_then(|s| s.num_rows.get_value().copied())
+                    .unwrap_or_default();
+                (f + 1, r + rows as i64, b + file.object_meta.size as i64)
+            }),
+            Reader::Delta(_) => crate::storage::table_stats(&self.table)
+                .map(|s| (s.files, s.rows, s.bytes))
+                .unwrap_or_default(),
+        }
     }
 
     /// Marks this provider as reading a version the SQL named (`core_at`, `slice_at`).

@@ -3,6 +3,7 @@
 //! vacuum, verify and drops, and what they show.
 
 use super::*;
+use crate::slice::meta::Built;
 use deltalake::DeltaTable;
 
 impl IcePie {
@@ -24,6 +25,7 @@ impl IcePie {
         spec: &SliceSpec,
         kind: CommitKind,
         existing: Option<&DeltaTable>,
+        previous: Option<Previous>,
     ) -> Result<BuildOutcome> {
         let state = self.inner.ctx.state();
         let shared = self.inner.shared.clone();
@@ -39,6 +41,7 @@ impl IcePie {
                 &spec,
                 kind,
                 existing.as_ref(),
+                previous.as_ref(),
             ));
             match progress {
                 Some(p) => progress::scope(p, build).await,
@@ -72,6 +75,7 @@ impl IcePie {
             owner: c.owner.clone(),
             refresh: c.refresh.to_string(),
             partition_by: c.partition_by.clone(),
+            refresh_mode: c.refresh_mode,
         };
         let kind =
             match (&existing, c.or_replace, c.if_not_exists) {
@@ -92,7 +96,7 @@ impl IcePie {
                 (None, _, _) => CommitKind::Create,
             };
         let out = self
-            .build_in_background(&c.name, &spec, kind, existing.as_ref())
+            .build_in_background(&c.name, &spec, kind, existing.as_ref(), None)
             .await;
         out.map(Some)
     }
@@ -108,6 +112,34 @@ impl IcePie {
     /// older data.
     pub async fn refresh(&self, name: &str) -> Result<BuildOutcome> {
         let name = SliceName::parse(name)?;
+        self.refresh_slice(name, false).await
+    }
+
+    /// Like [`refresh`](Self::refresh), but recomputes the slice from all of its inputs even
+    /// when it could refresh incrementally (`REFRESH SLICE name FULL`). It never joins a
+    /// pending refresh, which may be incremental.
+    pub async fn refresh_full(&self, name: &str) -> Result<BuildOutcome> {
+        let name = SliceName::parse(name)?;
+        self.refresh_slice(name, true).await
+    }
+
+    /// What `REFRESH SLICE name` would do now, without doing it (`EXPLAIN REFRESH SLICE`):
+    /// the mode, why, and what it would read of each input.
+    pub async fn explain_refresh(&self, name: &str) -> Result<Built> {
+        let name = SliceName::parse(name)?;
+        let shared = &self.inner.shared;
+        let (_, meta, previous) = lifecycle::load_previous(shared, &name, false).await?;
+        if let Some(frozen) = &meta.frozen {
+            return Err(frozen_error(&name, frozen, "REFRESH SLICE"));
+        }
+        let state = self.inner.ctx.state();
+        slice::explain(&state, shared, &name, &SliceSpec::from(&meta), &previous).await
+    }
+
+    pub(super) async fn refresh_slice(&self, name: SliceName, full: bool) -> Result<BuildOutcome> {
+        if full {
+            return self.refresh_now(&name, &AtomicBool::new(false), true).await;
+        }
         let running = {
             let mut inflight = self.inner.inflight.lock().expect("inflight lock");
             let joinable = inflight
@@ -121,10 +153,13 @@ impl IcePie {
                     let slice = name.clone();
                     let started = Arc::new(AtomicBool::new(false));
                     let flag = started.clone();
-                    let fut: SharedFuture<RefreshFuture> =
-                        async move { this.refresh_now(&slice, &flag).await.map_err(Arc::new) }
-                            .boxed()
-                            .shared();
+                    let fut: SharedFuture<RefreshFuture> = async move {
+                        this.refresh_now(&slice, &flag, false)
+                            .await
+                            .map_err(Arc::new)
+                    }
+                    .boxed()
+                    .shared();
                     if let Some(future) = fut.downgrade() {
                         inflight.insert(name.clone(), Joinable { future, started });
                     }
@@ -152,14 +187,19 @@ impl IcePie {
     /// (`by_another_writer`); otherwise it builds again on top of the winner, since a full
     /// rebuild does not depend on the version it replaces. Only a change of definition, a
     /// freeze or a drop in between fails it, with an error saying which.
-    async fn refresh_now(&self, name: &SliceName, started: &AtomicBool) -> Result<BuildOutcome> {
+    async fn refresh_now(
+        &self,
+        name: &SliceName,
+        started: &AtomicBool,
+        full: bool,
+    ) -> Result<BuildOutcome> {
         let shared = &self.inner.shared;
         let lock = self.lock(name);
         let _guard = lock.lock().await;
         let _no_drop = self.inner.core_drop.read().await;
         let mut races = 0;
         loop {
-            let (table, meta, _) = lifecycle::load(shared, name).await?;
+            let (table, meta, previous) = lifecycle::load_previous(shared, name, full).await?;
             // From here on the build reads its inputs: later requests must not join it.
             started.store(true, Ordering::SeqCst);
             if let Some(frozen) = &meta.frozen {
@@ -171,6 +211,7 @@ impl IcePie {
                     &SliceSpec::from(&meta),
                     CommitKind::Refresh,
                     Some(&table),
+                    Some(previous),
                 )
                 .await;
             let lost_race = matches!(

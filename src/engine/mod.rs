@@ -51,7 +51,7 @@ use crate::slice::lifecycle::{self, frozen_error, LifecycleOutcome};
 use crate::slice::meta::{self, CommitKind, HistoryEntry};
 use crate::slice::quarantine::{self, Verified};
 use crate::slice::vacuum::{self, VacuumOutcome};
-use crate::slice::{self, BuildOutcome, InputCache, SliceInfo, SliceSpec};
+use crate::slice::{self, BuildOutcome, InputCache, Previous, SliceInfo, SliceSpec};
 use crate::sql::{parse_sql, CreateSlice, Statement};
 use crate::storage::names::{SliceName, CORE_SCHEMA, DEFAULT_DOMAIN, SYSTEM_SCHEMA};
 use crate::storage::{Warehouse, DEFAULT_LOCATION};
@@ -292,9 +292,13 @@ impl IcePie {
                 let out = self.create_slice(&c).await?;
                 output::builds(ctx, out)
             }
-            Statement::RefreshSlice(name) => {
-                let out = self.refresh(&name.to_string()).await?;
+            Statement::RefreshSlice { name, full } => {
+                let out = self.refresh_slice(name, full).await?;
                 output::builds(ctx, Some(out))
+            }
+            Statement::ExplainRefresh(name) => {
+                let built = self.explain_refresh(&name.to_string()).await?;
+                output::explained(ctx, &built)
             }
             Statement::DropSlice { name, if_exists } => {
                 let dropped = self.drop_slice(&name, if_exists).await?;

@@ -10,7 +10,7 @@ use datafusion::prelude::SessionContext;
 use crate::core::LoadOutcome;
 use crate::error::Result;
 use crate::slice::lifecycle::LifecycleOutcome;
-use crate::slice::meta::format_inputs;
+use crate::slice::meta::{format_inputs, Built, InputRead};
 use crate::slice::quarantine::{FileCheck, Verified};
 use crate::slice::vacuum::VacuumOutcome;
 use crate::slice::{BuildOutcome, SliceInfo};
@@ -80,6 +80,14 @@ pub(super) fn builds(ctx: &SessionContext, out: Option<BuildOutcome>) -> Result<
             ),
             ("duration_ms", ints(out.iter().map(|o| o.duration_ms))),
             (
+                "mode",
+                Arc::new(StringArray::from(
+                    out.iter()
+                        .map(|o| o.built.as_ref().map(|b| b.mode.to_string()))
+                        .collect::<Vec<_>>(),
+                )) as ArrayRef,
+            ),
+            (
                 "note",
                 Arc::new(StringArray::from(
                     out.iter()
@@ -94,6 +102,41 @@ pub(super) fn builds(ctx: &SessionContext, out: Option<BuildOutcome>) -> Result<
                         .collect::<Vec<_>>(),
                 )) as ArrayRef,
             ),
+        ],
+    )
+}
+
+/// `EXPLAIN REFRESH SLICE`: the mode and why, then one row per input with the versions and
+/// what the refresh would read of it.
+pub(super) fn explained(ctx: &SessionContext, built: &Built) -> Result<DataFrame> {
+    // A definition that reads no table still says its mode, on one row.
+    let rows: Vec<Option<&InputRead>> = match built.reads.is_empty() {
+        true => vec![None],
+        false => built.reads.iter().map(Some).collect(),
+    };
+    let opt_ints = |f: fn(&InputRead) -> Option<i64>| -> ArrayRef {
+        Arc::new(Int64Array::from(
+            rows.iter().map(|r| r.and_then(f)).collect::<Vec<_>>(),
+        ))
+    };
+    frame(
+        ctx,
+        vec![
+            ("mode", strings(rows.iter().map(|_| built.mode.to_string()))),
+            ("reason", strings(rows.iter().map(|_| built.reason.clone()))),
+            (
+                "input",
+                Arc::new(StringArray::from(
+                    rows.iter()
+                        .map(|r| r.map(|r| r.table.clone()))
+                        .collect::<Vec<_>>(),
+                )),
+            ),
+            ("from_version", opt_ints(|r| r.from)),
+            ("to_version", opt_ints(|r| Some(r.to))),
+            ("files", opt_ints(|r| Some(r.files))),
+            ("rows", opt_ints(|r| Some(r.rows))),
+            ("bytes", opt_ints(|r| Some(r.bytes))),
         ],
     )
 }
@@ -205,6 +248,7 @@ pub(super) fn describe(ctx: &SessionContext, info: &SliceInfo) -> Result<DataFra
         ("version".into(), info.version.to_string()),
         ("owner".into(), info.meta.owner.clone().unwrap_or_default()),
         ("refresh".into(), info.meta.refresh.clone()),
+        ("refresh_mode".into(), info.meta.refresh_mode.to_string()),
         ("partition_by".into(), info.meta.partition_by.join(", ")),
         ("rows".into(), info.stats.rows.to_string()),
         ("bytes".into(), info.stats.bytes.to_string()),

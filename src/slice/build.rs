@@ -11,6 +11,7 @@ use deltalake::operations::write::{SchemaMode, WriteBuilder};
 use deltalake::protocol::SaveMode;
 use deltalake::DeltaTable;
 
+use super::incremental::{self, Previous};
 use super::{
     budgeted_state, commit_error, commit_properties, lifecycle, log, meta, plan_inputs,
     refuse_cycles, running, BuildOutcome, SliceSpec,
@@ -22,7 +23,7 @@ use crate::options::IcePieOptions;
 use crate::storage::names::SliceName;
 use crate::storage::tracked::TakeBack;
 use crate::storage::{table_stats, Warehouse, FREQUENT_CHECKPOINTS, NO_EXPIRED_LOG_CLEANUP};
-use meta::{format_inputs, CommitKind, InputVersion, SliceMeta};
+use meta::{format_inputs, Built, CommitKind, InputVersion, RefreshMode, SliceMeta};
 
 /// Marks a slice as refreshing in this process for as long as it lives.
 struct RefreshingGuard<'a> {
@@ -60,6 +61,7 @@ pub(crate) async fn build(
     spec: &SliceSpec,
     kind: CommitKind,
     existing: Option<&DeltaTable>,
+    previous: Option<&Previous>,
 ) -> Result<BuildOutcome> {
     let _refreshing = RefreshingGuard::new(shared, name);
     let attempt_id = uuid::Uuid::new_v4().to_string();
@@ -87,7 +89,7 @@ pub(crate) async fn build(
                 name,
                 spec,
                 kind,
-                existing,
+                (existing, previous),
                 &attempt_id,
                 &mut inputs,
             )
@@ -110,7 +112,7 @@ pub(crate) async fn build(
         error: None,
     };
     match result {
-        Ok(table) => {
+        Ok((table, built)) => {
             let version = table.version().unwrap_or_default() as i64;
             let stats = table_stats(&table).unwrap_or_default();
             attempt.version = Some(version);
@@ -127,6 +129,7 @@ pub(crate) async fn build(
                 inputs,
                 duration_ms,
                 by_another_writer: false,
+                built: Some(built),
             })
         }
         Err(source) => {
@@ -209,6 +212,7 @@ pub(crate) async fn after_lost_race(
         inputs: now.inputs,
         duration_ms: 0,
         by_another_writer: true,
+        built: None,
     }))
 }
 
@@ -232,10 +236,89 @@ async fn write_version(
     name: &SliceName,
     spec: &SliceSpec,
     kind: CommitKind,
-    existing: Option<&DeltaTable>,
+    (existing, previous): (Option<&DeltaTable>, Option<&Previous>),
     attempt_id: &str,
     inputs: &mut Vec<InputVersion>,
-) -> Result<DeltaTable> {
+) -> Result<(DeltaTable, Built)> {
+    let decision = plan_build(state, shared, name, spec, kind, previous, inputs).await?;
+    let meta = SliceMeta {
+        kind,
+        attempt_id: attempt_id.to_string(),
+        definition: spec.definition.clone(),
+        owner: spec.owner.clone(),
+        refresh: spec.refresh.clone(),
+        partition_by: spec.partition_by.clone(),
+        refresh_mode: spec.refresh_mode,
+        inputs: inputs.clone(),
+        frozen: None,
+        rows: None,
+        restored_from: None,
+        built: Some(decision.built.clone()),
+    };
+    let built = decision.built;
+    let rel = Warehouse::slice_path(name);
+    let base = shared.warehouse.write_base(&rel, existing)?;
+    let tracked = base.tracked.clone();
+    let mut write = WriteBuilder::new(base.log_store, base.snapshot)
+        .with_input_plan(decision.plan)
+        .with_session_state(Arc::new(crate::engine::progress::counting(state)))
+        .with_partition_columns(spec.partition_by.clone())
+        .with_commit_properties(commit_properties(&meta));
+    write = match existing {
+        // New rows only, added to the version the inputs were extended from.
+        Some(_) if decision.append => write.with_save_mode(SaveMode::Append),
+        Some(_) => write
+            .with_save_mode(SaveMode::Overwrite)
+            .with_schema_mode(SchemaMode::Overwrite),
+        None => write
+            .with_save_mode(SaveMode::ErrorIfExists)
+            .with_configuration([NO_EXPIRED_LOG_CLEANUP, FREQUENT_CHECKPOINTS]),
+    };
+    // A failed or cancelled build leaves nothing behind, not even a file.
+    let guard = TakeBack::new(base.tracked);
+    let result = write.await;
+    guard.finish(&result).await;
+    let from = existing.and_then(DeltaTable::version).map(|v| v as i64);
+    let table = match result {
+        Err(e) if !tracked.committed() => Err(commit_error(name, from, e)),
+        landed => shared.warehouse.landed(&rel, &tracked, landed).await,
+    }?;
+    Ok((table, built))
+}
+
+/// What `REFRESH SLICE` would build now: mode, reason and reads (`EXPLAIN REFRESH SLICE`).
+pub(crate) async fn explain(
+    state: &SessionState,
+    shared: &Shared,
+    name: &SliceName,
+    spec: &SliceSpec,
+    previous: &Previous,
+) -> Result<Built> {
+    let mut inputs = Vec::new();
+    let decision = plan_build(
+        state,
+        shared,
+        name,
+        spec,
+        CommitKind::Refresh,
+        Some(previous),
+        &mut inputs,
+    )
+    .await?;
+    Ok(decision.built)
+}
+
+/// Plans the definition over its inputs' latest versions (recorded in `inputs`) and decides
+/// how to build it.
+async fn plan_build(
+    state: &SessionState,
+    shared: &Shared,
+    name: &SliceName,
+    spec: &SliceSpec,
+    kind: CommitKind,
+    previous: Option<&Previous>,
+    inputs: &mut Vec<InputVersion>,
+) -> Result<incremental::Decision> {
     let plan = time_travel::plan_sql(state, shared, &spec.definition).await?;
     if !is_query(&plan) {
         return Err(IcePieError::InvalidDefinition {
@@ -253,43 +336,20 @@ async fn write_version(
             });
         }
     }
-    let meta = SliceMeta {
-        kind,
-        attempt_id: attempt_id.to_string(),
-        definition: spec.definition.clone(),
-        owner: spec.owner.clone(),
-        refresh: spec.refresh.clone(),
-        partition_by: spec.partition_by.clone(),
-        inputs: inputs.clone(),
-        frozen: None,
-        rows: None,
-        restored_from: None,
-    };
-    let rel = Warehouse::slice_path(name);
-    let base = shared.warehouse.write_base(&rel, existing)?;
-    let tracked = base.tracked.clone();
-    let mut write = WriteBuilder::new(base.log_store, base.snapshot)
-        .with_input_plan(plan)
-        .with_session_state(Arc::new(crate::engine::progress::counting(state)))
-        .with_partition_columns(spec.partition_by.clone())
-        .with_commit_properties(commit_properties(&meta));
-    write = match existing {
-        Some(_) => write
-            .with_save_mode(SaveMode::Overwrite)
-            .with_schema_mode(SchemaMode::Overwrite),
-        None => write
-            .with_save_mode(SaveMode::ErrorIfExists)
-            .with_configuration([NO_EXPIRED_LOG_CLEANUP, FREQUENT_CHECKPOINTS]),
-    };
-    // A failed or cancelled build leaves nothing behind, not even a file.
-    let guard = TakeBack::new(base.tracked);
-    let result = write.await;
-    guard.finish(&result).await;
-    let from = existing.and_then(DeltaTable::version).map(|v| v as i64);
-    match result {
-        Err(e) if !tracked.committed() => Err(commit_error(name, from, e)),
-        landed => shared.warehouse.landed(&rel, &tracked, landed).await,
+    if spec.refresh_mode == RefreshMode::Incremental && kind != CommitKind::Refresh {
+        if let Some(why) = incremental::refuses_incremental(&plan)? {
+            return Err(IcePieError::InvalidDefinition {
+                slice: name.to_string(),
+                reason: format!(
+                    "it is declared INCREMENTAL, but {why}; declare it AUTO to refresh in full \
+                     when it cannot go incremental"
+                ),
+            });
+        }
     }
+    let max_share = shared.options().incremental_max_share;
+    let decision = incremental::decide(spec, kind, previous, plan, inputs, max_share).await?;
+    Ok(decision)
 }
 
 /// True for plans that produce rows (not DDL, DML or statements).

@@ -16,7 +16,8 @@ use deltalake::kernel::transaction::CommitProperties;
 use deltalake::DeltaTable;
 
 use super::meta::{self, CommitKind, Frozen, SliceMeta};
-use super::{commit_error, commit_properties};
+use super::quarantine;
+use super::{commit_error, commit_properties, Previous};
 use crate::engine::state::Shared;
 use crate::error::{IcePieError, Result};
 use crate::storage::names::SliceName;
@@ -46,18 +47,33 @@ pub(crate) async fn load_table(shared: &Shared, name: &SliceName) -> Result<Delt
         .ok_or_else(|| IcePieError::SliceNotFound(name.to_string()))
 }
 
-/// The slice's table at its latest version, its descriptor and when that version was
-/// committed (ms since the epoch), or `SliceNotFound`.
-pub(crate) async fn load(
+/// The slice's table at its latest version for a refresh, its descriptor, and how that
+/// version was last built (`meta: None` in [`Previous`] when a commit icepie did not make
+/// follows the latest descriptor), or `SliceNotFound`.
+pub(crate) async fn load_previous(
     shared: &Shared,
     name: &SliceName,
-) -> Result<(DeltaTable, SliceMeta, Option<i64>)> {
+    full: bool,
+) -> Result<(DeltaTable, SliceMeta, Previous)> {
     let table = load_table(shared, name).await?;
-    let (meta, committed_at) = meta::latest_meta(&table, &name.to_string()).await?;
-    Ok((table, meta, committed_at))
+    let (meta, _, at) = meta::latest_meta_at(&table, &name.to_string()).await?;
+    let ours = table.version().map(|v| v as i64) == Some(at);
+    let rel = Warehouse::slice_path(name);
+    let damaged = quarantine::in_force(&shared.warehouse, &rel, &table)
+        .await?
+        .map(|q| q.file);
+    let stats = table_stats(&table)?;
+    let previous = Previous {
+        meta: ours.then(|| meta.clone()),
+        full,
+        damaged,
+        files: stats.files,
+        bytes: stats.bytes,
+    };
+    Ok((table, meta, previous))
 }
 
-/// [`load`] for a change: the table is loaded anew through a store that tracks what the
+/// [`load_previous`] for a change: the table is loaded anew through a store that tracks what the
 /// change writes, so that a change whose commit landed is never reported as failed.
 async fn load_for_change(
     shared: &Shared,
@@ -124,6 +140,7 @@ fn lifecycle_meta(meta: &SliceMeta, kind: CommitKind, rows: i64) -> SliceMeta {
         attempt_id: uuid::Uuid::new_v4().to_string(),
         rows: Some(rows),
         restored_from: None,
+        built: None,
         ..meta.clone()
     }
 }
@@ -244,6 +261,7 @@ pub(crate) async fn rollback(
         frozen: None,
         rows: Some(table_stats(&target)?.rows),
         restored_from: Some(version),
+        built: None,
         ..target_meta
     };
     let props: CommitProperties = commit_properties(&next);

@@ -31,6 +31,11 @@ pub struct InputVersion {
     /// versions of the table do not make the slice stale.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub pinned: bool,
+    /// The Delta table id (`metaData.id`) of the table read: a table dropped and created
+    /// again under the same name has a new one, so an incremental refresh never mistakes its
+    /// versions for the old table's. `None` in descriptors written before it was recorded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
 }
 
 /// Formats inputs as `core.orders@3, finance.revenue@7, core.rates@2 (pinned)`.
@@ -76,6 +81,101 @@ impl fmt::Display for CommitKind {
     }
 }
 
+/// How a slice's refreshes run, as declared by `CREATE SLICE … INCREMENTAL | FULL | AUTO`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RefreshMode {
+    /// Incremental when the definition allows it and the new data is a small share of the
+    /// input (`icepie.incremental_max_share`), full otherwise.
+    #[default]
+    Auto,
+    /// Incremental whenever the new data allows it; the definition must be of a shape that
+    /// refreshes incrementally.
+    Incremental,
+    /// Always recomputed from all of its inputs.
+    Full,
+}
+
+impl fmt::Display for RefreshMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Auto => "auto",
+            Self::Incremental => "incremental",
+            Self::Full => "full",
+        })
+    }
+}
+
+/// How one version's data was built.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BuildMode {
+    /// From all of the inputs: the version replaces every file of the previous one.
+    Full,
+    /// From the inputs' new data only, added to the previous version.
+    Incremental,
+}
+
+impl fmt::Display for BuildMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Full => "full",
+            Self::Incremental => "incremental",
+        })
+    }
+}
+
+/// What a build read of one input.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InputRead {
+    /// `core.name` or `domain.name`.
+    pub table: String,
+    /// The version the previous data was built from (incremental builds only): the build
+    /// read what came after it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub from: Option<i64>,
+    /// The version read up to.
+    pub to: i64,
+    /// Data files read.
+    pub files: i64,
+    /// Rows in those files.
+    pub rows: i64,
+    /// Bytes of those files.
+    pub bytes: i64,
+}
+
+/// Formats reads as `core.orders@3..5: 2 files, 1000 rows, 40.0 KiB`.
+pub fn format_reads(reads: &[InputRead]) -> String {
+    reads
+        .iter()
+        .map(|r| {
+            let range = match r.from {
+                Some(from) => format!("{from}..{}", r.to),
+                None => r.to.to_string(),
+            };
+            format!(
+                "{}@{range}: {} files, {} rows, {}",
+                r.table,
+                r.files,
+                r.rows,
+                crate::text::human_bytes(u64::try_from(r.bytes).unwrap_or_default())
+            )
+        })
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+/// How a version was built: the mode, why, and what it read.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Built {
+    /// Full or incremental.
+    pub mode: BuildMode,
+    /// Why this mode (for a full build, what prevented an incremental one).
+    pub reason: String,
+    /// What was read of each input.
+    pub reads: Vec<InputRead>,
+}
+
 /// Why and since when a slice is frozen.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Frozen {
@@ -100,6 +200,9 @@ pub struct SliceMeta {
     pub refresh: String,
     /// Partition columns.
     pub partition_by: Vec<String>,
+    /// How refreshes run (`INCREMENTAL`, `FULL` or `AUTO`).
+    #[serde(default)]
+    pub refresh_mode: RefreshMode,
     /// Input versions this commit's data was built from.
     pub inputs: Vec<InputVersion>,
     /// Set while the slice is frozen.
@@ -112,6 +215,9 @@ pub struct SliceMeta {
     /// The version a rollback restored.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub restored_from: Option<i64>,
+    /// How this commit's data was built (commits that build data: create, refresh, replace).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub built: Option<Built>,
 }
 
 /// One commit of a slice's Delta log, as `SHOW SLICE HISTORY` shows it.
@@ -198,6 +304,16 @@ const FOREIGN_COMMITS_SKIPPED: i64 = 100;
 /// Another Delta writer may have committed to the slice since (an `OPTIMIZE` by Spark, say):
 /// the descriptor is then the one of the latest commit icepie made.
 pub async fn latest_meta(table: &DeltaTable, name: &str) -> Result<(SliceMeta, Option<i64>)> {
+    let (meta, committed_at, _) = latest_meta_at(table, name).await?;
+    Ok((meta, committed_at))
+}
+
+/// [`latest_meta`], with the version whose commit holds the descriptor: older than the
+/// table's when commits icepie did not make follow it.
+pub(crate) async fn latest_meta_at(
+    table: &DeltaTable,
+    name: &str,
+) -> Result<(SliceMeta, Option<i64>, i64)> {
     let latest = table
         .version()
         .ok_or_else(|| corrupt(name, "its Delta log has no commit".into()))?
@@ -211,7 +327,7 @@ pub async fn latest_meta(table: &DeltaTable, name: &str) -> Result<(SliceMeta, O
             committed_at = info.timestamp;
         }
         if let Some(meta) = descriptor(&info, name)? {
-            return Ok((meta, committed_at));
+            return Ok((meta, committed_at, version));
         }
     }
     Err(corrupt(
@@ -243,6 +359,21 @@ pub async fn history(table: &DeltaTable, name: &str) -> Result<Vec<HistoryEntry>
             meta,
             rows,
         });
+    }
+    // An incremental commit's metrics count the rows it added: its version holds those
+    // and the previous version's.
+    let mut before: Option<i64> = None;
+    for entry in out.iter_mut().rev() {
+        if entry
+            .meta
+            .as_ref()
+            .and_then(|m| m.built.as_ref())
+            .map(|b| b.mode)
+            == Some(BuildMode::Incremental)
+        {
+            entry.rows = before.zip(entry.rows).map(|(b, added)| b + added);
+        }
+        before = entry.rows;
     }
     Ok(out)
 }

@@ -13,6 +13,7 @@
 //! build reports a conflict and commits nothing, so no version is ever mixed or lost.
 
 mod build;
+mod incremental;
 mod info;
 pub mod lease;
 pub mod lifecycle;
@@ -23,7 +24,8 @@ pub mod running;
 mod settle;
 pub mod vacuum;
 
-pub(crate) use build::{after_lost_race, build};
+pub(crate) use build::{after_lost_race, build, explain};
+pub(crate) use incremental::Previous;
 pub(crate) use info::{info, InputCache};
 pub use info::{SliceInfo, SliceState};
 pub(crate) use settle::Settling;
@@ -49,7 +51,7 @@ use crate::engine::state::Shared;
 use crate::error::{IcePieError, Result};
 use crate::storage::names::{SliceName, CORE_SCHEMA};
 use crate::storage::{table_stats, TableStats, Warehouse};
-use meta::{Frozen, InputVersion, SliceMeta, COMMIT_KEY};
+use meta::{Frozen, InputVersion, RefreshMode, SliceMeta, COMMIT_KEY};
 
 /// What a slice is built from: its definition and settings.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -62,6 +64,8 @@ pub struct SliceSpec {
     pub refresh: String,
     /// Partition columns.
     pub partition_by: Vec<String>,
+    /// How refreshes run: incremental, full, or incremental when it pays (auto).
+    pub refresh_mode: RefreshMode,
 }
 
 impl From<&SliceMeta> for SliceSpec {
@@ -71,6 +75,7 @@ impl From<&SliceMeta> for SliceSpec {
             owner: m.owner.clone(),
             refresh: m.refresh.clone(),
             partition_by: m.partition_by.clone(),
+            refresh_mode: m.refresh_mode,
         }
     }
 }
@@ -91,6 +96,9 @@ pub struct BuildOutcome {
     /// True when this refresh committed nothing because another writer had just committed a
     /// version built from the inputs' latest versions: that version is the outcome.
     pub by_another_writer: bool,
+    /// How this build ran (full or incremental), why, and what it read; `None` when another
+    /// writer built the version.
+    pub built: Option<meta::Built>,
 }
 
 /// Finds the tables a plan reads, with the versions their providers are pinned to.
@@ -109,7 +117,10 @@ pub fn plan_inputs(plan: &LogicalPlan, slice: &SliceName) -> Result<Vec<InputVer
                     {
                         refused = Some("a slice cannot read itself".into());
                     }
-                    inputs.insert((t.name().to_string(), t.is_pinned()), t.version());
+                    inputs.insert(
+                        (t.name().to_string(), t.is_pinned()),
+                        (t.version(), t.table_id()),
+                    );
                 }
                 _ => {
                     refused = Some(format!(
@@ -130,10 +141,11 @@ pub fn plan_inputs(plan: &LogicalPlan, slice: &SliceName) -> Result<Vec<InputVer
     }
     Ok(inputs
         .into_iter()
-        .map(|((table, pinned), version)| InputVersion {
+        .map(|((table, pinned), (version, id))| InputVersion {
             table,
             version,
             pinned,
+            id,
         })
         .collect())
 }

@@ -13,6 +13,7 @@ use datafusion::sql::parser::Statement as DFStatement;
 use datafusion::sql::sqlparser::ast::{ColumnDef, Query};
 
 use crate::error::{IcePieError, Result};
+use crate::slice::meta::RefreshMode;
 use crate::storage::names::SliceName;
 
 pub use parser::parse_sql;
@@ -35,8 +36,15 @@ pub enum Statement {
     },
     /// `CREATE [OR REPLACE] SLICE`.
     CreateSlice(CreateSlice),
-    /// `REFRESH SLICE name`.
-    RefreshSlice(SliceName),
+    /// `REFRESH SLICE name [FULL]`.
+    RefreshSlice {
+        /// The slice.
+        name: SliceName,
+        /// `FULL` given: recompute from all of the inputs.
+        full: bool,
+    },
+    /// `EXPLAIN REFRESH SLICE name`.
+    ExplainRefresh(SliceName),
     /// `DROP SLICE [IF EXISTS] name`.
     DropSlice {
         /// The slice.
@@ -160,7 +168,7 @@ impl fmt::Display for FileFormat {
 }
 
 /// `CREATE [OR REPLACE] SLICE [IF NOT EXISTS] name [OWNER 'team'] [REFRESH …]
-/// [PARTITION BY (col, …)] AS query`.
+/// [INCREMENTAL | FULL | AUTO] [PARTITION BY (col, …)] AS query`.
 #[derive(Debug, Clone, PartialEq)]
 pub struct CreateSlice {
     /// The slice.
@@ -175,6 +183,8 @@ pub struct CreateSlice {
     pub refresh: RefreshPolicy,
     /// Partition columns.
     pub partition_by: Vec<String>,
+    /// `INCREMENTAL`, `FULL` or `AUTO` (the default).
+    pub refresh_mode: RefreshMode,
     /// The definition.
     pub query: Box<Query>,
 }

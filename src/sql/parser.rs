@@ -13,6 +13,7 @@ use super::{
     CreateCoreTable, CreateSlice, DataSource, FileFormat, Ingest, RefreshPolicy, Statement,
 };
 use crate::error::{IcePieError, Result};
+use crate::slice::meta::RefreshMode;
 use crate::storage::names::{self, SliceName, DEFAULT_DOMAIN};
 
 /// Parses `sql` into statements (several may be separated by `;`).
@@ -99,7 +100,17 @@ fn parse_statement(df: &mut DFParser) -> Result<Statement> {
     } else if starts_with(p, &["REFRESH", "SLICE"]) {
         p.next_token();
         p.next_token();
-        Statement::RefreshSlice(slice_name(p)?)
+        let name = slice_name(p)?;
+        let full = word_at(p, 0, "FULL");
+        if full {
+            p.next_token();
+        }
+        Statement::RefreshSlice { name, full }
+    } else if starts_with(p, &["EXPLAIN", "REFRESH", "SLICE"]) {
+        for _ in 0..3 {
+            p.next_token();
+        }
+        Statement::ExplainRefresh(slice_name(p)?)
     } else if starts_with(p, &["SHOW", "CORE", "TABLES"]) {
         for _ in 0..3 {
             p.next_token();
@@ -270,7 +281,25 @@ fn parse_create_slice(p: &mut Parser, or_replace: bool) -> Result<CreateSlice> {
     }
     let name = slice_name(p)?;
     let (mut owner, mut refresh, mut partition_by) = (None, None, None);
+    let mut mode = None;
     loop {
+        let named = [
+            ("INCREMENTAL", RefreshMode::Incremental),
+            ("FULL", RefreshMode::Full),
+            ("AUTO", RefreshMode::Auto),
+        ]
+        .into_iter()
+        .find(|(word, _)| word_at(p, 0, word));
+        if let Some((word, m)) = named {
+            if mode.is_some() {
+                return Err(IcePieError::Syntax(format!(
+                    "{word} after another refresh mode: give one of INCREMENTAL, FULL or AUTO"
+                )));
+            }
+            p.next_token();
+            mode = Some(m);
+            continue;
+        }
         if word_at(p, 0, "OWNER") && owner.is_none() {
             p.next_token();
             owner = Some(p.parse_literal_string()?);
@@ -320,6 +349,7 @@ fn parse_create_slice(p: &mut Parser, or_replace: bool) -> Result<CreateSlice> {
         owner,
         refresh: refresh.unwrap_or_default(),
         partition_by: partition_by.unwrap_or_default(),
+        refresh_mode: mode.unwrap_or_default(),
         query,
     })
 }

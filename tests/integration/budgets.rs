@@ -39,13 +39,16 @@ async fn small(root: &std::path::Path) -> (Arc<RecordingStore>, IcePie) {
     run(
         &w,
         "CREATE CORE TABLE a (id INT, v TEXT); INGEST INTO a VALUES (1, 'x'), (2, 'y');
-         CREATE SLICE s1 AS SELECT id, v FROM core.a;",
+         CREATE SLICE s1 FULL AS SELECT id, v FROM core.a;",
     )
     .await;
     w.flush().await;
     (store, w)
 }
 
+/// `s1` is declared FULL: each refresh replaces its one file. (An incremental refresh adds a
+/// file; how many a slice gathers is bounded, see `incremental::appends_never_pile_up_files`.)
+///
 /// Grows the warehouse of [`small`]: 30 more slices in three domains, and `refreshes` more
 /// ingests into `a`, each followed by a refresh of `s1`.
 async fn grow(w: &IcePie, refreshes: usize) {

@@ -383,6 +383,7 @@ fn describe_shows_sql_types() {
         "at,TIMESTAMP,YES",
         "price,\"DECIMAL(10,2)\",YES",
         "column total,BIGINT",
+        "refresh_mode,auto",
         "column last,TIMESTAMP",
         "column low,\"DECIMAL(10,2)\"",
     ] {

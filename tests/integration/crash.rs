@@ -1,4 +1,5 @@
-//! Crash test: the real `icepie` binary runs INGEST, REFRESH, CREATE OR REPLACE, FREEZE,
+//! Crash test: the real `icepie` binary runs INGEST, REFRESH (full and incremental), CREATE
+//! OR REPLACE, FREEZE,
 //! THAW, ROLLBACK and VACUUM in a loop and is killed (SIGKILL) at random moments. After each
 //! kill a fresh process must see exactly one whole committed version of every table (the core
 //! holds whole loads; each slice holds what its definition gives over the core version it
@@ -35,6 +36,7 @@ fn round() -> String {
     format!(
         "{};
          REFRESH SLICE s;
+         REFRESH SLICE i;
          CREATE OR REPLACE SLICE r AS SELECT count(*) * 2 AS n FROM core.t;
          FREEZE SLICE s 'crash test';
          THAW SLICE s;

@@ -115,7 +115,7 @@ async fn a_refresh_asked_after_an_ingest_builds_from_it() {
     run(
         &w,
         "CREATE CORE TABLE t (n BIGINT); INGEST INTO t VALUES (1);
-         CREATE OR REPLACE SLICE s AS
+         CREATE OR REPLACE SLICE s FULL AS
              SELECT sum(a.k * b.k) AS pairs, (SELECT sum(n) FROM core.t) AS total
              FROM core.big a, core.big b;",
     )
@@ -361,7 +361,7 @@ async fn slow_slice(w: &IcePie) {
         w,
         "CREATE CORE TABLE big (k BIGINT);
          INGEST INTO big SELECT value AS k FROM generate_series(1, 12000);
-         CREATE SLICE s AS SELECT sum(a.k * b.k) AS pairs FROM core.big a, core.big b;",
+         CREATE SLICE s FULL AS SELECT sum(a.k * b.k) AS pairs FROM core.big a, core.big b;",
     )
     .await;
 }

@@ -105,6 +105,8 @@ const VALID: &[&str] = &[
      PARTITION BY (country) AS SELECT country, sum(amount) AS r FROM core.orders GROUP BY 1",
     "CREATE SLICE IF NOT EXISTS s REFRESH ON CHANGE AS SELECT * FROM core_at('orders', 3)",
     "REFRESH SLICE finance.revenue",
+    "REFRESH SLICE finance.revenue FULL; EXPLAIN REFRESH SLICE finance.revenue",
+    "CREATE SLICE s REFRESH MANUAL INCREMENTAL AS SELECT * FROM core.orders WHERE id > 3",
     "FREEZE SLICE s 'upstream bug'; THAW SLICE s",
     "ROLLBACK SLICE s TO VERSION 3",
     "DROP SLICE IF EXISTS s; DROP CORE TABLE IF EXISTS orders",

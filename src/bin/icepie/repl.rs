@@ -101,6 +101,9 @@ const KEYWORDS: &[&str] = &[
     "HISTORY",
     "VACUUM",
     "VERIFY",
+    "INCREMENTAL",
+    "FULL",
+    "AUTO",
 ];
 
 /// Completion, multi-line validation; no hints or highlighting.

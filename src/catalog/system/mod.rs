@@ -25,7 +25,7 @@ use super::pushdown::wanted;
 use crate::engine::state::Shared;
 use crate::error::Result;
 use crate::slice::lifecycle::retained;
-use crate::slice::meta::{format_inputs, HistoryEntry};
+use crate::slice::meta::{format_inputs, format_reads, Built, HistoryEntry};
 use crate::slice::{self, log, InputCache, SliceInfo, SliceState};
 use crate::storage::names::{validate_name, SliceName};
 use crate::storage::{table_stats, Warehouse, SLICES_DIR};
@@ -377,6 +377,11 @@ async fn core_tables(shared: &Shared, names: Vec<String>) -> Result<Arc<dyn Tabl
     )?)
 }
 
+/// How the commit's data was built, for commits that built data.
+fn built(e: &HistoryEntry) -> Option<&Built> {
+    e.meta.as_ref().and_then(|m| m.built.as_ref())
+}
+
 /// The table `slice_history('domain.name')` returns: one row per commit, newest first.
 pub(crate) fn history_table(
     entries: &[HistoryEntry],
@@ -391,6 +396,9 @@ pub(crate) fn history_table(
         Field::new("rows", DataType::Int64, true),
         Field::new("inputs", DataType::Utf8, false),
         Field::new("retained", DataType::Boolean, false),
+        Field::new("mode", DataType::Utf8, true),
+        Field::new("reason", DataType::Utf8, true),
+        Field::new("read", DataType::Utf8, true),
     ]));
     Ok(mem(
         &schema,
@@ -415,6 +423,24 @@ pub(crate) fn history_table(
                 entries
                     .iter()
                     .map(|e| kept.contains(&e.version))
+                    .collect::<Vec<_>>(),
+            )),
+            Arc::new(StringArray::from(
+                entries
+                    .iter()
+                    .map(|e| built(e).map(|b| b.mode.to_string()))
+                    .collect::<Vec<_>>(),
+            )),
+            Arc::new(StringArray::from(
+                entries
+                    .iter()
+                    .map(|e| built(e).map(|b| b.reason.clone()))
+                    .collect::<Vec<_>>(),
+            )),
+            Arc::new(StringArray::from(
+                entries
+                    .iter()
+                    .map(|e| built(e).map(|b| format_reads(&b.reads)))
                     .collect::<Vec<_>>(),
             )),
         ],

@@ -1,0 +1,622 @@
+//! Incremental refresh: a refresh that reads only what its inputs gained since the version
+//! the slice was last built from, and adds its result to the slice.
+//!
+//! The core is append-only and every slice version records the exact input versions (and
+//! Delta table ids) it was built from ([`super::meta`]). When the inputs' commits since then
+//! only added files, the new data of each input is exactly those files, and for a definition
+//! made of filters, projections, `UNION ALL` and inner joins the new rows of the result are
+//! the definition evaluated over them (the classic delta rules):
+//!
+//! - Δ(scan of a changed input) = a scan of its new files only; Δ(unchanged) = nothing;
+//! - Δ(filter, projection, alias of X) = the same node over ΔX;
+//! - Δ(X UNION ALL Y) = ΔX UNION ALL ΔY;
+//! - Δ(X ⋈ Y) = ΔX ⋈ Y_new + X_old ⋈ ΔY, where X_old scans the files X had before.
+//!
+//! Each term is a copy of the definition's plan with some scans swapped, so the whole
+//! increment is one `UNION ALL` of terms, planned and streamed by DataFusion like any query,
+//! and committed as one Delta append with the new input versions. Any other node over a
+//! changed input (aggregates, windows, sorts, limits, DISTINCT, outer joins, subqueries), a
+//! function whose result may change between runs (`now()`, `random()`), or inputs that
+//! changed other than by appends (a rewritten or re-created table, a schema change, a log
+//! gap) make a full refresh, and the reason is recorded with the version.
+//!
+//! # Invariants
+//!
+//! - An incremental refresh commits exactly what a full refresh from the same input versions
+//!   would (invariant 9; test `incremental::incremental_equals_full_over_random_appends`).
+//! - It commits only on top of the version whose inputs it extended: a concurrent commit makes
+//!   it a conflict, like any build.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+
+use datafusion::common::tree_node::{Transformed, TreeNode, TreeNodeRecursion};
+use datafusion::common::DFSchemaRef;
+use datafusion::datasource::{provider_as_source, source_as_provider};
+use datafusion::logical_expr::{
+    EmptyRelation, Expr, JoinType, LogicalPlan, LogicalPlanBuilder, TableScan, Volatility,
+};
+use deltalake::kernel::Action;
+use futures::StreamExt;
+use object_store::path::Path;
+
+use super::meta::{BuildMode, Built, CommitKind, InputRead, InputVersion, RefreshMode, SliceMeta};
+use super::SliceSpec;
+use crate::catalog::table::IcePieTable;
+use crate::error::Result;
+
+/// Commits of one input an incremental refresh reads at most; beyond, a full refresh is
+/// cheaper than reading the log.
+const MAX_COMMITS: i64 = 1000;
+
+/// What a build writes and why.
+pub(crate) struct Decision {
+    /// The plan whose rows the build writes.
+    pub plan: LogicalPlan,
+    /// True when those rows are added to the previous version (incremental).
+    pub append: bool,
+    /// Mode, reason and reads, recorded with the version.
+    pub built: Built,
+}
+
+/// The version a build starts from.
+#[derive(Debug, Clone)]
+pub(crate) struct Previous {
+    /// Its descriptor, when the slice's latest commit is icepie's; `None` when a commit
+    /// icepie did not make follows it.
+    pub meta: Option<SliceMeta>,
+    /// `REFRESH SLICE … FULL`: recompute from all of the inputs.
+    pub full: bool,
+    /// The damaged file of a quarantined slice: only a full build rewrites it.
+    pub damaged: Option<String>,
+    /// Its data files.
+    pub files: i64,
+    /// Bytes of its data files.
+    pub bytes: i64,
+}
+
+/// A slice with more files than this, averaging under [`SMALL_FILE`] bytes, is rebuilt in
+/// full: each incremental refresh adds files, and many small files slow every query.
+pub(crate) const MAX_SMALL_FILES: i64 = 16;
+/// See [`MAX_SMALL_FILES`].
+pub(crate) const SMALL_FILE: i64 = 32 * 1024 * 1024;
+
+/// The new data of one changed input.
+struct Change {
+    /// Scans only the files added since the previous version.
+    new_files: Arc<IcePieTable>,
+    /// Scans only the files it had at the previous version.
+    old_files: Arc<IcePieTable>,
+}
+
+/// Decides how to build `plan` (the definition over `inputs` at their latest versions) on top
+/// of `previous`, and returns the plan to write.
+pub(crate) async fn decide(
+    spec: &SliceSpec,
+    kind: CommitKind,
+    previous: Option<&Previous>,
+    plan: LogicalPlan,
+    inputs: &[InputVersion],
+    max_share: f64,
+) -> Result<Decision> {
+    let reason = match (kind, previous) {
+        (CommitKind::Replace, _) => Some("a new definition".into()),
+        (CommitKind::Create, _) | (_, None) => Some("the first version".into()),
+        _ if spec.refresh_mode == RefreshMode::Full => Some("the slice is declared FULL".into()),
+        (_, Some(p)) if p.full => Some("REFRESH SLICE … FULL asked for it".into()),
+        (
+            _,
+            Some(Previous {
+                damaged: Some(file),
+                ..
+            }),
+        ) => Some(format!(
+            "the slice is quarantined (damaged file {file}): a full build rewrites it"
+        )),
+        (_, Some(p)) if p.files > MAX_SMALL_FILES && p.bytes < p.files * SMALL_FILE => {
+            Some(format!(
+                "the slice has {} small files (incremental refreshes add files): a full \
+                 build compacts them",
+                p.files
+            ))
+        }
+        (_, Some(Previous { meta: None, .. })) => {
+            Some("a commit icepie did not make follows the slice's last build".into())
+        }
+        (_, Some(Previous { meta: Some(m), .. }))
+            if m.definition != spec.definition || m.partition_by != spec.partition_by =>
+        {
+            Some("the definition changed".into())
+        }
+        _ => None,
+    };
+    if let Some(reason) = reason {
+        return Ok(full(plan, reason));
+    }
+    let before = &previous
+        .and_then(|p| p.meta.as_ref())
+        .expect("checked above")
+        .inputs;
+    if let Err(why) = deterministic(&plan) {
+        return Ok(full(plan, why));
+    }
+    let providers = providers(&plan)?;
+    let mut changes: HashMap<String, Change> = HashMap::new();
+    for input in inputs.iter().filter(|i| !i.pinned) {
+        let Some(provider) = providers.get(&input.table) else {
+            continue;
+        };
+        match change(input, before, provider).await? {
+            Ok(Some(c)) => {
+                let (_, _, new_bytes) = c.new_files.read_size();
+                let (_, _, all_bytes) = provider.read_size();
+                let share = if all_bytes == 0 {
+                    1.0
+                } else {
+                    new_bytes as f64 / all_bytes as f64
+                };
+                if spec.refresh_mode == RefreshMode::Auto && share > max_share {
+                    return Ok(full(
+                        plan,
+                        format!(
+                            "the new data of {} is {:.0}% of it, more than \
+                             icepie.incremental_max_share ({:.0}%)",
+                            input.table,
+                            share * 100.0,
+                            max_share * 100.0
+                        ),
+                    ));
+                }
+                changes.insert(input.table.clone(), c);
+            }
+            Ok(None) => {}
+            Err(why) => return Ok(full(plan, why)),
+        }
+    }
+    let terms = match delta_terms(&plan, &changes) {
+        Ok(terms) => terms,
+        Err(why) => return Ok(full(plan, why)),
+    };
+    let mut reads = reads(&terms)?;
+    for read in reads.iter_mut().filter(|r| changes.contains_key(&r.table)) {
+        read.from = before
+            .iter()
+            .find(|b| b.table == read.table && !b.pinned)
+            .map(|b| b.version);
+    }
+    let reason = if changes.is_empty() {
+        "no input changed since the previous version".to_string()
+    } else {
+        let mut names: Vec<&str> = changes.keys().map(String::as_str).collect();
+        names.sort_unstable();
+        format!(
+            "only appends since the previous version ({})",
+            names.join(", ")
+        )
+    };
+    // One UNION ALL of the terms, named as the definition's output.
+    let mut terms = terms.into_iter();
+    let delta = match terms.next() {
+        Some(first) => {
+            let mut union = LogicalPlanBuilder::from(first);
+            for term in terms {
+                union = union.union(term)?;
+            }
+            union.build()?
+        }
+        None => empty(plan.schema()),
+    };
+    Ok(Decision {
+        plan: delta,
+        append: true,
+        built: Built {
+            mode: BuildMode::Incremental,
+            reason,
+            reads,
+        },
+    })
+}
+
+/// Why `plan` cannot refresh incrementally whatever its inputs gain, or `Ok` when it can:
+/// checks a definition declared `INCREMENTAL`.
+pub(crate) fn refuses_incremental(plan: &LogicalPlan) -> Result<Option<String>> {
+    if let Err(why) = deterministic(plan) {
+        return Ok(Some(why));
+    }
+    // Every input changes at once: the delta rules must hold at every node.
+    let providers = providers(plan)?;
+    let mut changes = HashMap::new();
+    for (name, provider) in &providers {
+        changes.insert(
+            name.clone(),
+            Change {
+                new_files: provider.clone(),
+                old_files: provider.clone(),
+            },
+        );
+    }
+    Ok(delta_terms(plan, &changes).err())
+}
+
+/// A full build of `plan`, for `reason`.
+fn full(plan: LogicalPlan, reason: String) -> Decision {
+    let reads = reads(std::slice::from_ref(&plan)).unwrap_or_default();
+    Decision {
+        plan,
+        append: false,
+        built: Built {
+            mode: BuildMode::Full,
+            reason,
+            reads,
+        },
+    }
+}
+
+/// The icepie providers `plan` scans at their latest versions (not `core_at`, `slice_at`),
+/// by table name.
+fn providers(plan: &LogicalPlan) -> Result<HashMap<String, Arc<IcePieTable>>> {
+    let mut out = HashMap::new();
+    plan.apply_with_subqueries(|node| {
+        if let LogicalPlan::TableScan(scan) = node {
+            let provider = source_as_provider(&scan.source)?;
+            if let Some(table) = provider.downcast_ref::<IcePieTable>() {
+                if !table.is_pinned() {
+                    out.insert(table.name().to_string(), Arc::new(table.clone()));
+                }
+            }
+        }
+        Ok(TreeNodeRecursion::Continue)
+    })?;
+    Ok(out)
+}
+
+/// What scanning every table of `plans` reads, per input.
+fn reads(plans: &[LogicalPlan]) -> Result<Vec<InputRead>> {
+    let mut out: Vec<InputRead> = Vec::new();
+    for plan in plans {
+        plan.apply_with_subqueries(|node| {
+            if let LogicalPlan::TableScan(scan) = node {
+                let provider = source_as_provider(&scan.source)?;
+                if let Some(table) = provider.downcast_ref::<IcePieTable>() {
+                    let (files, rows, bytes) = table.read_size();
+                    let at = match out.iter().position(|r| r.table == table.name()) {
+                        Some(at) => at,
+                        None => {
+                            out.push(InputRead {
+                                table: table.name().to_string(),
+                                from: None,
+                                to: table.version(),
+                                files: 0,
+                                rows: 0,
+                                bytes: 0,
+                            });
+                            out.len() - 1
+                        }
+                    };
+                    out[at].files += files;
+                    out[at].rows += rows;
+                    out[at].bytes += bytes;
+                }
+            }
+            Ok(TreeNodeRecursion::Continue)
+        })?;
+    }
+    out.sort_by(|a, b| a.table.cmp(&b.table));
+    Ok(out)
+}
+
+/// Refuses functions whose result may differ between two runs over the same data: an
+/// incremental refresh would keep rows a full one would compute differently.
+fn deterministic(plan: &LogicalPlan) -> std::result::Result<(), String> {
+    let mut found = None;
+    let _ = plan.apply_with_subqueries(|node| {
+        node.apply_expressions(|e| {
+            e.apply(|e| {
+                if let Expr::ScalarFunction(f) = e {
+                    if f.func.signature().volatility != Volatility::Immutable {
+                        found = Some(f.func.name().to_string());
+                        return Ok(TreeNodeRecursion::Stop);
+                    }
+                }
+                Ok(TreeNodeRecursion::Continue)
+            })
+        })
+    });
+    match found {
+        Some(name) => Err(format!(
+            "the definition calls {name}(), whose result can change between refreshes"
+        )),
+        None => Ok(()),
+    }
+}
+
+/// The new data of `input` since the version the slice was built from (`before`):
+/// `Ok(None)` when it has none, `Err(reason)` when it changed other than by appends.
+async fn change(
+    input: &InputVersion,
+    before: &[InputVersion],
+    provider: &Arc<IcePieTable>,
+) -> Result<std::result::Result<Option<Change>, String>> {
+    let name = &input.table;
+    let Some(prev) = before.iter().find(|b| b.table == *name && !b.pinned) else {
+        return Ok(Err(format!("{name} is new to the definition")));
+    };
+    match (&prev.id, &input.id) {
+        (Some(a), Some(b)) if a == b => {}
+        (None, _) => {
+            return Ok(Err(format!(
+                "the previous version did not record which table {name} was (built before \
+                 incremental refresh)"
+            )))
+        }
+        _ => return Ok(Err(format!("{name} was dropped and created again"))),
+    }
+    let (from, to) = (prev.version, input.version);
+    if to == from {
+        return Ok(Ok(None));
+    }
+    if to < from {
+        return Ok(Err(format!(
+            "{name} is at version {to}, older than the {from} the slice was built from"
+        )));
+    }
+    if to - from > MAX_COMMITS {
+        return Ok(Err(format!(
+            "{name} has {} commits since version {from}, more than {MAX_COMMITS}",
+            to - from
+        )));
+    }
+    let Some(files) = provider.files() else {
+        return Ok(Err(format!(
+            "{name} is read through delta-rs (partitioned, or with Delta reader features), \
+             which cannot read only its new files"
+        )));
+    };
+    let table = provider.delta_table();
+    let log = table.log_store();
+    let mut commits = futures::stream::iter(from + 1..=to)
+        .map(|v| {
+            let log = log.clone();
+            async move { (v, log.read_commit_entry(v as u64).await) }
+        })
+        .buffered(16);
+    let mut added: HashSet<Path> = HashSet::new();
+    while let Some((version, bytes)) = commits.next().await {
+        let Some(bytes) = bytes? else {
+            return Ok(Err(format!(
+                "{name}'s log no longer holds version {version} (log clean-up)"
+            )));
+        };
+        for action in deltalake::logstore::get_actions(version as u64, &bytes)? {
+            match action {
+                Action::Add(add) if add.data_change => match Path::from_url_path(&add.path) {
+                    Ok(path) => {
+                        added.insert(path);
+                    }
+                    Err(_) => {
+                        return Ok(Err(format!(
+                            "{name} version {version} adds a file icepie cannot name ({})",
+                            add.path
+                        )))
+                    }
+                },
+                Action::Remove(_) => {
+                    return Ok(Err(format!(
+                        "{name} changed other than by appends: version {version} removed files"
+                    )))
+                }
+                Action::Metadata(_) => {
+                    return Ok(Err(format!(
+                        "{name}'s schema or settings changed in version {version}"
+                    )))
+                }
+                _ => {}
+            }
+        }
+    }
+    // The snapshot's files are the table root joined with the log's relative paths.
+    let root = Path::from_url_path(table.table_url().path()).unwrap_or_default();
+    let is_new = |location: &Path| {
+        location
+            .prefix_match(&root)
+            .is_some_and(|rel| added.contains(&Path::from_iter(rel)))
+    };
+    let found = files
+        .iter()
+        .filter(|f| is_new(&f.object_meta.location))
+        .count();
+    if found != added.len() {
+        return Ok(Err(format!(
+            "{name}'s log names files its version {to} does not hold"
+        )));
+    }
+    let new_files = provider.only_files(|f| is_new(&f.object_meta.location))?;
+    let old_files = provider.only_files(|f| !is_new(&f.object_meta.location))?;
+    let (Some(new_files), Some(old_files)) = (new_files, old_files) else {
+        return Ok(Err(format!("{name} cannot be read by file")));
+    };
+    Ok(Ok(Some(Change {
+        new_files: Arc::new(new_files),
+        old_files: Arc::new(old_files),
+    })))
+}
+
+/// True when `plan` reads a changed input anywhere, subqueries included.
+fn touches(plan: &LogicalPlan, changes: &HashMap<String, Change>) -> bool {
+    let mut found = false;
+    let _ = plan.apply_with_subqueries(|node| {
+        if let LogicalPlan::TableScan(scan) = node {
+            if scanned(scan).is_some_and(|t| changes.contains_key(t.name()) && !t.is_pinned()) {
+                found = true;
+                return Ok(TreeNodeRecursion::Stop);
+            }
+        }
+        Ok(TreeNodeRecursion::Continue)
+    });
+    found
+}
+
+/// The icepie table a scan reads.
+fn scanned(scan: &TableScan) -> Option<Arc<IcePieTable>> {
+    let provider = source_as_provider(&scan.source).ok()?;
+    provider
+        .downcast_ref::<IcePieTable>()
+        .map(|t| Arc::new(t.clone()))
+}
+
+/// `scan` reading `table` instead.
+fn swapped(scan: &TableScan, table: Arc<IcePieTable>) -> LogicalPlan {
+    LogicalPlan::TableScan(TableScan {
+        source: provider_as_source(table),
+        ..scan.clone()
+    })
+}
+
+/// An empty relation with `schema`.
+fn empty(schema: &DFSchemaRef) -> LogicalPlan {
+    LogicalPlan::EmptyRelation(EmptyRelation {
+        produce_one_row: false,
+        schema: schema.clone(),
+    })
+}
+
+/// `plan` with its inputs replaced by `children`, in order; schemas are unchanged.
+fn with_children(plan: &LogicalPlan, children: Vec<LogicalPlan>) -> Result<LogicalPlan> {
+    let mut children = children.into_iter();
+    Ok(plan
+        .clone()
+        .map_children(|c| Ok(Transformed::yes(children.next().unwrap_or(c))))?
+        .data)
+}
+
+/// `plan` reading each changed input as it was at the previous version.
+fn old(plan: &LogicalPlan, changes: &HashMap<String, Change>) -> Result<LogicalPlan> {
+    Ok(plan
+        .clone()
+        .transform_up(|node| {
+            if let LogicalPlan::TableScan(scan) = &node {
+                if let Some(change) = scanned(scan)
+                    .filter(|t| !t.is_pinned())
+                    .and_then(|t| changes.get(t.name()))
+                {
+                    return Ok(Transformed::yes(swapped(scan, change.old_files.clone())));
+                }
+            }
+            Ok(Transformed::no(node))
+        })?
+        .data)
+}
+
+/// The terms whose `UNION ALL` is the rows `plan` gains from `changes`; `Err` says which
+/// part of the definition has no delta rule.
+fn delta_terms(
+    plan: &LogicalPlan,
+    changes: &HashMap<String, Change>,
+) -> std::result::Result<Vec<LogicalPlan>, String> {
+    terms(plan, changes).map_err(|e| match e {
+        Unsupported::Shape(why) => why,
+        Unsupported::Error(e) => format!("the definition could not be rewritten: {e}"),
+    })
+}
+
+enum Unsupported {
+    Shape(String),
+    Error(crate::error::IcePieError),
+}
+
+impl<E: Into<crate::error::IcePieError>> From<E> for Unsupported {
+    fn from(e: E) -> Self {
+        Self::Error(e.into())
+    }
+}
+
+fn terms(
+    plan: &LogicalPlan,
+    changes: &HashMap<String, Change>,
+) -> std::result::Result<Vec<LogicalPlan>, Unsupported> {
+    if !touches(plan, changes) {
+        return Ok(Vec::new());
+    }
+    let shape = |what: &str| {
+        Unsupported::Shape(format!(
+            "the definition has {what} over new data, which has no incremental rule yet"
+        ))
+    };
+    let no_subqueries = |node: &LogicalPlan| {
+        let mut found = false;
+        let _ = node.apply_expressions(|e| {
+            found |= e.exists(|e| {
+                Ok(matches!(
+                    e,
+                    Expr::ScalarSubquery(_) | Expr::InSubquery(_) | Expr::Exists(_)
+                ))
+            })?;
+            Ok(TreeNodeRecursion::Continue)
+        });
+        match found {
+            true => Err(shape("a subquery")),
+            false => Ok(()),
+        }
+    };
+    match plan {
+        LogicalPlan::TableScan(scan) => {
+            let change = scanned(scan)
+                .filter(|t| !t.is_pinned())
+                .and_then(|t| changes.get(t.name()))
+                .ok_or_else(|| shape("a table scan"))?;
+            Ok(vec![swapped(scan, change.new_files.clone())])
+        }
+        LogicalPlan::Projection(_) | LogicalPlan::Filter(_) | LogicalPlan::SubqueryAlias(_) => {
+            no_subqueries(plan)?;
+            let child = plan.inputs()[0];
+            terms(child, changes)?
+                .into_iter()
+                .map(|t| Ok(with_children(plan, vec![t])?))
+                .collect()
+        }
+        LogicalPlan::Union(union) => {
+            let mut out = Vec::new();
+            for (i, input) in union.inputs.iter().enumerate() {
+                for term in terms(input, changes)? {
+                    let children = union
+                        .inputs
+                        .iter()
+                        .enumerate()
+                        .map(|(j, other)| {
+                            if i == j {
+                                term.clone()
+                            } else {
+                                empty(other.schema())
+                            }
+                        })
+                        .collect();
+                    out.push(with_children(plan, children)?);
+                }
+            }
+            Ok(out)
+        }
+        LogicalPlan::Join(join) if join.join_type == JoinType::Inner && !join.null_aware => {
+            no_subqueries(plan)?;
+            let mut out = Vec::new();
+            for term in terms(&join.left, changes)? {
+                out.push(with_children(plan, vec![term, (*join.right).clone()])?);
+            }
+            let left_old = old(&join.left, changes)?;
+            for term in terms(&join.right, changes)? {
+                out.push(with_children(plan, vec![left_old.clone(), term])?);
+            }
+            Ok(out)
+        }
+        LogicalPlan::Join(join) => Err(shape(&format!("a {} join", join.join_type))),
+        LogicalPlan::Aggregate(_) => Err(shape("an aggregate (GROUP BY)")),
+        LogicalPlan::Window(_) => Err(shape("a window function")),
+        LogicalPlan::Sort(_) => Err(shape("ORDER BY")),
+        LogicalPlan::Limit(_) => Err(shape("LIMIT")),
+        LogicalPlan::Distinct(_) => Err(shape("DISTINCT (or UNION without ALL)")),
+        other => {
+            let node = other.display().to_string();
+            let node = node.split(':').next().unwrap_or_default();
+            Err(shape(&format!("a {node} node")))
+        }
+    }
+}

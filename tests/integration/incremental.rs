@@ -1,0 +1,401 @@
+//! Incremental refresh: a slice refreshed from its inputs' new data equals, row for row, the
+//! same definition computed in full (invariant 9), and whatever prevents an incremental
+//! refresh makes a full one that says why.
+//!
+//! The property test runs `ICEPIE_INCREMENTAL_CASES` random cases (CI: 8), each a random
+//! sequence of appends (empty loads, NULLs, duplicate keys, rows a filter drops) to a fact and
+//! a dimension table under every supported definition shape.
+
+use datafusion::arrow::array::RecordBatch;
+use datafusion::arrow::util::display::{ArrayFormatter, FormatOptions};
+use icepie::IcePie;
+use proptest::prelude::*;
+use proptest::test_runner::{Config, TestRunner};
+
+use crate::support::{fails, run, scalar, table};
+
+/// The definitions under test: filters, projections, UNION ALL, inner joins (one side or
+/// both changing, a self-join) and a slice over a slice.
+const SHAPES: &[(&str, &str)] = &[
+    (
+        "filtered",
+        "SELECT k, v * 2 AS v2, g FROM core.f WHERE v > 1 OR g IS NULL",
+    ),
+    (
+        "unioned",
+        "SELECT k, g FROM core.f WHERE k % 3 = 1 UNION ALL SELECT k, name AS g FROM core.d \
+         WHERE k > 2",
+    ),
+    (
+        "joined",
+        "SELECT f.k, f.v, d.name FROM core.f f JOIN core.d d ON f.k = d.k WHERE f.v >= 0",
+    ),
+    (
+        "self_joined",
+        "SELECT a.k, a.g, b.v FROM core.f a JOIN core.f b ON a.k = b.k AND a.g = b.g",
+    ),
+    ("chained", "SELECT k, v2 FROM filtered WHERE k > 1"),
+];
+
+/// One load: which table, and its rows as SQL values.
+#[derive(Debug, Clone)]
+struct Load {
+    fact: bool,
+    rows: Vec<(Option<i64>, Option<&'static str>, Option<f64>)>,
+}
+
+fn load() -> impl Strategy<Value = Load> {
+    let key = prop::option::weighted(0.9, 0i64..4);
+    let text = prop::option::weighted(0.8, prop::sample::select(vec!["a", "b", "c"]));
+    let value = prop::option::weighted(0.8, prop::sample::select(vec![-1.5, 0.0, 2.25, 10.0]));
+    (
+        any::<bool>(),
+        prop::collection::vec((key, text, value), 0..8),
+    )
+        .prop_map(|(fact, rows)| Load { fact, rows })
+}
+
+fn sql_value<T: ToString>(v: &Option<T>, quote: bool) -> String {
+    match v {
+        None => "NULL".into(),
+        Some(v) if quote => format!("'{}'", v.to_string()),
+        Some(v) => v.to_string(),
+    }
+}
+
+/// `INGEST` of one load; an empty load is an append of no rows.
+fn ingest(load: &Load) -> String {
+    let values: Vec<String> = load
+        .rows
+        .iter()
+        .map(|(k, g, v)| match load.fact {
+            true => format!(
+                "({}, {}, {})",
+                sql_value(k, false),
+                sql_value(g, true),
+                sql_value(v, false)
+            ),
+            false => format!("({}, {})", sql_value(k, false), sql_value(g, true)),
+        })
+        .collect();
+    match (load.fact, values.is_empty()) {
+        (true, true) => "INGEST INTO core.f SELECT * FROM core.f WHERE false".into(),
+        (false, true) => "INGEST INTO core.d SELECT * FROM core.d WHERE false".into(),
+        (true, false) => format!(
+            "INGEST INTO core.f SELECT CAST(column1 AS BIGINT) AS k, CAST(column2 AS VARCHAR) \
+             AS g, CAST(column3 AS DOUBLE) AS v FROM (VALUES {})",
+            values.join(", ")
+        ),
+        (false, false) => format!(
+            "INGEST INTO core.d SELECT CAST(column1 AS BIGINT) AS k, CAST(column2 AS VARCHAR) \
+             AS name FROM (VALUES {})",
+            values.join(", ")
+        ),
+    }
+}
+
+/// The rows of a query as sorted text lines: comparing them ignores order.
+async fn rows(w: &IcePie, sql: &str) -> Vec<String> {
+    let batches: Vec<RecordBatch> = w
+        .sql(sql)
+        .await
+        .unwrap_or_else(|e| panic!("{sql}: {e}"))
+        .collect()
+        .await
+        .unwrap_or_else(|e| panic!("{sql}: {e}"));
+    let options = FormatOptions::default().with_null("NULL");
+    let mut out = Vec::new();
+    for batch in &batches {
+        let columns: Vec<ArrayFormatter> = batch
+            .columns()
+            .iter()
+            .map(|c| ArrayFormatter::try_new(c.as_ref(), &options).unwrap())
+            .collect();
+        for row in 0..batch.num_rows() {
+            let cells: Vec<String> = columns.iter().map(|c| c.value(row).to_string()).collect();
+            out.push(cells.join(" | "));
+        }
+    }
+    out.sort();
+    out
+}
+
+/// The mode of the slice's latest version.
+async fn last_mode(w: &IcePie, slice: &str) -> String {
+    scalar(
+        w,
+        &format!("SELECT mode || ': ' || reason FROM slice_history('{slice}') ORDER BY version DESC LIMIT 1"),
+    )
+    .await
+}
+
+async fn new_warehouse(dir: &tempfile::TempDir) -> IcePie {
+    let w = IcePie::builder(dir.path().to_string_lossy().to_string())
+        .with_setting("scheduler", "off")
+        .open()
+        .await
+        .unwrap();
+    run(&w, "CREATE CORE TABLE f (k BIGINT, g VARCHAR, v DOUBLE)").await;
+    run(&w, "CREATE CORE TABLE d (k BIGINT, name VARCHAR)").await;
+    w
+}
+
+/// Runs one case: every shape declared INCREMENTAL, refreshed after each load, equals its
+/// definition computed from scratch.
+async fn check_case(first: Vec<Load>, loads: Vec<Load>) {
+    let dir = tempfile::tempdir().unwrap();
+    let w = new_warehouse(&dir).await;
+    for load in &first {
+        run(&w, &ingest(load)).await;
+    }
+    for (name, definition) in SHAPES {
+        run(
+            &w,
+            &format!("CREATE SLICE {name} INCREMENTAL AS {definition}"),
+        )
+        .await;
+    }
+    for (step, load) in loads.iter().enumerate() {
+        run(&w, &ingest(load)).await;
+        for (name, definition) in SHAPES {
+            run(&w, &format!("REFRESH SLICE {name}")).await;
+            let mode = last_mode(&w, name).await;
+            assert!(
+                mode.starts_with("incremental"),
+                "{name} after load {step} refreshed {mode}"
+            );
+            let got = rows(&w, &format!("SELECT * FROM {name}")).await;
+            let want = rows(&w, definition).await;
+            assert_eq!(
+                got,
+                want,
+                "{name} after loads {first:?} then {:?}: incremental differs from full",
+                &loads[..=step]
+            );
+        }
+    }
+}
+
+fn cases() -> u32 {
+    std::env::var("ICEPIE_INCREMENTAL_CASES")
+        .ok()
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(8)
+}
+
+#[test]
+fn incremental_equals_full_over_random_appends() {
+    let mut runner = TestRunner::new(Config {
+        cases: cases(),
+        failure_persistence: None,
+        ..Config::default()
+    });
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    runner
+        .run(
+            &(
+                prop::collection::vec(load(), 0..3),
+                prop::collection::vec(load(), 1..6),
+            ),
+            |(first, loads)| {
+                runtime.block_on(check_case(first, loads));
+                Ok(())
+            },
+        )
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn what_prevents_an_incremental_refresh_makes_a_full_one_that_says_why() {
+    let dir = tempfile::tempdir().unwrap();
+    let w = new_warehouse(&dir).await;
+    run(&w, "INGEST INTO core.f VALUES (1, 'a', 1.0), (2, 'b', 2.0)").await;
+    run(&w, "SET icepie.incremental_max_share = 1").await;
+    run(
+        &w,
+        "CREATE SLICE totals AS SELECT g, sum(v) AS s FROM core.f GROUP BY g",
+    )
+    .await;
+    run(
+        &w,
+        "CREATE SLICE recent AS SELECT k FROM core.f WHERE v < random() + 10",
+    )
+    .await;
+    run(&w, "CREATE SLICE plain AS SELECT k, v FROM core.f").await;
+    run(&w, "CREATE SLICE always FULL AS SELECT k, v FROM core.f").await;
+    run(&w, "INGEST INTO core.f VALUES (3, 'a', 3.0)").await;
+    for slice in ["totals", "recent", "plain", "always"] {
+        run(&w, &format!("REFRESH SLICE {slice}")).await;
+    }
+    assert!(last_mode(&w, "totals")
+        .await
+        .contains("an aggregate (GROUP BY)"));
+    assert!(last_mode(&w, "recent").await.contains("random()"));
+    assert_eq!(
+        last_mode(&w, "plain").await,
+        "incremental: only appends since the previous version (core.f)"
+    );
+    assert_eq!(
+        last_mode(&w, "always").await,
+        "full: the slice is declared FULL"
+    );
+    run(&w, "REFRESH SLICE plain FULL").await;
+    assert_eq!(
+        last_mode(&w, "plain").await,
+        "full: REFRESH SLICE … FULL asked for it"
+    );
+
+    // A version the SQL names never changes: only the latest one is read incrementally.
+    let pinned = "SELECT k FROM core.f UNION ALL SELECT k FROM core_at('f', 1)";
+    run(&w, &format!("CREATE SLICE pinned AS {pinned}")).await;
+    run(&w, "INGEST INTO core.f VALUES (5, 'a', 5.0)").await;
+    run(&w, "REFRESH SLICE pinned").await;
+    assert!(last_mode(&w, "pinned").await.starts_with("incremental"));
+    assert_eq!(
+        rows(&w, "SELECT * FROM pinned").await,
+        rows(&w, pinned).await
+    );
+    assert_eq!(rows(&w, "SELECT * FROM pinned").await.len(), 6);
+
+    // AUTO goes full when the new data is a large share of the input.
+    run(&w, "SET icepie.incremental_max_share = 0.1").await;
+    run(&w, "INGEST INTO core.f VALUES (4, 'c', 4.0)").await;
+    run(&w, "REFRESH SLICE plain").await;
+    let mode = last_mode(&w, "plain").await;
+    assert!(
+        mode.contains("more than icepie.incremental_max_share"),
+        "{mode}"
+    );
+
+    // A slice over a slice that was rewritten (not appended to) goes full.
+    run(&w, "SET icepie.incremental_max_share = 1").await;
+    run(
+        &w,
+        "CREATE SLICE over_plain AS SELECT k FROM plain WHERE k > 1",
+    )
+    .await;
+    run(
+        &w,
+        "CREATE OR REPLACE SLICE plain AS SELECT k, v FROM core.f WHERE k < 4",
+    )
+    .await;
+    run(&w, "REFRESH SLICE over_plain").await;
+    let mode = last_mode(&w, "over_plain").await;
+    assert!(
+        mode.contains("slices.plain changed other than by appends"),
+        "{mode}"
+    );
+    assert_eq!(rows(&w, "SELECT * FROM over_plain").await, ["2", "3"]);
+
+    // A slice declared INCREMENTAL must have a definition that can be.
+    let err = fails(
+        &w,
+        "CREATE SLICE nope INCREMENTAL AS SELECT g, count(*) FROM core.f GROUP BY g",
+    )
+    .await;
+    assert!(err.contains("declared INCREMENTAL"), "{err}");
+    assert!(err.contains("aggregate"), "{err}");
+    let err = fails(&w, "CREATE SLICE nope INCREMENTAL FULL AS SELECT 1").await;
+    assert!(
+        err.contains("give one of INCREMENTAL, FULL or AUTO"),
+        "{err}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn explain_refresh_shows_the_mode_and_what_it_would_read() {
+    let dir = tempfile::tempdir().unwrap();
+    let w = new_warehouse(&dir).await;
+    run(&w, "INGEST INTO core.f VALUES (1, 'a', 1.0), (2, 'b', 2.0)").await;
+    run(&w, "INGEST INTO core.d VALUES (1, 'one')").await;
+    run(
+        &w,
+        "CREATE SLICE j INCREMENTAL AS SELECT f.k, d.name FROM core.f f JOIN core.d d ON f.k = d.k",
+    )
+    .await;
+    run(&w, "INGEST INTO core.f VALUES (1, 'c', 5.0)").await;
+    let before = scalar(
+        &w,
+        "SELECT version FROM slice_history('j') ORDER BY version DESC LIMIT 1",
+    )
+    .await;
+    let explained = table(&w, "EXPLAIN REFRESH SLICE j").await;
+    // Explaining commits nothing.
+    assert_eq!(
+        scalar(
+            &w,
+            "SELECT version FROM slice_history('j') ORDER BY version DESC LIMIT 1"
+        )
+        .await,
+        before
+    );
+    let lines: Vec<&str> = explained.lines().collect();
+    assert!(
+        lines[1].contains("mode") && lines[1].contains("from_version"),
+        "{explained}"
+    );
+    // The fact is read from its new file only (one row); the dimension whole.
+    let fact = lines
+        .iter()
+        .find(|l| l.contains("core.f "))
+        .expect(&explained);
+    let cells: Vec<&str> = fact.split('|').map(str::trim).collect();
+    assert_eq!(cells[1], "incremental", "{explained}");
+    assert_eq!(&cells[4..8], ["1", "2", "1", "1"], "{explained}");
+    let dim = lines
+        .iter()
+        .find(|l| l.contains("core.d "))
+        .expect(&explained);
+    let cells: Vec<&str> = dim.split('|').map(str::trim).collect();
+    assert_eq!(&cells[4..8], ["", "1", "1", "1"], "{explained}");
+
+    run(&w, "REFRESH SLICE j").await;
+    assert_eq!(rows(&w, "SELECT * FROM j").await, ["1 | one", "1 | one"]);
+    let history = scalar(
+        &w,
+        "SELECT read FROM slice_history('j') ORDER BY version DESC LIMIT 1",
+    )
+    .await;
+    assert!(
+        history.contains("core.f@1..2: 1 files, 1 rows"),
+        "{history}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn appends_never_pile_up_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let w = new_warehouse(&dir).await;
+    run(&w, "SET icepie.incremental_max_share = 1").await;
+    run(&w, "INGEST INTO core.f VALUES (0, 'a', 1.0)").await;
+    run(&w, "CREATE SLICE s AS SELECT k, v FROM core.f").await;
+    let mut most = 0;
+    for i in 1..=40 {
+        run(
+            &w,
+            &format!("INGEST INTO core.f VALUES ({i}, 'a', 1.0); REFRESH SLICE s"),
+        )
+        .await;
+        let files: i64 = scalar(
+            &w,
+            "SELECT files FROM system.slices WHERE domain = 'slices' AND name = 's'",
+        )
+        .await
+        .parse()
+        .unwrap();
+        most = most.max(files);
+    }
+    assert!(most <= 17, "the slice gathered {most} files");
+    let compactions = scalar(
+        &w,
+        "SELECT count(*) FROM slice_history('s') WHERE mode = 'full' \
+         AND reason LIKE '%small files%'",
+    )
+    .await;
+    assert_eq!(compactions, "2");
+    assert_eq!(scalar(&w, "SELECT count(*) FROM s").await, "41");
+}
