@@ -44,6 +44,7 @@ use object_store::ObjectMeta;
 use super::damage::{DamageWatch, WatchedReaders};
 use super::file_stats::file_statistics;
 use crate::error::{IcePieError, Result};
+use crate::slice::aggregate::HIDDEN;
 
 /// Which kind of icepie table a provider serves.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -93,7 +94,7 @@ struct DirectScan {
 impl DirectScan {
     /// The direct scan of `table`'s loaded version, or `None` when it needs delta-rs.
     /// `views`: strings and binaries read as view types.
-    fn try_new(table: &DeltaTable, views: bool) -> Result<Option<Self>> {
+    fn try_new(table: &DeltaTable, views: bool, hide: bool) -> Result<Option<Self>> {
         let state = table.snapshot()?;
         // Read through serde: delta-rs keeps these accessors internal.
         let metadata = serde_json::to_value(state.metadata()).unwrap_or_default();
@@ -117,6 +118,19 @@ impl DirectScan {
         let schema = state.snapshot().arrow_schema();
         let schema = match views {
             true => Arc::new(transform_schema_to_view(&schema)),
+            false => schema,
+        };
+        // A slice's own bookkeeping (an aggregate's keys and states) is not its data.
+        let schema = match hide {
+            true => Arc::new(datafusion::arrow::datatypes::Schema::new_with_metadata(
+                schema
+                    .fields()
+                    .iter()
+                    .filter(|f| !f.name().starts_with(HIDDEN))
+                    .cloned()
+                    .collect::<Vec<_>>(),
+                schema.metadata().clone(),
+            )),
             false => schema,
         };
         let mut files = Vec::new();
@@ -218,6 +232,16 @@ impl fmt::Debug for IcePieTable {
 impl IcePieTable {
     /// Wraps a loaded Delta table; `name` is the qualified SQL name (`core.events`).
     pub async fn try_new(kind: TableKind, name: String, table: DeltaTable) -> Result<Self> {
+        Self::build(kind, name, table, kind == TableKind::Slice).await
+    }
+
+    /// A slice's version with the columns icepie keeps for itself (an aggregate's keys and
+    /// states), which [`try_new`](Self::try_new) hides.
+    pub(crate) async fn with_hidden_columns(name: String, table: DeltaTable) -> Result<Self> {
+        Self::build(TableKind::Slice, name, table, false).await
+    }
+
+    async fn build(kind: TableKind, name: String, table: DeltaTable, hide: bool) -> Result<Self> {
         let version = table
             .version()
             .ok_or_else(|| IcePieError::CorruptMetadata {
@@ -226,7 +250,7 @@ impl IcePieTable {
             })?;
         // The refresh log keeps its declared types: system tables combine it with rows
         // built in memory.
-        let reader = match DirectScan::try_new(&table, kind != TableKind::System)? {
+        let reader = match DirectScan::try_new(&table, kind != TableKind::System, hide)? {
             Some(direct) => Reader::Direct(direct),
             None => Reader::Delta(table.table_provider().await?),
         };

@@ -128,12 +128,13 @@ impl IcePie {
     pub async fn explain_refresh(&self, name: &str) -> Result<Built> {
         let name = SliceName::parse(name)?;
         let shared = &self.inner.shared;
-        let (_, meta, previous) = lifecycle::load_previous(shared, &name, false).await?;
+        let (table, meta, previous) = lifecycle::load_previous(shared, &name, false).await?;
         if let Some(frozen) = &meta.frozen {
             return Err(frozen_error(&name, frozen, "REFRESH SLICE"));
         }
         let state = self.inner.ctx.state();
-        slice::explain(&state, shared, &name, &SliceSpec::from(&meta), &previous).await
+        let spec = SliceSpec::from(&meta);
+        slice::explain(&state, shared, &name, &spec, (&table, &previous)).await
     }
 
     pub(super) async fn refresh_slice(&self, name: SliceName, full: bool) -> Result<BuildOutcome> {

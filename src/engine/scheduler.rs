@@ -344,6 +344,7 @@ mod tests {
                 rows: None,
                 restored_from: None,
                 built: None,
+                appends: 0,
             },
             version: 3,
             stats: TableStats::default(),

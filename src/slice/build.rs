@@ -240,7 +240,16 @@ async fn write_version(
     attempt_id: &str,
     inputs: &mut Vec<InputVersion>,
 ) -> Result<(DeltaTable, Built)> {
-    let decision = plan_build(state, shared, name, spec, kind, previous, inputs).await?;
+    let decision = plan_build(
+        state,
+        shared,
+        name,
+        spec,
+        kind,
+        (existing, previous),
+        inputs,
+    )
+    .await?;
     let meta = SliceMeta {
         kind,
         attempt_id: attempt_id.to_string(),
@@ -254,6 +263,7 @@ async fn write_version(
         rows: None,
         restored_from: None,
         built: Some(decision.built.clone()),
+        appends: decision.appends,
     };
     let built = decision.built;
     let rel = Warehouse::slice_path(name);
@@ -292,7 +302,7 @@ pub(crate) async fn explain(
     shared: &Shared,
     name: &SliceName,
     spec: &SliceSpec,
-    previous: &Previous,
+    (existing, previous): (&DeltaTable, &Previous),
 ) -> Result<Built> {
     let mut inputs = Vec::new();
     let decision = plan_build(
@@ -301,7 +311,7 @@ pub(crate) async fn explain(
         name,
         spec,
         CommitKind::Refresh,
-        Some(previous),
+        (Some(existing), Some(previous)),
         &mut inputs,
     )
     .await?;
@@ -316,7 +326,7 @@ async fn plan_build(
     name: &SliceName,
     spec: &SliceSpec,
     kind: CommitKind,
-    previous: Option<&Previous>,
+    (existing, previous): (Option<&DeltaTable>, Option<&Previous>),
     inputs: &mut Vec<InputVersion>,
 ) -> Result<incremental::Decision> {
     let plan = time_travel::plan_sql(state, shared, &spec.definition).await?;
@@ -348,8 +358,17 @@ async fn plan_build(
         }
     }
     let max_share = shared.options().incremental_max_share;
-    let decision = incremental::decide(spec, kind, previous, plan, inputs, max_share).await?;
-    Ok(decision)
+    incremental::decide(
+        &name.to_string(),
+        spec,
+        kind,
+        previous,
+        existing,
+        plan,
+        inputs,
+        max_share,
+    )
+    .await
 }
 
 /// True for plans that produce rows (not DDL, DML or statements).

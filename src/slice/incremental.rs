@@ -14,11 +14,13 @@
 //!
 //! Each term is a copy of the definition's plan with some scans swapped, so the whole
 //! increment is one `UNION ALL` of terms, planned and streamed by DataFusion like any query,
-//! and committed as one Delta append with the new input versions. Any other node over a
-//! changed input (aggregates, windows, sorts, limits, DISTINCT, outer joins, subqueries), a
-//! function whose result may change between runs (`now()`, `random()`), or inputs that
-//! changed other than by appends (a rewritten or re-created table, a schema change, a log
-//! gap) make a full refresh, and the reason is recorded with the version.
+//! and committed as one Delta append with the new input versions. A `GROUP BY` on top merges
+//! the new rows' aggregate states into those the slice keeps ([`super::aggregate`]) and
+//! rewrites the slice. Any other node over a changed input (windows, sorts, limits, DISTINCT,
+//! HAVING, outer joins, subqueries), anything whose result may change between runs (`now()`,
+//! `random()`, LIMIT, window functions), or inputs that changed other than by appends (a
+//! rewritten or re-created table, a schema change, a log gap) make a full refresh, and the
+//! reason is recorded with the version.
 //!
 //! # Invariants
 //!
@@ -37,11 +39,12 @@ use datafusion::logical_expr::{
     EmptyRelation, Expr, JoinType, LogicalPlan, LogicalPlanBuilder, TableScan, Volatility,
 };
 use deltalake::kernel::Action;
+use deltalake::DeltaTable;
 use futures::StreamExt;
 use object_store::path::Path;
 
 use super::meta::{BuildMode, Built, CommitKind, InputRead, InputVersion, RefreshMode, SliceMeta};
-use super::SliceSpec;
+use super::{aggregate, SliceSpec};
 use crate::catalog::table::IcePieTable;
 use crate::error::Result;
 
@@ -55,6 +58,8 @@ pub(crate) struct Decision {
     pub plan: LogicalPlan,
     /// True when those rows are added to the previous version (incremental).
     pub append: bool,
+    /// Incremental refreshes in a row that added files, this one included.
+    pub appends: u32,
     /// Mode, reason and reads, recorded with the version.
     pub built: Built,
 }
@@ -69,17 +74,11 @@ pub(crate) struct Previous {
     pub full: bool,
     /// The damaged file of a quarantined slice: only a full build rewrites it.
     pub damaged: Option<String>,
-    /// Its data files.
-    pub files: i64,
-    /// Bytes of its data files.
-    pub bytes: i64,
 }
 
-/// A slice with more files than this, averaging under [`SMALL_FILE`] bytes, is rebuilt in
-/// full: each incremental refresh adds files, and many small files slow every query.
-pub(crate) const MAX_SMALL_FILES: i64 = 16;
-/// See [`MAX_SMALL_FILES`].
-pub(crate) const SMALL_FILE: i64 = 32 * 1024 * 1024;
+/// Incremental refreshes that added files, in a row, after which a refresh is full: each
+/// adds files, and many small files slow every query of the slice.
+pub(crate) const MAX_APPENDS: u32 = 16;
 
 /// The new data of one changed input.
 struct Change {
@@ -90,15 +89,29 @@ struct Change {
 }
 
 /// Decides how to build `plan` (the definition over `inputs` at their latest versions) on top
-/// of `previous`, and returns the plan to write.
+/// of `previous` (the slice's current version, `existing`), and returns the plan to write.
+#[allow(clippy::too_many_arguments)]
 pub(crate) async fn decide(
+    name: &str,
     spec: &SliceSpec,
     kind: CommitKind,
     previous: Option<&Previous>,
+    existing: Option<&DeltaTable>,
     plan: LogicalPlan,
     inputs: &[InputVersion],
     max_share: f64,
 ) -> Result<Decision> {
+    // A GROUP BY definition keeps its aggregates' states, so later refreshes can merge
+    // into them: unless it is declared FULL, or partitioned (its partitions are rewritten
+    // whole).
+    let shape = match spec.refresh_mode == RefreshMode::Full || !spec.partition_by.is_empty() {
+        true => Ok(None),
+        false => aggregate::shape(&plan),
+    };
+    let full_plan = match &shape {
+        Ok(Some(shape)) => shape.plan(None, shape.input.clone())?,
+        _ => plan.clone(),
+    };
     let reason = match (kind, previous) {
         (CommitKind::Replace, _) => Some("a new definition".into()),
         (CommitKind::Create, _) | (_, None) => Some("the first version".into()),
@@ -113,13 +126,10 @@ pub(crate) async fn decide(
         ) => Some(format!(
             "the slice is quarantined (damaged file {file}): a full build rewrites it"
         )),
-        (_, Some(p)) if p.files > MAX_SMALL_FILES && p.bytes < p.files * SMALL_FILE => {
-            Some(format!(
-                "the slice has {} small files (incremental refreshes add files): a full \
-                 build compacts them",
-                p.files
-            ))
-        }
+        (_, Some(Previous { meta: Some(m), .. })) if m.appends >= MAX_APPENDS => Some(format!(
+            "{} incremental refreshes in a row added files: a full build compacts them",
+            m.appends
+        )),
         (_, Some(Previous { meta: None, .. })) => {
             Some("a commit icepie did not make follows the slice's last build".into())
         }
@@ -131,14 +141,24 @@ pub(crate) async fn decide(
         _ => None,
     };
     if let Some(reason) = reason {
-        return Ok(full(plan, reason));
+        return Ok(full(full_plan, reason));
     }
-    let before = &previous
+    let previous_meta = previous
         .and_then(|p| p.meta.as_ref())
-        .expect("checked above")
-        .inputs;
+        .expect("checked above");
+    let (before, appends_before) = (&previous_meta.inputs, previous_meta.appends);
     if let Err(why) = deterministic(&plan) {
-        return Ok(full(plan, why));
+        return Ok(full(full_plan, why));
+    }
+    // A version the SQL names is read whole each time: it must be the very one read before.
+    for input in inputs.iter().filter(|i| i.pinned) {
+        if !before.contains(input) || input.id.is_none() {
+            let why = format!(
+                "{}@{} (pinned) was not read before",
+                input.table, input.version
+            );
+            return Ok(full(full_plan, why));
+        }
     }
     let providers = providers(&plan)?;
     let mut changes: HashMap<String, Change> = HashMap::new();
@@ -156,43 +176,58 @@ pub(crate) async fn decide(
                     new_bytes as f64 / all_bytes as f64
                 };
                 if spec.refresh_mode == RefreshMode::Auto && share > max_share {
-                    return Ok(full(
-                        plan,
-                        format!(
-                            "the new data of {} is {:.0}% of it, more than \
-                             icepie.incremental_max_share ({:.0}%)",
-                            input.table,
-                            share * 100.0,
-                            max_share * 100.0
-                        ),
-                    ));
+                    let why = format!(
+                        "the new data of {} is {:.0}% of it, more than \
+                         icepie.incremental_max_share ({:.0}%)",
+                        input.table,
+                        share * 100.0,
+                        max_share * 100.0
+                    );
+                    return Ok(full(full_plan, why));
                 }
                 changes.insert(input.table.clone(), c);
             }
             Ok(None) => {}
-            Err(why) => return Ok(full(plan, why)),
+            Err(why) => return Ok(full(full_plan, why)),
         }
     }
-    let terms = match delta_terms(&plan, &changes) {
-        Ok(terms) => terms,
-        Err(why) => return Ok(full(plan, why)),
+    let mut names: Vec<&str> = changes.keys().map(String::as_str).collect();
+    names.sort_unstable();
+    let names = names.join(", ");
+    let from = |mut reads: Vec<InputRead>| {
+        for read in reads.iter_mut().filter(|r| changes.contains_key(&r.table)) {
+            read.from = before
+                .iter()
+                .find(|b| b.table == read.table && !b.pinned)
+                .map(|b| b.version);
+        }
+        reads
     };
-    let mut reads = reads(&terms)?;
-    for read in reads.iter_mut().filter(|r| changes.contains_key(&r.table)) {
-        read.from = before
-            .iter()
-            .find(|b| b.table == read.table && !b.pinned)
-            .map(|b| b.version);
+    if changes.is_empty() {
+        // Nothing to read: the next version is the same data, committed at once.
+        return Ok(Decision {
+            plan: empty(full_plan.schema()),
+            append: true,
+            appends: appends_before,
+            built: Built {
+                mode: BuildMode::Incremental,
+                reason: "no input changed since the previous version".into(),
+                reads: Vec::new(),
+                appended: true,
+            },
+        });
     }
-    let reason = if changes.is_empty() {
-        "no input changed since the previous version".to_string()
-    } else {
-        let mut names: Vec<&str> = changes.keys().map(String::as_str).collect();
-        names.sort_unstable();
-        format!(
-            "only appends since the previous version ({})",
-            names.join(", ")
-        )
+    let (definition, shape) = match shape {
+        Ok(Some(shape)) => (shape.input, Some(shape)),
+        Ok(None) => (&plan, None),
+        Err(why) => {
+            let why = format!("the definition has an aggregate that keeps no state ({why})");
+            return Ok(full(full_plan, why));
+        }
+    };
+    let terms = match delta_terms(definition, &changes) {
+        Ok(terms) => terms,
+        Err(why) => return Ok(full(full_plan, why)),
     };
     // One UNION ALL of the terms, named as the definition's output.
     let mut terms = terms.into_iter();
@@ -204,27 +239,67 @@ pub(crate) async fn decide(
             }
             union.build()?
         }
-        None => empty(plan.schema()),
+        None => empty(definition.schema()),
     };
+    let Some(shape) = shape else {
+        return Ok(Decision {
+            built: Built {
+                mode: BuildMode::Incremental,
+                reason: format!("only appends since the previous version ({names})"),
+                reads: from(reads(std::slice::from_ref(&delta))?),
+                appended: true,
+            },
+            plan: delta,
+            append: true,
+            appends: appends_before + 1,
+        });
+    };
+    // An aggregate: the stored states of every group, merged with those of the new rows.
+    let Some(existing) = existing.filter(|t| {
+        t.snapshot()
+            .is_ok_and(|s| aggregate::holds_states(&shape, s.snapshot().arrow_schema().as_ref()))
+    }) else {
+        let why = "the previous version keeps no aggregate states (built before incremental \
+                   refresh, or while declared FULL)";
+        return Ok(full(full_plan, why.into()));
+    };
+    let stored = IcePieTable::with_hidden_columns(name.to_string(), existing.clone()).await?;
+    let stored =
+        LogicalPlanBuilder::scan(name, provider_as_source(Arc::new(stored)), None)?.build()?;
+    let merged = shape.plan(Some(stored), delta)?;
     Ok(Decision {
-        plan: delta,
-        append: true,
         built: Built {
             mode: BuildMode::Incremental,
-            reason,
-            reads,
+            reason: format!(
+                "only appends since the previous version ({names}); their aggregate states \
+                 were merged into the stored ones"
+            ),
+            reads: from(reads(std::slice::from_ref(&merged))?),
+            appended: false,
         },
+        plan: merged,
+        append: false,
+        appends: 0,
     })
 }
 
-/// Why `plan` cannot refresh incrementally whatever its inputs gain, or `Ok` when it can:
+/// Why `plan` cannot refresh incrementally whatever its inputs gain, or `Ok(None)` when it can:
 /// checks a definition declared `INCREMENTAL`.
 pub(crate) fn refuses_incremental(plan: &LogicalPlan) -> Result<Option<String>> {
     if let Err(why) = deterministic(plan) {
         return Ok(Some(why));
     }
+    let definition = match aggregate::shape(plan) {
+        Ok(Some(shape)) => shape.input,
+        Ok(None) => plan,
+        Err(why) => {
+            return Ok(Some(format!(
+                "the definition has an aggregate that keeps no state ({why})"
+            )))
+        }
+    };
     // Every input changes at once: the delta rules must hold at every node.
-    let providers = providers(plan)?;
+    let providers = providers(definition)?;
     let mut changes = HashMap::new();
     for (name, provider) in &providers {
         changes.insert(
@@ -235,7 +310,7 @@ pub(crate) fn refuses_incremental(plan: &LogicalPlan) -> Result<Option<String>> 
             },
         );
     }
-    Ok(delta_terms(plan, &changes).err())
+    Ok(delta_terms(definition, &changes).err())
 }
 
 /// A full build of `plan`, for `reason`.
@@ -244,10 +319,12 @@ fn full(plan: LogicalPlan, reason: String) -> Decision {
     Decision {
         plan,
         append: false,
+        appends: 0,
         built: Built {
             mode: BuildMode::Full,
             reason,
             reads,
+            appended: false,
         },
     }
 }
@@ -310,22 +387,50 @@ fn reads(plans: &[LogicalPlan]) -> Result<Vec<InputRead>> {
 fn deterministic(plan: &LogicalPlan) -> std::result::Result<(), String> {
     let mut found = None;
     let _ = plan.apply_with_subqueries(|node| {
+        // Parts over unchanged inputs run again in every refresh: whatever may pick other
+        // rows each time (LIMIT, window functions, order-dependent aggregates) would mix
+        // two different answers.
+        match node {
+            LogicalPlan::Limit(_) => {
+                found = Some("LIMIT, which may pick other rows each run".into())
+            }
+            LogicalPlan::Window(_) => {
+                found = Some("a window function, which may number rows differently each run".into())
+            }
+            _ => {}
+        }
+        if found.is_some() {
+            return Ok(TreeNodeRecursion::Stop);
+        }
         node.apply_expressions(|e| {
             e.apply(|e| {
-                if let Expr::ScalarFunction(f) = e {
-                    if f.func.signature().volatility != Volatility::Immutable {
-                        found = Some(f.func.name().to_string());
-                        return Ok(TreeNodeRecursion::Stop);
+                match e {
+                    Expr::ScalarFunction(f)
+                        if f.func.signature().volatility != Volatility::Immutable =>
+                    {
+                        found = Some(format!(
+                            "{}(), whose result can change between refreshes",
+                            f.func.name()
+                        ));
                     }
+                    Expr::AggregateFunction(f)
+                        if f.params.order_by.is_empty()
+                            && aggregate::ORDER_DEPENDENT.contains(&f.func.name()) =>
+                    {
+                        found = Some(format!(
+                            "{}() without ORDER BY, whose result depends on the order rows \
+                             arrive in",
+                            f.func.name()
+                        ));
+                    }
+                    _ => return Ok(TreeNodeRecursion::Continue),
                 }
-                Ok(TreeNodeRecursion::Continue)
+                Ok(TreeNodeRecursion::Stop)
             })
         })
     });
     match found {
-        Some(name) => Err(format!(
-            "the definition calls {name}(), whose result can change between refreshes"
-        )),
+        Some(what) => Err(format!("the definition has {what}")),
         None => Ok(()),
     }
 }
@@ -373,6 +478,7 @@ async fn change(
         )));
     };
     let table = provider.delta_table();
+    let current = serde_json::to_value(table.snapshot()?.metadata()).unwrap_or_default();
     let log = table.log_store();
     let mut commits = futures::stream::iter(from + 1..=to)
         .map(|v| {
@@ -382,12 +488,28 @@ async fn change(
         .buffered(16);
     let mut added: HashSet<Path> = HashSet::new();
     while let Some((version, bytes)) = commits.next().await {
-        let Some(bytes) = bytes? else {
-            return Ok(Err(format!(
-                "{name}'s log no longer holds version {version} (log clean-up)"
-            )));
+        let bytes = match bytes {
+            Ok(Some(bytes)) => bytes,
+            Ok(None) => {
+                return Ok(Err(format!(
+                    "{name}'s log no longer holds version {version} (log clean-up)"
+                )))
+            }
+            Err(e) => {
+                return Ok(Err(format!(
+                    "{name}'s version {version} is unreadable: {e}"
+                )))
+            }
         };
-        for action in deltalake::logstore::get_actions(version as u64, &bytes)? {
+        let actions = match deltalake::logstore::get_actions(version as u64, &bytes) {
+            Ok(actions) => actions,
+            Err(e) => {
+                return Ok(Err(format!(
+                    "{name}'s version {version} is unreadable: {e}"
+                )))
+            }
+        };
+        for action in actions {
             match action {
                 Action::Add(add) if add.data_change => match Path::from_url_path(&add.path) {
                     Ok(path) => {
@@ -405,9 +527,11 @@ async fn change(
                         "{name} changed other than by appends: version {version} removed files"
                     )))
                 }
+                // FREEZE and THAW of an input slice rewrite its properties only.
+                Action::Metadata(m) if same_layout(&m, &current) => {}
                 Action::Metadata(_) => {
                     return Ok(Err(format!(
-                        "{name}'s schema or settings changed in version {version}"
+                        "{name}'s schema or partitioning changed in version {version}"
                     )))
                 }
                 _ => {}
@@ -439,6 +563,15 @@ async fn change(
         new_files: Arc::new(new_files),
         old_files: Arc::new(old_files),
     })))
+}
+
+/// True when the metadata action `m` keeps the schema and partitioning of `current` (a
+/// Delta `metaData` as JSON).
+fn same_layout(m: &deltalake::kernel::Metadata, current: &serde_json::Value) -> bool {
+    let m = serde_json::to_value(m).unwrap_or_default();
+    ["schemaString", "partitionColumns"]
+        .iter()
+        .all(|key| m.get(key).is_some() && m.get(key) == current.get(key))
 }
 
 /// True when `plan` reads a changed input anywhere, subqueries included.
@@ -544,14 +677,9 @@ fn terms(
     };
     let no_subqueries = |node: &LogicalPlan| {
         let mut found = false;
-        let _ = node.apply_expressions(|e| {
-            found |= e.exists(|e| {
-                Ok(matches!(
-                    e,
-                    Expr::ScalarSubquery(_) | Expr::InSubquery(_) | Expr::Exists(_)
-                ))
-            })?;
-            Ok(TreeNodeRecursion::Continue)
+        let _ = node.apply_subqueries(|_| {
+            found = true;
+            Ok(TreeNodeRecursion::Stop)
         });
         match found {
             true => Err(shape("a subquery")),

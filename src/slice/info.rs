@@ -172,6 +172,7 @@ pub(crate) async fn info(
     let columns = schema
         .fields()
         .iter()
+        .filter(|f| !f.name().starts_with(super::aggregate::HIDDEN))
         .map(|f| (f.name().clone(), sql_type_name(f.data_type())))
         .collect();
     Ok(Some(SliceInfo {

@@ -57,18 +57,20 @@ pub(crate) async fn load_previous(
 ) -> Result<(DeltaTable, SliceMeta, Previous)> {
     let table = load_table(shared, name).await?;
     let (meta, _, at) = meta::latest_meta_at(&table, &name.to_string()).await?;
-    let ours = table.version().map(|v| v as i64) == Some(at);
+    let ours = table.version().map(|v| v as i64) == Some(at)
+        && match meta.kind {
+            CommitKind::Create | CommitKind::Refresh | CommitKind::Replace => true,
+            // Another writer's commit may hide behind a freeze, a thaw or a rollback.
+            _ => meta::data_is_ours(&table, &name.to_string(), at).await?,
+        };
     let rel = Warehouse::slice_path(name);
     let damaged = quarantine::in_force(&shared.warehouse, &rel, &table)
         .await?
         .map(|q| q.file);
-    let stats = table_stats(&table)?;
     let previous = Previous {
         meta: ours.then(|| meta.clone()),
         full,
         damaged,
-        files: stats.files,
-        bytes: stats.bytes,
     };
     Ok((table, meta, previous))
 }

@@ -174,6 +174,11 @@ pub struct Built {
     pub reason: String,
     /// What was read of each input.
     pub reads: Vec<InputRead>,
+    /// True when the commit only added the new rows to the previous version's (an
+    /// incremental refresh of a filter, projection, union or join); false when it wrote the
+    /// whole version.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub appended: bool,
 }
 
 /// Why and since when a slice is frozen.
@@ -218,6 +223,13 @@ pub struct SliceMeta {
     /// How this commit's data was built (commits that build data: create, refresh, replace).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub built: Option<Built>,
+    /// Incremental refreshes in a row, up to this commit, that added files to the slice.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub appends: u32,
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
 }
 
 /// One commit of a slice's Delta log, as `SHOW SLICE HISTORY` shows it.
@@ -336,6 +348,29 @@ pub(crate) async fn latest_meta_at(
     ))
 }
 
+/// True when the data of `table`'s version `version` was built by icepie: that commit, and
+/// any it leaves the data of unchanged (a freeze, a thaw) or restores (a rollback), back to
+/// the build that wrote the data, are all icepie's. Only then does the version hold what its
+/// descriptor's definition gives over its recorded inputs.
+pub(crate) async fn data_is_ours(table: &DeltaTable, name: &str, version: i64) -> Result<bool> {
+    let mut version = version;
+    for _ in 0..FOREIGN_COMMITS_SKIPPED {
+        let Some(info) = commit_info(table, version).await? else {
+            return Ok(false);
+        };
+        let Some(meta) = descriptor(&info, name)? else {
+            return Ok(false);
+        };
+        version = match (meta.kind, meta.restored_from) {
+            (CommitKind::Freeze | CommitKind::Thaw, _) => version - 1,
+            (CommitKind::Rollback, Some(target)) => target,
+            (CommitKind::Rollback, None) => return Ok(false),
+            (CommitKind::Create | CommitKind::Refresh | CommitKind::Replace, _) => return Ok(true),
+        };
+    }
+    Ok(false)
+}
+
 /// Every commit of the slice still in its Delta log, newest first.
 pub async fn history(table: &DeltaTable, name: &str) -> Result<Vec<HistoryEntry>> {
     let latest = table.version().unwrap_or_default() as i64;
@@ -360,16 +395,15 @@ pub async fn history(table: &DeltaTable, name: &str) -> Result<Vec<HistoryEntry>
             rows,
         });
     }
-    // An incremental commit's metrics count the rows it added: its version holds those
-    // and the previous version's.
+    // An appending commit's metrics count the rows it added: its version holds those and
+    // the previous version's.
     let mut before: Option<i64> = None;
     for entry in out.iter_mut().rev() {
         if entry
             .meta
             .as_ref()
             .and_then(|m| m.built.as_ref())
-            .map(|b| b.mode)
-            == Some(BuildMode::Incremental)
+            .is_some_and(|b| b.appended)
         {
             entry.rows = before.zip(entry.rows).map(|(b, added)| b + added);
         }

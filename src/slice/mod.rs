@@ -12,6 +12,7 @@
 //! top of the version it started from: if another process committed the slice meanwhile, the
 //! build reports a conflict and commits nothing, so no version is ever mixed or lost.
 
+pub(crate) mod aggregate;
 mod build;
 mod incremental;
 mod info;

@@ -135,9 +135,18 @@ async fn long_writes_report_rows_and_bytes_as_they_go() {
     w.execute_with_progress(one("REFRESH SLICE s"), refresh.clone())
         .await
         .unwrap();
-    assert_eq!((refresh.rows(), refresh.rows_written()), (50_001, 100));
+    // Incremental: the new row and the 100 groups' stored states.
+    assert_eq!((refresh.rows(), refresh.rows_written()), (101, 100));
+    let full = Progress::new();
+    w.execute_with_progress(one("REFRESH SLICE s FULL"), full.clone())
+        .await
+        .unwrap();
+    assert_eq!((full.rows(), full.rows_written()), (50_001, 100));
 
     // Statements run without it add nothing to an earlier progress.
     run(&w, "INGEST INTO t VALUES (50002, 'y'); REFRESH SLICE s").await;
-    assert_eq!((ingest.rows(), refresh.rows()), (50_000, 50_001));
+    assert_eq!(
+        (ingest.rows(), refresh.rows(), full.rows()),
+        (50_000, 101, 50_001)
+    );
 }
