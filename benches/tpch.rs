@@ -10,16 +10,21 @@
 //! - `ingest`: `INGEST` of lineitem vs DataFusion's `COPY` of the same Parquet files to Parquet.
 //! - `scan`: queries on a slice (full scan, selective filter, group by) vs DataFusion's
 //!   `ListingTable` over the slice's own files.
-//! - `refresh`: `REFRESH SLICE` of each of the 22 TPC-H query slices vs DataFusion's
+//! - `refresh`: `REFRESH SLICE … FULL` of each of the 22 TPC-H query slices vs DataFusion's
 //!   `COPY (query) TO` Parquet over the core's own files.
 //! - `p99`: a small slice query's 99th-percentile latency while another slice's heavy refresh
 //!   runs, vs the same query on an idle warehouse.
+//! - `incremental`: after 1% more lineitem rows, an incremental `REFRESH SLICE` of a
+//!   filter/projection, a Q1-shaped aggregate and a Q3-shaped join vs the same refresh in full
+//!   and vs DuckDB computing the query from the same files; bytes read vs bytes appended.
 //! - `scale`: a warehouse with `ICEPIE_BENCH_SLICES` slices (1,000) and `ICEPIE_BENCH_ATTEMPTS`
 //!   refresh attempts in history (10,000) vs a fresh one with one slice: process start to first
 //!   result, a slice query, a refresh, `system.slices` for that slice.
 //!
 //! `ICEPIE_BENCH_SF` sets the TPC-H scale factor (default 1).
 
+#[path = "tpch/incremental.rs"]
+mod incremental;
 #[path = "tpch/queries.rs"]
 mod queries;
 
@@ -411,7 +416,7 @@ async fn refresh(w: &IcePie, warehouse: &Path, out: &Path) {
         let mut n = 0;
         let (ours, base) = time_pair_settled(
             || async move {
-                w.refresh(slice).await.expect("refresh");
+                w.refresh_full(slice).await.expect("refresh");
             },
             || {
                 n += 1;
@@ -429,7 +434,7 @@ async fn refresh(w: &IcePie, warehouse: &Path, out: &Path) {
         )
         .await;
         let ratio = report(
-            &format!("REFRESH SLICE {name}"),
+            &format!("REFRESH SLICE {name} FULL"),
             ours,
             base,
             "DataFusion COPY",
@@ -703,6 +708,12 @@ async fn main() {
         if on("p99") {
             p99(&w, &warehouse).await;
         }
+    }
+    if on("incremental") {
+        if !src.exists() {
+            generate(&src, sf);
+        }
+        incremental::incremental(&src, root.path(), sf).await;
     }
     if on("scale") {
         scale(&PathBuf::from(root.path()).join("scale")).await;
