@@ -241,6 +241,26 @@ impl IcePieTable {
         Self::build(TableKind::Slice, name, table, false).await
     }
 
+    /// A refresh log read as `schema` (`system.refreshes`): columns its files lack (logs
+    /// written before a column was added) read as NULL.
+    pub(crate) async fn with_schema(
+        kind: TableKind,
+        name: String,
+        table: DeltaTable,
+        schema: SchemaRef,
+    ) -> Result<Self> {
+        let mut out = Self::build(kind, name, table, false).await?;
+        if let Reader::Direct(direct) = &mut out.reader {
+            // The files' statistics follow their own columns, not these.
+            for file in &mut direct.files {
+                file.statistics = None;
+            }
+            direct.statistics = Statistics::new_unknown(&schema);
+            direct.schema = schema;
+        }
+        Ok(out)
+    }
+
     async fn build(kind: TableKind, name: String, table: DeltaTable, hide: bool) -> Result<Self> {
         let version = table
             .version()

@@ -110,6 +110,7 @@ pub(crate) async fn build(
         bytes: None,
         inputs: format_inputs(&inputs),
         error: None,
+        built: None,
     };
     match result {
         Ok((table, built)) => {
@@ -118,6 +119,7 @@ pub(crate) async fn build(
             attempt.version = Some(version);
             attempt.rows = Some(stats.rows);
             attempt.bytes = Some(stats.bytes);
+            attempt.built = Some(built.clone());
             // The version is committed: its row is written after the statement returns.
             shared
                 .settling

@@ -77,6 +77,7 @@ impl Marker {
             bytes: None,
             inputs: String::new(),
             error,
+            built: None,
         }
     }
 }
@@ -251,6 +252,7 @@ async fn committed(
         attempt.version = Some(version);
         attempt.inputs = meta::format_inputs(&found.inputs);
         attempt.rows = meta::commit_rows(&info, Some(&found));
+        attempt.built = found.built.clone();
         if version == latest {
             let stats = table_stats(&table)?;
             attempt.rows = Some(stats.rows);

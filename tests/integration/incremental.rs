@@ -432,3 +432,84 @@ async fn appends_never_pile_up_files() {
     assert_eq!(compactions, "2");
     assert_eq!(scalar(&w, "SELECT count(*) FROM s").await, "41");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refresh_logs_written_before_the_mode_columns_still_read_and_gain_them() {
+    use datafusion::arrow::array::{ArrayRef, Int64Array, StringArray, TimestampMicrosecondArray};
+    use datafusion::arrow::datatypes::{DataType, Field, Schema, TimeUnit};
+    use std::sync::Arc;
+
+    let dir = tempfile::tempdir().unwrap();
+    let w = new_warehouse(&dir).await;
+    run(&w, "INGEST INTO core.f VALUES (1, 'a', 1.0)").await;
+    run(&w, "CREATE SLICE s AS SELECT k FROM core.f").await;
+    w.close(std::time::Duration::ZERO).await;
+    drop(w);
+    // The slice's refresh log as an older icepie wrote it: no mode, reason or read.
+    let log = dir.path().join("_system/refreshes/slices/s");
+    std::fs::remove_dir_all(&log).unwrap();
+    std::fs::create_dir_all(&log).unwrap();
+    let ts = DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into()));
+    let schema = Arc::new(Schema::new(vec![
+        Field::new("slice", DataType::Utf8, false),
+        Field::new("attempt_id", DataType::Utf8, false),
+        Field::new("kind", DataType::Utf8, false),
+        Field::new("started_at", ts, false),
+        Field::new("duration_ms", DataType::Int64, false),
+        Field::new("status", DataType::Utf8, false),
+        Field::new("version", DataType::Int64, true),
+        Field::new("rows", DataType::Int64, true),
+        Field::new("bytes", DataType::Int64, true),
+        Field::new("inputs", DataType::Utf8, false),
+        Field::new("error", DataType::Utf8, true),
+    ]));
+    let text = |v: &str| Arc::new(StringArray::from(vec![v])) as ArrayRef;
+    let int = |v: i64| Arc::new(Int64Array::from(vec![v])) as ArrayRef;
+    let batch = RecordBatch::try_new(
+        schema,
+        vec![
+            text("slices.s"),
+            text("old-attempt"),
+            text("create"),
+            Arc::new(TimestampMicrosecondArray::from(vec![1_000_000]).with_timezone("UTC")),
+            int(5),
+            text("success"),
+            int(0),
+            int(1),
+            int(100),
+            text("core.f@1"),
+            Arc::new(StringArray::from(vec![None::<&str>])),
+        ],
+    )
+    .unwrap();
+    let url = url::Url::from_directory_path(log.canonicalize().unwrap()).unwrap();
+    deltalake::DeltaTable::try_from_url(url)
+        .await
+        .unwrap()
+        .write([batch])
+        .await
+        .unwrap();
+
+    let w = IcePie::builder(dir.path().to_string_lossy().to_string())
+        .with_setting("scheduler", "off")
+        .open()
+        .await
+        .unwrap();
+    assert_eq!(
+        rows(&w, "SELECT attempt_id, mode FROM system.refreshes").await,
+        ["old-attempt | NULL"]
+    );
+    run(&w, "INGEST INTO core.f VALUES (2, 'b', 2.0)").await;
+    run(&w, "SET icepie.incremental_max_share = 1").await;
+    run(&w, "REFRESH SLICE s").await;
+    let logged = rows(&w, "SELECT kind, mode, reason, read FROM system.refreshes").await;
+    assert_eq!(logged.len(), 2, "{logged:?}");
+    assert_eq!(logged[0], "create | NULL | NULL | NULL");
+    assert!(
+        logged[1].starts_with(
+            "refresh | incremental | only appends since the previous version (core.f) | \
+             core.f@1..2: 1 files, 1 rows, "
+        ),
+        "{logged:?}"
+    );
+}

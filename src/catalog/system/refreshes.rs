@@ -67,7 +67,8 @@ pub(super) async fn refresh_logs(
             };
             let version = t.version().unwrap_or_default();
             let name = format!("system.refreshes of {slice}");
-            let part = IcePieTable::try_new(TableKind::System, name, t).await?;
+            let part =
+                IcePieTable::with_schema(TableKind::System, name, t, log::SCHEMA.clone()).await?;
             Ok::<_, crate::error::IcePieError>(Some((slice.to_string(), version, part)))
         })
         .buffered(PARALLEL)

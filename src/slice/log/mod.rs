@@ -18,9 +18,10 @@ use datafusion::arrow::array::{
 };
 use datafusion::arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
 use deltalake::kernel::transaction::CommitProperties;
-use deltalake::operations::write::WriteBuilder;
+use deltalake::operations::write::{SchemaMode, WriteBuilder};
 use deltalake::protocol::SaveMode;
 
+use super::meta::{format_reads, Built};
 use crate::error::Result;
 use crate::storage::names::SliceName;
 use crate::storage::tracked::TakeBack;
@@ -44,6 +45,11 @@ pub static SCHEMA: LazyLock<SchemaRef> = LazyLock::new(|| {
         Field::new("bytes", DataType::Int64, true),
         Field::new("inputs", DataType::Utf8, false),
         Field::new("error", DataType::Utf8, true),
+        // Added with incremental refresh: NULL in rows logged before, and for attempts that
+        // committed nothing.
+        Field::new("mode", DataType::Utf8, true),
+        Field::new("reason", DataType::Utf8, true),
+        Field::new("read", DataType::Utf8, true),
     ]))
 });
 
@@ -86,6 +92,9 @@ pub struct Attempt {
     pub inputs: String,
     /// The error (failures and conflicts only).
     pub error: Option<String>,
+    /// How the version committed was built: mode, why, and what was read of each input
+    /// (successes only).
+    pub built: Option<Built>,
 }
 
 impl Attempt {
@@ -106,6 +115,18 @@ impl Attempt {
             Arc::new(Int64Array::from(vec![self.bytes])),
             Arc::new(StringArray::from(vec![self.inputs.as_str()])),
             Arc::new(StringArray::from(vec![self.error.as_deref()])),
+            Arc::new(StringArray::from(vec![self
+                .built
+                .as_ref()
+                .map(|b| b.mode.to_string())])),
+            Arc::new(StringArray::from(vec![self
+                .built
+                .as_ref()
+                .map(|b| b.reason.clone())])),
+            Arc::new(StringArray::from(vec![self
+                .built
+                .as_ref()
+                .map(|b| format_reads(&b.reads))])),
         ];
         Ok(RecordBatch::try_new(SCHEMA.clone(), columns)?)
     }
@@ -122,6 +143,8 @@ pub async fn append(warehouse: &Warehouse, slice: &SliceName, attempt: &Attempt)
         let write = WriteBuilder::new(base.log_store, base.snapshot)
             .with_input_batches([batch.clone()])
             .with_save_mode(SaveMode::Append)
+            // Logs written before a column was added gain it.
+            .with_schema_mode(SchemaMode::Merge)
             .with_configuration([
                 ("delta.appendOnly", Some("true")),
                 NO_EXPIRED_LOG_CLEANUP,
@@ -272,6 +295,7 @@ mod tests {
             bytes: None,
             inputs: String::new(),
             error: (status != SUCCESS).then(|| format!("boom at {at_ms}")),
+            built: None,
         }
     }
 
