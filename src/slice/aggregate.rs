@@ -443,9 +443,13 @@ pub(crate) struct Shape<'a> {
     wrapped: Vec<Wrapped>,
 }
 
-/// The aggregate shape of `plan`: `Ok(None)` when it is not one (no GROUP BY at its top),
-/// `Err(reason)` when it is one that cannot keep states.
-pub(crate) fn shape(plan: &LogicalPlan) -> std::result::Result<Option<Shape<'_>>, String> {
+/// The GROUP BY at the top of `plan`, under projections and aliases (returned top first):
+/// `Ok(None)` when there is none, `Err(reason)` for one no refresh can extend (HAVING,
+/// GROUPING SETS).
+#[allow(clippy::type_complexity)]
+pub(crate) fn split(
+    plan: &LogicalPlan,
+) -> std::result::Result<Option<(Vec<&LogicalPlan>, &Aggregate)>, String> {
     let mut above = Vec::new();
     let mut node = plan;
     loop {
@@ -466,27 +470,33 @@ pub(crate) fn shape(plan: &LogicalPlan) -> std::result::Result<Option<Shape<'_>>
                 {
                     return Err("GROUPING SETS, CUBE or ROLLUP".into());
                 }
-                let wrapped = aggregate
-                    .aggr_expr
-                    .iter()
-                    .map(|e| wrap(e, aggregate.input.schema()))
-                    .collect::<std::result::Result<Vec<_>, _>>()?;
-                return Ok(Some(Shape {
-                    above,
-                    aggregate,
-                    input: &aggregate.input,
-                    wrapped,
-                }));
+                return Ok(Some((above, aggregate)));
             }
-            LogicalPlan::Filter(_) if above.len() <= 1 => {
-                return match filter_over_aggregate(node) {
-                    true => Err("HAVING".into()),
-                    false => Ok(None),
-                }
+            LogicalPlan::Filter(_) if above.len() <= 1 && filter_over_aggregate(node) => {
+                return Err("HAVING".into())
             }
             _ => return Ok(None),
         }
     }
+}
+
+/// The aggregate shape of `plan`: `Ok(None)` when it is not one (no GROUP BY at its top),
+/// `Err(reason)` when it is one that cannot keep states.
+pub(crate) fn shape(plan: &LogicalPlan) -> std::result::Result<Option<Shape<'_>>, String> {
+    let Some((above, aggregate)) = split(plan)? else {
+        return Ok(None);
+    };
+    let wrapped = aggregate
+        .aggr_expr
+        .iter()
+        .map(|e| wrap(e, aggregate.input.schema()))
+        .collect::<std::result::Result<Vec<_>, _>>()?;
+    Ok(Some(Shape {
+        above,
+        aggregate,
+        input: &aggregate.input,
+        wrapped,
+    }))
 }
 
 fn filter_over_aggregate(node: &LogicalPlan) -> bool {

@@ -279,6 +279,10 @@ async fn write_version(
     write = match existing {
         // New rows only, added to the version the inputs were extended from.
         Some(_) if decision.append => write.with_save_mode(SaveMode::Append),
+        // The partitions the new data fell in, recomputed.
+        Some(_) if decision.replace.is_some() => write
+            .with_save_mode(SaveMode::Overwrite)
+            .with_replace_where(decision.replace.clone().expect("checked")),
         Some(_) => write
             .with_save_mode(SaveMode::Overwrite)
             .with_schema_mode(SchemaMode::Overwrite),
@@ -349,7 +353,7 @@ async fn plan_build(
         }
     }
     if spec.refresh_mode == RefreshMode::Incremental && kind != CommitKind::Refresh {
-        if let Some(why) = incremental::refuses_incremental(&plan)? {
+        if let Some(why) = incremental::refuses_incremental(&plan, &spec.partition_by)? {
             return Err(IcePieError::InvalidDefinition {
                 slice: name.to_string(),
                 reason: format!(
@@ -361,6 +365,7 @@ async fn plan_build(
     }
     let max_share = shared.options().incremental_max_share;
     incremental::decide(
+        state,
         &name.to_string(),
         spec,
         kind,

@@ -16,7 +16,8 @@
 //! increment is one `UNION ALL` of terms, planned and streamed by DataFusion like any query,
 //! and committed as one Delta append with the new input versions. A `GROUP BY` on top merges
 //! the new rows' aggregate states into those the slice keeps ([`super::aggregate`]) and
-//! rewrites the slice. Any other node over a changed input (windows, sorts, limits, DISTINCT,
+//! rewrites the slice; partitioned by its group keys, it recomputes and replaces only the
+//! partitions the new rows fall in ([`super::partitions`]). Any other node over a changed input (windows, sorts, limits, DISTINCT,
 //! HAVING, outer joins, subqueries), anything whose result may change between runs (`now()`,
 //! `random()`, LIMIT, window functions), or inputs that changed other than by appends (a
 //! rewritten or re-created table, a schema change, a log gap) make a full refresh, and the
@@ -35,6 +36,7 @@ use std::sync::Arc;
 use datafusion::common::tree_node::{Transformed, TreeNode, TreeNodeRecursion};
 use datafusion::common::DFSchemaRef;
 use datafusion::datasource::{provider_as_source, source_as_provider};
+use datafusion::execution::SessionState;
 use datafusion::logical_expr::{
     EmptyRelation, Expr, JoinType, LogicalPlan, LogicalPlanBuilder, TableScan, Volatility,
 };
@@ -44,7 +46,7 @@ use futures::StreamExt;
 use object_store::path::Path;
 
 use super::meta::{BuildMode, Built, CommitKind, InputRead, InputVersion, RefreshMode, SliceMeta};
-use super::{aggregate, SliceSpec};
+use super::{aggregate, partitions, SliceSpec};
 use crate::catalog::table::IcePieTable;
 use crate::error::Result;
 
@@ -60,6 +62,9 @@ pub(crate) struct Decision {
     pub append: bool,
     /// Incremental refreshes in a row that added files, this one included.
     pub appends: u32,
+    /// The partitions the rows replace (a partitioned GROUP BY recomputed where new data fell);
+    /// `None` when they replace the whole version or are appended.
+    pub replace: Option<Expr>,
     /// Mode, reason and reads, recorded with the version.
     pub built: Built,
 }
@@ -92,6 +97,7 @@ struct Change {
 /// of `previous` (the slice's current version, `existing`), and returns the plan to write.
 #[allow(clippy::too_many_arguments)]
 pub(crate) async fn decide(
+    state: &SessionState,
     name: &str,
     spec: &SliceSpec,
     kind: CommitKind,
@@ -209,6 +215,7 @@ pub(crate) async fn decide(
             plan: empty(full_plan.schema()),
             append: true,
             appends: appends_before,
+            replace: None,
             built: Built {
                 mode: BuildMode::Incremental,
                 reason: "no input changed since the previous version".into(),
@@ -216,6 +223,47 @@ pub(crate) async fn decide(
                 appended: true,
             },
         });
+    }
+    if !spec.partition_by.is_empty() {
+        match partitions::partitioned(&plan, &spec.partition_by) {
+            // A linear definition appends to its partitions.
+            Ok(None) => {}
+            Err(why) => {
+                let why = format!("the slice is partitioned, but {why}");
+                return Ok(full(full_plan, why));
+            }
+            Ok(Some(parted)) => {
+                let input = &parted.aggregate.input;
+                let delta = match delta_terms(input, &changes) {
+                    Ok(terms) => union_all(terms, input.schema())?,
+                    Err(why) => return Ok(full(full_plan, why)),
+                };
+                let Some(touched) = parted.touched(state, delta).await? else {
+                    let why = format!(
+                        "the new data falls in more than {} partitions",
+                        partitions::MAX_PARTITIONS
+                    );
+                    return Ok(full(full_plan, why));
+                };
+                let (recompute, replace) = parted.recompute(&plan, &touched)?;
+                return Ok(Decision {
+                    built: Built {
+                        mode: BuildMode::Incremental,
+                        reason: format!(
+                            "only appends since the previous version ({names}); the {} \
+                             partition(s) they fall in were recomputed",
+                            touched.len()
+                        ),
+                        reads: from(reads(std::slice::from_ref(&recompute))?),
+                        appended: false,
+                    },
+                    plan: recompute,
+                    append: false,
+                    appends: 0,
+                    replace: Some(replace),
+                });
+            }
+        }
     }
     let (definition, shape) = match shape {
         Ok(Some(shape)) => (shape.input, Some(shape)),
@@ -225,21 +273,9 @@ pub(crate) async fn decide(
             return Ok(full(full_plan, why));
         }
     };
-    let terms = match delta_terms(definition, &changes) {
-        Ok(terms) => terms,
+    let delta = match delta_terms(definition, &changes) {
+        Ok(terms) => union_all(terms, definition.schema())?,
         Err(why) => return Ok(full(full_plan, why)),
-    };
-    // One UNION ALL of the terms, named as the definition's output.
-    let mut terms = terms.into_iter();
-    let delta = match terms.next() {
-        Some(first) => {
-            let mut union = LogicalPlanBuilder::from(first);
-            for term in terms {
-                union = union.union(term)?;
-            }
-            union.build()?
-        }
-        None => empty(definition.schema()),
     };
     let Some(shape) = shape else {
         return Ok(Decision {
@@ -252,6 +288,7 @@ pub(crate) async fn decide(
             plan: delta,
             append: true,
             appends: appends_before + 1,
+            replace: None,
         });
     };
     // An aggregate: the stored states of every group, merged with those of the new rows.
@@ -280,17 +317,31 @@ pub(crate) async fn decide(
         plan: merged,
         append: false,
         appends: 0,
+        replace: None,
     })
 }
 
 /// Why `plan` cannot refresh incrementally whatever its inputs gain, or `Ok(None)` when it can:
 /// checks a definition declared `INCREMENTAL`.
-pub(crate) fn refuses_incremental(plan: &LogicalPlan) -> Result<Option<String>> {
+pub(crate) fn refuses_incremental(
+    plan: &LogicalPlan,
+    partition_by: &[String],
+) -> Result<Option<String>> {
     if let Err(why) = deterministic(plan) {
         return Ok(Some(why));
     }
-    let definition = match aggregate::shape(plan) {
-        Ok(Some(shape)) => shape.input,
+    let partitioned = match partition_by.is_empty() {
+        true => None,
+        false => match partitions::partitioned(plan, partition_by) {
+            Ok(found) => found.map(|p| p.aggregate.input.as_ref()),
+            Err(why) => return Ok(Some(format!("the slice is partitioned, but {why}"))),
+        },
+    };
+    let found = partitioned
+        .map(|p| Ok(Some(p)))
+        .unwrap_or_else(|| aggregate::shape(plan).map(|s| s.map(|s| s.input)));
+    let definition = match found {
+        Ok(Some(input)) => input,
         Ok(None) => plan,
         Err(why) => {
             return Ok(Some(format!(
@@ -320,6 +371,7 @@ fn full(plan: LogicalPlan, reason: String) -> Decision {
         plan,
         append: false,
         appends: 0,
+        replace: None,
         built: Built {
             mode: BuildMode::Full,
             reason,
@@ -602,6 +654,22 @@ fn swapped(scan: &TableScan, table: Arc<IcePieTable>) -> LogicalPlan {
     LogicalPlan::TableScan(TableScan {
         source: provider_as_source(table),
         ..scan.clone()
+    })
+}
+
+/// One UNION ALL of `terms` (all of one schema, named as the first), or an empty relation
+/// of `schema` when there is none.
+fn union_all(terms: Vec<LogicalPlan>, schema: &DFSchemaRef) -> Result<LogicalPlan> {
+    let mut terms = terms.into_iter();
+    Ok(match terms.next() {
+        Some(first) => {
+            let mut union = LogicalPlanBuilder::from(first);
+            for term in terms {
+                union = union.union(term)?;
+            }
+            union.build()?
+        }
+        None => empty(schema),
     })
 }
 

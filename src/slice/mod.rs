@@ -20,6 +20,7 @@ pub mod lease;
 pub mod lifecycle;
 pub mod log;
 pub mod meta;
+mod partitions;
 pub mod quarantine;
 pub mod running;
 mod settle;

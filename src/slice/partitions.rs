@@ -1,0 +1,163 @@
+//! Incremental refresh of a partitioned `GROUP BY` slice: only the partitions the new data
+//! touches are recomputed, and replace those partitions in one commit (Delta's
+//! `replaceWhere`); every other partition keeps its files.
+//!
+//! A slice `PARTITION BY (p, …)` whose definition is `SELECT …, key AS p, … GROUP BY key, …`
+//! (each partition column one of the group keys) holds every group of a partition in that
+//! partition. The new rows of its input (the delta rules of [`super::incremental`]) name the
+//! partitions they fall in; recomputing the definition over the whole input filtered to those
+//! partitions gives exactly their new content, whatever the aggregates are (`median` and
+//! `count(DISTINCT …)` included): a partition's groups depend on that partition's rows only.
+
+use datafusion::common::tree_node::{Transformed, TreeNode};
+use datafusion::common::{Column, ScalarValue};
+use datafusion::execution::SessionState;
+use datafusion::logical_expr::{Aggregate, Expr, LogicalPlan, LogicalPlanBuilder};
+use futures::TryStreamExt;
+
+use super::aggregate;
+use crate::error::Result;
+
+/// Partitions a refresh recomputes at most; more make a full refresh.
+pub(crate) const MAX_PARTITIONS: usize = 1000;
+
+/// A partitioned GROUP BY definition: its aggregate and, per partition column, the group key
+/// it shows.
+pub(crate) struct Partitioned<'a> {
+    /// The GROUP BY at the top of the definition.
+    pub aggregate: &'a Aggregate,
+    /// Each partition column with its key's expression over the aggregate's input.
+    keys: Vec<(String, Expr)>,
+}
+
+/// The partitioned shape of `plan` for `partition_by`: `Ok(None)` when it has no GROUP BY
+/// on top (a linear definition appends to its partitions), `Err(reason)` when a partition
+/// column is not one of its group keys.
+pub(crate) fn partitioned<'a>(
+    plan: &'a LogicalPlan,
+    partition_by: &[String],
+) -> std::result::Result<Option<Partitioned<'a>>, String> {
+    let Some((above, aggregate)) = aggregate::split(plan)? else {
+        return Ok(None);
+    };
+    let [LogicalPlan::Projection(projection)] = above.as_slice() else {
+        return Err("its GROUP BY is not right under its SELECT list".into());
+    };
+    let groups = aggregate.group_expr.len();
+    let mut keys = Vec::new();
+    for name in partition_by {
+        let key = projection
+            .schema
+            .fields()
+            .iter()
+            .position(|f| f.name() == name)
+            .and_then(|i| match projection.expr[i].clone().unalias() {
+                Expr::Column(c) => aggregate.schema.index_of_column(&c).ok(),
+                _ => None,
+            })
+            .filter(|i| *i < groups)
+            .map(|i| aggregate.group_expr[i].clone())
+            .ok_or_else(|| format!("PARTITION BY column '{name}' is not one of its group keys"))?;
+        keys.push((name.clone(), key));
+    }
+    Ok(Some(Partitioned { aggregate, keys }))
+}
+
+impl Partitioned<'_> {
+    /// The partitions (one value per partition column) `new_data`, the aggregate's input's
+    /// new rows, falls in; `None` when there are more than [`MAX_PARTITIONS`].
+    pub(crate) async fn touched(
+        &self,
+        state: &SessionState,
+        new_data: LogicalPlan,
+    ) -> Result<Option<Vec<Vec<ScalarValue>>>> {
+        let keys: Vec<Expr> = self
+            .keys
+            .iter()
+            .map(|(name, key)| key.clone().alias(name))
+            .collect();
+        let plan = LogicalPlanBuilder::from(new_data)
+            .aggregate(keys, Vec::<Expr>::new())?
+            .limit(0, Some(MAX_PARTITIONS + 1))?
+            .build()?;
+        let physical = state.create_physical_plan(&plan).await?;
+        let mut stream = datafusion::physical_plan::execute_stream(physical, state.task_ctx())?;
+        let mut out = Vec::new();
+        while let Some(batch) = stream.try_next().await? {
+            for row in 0..batch.num_rows() {
+                let values = batch
+                    .columns()
+                    .iter()
+                    .map(|c| ScalarValue::try_from_array(c, row))
+                    .collect::<datafusion::error::Result<Vec<_>>>()?;
+                out.push(values);
+            }
+        }
+        Ok((out.len() <= MAX_PARTITIONS).then_some(out))
+    }
+
+    /// Rows in one of `partitions`: over the aggregate's input (`keys: true`, by the keys'
+    /// expressions) or over the slice (by its partition columns).
+    fn predicate(&self, partitions: &[Vec<ScalarValue>], keys: bool) -> Expr {
+        let one = |values: &Vec<ScalarValue>| {
+            self.keys
+                .iter()
+                .zip(values)
+                .map(|((name, key), value)| {
+                    let target = match keys {
+                        true => key.clone(),
+                        false => Expr::Column(Column::from_name(name)),
+                    };
+                    match value.is_null() {
+                        true => target.is_null(),
+                        false => target.eq(Expr::Literal(plain(value), None)),
+                    }
+                })
+                .reduce(Expr::and)
+                .unwrap_or(Expr::Literal(ScalarValue::Boolean(Some(true)), None))
+        };
+        partitions
+            .iter()
+            .map(one)
+            .reduce(Expr::or)
+            .unwrap_or(Expr::Literal(ScalarValue::Boolean(Some(false)), None))
+    }
+
+    /// The definition `plan` over only the rows of `partitions`, and the predicate that picks
+    /// those partitions in the slice.
+    pub(crate) fn recompute(
+        &self,
+        plan: &LogicalPlan,
+        partitions: &[Vec<ScalarValue>],
+    ) -> Result<(LogicalPlan, Expr)> {
+        let filter = self.predicate(partitions, true);
+        let target = self.aggregate;
+        let plan = plan
+            .clone()
+            .transform_down(|node| match &node {
+                LogicalPlan::Aggregate(a) if a == target => {
+                    let input = LogicalPlanBuilder::from((*a.input).clone())
+                        .filter(filter.clone())?
+                        .build()?;
+                    let a = Aggregate::try_new(
+                        std::sync::Arc::new(input),
+                        a.group_expr.clone(),
+                        a.aggr_expr.clone(),
+                    )?;
+                    Ok(Transformed::yes(LogicalPlan::Aggregate(a)))
+                }
+                _ => Ok(Transformed::no(node)),
+            })?
+            .data;
+        Ok((plan, self.predicate(partitions, false)))
+    }
+}
+
+/// `value` as the slice stores it: Delta has no string views.
+fn plain(value: &ScalarValue) -> ScalarValue {
+    match value {
+        ScalarValue::Utf8View(v) | ScalarValue::LargeUtf8(v) => ScalarValue::Utf8(v.clone()),
+        ScalarValue::BinaryView(v) | ScalarValue::LargeBinary(v) => ScalarValue::Binary(v.clone()),
+        other => other.clone(),
+    }
+}
