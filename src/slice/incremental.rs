@@ -47,7 +47,7 @@ use object_store::path::Path;
 
 use super::meta::{BuildMode, Built, CommitKind, InputRead, InputVersion, RefreshMode, SliceMeta};
 use super::{aggregate, partitions, SliceSpec};
-use crate::catalog::table::IcePieTable;
+use crate::catalog::table::{IcePieTable, TableKind};
 use crate::error::Result;
 
 /// Commits of one input an incremental refresh reads at most; beyond, a full refresh is
@@ -270,7 +270,44 @@ pub(crate) async fn decide(
         Ok(None) => (&plan, None),
         Err(why) => {
             let why = format!("the definition has an aggregate that keeps no state ({why})");
-            return Ok(full(full_plan, why));
+            // Its groups can still be recomputed one by one when they are all shown.
+            let (Some(existing), Ok(Some(grouped))) = (existing, partitions::grouped(&plan)) else {
+                return Ok(full(full_plan, why));
+            };
+            let input = &grouped.aggregate.input;
+            let delta = match delta_terms(input, &changes) {
+                Ok(terms) => union_all(terms, input.schema())?,
+                Err(why) => return Ok(full(full_plan, why)),
+            };
+            let Some(touched) = grouped.touched(state, delta).await? else {
+                let why = format!(
+                    "the new data falls in more than {} groups",
+                    partitions::MAX_PARTITIONS
+                );
+                return Ok(full(full_plan, why));
+            };
+            let stored =
+                IcePieTable::try_new(TableKind::Slice, name.to_string(), existing.clone()).await?;
+            let stored =
+                LogicalPlanBuilder::scan(name, provider_as_source(Arc::new(stored)), None)?
+                    .build()?;
+            let rebuilt = grouped.rebuild(&plan, stored, &touched)?;
+            return Ok(Decision {
+                built: Built {
+                    mode: BuildMode::Incremental,
+                    reason: format!(
+                        "only appends since the previous version ({names}); the {} group(s) \
+                         they fall in were recomputed",
+                        touched.len()
+                    ),
+                    reads: from(reads(std::slice::from_ref(&rebuilt))?),
+                    appended: false,
+                },
+                plan: rebuilt,
+                append: false,
+                appends: 0,
+                replace: None,
+            });
         }
     };
     let delta = match delta_terms(definition, &changes) {
@@ -337,9 +374,17 @@ pub(crate) fn refuses_incremental(
             Err(why) => return Ok(Some(format!("the slice is partitioned, but {why}"))),
         },
     };
-    let found = partitioned
-        .map(|p| Ok(Some(p)))
-        .unwrap_or_else(|| aggregate::shape(plan).map(|s| s.map(|s| s.input)));
+    let found = match partitioned {
+        Some(input) => Ok(Some(input)),
+        None => match aggregate::shape(plan) {
+            Ok(shape) => Ok(shape.map(|s| s.input)),
+            // Groups that keep no state are recomputed when all of their keys are shown.
+            Err(why) => match partitions::grouped(plan) {
+                Ok(Some(grouped)) => Ok(Some(grouped.aggregate.input.as_ref())),
+                _ => Err(why),
+            },
+        },
+    };
     let definition = match found {
         Ok(Some(input)) => input,
         Ok(None) => plan,

@@ -8,6 +8,11 @@
 //! partitions they fall in; recomputing the definition over the whole input filtered to those
 //! partitions gives exactly their new content, whatever the aggregates are (`median` and
 //! `count(DISTINCT …)` included): a partition's groups depend on that partition's rows only.
+//!
+//! An unpartitioned `GROUP BY` slice whose aggregates keep no mergeable state (`median`,
+//! `count(DISTINCT …)`) and whose group keys are all columns of its output is refreshed the
+//! same way, group by group: the groups new rows fall in are recomputed from the input
+//! filtered to them, and the slice is rewritten from its other groups and those.
 
 use datafusion::common::tree_node::{Transformed, TreeNode};
 use datafusion::common::{Column, ScalarValue};
@@ -18,7 +23,7 @@ use futures::TryStreamExt;
 use super::aggregate;
 use crate::error::Result;
 
-/// Partitions a refresh recomputes at most; more make a full refresh.
+/// Partitions (or groups) a refresh recomputes at most; more make a full refresh.
 pub(crate) const MAX_PARTITIONS: usize = 1000;
 
 /// A partitioned GROUP BY definition: its aggregate and, per partition column, the group key
@@ -63,7 +68,54 @@ pub(crate) fn partitioned<'a>(
     Ok(Some(Partitioned { aggregate, keys }))
 }
 
+/// `plan` as a GROUP BY whose every group key is a column of its output, keyed by all of
+/// them: `Ok(None)` when it has no GROUP BY on top, `Err(reason)` when a key is not shown.
+pub(crate) fn grouped(plan: &LogicalPlan) -> std::result::Result<Option<Partitioned<'_>>, String> {
+    let Some((above, aggregate)) = aggregate::split(plan)? else {
+        return Ok(None);
+    };
+    let [LogicalPlan::Projection(projection)] = above.as_slice() else {
+        return Err("its GROUP BY is not right under its SELECT list".into());
+    };
+    let mut keys = Vec::new();
+    for (i, key) in aggregate.group_expr.iter().enumerate() {
+        let column = Column::from(aggregate.schema.qualified_field(i));
+        let name = projection
+            .expr
+            .iter()
+            .zip(projection.schema.fields())
+            .find(|(e, _)| matches!((*e).clone().unalias(), Expr::Column(c) if c == column))
+            .map(|(_, f)| f.name().clone())
+            .ok_or_else(|| format!("its group key {key} is not a column of its output"))?;
+        keys.push((name, key.clone()));
+    }
+    Ok(Some(Partitioned { aggregate, keys }))
+}
+
 impl Partitioned<'_> {
+    /// The slice's next version: its stored rows (`stored`, the definition's columns) but
+    /// those of the groups in `touched`, and those groups recomputed.
+    pub(crate) fn rebuild(
+        &self,
+        plan: &LogicalPlan,
+        stored: LogicalPlan,
+        touched: &[Vec<ScalarValue>],
+    ) -> Result<LogicalPlan> {
+        let (recompute, picked) = self.recompute(plan, touched)?;
+        let columns: Vec<Expr> = recompute
+            .schema()
+            .fields()
+            .iter()
+            .map(|f| Expr::Column(Column::from_name(f.name())))
+            .collect();
+        // IS NOT TRUE: a row whose key is NULL is kept unless a NULL key was picked.
+        let kept = LogicalPlanBuilder::from(stored)
+            .filter(Expr::IsNotTrue(Box::new(picked)))?
+            .project(columns)?
+            .build()?;
+        Ok(LogicalPlanBuilder::from(recompute).union(kept)?.build()?)
+    }
+
     /// The partitions (one value per partition column) `new_data`, the aggregate's input's
     /// new rows, falls in; `None` when there are more than [`MAX_PARTITIONS`].
     pub(crate) async fn touched(

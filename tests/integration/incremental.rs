@@ -52,6 +52,10 @@ const SHAPES: &[(&str, &str)] = &[
         "SELECT count(*) AS n, sum(k) AS s, approx_distinct(g) AS dg FROM core.f",
     ),
     (
+        "holistic",
+        "SELECT g, k, median(v) AS m, count(DISTINCT v) AS dv FROM core.f GROUP BY g, k",
+    ),
+    (
         "parted",
         "SELECT g, count(*) AS n, median(v) AS m, count(DISTINCT k) AS dk FROM core.f GROUP BY g",
     ),
@@ -257,13 +261,26 @@ async fn what_prevents_an_incremental_refresh_makes_a_full_one_that_says_why() {
     .await;
     run(
         &w,
+        "CREATE SLICE hidden_key AS SELECT upper(g) AS big_g, median(v) AS m FROM core.f \
+         GROUP BY g",
+    )
+    .await;
+    run(
+        &w,
         "CREATE SLICE recent AS SELECT k FROM core.f WHERE v < random() + 10",
     )
     .await;
     run(&w, "CREATE SLICE plain AS SELECT k, v FROM core.f").await;
     run(&w, "CREATE SLICE always FULL AS SELECT k, v FROM core.f").await;
     run(&w, "INGEST INTO core.f VALUES (3, 'a', 3.0)").await;
-    for slice in ["totals", "middle", "recent", "plain", "always"] {
+    for slice in [
+        "totals",
+        "middle",
+        "hidden_key",
+        "recent",
+        "plain",
+        "always",
+    ] {
         run(&w, &format!("REFRESH SLICE {slice}")).await;
     }
     assert_eq!(
@@ -273,6 +290,15 @@ async fn what_prevents_an_incremental_refresh_makes_a_full_one_that_says_why() {
     );
     assert_eq!(
         last_mode(&w, "middle").await,
+        "incremental: only appends since the previous version (core.f); the 1 group(s) they \
+         fall in were recomputed"
+    );
+    assert_eq!(
+        rows(&w, "SELECT * FROM middle").await,
+        rows(&w, "SELECT g, median(v) AS m FROM core.f GROUP BY g").await
+    );
+    assert_eq!(
+        last_mode(&w, "hidden_key").await,
         "full: the definition has an aggregate that keeps no state (median() keeps every \
          value it sees)"
     );
