@@ -272,7 +272,13 @@ impl IcePieTable {
         // built in memory.
         let reader = match DirectScan::try_new(&table, kind != TableKind::System, hide)? {
             Some(direct) => Reader::Direct(direct),
-            None => Reader::Delta(table.table_provider().await?),
+            None => {
+                let provider = table.table_provider().await?;
+                Reader::Delta(match hide {
+                    true => Hidden::wrap(provider),
+                    false => provider,
+                })
+            }
         };
         Ok(Self {
             kind,
@@ -531,5 +537,71 @@ impl TableProvider for IcePieTable {
         _clauses: Vec<datafusion::logical_expr::dml::MergeIntoClause>,
     ) -> DFResult<Arc<dyn ExecutionPlan>> {
         Err(self.refuse("MERGE"))
+    }
+}
+
+/// delta-rs's provider of a slice without the columns icepie keeps for itself.
+#[derive(Debug)]
+struct Hidden {
+    inner: Arc<dyn TableProvider>,
+    schema: SchemaRef,
+    /// The inner provider's index of each column shown.
+    visible: Vec<usize>,
+}
+
+impl Hidden {
+    /// `inner` as is when it has no hidden column, wrapped otherwise.
+    fn wrap(inner: Arc<dyn TableProvider>) -> Arc<dyn TableProvider> {
+        let all = inner.schema();
+        let visible: Vec<usize> = (0..all.fields().len())
+            .filter(|i| !all.field(*i).name().starts_with(HIDDEN))
+            .collect();
+        if visible.len() == all.fields().len() {
+            return inner;
+        }
+        let schema = match all.project(&visible) {
+            Ok(schema) => Arc::new(schema),
+            Err(_) => return inner,
+        };
+        Arc::new(Self {
+            inner,
+            schema,
+            visible,
+        })
+    }
+}
+
+#[async_trait]
+impl TableProvider for Hidden {
+    fn schema(&self) -> SchemaRef {
+        self.schema.clone()
+    }
+
+    fn table_type(&self) -> TableType {
+        TableType::Base
+    }
+
+    fn supports_filters_pushdown(
+        &self,
+        filters: &[&Expr],
+    ) -> DFResult<Vec<TableProviderFilterPushDown>> {
+        // Filters name shown columns only, which keep their names inside.
+        self.inner.supports_filters_pushdown(filters)
+    }
+
+    async fn scan(
+        &self,
+        state: &dyn Session,
+        projection: Option<&Vec<usize>>,
+        filters: &[Expr],
+        limit: Option<usize>,
+    ) -> DFResult<Arc<dyn ExecutionPlan>> {
+        let projection: Vec<usize> = match projection {
+            Some(p) => p.iter().map(|i| self.visible[*i]).collect(),
+            None => self.visible.clone(),
+        };
+        self.inner
+            .scan(state, Some(&projection), filters, limit)
+            .await
     }
 }

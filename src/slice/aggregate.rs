@@ -102,24 +102,7 @@ impl StateUdaf {
 
     /// The inner aggregate's accumulator arguments: its (coerced) argument fields as columns.
     fn with_inner_args<T>(&self, f: impl FnOnce(AccumulatorArgs) -> T) -> T {
-        let schema = Schema::new(self.args.to_vec());
-        let exprs: Vec<Arc<dyn PhysicalExpr>> = self
-            .args
-            .iter()
-            .enumerate()
-            .map(|(i, f)| Arc::new(PhysicalColumn::new(f.name(), i)) as Arc<dyn PhysicalExpr>)
-            .collect();
-        f(AccumulatorArgs {
-            return_field: self.returns.clone(),
-            schema: &schema,
-            ignore_nulls: false,
-            order_bys: &[],
-            is_reversed: false,
-            name: &self.name,
-            is_distinct: false,
-            exprs: &exprs,
-            expr_fields: &self.args,
-        })
+        inner_args(&self.args, &self.returns, &self.name, f)
     }
 
     /// The columns of a state struct, as the inner accumulator merges them.
@@ -138,6 +121,32 @@ impl StateUdaf {
             None,
         )?))
     }
+}
+
+/// Accumulator arguments of an aggregate over columns of the types `args`, returning `returns`.
+fn inner_args<T>(
+    args: &[FieldRef],
+    returns: &FieldRef,
+    name: &str,
+    f: impl FnOnce(AccumulatorArgs) -> T,
+) -> T {
+    let schema = Schema::new(args.to_vec());
+    let exprs: Vec<Arc<dyn PhysicalExpr>> = args
+        .iter()
+        .enumerate()
+        .map(|(i, f)| Arc::new(PhysicalColumn::new(f.name(), i)) as Arc<dyn PhysicalExpr>)
+        .collect();
+    f(AccumulatorArgs {
+        return_field: returns.clone(),
+        schema: &schema,
+        ignore_nulls: false,
+        order_bys: &[],
+        is_reversed: false,
+        name,
+        is_distinct: false,
+        exprs: &exprs,
+        expr_fields: args,
+    })
 }
 
 impl AggregateUDFImpl for StateUdaf {
@@ -319,8 +328,10 @@ impl GroupsAccumulator for StateGroupsAccumulator {
 }
 
 /// Aggregates whose state is every value they saw: merging it costs what recomputing does.
-const HOLISTIC: [&str; 6] = [
+const HOLISTIC: [&str; 7] = [
     "median",
+    // A t-digest: its merge depends on how rows were split, so it is not exact.
+    "approx_median",
     "percentile_cont",
     "array_agg",
     "string_agg",
@@ -419,6 +430,11 @@ fn wrap(expr: &Expr, input: &DFSchemaRef) -> std::result::Result<Wrapped, String
             state: state.clone(),
         }))
     };
+    // The wrappers make the accumulator from the arguments' types alone: an aggregate that
+    // needs more (a literal argument, say) is refreshed in full.
+    if let Err(e) = inner_args(&coerced, &returns, &name, |a| call.func.accumulator(a)) {
+        return Err(format!("{name}() cannot be rebuilt from its state: {e}"));
+    }
     let state_type = DataType::Struct(state.clone());
     Ok(Wrapped {
         args,
@@ -549,13 +565,28 @@ impl Shape<'_> {
     }
 
     /// The plan of the slice's next version: `stored` (the hidden columns of its current
-    /// version, `None` for a full build) merged with the partial states of `new_data`.
+    /// version, `None` for a full build) merged with the partial states of `new_data` (the
+    /// aggregate's input, or the terms of its new rows).
     pub(crate) fn plan(
         &self,
         stored: Option<LogicalPlan>,
-        new_data: LogicalPlan,
+        new_data: Vec<LogicalPlan>,
     ) -> DFResult<LogicalPlan> {
-        let partial = self.partial(new_data)?;
+        // The states of each part of the new data, then one UNION ALL of them: their columns
+        // are the unqualified hidden ones, whereas a union of the parts themselves would
+        // lose the qualifiers the keys and arguments name.
+        let mut parts = new_data.into_iter();
+        let first = parts.next().unwrap_or_else(|| {
+            LogicalPlan::EmptyRelation(datafusion::logical_expr::EmptyRelation {
+                produce_one_row: false,
+                schema: self.input.schema().clone(),
+            })
+        });
+        let mut partial = LogicalPlanBuilder::from(self.partial(first)?);
+        for part in parts {
+            partial = partial.union(self.partial(part)?)?;
+        }
+        let partial = partial.build()?;
         let types: Vec<DataType> = partial
             .schema()
             .fields()
@@ -655,8 +686,14 @@ pub(crate) fn holds_states(shape: &Shape<'_>, schema: &Schema) -> bool {
     let keys = shape.aggregate.group_expr.len();
     (0..keys).all(|i| schema.field_with_name(&key_column(i)).is_ok())
         && shape.wrapped.iter().enumerate().all(|(i, w)| {
-            schema
-                .field_with_name(&state_column(i))
-                .is_ok_and(|f| can_cast_types(f.data_type(), &DataType::Struct(w.state.clone())))
+            // Same fields by name and order: a cast between structs may match by position,
+            // so a state laid out otherwise must never be merged into.
+            let names = |fields: &Fields| -> Vec<String> {
+                fields.iter().map(|f| f.name().clone()).collect()
+            };
+            schema.field_with_name(&state_column(i)).is_ok_and(|f| {
+                matches!(f.data_type(), DataType::Struct(stored) if names(stored) == names(&w.state))
+                    && can_cast_types(f.data_type(), &DataType::Struct(w.state.clone()))
+            })
         })
 }

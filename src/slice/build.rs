@@ -342,6 +342,22 @@ async fn plan_build(
             reason: "the definition must be a query (SELECT, WITH, VALUES)".into(),
         });
     }
+    if let Some(field) = plan
+        .schema()
+        .fields()
+        .iter()
+        .find(|f| f.name().starts_with(super::aggregate::HIDDEN))
+    {
+        return Err(IcePieError::InvalidDefinition {
+            slice: name.to_string(),
+            reason: format!(
+                "its column '{}' starts with '{}', which icepie keeps for its own columns; \
+                 name it otherwise",
+                field.name(),
+                super::aggregate::HIDDEN
+            ),
+        });
+    }
     *inputs = plan_inputs(&plan, name)?;
     refuse_cycles(shared, name, inputs).await?;
     for col in &spec.partition_by {

@@ -34,7 +34,7 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 use datafusion::common::tree_node::{Transformed, TreeNode, TreeNodeRecursion};
-use datafusion::common::DFSchemaRef;
+use datafusion::common::{DFSchema, DFSchemaRef};
 use datafusion::datasource::{provider_as_source, source_as_provider};
 use datafusion::execution::SessionState;
 use datafusion::logical_expr::{
@@ -115,7 +115,7 @@ pub(crate) async fn decide(
         false => aggregate::shape(&plan),
     };
     let full_plan = match &shape {
-        Ok(Some(shape)) => shape.plan(None, shape.input.clone())?,
+        Ok(Some(shape)) => shape.plan(None, vec![shape.input.clone()])?,
         _ => plan.clone(),
     };
     let reason = match (kind, previous) {
@@ -211,8 +211,15 @@ pub(crate) async fn decide(
     };
     if changes.is_empty() {
         // Nothing to read: the next version is the same data, committed at once.
+        // Nothing is written: the table's own columns, whatever a build would write now.
+        let schema = match existing {
+            Some(table) => Arc::new(DFSchema::try_from(
+                table.snapshot()?.snapshot().arrow_schema().as_ref().clone(),
+            )?),
+            None => full_plan.schema().clone(),
+        };
         return Ok(Decision {
-            plan: empty(full_plan.schema()),
+            plan: empty(&schema),
             append: true,
             appends: appends_before,
             replace: None,
@@ -233,9 +240,8 @@ pub(crate) async fn decide(
                 return Ok(full(full_plan, why));
             }
             Ok(Some(parted)) => {
-                let input = &parted.aggregate.input;
-                let delta = match delta_terms(input, &changes) {
-                    Ok(terms) => union_all(terms, input.schema())?,
+                let delta = match delta_terms(&parted.aggregate.input, &changes) {
+                    Ok(terms) => terms,
                     Err(why) => return Ok(full(full_plan, why)),
                 };
                 let Some(touched) = parted.touched(state, delta).await? else {
@@ -274,9 +280,8 @@ pub(crate) async fn decide(
             let (Some(existing), Ok(Some(grouped))) = (existing, partitions::grouped(&plan)) else {
                 return Ok(full(full_plan, why));
             };
-            let input = &grouped.aggregate.input;
-            let delta = match delta_terms(input, &changes) {
-                Ok(terms) => union_all(terms, input.schema())?,
+            let delta = match delta_terms(&grouped.aggregate.input, &changes) {
+                Ok(terms) => terms,
                 Err(why) => return Ok(full(full_plan, why)),
             };
             let Some(touched) = grouped.touched(state, delta).await? else {
@@ -310,11 +315,12 @@ pub(crate) async fn decide(
             });
         }
     };
-    let delta = match delta_terms(definition, &changes) {
-        Ok(terms) => union_all(terms, definition.schema())?,
+    let terms = match delta_terms(definition, &changes) {
+        Ok(terms) => terms,
         Err(why) => return Ok(full(full_plan, why)),
     };
     let Some(shape) = shape else {
+        let delta = union_all(terms, definition.schema())?;
         return Ok(Decision {
             built: Built {
                 mode: BuildMode::Incremental,
@@ -340,7 +346,7 @@ pub(crate) async fn decide(
     let stored = IcePieTable::with_hidden_columns(name.to_string(), existing.clone()).await?;
     let stored =
         LogicalPlanBuilder::scan(name, provider_as_source(Arc::new(stored)), None)?.build()?;
-    let merged = shape.plan(Some(stored), delta)?;
+    let merged = shape.plan(Some(stored), terms)?;
     Ok(Decision {
         built: Built {
             mode: BuildMode::Incremental,

@@ -116,20 +116,41 @@ impl Partitioned<'_> {
         Ok(LogicalPlanBuilder::from(recompute).union(kept)?.build()?)
     }
 
-    /// The partitions (one value per partition column) `new_data`, the aggregate's input's
-    /// new rows, falls in; `None` when there are more than [`MAX_PARTITIONS`].
+    /// The partitions (one value per partition column) `new_data`, the terms of the
+    /// aggregate's input's new rows, falls in; `None` when there are more than
+    /// [`MAX_PARTITIONS`].
     pub(crate) async fn touched(
         &self,
         state: &SessionState,
-        new_data: LogicalPlan,
+        new_data: Vec<LogicalPlan>,
     ) -> Result<Option<Vec<Vec<ScalarValue>>>> {
         let keys: Vec<Expr> = self
             .keys
             .iter()
             .map(|(name, key)| key.clone().alias(name))
             .collect();
-        let plan = LogicalPlanBuilder::from(new_data)
-            .aggregate(keys, Vec::<Expr>::new())?
+        // The keys of each part of the new data (whose columns keep their qualifiers), then
+        // the distinct ones of all parts, by name.
+        let mut union: Option<LogicalPlanBuilder> = None;
+        for part in new_data {
+            let keyed = LogicalPlanBuilder::from(part)
+                .aggregate(keys.clone(), Vec::<Expr>::new())?
+                .build()?;
+            union = Some(match union {
+                None => LogicalPlanBuilder::from(keyed),
+                Some(u) => u.union(keyed)?,
+            });
+        }
+        let Some(union) = union else {
+            return Ok(Some(Vec::new()));
+        };
+        let names: Vec<Expr> = self
+            .keys
+            .iter()
+            .map(|(name, _)| Expr::Column(Column::from_name(name)))
+            .collect();
+        let plan = union
+            .aggregate(names, Vec::<Expr>::new())?
             .limit(0, Some(MAX_PARTITIONS + 1))?
             .build()?;
         let physical = state.create_physical_plan(&plan).await?;
