@@ -20,6 +20,16 @@
 //! show. Every aggregate whose accumulator merges its states is supported; DISTINCT and
 //! ordered aggregates, and those whose state is every value (median, percentiles, array_agg,
 //! string_agg), are refreshed in full.
+//!
+//! # Invariants
+//!
+//! - Merging stored states with the new rows' gives what aggregating all rows gives
+//!   (invariant 9; `incremental::incremental_equals_full_over_random_appends`, shapes
+//!   `grouped`, `joined_totals`, `self_totals`, `overall`).
+//! - States are merged only into stored states of the same fields, names and order
+//!   ([`holds_states`]); anything else is a full refresh.
+//! - The hidden columns never show in a slice's schema, however it is read
+//!   (`incremental::hidden_state_stays_hidden_when_delta_rs_reads_the_slice`).
 
 use std::hash::{Hash, Hasher};
 use std::sync::Arc;

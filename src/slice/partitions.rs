@@ -13,6 +13,13 @@
 //! `count(DISTINCT …)`) and whose group keys are all columns of its output is refreshed the
 //! same way, group by group: the groups new rows fall in are recomputed from the input
 //! filtered to them, and the slice is rewritten from its other groups and those.
+//!
+//! # Invariants
+//!
+//! - The partitions or groups recomputed are exactly those the new rows fall in, NULL keys
+//!   included, and nothing else changes (invariant 9;
+//!   `incremental::incremental_equals_full_over_random_appends`, shapes `parted`,
+//!   `holistic`).
 
 use datafusion::common::tree_node::{Transformed, TreeNode};
 use datafusion::common::{Column, ScalarValue};
