@@ -185,9 +185,10 @@ impl IcePie {
     /// A refresh means "make it fresh", so losing a race to another writer (another process
     /// committing the slice meanwhile) is not an error in itself: when the winner's version
     /// was built from the inputs' latest versions, this refresh reports it as its outcome
-    /// (`by_another_writer`); otherwise it builds again on top of the winner, since a full
-    /// rebuild does not depend on the version it replaces. Only a change of definition, a
-    /// freeze or a drop in between fails it, with an error saying which.
+    /// (`by_another_writer`); otherwise it builds again on top of the winner, deciding anew
+    /// between full and incremental from the winner's recorded inputs. Only a change of
+    /// definition, a freeze or a drop in between fails it, with an error saying which.
+    /// `full` is `REFRESH SLICE … FULL`.
     async fn refresh_now(
         &self,
         name: &SliceName,
