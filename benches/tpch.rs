@@ -292,10 +292,16 @@ fn source_files(dir: &Path) -> Vec<String> {
 /// A warehouse whose core holds the eight TPC-H tables, loaded from `src`.
 async fn tpch_warehouse(dir: &Path, src: &Path) -> IcePie {
     let w = open(dir).await;
-    for table in TABLES {
+    load_core(&w, src, &TABLES).await;
+    w
+}
+
+/// Creates the core tables `tables` of `w` from their files in `src`.
+async fn load_core(w: &IcePie, src: &Path, tables: &[&str]) {
+    for table in tables {
         let glob = src.join(table).join("*.parquet");
         run(
-            &w,
+            w,
             &format!(
                 "CREATE CORE TABLE {table} FROM '{}' FORMAT parquet",
                 glob.display()
@@ -303,7 +309,6 @@ async fn tpch_warehouse(dir: &Path, src: &Path) -> IcePie {
         )
         .await;
     }
-    w
 }
 
 /// DataFusion with the core's own Delta files registered as `core.<table>` listing tables.

@@ -7,7 +7,9 @@
 //! notices.
 //!
 //! Everything DataFusion's SQL accepts works, plus `CREATE CORE TABLE`, `INGEST INTO`,
-//! `CREATE [OR REPLACE] SLICE`, `REFRESH SLICE`, `FREEZE SLICE`, `THAW SLICE`,
+//! `CREATE [OR REPLACE] SLICE … [INCREMENTAL | FULL | AUTO]`, `REFRESH SLICE … [FULL]`
+//! (incremental when the new core data allows), `EXPLAIN REFRESH SLICE`, `FREEZE SLICE`,
+//! `THAW SLICE`,
 //! `ROLLBACK SLICE ... TO VERSION n`, `DROP SLICE`, `VACUUM SLICE(S)`, `VERIFY SLICE(S)`,
 //! `SHOW SLICES`,
 //! `SHOW SLICE HISTORY`, `DESCRIBE SLICE`, the table functions `slice_at`, `core_at` and

@@ -239,17 +239,7 @@ pub(super) async fn incremental(src: &Path, root: &Path, sf: f64) {
         .open()
         .await
         .expect("open the warehouse");
-    for table in ["lineitem", "orders", "customer"] {
-        let glob = src.join(table).join("*.parquet");
-        run(
-            &w,
-            &format!(
-                "CREATE CORE TABLE {table} FROM '{}' FORMAT parquet",
-                glob.display()
-            ),
-        )
-        .await;
-    }
+    load_core(&w, src, &["lineitem", "orders", "customer"]).await;
     let mut before = Vec::new();
     for (name, sql, _) in SLICES {
         run(&w, &format!("CREATE SLICE inc.{name} INCREMENTAL AS {sql}")).await;

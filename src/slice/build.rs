@@ -276,17 +276,17 @@ async fn write_version(
         .with_session_state(Arc::new(crate::engine::progress::counting(state)))
         .with_partition_columns(spec.partition_by.clone())
         .with_commit_properties(commit_properties(&meta));
-    write = match existing {
+    write = match (existing, decision.replace) {
         // New rows only, added to the version the inputs were extended from.
-        Some(_) if decision.append => write.with_save_mode(SaveMode::Append),
+        (Some(_), _) if built.appended => write.with_save_mode(SaveMode::Append),
         // The partitions the new data fell in, recomputed.
-        Some(_) if decision.replace.is_some() => write
+        (Some(_), Some(partitions)) => write
             .with_save_mode(SaveMode::Overwrite)
-            .with_replace_where(decision.replace.clone().expect("checked")),
-        Some(_) => write
+            .with_replace_where(partitions),
+        (Some(_), None) => write
             .with_save_mode(SaveMode::Overwrite)
             .with_schema_mode(SchemaMode::Overwrite),
-        None => write
+        (None, _) => write
             .with_save_mode(SaveMode::ErrorIfExists)
             .with_configuration([NO_EXPIRED_LOG_CLEANUP, FREQUENT_CHECKPOINTS]),
     };

@@ -58,8 +58,6 @@ const MAX_COMMITS: i64 = 1000;
 pub(crate) struct Decision {
     /// The plan whose rows the build writes.
     pub plan: LogicalPlan,
-    /// True when those rows are added to the previous version (incremental).
-    pub append: bool,
     /// Incremental refreshes in a row that added files, this one included.
     pub appends: u32,
     /// The partitions the rows replace (a partitioned GROUP BY recomputed where new data fell);
@@ -220,7 +218,6 @@ pub(crate) async fn decide(
         };
         return Ok(Decision {
             plan: empty(&schema),
-            append: true,
             appends: appends_before,
             replace: None,
             built: Built {
@@ -264,7 +261,6 @@ pub(crate) async fn decide(
                         appended: false,
                     },
                     plan: recompute,
-                    append: false,
                     appends: 0,
                     replace: Some(replace),
                 });
@@ -309,7 +305,6 @@ pub(crate) async fn decide(
                     appended: false,
                 },
                 plan: rebuilt,
-                append: false,
                 appends: 0,
                 replace: None,
             });
@@ -329,7 +324,6 @@ pub(crate) async fn decide(
                 appended: true,
             },
             plan: delta,
-            append: true,
             appends: appends_before + 1,
             replace: None,
         });
@@ -358,7 +352,6 @@ pub(crate) async fn decide(
             appended: false,
         },
         plan: merged,
-        append: false,
         appends: 0,
         replace: None,
     })
@@ -420,7 +413,6 @@ fn full(plan: LogicalPlan, reason: String) -> Decision {
     let reads = reads(std::slice::from_ref(&plan)).unwrap_or_default();
     Decision {
         plan,
-        append: false,
         appends: 0,
         replace: None,
         built: Built {
@@ -682,7 +674,7 @@ fn touches(plan: &LogicalPlan, changes: &HashMap<String, Change>) -> bool {
     let mut found = false;
     let _ = plan.apply_with_subqueries(|node| {
         if let LogicalPlan::TableScan(scan) = node {
-            if scanned(scan).is_some_and(|t| changes.contains_key(t.name()) && !t.is_pinned()) {
+            if changed(scan, changes).is_some() {
                 found = true;
                 return Ok(TreeNodeRecursion::Stop);
             }
@@ -692,12 +684,14 @@ fn touches(plan: &LogicalPlan, changes: &HashMap<String, Change>) -> bool {
     found
 }
 
-/// The icepie table a scan reads.
-fn scanned(scan: &TableScan) -> Option<Arc<IcePieTable>> {
+/// The change of the input `scan` reads at its latest version, if it changed.
+fn changed<'a>(scan: &TableScan, changes: &'a HashMap<String, Change>) -> Option<&'a Change> {
     let provider = source_as_provider(&scan.source).ok()?;
-    provider
-        .downcast_ref::<IcePieTable>()
-        .map(|t| Arc::new(t.clone()))
+    let table = provider.downcast_ref::<IcePieTable>()?;
+    match table.is_pinned() {
+        true => None,
+        false => changes.get(table.name()),
+    }
 }
 
 /// `scan` reading `table` instead.
@@ -747,10 +741,7 @@ fn old(plan: &LogicalPlan, changes: &HashMap<String, Change>) -> Result<LogicalP
         .clone()
         .transform_up(|node| {
             if let LogicalPlan::TableScan(scan) = &node {
-                if let Some(change) = scanned(scan)
-                    .filter(|t| !t.is_pinned())
-                    .and_then(|t| changes.get(t.name()))
-                {
+                if let Some(change) = changed(scan, changes) {
                     return Ok(Transformed::yes(swapped(scan, change.old_files.clone())));
                 }
             }
@@ -807,10 +798,7 @@ fn terms(
     };
     match plan {
         LogicalPlan::TableScan(scan) => {
-            let change = scanned(scan)
-                .filter(|t| !t.is_pinned())
-                .and_then(|t| changes.get(t.name()))
-                .ok_or_else(|| shape("a table scan"))?;
+            let change = changed(scan, changes).ok_or_else(|| shape("a table scan"))?;
             Ok(vec![swapped(scan, change.new_files.clone())])
         }
         LogicalPlan::Projection(_) | LogicalPlan::Filter(_) | LogicalPlan::SubqueryAlias(_) => {

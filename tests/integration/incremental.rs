@@ -8,12 +8,11 @@
 //! a dimension table under every supported definition shape.
 
 use datafusion::arrow::array::RecordBatch;
-use datafusion::arrow::util::display::{ArrayFormatter, FormatOptions};
 use icepie::IcePie;
 use proptest::prelude::*;
 use proptest::test_runner::{Config, TestRunner};
 
-use crate::support::{fails, run, scalar, table};
+use crate::support::{fails, rows, run, scalar, table};
 
 /// The definitions under test: filters, projections, UNION ALL, inner joins (one side or
 /// both changing, a self-join), a slice over a slice, and aggregates (grouped, over a join,
@@ -138,32 +137,6 @@ fn ingest(load: &Load) -> String {
             values.join(", ")
         ),
     }
-}
-
-/// The rows of a query as sorted text lines: comparing them ignores order.
-async fn rows(w: &IcePie, sql: &str) -> Vec<String> {
-    let batches: Vec<RecordBatch> = w
-        .sql(sql)
-        .await
-        .unwrap_or_else(|e| panic!("{sql}: {e}"))
-        .collect()
-        .await
-        .unwrap_or_else(|e| panic!("{sql}: {e}"));
-    let options = FormatOptions::default().with_null("NULL");
-    let mut out = Vec::new();
-    for batch in &batches {
-        let columns: Vec<ArrayFormatter> = batch
-            .columns()
-            .iter()
-            .map(|c| ArrayFormatter::try_new(c.as_ref(), &options).unwrap())
-            .collect();
-        for row in 0..batch.num_rows() {
-            let cells: Vec<String> = columns.iter().map(|c| c.value(row).to_string()).collect();
-            out.push(cells.join(" | "));
-        }
-    }
-    out.sort();
-    out
 }
 
 /// The mode of the slice's latest version.

@@ -6,6 +6,7 @@ use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
 use datafusion::arrow::array::RecordBatch;
+use datafusion::arrow::util::display::{ArrayFormatter, FormatOptions};
 use datafusion::arrow::util::pretty::pretty_format_batches;
 use futures::stream::BoxStream;
 use futures::StreamExt;
@@ -40,6 +41,32 @@ pub async fn scalar(warehouse: &IcePie, sql: &str) -> String {
     let batch = batches.iter().find(|b| b.num_rows() > 0).expect("one row");
     assert_eq!(batch.num_rows(), 1, "{sql}");
     datafusion::arrow::util::display::array_value_to_string(batch.column(0), 0).unwrap()
+}
+
+/// The rows of a query as sorted text lines: comparing them ignores order.
+pub async fn rows(w: &IcePie, sql: &str) -> Vec<String> {
+    let batches: Vec<RecordBatch> = w
+        .sql(sql)
+        .await
+        .unwrap_or_else(|e| panic!("{sql}: {e}"))
+        .collect()
+        .await
+        .unwrap_or_else(|e| panic!("{sql}: {e}"));
+    let options = FormatOptions::default().with_null("NULL");
+    let mut out = Vec::new();
+    for batch in &batches {
+        let columns: Vec<ArrayFormatter> = batch
+            .columns()
+            .iter()
+            .map(|c| ArrayFormatter::try_new(c.as_ref(), &options).unwrap())
+            .collect();
+        for row in 0..batch.num_rows() {
+            let cells: Vec<String> = columns.iter().map(|c| c.value(row).to_string()).collect();
+            out.push(cells.join(" | "));
+        }
+    }
+    out.sort();
+    out
 }
 
 /// Runs SQL that must succeed.
