@@ -23,7 +23,7 @@ use crate::options::IcePieOptions;
 use crate::storage::names::SliceName;
 use crate::storage::tracked::TakeBack;
 use crate::storage::{table_stats, Warehouse, FREQUENT_CHECKPOINTS, NO_EXPIRED_LOG_CLEANUP};
-use meta::{format_inputs, Built, CommitKind, InputVersion, RefreshMode, SliceMeta};
+use meta::{format_inputs, BuildMode, Built, CommitKind, InputVersion, RefreshMode, SliceMeta};
 
 /// Marks a slice as refreshing in this process for as long as it lives.
 struct RefreshingGuard<'a> {
@@ -271,9 +271,13 @@ async fn write_version(
     let rel = Warehouse::slice_path(name);
     let base = shared.warehouse.write_base(&rel, existing)?;
     let tracked = base.tracked.clone();
+    let state = match built.mode {
+        BuildMode::Incremental => small_delta_joins(state),
+        BuildMode::Full => state.clone(),
+    };
     let mut write = WriteBuilder::new(base.log_store, base.snapshot)
         .with_input_plan(decision.plan)
-        .with_session_state(Arc::new(crate::engine::progress::counting(state)))
+        .with_session_state(Arc::new(crate::engine::progress::counting(&state)))
         .with_partition_columns(spec.partition_by.clone())
         .with_commit_properties(commit_properties(&meta));
     write = match (existing, decision.replace) {
@@ -300,6 +304,29 @@ async fn write_version(
         landed => shared.warehouse.landed(&rel, &tracked, landed).await,
     }?;
     Ok((table, built))
+}
+
+/// Largest build side, in bytes as the planner estimates them, that an incremental refresh's
+/// joins collect once instead of hash-partitioning both sides (DataFusion's default: 1 MiB).
+const DELTA_BUILD_BYTES: usize = 64 << 20;
+/// The same in rows (DataFusion's default: 128Ki).
+const DELTA_BUILD_ROWS: usize = 4 << 20;
+
+/// `state` for an incremental build. Its joins meet a few new rows with whole inputs: the
+/// planner makes the new rows the build side, and collected once (rather than hash-partitioned)
+/// they give the other side's scans a dynamic filter on the join keys' range, which skips the
+/// row groups and pages of a dimension those keys do not reach (orders for new lineitems). A
+/// partitioned join's filter differs per partition and prunes nothing.
+fn small_delta_joins(state: &SessionState) -> SessionState {
+    let mut state = state.clone();
+    let optimizer = &mut state.config_mut().options_mut().optimizer;
+    optimizer.hash_join_single_partition_threshold = optimizer
+        .hash_join_single_partition_threshold
+        .max(DELTA_BUILD_BYTES);
+    optimizer.hash_join_single_partition_threshold_rows = optimizer
+        .hash_join_single_partition_threshold_rows
+        .max(DELTA_BUILD_ROWS);
+    state
 }
 
 /// What `REFRESH SLICE` would build now: mode, reason and reads (`EXPLAIN REFRESH SLICE`).
