@@ -188,6 +188,10 @@ pub enum IcePieError {
         reason: String,
     },
 
+    /// The network server cannot listen or serve as asked.
+    #[error("server: {0}")]
+    Server(String),
+
     /// Metadata icepie wrote could not be read back.
     #[error("corrupt icepie metadata in {what}: {reason}")]
     CorruptMetadata {

@@ -70,6 +70,7 @@ pub(crate) mod core;
 pub(crate) mod engine;
 pub(crate) mod error;
 pub(crate) mod options;
+pub mod server;
 pub(crate) mod slice;
 pub(crate) mod sql;
 pub(crate) mod storage;

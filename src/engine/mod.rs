@@ -26,6 +26,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use datafusion::common::config::ExtensionOptions;
+use datafusion::common::ParamValues;
 use datafusion::dataframe::DataFrame;
 use datafusion::datasource::source_as_provider;
 use datafusion::execution::cache::cache_manager::CacheManagerConfig;
@@ -34,6 +35,8 @@ use datafusion::execution::runtime_env::RuntimeEnvBuilder;
 use datafusion::execution::SessionStateBuilder;
 use datafusion::logical_expr::{DdlStatement, DropTable, LogicalPlan, WriteOp};
 use datafusion::prelude::{SessionConfig, SessionContext};
+use datafusion::sql::parser::Statement as DFStatement;
+use datafusion::sql::sqlparser::ast::Statement as SqlStatement;
 use deltalake::delta_datafusion::planner::DeltaPlanner;
 use deltalake::ObjectStore;
 use futures::future::{BoxFuture, FutureExt, Shared as SharedFuture, WeakShared};
@@ -250,6 +253,35 @@ impl IcePie {
 
     /// Runs one statement.
     pub async fn execute(&self, stmt: Statement) -> Result<DataFrame> {
+        self.execute_with_params(stmt, ParamValues::List(vec![]))
+            .await
+    }
+
+    /// The plan of a query statement (a `SELECT`, `WITH`, `VALUES`, ...) without running it, for
+    /// its result schema and the types of its `$n` parameters (a server's prepared statements);
+    /// `None` for any other statement, whose rows are known only once it runs.
+    pub async fn plan_query(&self, stmt: &Statement) -> Result<Option<LogicalPlan>> {
+        let Statement::DataFusion(inner) = stmt else {
+            return Ok(None);
+        };
+        if !matches!(**inner, DFStatement::Statement(ref s) if matches!(**s, SqlStatement::Query(_)))
+        {
+            return Ok(None);
+        }
+        self.sync_options();
+        let state = self.inner.ctx.state();
+        let plan =
+            time_travel::plan_statement(&state, &self.inner.shared, (**inner).clone()).await?;
+        Ok(Some(plan))
+    }
+
+    /// Runs one statement whose `$n` placeholders take `params` (none for statements without
+    /// any; only DataFusion's own statements can have them).
+    pub async fn execute_with_params(
+        &self,
+        stmt: Statement,
+        params: ParamValues,
+    ) -> Result<DataFrame> {
         let shared = &self.inner.shared;
         self.sync_options();
         let state = self.inner.ctx.state();
@@ -257,6 +289,10 @@ impl IcePie {
         match stmt {
             Statement::DataFusion(stmt) => {
                 let plan = time_travel::plan_statement(&state, shared, *stmt).await?;
+                let plan = match &params {
+                    ParamValues::List(v) if v.is_empty() => plan,
+                    _ => plan.with_param_values(params)?,
+                };
                 self.refuse_writes(&plan)?;
                 // DESCRIBE names types as SQL does (BIGINT, TEXT), not as Arrow does.
                 if let LogicalPlan::DescribeTable(describe) = &plan {

@@ -11,6 +11,7 @@ mod isolation;
 mod lifetime;
 mod parser_fuzz;
 mod persistence;
+mod pg;
 mod races;
 mod repl;
 mod retention;

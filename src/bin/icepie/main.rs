@@ -3,7 +3,7 @@
 //! ```text
 //! icepie [--data LOCATION] [--set NAME=VALUE]... [--format FORMAT] [-q] [--bail]
 //!        [-c SQL]... [-f FILE]...
-//! icepie serve [--data LOCATION] [--set NAME=VALUE]... [--grace SECONDS]
+//! icepie serve [--data LOCATION] [--set NAME=VALUE]... [--grace SECONDS] [--pg [ADDR]]
 //! ```
 //!
 //! With a terminal on standard input and no `-c`/`-f`, `icepie` starts the interactive REPL,
@@ -15,7 +15,8 @@
 //!
 //! `icepie serve` runs the scheduler alone until SIGINT or SIGTERM, printing one line per
 //! scheduled refresh; on a signal it lets running refreshes finish (a second signal, or
-//! `--grace` seconds, cancels them: a cancelled refresh commits nothing).
+//! `--grace` seconds, cancels them: a cancelled refresh commits nothing). With `--pg` it also
+//! serves SQL over the PostgreSQL wire protocol (`psql`, drivers, BI tools).
 
 mod meta;
 mod print;
@@ -127,6 +128,19 @@ fn cli() -> Command {
                         .value_parser(clap::value_parser!(u64))
                         .default_value("30")
                         .help("How long running refreshes may finish after a stop signal"),
+                )
+                .arg(
+                    Arg::new("pg")
+                        .long("pg")
+                        .value_name("ADDR")
+                        .num_args(0..=1)
+                        .default_missing_value("127.0.0.1:5433")
+                        .help(
+                            "Also serve SQL over the PostgreSQL wire protocol on ADDR \
+                             (127.0.0.1:5433 when no ADDR is given); clients must give the \
+                             password in ICEPIE_PASSWORD when it is set, and without it only \
+                             a loopback address is served",
+                        ),
                 ),
         )
 }

@@ -1,5 +1,6 @@
 //! `icepie serve`: the scheduler without a REPL, for a warehouse's refreshes to run
-//! unattended (a service, a container, a terminal left open).
+//! unattended (a service, a container, a terminal left open), and with `--pg` a PostgreSQL
+//! wire-protocol server for clients to run SQL on the warehouse.
 //!
 //! It prints one line per scheduled refresh that ended on standard output, and stops cleanly
 //! on SIGINT or SIGTERM: no new refresh starts, running ones may finish for `--grace`
@@ -59,11 +60,48 @@ pub async fn run(matches: &clap::ArgMatches) -> Result<(), String> {
     let grace = Duration::from_secs(*matches.get_one::<u64>("grace").expect("default"));
     let warehouse = crate::open(matches, true).await?;
     let options = warehouse.options();
-    if !options.scheduler.0 {
-        return Err("the scheduler is off (--set scheduler=off): nothing to serve".into());
+    if !options.scheduler.0 && matches.get_one::<String>("pg").is_none() {
+        return Err(
+            "the scheduler is off (--set scheduler=off) and no --pg: nothing to serve".into(),
+        );
     }
     let mut events = warehouse.subscribe();
     let mut signals = Signals::new()?;
+    // Dropped when serving ends, which stops the PostgreSQL server.
+    let (_stop_pg, stopped) = tokio::sync::oneshot::channel::<()>();
+    if let Some(addr) = matches.get_one::<String>("pg") {
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .map_err(|e| format!("cannot listen on {addr}: {e}"))?;
+        let bound = listener.local_addr().map_err(|e| e.to_string())?;
+        let password = std::env::var("ICEPIE_PASSWORD")
+            .ok()
+            .filter(|p| !p.is_empty());
+        if password.is_none() && !bound.ip().is_loopback() {
+            return Err(format!(
+                "{bound} is reachable from other machines and ICEPIE_PASSWORD is not set: set \
+                 a password or serve 127.0.0.1"
+            ));
+        }
+        eprintln!(
+            "PostgreSQL wire protocol on {bound} ({})",
+            if password.is_some() {
+                "password required (SCRAM-SHA-256)"
+            } else {
+                "no password: loopback only"
+            }
+        );
+        let options = icepie::server::PgOptions { password };
+        let server = warehouse.clone();
+        tokio::spawn(async move {
+            let stop = async {
+                let _ = stopped.await;
+            };
+            if let Err(e) = icepie::server::serve_pg(server, listener, options, stop).await {
+                eprintln!("the PostgreSQL server stopped: {e}");
+            }
+        });
+    }
     eprintln!(
         "icepie serve on warehouse {}: checking for due refreshes every {}, at most {} at once \
          (Ctrl-C or SIGTERM stops)",

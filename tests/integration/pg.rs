@@ -1,0 +1,253 @@
+//! The PostgreSQL wire protocol (`icepie::server::serve_pg`), through a real client:
+//! tokio-postgres, which speaks the simple protocol (`simple_query`, `batch_execute`) and the
+//! extended one (`query` with parameters, binary results).
+
+use std::net::SocketAddr;
+
+use icepie::server::{serve_pg, PgOptions};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+use tokio_postgres::{Client, NoTls, SimpleQueryMessage};
+
+/// A server on a fresh warehouse, on a free loopback port; it stops when the sender drops.
+struct Server {
+    addr: SocketAddr,
+    _dir: tempfile::TempDir,
+    _stop: tokio::sync::oneshot::Sender<()>,
+}
+
+async fn start(password: Option<&str>) -> Server {
+    let (dir, warehouse) = crate::support::open_with(&[]).await;
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let options = PgOptions {
+        password: password.map(str::to_string),
+    };
+    tokio::spawn(async move {
+        let stopped = async {
+            let _ = stopped.await;
+        };
+        serve_pg(warehouse, listener, options, stopped)
+            .await
+            .unwrap();
+    });
+    Server {
+        addr,
+        _dir: dir,
+        _stop: stop,
+    }
+}
+
+async fn connect(server: &Server, password: Option<&str>) -> Result<Client, tokio_postgres::Error> {
+    let mut config = tokio_postgres::Config::new();
+    config
+        .host(server.addr.ip().to_string())
+        .port(server.addr.port())
+        .user("analyst")
+        .dbname("icepie");
+    if let Some(p) = password {
+        config.password(p);
+    }
+    let (client, connection) = config.connect(NoTls).await?;
+    tokio::spawn(connection);
+    Ok(client)
+}
+
+/// The text rows of a simple query's last result, cells joined by `|`.
+async fn simple_rows(client: &Client, sql: &str) -> Vec<String> {
+    let mut rows = Vec::new();
+    for message in client.simple_query(sql).await.unwrap() {
+        match message {
+            SimpleQueryMessage::Row(row) => rows.push(
+                (0..row.len())
+                    .map(|i| row.get(i).unwrap_or("NULL").to_string())
+                    .collect::<Vec<_>>()
+                    .join("|"),
+            ),
+            SimpleQueryMessage::CommandComplete(_) => {}
+            _ => {}
+        }
+    }
+    rows
+}
+
+/// The SQLSTATE a statement fails with.
+async fn sqlstate(client: &Client, sql: &str) -> String {
+    let e = client
+        .simple_query(sql)
+        .await
+        .expect_err("the statement should fail");
+    e.code()
+        .unwrap_or_else(|| panic!("no SQLSTATE in {e:?}"))
+        .code()
+        .to_string()
+}
+
+#[tokio::test]
+async fn a_postgres_client_creates_ingests_slices_and_queries() {
+    let server = start(None).await;
+    let client = connect(&server, None).await.unwrap();
+    client
+        .batch_execute(
+            "CREATE CORE TABLE orders (id BIGINT, amount DOUBLE, status TEXT, day DATE);
+             INGEST INTO orders VALUES (1, 10.5, 'paid', DATE '2026-01-02'),
+                 (2, 99.0, 'open', DATE '2026-01-03'), (3, 250.25, 'paid', NULL);
+             CREATE SLICE ops.paid AS SELECT id, amount, day FROM core.orders WHERE status = 'paid';",
+        )
+        .await
+        .unwrap();
+
+    // Simple protocol: text rows, icepie statements' own results included.
+    assert_eq!(
+        simple_rows(&client, "SELECT id, amount, day FROM ops.paid ORDER BY id").await,
+        vec!["1|10.5|2026-01-02", "3|250.25|NULL"]
+    );
+    let slices = simple_rows(&client, "SHOW SLICES").await;
+    assert!(
+        slices.len() == 1 && slices[0].starts_with("ops|paid|"),
+        "{slices:?}"
+    );
+
+    // Extended protocol: a parameter, binary results decoded as Rust types.
+    let rows = client
+        .query(
+            "SELECT id, amount, day FROM ops.paid WHERE amount > $1 ORDER BY id",
+            &[&100.0f64],
+        )
+        .await
+        .unwrap();
+    assert_eq!(rows.len(), 1);
+    assert_eq!(rows[0].get::<_, i64>(0), 3);
+    assert_eq!(rows[0].get::<_, f64>(1), 250.25);
+    assert_eq!(rows[0].get::<_, Option<chrono::NaiveDate>>(2), None);
+
+    // A prepared statement runs again with other parameters; a text parameter too.
+    let by_status = client
+        .prepare("SELECT count(*) AS n FROM core.orders WHERE status = $1")
+        .await
+        .unwrap();
+    assert_eq!(by_status.params(), &[tokio_postgres::types::Type::TEXT]);
+    for (status, n) in [("paid", 2i64), ("open", 1), ("lost", 0)] {
+        let row = client.query_one(&by_status, &[&status]).await.unwrap();
+        assert_eq!(row.get::<_, i64>("n"), n, "status {status}");
+    }
+
+    // A refresh through the server sees new core data; its output is rows, as in the REPL.
+    client
+        .batch_execute("INGEST INTO orders VALUES (4, 5.0, 'paid', DATE '2026-01-05')")
+        .await
+        .unwrap();
+    let refreshed = simple_rows(&client, "REFRESH SLICE ops.paid").await;
+    assert_eq!(refreshed.len(), 1, "{refreshed:?}");
+    let n: i64 = client
+        .query_one("SELECT count(*) FROM ops.paid", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(n, 3);
+
+    // Statements that return no rows answer with their command; BEGIN/COMMIT are accepted.
+    client
+        .batch_execute("BEGIN; SELECT 1; COMMIT")
+        .await
+        .unwrap();
+    // Through the extended protocol, an icepie statement runs and reports its command with
+    // the count of the rows it would have shown.
+    let changed = client
+        .execute("FREEZE SLICE ops.paid 'audit'", &[])
+        .await
+        .unwrap();
+    assert_eq!(changed, 1);
+    assert_eq!(
+        simple_rows(&client, "SELECT state FROM system.slices").await,
+        vec!["frozen"]
+    );
+}
+
+#[tokio::test]
+async fn errors_carry_their_sqlstate() {
+    let server = start(None).await;
+    let client = connect(&server, None).await.unwrap();
+    client
+        .batch_execute(
+            "CREATE CORE TABLE t (x BIGINT); INGEST INTO t VALUES (1);
+             CREATE SLICE s AS SELECT x FROM core.t; FREEZE SLICE s;",
+        )
+        .await
+        .unwrap();
+    assert_eq!(sqlstate(&client, "SELEC 1").await, "42601");
+    assert_eq!(
+        sqlstate(&client, "SELECT * FROM core.missing").await,
+        "42P01"
+    );
+    assert_eq!(sqlstate(&client, "SELECT * FROM nowhere").await, "42P01");
+    assert_eq!(sqlstate(&client, "REFRESH SLICE s").await, "55000");
+    assert_eq!(sqlstate(&client, "DELETE FROM core.t").await, "25006");
+    assert_eq!(
+        sqlstate(&client, "CREATE CORE TABLE t (y INT)").await,
+        "42P07"
+    );
+    // The statements after a failed one do not run; the connection goes on.
+    assert_eq!(
+        sqlstate(
+            &client,
+            "SELECT * FROM nowhere; CREATE CORE TABLE u (x INT)"
+        )
+        .await,
+        "42P01"
+    );
+    assert_eq!(
+        simple_rows(&client, "SELECT count(*) FROM system.core_tables").await,
+        vec!["1"]
+    );
+}
+
+#[tokio::test]
+async fn a_password_is_checked_when_set() {
+    let server = start(Some("s3cret")).await;
+    let refused = connect(&server, Some("wrong")).await.unwrap_err();
+    assert_eq!(
+        refused.code().map(|c| c.code()),
+        Some("28P01"),
+        "{refused:?}"
+    );
+    assert!(connect(&server, None).await.is_err());
+    let client = connect(&server, Some("s3cret")).await.unwrap();
+    assert_eq!(simple_rows(&client, "SELECT 40 + 2").await, vec!["42"]);
+}
+
+#[tokio::test]
+async fn no_password_serves_loopback_only() {
+    let (_dir, warehouse) = crate::support::open_with(&[]).await;
+    let listener = TcpListener::bind("0.0.0.0:0").await.unwrap();
+    let e = serve_pg(warehouse, listener, PgOptions::default(), async {})
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("no password"), "{e}");
+}
+
+#[tokio::test]
+async fn garbage_on_the_wire_ends_that_connection_only() {
+    let server = start(None).await;
+    for garbage in [
+        &b"\x00\x00\x00\x08\x04\xd2\x16\x2f"[..], // an SSL request, then gone
+        &b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"[..], // another protocol
+        &b"\x00\x00\x00\x03"[..],                 // a length shorter than itself
+        &b"\xff\xff\xff\xff\x00\x03\x00\x00user\x00"[..], // a huge length, truncated
+        &b"\x00\x00\x00\x09\x00\x03\x00\x00u"[..], // a startup cut short
+    ] {
+        let mut socket = tokio::net::TcpStream::connect(server.addr).await.unwrap();
+        let _ = socket.write_all(garbage).await;
+        let _ = socket.shutdown().await;
+        let mut sink = Vec::new();
+        let _ = tokio::time::timeout(
+            std::time::Duration::from_secs(5),
+            socket.read_to_end(&mut sink),
+        )
+        .await;
+    }
+    let client = connect(&server, None).await.unwrap();
+    assert_eq!(simple_rows(&client, "SELECT 1").await, vec!["1"]);
+}
