@@ -188,6 +188,11 @@ pub enum IcePieError {
         reason: String,
     },
 
+    /// A server's client asked for what the server does not let its clients do (a file
+    /// outside `--allow-path`).
+    #[error("not allowed: {0}")]
+    NotAllowed(String),
+
     /// The network server cannot listen or serve as asked.
     #[error("server: {0}")]
     Server(String),

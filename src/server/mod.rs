@@ -10,11 +10,16 @@
 //!   slice, conflict, ...
 //! - Authentication: SCRAM-SHA-256 against a password when one is given; without one, the
 //!   server accepts every client and refuses to listen beyond the loopback interface.
+//! - The server's files are not its clients': they name only locations under those the server
+//!   was started with (`--allow-path`), and in read-only mode they only read.
 //!
 //! Each statement commits on its own, as in the REPL: `BEGIN`, `COMMIT` and a bare `ROLLBACK`
 //! are accepted and group nothing.
 
 mod encode;
+mod policy;
+
+use policy::Policy;
 
 use std::fmt::Debug;
 use std::future::Future;
@@ -54,12 +59,19 @@ pub struct PgOptions {
     /// The password every client must give (checked with SCRAM-SHA-256, so it never crosses
     /// the network). `None` admits every client: only a loopback address may be served so.
     pub password: Option<String>,
+    /// The local directories and object-store URL prefixes under which clients may name
+    /// files (`INGEST … FROM`, `COPY … TO`, ...); none by default.
+    pub allow_paths: Vec<String>,
+    /// Clients may only read: queries, SHOW, DESCRIBE, EXPLAIN.
+    pub read_only: bool,
 }
 
 impl Debug for PgOptions {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("PgOptions")
             .field("password", &self.password.as_ref().map(|_| "***"))
+            .field("allow_paths", &self.allow_paths)
+            .field("read_only", &self.read_only)
             .finish()
     }
 }
@@ -79,8 +91,10 @@ pub async fn serve_pg(
              (ICEPIE_PASSWORD) or listen on 127.0.0.1"
         )));
     }
+    let policy = Policy::new(&options.allow_paths, options.read_only)?;
     let handlers = Arc::new(Handlers {
         backend: Arc::new(Backend {
+            policy,
             parser: Arc::new(Parser {
                 warehouse: warehouse.clone(),
             }),
@@ -194,6 +208,7 @@ impl StartupHandler for Startup {
 /// Runs statements on the warehouse for every connection.
 struct Backend {
     warehouse: IcePie,
+    policy: Policy,
     parser: Arc<Parser>,
 }
 
@@ -360,6 +375,7 @@ impl Backend {
         params: ParamValues,
         format: &Format,
     ) -> Result<Response> {
+        self.policy.check(&statement)?;
         if let Some(response) = transaction(&statement) {
             return Ok(response);
         }
@@ -535,6 +551,7 @@ pub fn sqlstate(e: &IcePieError) -> &'static str {
             "58030"
         }
         IcePieError::Server(_) => "58000",
+        IcePieError::NotAllowed(_) => "42501",
     }
 }
 

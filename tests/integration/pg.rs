@@ -17,13 +17,18 @@ struct Server {
 }
 
 async fn start(password: Option<&str>) -> Server {
+    start_with(PgOptions {
+        password: password.map(str::to_string),
+        ..PgOptions::default()
+    })
+    .await
+}
+
+async fn start_with(options: PgOptions) -> Server {
     let (dir, warehouse) = crate::support::open_with(&[]).await;
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let options = PgOptions {
-        password: password.map(str::to_string),
-    };
     tokio::spawn(async move {
         let stopped = async {
             let _ = stopped.await;
@@ -200,6 +205,67 @@ async fn errors_carry_their_sqlstate() {
     assert_eq!(
         simple_rows(&client, "SELECT count(*) FROM system.core_tables").await,
         vec!["1"]
+    );
+}
+
+#[tokio::test]
+async fn clients_reach_only_the_files_they_are_allowed() {
+    let landing = tempfile::tempdir().unwrap();
+    std::fs::write(landing.path().join("day1.csv"), "x\n1\n2\n").unwrap();
+    let l = landing.path().display();
+    let server = start_with(PgOptions {
+        allow_paths: vec![l.to_string()],
+        ..PgOptions::default()
+    })
+    .await;
+    let client = connect(&server, None).await.unwrap();
+    client
+        .batch_execute(&format!(
+            "CREATE CORE TABLE t (x BIGINT); INGEST INTO t FROM '{l}/day1.csv'; \
+             COPY (SELECT * FROM core.t) TO '{l}/out/t.csv'"
+        ))
+        .await
+        .unwrap();
+    assert!(landing.path().join("out/t.csv").exists());
+    for refused in [
+        "INGEST INTO t FROM '/etc/passwd' FORMAT csv".to_string(),
+        format!("INGEST INTO t FROM '{l}/../../etc/passwd' FORMAT csv"),
+        "CREATE CORE TABLE p FROM '/etc/passwd' FORMAT csv".to_string(),
+        "COPY (SELECT 1) TO '/tmp/icepie-not-allowed.csv'".to_string(),
+        "CREATE EXTERNAL TABLE e STORED AS CSV LOCATION '/etc/passwd'".to_string(),
+    ] {
+        assert_eq!(sqlstate(&client, &refused).await, "42501", "{refused}");
+    }
+    assert!(!std::path::Path::new("/tmp/icepie-not-allowed.csv").exists());
+    assert_eq!(
+        simple_rows(&client, "SELECT count(*) FROM core.t").await,
+        vec!["2"]
+    );
+}
+
+#[tokio::test]
+async fn a_read_only_server_refuses_writes() {
+    let server = start_with(PgOptions {
+        read_only: true,
+        ..PgOptions::default()
+    })
+    .await;
+    let client = connect(&server, None).await.unwrap();
+    assert_eq!(simple_rows(&client, "SELECT 1 + 1").await, vec!["2"]);
+    assert_eq!(
+        simple_rows(&client, "SHOW SLICES").await,
+        Vec::<String>::new()
+    );
+    for refused in [
+        "CREATE CORE TABLE t (x BIGINT)",
+        "CREATE SLICE s AS SELECT 1 AS x",
+        "SET datafusion.execution.batch_size = 10",
+    ] {
+        assert_eq!(sqlstate(&client, refused).await, "25006", "{refused}");
+    }
+    assert_eq!(
+        simple_rows(&client, "SELECT count(*) FROM system.core_tables").await,
+        vec!["0"]
     );
 }
 

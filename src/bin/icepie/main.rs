@@ -3,7 +3,8 @@
 //! ```text
 //! icepie [--data LOCATION] [--set NAME=VALUE]... [--format FORMAT] [-q] [--bail]
 //!        [-c SQL]... [-f FILE]...
-//! icepie serve [--data LOCATION] [--set NAME=VALUE]... [--grace SECONDS] [--pg [ADDR]]
+//! icepie serve [--data LOCATION] [--set NAME=VALUE]... [--grace SECONDS]
+//!              [--pg [ADDR]] [--allow-path DIR]... [--read-only]
 //! ```
 //!
 //! With a terminal on standard input and no `-c`/`-f`, `icepie` starts the interactive REPL,
@@ -141,6 +142,23 @@ fn cli() -> Command {
                              password in ICEPIE_PASSWORD when it is set, and without it only \
                              a loopback address is served",
                         ),
+                )
+                .arg(
+                    Arg::new("allow-path")
+                        .long("allow-path")
+                        .value_name("DIR")
+                        .action(ArgAction::Append)
+                        .help(
+                            "A directory or object-store URL under which --pg clients may name \
+                             files (INGEST ... FROM, COPY ... TO, ...); repeatable; none by \
+                             default",
+                        ),
+                )
+                .arg(
+                    Arg::new("read-only")
+                        .long("read-only")
+                        .action(ArgAction::SetTrue)
+                        .help("--pg clients may only read: queries, SHOW, DESCRIBE, EXPLAIN"),
                 ),
         )
 }

@@ -91,7 +91,24 @@ pub async fn run(matches: &clap::ArgMatches) -> Result<(), String> {
                 "no password: loopback only"
             }
         );
-        let options = icepie::server::PgOptions { password };
+        let allow_paths: Vec<String> = matches
+            .get_many::<String>("allow-path")
+            .into_iter()
+            .flatten()
+            .cloned()
+            .collect();
+        let read_only = matches.get_flag("read-only");
+        if !allow_paths.is_empty() {
+            eprintln!("clients may name files under: {}", allow_paths.join(", "));
+        }
+        if read_only {
+            eprintln!("read-only: clients may only query");
+        }
+        let options = icepie::server::PgOptions {
+            password,
+            allow_paths,
+            read_only,
+        };
         let server = warehouse.clone();
         tokio::spawn(async move {
             let stop = async {
