@@ -67,6 +67,19 @@ impl Policy {
         for location in locations(statement) {
             self.check_location(location)?;
         }
+        if let Statement::DataFusion(inner) = statement {
+            // The runtime settings name the spill directory (where files get written) and the
+            // memory of every client: they are the server's.
+            let text = inner.to_string().to_ascii_lowercase();
+            let words: Vec<&str> = text.split_whitespace().take(2).collect();
+            if words.first() == Some(&"set") && words.get(1).is_some_and(|w| w.contains("runtime."))
+            {
+                return Err(IcePieError::NotAllowed(
+                    "the datafusion.runtime settings are the server's; clients may not SET them"
+                        .into(),
+                ));
+            }
+        }
         Ok(())
     }
 
@@ -265,6 +278,12 @@ mod tests {
             std::os::unix::fs::symlink("/etc", allowed.join("etc")).unwrap();
             assert!(check(&policy, &format!("INGEST INTO t FROM '{a}/etc/passwd'")).is_err());
         }
+        let e = check(&policy, "SET datafusion.runtime.temp_directory = '/etc'").unwrap_err();
+        assert!(e.contains("runtime settings"), "{e}");
+        assert_eq!(
+            check(&policy, "SET datafusion.execution.batch_size = 100"),
+            Ok(())
+        );
         let none = Policy::new(&[], false).unwrap();
         let e = check(&none, &format!("INGEST INTO t FROM '{a}/a.csv'")).unwrap_err();
         assert!(e.contains("started without --allow-path"), "{e}");
