@@ -35,8 +35,6 @@ use datafusion::execution::runtime_env::RuntimeEnvBuilder;
 use datafusion::execution::SessionStateBuilder;
 use datafusion::logical_expr::{DdlStatement, DropTable, LogicalPlan, WriteOp};
 use datafusion::prelude::{SessionConfig, SessionContext};
-use datafusion::sql::parser::Statement as DFStatement;
-use datafusion::sql::sqlparser::ast::Statement as SqlStatement;
 use deltalake::delta_datafusion::planner::DeltaPlanner;
 use deltalake::ObjectStore;
 use futures::future::{BoxFuture, FutureExt, Shared as SharedFuture, WeakShared};
@@ -257,17 +255,14 @@ impl IcePie {
             .await
     }
 
-    /// The plan of a query statement (a `SELECT`, `WITH`, `VALUES`, ...) without running it, for
-    /// its result schema and the types of its `$n` parameters (a server's prepared statements);
-    /// `None` for any other statement, whose rows are known only once it runs.
-    pub async fn plan_query(&self, stmt: &Statement) -> Result<Option<LogicalPlan>> {
+    /// The plan of one of DataFusion's own statements (a query, DDL, `INSERT`, `COPY`, `SET`,
+    /// ...) without running it: for a query, its result schema, and for any, the types of its
+    /// `$n` parameters (a server's prepared statements). `None` for icepie's statements
+    /// (`CREATE SLICE`, `INGEST`, ...), whose rows are known only once they ran.
+    pub async fn plan(&self, stmt: &Statement) -> Result<Option<LogicalPlan>> {
         let Statement::DataFusion(inner) = stmt else {
             return Ok(None);
         };
-        if !matches!(**inner, DFStatement::Statement(ref s) if matches!(**s, SqlStatement::Query(_)))
-        {
-            return Ok(None);
-        }
         self.sync_options();
         let state = self.inner.ctx.state();
         let plan =

@@ -171,6 +171,130 @@ async fn a_postgres_client_creates_ingests_slices_and_queries() {
 }
 
 #[tokio::test]
+async fn statements_run_one_after_the_other_and_stop_at_a_failure_in_their_rows() {
+    let server = start(None).await;
+    let client = connect(&server, None).await.unwrap();
+    client
+        .batch_execute(
+            "CREATE SCHEMA scratch; CREATE TABLE scratch.m (x BIGINT);
+             CREATE CORE TABLE t (s TEXT); INGEST INTO t VALUES ('1'), ('abc');
+             CREATE SLICE s AS SELECT s FROM core.t;",
+        )
+        .await
+        .unwrap();
+    // A later statement sees what an earlier one of the same text wrote.
+    assert_eq!(
+        simple_rows(
+            &client,
+            "INSERT INTO scratch.m VALUES (1), (2); SELECT count(*) FROM scratch.m"
+        )
+        .await,
+        vec!["2"]
+    );
+    // The cast fails on the second row, while the first statement's rows are sent: the DROP
+    // after it never runs.
+    assert_eq!(
+        sqlstate(&client, "SELECT CAST(s AS INT) FROM core.t; DROP SLICE s").await,
+        "22000"
+    );
+    assert_eq!(
+        simple_rows(&client, "SELECT count(*) FROM system.slices").await,
+        vec!["1"]
+    );
+    // Writes answer with the rows they wrote, through either protocol.
+    let inserted = client
+        .execute(
+            "INSERT INTO scratch.m VALUES ($1), ($2), ($3)",
+            &[&7i64, &8i64, &9i64],
+        )
+        .await
+        .unwrap();
+    assert_eq!(inserted, 3);
+    let tags: Vec<u64> = client
+        .simple_query("INSERT INTO scratch.m VALUES (10)")
+        .await
+        .unwrap()
+        .into_iter()
+        .filter_map(|m| match m {
+            SimpleQueryMessage::CommandComplete(n) => Some(n),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(tags, vec![1]);
+}
+
+/// A value as its raw binary bytes, whatever its type.
+struct Raw(Vec<u8>);
+
+impl<'a> tokio_postgres::types::FromSql<'a> for Raw {
+    fn from_sql(
+        _: &tokio_postgres::types::Type,
+        raw: &'a [u8],
+    ) -> Result<Self, Box<dyn std::error::Error + Sync + Send>> {
+        Ok(Raw(raw.to_vec()))
+    }
+
+    fn accepts(_: &tokio_postgres::types::Type) -> bool {
+        true
+    }
+}
+
+#[tokio::test]
+async fn values_and_parameters_keep_their_types() {
+    use tokio_postgres::types::Type;
+    let server = start(None).await;
+    let client = connect(&server, None).await.unwrap();
+    // Decimals are numeric, text or binary (ndigits 2, weight 0, positive, dscale 2: 12.50).
+    let row = client
+        .query_one(
+            "SELECT CAST(12.5 AS DECIMAL(10, 2)) AS d, TIME '10:30:00' AS t",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(row.columns()[0].type_(), &Type::NUMERIC);
+    let Raw(bytes) = row.get(0);
+    assert_eq!(bytes, vec![0, 2, 0, 0, 0, 0, 0, 2, 0, 12, 0x13, 0x88]);
+    assert_eq!(
+        row.get::<_, chrono::NaiveTime>(1),
+        chrono::NaiveTime::from_hms_opt(10, 30, 0).unwrap()
+    );
+    assert_eq!(
+        simple_rows(&client, "SELECT CAST(-12.5 AS DECIMAL(10, 2))").await,
+        vec!["-12.50"]
+    );
+    // A parameter the query leaves open is text, as described, whatever type the client sent.
+    let open = client
+        .prepare_typed("SELECT $1 AS v", &[Type::INT4])
+        .await
+        .unwrap();
+    assert_eq!(open.columns()[0].type_(), &Type::TEXT);
+    let row = client.query_one(&open, &[&5i32]).await.unwrap();
+    assert_eq!(row.get::<_, String>(0), "5");
+    // Structs go as their text.
+    assert_eq!(
+        simple_rows(&client, "SELECT named_struct('a', 1, 'b', 'x')").await,
+        vec!["{a: 1, b: x}"]
+    );
+    // An absurd parameter number is refused, not allocated.
+    let e = client.prepare("SELECT $1000000000").await.unwrap_err();
+    assert_eq!(e.code().map(|c| c.code()), Some("42601"), "{e:?}");
+    // Drivers' session settings are accepted; the server's are refused.
+    client
+        .batch_execute("SET application_name = 'dashboard'; SET extra_float_digits = 3")
+        .await
+        .unwrap();
+    assert_eq!(
+        sqlstate(&client, "SET datafusion.execution.batch_size = 10").await,
+        "42501"
+    );
+    assert_eq!(
+        sqlstate(&client, "SET icepie.retain_versions = 0").await,
+        "42501"
+    );
+}
+
+#[tokio::test]
 async fn errors_carry_their_sqlstate() {
     let server = start(None).await;
     let client = connect(&server, None).await.unwrap();
@@ -227,6 +351,14 @@ async fn clients_reach_only_the_files_they_are_allowed() {
         .await
         .unwrap();
     assert!(landing.path().join("out/t.csv").exists());
+    let copied = client
+        .execute(
+            &format!("COPY (SELECT * FROM core.t) TO '{l}/out/u.csv'"),
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(copied, 2);
     for refused in [
         "INGEST INTO t FROM '/etc/passwd' FORMAT csv".to_string(),
         format!("INGEST INTO t FROM '{l}/../../etc/passwd' FORMAT csv"),

@@ -67,8 +67,8 @@ pub async fn run(matches: &clap::ArgMatches) -> Result<(), String> {
     }
     let mut events = warehouse.subscribe();
     let mut signals = Signals::new()?;
-    // Dropped when serving ends, which stops the PostgreSQL server.
-    let (_stop_pg, stopped) = tokio::sync::oneshot::channel::<()>();
+    // Dropped at the stop signal, which stops the PostgreSQL server taking statements.
+    let (stop_pg, stopped) = tokio::sync::oneshot::channel::<()>();
     if let Some(addr) = matches.get_one::<String>("pg") {
         let listener = tokio::net::TcpListener::bind(addr)
             .await
@@ -136,6 +136,7 @@ pub async fn run(matches: &clap::ArgMatches) -> Result<(), String> {
             _ = signals.next() => break,
         }
     }
+    drop(stop_pg);
     eprintln!(
         "stopping: no new refreshes; running ones may finish for {} s (a second signal cancels them)",
         grace.as_secs()

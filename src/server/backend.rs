@@ -1,0 +1,588 @@
+//! Running clients' statements: the simple query protocol (a text of statements, each run and
+//! its rows sent before the next starts) and the extended one (prepared statements, bound
+//! parameters, portals), rows streamed batch by batch.
+
+use std::fmt::Debug;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use datafusion::arrow::datatypes::{DataType, Schema};
+use datafusion::common::{ParamValues, ScalarValue};
+use datafusion::logical_expr::LogicalPlan;
+use datafusion::sql::parser::Statement as DFStatement;
+use datafusion::sql::sqlparser::ast::Statement as SqlStatement;
+use futures::{Sink, SinkExt, StreamExt, TryStreamExt};
+use pgwire::api::portal::{Format, Portal, PortalExecutionState};
+use pgwire::api::query::{
+    send_execution_response, send_query_response, send_ready_for_query, ExtendedQueryHandler,
+    SimpleQueryHandler,
+};
+use pgwire::api::results::{FieldInfo, QueryResponse, Response, Tag};
+use pgwire::api::stmt::QueryParser;
+use pgwire::api::store::{Entry, PortalStore};
+use pgwire::api::{ClientInfo, ClientPortalStore, PgWireConnectionState, Type, DEFAULT_NAME};
+use pgwire::error::{PgWireError, PgWireResult};
+use pgwire::messages::extendedquery::Execute;
+use pgwire::messages::response::EmptyQueryResponse;
+use pgwire::messages::simplequery::Query;
+use pgwire::messages::PgWireBackendMessage;
+
+use super::encode::{self, protocol_error};
+use super::errors::{error_info, user_error};
+use super::policy::Policy;
+use crate::engine::IcePie;
+use crate::error::IcePieError;
+use crate::sql::Statement;
+
+/// PostgreSQL's limit on a statement's parameters (Bind counts them in 16 bits).
+const MAX_PARAMETERS: usize = 65_535;
+
+/// Runs statements on the warehouse for every connection.
+pub(super) struct Backend {
+    pub(super) warehouse: IcePie,
+    pub(super) policy: Policy,
+    pub(super) parser: Arc<Parser>,
+}
+
+/// A statement prepared by the extended protocol, with its plan when it is one of
+/// DataFusion's own (result schema, parameter types).
+#[derive(Clone)]
+pub(super) struct Prepared {
+    statement: Statement,
+    plan: Option<LogicalPlan>,
+}
+
+impl Prepared {
+    /// The schema of the rows it returns, when known before it runs (queries, EXPLAIN).
+    fn rows(&self) -> Option<&Schema> {
+        let plan = self.plan.as_ref()?;
+        match plan {
+            LogicalPlan::Ddl(_)
+            | LogicalPlan::Dml(_)
+            | LogicalPlan::Copy(_)
+            | LogicalPlan::Statement(_)
+            // icepie answers DESCRIBE with its own columns.
+            | LogicalPlan::DescribeTable(_) => None,
+            _ => Some(plan.schema().as_arrow()),
+        }
+    }
+}
+
+/// Parses and plans prepared statements.
+pub(super) struct Parser {
+    pub(super) warehouse: IcePie,
+}
+
+#[async_trait]
+impl QueryParser for Parser {
+    type Statement = Prepared;
+
+    async fn parse_sql<C>(
+        &self,
+        _client: &C,
+        sql: &str,
+        _types: &[Option<Type>],
+    ) -> PgWireResult<Option<Prepared>>
+    where
+        C: ClientInfo + Unpin + Send + Sync,
+    {
+        let mut statements = IcePie::parse(sql).map_err(|e| user_error(&e))?;
+        if statements.len() > 1 {
+            return Err(user_error(&IcePieError::Syntax(
+                "a prepared statement holds one statement; send the others separately".into(),
+            )));
+        }
+        let Some(statement) = statements.pop() else {
+            return Ok(None);
+        };
+        let plan = self
+            .warehouse
+            .plan(&statement)
+            .await
+            .map_err(|e| user_error(&e))?;
+        let prepared = Prepared { statement, plan };
+        // Refuses absurd parameter numbers here, before anything is sized by them.
+        parameter_types(&prepared)?;
+        Ok(Some(prepared))
+    }
+
+    fn get_parameter_types(&self, stmt: &Prepared) -> PgWireResult<Vec<Type>> {
+        parameter_types(stmt).map(|types| types.into_iter().map(|(pg, _)| pg).collect())
+    }
+
+    fn get_result_schema(
+        &self,
+        stmt: &Prepared,
+        format: Option<&Format>,
+    ) -> PgWireResult<Vec<FieldInfo>> {
+        match stmt.rows() {
+            // A statement's description has no formats yet: text, as PostgreSQL says.
+            Some(schema) => encode::fields(schema, format.unwrap_or(&Format::UnifiedText)),
+            None => Ok(vec![]),
+        }
+    }
+}
+
+/// Each `$n` parameter's PostgreSQL type and the Arrow type the query expects (`None` when
+/// the query leaves it open: it is then text), in order.
+fn parameter_types(stmt: &Prepared) -> PgWireResult<Vec<(Type, Option<DataType>)>> {
+    let Some(plan) = &stmt.plan else {
+        return Ok(vec![]);
+    };
+    let types = plan
+        .get_parameter_types()
+        .map_err(|e| user_error(&e.into()))?;
+    let mut numbered: Vec<(usize, Option<DataType>)> = Vec::with_capacity(types.len());
+    for (id, ty) in types {
+        let n = id
+            .strip_prefix('$')
+            .and_then(|n| n.parse::<usize>().ok())
+            .filter(|n| (1..=MAX_PARAMETERS).contains(n))
+            .ok_or_else(|| {
+                user_error(&IcePieError::Syntax(format!(
+                    "parameter {id} is not one of $1 to ${MAX_PARAMETERS}"
+                )))
+            })?;
+        numbered.push((n, ty.filter(|t| *t != DataType::Null)));
+    }
+    let count = numbered.iter().map(|(n, _)| *n).max().unwrap_or(0);
+    let mut out = vec![(Type::TEXT, None); count];
+    for (n, ty) in numbered {
+        let pg = ty.as_ref().map(encode::pg_type_of).unwrap_or(Type::TEXT);
+        out[n - 1] = (pg, ty);
+    }
+    Ok(out)
+}
+
+#[async_trait]
+impl SimpleQueryHandler for Backend {
+    /// Runs the statements one after the other, each sent whole (its rows streamed) before
+    /// the next starts, and stops at the first failure, whether in planning or in the rows.
+    async fn on_query<C>(&self, client: &mut C, query: Query) -> PgWireResult<()>
+    where
+        C: ClientInfo + ClientPortalStore + Sink<PgWireBackendMessage> + Unpin + Send + Sync,
+        C::PortalStore: PortalStore,
+        C::Error: Debug,
+        PgWireError: From<<C as Sink<PgWireBackendMessage>>::Error>,
+    {
+        if !matches!(client.state(), PgWireConnectionState::ReadyForQuery) {
+            return Err(PgWireError::NotReadyForQuery);
+        }
+        let mut status = client.transaction_status();
+        client.set_state(PgWireConnectionState::QueryInProgress);
+        match IcePie::parse(&query.query) {
+            Ok(statements) if statements.is_empty() => {
+                client
+                    .feed(PgWireBackendMessage::EmptyQueryResponse(
+                        EmptyQueryResponse::new(),
+                    ))
+                    .await?;
+            }
+            Ok(statements) => {
+                for statement in statements {
+                    let sent = match self
+                        .run(statement, ParamValues::List(vec![]), &Format::UnifiedText)
+                        .await
+                    {
+                        Ok(Response::Query(rows)) => send_query_response(client, rows, true).await,
+                        Ok(Response::TransactionStart(tag)) => {
+                            status = status.to_in_transaction_state();
+                            send_execution_response(client, tag).await
+                        }
+                        Ok(Response::TransactionEnd(tag)) => {
+                            status = status.to_idle_state();
+                            send_execution_response(client, tag).await
+                        }
+                        Ok(Response::Execution(tag)) => send_execution_response(client, tag).await,
+                        Ok(_) => Ok(()),
+                        Err(e) => Err(e),
+                    };
+                    match sent {
+                        Ok(()) => {}
+                        // The statements after a failed one do not run, as in PostgreSQL.
+                        Err(PgWireError::UserError(info)) => {
+                            client
+                                .feed(PgWireBackendMessage::ErrorResponse((*info).into()))
+                                .await?;
+                            status = status.to_error_state();
+                            break;
+                        }
+                        Err(e) => return Err(e),
+                    }
+                }
+            }
+            Err(e) => {
+                client
+                    .feed(PgWireBackendMessage::ErrorResponse(error_info(&e).into()))
+                    .await?;
+                status = status.to_error_state();
+            }
+        }
+        client.set_state(PgWireConnectionState::ReadyForQuery);
+        client.set_transaction_status(status);
+        send_ready_for_query(client, status).await
+    }
+
+    /// Not called: [`on_query`](Self::on_query) runs the statements itself.
+    async fn do_query<C>(&self, _client: &mut C, _query: &str) -> PgWireResult<Vec<Response>>
+    where
+        C: ClientInfo + Unpin + Send + Sync,
+    {
+        Err(PgWireError::ApiError(
+            "simple queries are run by on_query".into(),
+        ))
+    }
+}
+
+#[async_trait]
+impl ExtendedQueryHandler for Backend {
+    type Statement = Prepared;
+    type QueryParser = Parser;
+
+    fn query_parser(&self) -> Arc<Parser> {
+        self.parser.clone()
+    }
+
+    /// An Execute of all of a portal's rows (what drivers send) streams them to the client as
+    /// they are computed; one of some rows at a time is pgwire's (which holds the rows of
+    /// each fetch).
+    async fn on_execute<C>(&self, client: &mut C, message: Execute) -> PgWireResult<()>
+    where
+        C: ClientInfo + ClientPortalStore + Sink<PgWireBackendMessage> + Unpin + Send + Sync,
+        C::PortalStore: PortalStore<Statement = Self::Statement>,
+        C::Error: Debug,
+        PgWireError: From<<C as Sink<PgWireBackendMessage>>::Error>,
+    {
+        let name = message.name.as_deref().unwrap_or(DEFAULT_NAME);
+        let portal = match client.portal_store().get_portal(name) {
+            Some(Entry::Value(portal)) if message.max_rows == 0 => portal,
+            _ => return self._on_execute(client, message).await,
+        };
+        if !matches!(*portal.state().lock().await, PortalExecutionState::Initial) {
+            return self._on_execute(client, message).await;
+        }
+        if !matches!(client.state(), PgWireConnectionState::ReadyForQuery) {
+            return Err(PgWireError::NotReadyForQuery);
+        }
+        let mut status = client.transaction_status();
+        client.set_state(PgWireConnectionState::QueryInProgress);
+        let response = ExtendedQueryHandler::do_query(self, client, portal.as_ref(), 0).await?;
+        match response {
+            Response::Query(rows) => {
+                let fields = rows.row_schema();
+                send_query_response(client, rows, false).await?;
+                // Run to its end: another Execute of it returns no more rows.
+                portal
+                    .start(QueryResponse::new(fields, futures::stream::empty()))
+                    .await;
+            }
+            Response::TransactionStart(tag) => {
+                status = status.to_in_transaction_state();
+                send_execution_response(client, tag).await?;
+            }
+            Response::TransactionEnd(tag) => {
+                status = status.to_idle_state();
+                send_execution_response(client, tag).await?;
+            }
+            Response::Execution(tag) => send_execution_response(client, tag).await?,
+            _ => {}
+        }
+        client.set_state(PgWireConnectionState::ReadyForQuery);
+        client.set_transaction_status(status);
+        Ok(())
+    }
+
+    async fn do_query<C>(
+        &self,
+        _client: &mut C,
+        portal: &Portal<Prepared>,
+        _max_rows: usize,
+    ) -> PgWireResult<Response>
+    where
+        C: ClientInfo + Unpin + Send + Sync,
+    {
+        let prepared = &portal.statement.statement;
+        let params = bind(portal)?;
+        let described = prepared.rows().is_some();
+        let response = self
+            .run(
+                prepared.statement.clone(),
+                params,
+                &portal.result_column_format,
+            )
+            .await?;
+        Ok(match response {
+            // Described as returning no rows (they are known only once it ran): it runs to
+            // its end, and its tag says what it did.
+            Response::Query(mut rows) if !described => {
+                let mut count = 0;
+                while let Some(row) = rows.data_rows().next().await {
+                    row?;
+                    count += 1;
+                }
+                Response::Execution(Tag::new(&tag(&prepared.statement)).with_rows(count))
+            }
+            response => response,
+        })
+    }
+}
+
+impl Backend {
+    /// Runs `statement` with `params`; rows go in `format`.
+    async fn run(
+        &self,
+        statement: Statement,
+        params: ParamValues,
+        format: &Format,
+    ) -> PgWireResult<Response> {
+        self.policy.check(&statement).map_err(|e| user_error(&e))?;
+        if let Some(response) = session(&statement)? {
+            return Ok(response);
+        }
+        let tag = tag(&statement);
+        let writes = counts_rows(&statement);
+        let df = self
+            .warehouse
+            .execute_with_params(statement, params)
+            .await
+            .map_err(|e| user_error(&e))?;
+        let schema = df.schema().as_arrow().clone();
+        if schema.fields().is_empty() {
+            return Ok(Response::Execution(Tag::new(&tag)));
+        }
+        let stream = df
+            .execute_stream()
+            .await
+            .map_err(|e| user_error(&e.into()))?;
+        if writes {
+            // INSERT, UPDATE, DELETE and COPY answer with the rows they wrote, in their tag.
+            let batches: Vec<_> = stream
+                .try_collect()
+                .await
+                .map_err(|e| user_error(&e.into()))?;
+            let count = batches
+                .iter()
+                .filter_map(|b| {
+                    b.column(0)
+                        .as_any()
+                        .downcast_ref::<datafusion::arrow::array::UInt64Array>()
+                })
+                .flat_map(|a| a.iter().flatten())
+                .sum::<u64>();
+            let tag = match tag.as_str() {
+                "INSERT" => Tag::new("INSERT").with_oid(0),
+                other => Tag::new(other),
+            };
+            return Ok(Response::Execution(
+                tag.with_rows(usize::try_from(count).unwrap_or(usize::MAX)),
+            ));
+        }
+        let fields = Arc::new(encode::fields(&schema, format)?);
+        let encoding = fields.clone();
+        let rows = stream
+            .map_err(|e| user_error(&e.into()))
+            .and_then(move |batch| {
+                let fields = encoding.clone();
+                async move { encode::rows(&batch, &fields) }
+            })
+            .map_ok(|rows| futures::stream::iter(rows.into_iter().map(Ok)))
+            .try_flatten();
+        let mut response = QueryResponse::new(fields, rows.boxed());
+        if tag != "SELECT" {
+            response.set_command_tag(&tag);
+        }
+        Ok(Response::Query(response))
+    }
+}
+
+/// True for the statements whose result is the count of rows they wrote.
+fn counts_rows(statement: &Statement) -> bool {
+    match statement {
+        Statement::DataFusion(inner) => match &**inner {
+            DFStatement::CopyTo(_) => true,
+            DFStatement::Statement(s) => matches!(
+                **s,
+                SqlStatement::Insert(_) | SqlStatement::Update { .. } | SqlStatement::Delete(_)
+            ),
+            _ => false,
+        },
+        _ => false,
+    }
+}
+
+/// What a client's session statements do:
+/// - `BEGIN`, `START TRANSACTION`, `COMMIT`, `END` and a bare `ROLLBACK` are accepted and group
+///   nothing (every statement commits on its own); savepoints are refused;
+/// - `SET` of a PostgreSQL session variable (`application_name`, `extra_float_digits`,
+///   `DateStyle`: what drivers send on connect) is accepted and changes nothing; the settings
+///   of DataFusion and icepie are the server's, for every client, and are refused.
+fn session(statement: &Statement) -> PgWireResult<Option<Response>> {
+    let Statement::DataFusion(inner) = statement else {
+        return Ok(None);
+    };
+    let DFStatement::Statement(sql) = &**inner else {
+        return Ok(None);
+    };
+    let not_supported = |what: &str| {
+        Err(PgWireError::UserError(Box::new(
+            pgwire::error::ErrorInfo::new("ERROR".into(), "0A000".into(), what.into()),
+        )))
+    };
+    match &**sql {
+        SqlStatement::StartTransaction { .. } => {
+            Ok(Some(Response::TransactionStart(Tag::new("BEGIN"))))
+        }
+        SqlStatement::Commit { .. } => Ok(Some(Response::TransactionEnd(Tag::new("COMMIT")))),
+        SqlStatement::Rollback {
+            savepoint: None, ..
+        } => Ok(Some(Response::TransactionEnd(Tag::new("ROLLBACK")))),
+        SqlStatement::Rollback { .. } | SqlStatement::Savepoint { .. } => {
+            not_supported("savepoints are not supported: every statement commits on its own")
+        }
+        SqlStatement::Set(_) => {
+            let text = sql.to_string();
+            let variable = text
+                .split_whitespace()
+                .skip(1)
+                .find(|w| !w.eq_ignore_ascii_case("session") && !w.eq_ignore_ascii_case("local"))
+                .unwrap_or_default()
+                .to_ascii_lowercase();
+            if variable.contains('.') {
+                Err(user_error(&IcePieError::NotAllowed(format!(
+                    "{variable} is a setting of the server, shared by every client: start the \
+                     server with --set to change it"
+                ))))
+            } else {
+                Ok(Some(Response::Execution(Tag::new("SET"))))
+            }
+        }
+        _ => Ok(None),
+    }
+}
+
+/// The command tag of a statement: what it is, in its own words (`SELECT`, `CREATE SLICE`).
+fn tag(statement: &Statement) -> String {
+    let fixed = match statement {
+        Statement::DataFusion(inner) => {
+            let text = inner.to_string();
+            let words: Vec<&str> = text.split_whitespace().take(2).collect();
+            return match words.first().map(|w| w.to_ascii_uppercase()) {
+                Some(w) if w == "CREATE" || w == "DROP" || w == "ALTER" => {
+                    words.join(" ").to_ascii_uppercase()
+                }
+                Some(w) if w == "WITH" || w == "VALUES" || w.starts_with('(') => "SELECT".into(),
+                Some(w) => w,
+                None => "SELECT".into(),
+            };
+        }
+        Statement::CreateCoreTable(_) => "CREATE CORE TABLE",
+        Statement::Ingest(_) => "INGEST",
+        Statement::DropCoreTable { .. } => "DROP CORE TABLE",
+        Statement::CreateSlice(_) => "CREATE SLICE",
+        Statement::RefreshSlice { .. } => "REFRESH SLICE",
+        Statement::ExplainRefresh(_) => "EXPLAIN REFRESH SLICE",
+        Statement::DropSlice { .. } => "DROP SLICE",
+        Statement::ShowCoreTables => "SHOW CORE TABLES",
+        Statement::ShowSlices => "SHOW SLICES",
+        Statement::DescribeSlice(_) => "DESCRIBE SLICE",
+        Statement::FreezeSlice { .. } => "FREEZE SLICE",
+        Statement::ThawSlice(_) => "THAW SLICE",
+        Statement::RollbackSlice { .. } => "ROLLBACK SLICE",
+        Statement::ShowSliceHistory(_) => "SHOW SLICE HISTORY",
+        Statement::Vacuum(_) => "VACUUM",
+        Statement::Verify(_) => "VERIFY",
+    };
+    fixed.to_string()
+}
+
+/// The portal's parameters, each as the type the query expects it (read as the client sent
+/// it: text or binary, of the type the client declared or else the query's).
+fn bind(portal: &Portal<Prepared>) -> PgWireResult<ParamValues> {
+    let expected = parameter_types(&portal.statement.statement)?;
+    let n = portal.parameter_len();
+    if let Format::Individual(codes) = &portal.parameter_format {
+        if codes.len() != n {
+            return Err(protocol_error(format!(
+                "{} parameter format codes for {n} parameters",
+                codes.len()
+            )));
+        }
+    }
+    let mut values = Vec::with_capacity(n);
+    for i in 0..n {
+        let (inferred, arrow) = expected.get(i).cloned().unwrap_or((Type::TEXT, None));
+        let declared = portal
+            .statement
+            .parameter_types
+            .get(i)
+            .cloned()
+            .flatten()
+            .filter(|t| *t != Type::UNKNOWN);
+        let pg = declared.unwrap_or(inferred);
+        let value = parameter(portal, i, &pg)?;
+        // A parameter the query leaves open is text, as it was described.
+        let target = arrow.unwrap_or(DataType::Utf8);
+        let value = if value.data_type() == target {
+            value
+        } else {
+            value.cast_to(&target).map_err(|e| user_error(&e.into()))?
+        };
+        values.push(value.into());
+    }
+    Ok(ParamValues::List(values))
+}
+
+/// Parameter `i` of the portal, read as PostgreSQL type `pg`.
+fn parameter(portal: &Portal<Prepared>, i: usize, pg: &Type) -> PgWireResult<ScalarValue> {
+    let binary = portal.parameter_format.is_binary(i);
+    Ok(match *pg {
+        Type::BOOL => ScalarValue::Boolean(portal.parameter::<bool>(i, pg)?),
+        Type::INT2 => ScalarValue::Int16(portal.parameter::<i16>(i, pg)?),
+        Type::INT4 => ScalarValue::Int32(portal.parameter::<i32>(i, pg)?),
+        Type::INT8 => ScalarValue::Int64(portal.parameter::<i64>(i, pg)?),
+        Type::FLOAT4 => ScalarValue::Float32(portal.parameter::<f32>(i, pg)?),
+        Type::FLOAT8 => ScalarValue::Float64(portal.parameter::<f64>(i, pg)?),
+        Type::DATE => ScalarValue::Date32(
+            portal
+                .parameter::<chrono::NaiveDate>(i, pg)?
+                .map(|d| (d - chrono::NaiveDate::default()).num_days() as i32),
+        ),
+        Type::TIME => ScalarValue::Time64Microsecond(
+            portal
+                .parameter::<chrono::NaiveTime>(i, pg)?
+                .map(|t| (t - chrono::NaiveTime::MIN).num_microseconds().unwrap_or(0)),
+        ),
+        Type::TIMESTAMP => ScalarValue::TimestampMicrosecond(
+            portal
+                .parameter::<chrono::NaiveDateTime>(i, pg)?
+                .map(|t| t.and_utc().timestamp_micros()),
+            None,
+        ),
+        Type::TIMESTAMPTZ => ScalarValue::TimestampMicrosecond(
+            portal
+                .parameter::<chrono::DateTime<chrono::FixedOffset>>(i, pg)?
+                .map(|t| t.timestamp_micros()),
+            Some("+00:00".into()),
+        ),
+        Type::BYTEA => ScalarValue::Binary(portal.parameter::<Vec<u8>>(i, pg)?),
+        Type::TEXT | Type::VARCHAR | Type::BPCHAR | Type::NAME | Type::UNKNOWN => {
+            ScalarValue::Utf8(portal.parameter::<String>(i, &Type::TEXT)?)
+        }
+        // Any other type in text format is its text, which the query's expected type casts;
+        // its binary form is not read here.
+        _ if !binary => ScalarValue::Utf8(portal.parameter::<String>(i, &Type::TEXT)?),
+        _ => {
+            return Err(PgWireError::UserError(Box::new(
+                pgwire::error::ErrorInfo::new(
+                    "ERROR".into(),
+                    "22P03".into(),
+                    format!(
+                        "parameter ${} of type {pg} was sent in binary, which this server does \
+                         not read for that type; send it as text",
+                        i + 1
+                    ),
+                ),
+            )))
+        }
+    })
+}
