@@ -25,6 +25,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use datafusion::arrow::datatypes::SchemaRef;
 use datafusion::common::config::ExtensionOptions;
 use datafusion::common::ParamValues;
 use datafusion::dataframe::DataFrame;
@@ -59,6 +60,13 @@ use crate::storage::{Warehouse, DEFAULT_LOCATION};
 pub use builder::IcePieBuilder;
 pub use scheduler::RefreshEvent;
 use state::Shared;
+
+/// `SHOW CORE TABLES`.
+const SHOW_CORE_TABLES: &str = "SELECT name, version, rows, files, bytes, created_at, \
+     last_ingest_at FROM system.core_tables ORDER BY name";
+/// `SHOW SLICES`.
+const SHOW_SLICES: &str = "SELECT domain, name, state, version, rows, bytes, refreshed_at, lag, \
+     refresh, owner, last_error FROM system.slices ORDER BY domain, name";
 
 /// How many times a refresh that keeps losing races to other writers builds again before it
 /// reports the conflict.
@@ -270,6 +278,29 @@ impl IcePie {
         Ok(Some(plan))
     }
 
+    /// The schema of the rows one of icepie's own statements returns, known before it runs,
+    /// for a server to describe them: `CREATE CORE TABLE`, `INGEST`, `CREATE SLICE`,
+    /// `REFRESH SLICE`, `DROP`, `SHOW CORE TABLES`, `SHOW SLICES`, `VACUUM`, `VERIFY`.
+    /// `None` for the others, and for DataFusion's statements (see [`plan`](Self::plan)).
+    pub async fn result_schema(&self, stmt: &Statement) -> Result<Option<SchemaRef>> {
+        let ctx = &self.inner.ctx;
+        let empty = match stmt {
+            Statement::CreateCoreTable(_) | Statement::Ingest(_) => output::loads(ctx, None)?,
+            Statement::DropCoreTable { .. } | Statement::DropSlice { .. } => {
+                output::dropped(ctx, None)?
+            }
+            Statement::CreateSlice(_) | Statement::RefreshSlice { .. } => {
+                output::builds(ctx, None)?
+            }
+            Statement::Vacuum(_) => output::vacuums(ctx, &[])?,
+            Statement::Verify(_) => output::verifies(ctx, &[])?,
+            Statement::ShowCoreTables => ctx.sql(SHOW_CORE_TABLES).await?,
+            Statement::ShowSlices => ctx.sql(SHOW_SLICES).await?,
+            _ => return Ok(None),
+        };
+        Ok(Some(Arc::new(empty.schema().as_arrow().clone())))
+    }
+
     /// Runs one statement whose `$n` placeholders take `params` (none for statements without
     /// any; only DataFusion's own statements can have them).
     pub async fn execute_with_params(
@@ -335,18 +366,8 @@ impl IcePie {
                 let dropped = self.drop_slice(&name, if_exists).await?;
                 output::dropped(ctx, dropped.then(|| name.to_string()))
             }
-            Statement::ShowCoreTables => Ok(ctx
-                .sql(
-                    "SELECT name, version, rows, files, bytes, created_at, last_ingest_at \
-                      FROM system.core_tables ORDER BY name",
-                )
-                .await?),
-            Statement::ShowSlices => Ok(ctx
-                .sql(
-                    "SELECT domain, name, state, version, rows, bytes, refreshed_at, lag, refresh, \
-                      owner, last_error FROM system.slices ORDER BY domain, name",
-                )
-                .await?),
+            Statement::ShowCoreTables => Ok(ctx.sql(SHOW_CORE_TABLES).await?),
+            Statement::ShowSlices => Ok(ctx.sql(SHOW_SLICES).await?),
             Statement::DescribeSlice(name) => {
                 let info = self.slice(&name.to_string()).await?;
                 output::describe(ctx, &info)

@@ -6,7 +6,7 @@ use std::fmt::Debug;
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use datafusion::arrow::datatypes::{DataType, Schema};
+use datafusion::arrow::datatypes::{DataType, Schema, SchemaRef};
 use datafusion::common::{ParamValues, ScalarValue};
 use datafusion::logical_expr::LogicalPlan;
 use datafusion::sql::parser::Statement as DFStatement;
@@ -50,12 +50,17 @@ pub(super) struct Backend {
 pub(super) struct Prepared {
     statement: Statement,
     plan: Option<LogicalPlan>,
+    /// The rows an icepie statement returns.
+    result: Option<SchemaRef>,
 }
 
 impl Prepared {
-    /// The schema of the rows it returns, when known before it runs (queries, EXPLAIN).
+    /// The schema of the rows it returns, when known before it runs (queries, EXPLAIN, most
+    /// of icepie's statements).
     fn rows(&self) -> Option<&Schema> {
-        let plan = self.plan.as_ref()?;
+        let Some(plan) = self.plan.as_ref() else {
+            return self.result.as_deref();
+        };
         match plan {
             LogicalPlan::Ddl(_)
             | LogicalPlan::Dml(_)
@@ -100,7 +105,16 @@ impl QueryParser for Parser {
             .plan(&statement)
             .await
             .map_err(|e| user_error(&e))?;
-        let prepared = Prepared { statement, plan };
+        let result = self
+            .warehouse
+            .result_schema(&statement)
+            .await
+            .map_err(|e| user_error(&e))?;
+        let prepared = Prepared {
+            statement,
+            plan,
+            result,
+        };
         // Refuses absurd parameter numbers here, before anything is sized by them.
         parameter_types(&prepared)?;
         Ok(Some(prepared))

@@ -143,8 +143,14 @@ async fn a_postgres_client_creates_ingests_slices_and_queries() {
         .batch_execute("INGEST INTO orders VALUES (4, 5.0, 'paid', DATE '2026-01-05')")
         .await
         .unwrap();
-    let refreshed = simple_rows(&client, "REFRESH SLICE ops.paid").await;
-    assert_eq!(refreshed.len(), 1, "{refreshed:?}");
+    // Through the extended protocol (as psycopg and JDBC send everything) too.
+    let refreshed = client.query("REFRESH SLICE ops.paid", &[]).await.unwrap();
+    assert_eq!(refreshed.len(), 1);
+    assert_eq!(refreshed[0].get::<_, String>("slice"), "ops.paid");
+    assert_eq!(refreshed[0].get::<_, i64>("rows"), 3);
+    let slices = client.query("SHOW SLICES", &[]).await.unwrap();
+    assert_eq!(slices.len(), 1);
+    assert_eq!(slices[0].get::<_, String>("name"), "paid");
     let n: i64 = client
         .query_one("SELECT count(*) FROM ops.paid", &[])
         .await
