@@ -20,7 +20,9 @@ use pgwire::api::query::{
 use pgwire::api::results::{FieldInfo, QueryResponse, Response, Tag};
 use pgwire::api::stmt::QueryParser;
 use pgwire::api::store::{Entry, PortalStore};
-use pgwire::api::{ClientInfo, ClientPortalStore, PgWireConnectionState, Type, DEFAULT_NAME};
+use pgwire::api::{
+    ClientInfo, ClientPortalStore, ConnectionHandle, PgWireConnectionState, Type, DEFAULT_NAME,
+};
 use pgwire::error::{PgWireError, PgWireResult};
 use pgwire::messages::extendedquery::Execute;
 use pgwire::messages::response::EmptyQueryResponse;
@@ -41,6 +43,7 @@ const MAX_PARAMETERS: usize = 65_535;
 pub(super) struct Backend {
     pub(super) warehouse: IcePie,
     pub(super) policy: Policy,
+    pub(super) statement_timeout: Option<std::time::Duration>,
     pub(super) parser: Arc<Parser>,
 }
 
@@ -194,23 +197,31 @@ impl SimpleQueryHandler for Backend {
             }
             Ok(statements) => {
                 for statement in statements {
-                    let sent = match self
-                        .run(statement, ParamValues::List(vec![]), &Format::UnifiedText)
-                        .await
-                    {
-                        Ok(Response::Query(rows)) => send_query_response(client, rows, true).await,
-                        Ok(Response::TransactionStart(tag)) => {
-                            status = status.to_in_transaction_state();
-                            send_execution_response(client, tag).await
+                    let stop = self.stop_signal(client).await;
+                    let work = async {
+                        match self
+                            .run(statement, ParamValues::List(vec![]), &Format::UnifiedText)
+                            .await?
+                        {
+                            Response::Query(rows) => {
+                                send_query_response(client, rows, true).await?;
+                            }
+                            Response::TransactionStart(tag) => {
+                                status = status.to_in_transaction_state();
+                                send_execution_response(client, tag).await?;
+                            }
+                            Response::TransactionEnd(tag) => {
+                                status = status.to_idle_state();
+                                send_execution_response(client, tag).await?;
+                            }
+                            Response::Execution(tag) => {
+                                send_execution_response(client, tag).await?;
+                            }
+                            _ => {}
                         }
-                        Ok(Response::TransactionEnd(tag)) => {
-                            status = status.to_idle_state();
-                            send_execution_response(client, tag).await
-                        }
-                        Ok(Response::Execution(tag)) => send_execution_response(client, tag).await,
-                        Ok(_) => Ok(()),
-                        Err(e) => Err(e),
+                        Ok(())
                     };
+                    let sent = stop.guard(work).await;
                     match sent {
                         Ok(()) => {}
                         // The statements after a failed one do not run, as in PostgreSQL.
@@ -280,27 +291,31 @@ impl ExtendedQueryHandler for Backend {
         }
         let mut status = client.transaction_status();
         client.set_state(PgWireConnectionState::QueryInProgress);
-        let response = ExtendedQueryHandler::do_query(self, client, portal.as_ref(), 0).await?;
-        match response {
-            Response::Query(rows) => {
-                let fields = rows.row_schema();
-                send_query_response(client, rows, false).await?;
-                // Run to its end: another Execute of it returns no more rows.
-                portal
-                    .start(QueryResponse::new(fields, futures::stream::empty()))
-                    .await;
+        let stop = self.stop_signal(client).await;
+        let work = async {
+            match ExtendedQueryHandler::do_query(self, client, portal.as_ref(), 0).await? {
+                Response::Query(rows) => {
+                    let fields = rows.row_schema();
+                    send_query_response(client, rows, false).await?;
+                    // Run to its end: another Execute of it returns no more rows.
+                    portal
+                        .start(QueryResponse::new(fields, futures::stream::empty()))
+                        .await;
+                }
+                Response::TransactionStart(tag) => {
+                    status = status.to_in_transaction_state();
+                    send_execution_response(client, tag).await?;
+                }
+                Response::TransactionEnd(tag) => {
+                    status = status.to_idle_state();
+                    send_execution_response(client, tag).await?;
+                }
+                Response::Execution(tag) => send_execution_response(client, tag).await?,
+                _ => {}
             }
-            Response::TransactionStart(tag) => {
-                status = status.to_in_transaction_state();
-                send_execution_response(client, tag).await?;
-            }
-            Response::TransactionEnd(tag) => {
-                status = status.to_idle_state();
-                send_execution_response(client, tag).await?;
-            }
-            Response::Execution(tag) => send_execution_response(client, tag).await?,
-            _ => {}
-        }
+            Ok(())
+        };
+        stop.guard(work).await?;
         client.set_state(PgWireConnectionState::ReadyForQuery);
         client.set_transaction_status(status);
         Ok(())
@@ -341,7 +356,72 @@ impl ExtendedQueryHandler for Backend {
     }
 }
 
+/// What stops a running statement: the client's cancel request or the statement timeout.
+struct Stop {
+    cancel: Option<futures::channel::oneshot::Receiver<()>>,
+    timeout: Option<std::time::Duration>,
+}
+
+impl Stop {
+    /// Runs `work` (a statement and the sending of its rows) until it ends or is stopped;
+    /// stopped, its plan and rows are dropped and it fails with SQLSTATE 57014.
+    async fn guard<F>(self, work: F) -> PgWireResult<()>
+    where
+        F: std::future::Future<Output = PgWireResult<()>>,
+    {
+        let cancelled = async {
+            match self.cancel {
+                // A dropped sender (a later statement took over) is no cancel.
+                Some(rx) => {
+                    if rx.await.is_err() {
+                        std::future::pending::<()>().await
+                    }
+                    "canceling statement due to user request".to_string()
+                }
+                None => std::future::pending().await,
+            }
+        };
+        let timed_out = async {
+            match self.timeout {
+                Some(limit) => {
+                    tokio::time::sleep(limit).await;
+                    format!(
+                        "canceling statement due to statement timeout ({} s)",
+                        limit.as_secs_f64()
+                    )
+                }
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            done = work => done,
+            why = cancelled => Err(cancelled_error(why)),
+            why = timed_out => Err(cancelled_error(why)),
+        }
+    }
+}
+
+fn cancelled_error(message: String) -> PgWireError {
+    PgWireError::UserError(Box::new(pgwire::error::ErrorInfo::new(
+        "ERROR".into(),
+        "57014".into(),
+        message,
+    )))
+}
+
 impl Backend {
+    /// What may stop the next statement of `client`'s connection.
+    async fn stop_signal<C: ClientInfo>(&self, client: &C) -> Stop {
+        let cancel = match client.session_extensions().get::<Arc<ConnectionHandle>>() {
+            Some(handle) => Some(handle.start_query().await),
+            None => None,
+        };
+        Stop {
+            cancel,
+            timeout: self.statement_timeout,
+        }
+    }
+
     /// Runs `statement` with `params`; rows go in `format`.
     async fn run(
         &self,

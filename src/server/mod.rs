@@ -8,6 +8,8 @@
 //! - Results stream: rows are encoded batch by batch as the client reads them.
 //! - Errors carry a SQLSTATE ([`sqlstate`]): syntax, undefined table, read-only core, frozen
 //!   slice, conflict, ...
+//! - Cancel requests (psql's Ctrl-C) and `statement_timeout` stop a statement, its rows
+//!   included, with SQLSTATE 57014; the connection goes on.
 //! - Authentication: SCRAM-SHA-256 against a password when one is given; without one, the
 //!   server accepts every client and refuses to listen beyond the loopback interface.
 //! - The server's files are not its clients': they name only locations under those the server
@@ -37,8 +39,9 @@ use pgwire::api::auth::sasl::SASLAuthStartupHandler;
 use pgwire::api::auth::{
     AuthSource, DefaultServerParameterProvider, LoginInfo, Password, StartupHandler,
 };
+use pgwire::api::cancel::{CancelHandler, DefaultCancelHandler};
 use pgwire::api::query::{ExtendedQueryHandler, SimpleQueryHandler};
-use pgwire::api::{ClientInfo, PgWireServerHandlers};
+use pgwire::api::{ClientInfo, ConnectionManager, PgWireServerHandlers};
 use pgwire::error::{PgWireError, PgWireResult};
 use pgwire::messages::{PgWireBackendMessage, PgWireFrontendMessage};
 use tokio::net::TcpListener;
@@ -60,6 +63,9 @@ pub struct PgOptions {
     pub allow_paths: Vec<String>,
     /// Clients may only read: queries, SHOW, DESCRIBE, EXPLAIN.
     pub read_only: bool,
+    /// How long a statement may run, its rows' sending included, before it is cancelled;
+    /// `None` for no limit.
+    pub statement_timeout: Option<std::time::Duration>,
 }
 
 impl Debug for PgOptions {
@@ -68,6 +74,7 @@ impl Debug for PgOptions {
             .field("password", &self.password.as_ref().map(|_| "***"))
             .field("allow_paths", &self.allow_paths)
             .field("read_only", &self.read_only)
+            .field("statement_timeout", &self.statement_timeout)
             .finish()
     }
 }
@@ -91,6 +98,7 @@ pub async fn serve_pg(
     let handlers = Arc::new(Handlers {
         backend: Arc::new(Backend {
             policy,
+            statement_timeout: options.statement_timeout,
             parser: Arc::new(Parser {
                 warehouse: warehouse.clone(),
             }),
@@ -99,6 +107,7 @@ pub async fn serve_pg(
         // Salted once: a login then costs no key derivation (which clients could make the
         // server do at will).
         password: options.password.map(|p| Arc::new(Secret::new(&p))),
+        connections: Arc::new(ConnectionManager::new()),
     });
     tokio::pin!(shutdown);
     loop {
@@ -124,6 +133,8 @@ fn io_error(e: std::io::Error) -> IcePieError {
 struct Handlers {
     backend: Arc<Backend>,
     password: Option<Arc<Secret>>,
+    /// Every connection, for cancel requests to find theirs.
+    connections: Arc<ConnectionManager>,
 }
 
 impl PgWireServerHandlers for Handlers {
@@ -135,15 +146,21 @@ impl PgWireServerHandlers for Handlers {
         self.backend.clone()
     }
 
+    fn cancel_handler(&self) -> Arc<impl CancelHandler> {
+        Arc::new(DefaultCancelHandler::new(self.connections.clone()))
+    }
+
     fn startup_handler(&self) -> Arc<impl StartupHandler> {
         // Called once per connection: each has its own authentication state.
         Arc::new(match &self.password {
-            None => Startup::Trust(Trust),
+            None => Startup::Trust(Trust(self.connections.clone())),
             Some(password) => {
                 let mut scram = ScramAuth::new(password.clone());
                 scram.set_iterations(SCRAM_ITERATIONS);
                 Startup::Scram(Box::new(
-                    SASLAuthStartupHandler::new(Arc::new(server_parameters())).with_scram(scram),
+                    SASLAuthStartupHandler::new(Arc::new(server_parameters()))
+                        .with_scram(scram)
+                        .with_connection_manager(self.connections.clone()),
                 ))
             }
         })
@@ -184,9 +201,13 @@ impl AuthSource for Secret {
 }
 
 /// Admits every client (a loopback listener without a password).
-struct Trust;
+struct Trust(Arc<ConnectionManager>);
 
-impl pgwire::api::auth::noop::NoopStartupHandler for Trust {}
+impl pgwire::api::auth::noop::NoopStartupHandler for Trust {
+    fn connection_manager(&self) -> Option<Arc<ConnectionManager>> {
+        Some(self.0.clone())
+    }
+}
 
 enum Startup {
     Trust(Trust),

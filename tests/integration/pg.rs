@@ -407,6 +407,55 @@ async fn a_read_only_server_refuses_writes() {
     );
 }
 
+/// A query that runs for minutes unless stopped.
+const LONG: &str = "SELECT count(*) FROM generate_series(1, 100000000000)";
+
+/// `work`, or a failure after a minute: a stop that does not work fails rather than hangs.
+async fn within_a_minute<T>(work: impl std::future::Future<Output = T>) -> T {
+    tokio::time::timeout(std::time::Duration::from_secs(60), work)
+        .await
+        .expect("the statement was not stopped within a minute")
+}
+
+#[tokio::test]
+async fn a_cancel_request_or_the_statement_timeout_stops_a_long_query() {
+    let server = start(None).await;
+    let client = connect(&server, None).await.unwrap();
+    let token = client.cancel_token();
+    let (result, ()) = tokio::join!(within_a_minute(client.simple_query(LONG)), async {
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+        token.cancel_query(NoTls).await.unwrap();
+    });
+    let e = result.expect_err("the query should be cancelled");
+    assert_eq!(e.code().map(|c| c.code()), Some("57014"), "{e:?}");
+    // The connection goes on, through the extended protocol too.
+    let (result, ()) = tokio::join!(within_a_minute(client.query(LONG, &[])), async {
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+        token.cancel_query(NoTls).await.unwrap();
+    });
+    assert_eq!(result.unwrap_err().code().map(|c| c.code()), Some("57014"));
+    assert_eq!(simple_rows(&client, "SELECT 1").await, vec!["1"]);
+
+    let limited = start_with(PgOptions {
+        statement_timeout: Some(std::time::Duration::from_millis(300)),
+        ..PgOptions::default()
+    })
+    .await;
+    let client = connect(&limited, None).await.unwrap();
+    let e = within_a_minute(client.simple_query(LONG))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code().map(|c| c.code()), Some("57014"), "{e:?}");
+    let message = e.as_db_error().map(|d| d.message().to_string());
+    assert!(
+        message
+            .as_deref()
+            .is_some_and(|m| m.contains("statement timeout")),
+        "{message:?}"
+    );
+    assert_eq!(simple_rows(&client, "SELECT 2").await, vec!["2"]);
+}
+
 #[tokio::test]
 async fn a_password_is_checked_when_set() {
     let server = start(Some("s3cret")).await;

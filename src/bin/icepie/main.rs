@@ -4,7 +4,7 @@
 //! icepie [--data LOCATION] [--set NAME=VALUE]... [--format FORMAT] [-q] [--bail]
 //!        [-c SQL]... [-f FILE]...
 //! icepie serve [--data LOCATION] [--set NAME=VALUE]... [--grace SECONDS]
-//!              [--pg [ADDR]] [--allow-path DIR]... [--read-only]
+//!              [--pg [ADDR]] [--allow-path DIR]... [--read-only] [--statement-timeout SECONDS]
 //! ```
 //!
 //! With a terminal on standard input and no `-c`/`-f`, `icepie` starts the interactive REPL,
@@ -152,6 +152,16 @@ fn cli() -> Command {
                             "A directory or object-store URL under which --pg clients may name \
                              files (INGEST ... FROM, COPY ... TO, ...); repeatable; none by \
                              default",
+                        ),
+                )
+                .arg(
+                    Arg::new("statement-timeout")
+                        .long("statement-timeout")
+                        .value_name("SECONDS")
+                        .value_parser(clap::value_parser!(u64))
+                        .help(
+                            "Cancel a --pg client's statement (its rows' sending included) \
+                             after SECONDS",
                         ),
                 )
                 .arg(

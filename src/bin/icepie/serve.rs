@@ -104,10 +104,14 @@ pub async fn run(matches: &clap::ArgMatches) -> Result<(), String> {
         if read_only {
             eprintln!("read-only: clients may only query");
         }
+        let statement_timeout = matches
+            .get_one::<u64>("statement-timeout")
+            .map(|s| Duration::from_secs(*s));
         let options = icepie::server::PgOptions {
             password,
             allow_paths,
             read_only,
+            statement_timeout,
         };
         let server = warehouse.clone();
         tokio::spawn(async move {
