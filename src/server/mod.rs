@@ -66,6 +66,9 @@ pub struct PgOptions {
     /// How long a statement may run, its rows' sending included, before it is cancelled;
     /// `None` for no limit.
     pub statement_timeout: Option<std::time::Duration>,
+    /// How many clients may be connected at once; more are refused with SQLSTATE 53300.
+    /// `None` for no limit.
+    pub max_connections: Option<usize>,
 }
 
 impl Debug for PgOptions {
@@ -75,6 +78,7 @@ impl Debug for PgOptions {
             .field("allow_paths", &self.allow_paths)
             .field("read_only", &self.read_only)
             .field("statement_timeout", &self.statement_timeout)
+            .field("max_connections", &self.max_connections)
             .finish()
     }
 }
@@ -109,14 +113,33 @@ pub async fn serve_pg(
         password: options.password.map(|p| Arc::new(Secret::new(&p))),
         connections: Arc::new(ConnectionManager::new()),
     });
+    let slots = options
+        .max_connections
+        .map(|n| (n, Arc::new(tokio::sync::Semaphore::new(n))));
     tokio::pin!(shutdown);
     loop {
         tokio::select! {
             accepted = listener.accept() => {
                 // A failed accept (out of file descriptors, a reset) ends no other connection.
                 let Ok((socket, _)) = accepted else { continue };
+                let permit = match &slots {
+                    None => None,
+                    Some((max, slots)) => match slots.clone().try_acquire_owned() {
+                        Ok(permit) => Some(permit),
+                        Err(_) => {
+                            // Told why at its startup; its cancel requests still work.
+                            let refuse = Arc::new(Refuse {
+                                max: *max,
+                                connections: handlers.connections.clone(),
+                            });
+                            tokio::spawn(pgwire::tokio::process_socket(socket, None, refuse));
+                            continue;
+                        }
+                    },
+                };
                 let handlers = handlers.clone();
                 tokio::spawn(async move {
+                    let _slot = permit;
                     // A client's protocol error ends its connection alone.
                     let _ = pgwire::tokio::process_socket(socket, None, handlers).await;
                 });
@@ -164,6 +187,50 @@ impl PgWireServerHandlers for Handlers {
                 ))
             }
         })
+    }
+}
+
+/// Answers a connection beyond `max_connections`: refused at startup, cancel requests served.
+struct Refuse {
+    max: usize,
+    connections: Arc<ConnectionManager>,
+}
+
+impl PgWireServerHandlers for Refuse {
+    fn cancel_handler(&self) -> Arc<impl CancelHandler> {
+        Arc::new(DefaultCancelHandler::new(self.connections.clone()))
+    }
+
+    fn startup_handler(&self) -> Arc<impl StartupHandler> {
+        Arc::new(TooMany(self.max))
+    }
+}
+
+struct TooMany(usize);
+
+#[async_trait]
+impl StartupHandler for TooMany {
+    async fn on_startup<C>(
+        &self,
+        _client: &mut C,
+        _message: PgWireFrontendMessage,
+    ) -> PgWireResult<()>
+    where
+        C: ClientInfo + Sink<PgWireBackendMessage> + Unpin + Send + Sync,
+        C::Error: Debug,
+        PgWireError: From<<C as Sink<PgWireBackendMessage>>::Error>,
+    {
+        Err(PgWireError::UserError(Box::new(
+            pgwire::error::ErrorInfo::new(
+                "FATAL".into(),
+                "53300".into(),
+                format!(
+                    "sorry, too many clients already: this server takes {} at once \
+                 (--max-connections)",
+                    self.0
+                ),
+            ),
+        )))
     }
 }
 

@@ -457,6 +457,35 @@ async fn a_cancel_request_or_the_statement_timeout_stops_a_long_query() {
 }
 
 #[tokio::test]
+async fn clients_beyond_max_connections_are_refused_until_one_leaves() {
+    let server = start_with(PgOptions {
+        max_connections: Some(1),
+        ..PgOptions::default()
+    })
+    .await;
+    let first = connect(&server, None).await.unwrap();
+    let refused = connect(&server, None).await.unwrap_err();
+    assert_eq!(
+        refused.code().map(|c| c.code()),
+        Some("53300"),
+        "{refused:?}"
+    );
+    // The connected client goes on, and can still be cancelled through a new connection.
+    let token = first.cancel_token();
+    let (result, ()) = tokio::join!(within_a_minute(first.simple_query(LONG)), async {
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+        token.cancel_query(NoTls).await.unwrap();
+    });
+    assert_eq!(result.unwrap_err().code().map(|c| c.code()), Some("57014"));
+    drop(first);
+    let second = crate::support::eventually(10, "a free connection", || async {
+        connect(&server, None).await.ok()
+    })
+    .await;
+    assert_eq!(simple_rows(&second, "SELECT 3").await, vec!["3"]);
+}
+
+#[tokio::test]
 async fn a_password_is_checked_when_set() {
     let server = start(Some("s3cret")).await;
     let refused = connect(&server, Some("wrong")).await.unwrap_err();

@@ -5,6 +5,7 @@
 //!        [-c SQL]... [-f FILE]...
 //! icepie serve [--data LOCATION] [--set NAME=VALUE]... [--grace SECONDS]
 //!              [--pg [ADDR]] [--allow-path DIR]... [--read-only] [--statement-timeout SECONDS]
+//!              [--max-connections N]
 //! ```
 //!
 //! With a terminal on standard input and no `-c`/`-f`, `icepie` starts the interactive REPL,
@@ -163,6 +164,14 @@ fn cli() -> Command {
                             "Cancel a --pg client's statement (its rows' sending included) \
                              after SECONDS",
                         ),
+                )
+                .arg(
+                    Arg::new("max-connections")
+                        .long("max-connections")
+                        .value_name("N")
+                        .value_parser(clap::value_parser!(u32).range(1..))
+                        .default_value("100")
+                        .help("How many --pg clients may be connected at once"),
                 )
                 .arg(
                     Arg::new("read-only")

@@ -112,6 +112,9 @@ pub async fn run(matches: &clap::ArgMatches) -> Result<(), String> {
             allow_paths,
             read_only,
             statement_timeout,
+            max_connections: matches
+                .get_one::<u32>("max-connections")
+                .map(|n| *n as usize),
         };
         let server = warehouse.clone();
         tokio::spawn(async move {
