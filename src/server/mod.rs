@@ -34,7 +34,7 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use futures::Sink;
-use pgwire::api::auth::sasl::scram::{gen_salted_password, ScramAuth};
+use pgwire::api::auth::sasl::scram::{gen_salted_password, ScramAuth, ScramSecret};
 use pgwire::api::auth::sasl::SASLAuthStartupHandler;
 use pgwire::api::auth::{
     AuthSource, DefaultServerParameterProvider, LoginInfo, Password, StartupHandler,
@@ -56,7 +56,10 @@ const SCRAM_ITERATIONS: usize = 4096;
 #[derive(Clone, Default)]
 pub struct PgOptions {
     /// The password every client must give (checked with SCRAM-SHA-256, so it never crosses
-    /// the network). `None` admits every client: only a loopback address may be served so.
+    /// the network): the password, or PostgreSQL's stored form of it
+    /// (`SCRAM-SHA-256$4096:<salt>$<StoredKey>:<ServerKey>`), so that the server's
+    /// configuration need not hold it. `None` admits every client: only a loopback address
+    /// may be served so.
     pub password: Option<String>,
     /// The local directories and object-store URL prefixes under which clients may name
     /// files (`INGEST … FROM`, `COPY … TO`, ...); none by default.
@@ -108,9 +111,12 @@ pub async fn serve_pg(
             }),
             warehouse,
         }),
-        // Salted once: a login then costs no key derivation (which clients could make the
+        // Derived once: a login then costs no key derivation (which clients could make the
         // server do at will).
-        password: options.password.map(|p| Arc::new(Secret::new(&p))),
+        password: match &options.password {
+            Some(p) => Some(Arc::new(Secret::new(p)?)),
+            None => None,
+        },
         connections: Arc::new(ConnectionManager::new()),
     });
     let slots = options
@@ -240,18 +246,64 @@ fn server_parameters() -> DefaultServerParameterProvider {
     parameters
 }
 
-/// The configured password, salted for SCRAM (the password itself is not kept).
+/// What a client's password is checked against: the SCRAM-SHA-256 verifier of the
+/// configured password (the password itself is not kept).
 struct Secret {
     salt: Vec<u8>,
-    salted: Vec<u8>,
+    iterations: usize,
+    stored_key: Vec<u8>,
+    server_key: Vec<u8>,
 }
 
 impl Secret {
-    fn new(password: &str) -> Self {
+    /// `password` is a password, or PostgreSQL's stored form of one
+    /// (`SCRAM-SHA-256$<iterations>:<salt>$<StoredKey>:<ServerKey>`, base64).
+    fn new(password: &str) -> Result<Self> {
+        if let Some(stored) = password.strip_prefix("SCRAM-SHA-256$") {
+            return parse_verifier(stored).ok_or_else(|| {
+                IcePieError::Server(
+                    "the password starts as a SCRAM-SHA-256 verifier does but is not one: \
+                     give SCRAM-SHA-256$<iterations>:<salt>$<StoredKey>:<ServerKey> (base64, \
+                     as PostgreSQL stores it) or a plain password"
+                        .into(),
+                )
+            });
+        }
         let salt = uuid::Uuid::new_v4().as_bytes().to_vec();
         let salted = gen_salted_password(password, &salt, SCRAM_ITERATIONS);
-        Self { salt, salted }
+        match ScramSecret::verifier_from_salted_password(salt, salted, SCRAM_ITERATIONS) {
+            ScramSecret::Verifier {
+                salt,
+                iterations,
+                stored_key,
+                server_key,
+            } => Ok(Self {
+                salt,
+                iterations,
+                stored_key,
+                server_key,
+            }),
+            ScramSecret::SaltedPassword { .. } => Err(IcePieError::Server(
+                "pgwire made no SCRAM verifier of the password".into(),
+            )),
+        }
     }
+}
+
+/// The verifier after `SCRAM-SHA-256$`.
+fn parse_verifier(stored: &str) -> Option<Secret> {
+    use base64::Engine;
+    let decode = |s: &str| base64::engine::general_purpose::STANDARD.decode(s).ok();
+    let (iterations_salt, keys) = stored.split_once('$')?;
+    let (iterations, salt) = iterations_salt.split_once(':')?;
+    let (stored_key, server_key) = keys.split_once(':')?;
+    let iterations: usize = iterations.parse().ok().filter(|n| *n > 0)?;
+    Some(Secret {
+        salt: decode(salt)?,
+        iterations,
+        stored_key: decode(stored_key).filter(|k| k.len() == 32)?,
+        server_key: decode(server_key).filter(|k| k.len() == 32)?,
+    })
 }
 
 impl Debug for Secret {
@@ -262,8 +314,24 @@ impl Debug for Secret {
 
 #[async_trait]
 impl AuthSource for Secret {
-    async fn get_password(&self, _login: &LoginInfo) -> PgWireResult<Password> {
-        Ok(Password::new(Some(self.salt.clone()), self.salted.clone()))
+    async fn get_password(&self, login: &LoginInfo) -> PgWireResult<Password> {
+        // Only SCRAM is offered, which asks `get_scram_secret`.
+        Err(PgWireError::InvalidPassword(
+            login.user().unwrap_or_default().to_string(),
+        ))
+    }
+
+    async fn get_scram_secret(
+        &self,
+        _login: &LoginInfo,
+    ) -> PgWireResult<(ScramSecret, Option<()>)> {
+        let secret = ScramSecret::Verifier {
+            salt: self.salt.clone(),
+            iterations: self.iterations,
+            stored_key: self.stored_key.clone(),
+            server_key: self.server_key.clone(),
+        };
+        Ok((secret, None))
     }
 }
 

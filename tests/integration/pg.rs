@@ -500,6 +500,48 @@ async fn a_password_is_checked_when_set() {
 }
 
 #[tokio::test]
+async fn a_stored_scram_verifier_stands_for_the_password() {
+    use base64::Engine;
+    use pgwire::api::auth::sasl::scram::{gen_salted_password, ScramSecret};
+    let b64 = |b: &[u8]| base64::engine::general_purpose::STANDARD.encode(b);
+    let salt = b"pepper-salt-1234".to_vec();
+    let salted = gen_salted_password("s3cret", &salt, 4096);
+    let ScramSecret::Verifier {
+        stored_key,
+        server_key,
+        ..
+    } = ScramSecret::verifier_from_salted_password(salt.clone(), salted, 4096)
+    else {
+        panic!("a verifier");
+    };
+    // As PostgreSQL stores it (pg_authid.rolpassword).
+    let verifier = format!(
+        "SCRAM-SHA-256$4096:{}${}:{}",
+        b64(&salt),
+        b64(&stored_key),
+        b64(&server_key)
+    );
+    let server = start(Some(&verifier)).await;
+    let refused = connect(&server, Some("wrong")).await.unwrap_err();
+    assert_eq!(refused.code().map(|c| c.code()), Some("28P01"));
+    assert!(connect(&server, Some(&verifier)).await.is_err());
+    let client = connect(&server, Some("s3cret")).await.unwrap();
+    assert_eq!(simple_rows(&client, "SELECT 1").await, vec!["1"]);
+
+    let (_dir, warehouse) = crate::support::open_with(&[]).await;
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let options = PgOptions {
+        password: Some("SCRAM-SHA-256$4096:bad".into()),
+        ..PgOptions::default()
+    };
+    let e = serve_pg(warehouse, listener, options, async {})
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("not one"), "{e}");
+}
+
+#[tokio::test]
 async fn no_password_serves_loopback_only() {
     let (_dir, warehouse) = crate::support::open_with(&[]).await;
     let listener = TcpListener::bind("0.0.0.0:0").await.unwrap();
