@@ -25,7 +25,7 @@ use pgwire::api::{
 };
 use pgwire::error::{PgWireError, PgWireResult};
 use pgwire::messages::extendedquery::Execute;
-use pgwire::messages::response::EmptyQueryResponse;
+use pgwire::messages::response::{EmptyQueryResponse, TransactionStatus};
 use pgwire::messages::simplequery::Query;
 use pgwire::messages::PgWireBackendMessage;
 
@@ -199,26 +199,10 @@ impl SimpleQueryHandler for Backend {
                 for statement in statements {
                     let stop = self.stop_signal(client).await;
                     let work = async {
-                        match self
+                        let response = self
                             .run(statement, ParamValues::List(vec![]), &Format::UnifiedText)
-                            .await?
-                        {
-                            Response::Query(rows) => {
-                                send_query_response(client, rows, true).await?;
-                            }
-                            Response::TransactionStart(tag) => {
-                                status = status.to_in_transaction_state();
-                                send_execution_response(client, tag).await?;
-                            }
-                            Response::TransactionEnd(tag) => {
-                                status = status.to_idle_state();
-                                send_execution_response(client, tag).await?;
-                            }
-                            Response::Execution(tag) => {
-                                send_execution_response(client, tag).await?;
-                            }
-                            _ => {}
-                        }
+                            .await?;
+                        status = send(client, response, true, status).await?;
                         Ok(())
                     };
                     let sent = stop.guard(work).await;
@@ -293,25 +277,17 @@ impl ExtendedQueryHandler for Backend {
         client.set_state(PgWireConnectionState::QueryInProgress);
         let stop = self.stop_signal(client).await;
         let work = async {
-            match ExtendedQueryHandler::do_query(self, client, portal.as_ref(), 0).await? {
-                Response::Query(rows) => {
-                    let fields = rows.row_schema();
-                    send_query_response(client, rows, false).await?;
-                    // Run to its end: another Execute of it returns no more rows.
-                    portal
-                        .start(QueryResponse::new(fields, futures::stream::empty()))
-                        .await;
-                }
-                Response::TransactionStart(tag) => {
-                    status = status.to_in_transaction_state();
-                    send_execution_response(client, tag).await?;
-                }
-                Response::TransactionEnd(tag) => {
-                    status = status.to_idle_state();
-                    send_execution_response(client, tag).await?;
-                }
-                Response::Execution(tag) => send_execution_response(client, tag).await?,
-                _ => {}
+            let response = ExtendedQueryHandler::do_query(self, client, portal.as_ref(), 0).await?;
+            let fields = match &response {
+                Response::Query(rows) => Some(rows.row_schema()),
+                _ => None,
+            };
+            status = send(client, response, false, status).await?;
+            if let Some(fields) = fields {
+                // Run to its end: another Execute of it returns no more rows.
+                portal
+                    .start(QueryResponse::new(fields, futures::stream::empty()))
+                    .await;
             }
             Ok(())
         };
@@ -354,6 +330,41 @@ impl ExtendedQueryHandler for Backend {
             response => response,
         })
     }
+}
+
+/// Sends `response` whole (a query's rows streamed, after their description with
+/// `describe`) and returns the transaction status it leaves `status` in.
+async fn send<C>(
+    client: &mut C,
+    response: Response,
+    describe: bool,
+    status: TransactionStatus,
+) -> PgWireResult<TransactionStatus>
+where
+    C: Sink<PgWireBackendMessage> + Unpin,
+    C::Error: Debug,
+    PgWireError: From<<C as Sink<PgWireBackendMessage>>::Error>,
+{
+    Ok(match response {
+        Response::Query(rows) => {
+            send_query_response(client, rows, describe).await?;
+            status
+        }
+        Response::TransactionStart(tag) => {
+            send_execution_response(client, tag).await?;
+            status.to_in_transaction_state()
+        }
+        Response::TransactionEnd(tag) => {
+            send_execution_response(client, tag).await?;
+            status.to_idle_state()
+        }
+        Response::Execution(tag) => {
+            send_execution_response(client, tag).await?;
+            status
+        }
+        // `run` answers with none of the others.
+        _ => status,
+    })
 }
 
 /// What stops a running statement: the client's cancel request or the statement timeout.
