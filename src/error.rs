@@ -427,6 +427,12 @@ impl From<datafusion::sql::sqlparser::parser::ParserError> for IcePieError {
     }
 }
 
+impl From<datafusion::parquet::errors::ParquetError> for IcePieError {
+    fn from(e: datafusion::parquet::errors::ParquetError) -> Self {
+        IcePieError::from(DataFusionError::from(e))
+    }
+}
+
 impl From<datafusion::arrow::error::ArrowError> for IcePieError {
     fn from(e: datafusion::arrow::error::ArrowError) -> Self {
         IcePieError::from(DataFusionError::from(e))

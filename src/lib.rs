@@ -75,6 +75,7 @@ pub(crate) mod slice;
 pub(crate) mod sql;
 pub(crate) mod storage;
 pub mod text;
+pub(crate) mod usage;
 
 pub use engine::progress::Progress;
 pub use engine::{IcePie, IcePieBuilder, RefreshEvent};

@@ -130,6 +130,11 @@ settings! {
         /// How often a running refresh renews its record in the warehouse; one not renewed
         /// for 6 heartbeats counts as abandoned (its process died).
         pub heartbeat: Span = Span(Duration::from_secs(10)),
+        /// Record which core tables and slices queries read, and which of their columns they
+        /// filter, group and join on (system.usage, system.usage_columns): on or off.
+        pub usage: Switch = Switch(true),
+        /// How long recorded usage is kept.
+        pub usage_retention: Span = Span(Duration::from_secs(30 * 86_400)),
     }
 }
 

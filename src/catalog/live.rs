@@ -36,6 +36,11 @@ pub(crate) struct LatestTable {
 }
 
 impl LatestTable {
+    /// Qualified name (`core.t`, `finance.revenue`).
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
     async fn latest(&self) -> Result<IcePieTable> {
         let table = match self.kind {
             TableKind::Core => {

@@ -15,7 +15,7 @@
 
 use std::borrow::Cow;
 use std::fmt;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
 use datafusion::arrow::datatypes::SchemaRef;
@@ -26,8 +26,8 @@ use datafusion::datasource::listing::PartitionedFile;
 use datafusion::datasource::physical_plan::parquet::{
     transform_schema_to_view, CachedParquetFileReaderFactory, ParquetFileReaderFactory,
 };
-use datafusion::datasource::physical_plan::ParquetSource;
 use datafusion::datasource::physical_plan::{FileGroup, FileScanConfigBuilder};
+use datafusion::datasource::physical_plan::{FileSource, ParquetSource};
 use datafusion::datasource::source::DataSourceExec;
 use datafusion::datasource::table_schema::TableSchema;
 use datafusion::datasource::TableType;
@@ -36,6 +36,7 @@ use datafusion::execution::object_store::ObjectStoreUrl;
 use datafusion::logical_expr::dml::InsertOp;
 use datafusion::logical_expr::{Expr, LogicalPlan, TableProviderFilterPushDown};
 use datafusion::physical_plan::empty::EmptyExec;
+use datafusion::physical_plan::metrics::ExecutionPlanMetricsSet;
 use datafusion::physical_plan::ExecutionPlan;
 use deltalake::DeltaTable;
 use object_store::path::Path;
@@ -55,6 +56,34 @@ pub enum TableKind {
     Slice,
     /// The refresh log (`system.refreshes`).
     System,
+}
+
+/// One scan of a core table or slice in a plan, as [`logging_scans`] collects them.
+#[derive(Debug, Clone)]
+pub(crate) struct ScanRecord {
+    /// Qualified name.
+    pub name: String,
+    pub kind: TableKind,
+    /// Data files the scan was given.
+    pub files: usize,
+    /// The Parquet scan's metrics (rows and bytes read, files skipped) as it runs; `None`
+    /// when the table is read through delta-rs.
+    pub metrics: Option<ExecutionPlanMetricsSet>,
+}
+
+tokio::task_local! {
+    static SCANS: Arc<Mutex<Vec<ScanRecord>>>;
+}
+
+/// Runs `planning` (a physical planning) and returns, with its output, the scans of core
+/// tables and slices it planned.
+pub(crate) async fn logging_scans<F: std::future::Future>(
+    planning: F,
+) -> (F::Output, Vec<ScanRecord>) {
+    let log = Arc::<Mutex<Vec<ScanRecord>>>::default();
+    let out = SCANS.scope(log.clone(), planning).await;
+    let scans = std::mem::take(&mut *log.lock().unwrap_or_else(|e| e.into_inner()));
+    (out, scans)
 }
 
 /// A read-only Delta table pinned to one version.
@@ -173,10 +202,10 @@ impl DirectScan {
         projection: Option<&Vec<usize>>,
         limit: Option<usize>,
         watch: Option<&Arc<DamageWatch>>,
-    ) -> DFResult<Arc<dyn ExecutionPlan>> {
+    ) -> DFResult<(Arc<dyn ExecutionPlan>, Option<ExecutionPlanMetricsSet>)> {
         if self.files.is_empty() {
             let schema = project_schema(&self.schema, projection)?;
-            return Ok(Arc::new(EmptyExec::new(schema)));
+            return Ok((Arc::new(EmptyExec::new(schema)), None));
         }
         // Spread the files over the partitions; DataFusion splits big files further.
         let groups = state
@@ -209,13 +238,16 @@ impl DirectScan {
         if let Some(hint) = options.global.metadata_size_hint {
             source = source.with_metadata_size_hint(hint);
         }
+        // Shared with the sources the optimizer derives from this one (a pushed-down
+        // predicate), so it shows what the query read.
+        let metrics = source.metrics().clone();
         let config = FileScanConfigBuilder::new(self.store.clone(), Arc::new(source))
             .with_file_groups(file_groups.into_iter().map(FileGroup::new).collect())
             .with_statistics(self.statistics.clone())
             .with_projection_indices(projection.cloned())?
             .with_limit(limit)
             .build();
-        Ok(DataSourceExec::from_data_source(config))
+        Ok((DataSourceExec::from_data_source(config), Some(metrics)))
     }
 }
 
@@ -415,6 +447,28 @@ impl IcePieTable {
     fn refuse(&self, what: &str) -> datafusion::error::DataFusionError {
         self.write_refused(what).into()
     }
+
+    /// Adds a scan of this table to the planning's log ([`logging_scans`]), if any.
+    fn log_scan(&self, metrics: Option<ExecutionPlanMetricsSet>) {
+        if self.kind == TableKind::System {
+            return;
+        }
+        let files = match &self.reader {
+            Reader::Direct(d) => d.files.len(),
+            Reader::Delta(_) => self.read_size().0 as usize,
+        };
+        let record = ScanRecord {
+            name: self.name.clone(),
+            kind: self.kind,
+            files,
+            metrics,
+        };
+        let _ = SCANS.try_with(|log| {
+            if let Ok(mut log) = log.lock() {
+                log.push(record);
+            }
+        });
+    }
 }
 
 #[async_trait]
@@ -453,8 +507,17 @@ impl TableProvider for IcePieTable {
             .map_err(IcePieError::from)?;
         match &self.reader {
             // Filters are Inexact: DataFusion pushes them into the Parquet scan itself.
-            Reader::Direct(d) => d.scan(state, projection, limit, self.watch.as_ref()).await,
-            Reader::Delta(p) => p.scan(state, projection, filters, limit).await,
+            Reader::Direct(d) => {
+                let (plan, metrics) = d
+                    .scan(state, projection, limit, self.watch.as_ref())
+                    .await?;
+                self.log_scan(metrics);
+                Ok(plan)
+            }
+            Reader::Delta(p) => {
+                self.log_scan(None);
+                p.scan(state, projection, filters, limit).await
+            }
         }
     }
 
@@ -476,6 +539,7 @@ impl TableProvider for IcePieTable {
                 self.table
                     .update_datafusion_session(state)
                     .map_err(IcePieError::from)?;
+                self.log_scan(None);
                 p.scan_with_args(state, args).await
             }
         }

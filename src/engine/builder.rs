@@ -87,11 +87,16 @@ impl IcePieBuilder {
             let root = ObjectStoreUrl::parse(format!("{}://{}", url.scheme(), url.authority()))?;
             runtime.register_object_store(root.as_ref(), store.clone());
         }
+        let usage = crate::usage::Usage::start(warehouse.store(), options.usage_retention.0);
+        let planner = usage::UsagePlanner {
+            inner: DeltaPlanner::new(),
+            usage: usage.clone(),
+        };
         let state = SessionStateBuilder::new()
             .with_default_features()
             .with_config(config)
             .with_runtime_env(runtime)
-            .with_query_planner(DeltaPlanner::new())
+            .with_query_planner(Arc::new(planner))
             .with_physical_optimizer_rule(Arc::new(yield_points::YieldAfterJoins))
             .build();
         let ctx = SessionContext::new_with_state(state);
@@ -114,6 +119,7 @@ impl IcePieBuilder {
             inflight: Mutex::new(HashMap::new()),
             events,
             scheduler: Mutex::new(None),
+            usage,
         });
         let handle = scheduler::spawn(Arc::downgrade(&inner));
         *inner.scheduler.lock().expect("scheduler lock") = Some(handle);

@@ -18,6 +18,7 @@ mod output;
 pub mod progress;
 pub mod scheduler;
 pub(crate) mod state;
+pub(crate) mod usage;
 mod yield_points;
 
 use std::collections::HashMap;
@@ -131,6 +132,8 @@ pub(crate) struct Inner {
     /// What the scheduler did.
     events: broadcast::Sender<RefreshEvent>,
     scheduler: Mutex<Option<scheduler::Handle>>,
+    /// Where queries' reads are recorded.
+    usage: Arc<crate::usage::Usage>,
 }
 
 impl Drop for Inner {
@@ -192,6 +195,7 @@ impl IcePie {
     fn sync_options(&self) {
         let config = self.inner.ctx.copied_config();
         if let Some(o) = config.options().extensions.get::<IcePieOptions>() {
+            self.inner.usage.set_retention(o.usage_retention.0);
             self.inner.shared.set_options(o.clone());
         }
     }
@@ -221,6 +225,7 @@ impl IcePie {
     /// refresh or VACUUM after `icepie.heartbeat` × 6.
     pub async fn flush(&self) {
         self.inner.shared.settling.flush().await;
+        self.inner.usage.flush().await;
     }
 
     /// Parses SQL text into statements without running them.

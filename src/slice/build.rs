@@ -277,7 +277,9 @@ async fn write_version(
     };
     let mut write = WriteBuilder::new(base.log_store, base.snapshot)
         .with_input_plan(decision.plan)
-        .with_session_state(Arc::new(crate::engine::progress::counting(&state)))
+        .with_session_state(Arc::new(crate::engine::progress::counting(
+            &crate::engine::usage::quiet(&state),
+        )))
         .with_partition_columns(spec.partition_by.clone())
         .with_commit_properties(commit_properties(&meta));
     write = match (existing, decision.replace) {

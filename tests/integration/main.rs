@@ -19,3 +19,4 @@ mod retention;
 mod s3;
 mod scheduler;
 mod support;
+mod usage;

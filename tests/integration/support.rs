@@ -122,10 +122,14 @@ impl Access {
 }
 
 /// An object store that records every read and listing, then delegates.
+///
+/// The usage files (`_system/usage/`) are written in the background, on a timer, whatever
+/// the statements: they are recorded only by a store made [`with_usage`](Self::with_usage).
 #[derive(Debug)]
 pub struct RecordingStore {
     inner: Arc<dyn ObjectStore>,
     pub log: Arc<Mutex<Vec<Access>>>,
+    usage: bool,
 }
 
 impl RecordingStore {
@@ -133,6 +137,15 @@ impl RecordingStore {
         Self {
             inner,
             log: Arc::default(),
+            usage: false,
+        }
+    }
+
+    /// A store that also records the accesses to the usage files.
+    pub fn with_usage(inner: Arc<dyn ObjectStore>) -> Self {
+        Self {
+            usage: true,
+            ..Self::new(inner)
         }
     }
 
@@ -141,7 +154,9 @@ impl RecordingStore {
     }
 
     fn record(&self, a: Access) {
-        self.log.lock().unwrap().push(a);
+        if self.usage || !a.path().contains("_system/usage") {
+            self.log.lock().unwrap().push(a);
+        }
     }
 }
 
@@ -190,12 +205,14 @@ impl ObjectStore for RecordingStore {
         &self,
         locations: BoxStream<'static, Result<Path>>,
     ) -> BoxStream<'static, Result<Path>> {
-        let log = self.log.clone();
+        let (log, usage) = (self.log.clone(), self.usage);
         self.inner.delete_stream(
             locations
                 .inspect(move |p| {
                     if let Ok(p) = p {
-                        log.lock().unwrap().push(Access::Delete(p.to_string()));
+                        if usage || !p.as_ref().contains("_system/usage") {
+                            log.lock().unwrap().push(Access::Delete(p.to_string()));
+                        }
                     }
                 })
                 .boxed(),

@@ -1,4 +1,4 @@
-//! Schema `system`: `core_tables`, `slices` and `refreshes`.
+//! Schema `system`: `core_tables`, `slices`, `refreshes`, `usage` and `usage_columns`.
 //!
 //! `core_tables` and `slices` are computed from the warehouse each time a query scans them;
 //! `refreshes` reads the slices' refresh logs (one Delta table per slice) as one table. A
@@ -33,9 +33,16 @@ use crate::text::human_duration;
 use refreshes::refresh_logs;
 
 mod refreshes;
+mod usage;
 
 /// Names of the system tables.
-pub const TABLES: [&str; 3] = ["core_tables", "refreshes", "slices"];
+pub const TABLES: [&str; 5] = [
+    "core_tables",
+    "refreshes",
+    "slices",
+    "usage",
+    "usage_columns",
+];
 
 fn ts() -> DataType {
     DataType::Timestamp(TimeUnit::Millisecond, Some("UTC".into()))
@@ -110,6 +117,8 @@ impl SchemaProvider for SystemSchema {
             "core_tables" => Which::CoreTables,
             "slices" => Which::Slices,
             "refreshes" => Which::Refreshes,
+            "usage" => Which::Usage,
+            "usage_columns" => Which::UsageColumns,
             _ => return Ok(None),
         };
         Ok(Some(Arc::new(SystemTable {
@@ -135,6 +144,8 @@ enum Which {
     CoreTables,
     Slices,
     Refreshes,
+    Usage,
+    UsageColumns,
 }
 
 #[async_trait]
@@ -144,6 +155,8 @@ impl TableProvider for SystemTable {
             Which::CoreTables => CORE_TABLES_SCHEMA.clone(),
             Which::Slices => SLICES_SCHEMA.clone(),
             Which::Refreshes => log::SCHEMA.clone(),
+            Which::Usage => usage::USAGE_SCHEMA.clone(),
+            Which::UsageColumns => usage::USAGE_COLUMNS_SCHEMA.clone(),
         }
     }
 
@@ -193,6 +206,8 @@ impl TableProvider for SystemTable {
                 });
                 Arc::new(refresh_logs(shared, slices).await?)
             }
+            Which::Usage => usage::usage_table(shared, false).await?,
+            Which::UsageColumns => usage::usage_table(shared, true).await?,
         };
         table.scan(state, projection, filters, limit).await
     }

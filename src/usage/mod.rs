@@ -1,0 +1,342 @@
+//! Usage: which core tables and slices queries read, which of their columns they filter,
+//! group and join on, how much they read and how long they took; the evidence that
+//! `system.usage` and `system.usage_columns` show.
+//!
+//! The engine's query planner (`engine::usage`) wraps each query that reads an icepie table,
+//! and when the query ends hands [`Usage::record`] one [`Reading`] per table. Recording stays
+//! off the query's path: `record` only tries to put the readings in a bounded queue, and when
+//! the queue is full it drops them and counts them ([`Usage::dropped`]) rather than wait. One
+//! task per open warehouse sums the readings by day, table and *shape* (how the query read its
+//! tables) and writes the sums every 10 seconds, and on [`Usage::flush`], as one new file per
+//! day ([`files`]): each process writes only files of its own, so writers never contend.
+//! Once an hour it deletes the days older than `icepie.usage_retention` and compacts each
+//! past day into one file.
+//!
+//! # Invariants
+//!
+//! - Recording never waits: a full queue drops readings and counts them (test
+//!   `usage::tests::a_full_queue_drops_and_counts_instead_of_waiting`).
+//! - A reading is counted once, across processes, flushes and compactions (tests
+//!   `usage::files::tests::a_compacted_day_counts_each_row_once` and
+//!   `usage::usage_is_summed_across_two_processes`).
+
+pub(crate) mod files;
+
+use std::collections::BTreeSet;
+use std::fmt;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use object_store::ObjectStore;
+use tokio::sync::{mpsc, oneshot};
+
+use files::{day_of, Key, Rows, Sums};
+
+/// Readings waiting for the usage task; more are dropped.
+const QUEUE: usize = 4096;
+
+/// How often the usage task writes what it has summed.
+const FLUSH_EVERY: Duration = Duration::from_secs(10);
+
+/// How often the usage task deletes expired days and compacts past ones.
+const TIDY_EVERY: Duration = Duration::from_secs(3600);
+
+/// How a query used a column of a table.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub(crate) enum Use {
+    /// `col = value`.
+    FilterEq,
+    /// `col < value`, `BETWEEN`, ...
+    FilterRange,
+    /// `col IN (...)`.
+    FilterIn,
+    /// Any other filter on the column (`LIKE`, `IS NULL`, a function of it, `OR`).
+    FilterOther,
+    /// `GROUP BY col`.
+    Group,
+    /// A join key.
+    Join,
+}
+
+impl Use {
+    /// The name stored and shown: `filter_eq`, `filter_range`, `filter_in`, `filter_other`,
+    /// `group`, `join`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Use::FilterEq => "filter_eq",
+            Use::FilterRange => "filter_range",
+            Use::FilterIn => "filter_in",
+            Use::FilterOther => "filter_other",
+            Use::Group => "group",
+            Use::Join => "join",
+        }
+    }
+}
+
+impl fmt::Display for Use {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// The columns of one table a query used, and how.
+pub(crate) type ColumnUses = BTreeSet<(Use, String)>;
+
+/// The text of a query's shape: each table it read with the columns it used, in name order,
+/// e.g. `core.orders(filter_range:o_orderdate, join:o_custkey) core.customer(join:c_custkey)`.
+pub(crate) fn shape<'a>(tables: impl IntoIterator<Item = (&'a String, &'a ColumnUses)>) -> String {
+    let mut out = Vec::new();
+    for (table, uses) in tables {
+        let uses: Vec<String> = uses.iter().map(|(u, c)| format!("{u}:{c}")).collect();
+        out.push(format!("{table}({})", uses.join(", ")));
+    }
+    out.join(" ")
+}
+
+/// One query's read of one table.
+#[derive(Debug, Clone)]
+pub(crate) struct Reading {
+    /// When the query was planned, in milliseconds since the epoch.
+    pub at: i64,
+    /// Qualified name: `core.orders`, `finance.revenue`.
+    pub table: String,
+    /// `core` or `slice`.
+    pub kind: &'static str,
+    /// The query's [`shape`].
+    pub shape: Arc<str>,
+    /// The columns of this table the query used, each `use:column`.
+    pub columns: Vec<String>,
+    /// Rows and bytes (in memory) the query returned.
+    pub rows_returned: u64,
+    pub bytes_returned: u64,
+    /// Rows and bytes read from this table's files, and its files read and skipped.
+    pub rows_scanned: u64,
+    pub bytes_scanned: u64,
+    pub files_scanned: u64,
+    pub files_skipped: u64,
+    /// From planning to the end of the query.
+    pub latency: Duration,
+}
+
+impl Reading {
+    fn sums(&self) -> Sums {
+        let int = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+        let latency = int(self.latency.as_micros().min(u64::MAX as u128) as u64);
+        Sums {
+            columns: self.columns.clone(),
+            queries: 1,
+            rows_returned: int(self.rows_returned),
+            bytes_returned: int(self.bytes_returned),
+            rows_scanned: int(self.rows_scanned),
+            bytes_scanned: int(self.bytes_scanned),
+            files_scanned: int(self.files_scanned),
+            files_skipped: int(self.files_skipped),
+            latency_us_total: latency,
+            latency_us_max: latency,
+            first_at: self.at,
+            last_at: self.at,
+        }
+    }
+}
+
+enum Message {
+    Readings(Vec<Reading>),
+    Flush(oneshot::Sender<()>),
+}
+
+/// The usage recorder of one open warehouse.
+#[derive(Debug)]
+pub(crate) struct Usage {
+    sender: mpsc::Sender<Message>,
+    dropped: AtomicU64,
+    /// `icepie.usage_retention`, in milliseconds.
+    retention_ms: Arc<AtomicU64>,
+}
+
+impl Usage {
+    /// Starts the usage task of the warehouse whose store (paths relative to its root) is
+    /// `store`. The task ends once every handle is dropped, after writing what it holds.
+    pub fn start(store: Arc<dyn ObjectStore>, retention: Duration) -> Arc<Self> {
+        let (sender, receiver) = mpsc::channel(QUEUE);
+        let process = format!(
+            "{}-{}",
+            std::process::id(),
+            &uuid::Uuid::new_v4().simple().to_string()[..12]
+        );
+        let retention_ms = Arc::new(AtomicU64::new(retention.as_millis() as u64));
+        let task = Task {
+            store,
+            process,
+            retention_ms: retention_ms.clone(),
+            pending: Rows::new(),
+            seq: 0,
+            tidied: None,
+        };
+        tokio::spawn(task.run(receiver));
+        Arc::new(Self {
+            sender,
+            dropped: AtomicU64::new(0),
+            retention_ms,
+        })
+    }
+
+    /// Queues `readings` for the usage task, or drops them when the queue is full.
+    pub fn record(&self, readings: Vec<Reading>) {
+        let n = readings.len() as u64;
+        if n > 0 && self.sender.try_send(Message::Readings(readings)).is_err() {
+            self.dropped.fetch_add(n, Ordering::Relaxed);
+        }
+    }
+
+    /// Writes everything recorded so far to the warehouse, and waits until it is written.
+    pub async fn flush(&self) {
+        let (done, wait) = oneshot::channel();
+        if self.sender.send(Message::Flush(done)).await.is_ok() {
+            let _ = wait.await;
+        }
+    }
+
+    /// Readings dropped because the queue was full.
+    #[cfg(test)]
+    fn dropped(&self) -> u64 {
+        self.dropped.load(Ordering::Relaxed)
+    }
+
+    /// Sets how long usage is kept.
+    pub fn set_retention(&self, retention: Duration) {
+        self.retention_ms
+            .store(retention.as_millis() as u64, Ordering::Relaxed);
+    }
+}
+
+/// The usage task: sums readings and writes them.
+struct Task {
+    store: Arc<dyn ObjectStore>,
+    process: String,
+    retention_ms: Arc<AtomicU64>,
+    pending: Rows,
+    seq: u64,
+    tidied: Option<Instant>,
+}
+
+impl Task {
+    async fn run(mut self, mut receiver: mpsc::Receiver<Message>) {
+        let mut tick = tokio::time::interval(FLUSH_EVERY);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                message = receiver.recv() => match message {
+                    Some(Message::Readings(readings)) => self.add(readings),
+                    Some(Message::Flush(done)) => {
+                        self.write().await;
+                        let _ = done.send(());
+                    }
+                    None => {
+                        self.write().await;
+                        return;
+                    }
+                },
+                _ = tick.tick() => {
+                    self.write().await;
+                    // Only a process that records tidies: one that never does never lists.
+                    let due = self.tidied.is_none_or(|t| t.elapsed() >= TIDY_EVERY);
+                    if self.seq > 0 && due {
+                        self.tidied = Some(Instant::now());
+                        let now = chrono::Utc::now().timestamp_millis();
+                        let retention = self.retention_ms.load(Ordering::Relaxed) as i64;
+                        let since = day_of(now.saturating_sub(retention));
+                        // Usage is evidence, not data: a failed clean-up is retried later.
+                        let _ = files::tidy(self.store.as_ref(), since, day_of(now)).await;
+                    }
+                }
+            }
+        }
+    }
+
+    fn add(&mut self, readings: Vec<Reading>) {
+        for r in readings {
+            let key = Key {
+                day: day_of(r.at),
+                process: self.process.clone(),
+                table: r.table.clone(),
+                kind: r.kind.to_string(),
+                shape: r.shape.to_string(),
+            };
+            self.pending.entry(key).or_default().add(&r.sums());
+        }
+    }
+
+    /// Writes the pending sums, one file per day. What fails to be written is kept for the
+    /// next attempt, up to a bound past which it is dropped (usage is lossy, never blocking).
+    async fn write(&mut self) {
+        if self.pending.is_empty() {
+            return;
+        }
+        let mut by_day: std::collections::BTreeMap<i32, Rows> = Default::default();
+        for (key, sums) in self.pending.drain() {
+            by_day.entry(key.day).or_default().insert(key, sums);
+        }
+        for (day, rows) in by_day {
+            self.seq += 1;
+            let written =
+                files::write(self.store.as_ref(), day, &self.process, self.seq, &rows).await;
+            if written.is_err() && self.pending.len() < QUEUE * 4 {
+                self.pending.extend(rows);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use object_store::memory::InMemory;
+
+    fn reading(table: &str) -> Reading {
+        Reading {
+            at: 1_700_000_000_000,
+            table: table.into(),
+            kind: "slice",
+            shape: "s".into(),
+            columns: vec!["filter_eq:a".into()],
+            rows_returned: 1,
+            bytes_returned: 8,
+            rows_scanned: 10,
+            bytes_scanned: 100,
+            files_scanned: 1,
+            files_skipped: 2,
+            latency: Duration::from_millis(3),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_full_queue_drops_and_counts_instead_of_waiting() {
+        // A usage handle whose task never reads: the queue fills and stays full.
+        let (sender, _receiver) = mpsc::channel(QUEUE);
+        let usage = Usage {
+            sender,
+            dropped: AtomicU64::new(0),
+            retention_ms: Arc::default(),
+        };
+        for _ in 0..QUEUE + 10 {
+            usage.record(vec![reading("d.s"), reading("d.t")]);
+        }
+        assert_eq!(usage.dropped(), 20);
+    }
+
+    #[tokio::test]
+    async fn readings_are_summed_by_day_table_and_shape_and_written() {
+        let store: Arc<dyn ObjectStore> = Arc::new(InMemory::new());
+        let usage = Usage::start(store.clone(), Duration::from_secs(86_400 * 30));
+        usage.record(vec![reading("d.s"), reading("d.t")]);
+        usage.record(vec![reading("d.s")]);
+        usage.flush().await;
+        let rows = files::read(store.as_ref(), 0).await.unwrap();
+        assert_eq!(rows.len(), 2);
+        let s = rows.iter().find(|(k, _)| k.table == "d.s").unwrap().1;
+        assert_eq!((s.queries, s.rows_scanned, s.files_skipped), (2, 20, 4));
+        assert_eq!((s.latency_us_total, s.latency_us_max), (6000, 3000));
+        assert_eq!(s.columns, vec!["filter_eq:a".to_string()]);
+    }
+}
