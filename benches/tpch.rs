@@ -21,12 +21,17 @@
 //!   refresh attempts in history (10,000) vs a fresh one with one slice: process start to first
 //!   result, a slice query, a refresh, `system.slices` for that slice.
 //!
+//! - `usage`: a small slice query with usage recorded (the default) vs with `icepie.usage =
+//!   off`, on the same files.
+//!
 //! `ICEPIE_BENCH_SF` sets the TPC-H scale factor (default 1).
 
 #[path = "tpch/incremental.rs"]
 mod incremental;
 #[path = "tpch/queries.rs"]
 mod queries;
+#[path = "tpch/usage.rs"]
+mod usage;
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -722,5 +727,8 @@ async fn main() {
     }
     if on("scale") {
         scale(&PathBuf::from(root.path()).join("scale")).await;
+    }
+    if on("usage") {
+        usage::usage(root.path()).await;
     }
 }

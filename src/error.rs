@@ -157,6 +157,22 @@ pub enum IcePieError {
         detail: String,
     },
 
+    /// A slice is further behind its inputs than its reader allows (`icepie.max_staleness`,
+    /// `fresh(...)`) and the reader chose to fail (`icepie.on_stale = 'fail'`).
+    #[error(
+        "slice '{slice}' is {lag} behind its inputs, more than the {limit} this read allows; \
+         REFRESH SLICE {slice}, or allow more staleness, or SET icepie.on_stale = 'serve' or \
+         'refresh'"
+    )]
+    Stale {
+        /// The slice.
+        slice: String,
+        /// How far behind it is.
+        lag: String,
+        /// The reader's limit.
+        limit: String,
+    },
+
     /// A version asked for does not exist or is no longer retained.
     #[error("'{table}': {detail}")]
     VersionNotFound {

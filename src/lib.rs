@@ -12,9 +12,10 @@
 //! `THAW SLICE`,
 //! `ROLLBACK SLICE ... TO VERSION n`, `DROP SLICE`, `VACUUM SLICE(S)`, `VERIFY SLICE(S)`,
 //! `SHOW SLICES`,
-//! `SHOW SLICE HISTORY`, `DESCRIBE SLICE`, the table functions `slice_at`, `core_at` and
-//! `slice_history`, the `system.core_tables`, `system.slices` and `system.refreshes` tables,
-//! and the settings `icepie.*` ([`IcePieOptions`]).
+//! `SHOW SLICE HISTORY`, `DESCRIBE SLICE`, the table functions `slice_at`, `core_at`,
+//! `slice_history` and `fresh`, the `system.core_tables`, `system.slices`, `system.refreshes`,
+//! `system.usage` and `system.usage_columns` tables, and the settings `icepie.*`
+//! ([`IcePieOptions`]).
 //!
 //! While an [`IcePie`] is open, its scheduler runs the refreshes that slices' policies
 //! (`REFRESH EVERY 'interval'`, `REFRESH ON CHANGE`) make due.
@@ -80,7 +81,7 @@ pub(crate) mod usage;
 pub use engine::progress::Progress;
 pub use engine::{IcePie, IcePieBuilder, RefreshEvent};
 pub use error::{IcePieError, Result};
-pub use options::{IcePieOptions, Size, Span, Switch};
+pub use options::{IcePieOptions, OnStale, Size, Span, Staleness, Switch};
 pub use slice::lifecycle::LifecycleOutcome;
 pub use slice::meta::{
     BuildMode, Built, CommitKind, Frozen, HistoryEntry, InputRead, InputVersion, RefreshMode,

@@ -135,6 +135,12 @@ settings! {
         pub usage: Switch = Switch(true),
         /// How long recorded usage is kept.
         pub usage_retention: Span = Span(Duration::from_secs(30 * 86_400)),
+        /// How far behind its inputs (its lag, as system.slices shows it) a slice this
+        /// session reads may be, e.g. '5 minutes'; none: no limit.
+        pub max_staleness: Staleness = Staleness(None),
+        /// What reading a slice staler than max_staleness does: serve (it, with a notice),
+        /// refresh (it first, then read) or fail.
+        pub on_stale: OnStale = OnStale::Serve,
     }
 }
 
@@ -197,6 +203,8 @@ macro_rules! parsed_setting {
 parsed_setting!(Switch, "on or off");
 parsed_setting!(Size, "a size such as 512MB, 2GB or 1000000");
 parsed_setting!(Span, "a duration such as '250ms', '30 seconds' or '1 hour'");
+parsed_setting!(Staleness, "a duration such as '5 minutes', or none");
+parsed_setting!(OnStale, "serve, refresh or fail");
 
 /// A whole number and the unit after it (`512MB`, `'30 seconds'`), the unit in lower case.
 fn number_and_unit(text: &str) -> Option<(u64, String)> {
@@ -299,6 +307,69 @@ impl fmt::Display for Span {
         } else {
             write!(f, "{ms} ms")
         }
+    }
+}
+
+/// A staleness limit: a duration, or none.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Staleness(pub Option<Duration>);
+
+impl Staleness {
+    /// Parses a duration as [`Span`] does, or `none` (also `off`) for no limit.
+    pub fn parse(text: &str) -> Option<Self> {
+        let t = text.trim().trim_matches('\'').trim().to_ascii_lowercase();
+        match t.as_str() {
+            "none" | "off" => Some(Self(None)),
+            _ => Span::parse(text).map(|s| Self(Some(s.0))),
+        }
+    }
+}
+
+impl fmt::Display for Staleness {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.0 {
+            Some(d) => Span(d).fmt(f),
+            None => f.write_str("none"),
+        }
+    }
+}
+
+/// What reading a slice staler than its reader allows does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OnStale {
+    /// Serve the version there is, with a notice.
+    Serve,
+    /// Refresh the slice, then read the new version.
+    Refresh,
+    /// Fail, naming the slice, its lag and the limit.
+    Fail,
+}
+
+impl OnStale {
+    /// Parses `serve`, `refresh` or `fail`.
+    pub fn parse(text: &str) -> Option<Self> {
+        match text
+            .trim()
+            .trim_matches('\'')
+            .trim()
+            .to_ascii_lowercase()
+            .as_str()
+        {
+            "serve" => Some(Self::Serve),
+            "refresh" => Some(Self::Refresh),
+            "fail" => Some(Self::Fail),
+            _ => None,
+        }
+    }
+}
+
+impl fmt::Display for OnStale {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Serve => "serve",
+            Self::Refresh => "refresh",
+            Self::Fail => "fail",
+        })
     }
 }
 

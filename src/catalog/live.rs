@@ -41,6 +41,11 @@ impl LatestTable {
         &self.name
     }
 
+    /// Kind of table.
+    pub fn kind(&self) -> TableKind {
+        self.kind
+    }
+
     async fn latest(&self) -> Result<IcePieTable> {
         let table = match self.kind {
             TableKind::Core => {

@@ -86,6 +86,12 @@ pub(crate) async fn logging_scans<F: std::future::Future>(
     (out, scans)
 }
 
+/// True while a planning's scans are being logged (in this task): a plan planned inside it (a
+/// view's) is part of that planning.
+pub(crate) fn logging_scans_now() -> bool {
+    SCANS.try_with(|_| ()).is_ok()
+}
+
 /// A read-only Delta table pinned to one version.
 #[derive(Clone)]
 pub struct IcePieTable {
@@ -94,6 +100,8 @@ pub struct IcePieTable {
     version: i64,
     /// Read at a version the SQL named (`core_at`, `slice_at`), not the latest.
     pinned: bool,
+    /// Read through `fresh(...)`, which applied its own staleness limit.
+    freshness_checked: bool,
     /// Where a damaged file found while scanning is reported.
     watch: Option<Arc<DamageWatch>>,
     table: DeltaTable,
@@ -317,6 +325,7 @@ impl IcePieTable {
             name,
             version: version as i64,
             pinned: false,
+            freshness_checked: false,
             watch: None,
             table,
             reader,
@@ -364,6 +373,7 @@ impl IcePieTable {
             name: self.name.clone(),
             version: self.version,
             pinned: self.pinned,
+            freshness_checked: self.freshness_checked,
             watch: self.watch.clone(),
             table: self.table.clone(),
             reader: Reader::Direct(DirectScan {
@@ -395,6 +405,17 @@ impl IcePieTable {
     pub fn pinned(mut self) -> Self {
         self.pinned = true;
         self
+    }
+
+    /// Marks this provider as read through `fresh(...)`, whose limit was applied.
+    pub(crate) fn freshness_checked(mut self) -> Self {
+        self.freshness_checked = true;
+        self
+    }
+
+    /// True for a provider read through `fresh(...)`.
+    pub(crate) fn is_freshness_checked(&self) -> bool {
+        self.freshness_checked
     }
 
     /// Reports damaged files found while scanning through `watch`.

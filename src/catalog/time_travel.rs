@@ -1,6 +1,8 @@
 //! Reading the past: the table functions `slice_at('domain.name', version)`,
 //! `core_at('name', version)` and `slice_history('domain.name')`, and the planning helpers
-//! every SQL text of icepie goes through so that they work.
+//! every SQL text of icepie goes through so that they work. `fresh('domain.name', 'limit'
+//! [, 'serve' | 'refresh' | 'fail'])`, the latest version within a staleness limit
+//! ([`crate::slice::freshness`]), works the same way.
 //!
 //! DataFusion calls table functions synchronously while it plans, but opening a Delta table at
 //! a version is I/O. So before a statement is planned, [`plan_statement`] finds the calls in its
@@ -28,8 +30,9 @@ use super::system;
 use super::table::{IcePieTable, TableKind};
 use crate::engine::state::Shared;
 use crate::error::{IcePieError, Result};
+use crate::options::{OnStale, Staleness};
 use crate::slice::lifecycle::{self, check_retained};
-use crate::slice::{meta, vacuum};
+use crate::slice::{freshness, meta, vacuum};
 use crate::storage::names::{core_name, SliceName, CORE_SCHEMA};
 use crate::storage::Warehouse;
 
@@ -39,6 +42,8 @@ pub const SLICE_AT: &str = "slice_at";
 pub const CORE_AT: &str = "core_at";
 /// Name of the table function listing the commits of a slice (`SHOW SLICE HISTORY`).
 pub const SLICE_HISTORY: &str = "slice_history";
+/// Name of the table function reading a slice no staler than a limit.
+pub const FRESH: &str = "fresh";
 
 /// Which table a time-travel call reads.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -46,9 +51,21 @@ struct PinKey {
     function: &'static str,
     /// The name argument as written.
     name: String,
-    /// The version argument (none for `slice_history`).
+    /// The version argument (none for `slice_history` and `fresh`).
     version: Option<i64>,
+    /// `fresh`'s limit and action arguments, as written.
+    limit: Option<(String, Option<String>)>,
+    /// `fresh`'s statement: each statement applies its own limit, so its pin is its own.
+    statement: Option<u64>,
 }
+
+tokio::task_local! {
+    /// The statement being planned in this task (for `fresh` pins).
+    static STATEMENT: u64;
+}
+
+/// Numbers the statements planned.
+static STATEMENTS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
 /// A pinned provider and how many statements being planned use it.
 type Pinned = (Arc<dyn TableProvider>, usize);
@@ -81,6 +98,10 @@ impl Drop for PinGuard<'_> {
 
 fn usage(function: &str) -> String {
     match function {
+        FRESH => "fresh takes a slice name, a staleness limit and, optionally, what to do when \
+                  the slice is staler (serve, refresh or fail; icepie.on_stale by default), all \
+                  literals, e.g. fresh('finance.revenue', '5 minutes', 'refresh')"
+            .into(),
         SLICE_HISTORY => "slice_history takes a slice name as a literal, e.g. \
                           slice_history('finance.revenue')"
             .into(),
@@ -139,8 +160,23 @@ fn key_of(function: &'static str, args: &[ScalarValue]) -> Option<PinKey> {
             function,
             name: text(name)?,
             version: None,
+            limit: None,
+            statement: None,
         }),
-        [name, version] if function != SLICE_HISTORY => {
+        [name, limit] | [name, limit, _] if function == FRESH => Some(PinKey {
+            function,
+            name: text(name)?,
+            version: None,
+            limit: Some((
+                text(limit)?,
+                match args.get(2) {
+                    Some(action) => Some(text(action)?),
+                    None => None,
+                },
+            )),
+            statement: STATEMENT.try_with(|s| *s).ok(),
+        }),
+        [name, version] if function != SLICE_HISTORY && function != FRESH => {
             let name = text(name)?;
             let version = match version {
                 ScalarValue::Int64(Some(v)) => *v,
@@ -154,6 +190,8 @@ fn key_of(function: &'static str, args: &[ScalarValue]) -> Option<PinKey> {
                 function,
                 name,
                 version: Some(version),
+                limit: None,
+                statement: None,
             })
         }
         _ => None,
@@ -179,6 +217,7 @@ impl Visitor for Calls {
                 SLICE_AT => SLICE_AT,
                 CORE_AT => CORE_AT,
                 SLICE_HISTORY => SLICE_HISTORY,
+                FRESH => FRESH,
                 _ => return ControlFlow::Continue(()),
             };
             let values: Option<Vec<ScalarValue>> = args.args.iter().map(sql_literal).collect();
@@ -205,8 +244,21 @@ fn collect_calls(stmt: &DFStatement, calls: &mut Calls) {
     }
 }
 
+/// True when the SQL text `sql` calls table function `function` (false when it does not
+/// parse: its planning will say why).
+pub(crate) fn calls(sql: &str, function: &str) -> bool {
+    let Ok(statements) = DFParser::parse_sql_with_dialect(sql, &GenericDialect {}) else {
+        return false;
+    };
+    statements.iter().any(|stmt| {
+        let mut calls = Calls::default();
+        collect_calls(stmt, &mut calls);
+        calls.0.iter().any(|c| c.function == function)
+    })
+}
+
 /// Opens the table a call names at its version.
-async fn open(shared: &Shared, key: &PinKey) -> Result<Arc<dyn TableProvider>> {
+async fn open(shared: &Shared, key: &PinKey, explained: bool) -> Result<Arc<dyn TableProvider>> {
     let version = key.version.unwrap_or_default();
     if key.function == CORE_AT {
         let parts: Vec<String> = key.name.split('.').map(str::to_string).collect();
@@ -231,6 +283,14 @@ async fn open(shared: &Shared, key: &PinKey) -> Result<Arc<dyn TableProvider>> {
         ));
     }
     let name = SliceName::parse(&key.name)?;
+    if let Some((limit, action)) = &key.limit {
+        let read = fresh(shared, &name, limit, action.as_deref());
+        return match explained {
+            // An explained statement reads nothing now: its limit is not applied.
+            true => freshness::with_mode(freshness::Mode::Describe, read).await,
+            false => read.await,
+        };
+    }
     let latest = shared
         .latest_version(&name.to_string())
         .await?
@@ -252,6 +312,30 @@ async fn open(shared: &Shared, key: &PinKey) -> Result<Arc<dyn TableProvider>> {
             .ok_or_else(|| log_gone(&qualified, version, None))?
             .pinned(),
     ))
+}
+
+/// `fresh('name', 'limit' [, 'action'])`.
+async fn fresh(
+    shared: &Shared,
+    name: &SliceName,
+    limit: &str,
+    action: Option<&str>,
+) -> Result<Arc<dyn TableProvider>> {
+    let bad = |what: String| IcePieError::Syntax(format!("{what}: {}", usage(FRESH)));
+    let limit = Staleness::parse(limit)
+        .ok_or_else(|| bad(format!("'{limit}' is not a staleness limit")))?;
+    let action = match action {
+        Some(a) => OnStale::parse(a).ok_or_else(|| bad(format!("'{a}' is not an action")))?,
+        None => shared.options().on_stale,
+    };
+    let table = match limit.0 {
+        Some(limit) => freshness::read_fresh(shared, name, limit, action).await?,
+        None => shared
+            .load_slice(name, None)
+            .await?
+            .ok_or_else(|| IcePieError::SliceNotFound(name.to_string()))?,
+    };
+    Ok(Arc::new(table))
 }
 
 /// The error of a version of an existing table that cannot be loaded any more.
@@ -283,7 +367,8 @@ async fn pin<'a>(shared: &'a Shared, stmt: &DFStatement) -> Result<PinGuard<'a>>
             None => false,
         };
         if !pinned {
-            let table = open(shared, &key).await?;
+            let explained = matches!(stmt, DFStatement::Explain(_));
+            let table = open(shared, &key, explained).await?;
             let mut map = shared.pins.0.lock().expect("pins lock");
             map.entry(key.clone()).or_insert((table, 0)).1 += 1;
         }
@@ -299,8 +384,13 @@ pub(crate) async fn plan_statement(
     stmt: DFStatement,
 ) -> Result<LogicalPlan> {
     shared.know_schemas(state, &stmt).await?;
-    let _pins = pin(shared, &stmt).await?;
-    Ok(state.statement_to_plan(stmt).await?)
+    let id = STATEMENTS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    STATEMENT
+        .scope(id, async {
+            let _pins = pin(shared, &stmt).await?;
+            Ok(state.statement_to_plan(stmt).await?)
+        })
+        .await
 }
 
 /// Plans SQL text holding one statement (a slice definition).
@@ -331,7 +421,7 @@ pub(crate) struct PinnedFunction {
 impl PinnedFunction {
     /// The functions, by name, to register in a session.
     pub fn all(shared: &Arc<Shared>) -> Vec<(&'static str, Arc<dyn TableFunctionImpl>)> {
-        [SLICE_AT, CORE_AT, SLICE_HISTORY]
+        [SLICE_AT, CORE_AT, SLICE_HISTORY, FRESH]
             .into_iter()
             .map(|function| {
                 let f: Arc<dyn TableFunctionImpl> = Arc::new(Self {

@@ -121,6 +121,21 @@ impl IcePieBuilder {
             scheduler: Mutex::new(None),
             usage,
         });
+        let weak = Arc::downgrade(&inner);
+        inner
+            .shared
+            .set_refresher(state::Refresher(Box::new(move |name| {
+                let weak = weak.clone();
+                Box::pin(async move {
+                    let inner = weak
+                        .upgrade()
+                        .ok_or_else(|| IcePieError::Server("the warehouse was closed".into()))?;
+                    IcePie { inner }
+                        .refresh_slice(name, false)
+                        .await
+                        .map(|_| ())
+                })
+            })));
         let handle = scheduler::spawn(Arc::downgrade(&inner));
         *inner.scheduler.lock().expect("scheduler lock") = Some(handle);
         Ok(IcePie { inner })

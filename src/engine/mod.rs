@@ -14,6 +14,7 @@
 mod background;
 mod builder;
 mod changes;
+pub(crate) mod notices;
 mod output;
 pub mod progress;
 pub mod scheduler;
@@ -278,8 +279,9 @@ impl IcePie {
         };
         self.sync_options();
         let state = self.inner.ctx.state();
-        let plan =
-            time_travel::plan_statement(&state, &self.inner.shared, (**inner).clone()).await?;
+        // Planned only: staleness limits are applied when it runs.
+        let planning = time_travel::plan_statement(&state, &self.inner.shared, (**inner).clone());
+        let plan = slice::freshness::with_mode(slice::freshness::Mode::Describe, planning).await?;
         Ok(Some(plan))
     }
 
@@ -319,7 +321,15 @@ impl IcePie {
         let ctx = &self.inner.ctx;
         match stmt {
             Statement::DataFusion(stmt) => {
-                let plan = time_travel::plan_statement(&state, shared, *stmt).await?;
+                let mut plan = time_travel::plan_statement(&state, shared, (*stmt).clone()).await?;
+                // The session's limit on how stale the slices it reads may be.
+                let options = shared.options();
+                if let Some(limit) = options.max_staleness.0 {
+                    let action = options.on_stale;
+                    if slice::freshness::check_plan(shared, &plan, limit, action).await? {
+                        plan = time_travel::plan_statement(&state, shared, *stmt).await?;
+                    }
+                }
                 let plan = match &params {
                     ParamValues::List(v) if v.is_empty() => plan,
                     _ => plan.with_param_values(params)?,

@@ -62,6 +62,19 @@ pub(crate) struct Shared {
     pub pins: time_travel::Pins,
     /// Successful attempts whose rows are still being written to their refresh logs.
     pub settling: Settling,
+    /// How a read that needs a fresher slice refreshes it (set by the engine).
+    refresher: std::sync::OnceLock<Refresher>,
+}
+
+/// Refreshes a slice as `REFRESH SLICE` does.
+pub(crate) struct Refresher(
+    pub Box<dyn Fn(SliceName) -> futures::future::BoxFuture<'static, Result<()>> + Send + Sync>,
+);
+
+impl std::fmt::Debug for Refresher {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Refresher")
+    }
 }
 
 impl Shared {
@@ -74,6 +87,22 @@ impl Shared {
             log: LogCache::default(),
             pins: time_travel::Pins::default(),
             settling: Settling::default(),
+            refresher: std::sync::OnceLock::new(),
+        }
+    }
+
+    /// Sets how reads refresh the slices they need fresher (once, by the engine).
+    pub fn set_refresher(&self, refresher: Refresher) {
+        let _ = self.refresher.set(refresher);
+    }
+
+    /// Refreshes `name` as `REFRESH SLICE` does (joining one that has not started reading).
+    pub async fn refresh(&self, name: &SliceName) -> Result<()> {
+        match self.refresher.get() {
+            Some(r) => (r.0)(name.clone()).await,
+            None => Err(IcePieError::Server(
+                "this warehouse cannot refresh slices from here".into(),
+            )),
         }
     }
 

@@ -36,7 +36,7 @@ use datafusion::physical_plan::{DisplayAs, DisplayFormatType, ExecutionPlan, Pla
 use futures::TryStreamExt;
 
 use crate::catalog::live::LatestTable;
-use crate::catalog::table::{logging_scans, IcePieTable, ScanRecord, TableKind};
+use crate::catalog::table::{logging_scans, logging_scans_now, IcePieTable, ScanRecord, TableKind};
 use crate::options::IcePieOptions;
 use crate::usage::{shape, ColumnUses, Reading, Usage, Use};
 
@@ -75,7 +75,9 @@ impl QueryPlanner for UsagePlanner {
                 .extensions
                 .get::<IcePieOptions>()
                 .is_none_or(|o| o.usage.0);
-        if !recording {
+        // A plan planned while another is (a view's, inside a query's): its scans log into
+        // that planning, and it gets no node of its own.
+        if !recording || logging_scans_now() {
             return self.inner.create_physical_plan(logical_plan, session).await;
         }
         let started = Instant::now();
@@ -88,10 +90,9 @@ impl QueryPlanner for UsagePlanner {
         let recorder = Recorder {
             usage: self.usage.clone(),
             started,
-            at: chrono::Utc::now().timestamp_millis(),
             uses: column_uses(logical_plan),
             scans,
-            partitions: plan.properties().partitioning.partition_count(),
+            partitions: AtomicUsize::new(plan.properties().partitioning.partition_count()),
             ended: AtomicUsize::new(0),
             executed: AtomicBool::new(false),
             reported: AtomicBool::new(false),
@@ -110,12 +111,10 @@ impl QueryPlanner for UsagePlanner {
 struct Recorder {
     usage: Arc<Usage>,
     started: Instant,
-    /// When it was planned (ms since the epoch).
-    at: i64,
     uses: BTreeMap<String, ColumnUses>,
     scans: Vec<ScanRecord>,
     /// Output partitions of the plan, and how many of their streams ended.
-    partitions: usize,
+    partitions: AtomicUsize,
     ended: AtomicUsize,
     executed: AtomicBool,
     reported: AtomicBool,
@@ -136,7 +135,8 @@ struct Scanned {
 
 impl Recorder {
     fn partition_ended(&self) {
-        if self.ended.fetch_add(1, Ordering::AcqRel) + 1 >= self.partitions {
+        let partitions = self.partitions.load(Ordering::Acquire);
+        if self.ended.fetch_add(1, Ordering::AcqRel) + 1 >= partitions {
             self.report();
         }
     }
@@ -171,10 +171,11 @@ impl Recorder {
             .map(|s| (&s.name, self.uses.get(&s.name).unwrap_or(&none)))
             .collect();
         let shape: Arc<str> = shape(used.iter().map(|(t, u)| (*t, *u))).into();
+        let at = crate::usage::now_ms();
         let readings = tables
             .into_iter()
             .map(|(table, t)| Reading {
-                at: self.at,
+                at,
                 table: table.to_string(),
                 kind: match t.kind {
                     Some(TableKind::Core) => "core",
@@ -318,6 +319,10 @@ impl ExecutionPlan for UsageExec {
         context: Arc<TaskContext>,
     ) -> DFResult<SendableRecordBatchStream> {
         let stream = self.input.execute(partition, context)?;
+        let partitions = self.input.properties().partitioning.partition_count();
+        self.recorder
+            .partitions
+            .store(partitions, Ordering::Release);
         self.recorder.executed.store(true, Ordering::Release);
         let schema = stream.schema();
         let end = PartitionEnd(self.recorder.clone());
@@ -404,8 +409,36 @@ impl Qualifiers {
     }
 }
 
-/// The columns of each core table and slice `plan` (optimized) filters, groups and joins on.
+/// The columns of each core table and slice `plan` (optimized) and the views it reads
+/// filter, group and join on.
 fn column_uses(plan: &LogicalPlan) -> BTreeMap<String, ColumnUses> {
+    let mut plans = vec![plan.clone()];
+    let mut out: BTreeMap<String, ColumnUses> = BTreeMap::new();
+    // A view read is planned with its own plan: its tables' columns are used there.
+    let mut seen = 0;
+    while let Some(plan) = plans.get(seen).cloned() {
+        seen += 1;
+        let _ = plan.apply_with_subqueries(|node| {
+            if let LogicalPlan::TableScan(scan) = node {
+                if let Ok(provider) = source_as_provider(&scan.source) {
+                    if let Some(view) = provider.get_logical_plan() {
+                        if plans.len() < 64 {
+                            plans.push(view.into_owned());
+                        }
+                    }
+                }
+            }
+            Ok(TreeNodeRecursion::Continue)
+        });
+        for (table, uses) in plan_column_uses(&plan) {
+            out.entry(table).or_default().extend(uses);
+        }
+    }
+    out
+}
+
+/// [`column_uses`] of one plan, without the views it reads.
+fn plan_column_uses(plan: &LogicalPlan) -> BTreeMap<String, ColumnUses> {
     let mut qualifiers = Qualifiers::default();
     let _ = plan.apply_with_subqueries(|node| {
         qualifiers.learn(node);

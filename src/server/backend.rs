@@ -34,6 +34,7 @@ use super::errors::{error_info, user_error};
 use super::policy::Policy;
 use crate::engine::IcePie;
 use crate::error::IcePieError;
+use crate::slice::freshness;
 use crate::sql::Statement;
 
 /// PostgreSQL's limit on a statement's parameters (Bind counts them in 16 bits).
@@ -199,10 +200,14 @@ impl SimpleQueryHandler for Backend {
                 for statement in statements {
                     let stop = self.stop_signal(client).await;
                     let work = async {
-                        let response = self
-                            .run(statement, ParamValues::List(vec![]), &Format::UnifiedText)
-                            .await?;
-                        status = send(client, response, true, status).await?;
+                        let (response, notices) = IcePie::with_notices(self.run(
+                            statement,
+                            ParamValues::List(vec![]),
+                            &Format::UnifiedText,
+                        ))
+                        .await;
+                        send_notices(client, notices).await?;
+                        status = send(client, response?, true, status).await?;
                         Ok(())
                     };
                     let sent = stop.guard(work).await;
@@ -277,7 +282,15 @@ impl ExtendedQueryHandler for Backend {
         client.set_state(PgWireConnectionState::QueryInProgress);
         let stop = self.stop_signal(client).await;
         let work = async {
-            let response = ExtendedQueryHandler::do_query(self, client, portal.as_ref(), 0).await?;
+            let (response, notices) = IcePie::with_notices(ExtendedQueryHandler::do_query(
+                self,
+                client,
+                portal.as_ref(),
+                0,
+            ))
+            .await;
+            send_notices(client, notices).await?;
+            let response = response?;
             let fields = match &response {
                 Response::Query(rows) => Some(rows.row_schema()),
                 _ => None,
@@ -330,6 +343,22 @@ impl ExtendedQueryHandler for Backend {
             response => response,
         })
     }
+}
+
+/// Sends a statement's notices (`icepie.on_stale = 'serve'`) as NoticeResponses.
+async fn send_notices<C>(client: &mut C, notices: Vec<String>) -> PgWireResult<()>
+where
+    C: Sink<PgWireBackendMessage> + Unpin,
+    C::Error: Debug,
+    PgWireError: From<<C as Sink<PgWireBackendMessage>>::Error>,
+{
+    for text in notices {
+        let info = pgwire::error::ErrorInfo::new("NOTICE".into(), "01000".into(), text);
+        client
+            .feed(PgWireBackendMessage::NoticeResponse(info.into()))
+            .await?;
+    }
+    Ok(())
 }
 
 /// Sends `response` whole (a query's rows streamed, after their description with
@@ -446,11 +475,13 @@ impl Backend {
         }
         let tag = tag(&statement);
         let writes = counts_rows(&statement);
-        let df = self
-            .warehouse
-            .execute_with_params(statement, params)
-            .await
-            .map_err(|e| user_error(&e))?;
+        let execute = self.warehouse.execute_with_params(statement, params);
+        // A read-only server does not refresh a stale slice for a reader either.
+        let df = match self.policy.read_only() {
+            true => freshness::with_mode(freshness::Mode::ReadOnly, execute).await,
+            false => execute.await,
+        }
+        .map_err(|e| user_error(&e))?;
         let schema = df.schema().as_arrow().clone();
         if schema.fields().is_empty() {
             return Ok(Response::Execution(Tag::new(&tag)));

@@ -23,7 +23,7 @@ pub fn sqlstate(e: &IcePieError) -> &'static str {
         IcePieError::Damaged { .. } | IcePieError::CorruptMetadata { .. } => "XX001",
         IcePieError::MemoryBudget { .. } => "53200",
         // object_not_in_prerequisite_state: thaw it first.
-        IcePieError::Frozen { .. } => "55000",
+        IcePieError::Frozen { .. } | IcePieError::Stale { .. } => "55000",
         IcePieError::VersionNotFound { .. } => "42704",
         IcePieError::Setting { .. } => "22023",
         IcePieError::Joined(inner) => sqlstate(inner),

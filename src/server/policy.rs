@@ -54,6 +54,11 @@ impl Policy {
         Ok(Self { allowed, read_only })
     }
 
+    /// True when clients may only read.
+    pub fn read_only(&self) -> bool {
+        self.read_only
+    }
+
     /// Refuses `statement` when it writes in read-only mode or names a location that is not
     /// allowed.
     pub fn check(&self, statement: &Statement) -> Result<()> {

@@ -63,6 +63,8 @@ pub(crate) async fn build(
     existing: Option<&DeltaTable>,
     previous: Option<&Previous>,
 ) -> Result<BuildOutcome> {
+    // A refresh reading its inputs is not usage.
+    let state = &crate::engine::usage::quiet(state);
     let _refreshing = RefreshingGuard::new(shared, name);
     let attempt_id = uuid::Uuid::new_v4().to_string();
     let started_at = Utc::now();
@@ -277,9 +279,7 @@ async fn write_version(
     };
     let mut write = WriteBuilder::new(base.log_store, base.snapshot)
         .with_input_plan(decision.plan)
-        .with_session_state(Arc::new(crate::engine::progress::counting(
-            &crate::engine::usage::quiet(&state),
-        )))
+        .with_session_state(Arc::new(crate::engine::progress::counting(&state)))
         .with_partition_columns(spec.partition_by.clone())
         .with_commit_properties(commit_properties(&meta));
     write = match (existing, decision.replace) {
@@ -339,6 +339,7 @@ pub(crate) async fn explain(
     spec: &SliceSpec,
     (existing, previous): (&DeltaTable, &Previous),
 ) -> Result<Built> {
+    let state = &crate::engine::usage::quiet(state);
     let mut inputs = Vec::new();
     let decision = plan_build(
         state,
@@ -364,6 +365,14 @@ async fn plan_build(
     (existing, previous): (Option<&DeltaTable>, Option<&Previous>),
     inputs: &mut Vec<InputVersion>,
 ) -> Result<incremental::Decision> {
+    if time_travel::calls(&spec.definition, time_travel::FRESH) {
+        return Err(IcePieError::InvalidDefinition {
+            slice: name.to_string(),
+            reason: "a definition cannot read fresh(...): a slice reads its inputs at their \
+                     latest versions when it is built; give the slice a refresh policy instead"
+                .into(),
+        });
+    }
     let plan = time_travel::plan_sql(state, shared, &spec.definition).await?;
     if !is_query(&plan) {
         return Err(IcePieError::InvalidDefinition {

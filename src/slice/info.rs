@@ -110,6 +110,28 @@ impl InputCache {
     }
 }
 
+/// Whether an input of a slice version described by `meta` has moved on, and when the oldest
+/// input change that version has not consumed was committed (ms since the epoch; `None`
+/// when none, or when that commit's time cannot be read).
+pub(crate) async fn behind(
+    shared: &Shared,
+    meta: &SliceMeta,
+    inputs: &InputCache,
+) -> Result<(bool, Option<i64>)> {
+    let mut stale = false;
+    let mut oldest_change: Option<i64> = None;
+    for input in meta.inputs.iter().filter(|i| !i.pinned) {
+        if inputs.latest(shared, &input.table).await? != Some(input.version) {
+            stale = true;
+            let next = input.version + 1;
+            if let Some(at) = inputs.commit_time(shared, &input.table, next).await? {
+                oldest_change = Some(oldest_change.map_or(at, |o: i64| o.min(at)));
+            }
+        }
+    }
+    Ok((stale, oldest_change))
+}
+
 /// Reads what `system.slices` shows of one slice; `inputs` caches input versions across
 /// slices.
 pub(crate) async fn info(
@@ -129,17 +151,7 @@ pub(crate) async fn info(
     let stats = table_stats(&table)?;
     let failures = log::failures_since(&shared.attempts(name).await?, committed.unwrap_or(0));
     let now = Utc::now().timestamp_millis();
-    let mut stale = false;
-    let mut oldest_change: Option<i64> = None;
-    for input in meta.inputs.iter().filter(|i| !i.pinned) {
-        if inputs.latest(shared, &input.table).await? != Some(input.version) {
-            stale = true;
-            let next = input.version + 1;
-            if let Some(at) = inputs.commit_time(shared, &input.table, next).await? {
-                oldest_change = Some(oldest_change.map_or(at, |o: i64| o.min(at)));
-            }
-        }
-    }
+    let (stale, oldest_change) = behind(shared, &meta, inputs).await?;
     let options = shared.options();
     let rel = Warehouse::slice_path(name);
     let damaged = quarantine::in_force(&shared.warehouse, &rel, &table).await?;

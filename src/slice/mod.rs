@@ -14,6 +14,7 @@
 
 pub(crate) mod aggregate;
 mod build;
+pub(crate) mod freshness;
 mod incremental;
 mod info;
 pub mod lease;

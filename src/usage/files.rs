@@ -1,8 +1,8 @@
-//! The usage files: one Parquet file per flush and day, `compacted.parquet` per past day.
+//! The usage files: one Parquet file per process and day, `compacted.parquet` per past day.
 //!
 //! ```text
-//! <warehouse>/_system/usage/<YYYY-MM-DD>/<process>-<seq>.parquet   written once, by one process
-//! <warehouse>/_system/usage/<YYYY-MM-DD>/compacted.parquet         the day's files merged, once
+//! <warehouse>/_system/usage/<YYYY-MM-DD>/<process>.parquet   what one process recorded that day
+//! <warehouse>/_system/usage/<YYYY-MM-DD>/compacted.parquet   a past day's files merged, once
 //! ```
 //!
 //! Each row sums the queries of one process that read one table in one way (the query's
@@ -25,7 +25,7 @@ use datafusion::parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use datafusion::parquet::arrow::ArrowWriter;
 use datafusion::parquet::file::metadata::KeyValue;
 use datafusion::parquet::file::properties::WriterProperties;
-use futures::TryStreamExt;
+use futures::{StreamExt, TryStreamExt};
 use object_store::path::Path;
 use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutOptions};
 
@@ -239,7 +239,8 @@ const EPOCH_CE: i32 = 719_163;
 
 /// The day (since the epoch, UTC) of a time in milliseconds since the epoch.
 pub(crate) fn day_of(ms: i64) -> i32 {
-    ms.div_euclid(86_400_000) as i32
+    let day = ms.div_euclid(86_400_000);
+    i32::try_from(day).unwrap_or(if day < 0 { i32::MIN } else { i32::MAX })
 }
 
 /// Parquet bytes of `rows`, naming `sources` in the metadata when it replaces them.
@@ -256,18 +257,16 @@ fn encode(rows: &Rows, sources: Option<&[String]>) -> Result<Bytes> {
     Ok(Bytes::from(buf))
 }
 
-/// Writes `rows` of one day as a new file of `process`.
+/// Writes `rows`, everything `process` recorded on `day`, as that process's file of the day,
+/// replacing the one it wrote before (a put replaces an object whole, and only this process
+/// writes it): a day has one file per process that recorded on it, however often it flushed.
 pub(crate) async fn write(
     store: &dyn ObjectStore,
     day: i32,
     process: &str,
-    seq: u64,
     rows: &Rows,
 ) -> Result<()> {
-    let path = Path::from(format!(
-        "{USAGE_PATH}/{}/{process}-{seq:08}.parquet",
-        day_name(day)
-    ));
+    let path = Path::from(format!("{USAGE_PATH}/{}/{process}.parquet", day_name(day)));
     store.put(&path, encode(rows, None)?.into()).await?;
     Ok(())
 }
@@ -301,67 +300,99 @@ async fn list_days(store: &dyn ObjectStore) -> Result<BTreeMap<i32, DayFiles>> {
     Ok(days)
 }
 
-/// Reads one file into `rows`; `None` when it is gone (compacted meanwhile). Returns the
-/// files it replaces when it is a compacted file.
-async fn read_file(
-    store: &dyn ObjectStore,
-    path: &Path,
-    rows: &mut Rows,
-) -> Result<Option<Vec<String>>> {
-    let bytes = match store.get(path).await {
-        Ok(got) => got.bytes().await?,
-        Err(object_store::Error::NotFound { .. }) => return Ok(None),
-        Err(e) => return Err(e.into()),
-    };
-    let builder = ParquetRecordBatchReaderBuilder::try_new(bytes)?;
-    let sources = builder
-        .metadata()
-        .file_metadata()
-        .key_value_metadata()
-        .and_then(|kv| kv.iter().find(|kv| kv.key == SOURCES_KEY))
-        .and_then(|kv| kv.value.as_deref())
-        .and_then(|v| serde_json::from_str::<Vec<String>>(v).ok())
-        .unwrap_or_default();
-    for batch in builder.build()? {
-        add_batch(rows, &batch?)?;
-    }
-    Ok(Some(sources))
+/// What one file holds.
+enum FileRead {
+    /// Its rows, and the files it replaces (a compacted file).
+    Rows(Rows, Vec<String>),
+    /// It is gone (compacted meanwhile).
+    Gone,
+    /// It cannot be read as a usage file (damaged, or another version's): skipped. Usage is
+    /// evidence, not data: one bad file must not hide the rest.
+    Unreadable,
 }
 
-/// Reads one day's rows into `rows`: its compacted file and the files that one does not
-/// replace. `false` when a file vanished while reading (the day was being compacted): the
-/// caller lists again.
-async fn read_day(store: &dyn ObjectStore, files: &DayFiles, rows: &mut Rows) -> Result<bool> {
+async fn read_file(store: &dyn ObjectStore, path: &Path) -> Result<FileRead> {
+    let bytes = match store.get(path).await {
+        Ok(got) => got.bytes().await?,
+        Err(object_store::Error::NotFound { .. }) => return Ok(FileRead::Gone),
+        Err(e) => return Err(e.into()),
+    };
+    let decode = || -> Result<(Rows, Vec<String>)> {
+        let builder = ParquetRecordBatchReaderBuilder::try_new(bytes)?;
+        let sources = builder
+            .metadata()
+            .file_metadata()
+            .key_value_metadata()
+            .and_then(|kv| kv.iter().find(|kv| kv.key == SOURCES_KEY))
+            .and_then(|kv| kv.value.as_deref())
+            .and_then(|v| serde_json::from_str::<Vec<String>>(v).ok())
+            .unwrap_or_default();
+        let mut rows = Rows::new();
+        for batch in builder.build()? {
+            add_batch(&mut rows, &batch?)?;
+        }
+        Ok((rows, sources))
+    };
+    Ok(match decode() {
+        Ok((rows, sources)) => FileRead::Rows(rows, sources),
+        Err(_) => FileRead::Unreadable,
+    })
+}
+
+/// Files read at once.
+const PARALLEL: usize = 16;
+
+/// Reads one day's rows: its compacted file and the files that one does not replace (at
+/// most [`PARALLEL`] at a time). `None` when a file vanished while reading (the day was
+/// being compacted): the caller lists again.
+async fn read_day(store: &dyn ObjectStore, files: &DayFiles) -> Result<Option<Rows>> {
+    let mut rows = Rows::new();
     let mut replaced = BTreeSet::new();
     if let Some(compacted) = &files.compacted {
-        match read_file(store, compacted, rows).await? {
-            Some(sources) => replaced.extend(sources),
-            None => return Ok(false),
+        match read_file(store, compacted).await? {
+            FileRead::Rows(r, sources) => {
+                rows = r;
+                replaced.extend(sources);
+            }
+            FileRead::Gone => return Ok(None),
+            FileRead::Unreadable => {}
         }
     }
-    for path in &files.others {
-        if path.filename().is_some_and(|f| replaced.contains(f)) {
-            continue;
-        }
-        if read_file(store, path, rows).await?.is_none() {
-            return Ok(false);
+    let wanted: Vec<Path> = files
+        .others
+        .iter()
+        .filter(|p| p.filename().is_none_or(|f| !replaced.contains(f)))
+        .cloned()
+        .collect();
+    let mut reads = futures::stream::iter(wanted)
+        .map(|p: Path| async move { read_file(store, &p).await })
+        .buffer_unordered(PARALLEL);
+    while let Some(read) = reads.next().await {
+        match read? {
+            FileRead::Rows(r, _) => {
+                for (key, sums) in r {
+                    rows.entry(key).or_default().add(&sums);
+                }
+            }
+            FileRead::Gone => return Ok(None),
+            FileRead::Unreadable => {}
         }
     }
-    Ok(true)
+    Ok(Some(rows))
 }
 
 /// Every row of the days from `since` (days since the epoch) on, summed by key.
 pub(crate) async fn read(store: &dyn ObjectStore, since: i32) -> Result<Rows> {
     let mut rows = Rows::new();
     for (day, files) in list_days(store).await?.range(since..) {
-        let mut sums = Rows::new();
-        if !read_day(store, files, &mut sums).await? {
+        let sums = match read_day(store, files).await? {
+            Some(sums) => sums,
             // Compacted while read: its compacted file now holds what was listed.
-            sums.clear();
-            if let Some(files) = list_days(store).await?.get(day) {
-                read_day(store, files, &mut sums).await?;
-            }
-        }
+            None => match list_days(store).await?.get(day) {
+                Some(files) => read_day(store, files).await?.unwrap_or_default(),
+                None => Rows::new(),
+            },
+        };
         for (key, s) in sums {
             rows.entry(key).or_default().add(&s);
         }
@@ -369,10 +400,11 @@ pub(crate) async fn read(store: &dyn ObjectStore, since: i32) -> Result<Rows> {
     Ok(rows)
 }
 
-/// Deletes the days before `since`, and compacts each day before `today` that has more than
-/// one file and no compacted file yet. Whoever creates a day's compacted file first wins;
-/// the others leave the day alone.
-pub(crate) async fn tidy(store: &dyn ObjectStore, since: i32, today: i32) -> Result<()> {
+/// Deletes the days before `since`, and compacts each day before `yesterday` (processes
+/// may still write yesterday's files just after midnight) that has more than one file and
+/// no compacted file yet. Whoever creates a day's compacted file first wins; the others
+/// leave the day alone.
+pub(crate) async fn tidy(store: &dyn ObjectStore, since: i32, yesterday: i32) -> Result<()> {
     for (day, files) in list_days(store).await? {
         let all = files.compacted.iter().chain(files.others.iter());
         if day < since {
@@ -381,14 +413,19 @@ pub(crate) async fn tidy(store: &dyn ObjectStore, since: i32, today: i32) -> Res
             }
             continue;
         }
-        if day >= today || files.compacted.is_some() || files.others.len() < 2 {
+        if day >= yesterday || files.compacted.is_some() || files.others.len() < 2 {
             continue;
         }
         let mut rows = Rows::new();
         let mut sources = Vec::new();
         for path in &files.others {
-            read_file(store, path, &mut rows).await?;
-            sources.extend(path.filename().map(str::to_string));
+            // An unreadable file is left where it is, outside the compacted file.
+            if let FileRead::Rows(r, _) = read_file(store, path).await? {
+                for (key, sums) in r {
+                    rows.entry(key).or_default().add(&sums);
+                }
+                sources.extend(path.filename().map(str::to_string));
+            }
         }
         let target = Path::from(format!("{USAGE_PATH}/{}/{COMPACTED}", day_name(day)));
         let put = store
@@ -400,7 +437,11 @@ pub(crate) async fn tidy(store: &dyn ObjectStore, since: i32, today: i32) -> Res
             .await;
         match put {
             Ok(_) => {
-                for path in &files.others {
+                for path in files
+                    .others
+                    .iter()
+                    .filter(|p| p.filename().is_some_and(|f| sources.iter().any(|s| s == f)))
+                {
                     delete(store, path).await?;
                 }
             }
@@ -454,27 +495,45 @@ mod tests {
         assert_eq!(parse_day("2024-10-04"), Some(20_000));
     }
 
+    async fn write_one(store: &InMemory, day: i32, process: &str, queries: i64) {
+        let (mut key, sums) = row(process, "core.a", queries);
+        key.day = day;
+        write(store, day, process, &[(key, sums)].into())
+            .await
+            .unwrap();
+    }
+
+    fn total(rows: &Rows) -> i64 {
+        rows.values().map(|s| s.queries).sum()
+    }
+
+    #[tokio::test]
+    async fn a_process_rewrites_its_own_file_of_the_day() {
+        let store = InMemory::new();
+        write_one(&store, 20_000, "p", 2).await;
+        write_one(&store, 20_000, "p", 5).await;
+        write_one(&store, 20_000, "q", 1).await;
+        assert_eq!(total(&read(&store, 0).await.unwrap()), 6);
+        assert_eq!(list_days(&store).await.unwrap()[&20_000].others.len(), 2);
+    }
+
     #[tokio::test]
     async fn a_compacted_day_counts_each_row_once() {
         let store = InMemory::new();
-        write(&store, 20_000, "p", 1, &[row("p", "core.a", 2)].into())
-            .await
-            .unwrap();
-        write(&store, 20_000, "p", 2, &[row("p", "core.a", 3)].into())
-            .await
-            .unwrap();
-        write(&store, 20_000, "q", 1, &[row("q", "core.a", 4)].into())
-            .await
-            .unwrap();
+        for (p, n) in [("p", 2), ("q", 3), ("r", 4)] {
+            write_one(&store, 20_000, p, n).await;
+        }
         let before = read(&store, 0).await.unwrap();
-        assert_eq!(before.values().map(|s| s.queries).sum::<i64>(), 9);
+        assert_eq!(total(&before), 9);
 
         // A compaction that stopped before deleting what it replaced: still counted once.
         let days = list_days(&store).await.unwrap();
         let mut merged = Rows::new();
         let mut sources = Vec::new();
         for path in &days[&20_000].others {
-            read_file(&store, path, &mut merged).await.unwrap();
+            if let FileRead::Rows(r, _) = read_file(&store, path).await.unwrap() {
+                merged.extend(r);
+            }
             sources.extend(path.filename().map(str::to_string));
         }
         let target = Path::from(format!("{USAGE_PATH}/2024-10-04/{COMPACTED}"));
@@ -484,12 +543,18 @@ mod tests {
             .unwrap();
         assert_eq!(read(&store, 0).await.unwrap(), before);
 
-        // A file written to the day after it was compacted is read alongside.
-        write(&store, 20_000, "r", 1, &[row("r", "core.a", 1)].into())
+        // A process's first file of the day after it was compacted is read alongside.
+        write_one(&store, 20_000, "s", 1).await;
+        let after = read(&store, 0).await.unwrap();
+        assert_eq!(total(&after), 10);
+
+        // A file that is not a usage file is skipped, not fatal.
+        let junk = Path::from(format!("{USAGE_PATH}/2024-10-04/junk.parquet"));
+        store
+            .put(&junk, Bytes::from_static(b"not parquet").into())
             .await
             .unwrap();
-        let after = read(&store, 0).await.unwrap();
-        assert_eq!(after.values().map(|s| s.queries).sum::<i64>(), 10);
+        assert_eq!(read(&store, 0).await.unwrap(), after);
 
         // Tidying leaves a compacted day alone, and deletes days before the window.
         tidy(&store, 0, 30_000).await.unwrap();
@@ -499,28 +564,30 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn tidying_compacts_a_past_day_into_one_file() {
+    async fn tidying_compacts_days_before_yesterday_into_one_file() {
         let store = InMemory::new();
-        for (i, p) in ["p", "q", "p"].iter().enumerate() {
-            write(&store, 20_000, p, i as u64, &[row(p, "core.a", 1)].into())
-                .await
-                .unwrap();
+        for p in ["p", "q", "r"] {
+            write_one(&store, 20_000, p, 1).await;
+            // Yesterday's files may still be rewritten: left alone.
+            write_one(&store, 20_001, p, 1).await;
         }
-        // Today's files are still being written to: left alone.
-        let (mut today, sums) = row("p", "core.a", 1);
-        today.day = 20_001;
-        write(&store, 20_001, "p", 9, &[(today, sums)].into())
-            .await
-            .unwrap();
         let before = read(&store, 0).await.unwrap();
         tidy(&store, 0, 20_001).await.unwrap();
         let days = list_days(&store).await.unwrap();
         assert!(days[&20_000].compacted.is_some());
         assert!(days[&20_000].others.is_empty());
-        assert_eq!(days[&20_001].others.len(), 1);
+        assert_eq!(days[&20_001].others.len(), 3);
+        assert!(days[&20_001].compacted.is_none());
         assert_eq!(read(&store, 0).await.unwrap(), before);
-        // Rows of one process and key are merged; processes stay apart.
-        let p = &before[&row("p", "core.a", 0).0];
-        assert_eq!(p.queries, 2);
+        // A second tidy (another process) finds the day compacted and changes nothing.
+        tidy(&store, 0, 20_001).await.unwrap();
+        assert_eq!(read(&store, 0).await.unwrap(), before);
+    }
+
+    #[test]
+    fn far_times_saturate_instead_of_wrapping() {
+        assert_eq!(day_of(i64::MAX), i32::MAX);
+        assert_eq!(day_of(i64::MIN), i32::MIN);
+        assert_eq!(day_of(-1), -1);
     }
 }

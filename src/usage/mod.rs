@@ -7,24 +7,26 @@
 //! off the query's path: `record` only tries to put the readings in a bounded queue, and when
 //! the queue is full it drops them and counts them ([`Usage::dropped`]) rather than wait. One
 //! task per open warehouse sums the readings by day, table and *shape* (how the query read its
-//! tables) and writes the sums every 10 seconds, and on [`Usage::flush`], as one new file per
-//! day ([`files`]): each process writes only files of its own, so writers never contend.
-//! Once an hour it deletes the days older than `icepie.usage_retention` and compacts each
-//! past day into one file.
+//! tables) and every 10 seconds, and on [`Usage::flush`], rewrites this process's file of the
+//! day with its sums so far ([`files`]): each process writes only its own files, so writers
+//! never contend, and a day has one file per process that recorded on it. Once an hour, in a
+//! task of its own, it deletes the days older than `icepie.usage_retention` and compacts each
+//! day before yesterday into one file.
 //!
 //! # Invariants
 //!
 //! - Recording never waits: a full queue drops readings and counts them (test
 //!   `usage::tests::a_full_queue_drops_and_counts_instead_of_waiting`).
 //! - A reading is counted once, across processes, flushes and compactions (tests
+//!   `usage::files::tests::a_process_rewrites_its_own_file_of_the_day`,
 //!   `usage::files::tests::a_compacted_day_counts_each_row_once` and
 //!   `usage::usage_is_summed_across_two_processes`).
 
 pub(crate) mod files;
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -97,7 +99,7 @@ pub(crate) fn shape<'a>(tables: impl IntoIterator<Item = (&'a String, &'a Column
 /// One query's read of one table.
 #[derive(Debug, Clone)]
 pub(crate) struct Reading {
-    /// When the query was planned, in milliseconds since the epoch.
+    /// When the query ended, in milliseconds since the epoch.
     pub at: i64,
     /// Qualified name: `core.orders`, `finance.revenue`.
     pub table: String,
@@ -140,6 +142,11 @@ impl Reading {
     }
 }
 
+/// `d` in milliseconds, saturating.
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
 enum Message {
     Readings(Vec<Reading>),
     Flush(oneshot::Sender<()>),
@@ -164,14 +171,15 @@ impl Usage {
             std::process::id(),
             &uuid::Uuid::new_v4().simple().to_string()[..12]
         );
-        let retention_ms = Arc::new(AtomicU64::new(retention.as_millis() as u64));
+        let retention_ms = Arc::new(AtomicU64::new(millis(retention)));
         let task = Task {
             store,
             process,
             retention_ms: retention_ms.clone(),
-            pending: Rows::new(),
-            seq: 0,
+            days: BTreeMap::new(),
+            dirty: BTreeSet::new(),
             tidied: None,
+            tidying: Arc::default(),
         };
         tokio::spawn(task.run(receiver));
         Arc::new(Self {
@@ -206,7 +214,7 @@ impl Usage {
     /// Sets how long usage is kept.
     pub fn set_retention(&self, retention: Duration) {
         self.retention_ms
-            .store(retention.as_millis() as u64, Ordering::Relaxed);
+            .store(millis(retention), Ordering::Relaxed);
     }
 }
 
@@ -215,9 +223,13 @@ struct Task {
     store: Arc<dyn ObjectStore>,
     process: String,
     retention_ms: Arc<AtomicU64>,
-    pending: Rows,
-    seq: u64,
+    /// Everything this process recorded, per day: a day's file is rewritten whole.
+    days: BTreeMap<i32, Rows>,
+    /// Days recorded on since their file was last written.
+    dirty: BTreeSet<i32>,
     tidied: Option<Instant>,
+    /// Set while a clean-up runs (in a task of its own, so that recording goes on).
+    tidying: Arc<AtomicBool>,
 }
 
 impl Task {
@@ -239,16 +251,7 @@ impl Task {
                 },
                 _ = tick.tick() => {
                     self.write().await;
-                    // Only a process that records tidies: one that never does never lists.
-                    let due = self.tidied.is_none_or(|t| t.elapsed() >= TIDY_EVERY);
-                    if self.seq > 0 && due {
-                        self.tidied = Some(Instant::now());
-                        let now = chrono::Utc::now().timestamp_millis();
-                        let retention = self.retention_ms.load(Ordering::Relaxed) as i64;
-                        let since = day_of(now.saturating_sub(retention));
-                        // Usage is evidence, not data: a failed clean-up is retried later.
-                        let _ = files::tidy(self.store.as_ref(), since, day_of(now)).await;
-                    }
+                    self.tidy();
                 }
             }
         }
@@ -263,29 +266,64 @@ impl Task {
                 kind: r.kind.to_string(),
                 shape: r.shape.to_string(),
             };
-            self.pending.entry(key).or_default().add(&r.sums());
+            self.dirty.insert(key.day);
+            self.days
+                .entry(key.day)
+                .or_default()
+                .entry(key)
+                .or_default()
+                .add(&r.sums());
         }
     }
 
-    /// Writes the pending sums, one file per day. What fails to be written is kept for the
-    /// next attempt, up to a bound past which it is dropped (usage is lossy, never blocking).
+    /// Rewrites the file of each day recorded on since it was last written; a day whose
+    /// write fails stays to be written next time. Days before yesterday that are written
+    /// are forgotten: readings are dated when their query ends, so no more come for them.
     async fn write(&mut self) {
-        if self.pending.is_empty() {
-            return;
-        }
-        let mut by_day: std::collections::BTreeMap<i32, Rows> = Default::default();
-        for (key, sums) in self.pending.drain() {
-            by_day.entry(key.day).or_default().insert(key, sums);
-        }
-        for (day, rows) in by_day {
-            self.seq += 1;
-            let written =
-                files::write(self.store.as_ref(), day, &self.process, self.seq, &rows).await;
-            if written.is_err() && self.pending.len() < QUEUE * 4 {
-                self.pending.extend(rows);
+        for day in std::mem::take(&mut self.dirty) {
+            let Some(rows) = self.days.get(&day) else {
+                continue;
+            };
+            if files::write(self.store.as_ref(), day, &self.process, rows)
+                .await
+                .is_err()
+            {
+                self.dirty.insert(day);
             }
         }
+        let yesterday = day_of(now_ms()).saturating_sub(1);
+        let dirty = &self.dirty;
+        self.days
+            .retain(|day, _| *day >= yesterday || dirty.contains(day));
     }
+
+    /// Once an hour, in a task of its own, deletes the days older than the retention and
+    /// compacts past ones. Only a process that recorded something tidies: one that never
+    /// does never lists the usage files.
+    fn tidy(&mut self) {
+        let due = self.tidied.is_none_or(|t| t.elapsed() >= TIDY_EVERY);
+        if self.days.is_empty() || !due || self.tidying.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        self.tidied = Some(Instant::now());
+        let store = self.store.clone();
+        let tidying = self.tidying.clone();
+        let retention =
+            i64::try_from(self.retention_ms.load(Ordering::Relaxed)).unwrap_or(i64::MAX);
+        tokio::spawn(async move {
+            let now = now_ms();
+            let since = day_of(now.saturating_sub(retention));
+            let yesterday = day_of(now).saturating_sub(1);
+            // Usage is evidence, not data: a failed clean-up is retried an hour later.
+            let _ = files::tidy(store.as_ref(), since, yesterday).await;
+            tidying.store(false, Ordering::Release);
+        });
+    }
+}
+
+/// Now, in milliseconds since the epoch.
+pub(crate) fn now_ms() -> i64 {
+    chrono::Utc::now().timestamp_millis()
 }
 
 #[cfg(test)]

@@ -6,6 +6,7 @@ mod core_tables;
 mod crash;
 mod failures;
 mod faults;
+mod freshness;
 mod incremental;
 mod isolation;
 mod lifetime;

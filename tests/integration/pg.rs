@@ -26,6 +26,11 @@ async fn start(password: Option<&str>) -> Server {
 
 async fn start_with(options: PgOptions) -> Server {
     let (dir, warehouse) = crate::support::open_with(&[]).await;
+    serve(dir, warehouse, options).await
+}
+
+/// Serves `warehouse` (in `dir`) with `options`.
+async fn serve(dir: tempfile::TempDir, warehouse: icepie::IcePie, options: PgOptions) -> Server {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
@@ -44,7 +49,7 @@ async fn start_with(options: PgOptions) -> Server {
     }
 }
 
-async fn connect(server: &Server, password: Option<&str>) -> Result<Client, tokio_postgres::Error> {
+fn config(server: &Server, password: Option<&str>) -> tokio_postgres::Config {
     let mut config = tokio_postgres::Config::new();
     config
         .host(server.addr.ip().to_string())
@@ -54,9 +59,30 @@ async fn connect(server: &Server, password: Option<&str>) -> Result<Client, toki
     if let Some(p) = password {
         config.password(p);
     }
-    let (client, connection) = config.connect(NoTls).await?;
+    config
+}
+
+async fn connect(server: &Server, password: Option<&str>) -> Result<Client, tokio_postgres::Error> {
+    let (client, connection) = config(server, password).connect(NoTls).await?;
     tokio::spawn(connection);
     Ok(client)
+}
+
+/// A client whose server notices arrive on the receiver.
+async fn connect_with_notices(
+    server: &Server,
+) -> (Client, tokio::sync::mpsc::UnboundedReceiver<String>) {
+    let (client, mut connection) = config(server, None).connect(NoTls).await.unwrap();
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        let mut messages = futures::stream::poll_fn(move |cx| connection.poll_message(cx));
+        while let Some(Ok(message)) = futures::StreamExt::next(&mut messages).await {
+            if let tokio_postgres::AsyncMessage::Notice(n) = message {
+                let _ = tx.send(n.message().to_string());
+            }
+        }
+    });
+    (client, rx)
 }
 
 /// The text rows of a simple query's last result, cells joined by `|`.
@@ -339,6 +365,35 @@ async fn errors_carry_their_sqlstate() {
 }
 
 #[tokio::test]
+async fn a_stale_read_sends_a_notice_or_fails_with_its_sqlstate() {
+    let server = start(None).await;
+    let (client, mut notices) = connect_with_notices(&server).await;
+    client
+        .batch_execute(
+            "CREATE CORE TABLE t (x BIGINT); INGEST INTO t VALUES (1);
+             CREATE SLICE s AS SELECT sum(x) AS total FROM core.t; INGEST INTO t VALUES (10);",
+        )
+        .await
+        .unwrap();
+    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    assert_eq!(
+        sqlstate(&client, "SELECT * FROM fresh('s', '0 seconds', 'fail')").await,
+        "55000"
+    );
+    let serve = "SELECT total FROM fresh('s', '0 seconds', 'serve')";
+    assert_eq!(simple_rows(&client, serve).await, vec!["1"]);
+    let rows = client.query(serve, &[]).await.unwrap();
+    assert_eq!(rows[0].get::<_, i64>(0), 1);
+    for _ in 0..2 {
+        let notice = tokio::time::timeout(std::time::Duration::from_secs(10), notices.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(notice.contains("slice slices.s is"), "{notice}");
+    }
+}
+
+#[tokio::test]
 async fn clients_reach_only_the_files_they_are_allowed() {
     let landing = tempfile::tempdir().unwrap();
     std::fs::write(landing.path().join("day1.csv"), "x\n1\n2\n").unwrap();
@@ -383,26 +438,41 @@ async fn clients_reach_only_the_files_they_are_allowed() {
 
 #[tokio::test]
 async fn a_read_only_server_refuses_writes() {
-    let server = start_with(PgOptions {
+    // A slice behind its input, served read-only.
+    let (dir, warehouse) = crate::support::open_with(&[]).await;
+    crate::support::run(
+        &warehouse,
+        "CREATE CORE TABLE t (x BIGINT); INGEST INTO t VALUES (1);
+         CREATE SLICE s AS SELECT sum(x) AS total FROM core.t; INGEST INTO t VALUES (2);",
+    )
+    .await;
+    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    let options = PgOptions {
         read_only: true,
         ..PgOptions::default()
-    })
-    .await;
+    };
+    let server = serve(dir, warehouse, options).await;
     let client = connect(&server, None).await.unwrap();
     assert_eq!(simple_rows(&client, "SELECT 1 + 1").await, vec!["2"]);
-    assert_eq!(
-        simple_rows(&client, "SHOW SLICES").await,
-        Vec::<String>::new()
-    );
+    assert_eq!(simple_rows(&client, "SHOW SLICES").await.len(), 1);
     for refused in [
-        "CREATE CORE TABLE t (x BIGINT)",
-        "CREATE SLICE s AS SELECT 1 AS x",
+        "CREATE CORE TABLE u (x BIGINT)",
+        "CREATE SLICE s2 AS SELECT 1 AS x",
         "SET datafusion.execution.batch_size = 10",
     ] {
         assert_eq!(sqlstate(&client, refused).await, "25006", "{refused}");
     }
+    // Nor does it refresh a stale slice for a reader; serving it is a read.
     assert_eq!(
-        simple_rows(&client, "SELECT count(*) FROM system.core_tables").await,
+        sqlstate(&client, "SELECT * FROM fresh('s', '0 seconds', 'refresh')").await,
+        "42501"
+    );
+    assert_eq!(
+        simple_rows(&client, "SELECT * FROM fresh('s', '0 seconds', 'serve')").await,
+        vec!["1"]
+    );
+    assert_eq!(
+        simple_rows(&client, "SELECT version FROM system.slices").await,
         vec!["0"]
     );
 }

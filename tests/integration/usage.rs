@@ -176,3 +176,41 @@ async fn recording_writes_one_file_per_flush_however_many_queries() {
     assert!((1..=2).contains(&all.len()), "{all:#?}");
     assert_eq!(rows(&w, "SELECT queries FROM system.usage").await, ["40"]);
 }
+
+#[tokio::test]
+async fn a_query_through_a_view_counts_once_and_refreshes_never() {
+    let dir = tempfile::tempdir().unwrap();
+    let w = open(dir.path()).await;
+    run(&w, SETUP).await;
+    // An incremental refresh of a partitioned slice plans and runs plans of its own.
+    run(
+        &w,
+        "CREATE SLICE by_region PARTITION BY (region) INCREMENTAL AS
+             SELECT region, count(*) AS n FROM core.events GROUP BY region;
+         INGEST INTO events VALUES (31, 'eu', 1.0);
+         REFRESH SLICE by_region;
+         EXPLAIN REFRESH SLICE by_region;
+         CREATE SCHEMA scratch;
+         CREATE VIEW scratch.big AS SELECT region, total FROM slices.regions WHERE total > 10",
+    )
+    .await;
+    assert!(rows(&w, "SELECT * FROM system.usage").await.is_empty());
+    run(&w, "SELECT * FROM scratch.big WHERE region = 'us'").await;
+    w.flush().await;
+    assert_eq!(
+        rows(
+            &w,
+            r#"SELECT "table", queries, rows_returned FROM system.usage"#
+        )
+        .await,
+        ["slices.regions | 1 | 1"]
+    );
+    assert_eq!(
+        rows(
+            &w,
+            r#"SELECT "column", equality, range FROM system.usage_columns"#
+        )
+        .await,
+        ["region | 1 | 0", "total | 0 | 1"]
+    );
+}

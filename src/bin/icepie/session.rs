@@ -228,10 +228,17 @@ impl Session {
             Output::File(f, _) => f,
         };
         let work = async {
-            let df = warehouse.execute_with_progress(stmt, written).await?;
-            print::print(df, layout, out, &rows)
-                .await
-                .map_err(IcePieError::from)
+            let (result, notices) = IcePie::with_notices(async {
+                let df = warehouse.execute_with_progress(stmt, written).await?;
+                print::print(df, layout, out, &rows)
+                    .await
+                    .map_err(IcePieError::from)
+            })
+            .await;
+            for n in notices {
+                eprintln!("NOTICE: {n}");
+            }
+            result
         };
         let result = if self.settings.cancel_on_ctrl_c {
             tokio::select! {

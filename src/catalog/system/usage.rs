@@ -16,6 +16,7 @@ use datafusion::prelude::SessionContext;
 use super::ts;
 use crate::engine::state::Shared;
 use crate::usage::files::{batch, day_of, read};
+use crate::usage::now_ms;
 
 /// Schema of `system.usage`.
 pub static USAGE_SCHEMA: LazyLock<SchemaRef> = LazyLock::new(|| {
@@ -104,8 +105,8 @@ pub(super) async fn usage_table(
     columns: bool,
 ) -> DFResult<Arc<dyn TableProvider>> {
     let retention = shared.options().usage_retention.0;
-    let now = chrono::Utc::now().timestamp_millis();
-    let since = day_of(now.saturating_sub(retention.as_millis() as i64));
+    let retention = i64::try_from(retention.as_millis()).unwrap_or(i64::MAX);
+    let since = day_of(now_ms().saturating_sub(retention));
     let rows = read(shared.warehouse.store().as_ref(), since)
         .await
         .map_err(super::super::df)?;
