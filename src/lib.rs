@@ -82,6 +82,7 @@ pub use engine::progress::Progress;
 pub use engine::{IcePie, IcePieBuilder, RefreshEvent};
 pub use error::{IcePieError, Result};
 pub use options::{IcePieOptions, OnStale, Size, Span, Staleness, Switch};
+pub use slice::clustering::{ClusterBy, Clustered};
 pub use slice::lifecycle::LifecycleOutcome;
 pub use slice::meta::{
     BuildMode, Built, CommitKind, Frozen, HistoryEntry, InputRead, InputVersion, RefreshMode,

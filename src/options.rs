@@ -115,6 +115,9 @@ settings! {
         /// REFRESH ... AUTO slices refresh incrementally when each changed input's new data
         /// is at most this share of the input's bytes (0 to 1), in full otherwise.
         pub incremental_max_share: f64 = 0.5,
+        /// Largest data file a build writes; smaller files let filters skip more of a
+        /// clustered slice, at more files to list and open.
+        pub target_file_size: Size = Size(100 * 1024 * 1024),
         /// Memory one refresh may use before it spills to disk or fails (alone).
         pub refresh_memory_limit: Size = Size(default_refresh_memory()),
         /// Slice versions kept for time travel and rollback; VACUUM deletes files that only

@@ -76,6 +76,7 @@ impl IcePie {
             refresh: c.refresh.to_string(),
             partition_by: c.partition_by.clone(),
             refresh_mode: c.refresh_mode,
+            cluster_by: c.cluster_by.clone(),
         };
         let kind =
             match (&existing, c.or_replace, c.if_not_exists) {

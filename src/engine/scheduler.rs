@@ -345,6 +345,8 @@ mod tests {
                 restored_from: None,
                 built: None,
                 appends: 0,
+                cluster_by: Default::default(),
+                clustered: None,
             },
             version: 3,
             stats: TableStats::default(),

@@ -15,6 +15,8 @@ use deltalake::DeltaTable;
 use futures::StreamExt;
 use serde::{Deserialize, Serialize};
 
+use super::clustering::{ClusterBy, Clustered};
+
 use crate::error::{IcePieError, Result};
 
 /// Key of icepie's entry in `commitInfo`.
@@ -226,6 +228,12 @@ pub struct SliceMeta {
     /// Incremental refreshes in a row, up to this commit, that added files to the slice.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub appends: u32,
+    /// How full builds order the rows (`CLUSTER BY`); slices created before it read `none`.
+    #[serde(default)]
+    pub cluster_by: ClusterBy,
+    /// The layout of this version's data, when a build of this version of icepie wrote it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub clustered: Option<Clustered>,
 }
 
 fn is_zero(n: &u32) -> bool {

@@ -14,6 +14,7 @@
 
 pub(crate) mod aggregate;
 mod build;
+pub mod clustering;
 pub(crate) mod freshness;
 mod incremental;
 mod info;
@@ -69,6 +70,8 @@ pub struct SliceSpec {
     pub partition_by: Vec<String>,
     /// How refreshes run: incremental, full, or incremental when it pays (auto).
     pub refresh_mode: RefreshMode,
+    /// How full builds order the rows.
+    pub cluster_by: clustering::ClusterBy,
 }
 
 impl From<&SliceMeta> for SliceSpec {
@@ -79,6 +82,7 @@ impl From<&SliceMeta> for SliceSpec {
             refresh: m.refresh.clone(),
             partition_by: m.partition_by.clone(),
             refresh_mode: m.refresh_mode,
+            cluster_by: m.cluster_by.clone(),
         }
     }
 }

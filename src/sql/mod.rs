@@ -13,6 +13,7 @@ use datafusion::sql::parser::Statement as DFStatement;
 use datafusion::sql::sqlparser::ast::{ColumnDef, Query};
 
 use crate::error::{IcePieError, Result};
+use crate::slice::clustering::ClusterBy;
 use crate::slice::meta::RefreshMode;
 use crate::storage::names::SliceName;
 
@@ -185,6 +186,8 @@ pub struct CreateSlice {
     pub partition_by: Vec<String>,
     /// `INCREMENTAL`, `FULL` or `AUTO` (the default).
     pub refresh_mode: RefreshMode,
+    /// `CLUSTER BY AUTO` (the default), `CLUSTER BY (cols)` or `CLUSTER BY NONE`.
+    pub cluster_by: ClusterBy,
     /// The definition.
     pub query: Box<Query>,
 }

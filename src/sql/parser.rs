@@ -3,7 +3,7 @@
 //! it; everything else goes to `DFParser::parse_statement` unchanged.
 
 use datafusion::sql::parser::{DFParser, DFParserBuilder};
-use datafusion::sql::sqlparser::ast::ObjectName;
+use datafusion::sql::sqlparser::ast::{Ident, ObjectName};
 use datafusion::sql::sqlparser::dialect::GenericDialect;
 use datafusion::sql::sqlparser::keywords::Keyword;
 use datafusion::sql::sqlparser::parser::Parser;
@@ -13,6 +13,7 @@ use super::{
     CreateCoreTable, CreateSlice, DataSource, FileFormat, Ingest, RefreshPolicy, Statement,
 };
 use crate::error::{IcePieError, Result};
+use crate::slice::clustering::ClusterBy;
 use crate::slice::meta::RefreshMode;
 use crate::storage::names::{self, SliceName, DEFAULT_DOMAIN};
 
@@ -281,7 +282,7 @@ fn parse_create_slice(p: &mut Parser, or_replace: bool) -> Result<CreateSlice> {
     }
     let name = slice_name(p)?;
     let (mut owner, mut refresh, mut partition_by) = (None, None, None);
-    let mut mode = None;
+    let (mut mode, mut cluster_by) = (None, None);
     loop {
         let named = [
             ("INCREMENTAL", RefreshMode::Incremental),
@@ -322,20 +323,33 @@ fn parse_create_slice(p: &mut Parser, or_replace: bool) -> Result<CreateSlice> {
                     .unwrap_err()
                     .into());
             });
+        } else if starts_with(p, &["CLUSTER", "BY"]) && cluster_by.is_none() {
+            p.next_token();
+            p.next_token();
+            cluster_by = Some(if word_at(p, 0, "AUTO") {
+                p.next_token();
+                ClusterBy::Auto
+            } else if word_at(p, 0, "NONE") {
+                p.next_token();
+                ClusterBy::None
+            } else if p.peek_token().token == Token::LParen {
+                p.next_token();
+                let cols = p.parse_comma_separated(|p| p.parse_identifier())?;
+                p.expect_token(&Token::RParen)?;
+                ClusterBy::Columns(cols.into_iter().map(column_name).collect())
+            } else {
+                return Err(p
+                    .expected::<()>("AUTO, NONE or (columns) after CLUSTER BY", p.peek_token())
+                    .unwrap_err()
+                    .into());
+            });
         } else if p.peek_keyword_pair(Keyword::PARTITION, Keyword::BY) && partition_by.is_none() {
             p.next_token();
             p.next_token();
             p.expect_token(&Token::LParen)?;
             let cols = p.parse_comma_separated(|p| p.parse_identifier())?;
             p.expect_token(&Token::RParen)?;
-            partition_by = Some(
-                cols.into_iter()
-                    .map(|c| match c.quote_style {
-                        None => c.value.to_ascii_lowercase(),
-                        Some(_) => c.value,
-                    })
-                    .collect(),
-            );
+            partition_by = Some(cols.into_iter().map(column_name).collect());
         } else {
             break;
         }
@@ -350,8 +364,17 @@ fn parse_create_slice(p: &mut Parser, or_replace: bool) -> Result<CreateSlice> {
         refresh: refresh.unwrap_or_default(),
         partition_by: partition_by.unwrap_or_default(),
         refresh_mode: mode.unwrap_or_default(),
+        cluster_by: cluster_by.unwrap_or(ClusterBy::Auto),
         query,
     })
+}
+
+/// A column named in a clause, as SQL folds it: unquoted names in lower case.
+fn column_name(c: Ident) -> String {
+    match c.quote_style {
+        None => c.value.to_ascii_lowercase(),
+        Some(_) => c.value,
+    }
 }
 
 trait PeekPair {
@@ -389,6 +412,37 @@ mod tests {
         assert_eq!(s.refresh, RefreshPolicy::Every("5 minutes".into()));
         assert_eq!(s.partition_by, vec!["day"]);
         assert_eq!(s.query.to_string(), "SELECT 1 AS x");
+        assert_eq!(s.cluster_by, ClusterBy::Auto);
+    }
+
+    #[test]
+    fn cluster_by_auto_none_or_columns() {
+        for (sql, want) in [
+            (
+                "create slice s cluster by auto as select 1",
+                ClusterBy::Auto,
+            ),
+            (
+                "create slice s cluster by none as select 1",
+                ClusterBy::None,
+            ),
+            (
+                "create slice s cluster by (Day, \"Region\") incremental as select 1",
+                ClusterBy::Columns(vec!["day".into(), "Region".into()]),
+            ),
+        ] {
+            let Statement::CreateSlice(s) = one(sql) else {
+                panic!("{sql}")
+            };
+            assert_eq!(s.cluster_by, want, "{sql}");
+        }
+        for bad in [
+            "create slice s cluster by day as select 1",
+            "create slice s cluster by () as select 1",
+            "create slice s cluster by auto cluster by none as select 1",
+        ] {
+            assert!(parse_sql(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]

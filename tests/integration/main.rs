@@ -2,6 +2,7 @@
 
 mod budgets;
 mod cli;
+mod clustering;
 mod core_tables;
 mod crash;
 mod failures;

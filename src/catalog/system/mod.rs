@@ -83,6 +83,9 @@ pub static SLICES_SCHEMA: LazyLock<SchemaRef> = LazyLock::new(|| {
         Field::new("inputs", DataType::Utf8, true),
         Field::new("definition", DataType::Utf8, true),
         Field::new("refreshing_by", DataType::Utf8, true),
+        Field::new("cluster_by", DataType::Utf8, true),
+        Field::new("clustered_by", DataType::Utf8, true),
+        Field::new("clustering_reason", DataType::Utf8, true),
     ]))
 });
 
@@ -338,6 +341,12 @@ fn slices_table(
             s(&|x| Some(format_inputs(&x.meta.inputs))),
             s(&|x| Some(x.meta.definition.clone())),
             s(&|x| x.refreshing_by.clone()),
+            s(&|x| Some(x.meta.cluster_by.to_string())),
+            s(&|x| {
+                let c = x.meta.clustered.as_ref()?;
+                (!c.columns.is_empty()).then(|| c.columns.join(", "))
+            }),
+            s(&|x| x.meta.clustered.as_ref().map(|c| c.reason.clone())),
         ],
     )
 }

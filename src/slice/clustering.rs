@@ -1,0 +1,300 @@
+//! Clustering: the order a slice's full builds write its rows in, so that the files' and row
+//! groups' statistics let selective queries skip most of the slice.
+//!
+//! - `CLUSTER BY (cols)`: sorted by those columns.
+//! - `CLUSTER BY NONE`: as the definition gives them (slices created before clustering
+//!   existed read as `NONE`).
+//! - `CLUSTER BY AUTO`, the default for new slices: sorted by the column its readers filter
+//!   on most (equality, range or `IN`, as `system.usage_columns` counts them over
+//!   `icepie.usage_retention`), once at least [`MIN_QUERIES`] queries filtered on it; as
+//!   the definition gives them until then.
+//!
+//! A clustered build also writes smaller row groups ([`ROW_GROUP_ROWS`]), so that a filter
+//! skips within files too. A change of clustering happens at the next refresh, never as a
+//! rewrite of its own: an AUTO slice's refresh whose choice differs from the layout of the
+//! version it starts from is full, with that reason; an incremental refresh appends its new
+//! rows as they come, and the full build that compacts appends sorts again.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use datafusion::arrow::datatypes::SchemaRef;
+use datafusion::catalog::{Session, TableProvider};
+use datafusion::common::tree_node::TreeNodeRecursion;
+use datafusion::common::{Column, DFSchema};
+use datafusion::datasource::{provider_as_source, TableType};
+use datafusion::error::Result as DFResult;
+use datafusion::execution::{SendableRecordBatchStream, SessionState, TaskContext};
+use datafusion::logical_expr::{Expr, LogicalPlan, LogicalPlanBuilder};
+use datafusion::physical_expr::{EquivalenceProperties, PhysicalExpr};
+use datafusion::physical_plan::execution_plan::{Boundedness, EmissionType};
+use datafusion::physical_plan::stream::RecordBatchStreamAdapter;
+use datafusion::physical_plan::{
+    DisplayAs, DisplayFormatType, ExecutionPlan, Partitioning, PlanProperties,
+};
+use futures::StreamExt;
+use serde::{Deserialize, Serialize};
+
+use super::aggregate::HIDDEN;
+use crate::engine::state::Shared;
+use crate::error::{IcePieError, Result};
+use crate::storage::names::SliceName;
+use crate::usage::files::{day_of, read};
+use crate::usage::now_ms;
+
+/// Queries that must have filtered on a column before AUTO clusters by it.
+pub const MIN_QUERIES: i64 = 3;
+
+/// Rows per row group in a clustered build (Parquet's default is 1 Mi).
+pub const ROW_GROUP_ROWS: usize = 128 * 1024;
+
+/// How a slice's rows are ordered (`CLUSTER BY ...`).
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ClusterBy {
+    /// As the definition gives them.
+    #[default]
+    None,
+    /// By the column readers filter on most.
+    Auto,
+    /// By these columns.
+    Columns(Vec<String>),
+}
+
+impl fmt::Display for ClusterBy {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::None => f.write_str("none"),
+            Self::Auto => f.write_str("auto"),
+            Self::Columns(c) => write!(f, "({})", c.join(", ")),
+        }
+    }
+}
+
+/// The layout of a version's data: the columns it is sorted by (none: unsorted) and why.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct Clustered {
+    /// Sort columns, empty when the rows are as the definition gives them.
+    pub columns: Vec<String>,
+    /// Why these.
+    pub reason: String,
+}
+
+/// The layout a full build of slice `name`, whose definition outputs `output`, gives it.
+pub(crate) async fn choose(
+    shared: &Shared,
+    name: &SliceName,
+    by: &ClusterBy,
+    output: &DFSchema,
+    partition_by: &[String],
+) -> Result<Clustered> {
+    let usable = |c: &str| {
+        output.field_with_unqualified_name(c).is_ok()
+            && !c.starts_with(HIDDEN)
+            && !partition_by.iter().any(|p| p == c)
+    };
+    match by {
+        ClusterBy::None => Ok(Clustered {
+            columns: vec![],
+            reason: "CLUSTER BY NONE".into(),
+        }),
+        ClusterBy::Columns(columns) => {
+            if let Some(c) = columns
+                .iter()
+                .find(|c| output.field_with_unqualified_name(c).is_err())
+            {
+                return Err(IcePieError::InvalidDefinition {
+                    slice: name.to_string(),
+                    reason: format!("CLUSTER BY column '{c}' is not in the query's output"),
+                });
+            }
+            Ok(Clustered {
+                columns: columns.clone(),
+                reason: format!("CLUSTER BY {by}"),
+            })
+        }
+        ClusterBy::Auto => {
+            let retention = shared.options().usage_retention.0;
+            let retention = i64::try_from(retention.as_millis()).unwrap_or(i64::MAX);
+            let rows = match read(
+                shared.warehouse.store().as_ref(),
+                day_of(now_ms().saturating_sub(retention)),
+            )
+            .await
+            {
+                Ok(rows) => rows,
+                // Usage is evidence, not data: without it the layout stays as it comes.
+                Err(e) => {
+                    return Ok(Clustered {
+                        columns: vec![],
+                        reason: format!("AUTO: the usage could not be read ({e})"),
+                    })
+                }
+            };
+            // Per column: queries filtering on it (equality, range, IN).
+            let mut filters: BTreeMap<String, i64> = BTreeMap::new();
+            let table = name.to_string();
+            for sums in rows
+                .iter()
+                .filter(|(k, _)| k.table == table)
+                .map(|(_, s)| s)
+            {
+                for used in &sums.columns {
+                    let Some((how, column)) = used.split_once(':') else {
+                        continue;
+                    };
+                    if matches!(how, "filter_eq" | "filter_range" | "filter_in") && usable(column) {
+                        *filters.entry(column.to_string()).or_default() += sums.queries;
+                    }
+                }
+            }
+            let best = filters
+                .iter()
+                .max_by(|a, b| a.1.cmp(b.1).then_with(|| b.0.cmp(a.0)));
+            Ok(match best {
+                Some((column, n)) if *n >= MIN_QUERIES => Clustered {
+                    columns: vec![column.clone()],
+                    reason: format!(
+                        "AUTO: the column readers filter on most ({n} queries in \
+                         icepie.usage_retention)"
+                    ),
+                },
+                _ => Clustered {
+                    columns: vec![],
+                    reason: format!("AUTO: no column filtered on by {MIN_QUERIES} queries yet"),
+                },
+            })
+        }
+    }
+}
+
+/// `plan` sorted by `columns`, as the input of a write.
+///
+/// The sort is planned here, then sealed: a write's own optimizer would drop a sort nothing
+/// above it asks for (DataFusion's `EnforceSorting` removes sorts whose order no parent
+/// needs, and a Delta write needs none). The sealed plan is a leaf to that optimizer, so
+/// the rows reach the writer in order, merged into one stream.
+pub(crate) async fn sorted_input(
+    state: &SessionState,
+    plan: LogicalPlan,
+    columns: &[String],
+) -> Result<LogicalPlan> {
+    let order = columns
+        .iter()
+        .map(|c| Expr::Column(Column::new_unqualified(c)).sort(true, false));
+    let sorted = LogicalPlanBuilder::from(plan).sort(order)?.build()?;
+    let physical = state.create_physical_plan(&sorted).await?;
+    let table = SealedTable {
+        schema: physical.schema(),
+        plan: physical,
+    };
+    Ok(
+        LogicalPlanBuilder::scan("clustered", provider_as_source(Arc::new(table)), None)?
+            .build()?,
+    )
+}
+
+/// A table whose scan is a plan planned already.
+#[derive(Debug)]
+struct SealedTable {
+    schema: SchemaRef,
+    plan: Arc<dyn ExecutionPlan>,
+}
+
+#[async_trait]
+impl TableProvider for SealedTable {
+    fn schema(&self) -> SchemaRef {
+        self.schema.clone()
+    }
+
+    fn table_type(&self) -> TableType {
+        TableType::Temporary
+    }
+
+    async fn scan(
+        &self,
+        _state: &dyn Session,
+        projection: Option<&Vec<usize>>,
+        _filters: &[Expr],
+        _limit: Option<usize>,
+    ) -> DFResult<Arc<dyn ExecutionPlan>> {
+        let schema = match projection {
+            Some(p) => Arc::new(self.schema.project(p)?),
+            None => self.schema.clone(),
+        };
+        let properties = PlanProperties::new(
+            EquivalenceProperties::new(schema),
+            Partitioning::UnknownPartitioning(
+                self.plan.properties().partitioning.partition_count(),
+            ),
+            EmissionType::Incremental,
+            Boundedness::Bounded,
+        );
+        Ok(Arc::new(SealedExec {
+            inner: self.plan.clone(),
+            projection: projection.cloned(),
+            properties: Arc::new(properties),
+        }))
+    }
+}
+
+/// Runs a plan the optimizer does not see into: a leaf to it.
+#[derive(Debug)]
+struct SealedExec {
+    inner: Arc<dyn ExecutionPlan>,
+    projection: Option<Vec<usize>>,
+    properties: Arc<PlanProperties>,
+}
+
+impl DisplayAs for SealedExec {
+    fn fmt_as(&self, _t: DisplayFormatType, f: &mut fmt::Formatter) -> fmt::Result {
+        write!(f, "SealedExec: {}", self.inner.name())
+    }
+}
+
+impl ExecutionPlan for SealedExec {
+    fn name(&self) -> &str {
+        "SealedExec"
+    }
+
+    fn apply_expressions(
+        &self,
+        _f: &mut dyn FnMut(&Arc<dyn PhysicalExpr>) -> DFResult<TreeNodeRecursion>,
+    ) -> DFResult<TreeNodeRecursion> {
+        Ok(TreeNodeRecursion::Continue)
+    }
+
+    fn properties(&self) -> &Arc<PlanProperties> {
+        &self.properties
+    }
+
+    fn children(&self) -> Vec<&Arc<dyn ExecutionPlan>> {
+        vec![]
+    }
+
+    fn with_new_children(
+        self: Arc<Self>,
+        _children: Vec<Arc<dyn ExecutionPlan>>,
+    ) -> DFResult<Arc<dyn ExecutionPlan>> {
+        Ok(self)
+    }
+
+    fn execute(
+        &self,
+        partition: usize,
+        context: Arc<TaskContext>,
+    ) -> DFResult<SendableRecordBatchStream> {
+        let stream = self.inner.execute(partition, context)?;
+        let schema = self.properties.eq_properties.schema().clone();
+        let projection = self.projection.clone();
+        Ok(Box::pin(RecordBatchStreamAdapter::new(
+            schema,
+            stream.map(move |batch| match &projection {
+                Some(p) => Ok(batch?.project(p)?),
+                None => batch,
+            }),
+        )))
+    }
+}
