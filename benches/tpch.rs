@@ -21,11 +21,16 @@
 //!   refresh attempts in history (10,000) vs a fresh one with one slice: process start to first
 //!   result, a slice query, a refresh, `system.slices` for that slice.
 //!
+//! - `cluster`: a selective query on a slice of `ICEPIE_BENCH_CLUSTER_ROWS` (4 million) rows
+//!   before and after AUTO clustering re-clusters it by the filtered column: files, bytes and
+//!   time, after vs before.
 //! - `usage`: a small slice query with usage recorded (the default) vs with `icepie.usage =
 //!   off`, on the same files.
 //!
 //! `ICEPIE_BENCH_SF` sets the TPC-H scale factor (default 1).
 
+#[path = "tpch/cluster.rs"]
+mod cluster;
 #[path = "tpch/incremental.rs"]
 mod incremental;
 #[path = "tpch/queries.rs"]
@@ -730,5 +735,8 @@ async fn main() {
     }
     if on("usage") {
         usage::usage(root.path()).await;
+    }
+    if on("cluster") {
+        cluster::cluster(root.path()).await;
     }
 }
