@@ -138,6 +138,9 @@ settings! {
         pub usage: Switch = Switch(true),
         /// How long recorded usage is kept.
         pub usage_retention: Span = Span(Duration::from_secs(30 * 86_400)),
+        /// A REFRESH AUTO slice neither read nor created for this long is dormant: the
+        /// scheduler leaves it until its next read.
+        pub cold_after: Span = Span(Duration::from_secs(7 * 86_400)),
         /// How far behind its inputs (its lag, as system.slices shows it) a slice this
         /// session reads may be, e.g. '5 minutes'; none: no limit.
         pub max_staleness: Staleness = Staleness(None),

@@ -100,7 +100,7 @@ impl IcePieBuilder {
             .with_physical_optimizer_rule(Arc::new(yield_points::YieldAfterJoins))
             .build();
         let ctx = SessionContext::new_with_state(state);
-        let shared = Arc::new(Shared::new(warehouse, options));
+        let shared = Arc::new(Shared::new(warehouse, options, usage.clone()));
         let catalog = Arc::new(IcePieCatalog::new(shared.clone()));
         ctx.register_catalog(CATALOG_NAME, catalog.clone());
         for (name, function) in PinnedFunction::all(&shared) {

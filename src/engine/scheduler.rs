@@ -31,12 +31,13 @@ use crate::catalog::system;
 use crate::error::Result;
 use crate::options::IcePieOptions;
 use crate::slice::lease::{self, Lease};
+use crate::slice::schedule::{apply_demand, is_due};
 use crate::slice::{SliceInfo, SliceState};
-use crate::sql::{parse_interval, RefreshPolicy};
 use crate::storage::journal;
 use crate::storage::names::SliceName;
 use crate::storage::names::CORE_SCHEMA;
 use crate::storage::{CORE_DIR, SLICES_DIR};
+use crate::usage::Demand;
 
 /// One scheduled refresh that ended.
 #[derive(Debug, Clone)]
@@ -78,45 +79,6 @@ pub(crate) fn spawn(inner: Weak<Inner>) -> Handle {
     Handle { stop, task }
 }
 
-/// True when the scheduler should refresh the slice now.
-pub(crate) fn is_due(info: &SliceInfo, options: &IcePieOptions, now_ms: i64) -> bool {
-    if matches!(info.state, SliceState::Frozen | SliceState::Refreshing) {
-        return false;
-    }
-    if options.max_failures > 0 && info.failures as usize >= options.max_failures {
-        return false;
-    }
-    if info.failures > 0 {
-        let wait = options.backoff(info.failures).as_millis();
-        let wait = i64::try_from(wait).unwrap_or(i64::MAX);
-        if info
-            .last_failure_at
-            .is_some_and(|at| now_ms < at.saturating_add(wait))
-        {
-            return false;
-        }
-    }
-    let policy = RefreshPolicy::parse(&info.meta.refresh);
-    // A damaged slice with a policy heals itself: its next refresh writes all files anew.
-    if info.state == SliceState::Quarantined
-        && !matches!(policy, Ok(RefreshPolicy::Manual) | Err(_))
-    {
-        return true;
-    }
-    match policy {
-        Ok(RefreshPolicy::OnChange) => info.stale,
-        Ok(RefreshPolicy::Every(text)) => match parse_interval(&text) {
-            Ok(every) => {
-                let every = i64::try_from(every.as_millis()).unwrap_or(i64::MAX);
-                info.refreshed_at
-                    .is_none_or(|at| now_ms >= at.saturating_add(every))
-            }
-            Err(_) => false,
-        },
-        Ok(RefreshPolicy::Manual) | Err(_) => false,
-    }
-}
-
 /// The slice's lease (see [`lease`]), if no other process holds it and the slice is still
 /// due: another process may have refreshed it since this tick read its state.
 async fn take_lease(engine: &IcePie, name: &SliceName, options: &IcePieOptions) -> Option<Lease> {
@@ -143,6 +105,8 @@ pub const RESCAN: Duration = Duration::from_secs(600);
 #[derive(Default)]
 struct View {
     slices: HashMap<SliceName, SliceInfo>,
+    /// How much each table is read, as of the last full scan.
+    demand: HashMap<String, Demand>,
     journal: Option<(journal::Reader, Instant)>,
     /// Slices that could not be read at the last tick: read again at the next.
     retry: HashSet<SliceName>,
@@ -174,6 +138,7 @@ impl View {
                 .into_iter()
                 .map(|s| (s.name.clone(), s))
                 .collect();
+            self.demand = shared.demand().await;
             self.journal = Some((reader, Instant::now()));
             return Ok(());
         }
@@ -281,14 +246,31 @@ async fn run(inner: Weak<Inner>, mut stop: watch::Receiver<Option<Duration>>) {
             continue;
         }
         let now = Utc::now().timestamp_millis();
-        let mut due: Vec<&SliceInfo> = view
+        // This process's reads count at once: a read wakes a dormant slice by the next tick.
+        let local = engine.inner.shared.usage.local_reads();
+        let mut due: Vec<SliceInfo> = view
             .slices
             .values()
-            .filter(|s| is_due(s, &options, now))
             .filter(|s| !running.0.lock().expect("running lock").contains(&s.name))
+            .map(|s| {
+                let mut s = s.clone();
+                let name = s.name.to_string();
+                let mut demand = view.demand.get(&name).copied().unwrap_or_default();
+                demand.last_read = demand.last_read.max(local.get(&name).copied());
+                apply_demand(&mut s, Some(&demand), &options, now);
+                s
+            })
+            .filter(|s| is_due(s, &options, now))
             .collect();
-        // The longest-waiting first.
-        due.sort_by_key(|s| s.refreshed_at.unwrap_or(i64::MIN));
+        // The most read first; among equals, the longest-waiting.
+        due.sort_by(|a, b| {
+            let reads = |s: &SliceInfo| s.reads_per_day.unwrap_or(0.0);
+            reads(b).total_cmp(&reads(a)).then_with(|| {
+                a.refreshed_at
+                    .unwrap_or(i64::MIN)
+                    .cmp(&b.refreshed_at.unwrap_or(i64::MIN))
+            })
+        });
         for info in due.into_iter().take(free) {
             let name = info.name.clone();
             running.0.lock().expect("running lock").insert(name.clone());
@@ -320,98 +302,4 @@ async fn run(inner: Weak<Inner>, mut stop: watch::Receiver<Option<Duration>>) {
     let _ = tokio::time::timeout(grace, async { while tasks.join_next().await.is_some() {} }).await;
     tasks.abort_all();
     while tasks.join_next().await.is_some() {}
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::slice::meta::{CommitKind, Frozen, SliceMeta};
-    use crate::storage::TableStats;
-
-    fn info(refresh: &str) -> SliceInfo {
-        SliceInfo {
-            name: SliceName::parse("d.s").unwrap(),
-            meta: SliceMeta {
-                kind: CommitKind::Refresh,
-                attempt_id: "a".into(),
-                definition: "SELECT 1".into(),
-                owner: None,
-                refresh: refresh.into(),
-                partition_by: vec![],
-                refresh_mode: Default::default(),
-                inputs: vec![],
-                frozen: None,
-                rows: None,
-                restored_from: None,
-                built: None,
-                appends: 0,
-                cluster_by: Default::default(),
-                clustered: None,
-            },
-            version: 3,
-            stats: TableStats::default(),
-            refreshed_at: Some(1_000_000),
-            state: SliceState::Fresh,
-            last_error: None,
-            failures: 0,
-            last_failure_at: None,
-            stale: false,
-            lag_ms: None,
-            columns: vec![],
-            refreshing_by: None,
-        }
-    }
-
-    fn options() -> IcePieOptions {
-        use datafusion::common::config::ExtensionOptions;
-        let mut o = IcePieOptions::default();
-        o.set("retry_backoff", "10 seconds").unwrap();
-        o.set("max_retry_backoff", "1 minute").unwrap();
-        o.set("max_failures", "3").unwrap();
-        o
-    }
-
-    #[test]
-    fn every_is_due_once_the_interval_has_passed_since_the_latest_commit() {
-        let s = info("every '30 seconds'");
-        assert!(!is_due(&s, &options(), 1_000_000 + 29_999));
-        assert!(is_due(&s, &options(), 1_000_000 + 30_000));
-    }
-
-    #[test]
-    fn on_change_is_due_when_stale_and_manual_never() {
-        let mut s = info("on change");
-        assert!(!is_due(&s, &options(), 9_999_999));
-        s.stale = true;
-        assert!(is_due(&s, &options(), 1_000_001));
-        let mut m = info("manual");
-        m.stale = true;
-        assert!(!is_due(&m, &options(), 9_999_999));
-    }
-
-    #[test]
-    fn failures_back_off_exponentially_then_suspend() {
-        let mut s = info("on change");
-        s.stale = true;
-        s.failures = 2;
-        s.last_failure_at = Some(2_000_000);
-        // Second failure in a row: 10 s doubled.
-        assert!(!is_due(&s, &options(), 2_000_000 + 19_999));
-        assert!(is_due(&s, &options(), 2_000_000 + 20_000));
-        s.failures = 3;
-        assert!(!is_due(&s, &options(), 9_999_999_999), "suspended");
-    }
-
-    #[test]
-    fn frozen_and_refreshing_slices_are_skipped() {
-        let mut s = info("every '1 second'");
-        s.state = SliceState::Frozen;
-        s.meta.frozen = Some(Frozen {
-            reason: None,
-            since: 0,
-        });
-        assert!(!is_due(&s, &options(), 9_999_999));
-        s.state = SliceState::Refreshing;
-        assert!(!is_due(&s, &options(), 9_999_999));
-    }
 }

@@ -64,6 +64,8 @@ pub(crate) struct Shared {
     pub settling: Settling,
     /// How a read that needs a fresher slice refreshes it (set by the engine).
     refresher: std::sync::OnceLock<Refresher>,
+    /// Where queries' reads are recorded.
+    pub usage: std::sync::Arc<crate::usage::Usage>,
 }
 
 /// Refreshes a slice as `REFRESH SLICE` does.
@@ -78,8 +80,13 @@ impl std::fmt::Debug for Refresher {
 }
 
 impl Shared {
-    pub fn new(warehouse: Warehouse, options: IcePieOptions) -> Self {
+    pub fn new(
+        warehouse: Warehouse,
+        options: IcePieOptions,
+        usage: std::sync::Arc<crate::usage::Usage>,
+    ) -> Self {
         Self {
+            usage,
             warehouse,
             listing: RwLock::new(Listing::default()),
             refreshing: Mutex::new(HashSet::new()),
@@ -279,6 +286,20 @@ impl Shared {
             kind,
             name: name.to_string(),
         }
+    }
+
+    /// How much each table is read: the recorded usage of the last `icepie.cold_after` (at
+    /// least a week), with this process's reads not written yet.
+    pub async fn demand(&self) -> std::collections::HashMap<String, crate::usage::Demand> {
+        let window = self.options().cold_after.0;
+        let mut demand = crate::usage::demand(self.warehouse.store().as_ref(), window)
+            .await
+            .unwrap_or_default();
+        for (table, at) in self.usage.local_reads() {
+            let d = demand.entry(table).or_default();
+            d.last_read = d.last_read.max(Some(at));
+        }
+        demand
     }
 
     /// The slice `name` at `version` (latest when `None`). A quarantined slice (a file of the

@@ -276,6 +276,12 @@ async fn write_version(
         appends: decision.appends,
         cluster_by: spec.cluster_by.clone(),
         clustered,
+        created_at: match kind {
+            CommitKind::Create | CommitKind::Replace => Some(Utc::now().timestamp_millis()),
+            _ => previous
+                .and_then(|p| p.meta.as_ref())
+                .and_then(|m| m.created_at),
+        },
     };
     let built = decision.built;
     let rel = Warehouse::slice_path(name);

@@ -23,6 +23,9 @@ pub enum SliceState {
     /// A file of the version served is damaged: queries fail naming it until a `REFRESH
     /// SLICE` or `ROLLBACK SLICE` commits a version without it.
     Quarantined,
+    /// A `REFRESH AUTO` slice neither read nor created for `icepie.cold_after`: the scheduler
+    /// leaves it alone until its next read.
+    Dormant,
 }
 
 impl fmt::Display for SliceState {
@@ -35,6 +38,7 @@ impl fmt::Display for SliceState {
             Self::Frozen => "frozen",
             Self::Suspended => "suspended",
             Self::Quarantined => "quarantined",
+            Self::Dormant => "dormant",
         })
     }
 }
@@ -69,6 +73,11 @@ pub struct SliceInfo {
     /// The process (host:pid) holding the slice's scheduler lease: running a scheduled
     /// refresh of it now.
     pub refreshing_by: Option<String>,
+    /// Its latest read recorded (ms since the epoch), where the reads were looked up
+    /// (`system.slices`, the scheduler).
+    pub last_read: Option<i64>,
+    /// Queries reading it per day over the last week, where the reads were looked up.
+    pub reads_per_day: Option<f64>,
 }
 
 impl SliceInfo {
@@ -204,5 +213,7 @@ pub(crate) async fn info(
         lag_ms: oldest_change.map(|at| (now - at).max(0)),
         columns,
         refreshing_by: holder.map(|h| h.process),
+        last_read: None,
+        reads_per_day: None,
     }))
 }

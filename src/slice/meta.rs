@@ -234,6 +234,10 @@ pub struct SliceMeta {
     /// The layout of this version's data, when a build of this version of icepie wrote it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub clustered: Option<Clustered>,
+    /// When the slice was created or last replaced (ms since the epoch), for slices this
+    /// version of icepie created.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub created_at: Option<i64>,
 }
 
 fn is_zero(n: &u32) -> bool {

@@ -25,6 +25,7 @@ pub mod meta;
 mod partitions;
 pub mod quarantine;
 pub mod running;
+pub(crate) mod schedule;
 mod settle;
 pub mod vacuum;
 

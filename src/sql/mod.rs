@@ -202,6 +202,9 @@ pub enum RefreshPolicy {
     Every(String),
     /// When an input has a newer version than the slice was built from.
     OnChange,
+    /// While it is read, within its lag (given as written; none: as ON CHANGE); a slice
+    /// unread for `icepie.cold_after` is dormant until its next read.
+    Auto(Option<String>),
 }
 
 impl RefreshPolicy {
@@ -215,13 +218,25 @@ impl RefreshPolicy {
         if lower.split_whitespace().collect::<Vec<_>>() == ["on", "change"] {
             return Ok(Self::OnChange);
         }
+        if let Some(rest) = lower.strip_prefix("auto") {
+            let rest = rest.trim();
+            if rest.is_empty() {
+                return Ok(Self::Auto(None));
+            }
+            if let Some(lag) = rest.strip_prefix("lag") {
+                let lag = lag.trim().trim_matches('\'').to_string();
+                parse_interval(&lag)?;
+                return Ok(Self::Auto(Some(lag)));
+            }
+        }
         if let Some(rest) = lower.strip_prefix("every") {
             let interval = rest.trim().trim_matches('\'').to_string();
             parse_interval(&interval)?;
             return Ok(Self::Every(interval));
         }
         Err(IcePieError::Syntax(format!(
-            "unknown refresh policy '{text}': use MANUAL, EVERY 'interval' or ON CHANGE"
+            "unknown refresh policy '{text}': use MANUAL, EVERY 'interval', ON CHANGE or AUTO \
+             [LAG 'interval']"
         )))
     }
 }
@@ -232,6 +247,8 @@ impl fmt::Display for RefreshPolicy {
             Self::Manual => f.write_str("manual"),
             Self::Every(i) => write!(f, "every '{i}'"),
             Self::OnChange => f.write_str("on change"),
+            Self::Auto(None) => f.write_str("auto"),
+            Self::Auto(Some(lag)) => write!(f, "auto lag '{lag}'"),
         }
     }
 }
@@ -285,6 +302,8 @@ mod tests {
             RefreshPolicy::Manual,
             RefreshPolicy::OnChange,
             RefreshPolicy::Every("5 minutes".into()),
+            RefreshPolicy::Auto(None),
+            RefreshPolicy::Auto(Some("10 minutes".into())),
         ] {
             assert_eq!(RefreshPolicy::parse(&p.to_string()).unwrap(), p);
         }

@@ -317,9 +317,21 @@ fn parse_create_slice(p: &mut Parser, or_replace: bool) -> Result<CreateSlice> {
                 p.next_token();
                 p.next_token();
                 RefreshPolicy::OnChange
+            } else if word_at(p, 0, "AUTO") {
+                p.next_token();
+                if word_at(p, 0, "LAG") {
+                    p.next_token();
+                    let lag = p.parse_literal_string()?;
+                    RefreshPolicy::parse(&format!("auto lag '{lag}'"))?
+                } else {
+                    RefreshPolicy::Auto(None)
+                }
             } else {
                 return Err(p
-                    .expected::<()>("MANUAL, EVERY 'interval' or ON CHANGE", p.peek_token())
+                    .expected::<()>(
+                        "MANUAL, EVERY 'interval', ON CHANGE or AUTO [LAG 'interval']",
+                        p.peek_token(),
+                    )
                     .unwrap_err()
                     .into());
             });

@@ -96,6 +96,42 @@ pub(crate) fn shape<'a>(tables: impl IntoIterator<Item = (&'a String, &'a Column
     out.join(" ")
 }
 
+/// How much a table is read.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Demand {
+    /// The latest read recorded (ms since the epoch).
+    pub last_read: Option<i64>,
+    /// Queries per day over the last week.
+    pub reads_per_day: f64,
+}
+
+/// Days over which reads per day are averaged.
+const DEMAND_DAYS: i64 = 7;
+
+/// How much each table is read, from the usage recorded over the last `window` (at least
+/// [`DEMAND_DAYS`]).
+pub(crate) async fn demand(
+    store: &dyn ObjectStore,
+    window: Duration,
+) -> crate::error::Result<std::collections::HashMap<String, Demand>> {
+    let now = now_ms();
+    let day = 86_400_000;
+    let window = i64::try_from(window.as_millis())
+        .unwrap_or(i64::MAX)
+        .max(DEMAND_DAYS * day);
+    let rows = files::read(store, day_of(now.saturating_sub(window))).await?;
+    let week = day_of(now - DEMAND_DAYS * day);
+    let mut out: std::collections::HashMap<String, Demand> = Default::default();
+    for (key, sums) in rows {
+        let d = out.entry(key.table).or_default();
+        d.last_read = d.last_read.max(Some(sums.last_at));
+        if key.day > week {
+            d.reads_per_day += sums.queries as f64 / DEMAND_DAYS as f64;
+        }
+    }
+    Ok(out)
+}
+
 /// One query's read of one table.
 #[derive(Debug, Clone)]
 pub(crate) struct Reading {
@@ -159,9 +195,16 @@ pub(crate) struct Usage {
     dropped: AtomicU64,
     /// `icepie.usage_retention`, in milliseconds.
     retention_ms: Arc<AtomicU64>,
+    /// The latest read of each table by this process, as the usage task received them.
+    local: Arc<std::sync::Mutex<std::collections::HashMap<String, i64>>>,
 }
 
 impl Usage {
+    /// The latest read of each table by this process (written or not yet).
+    pub fn local_reads(&self) -> std::collections::HashMap<String, i64> {
+        self.local.lock().map(|l| l.clone()).unwrap_or_default()
+    }
+
     /// Starts the usage task of the warehouse whose store (paths relative to its root) is
     /// `store`. The task ends once every handle is dropped, after writing what it holds.
     pub fn start(store: Arc<dyn ObjectStore>, retention: Duration) -> Arc<Self> {
@@ -172,9 +215,11 @@ impl Usage {
             &uuid::Uuid::new_v4().simple().to_string()[..12]
         );
         let retention_ms = Arc::new(AtomicU64::new(millis(retention)));
+        let local = Arc::<std::sync::Mutex<_>>::default();
         let task = Task {
             store,
             process,
+            local: Arc::clone(&local),
             retention_ms: retention_ms.clone(),
             days: BTreeMap::new(),
             dirty: BTreeSet::new(),
@@ -186,6 +231,7 @@ impl Usage {
             sender,
             dropped: AtomicU64::new(0),
             retention_ms,
+            local,
         })
     }
 
@@ -222,6 +268,8 @@ impl Usage {
 struct Task {
     store: Arc<dyn ObjectStore>,
     process: String,
+    /// [`Usage::local_reads`].
+    local: Arc<std::sync::Mutex<std::collections::HashMap<String, i64>>>,
     retention_ms: Arc<AtomicU64>,
     /// Everything this process recorded, per day: a day's file is rewritten whole.
     days: BTreeMap<i32, Rows>,
@@ -258,6 +306,12 @@ impl Task {
     }
 
     fn add(&mut self, readings: Vec<Reading>) {
+        if let Ok(mut local) = self.local.lock() {
+            for r in &readings {
+                let at = local.entry(r.table.clone()).or_insert(r.at);
+                *at = (*at).max(r.at);
+            }
+        }
         for r in readings {
             let key = Key {
                 day: day_of(r.at),
@@ -356,6 +410,7 @@ mod tests {
             sender,
             dropped: AtomicU64::new(0),
             retention_ms: Arc::default(),
+            local: Arc::default(),
         };
         for _ in 0..QUEUE + 10 {
             usage.record(vec![reading("d.s"), reading("d.t")]);

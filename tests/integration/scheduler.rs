@@ -477,3 +477,63 @@ async fn a_killed_lease_holder_is_taken_over_once_its_lease_expires() {
     assert!(by.ends_with(&format!(":{taker}")), "{by}");
     stop_all(&mut children, "-KILL");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_auto_slice_refreshes_while_read_sleeps_when_unread_and_wakes_on_its_next_read() {
+    let (_dir, w) = open_with(&[FAST, ("cold_after", "2 seconds")]).await;
+    run(
+        &w,
+        "CREATE CORE TABLE t (n BIGINT); INGEST INTO t VALUES (1);
+         CREATE SLICE hot REFRESH AUTO AS SELECT sum(n) AS s FROM core.t;
+         CREATE SLICE lagging REFRESH AUTO LAG '1 hour' AS SELECT sum(n) AS s FROM core.t;",
+    )
+    .await;
+    let state = |name: &'static str| {
+        let w = w.clone();
+        async move {
+            let sql = format!(
+                "SELECT state || ' | ' || scheduling FROM system.slices WHERE name = '{name}'"
+            );
+            scalar(&w, &sql).await
+        }
+    };
+    // Just created, so not dormant yet: an input change is followed.
+    run(&w, "INGEST INTO t VALUES (2)").await;
+    eventually(15, "'hot' to follow the ingest", || async {
+        (version(&w, "hot").await == 1).then_some(())
+    })
+    .await;
+    // Within its lag: left alone, and system.slices says why.
+    let lagging = state("lagging").await;
+    assert!(
+        lagging.starts_with("stale | auto: ") && lagging.contains("within LAG '1 hour'"),
+        "{lagging}"
+    );
+
+    // Unread for cold_after: dormant, and an input change is not followed.
+    tokio::time::sleep(Duration::from_millis(2_500)).await;
+    run(&w, "INGEST INTO t VALUES (4)").await;
+    let hot = state("hot").await;
+    assert!(
+        hot.starts_with("dormant | dormant: not read for 2 seconds"),
+        "{hot}"
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(version(&w, "hot").await, 1);
+
+    // Its next read serves the version there is, and wakes it: refreshed behind the read.
+    assert_eq!(scalar(&w, "SELECT s FROM hot").await, "3");
+    eventually(15, "'hot' to wake and refresh", || async {
+        (version(&w, "hot").await == 2).then_some(())
+    })
+    .await;
+    assert_eq!(scalar(&w, "SELECT s FROM hot").await, "7");
+    w.flush().await;
+    let hot = scalar(
+        &w,
+        "SELECT state || ' ' || (reads_per_day > 0) || ' ' || (last_read IS NOT NULL)
+         FROM system.slices WHERE name = 'hot'",
+    )
+    .await;
+    assert_eq!(hot, "fresh true true");
+}

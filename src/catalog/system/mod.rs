@@ -5,11 +5,13 @@
 //! filter on the key column (`name` and `domain`, or `slice`: `=`, `IN`) limits what is read
 //! to the tables it names; without one, the tables are read 16 at a time.
 
+use std::collections::HashMap;
 use std::sync::{Arc, LazyLock};
 
 use async_trait::async_trait;
 use datafusion::arrow::array::{
-    ArrayRef, BooleanArray, Int64Array, RecordBatch, StringArray, TimestampMillisecondArray,
+    ArrayRef, BooleanArray, Float64Array, Int64Array, RecordBatch, StringArray,
+    TimestampMillisecondArray,
 };
 use datafusion::arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
 use datafusion::catalog::{SchemaProvider, Session, TableProvider};
@@ -26,10 +28,12 @@ use crate::engine::state::Shared;
 use crate::error::Result;
 use crate::slice::lifecycle::retained;
 use crate::slice::meta::{format_inputs, format_reads, Built, HistoryEntry};
+use crate::slice::schedule::{apply_demand, decide};
 use crate::slice::{self, log, InputCache, SliceInfo, SliceState};
 use crate::storage::names::{validate_name, SliceName};
 use crate::storage::{table_stats, Warehouse, SLICES_DIR};
 use crate::text::human_duration;
+use crate::usage::now_ms;
 use refreshes::refresh_logs;
 
 mod refreshes;
@@ -86,6 +90,9 @@ pub static SLICES_SCHEMA: LazyLock<SchemaRef> = LazyLock::new(|| {
         Field::new("cluster_by", DataType::Utf8, true),
         Field::new("clustered_by", DataType::Utf8, true),
         Field::new("clustering_reason", DataType::Utf8, true),
+        Field::new("reads_per_day", DataType::Float64, true),
+        Field::new("last_read", ts(), true),
+        Field::new("scheduling", DataType::Utf8, true),
     ]))
 });
 
@@ -197,8 +204,17 @@ impl TableProvider for SystemTable {
             }
             Which::Slices => {
                 let names = wanted_slices(shared, filters).await?;
-                let (infos, unreadable) = describe(shared, names).await?;
-                slices_table(&infos, &unreadable)?
+                let (mut infos, unreadable) = describe(shared, names).await?;
+                // Reads, dormancy and what the scheduler makes of each slice.
+                let demand = shared.demand().await;
+                let options = shared.options();
+                let now = now_ms();
+                let mut scheduling = HashMap::new();
+                for info in &mut infos {
+                    apply_demand(info, demand.get(&info.name.to_string()), &options, now);
+                    scheduling.insert(info.name.clone(), decide(info, &options, now).1);
+                }
+                slices_table(&infos, &scheduling, &unreadable)?
             }
             Which::Refreshes => {
                 let slices = wanted(filters, "slice").map(|names| {
@@ -286,6 +302,7 @@ fn timestamps(values: Vec<Option<i64>>) -> ArrayRef {
 /// `last_error` and NULL where nothing could be read.
 fn slices_table(
     infos: &[SliceInfo],
+    scheduling: &HashMap<SliceName, String>,
     unreadable: &[(SliceName, String)],
 ) -> DFResult<Arc<dyn TableProvider>> {
     let rows: Vec<(&SliceName, Option<&SliceInfo>, Option<&str>)> = infos
@@ -347,6 +364,13 @@ fn slices_table(
                 (!c.columns.is_empty()).then(|| c.columns.join(", "))
             }),
             s(&|x| x.meta.clustered.as_ref().map(|c| c.reason.clone())),
+            Arc::new(Float64Array::from(
+                rows.iter()
+                    .map(|r| r.1.and_then(|x| x.reads_per_day))
+                    .collect::<Vec<_>>(),
+            )),
+            t(&|x| x.last_read),
+            s(&|x| scheduling.get(&x.name).cloned()),
         ],
     )
 }
