@@ -52,13 +52,17 @@ macro_rules! settings {
             }
 
             fn set(&mut self, key: &str, value: &str) -> DFResult<()> {
+                let mut next = self.clone();
                 match key {
-                    $(stringify!($field) => ConfigField::set(&mut self.$field, key, value),)*
+                    $(stringify!($field) => ConfigField::set(&mut next.$field, key, value),)*
                     _ => Err(DataFusionError::Configuration(format!(
                         "unknown setting icepie.{key}; the settings are {}",
                         [$(concat!("icepie.", stringify!($field))),*].join(", ")
                     ))),
-                }
+                }?;
+                next.check(key, value)?;
+                *self = next;
+                Ok(())
             }
 
             fn entries(&self) -> Vec<ConfigEntry> {
@@ -138,8 +142,9 @@ settings! {
         pub usage: Switch = Switch(true),
         /// How long recorded usage is kept.
         pub usage_retention: Span = Span(Duration::from_secs(30 * 86_400)),
-        /// A REFRESH AUTO slice neither read nor created for this long is dormant: the
-        /// scheduler leaves it until its next read.
+        /// A REFRESH AUTO slice neither read nor created for this long (at most
+        /// usage_retention, beyond which reads are forgotten) is dormant: the scheduler
+        /// leaves it until its next read.
         pub cold_after: Span = Span(Duration::from_secs(7 * 86_400)),
         /// How far behind its inputs (its lag, as system.slices shows it) a slice this
         /// session reads may be, e.g. '5 minutes'; none: no limit.
@@ -155,6 +160,23 @@ impl ConfigExtension for IcePieOptions {
 }
 
 impl IcePieOptions {
+    /// Refuses a value of `key` that parses but cannot work.
+    fn check(&self, key: &str, value: &str) -> DFResult<()> {
+        let zero = match key {
+            "target_file_size" => self.target_file_size.0 == 0,
+            "cold_after" => self.cold_after.0.is_zero(),
+            "usage_retention" => self.usage_retention.0.is_zero(),
+            "scheduler_tick" => self.scheduler_tick.0.is_zero(),
+            _ => false,
+        };
+        if zero {
+            return Err(DataFusionError::Configuration(format!(
+                "invalid value '{value}' for icepie.{key}: it must be more than zero"
+            )));
+        }
+        Ok(())
+    }
+
     /// The wait before retry number `failures` (1 after the first failure): `retry_backoff`
     /// doubled per further failure, at most `max_retry_backoff`.
     pub fn backoff(&self, failures: u32) -> Duration {
@@ -438,6 +460,16 @@ mod tests {
             err.contains("'a while'") && err.contains("'30 seconds'"),
             "{err}"
         );
+        // A value that parses but cannot work is refused, and the setting keeps its value.
+        for (key, zero) in [("target_file_size", "0"), ("cold_after", "0 seconds")] {
+            let err = set(&mut o, key, zero).unwrap_err().to_string();
+            assert!(err.contains(key) && err.contains("more than zero"), "{err}");
+        }
+        assert_eq!(
+            o.target_file_size,
+            IcePieOptions::default().target_file_size
+        );
+        assert_eq!(o.cold_after, IcePieOptions::default().cold_after);
         let unknown = set(&mut o, "no_such_setting", "1").unwrap_err().to_string();
         assert!(unknown.contains("icepie.retain_versions"), "{unknown}");
         let retain = o

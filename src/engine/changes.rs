@@ -77,6 +77,7 @@ impl IcePie {
             partition_by: c.partition_by.clone(),
             refresh_mode: c.refresh_mode,
             cluster_by: c.cluster_by.clone(),
+            created_at: None,
         };
         let kind =
             match (&existing, c.or_replace, c.if_not_exists) {

@@ -31,7 +31,7 @@ use crate::catalog::system;
 use crate::error::Result;
 use crate::options::IcePieOptions;
 use crate::slice::lease::{self, Lease};
-use crate::slice::schedule::{apply_demand, is_due};
+use crate::slice::schedule::{apply_demand, is_due, priority};
 use crate::slice::{SliceInfo, SliceState};
 use crate::storage::journal;
 use crate::storage::names::SliceName;
@@ -105,8 +105,8 @@ pub const RESCAN: Duration = Duration::from_secs(600);
 #[derive(Default)]
 struct View {
     slices: HashMap<SliceName, SliceInfo>,
-    /// How much each table is read, as of the last full scan.
-    demand: HashMap<String, Demand>,
+    /// How much each table is read, as of the last full scan (`None`: not known).
+    demand: Option<HashMap<String, Demand>>,
     journal: Option<(journal::Reader, Instant)>,
     /// Slices that could not be read at the last tick: read again at the next.
     retry: HashSet<SliceName>,
@@ -248,29 +248,22 @@ async fn run(inner: Weak<Inner>, mut stop: watch::Receiver<Option<Duration>>) {
         let now = Utc::now().timestamp_millis();
         // This process's reads count at once: a read wakes a dormant slice by the next tick.
         let local = engine.inner.shared.usage.local_reads();
-        let mut due: Vec<SliceInfo> = view
-            .slices
-            .values()
+        let mut all: Vec<SliceInfo> = view.slices.values().cloned().collect();
+        let demand = view.demand.as_ref().map(|d| {
+            let mut d = d.clone();
+            for (table, at) in &local {
+                let e = d.entry(table.clone()).or_default();
+                e.last_read = e.last_read.max(Some(*at));
+            }
+            d
+        });
+        apply_demand(&mut all, demand.as_ref(), &options, now);
+        let mut due: Vec<SliceInfo> = all
+            .into_iter()
             .filter(|s| !running.0.lock().expect("running lock").contains(&s.name))
-            .map(|s| {
-                let mut s = s.clone();
-                let name = s.name.to_string();
-                let mut demand = view.demand.get(&name).copied().unwrap_or_default();
-                demand.last_read = demand.last_read.max(local.get(&name).copied());
-                apply_demand(&mut s, Some(&demand), &options, now);
-                s
-            })
             .filter(|s| is_due(s, &options, now))
             .collect();
-        // The most read first; among equals, the longest-waiting.
-        due.sort_by(|a, b| {
-            let reads = |s: &SliceInfo| s.reads_per_day.unwrap_or(0.0);
-            reads(b).total_cmp(&reads(a)).then_with(|| {
-                a.refreshed_at
-                    .unwrap_or(i64::MIN)
-                    .cmp(&b.refreshed_at.unwrap_or(i64::MIN))
-            })
-        });
+        due.sort_by(|a, b| priority(b, now).total_cmp(&priority(a, now)));
         for info in due.into_iter().take(free) {
             let name = info.name.clone();
             running.0.lock().expect("running lock").insert(name.clone());

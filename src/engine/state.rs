@@ -288,18 +288,33 @@ impl Shared {
         }
     }
 
+    /// The usage recorded by every process over `icepie.usage_retention` (and at least the
+    /// span [`Shared::demand`] needs), as [`crate::usage::Usage::recorded`] serves it.
+    pub async fn recorded_usage(&self) -> Result<std::sync::Arc<crate::usage::files::Rows>> {
+        let options = self.options();
+        let span = i64::try_from(options.usage_retention.0.as_millis())
+            .unwrap_or(i64::MAX)
+            .max(crate::usage::demand_window(options.cold_after.0));
+        let since = crate::usage::files::day_of(crate::usage::now_ms().saturating_sub(span));
+        self.usage.recorded(since).await
+    }
+
     /// How much each table is read: the recorded usage of the last `icepie.cold_after` (at
-    /// least a week), with this process's reads not written yet.
-    pub async fn demand(&self) -> std::collections::HashMap<String, crate::usage::Demand> {
-        let window = self.options().cold_after.0;
-        let mut demand = crate::usage::demand(self.warehouse.store().as_ref(), window)
-            .await
-            .unwrap_or_default();
+    /// least a week), with this process's reads not written yet. `None` when it is not
+    /// known: this process does not record usage (`icepie.usage = off`), or the usage could
+    /// never be read.
+    pub async fn demand(&self) -> Option<std::collections::HashMap<String, crate::usage::Demand>> {
+        let options = self.options();
+        if !options.usage.0 {
+            return None;
+        }
+        let rows = self.recorded_usage().await.ok()?;
+        let mut demand = crate::usage::demand(&rows, options.cold_after.0);
         for (table, at) in self.usage.local_reads() {
             let d = demand.entry(table).or_default();
             d.last_read = d.last_read.max(Some(at));
         }
-        demand
+        Some(demand)
     }
 
     /// The slice `name` at `version` (latest when `None`). A quarantined slice (a file of the

@@ -258,8 +258,9 @@ async fn write_version(
         inputs,
     )
     .await?;
-    let sorted = decision.built.mode == BuildMode::Full
-        && clustered.as_ref().is_some_and(|c| !c.columns.is_empty());
+    // Every write of a clustered slice is sorted: a full build's rows, an incremental
+    // merge's or recomputed partitions' rows, and an append's new rows.
+    let sorted = clustered.as_ref().is_some_and(|c| !c.columns.is_empty());
     let meta = SliceMeta {
         kind,
         attempt_id: attempt_id.to_string(),
@@ -278,9 +279,7 @@ async fn write_version(
         clustered,
         created_at: match kind {
             CommitKind::Create | CommitKind::Replace => Some(Utc::now().timestamp_millis()),
-            _ => previous
-                .and_then(|p| p.meta.as_ref())
-                .and_then(|m| m.created_at),
+            _ => spec.created_at,
         },
     };
     let built = decision.built;
@@ -291,13 +290,25 @@ async fn write_version(
         BuildMode::Incremental => small_delta_joins(state),
         BuildMode::Full => state.clone(),
     };
-    let input = match (sorted, &meta.clustered) {
-        (true, Some(c)) => clustering::sorted_input(&state, decision.plan, &c.columns).await?,
-        _ => decision.plan,
+    let (input, write_state) = match (sorted, &meta.clustered) {
+        (true, Some(c)) => {
+            let input = clustering::sorted_input(&state, decision.plan, &c.columns).await?;
+            // The sorted rows come as one stream, and must reach the writer as one: with
+            // more target partitions the write's optimizer would deal them round-robin to
+            // several writers, whose files would each span the whole range.
+            let mut single = state.clone();
+            single
+                .config_mut()
+                .options_mut()
+                .execution
+                .target_partitions = 1;
+            (input, single)
+        }
+        _ => (decision.plan, state),
     };
     let mut write = WriteBuilder::new(base.log_store, base.snapshot)
         .with_input_plan(input)
-        .with_session_state(Arc::new(crate::engine::progress::counting(&state)))
+        .with_session_state(Arc::new(crate::engine::progress::counting(&write_state)))
         .with_partition_columns(spec.partition_by.clone())
         .with_target_file_size(NonZeroU64::new(shared.options().target_file_size.0))
         .with_commit_properties(commit_properties(&meta));
@@ -445,12 +456,16 @@ async fn plan_build(
             });
         }
     }
+    let laid_out = previous
+        .and_then(|p| p.meta.as_ref())
+        .and_then(|m| m.clustered.clone());
     let chosen = clustering::choose(
         shared,
         name,
         &spec.cluster_by,
         plan.schema(),
         &spec.partition_by,
+        laid_out.as_ref(),
     )
     .await?;
     let max_share = shared.options().incremental_max_share;
@@ -467,9 +482,6 @@ async fn plan_build(
         max_share,
     )
     .await?;
-    let laid_out = previous
-        .and_then(|p| p.meta.as_ref())
-        .and_then(|m| m.clustered.clone());
     if decision.built.mode == BuildMode::Incremental {
         // An AUTO layout changes at the next refresh: a full one.
         let relayout = spec.cluster_by == ClusterBy::Auto
@@ -503,7 +515,7 @@ async fn plan_build(
     }
     let clustered = match decision.built.mode {
         BuildMode::Full => Some(chosen),
-        // New rows are appended or merged as they come: the layout stays the previous one.
+        // New rows are appended, or merged and written, in the previous layout.
         BuildMode::Incremental => laid_out,
     };
     Ok((decision, clustered))

@@ -41,7 +41,7 @@ use super::aggregate::HIDDEN;
 use crate::engine::state::Shared;
 use crate::error::{IcePieError, Result};
 use crate::storage::names::SliceName;
-use crate::usage::files::{day_of, read};
+use crate::usage::files::day_of;
 use crate::usage::now_ms;
 
 /// Queries that must have filtered on a column before AUTO clusters by it.
@@ -82,13 +82,20 @@ pub struct Clustered {
     pub reason: String,
 }
 
-/// The layout a full build of slice `name`, whose definition outputs `output`, gives it.
+/// A column must be filtered on by this many times the queries of the column an AUTO slice
+/// is sorted by before AUTO sorts by it instead: a layout does not flip back and forth
+/// between columns used about as often.
+pub const SWITCH_FACTOR: i64 = 2;
+
+/// The layout a full build of slice `name`, whose definition outputs `output`, gives it;
+/// `laid_out` is the layout of the version it replaces.
 pub(crate) async fn choose(
     shared: &Shared,
     name: &SliceName,
     by: &ClusterBy,
     output: &DFSchema,
     partition_by: &[String],
+    laid_out: Option<&Clustered>,
 ) -> Result<Clustered> {
     let usable = |c: &str| {
         output.field_with_unqualified_name(c).is_ok()
@@ -116,29 +123,34 @@ pub(crate) async fn choose(
             })
         }
         ClusterBy::Auto => {
+            // The AUTO layout in place, when its columns are still there to sort by.
+            let current = laid_out
+                .filter(|l| !l.columns.is_empty() && l.columns.iter().all(|c| usable(c)))
+                .map(|l| l.columns.clone());
+            let keep = |why: String| match &current {
+                Some(columns) => Clustered {
+                    columns: columns.clone(),
+                    reason: format!("AUTO: kept ({}): {why}", columns.join(", ")),
+                },
+                None => Clustered {
+                    columns: vec![],
+                    reason: format!("AUTO: {why}"),
+                },
+            };
+            // Usage is evidence, not data: without it the layout stays as it is.
+            let rows = match shared.recorded_usage().await {
+                Ok(rows) => rows,
+                Err(e) => return Ok(keep(format!("the usage could not be read ({e})"))),
+            };
             let retention = shared.options().usage_retention.0;
             let retention = i64::try_from(retention.as_millis()).unwrap_or(i64::MAX);
-            let rows = match read(
-                shared.warehouse.store().as_ref(),
-                day_of(now_ms().saturating_sub(retention)),
-            )
-            .await
-            {
-                Ok(rows) => rows,
-                // Usage is evidence, not data: without it the layout stays as it comes.
-                Err(e) => {
-                    return Ok(Clustered {
-                        columns: vec![],
-                        reason: format!("AUTO: the usage could not be read ({e})"),
-                    })
-                }
-            };
+            let since = day_of(now_ms().saturating_sub(retention));
             // Per column: queries filtering on it (equality, range, IN).
             let mut filters: BTreeMap<String, i64> = BTreeMap::new();
             let table = name.to_string();
             for sums in rows
                 .iter()
-                .filter(|(k, _)| k.table == table)
+                .filter(|(k, _)| k.table == table && k.day >= since)
                 .map(|(_, s)| s)
             {
                 for used in &sums.columns {
@@ -153,18 +165,27 @@ pub(crate) async fn choose(
             let best = filters
                 .iter()
                 .max_by(|a, b| a.1.cmp(b.1).then_with(|| b.0.cmp(a.0)));
-            Ok(match best {
-                Some((column, n)) if *n >= MIN_QUERIES => Clustered {
-                    columns: vec![column.clone()],
-                    reason: format!(
-                        "AUTO: the column readers filter on most ({n} queries in \
-                         icepie.usage_retention)"
-                    ),
-                },
-                _ => Clustered {
-                    columns: vec![],
-                    reason: format!("AUTO: no column filtered on by {MIN_QUERIES} queries yet"),
-                },
+            let Some((column, &n)) = best.filter(|(_, n)| **n >= MIN_QUERIES) else {
+                return Ok(keep(format!(
+                    "no column filtered on by {MIN_QUERIES} queries in icepie.usage_retention"
+                )));
+            };
+            if let Some(columns) = &current {
+                let held = filters.get(&columns[0]).copied().unwrap_or(0);
+                if &columns[0] != column && n < held.saturating_mul(SWITCH_FACTOR) {
+                    return Ok(keep(format!(
+                        "'{column}' is filtered on by {n} queries and '{}' by {held}; a \
+                         change needs {SWITCH_FACTOR} times as many",
+                        columns[0]
+                    )));
+                }
+            }
+            Ok(Clustered {
+                columns: vec![column.clone()],
+                reason: format!(
+                    "AUTO: the column readers filter on most ({n} queries in \
+                     icepie.usage_retention)"
+                ),
             })
         }
     }

@@ -73,6 +73,9 @@ pub struct SliceSpec {
     pub refresh_mode: RefreshMode,
     /// How full builds order the rows.
     pub cluster_by: clustering::ClusterBy,
+    /// When the slice was created (ms since the epoch), `None` for a new one: kept by its
+    /// refreshes, even when a commit icepie did not make precedes them.
+    pub created_at: Option<i64>,
 }
 
 impl From<&SliceMeta> for SliceSpec {
@@ -84,6 +87,7 @@ impl From<&SliceMeta> for SliceSpec {
             partition_by: m.partition_by.clone(),
             refresh_mode: m.refresh_mode,
             cluster_by: m.cluster_by.clone(),
+            created_at: m.created_at,
         }
     }
 }

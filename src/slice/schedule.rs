@@ -12,6 +12,8 @@
 //! waits out an exponential backoff; a damaged slice with a policy is due at once (its next
 //! refresh writes all files anew).
 
+use std::collections::HashMap;
+
 use crate::options::IcePieOptions;
 use crate::sql::{parse_interval, RefreshPolicy};
 use crate::text::human_duration;
@@ -109,28 +111,85 @@ pub(crate) fn is_due(info: &SliceInfo, options: &IcePieOptions, now_ms: i64) -> 
     decide(info, options, now_ms).0
 }
 
-/// Adds what is known of the slice's reads to `info`, and makes an AUTO slice that is fresh
-/// or stale `dormant` when neither read nor created within `icepie.cold_after`.
+/// Adds what is known of the slices' reads to `infos`, and makes an AUTO slice that is fresh
+/// or stale `dormant` when it was neither read nor created within `icepie.cold_after` (at
+/// most `icepie.usage_retention`: older reads are forgotten), and no slice whose refreshes
+/// read it needs it. A slice refreshed on a schedule (`EVERY`, `ON CHANGE`) needs its inputs
+/// always; any other needs them as recently as it was read or created itself, so that demand
+/// flows down a chain of slices. `demand` is `None` when the reads are not known (usage is
+/// not recorded, or cannot be read): then no slice is dormant.
 pub(crate) fn apply_demand(
-    info: &mut SliceInfo,
-    demand: Option<&Demand>,
+    infos: &mut [SliceInfo],
+    demand: Option<&HashMap<String, Demand>>,
     options: &IcePieOptions,
     now_ms: i64,
 ) {
-    info.last_read = demand.and_then(|d| d.last_read);
-    info.reads_per_day = Some(demand.map_or(0.0, |d| d.reads_per_day));
-    let auto = matches!(
-        RefreshPolicy::parse(&info.meta.refresh),
-        Ok(RefreshPolicy::Auto(_))
-    );
-    let cold = i64::try_from(options.cold_after.0.as_millis()).unwrap_or(i64::MAX);
-    let touched = info.last_read.max(info.meta.created_at).unwrap_or(i64::MIN);
-    if auto
-        && matches!(info.state, SliceState::Fresh | SliceState::Stale)
-        && touched < now_ms.saturating_sub(cold)
-    {
-        info.state = SliceState::Dormant;
+    let Some(demand) = demand else {
+        for info in infos.iter_mut() {
+            info.last_read = None;
+            info.reads_per_day = None;
+        }
+        return;
+    };
+    for info in infos.iter_mut() {
+        let d = demand.get(&info.name.to_string());
+        info.last_read = d.and_then(|d| d.last_read);
+        info.reads_per_day = Some(d.map_or(0.0, |d| d.reads_per_day));
     }
+    // When each slice was last touched: read, created, or needed by a slice reading it.
+    let mut touched: Vec<Option<i64>> = infos
+        .iter()
+        .map(|i| i.last_read.max(i.meta.created_at))
+        .collect();
+    let index: HashMap<String, usize> = infos
+        .iter()
+        .enumerate()
+        .map(|(n, i)| (i.name.to_string(), n))
+        .collect();
+    // Chains are acyclic: demand reaches the bottom in at most one round per slice.
+    for _ in 0..infos.len() {
+        let mut changed = false;
+        for (n, info) in infos.iter().enumerate() {
+            let needs = match RefreshPolicy::parse(&info.meta.refresh) {
+                _ if info.meta.frozen.is_some() => None,
+                Ok(RefreshPolicy::Every(_) | RefreshPolicy::OnChange) => Some(now_ms),
+                _ => touched[n],
+            };
+            for input in &info.meta.inputs {
+                if let Some(&i) = index.get(&input.table) {
+                    if touched[i] < needs {
+                        touched[i] = needs;
+                        changed = true;
+                    }
+                }
+            }
+        }
+        if !changed {
+            break;
+        }
+    }
+    let cold = options.cold_after.0.min(options.usage_retention.0);
+    let cold = i64::try_from(cold.as_millis()).unwrap_or(i64::MAX);
+    for (info, touched) in infos.iter_mut().zip(touched) {
+        let auto = matches!(
+            RefreshPolicy::parse(&info.meta.refresh),
+            Ok(RefreshPolicy::Auto(_))
+        );
+        if auto
+            && matches!(info.state, SliceState::Fresh | SliceState::Stale)
+            && touched.unwrap_or(i64::MIN) < now_ms.saturating_sub(cold)
+        {
+            info.state = SliceState::Dormant;
+        }
+    }
+}
+
+/// The order in which due slices are refreshed when more are due than may run: the most
+/// read first, aged by how long each has gone without a refresh, so that a slice nobody
+/// reads still gets its turn: (reads per day + 1) × time since its latest commit.
+pub(crate) fn priority(info: &SliceInfo, now_ms: i64) -> f64 {
+    let waited = now_ms.saturating_sub(info.refreshed_at.unwrap_or(0)).max(0) as f64;
+    (info.reads_per_day.unwrap_or(0.0) + 1.0) * waited
 }
 
 #[cfg(test)]
@@ -252,30 +311,110 @@ mod tests {
     fn an_auto_slice_neither_read_nor_created_lately_is_dormant() {
         let day = 86_400_000;
         let now = 30 * day;
+        let none = HashMap::new();
         let mut s = info("auto");
         s.stale = true;
         s.meta.created_at = Some(now - 10 * day);
-        apply_demand(&mut s, None, &options(), now);
-        assert_eq!(s.state, SliceState::Dormant);
-        let (due, why) = decide(&s, &options(), now);
+        let mut all = [s];
+        apply_demand(&mut all, Some(&none), &options(), now);
+        assert_eq!(all[0].state, SliceState::Dormant);
+        let (due, why) = decide(&all[0], &options(), now);
         assert!(!due && why.starts_with("dormant"), "{why}");
         // Read yesterday: awake, and due since an input moved on.
         let mut s = info("auto");
         s.stale = true;
-        let read = Demand {
-            last_read: Some(now - day),
-            reads_per_day: 3.0,
-        };
-        apply_demand(&mut s, Some(&read), &options(), now);
-        assert_eq!((s.state, s.reads_per_day), (SliceState::Fresh, Some(3.0)));
-        assert!(is_due(&s, &options(), now));
+        let read = HashMap::from([(
+            "d.s".to_string(),
+            Demand {
+                last_read: Some(now - day),
+                reads_per_day: 3.0,
+            },
+        )]);
+        let mut all = [s];
+        apply_demand(&mut all, Some(&read), &options(), now);
+        assert_eq!(
+            (all[0].state, all[0].reads_per_day),
+            (SliceState::Fresh, Some(3.0))
+        );
+        assert!(is_due(&all[0], &options(), now));
         // Created yesterday and never read: not dormant yet. Other policies never are.
         let mut s = info("auto");
         s.meta.created_at = Some(now - day);
-        apply_demand(&mut s, None, &options(), now);
-        assert_eq!(s.state, SliceState::Fresh);
-        let mut s = info("on change");
-        apply_demand(&mut s, None, &options(), now);
-        assert_eq!(s.state, SliceState::Fresh);
+        let mut all = [s, info("on change")];
+        all[1].name = SliceName::parse("d.t").unwrap();
+        apply_demand(&mut all, Some(&none), &options(), now);
+        assert_eq!(
+            (all[0].state, all[1].state),
+            (SliceState::Fresh, SliceState::Fresh)
+        );
+        // Reads unknown: nothing is dormant.
+        let mut all = [info("auto")];
+        apply_demand(&mut all, None, &options(), now);
+        assert_eq!(
+            (all[0].state, all[0].reads_per_day),
+            (SliceState::Fresh, None)
+        );
+    }
+
+    fn reading(slice: &str, input: &str, refresh: &str) -> SliceInfo {
+        let mut s = info(refresh);
+        s.name = SliceName::parse(slice).unwrap();
+        s.meta.inputs = vec![crate::slice::meta::InputVersion {
+            table: input.into(),
+            version: 1,
+            pinned: false,
+            id: None,
+        }];
+        s
+    }
+
+    #[test]
+    fn demand_flows_to_the_slices_a_read_or_scheduled_slice_reads() {
+        let day = 86_400_000;
+        let now = 30 * day;
+        // d.c reads d.b reads d.a; only d.c is read.
+        let mut all = [
+            reading("d.c", "d.b", "auto"),
+            reading("d.b", "d.a", "auto"),
+            info("auto"),
+        ];
+        all[2].name = SliceName::parse("d.a").unwrap();
+        let read = HashMap::from([(
+            "d.c".to_string(),
+            Demand {
+                last_read: Some(now - day),
+                reads_per_day: 1.0,
+            },
+        )]);
+        apply_demand(&mut all, Some(&read), &options(), now);
+        assert!(all.iter().all(|s| s.state == SliceState::Fresh));
+        assert_eq!(all[2].last_read, None, "last_read stays the slice's own");
+        // Nobody reads d.c: the chain sleeps. A scheduled reader keeps its input awake.
+        let mut all = [
+            reading("d.c", "d.b", "auto"),
+            reading("d.b", "d.a", "auto"),
+            reading("d.e", "d.a", "every '1 hour'"),
+            info("auto"),
+        ];
+        all[3].name = SliceName::parse("d.a").unwrap();
+        apply_demand(&mut all, Some(&HashMap::new()), &options(), now);
+        let states: Vec<_> = all.iter().map(|s| s.state).collect();
+        use SliceState::*;
+        assert_eq!(states, [Dormant, Dormant, Fresh, Fresh]);
+    }
+
+    #[test]
+    fn a_slice_nobody_reads_gets_its_turn_after_waiting_long_enough() {
+        let minute = 60_000;
+        let now = 1_000 * minute;
+        let mut hot = info("auto");
+        hot.reads_per_day = Some(100.0);
+        hot.refreshed_at = Some(now - minute);
+        let mut cold = info("auto");
+        cold.reads_per_day = Some(0.0);
+        cold.refreshed_at = Some(now - 30 * minute);
+        assert!(priority(&hot, now) > priority(&cold, now));
+        cold.refreshed_at = Some(now - 200 * minute);
+        assert!(priority(&cold, now) > priority(&hot, now));
     }
 }

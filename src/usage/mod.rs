@@ -108,28 +108,31 @@ pub struct Demand {
 /// Days over which reads per day are averaged.
 const DEMAND_DAYS: i64 = 7;
 
-/// How much each table is read, from the usage recorded over the last `window` (at least
-/// [`DEMAND_DAYS`]).
-pub(crate) async fn demand(
-    store: &dyn ObjectStore,
-    window: Duration,
-) -> crate::error::Result<std::collections::HashMap<String, Demand>> {
+/// How much each table is read, from the usage `rows` recorded over the last `window` (at
+/// least [`DEMAND_DAYS`]).
+pub(crate) fn demand(rows: &Rows, window: Duration) -> std::collections::HashMap<String, Demand> {
     let now = now_ms();
-    let day = 86_400_000;
-    let window = i64::try_from(window.as_millis())
-        .unwrap_or(i64::MAX)
-        .max(DEMAND_DAYS * day);
-    let rows = files::read(store, day_of(now.saturating_sub(window))).await?;
-    let week = day_of(now - DEMAND_DAYS * day);
+    let since = day_of(now.saturating_sub(demand_window(window)));
+    let week = day_of(now - DEMAND_DAYS * DAY_MS);
     let mut out: std::collections::HashMap<String, Demand> = Default::default();
-    for (key, sums) in rows {
-        let d = out.entry(key.table).or_default();
+    for (key, sums) in rows.iter().filter(|(k, _)| k.day >= since) {
+        let d = out.entry(key.table.clone()).or_default();
         d.last_read = d.last_read.max(Some(sums.last_at));
         if key.day > week {
             d.reads_per_day += sums.queries as f64 / DEMAND_DAYS as f64;
         }
     }
-    Ok(out)
+    out
+}
+
+/// A day in milliseconds.
+const DAY_MS: i64 = 86_400_000;
+
+/// The span [`demand`] reads: `window`, at least [`DEMAND_DAYS`], in milliseconds.
+pub(crate) fn demand_window(window: Duration) -> i64 {
+    i64::try_from(window.as_millis())
+        .unwrap_or(i64::MAX)
+        .max(DEMAND_DAYS * DAY_MS)
 }
 
 /// One query's read of one table.
@@ -197,7 +200,27 @@ pub(crate) struct Usage {
     retention_ms: Arc<AtomicU64>,
     /// The latest read of each table by this process, as the usage task received them.
     local: Arc<std::sync::Mutex<std::collections::HashMap<String, i64>>>,
+    store: Arc<dyn ObjectStore>,
+    /// Writes of this process's usage files so far: a cache read before the latest is stale.
+    written: Arc<AtomicU64>,
+    /// The usage files as last read ([`Usage::recorded`]).
+    cache: tokio::sync::Mutex<Option<Recorded>>,
 }
+
+/// The usage files as read at one moment.
+#[derive(Debug)]
+struct Recorded {
+    at: Instant,
+    /// [`Usage::written`] when read.
+    written: u64,
+    /// The first day read.
+    since: i32,
+    rows: Arc<Rows>,
+}
+
+/// How long [`Usage::recorded`] serves what it read before reading again (sooner when this
+/// process writes its own usage meanwhile).
+const RECORDED_FOR: Duration = Duration::from_secs(30);
 
 impl Usage {
     /// The latest read of each table by this process (written or not yet).
@@ -216,11 +239,13 @@ impl Usage {
         );
         let retention_ms = Arc::new(AtomicU64::new(millis(retention)));
         let local = Arc::<std::sync::Mutex<_>>::default();
+        let written = Arc::new(AtomicU64::new(0));
         let task = Task {
-            store,
+            store: store.clone(),
             process,
             local: Arc::clone(&local),
             retention_ms: retention_ms.clone(),
+            written: written.clone(),
             days: BTreeMap::new(),
             dirty: BTreeSet::new(),
             tidied: None,
@@ -232,7 +257,41 @@ impl Usage {
             dropped: AtomicU64::new(0),
             retention_ms,
             local,
+            store,
+            written,
+            cache: tokio::sync::Mutex::new(None),
         })
+    }
+
+    /// The usage recorded in the warehouse by every process from day `since` on (rows of
+    /// earlier days may be included: callers filter by day). What was read is served for
+    /// [`RECORDED_FOR`], or until this process writes its own usage; when the files cannot
+    /// be read, what was read before is served, and the error only when nothing was.
+    pub async fn recorded(&self, since: i32) -> crate::error::Result<Arc<Rows>> {
+        let mut cache = self.cache.lock().await;
+        let written = self.written.load(Ordering::Acquire);
+        if let Some(c) = cache
+            .as_ref()
+            .filter(|c| c.written == written && c.since <= since && c.at.elapsed() < RECORDED_FOR)
+        {
+            return Ok(c.rows.clone());
+        }
+        match files::read(self.store.as_ref(), since).await {
+            Ok(rows) => {
+                let rows = Arc::new(rows);
+                *cache = Some(Recorded {
+                    at: Instant::now(),
+                    written,
+                    since,
+                    rows: rows.clone(),
+                });
+                Ok(rows)
+            }
+            Err(e) => match cache.as_ref().filter(|c| c.since <= since) {
+                Some(c) => Ok(c.rows.clone()),
+                None => Err(e),
+            },
+        }
     }
 
     /// Queues `readings` for the usage task, or drops them when the queue is full.
@@ -271,6 +330,8 @@ struct Task {
     /// [`Usage::local_reads`].
     local: Arc<std::sync::Mutex<std::collections::HashMap<String, i64>>>,
     retention_ms: Arc<AtomicU64>,
+    /// [`Usage::written`].
+    written: Arc<AtomicU64>,
     /// Everything this process recorded, per day: a day's file is rewritten whole.
     days: BTreeMap<i32, Rows>,
     /// Days recorded on since their file was last written.
@@ -334,16 +395,20 @@ impl Task {
     /// write fails stays to be written next time. Days before yesterday that are written
     /// are forgotten: readings are dated when their query ends, so no more come for them.
     async fn write(&mut self) {
+        let mut wrote = false;
         for day in std::mem::take(&mut self.dirty) {
             let Some(rows) = self.days.get(&day) else {
                 continue;
             };
-            if files::write(self.store.as_ref(), day, &self.process, rows)
-                .await
-                .is_err()
-            {
-                self.dirty.insert(day);
+            match files::write(self.store.as_ref(), day, &self.process, rows).await {
+                Ok(_) => wrote = true,
+                Err(_) => {
+                    self.dirty.insert(day);
+                }
             }
+        }
+        if wrote {
+            self.written.fetch_add(1, Ordering::AcqRel);
         }
         let yesterday = day_of(now_ms()).saturating_sub(1);
         let dirty = &self.dirty;
@@ -411,11 +476,40 @@ mod tests {
             dropped: AtomicU64::new(0),
             retention_ms: Arc::default(),
             local: Arc::default(),
+            store: Arc::new(InMemory::new()),
+            written: Arc::default(),
+            cache: Default::default(),
         };
         for _ in 0..QUEUE + 10 {
             usage.record(vec![reading("d.s"), reading("d.t")]);
         }
         assert_eq!(usage.dropped(), 20);
+    }
+
+    #[tokio::test]
+    async fn recorded_usage_is_read_again_once_this_process_writes() {
+        let store: Arc<dyn ObjectStore> = Arc::new(InMemory::new());
+        let usage = Usage::start(store.clone(), Duration::from_secs(86_400 * 30));
+        // Readings are dated when their query ends: today.
+        let reading = |table: &str| Reading {
+            at: now_ms(),
+            ..reading(table)
+        };
+        usage.record(vec![reading("d.s")]);
+        usage.flush().await;
+        let tables =
+            |rows: &Rows| -> BTreeSet<String> { rows.keys().map(|k| k.table.clone()).collect() };
+        assert_eq!(tables(&usage.recorded(0).await.unwrap()).len(), 1);
+        // Another process's file: not read again while what was read is recent.
+        let other = Usage::start(store.clone(), Duration::from_secs(86_400 * 30));
+        other.record(vec![reading("d.t")]);
+        other.flush().await;
+        assert_eq!(tables(&usage.recorded(0).await.unwrap()).len(), 1);
+        // This process writes: everything is read again.
+        usage.record(vec![reading("d.u")]);
+        usage.flush().await;
+        let all = tables(&usage.recorded(0).await.unwrap());
+        assert_eq!(all, ["d.s", "d.t", "d.u"].map(String::from).into());
     }
 
     #[tokio::test]

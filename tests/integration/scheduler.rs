@@ -480,7 +480,7 @@ async fn a_killed_lease_holder_is_taken_over_once_its_lease_expires() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_auto_slice_refreshes_while_read_sleeps_when_unread_and_wakes_on_its_next_read() {
-    let (_dir, w) = open_with(&[FAST, ("cold_after", "2 seconds")]).await;
+    let (_dir, w) = open_with(&[FAST]).await;
     run(
         &w,
         "CREATE CORE TABLE t (n BIGINT); INGEST INTO t VALUES (1);
@@ -511,19 +511,25 @@ async fn an_auto_slice_refreshes_while_read_sleeps_when_unread_and_wakes_on_its_
     );
 
     // Unread for cold_after: dormant, and an input change is not followed.
-    tokio::time::sleep(Duration::from_millis(2_500)).await;
+    run(&w, "SET icepie.cold_after = '3 seconds'").await;
+    eventually(15, "'hot' to go dormant", || async {
+        state("hot").await.starts_with("dormant | ").then_some(())
+    })
+    .await;
     run(&w, "INGEST INTO t VALUES (4)").await;
     let hot = state("hot").await;
     assert!(
-        hot.starts_with("dormant | dormant: not read for 2 seconds"),
+        hot.starts_with("dormant | dormant: not read for 3 seconds"),
         "{hot}"
     );
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(version(&w, "hot").await, 1);
 
-    // Its next read serves the version there is, and wakes it: refreshed behind the read.
+    // Its next read serves the version there is, and wakes it: refreshed behind the read
+    // (read again while waiting, so that a slow machine does not let it fall asleep).
     assert_eq!(scalar(&w, "SELECT s FROM hot").await, "3");
     eventually(15, "'hot' to wake and refresh", || async {
+        scalar(&w, "SELECT s FROM hot").await;
         (version(&w, "hot").await == 2).then_some(())
     })
     .await;

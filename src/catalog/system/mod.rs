@@ -209,9 +209,9 @@ impl TableProvider for SystemTable {
                 let demand = shared.demand().await;
                 let options = shared.options();
                 let now = now_ms();
+                apply_demand(&mut infos, demand.as_ref(), &options, now);
                 let mut scheduling = HashMap::new();
-                for info in &mut infos {
-                    apply_demand(info, demand.get(&info.name.to_string()), &options, now);
+                for info in &infos {
                     scheduling.insert(info.name.clone(), decide(info, &options, now).1);
                 }
                 slices_table(&infos, &scheduling, &unreadable)?
