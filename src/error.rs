@@ -36,6 +36,13 @@ pub enum IcePieError {
     #[error("slice '{0}' does not exist (SHOW SLICES lists them)")]
     SliceNotFound(String),
 
+    /// No proposal of that number stands now.
+    #[error(
+        "no proposal {0} stands now (it was applied, dismissed, or no longer holds); \
+         SELECT * FROM system.proposals lists them"
+    )]
+    ProposalNotFound(i64),
+
     /// The object already exists.
     #[error("{kind} '{name}' already exists{hint}")]
     AlreadyExists {

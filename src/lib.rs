@@ -81,13 +81,14 @@ pub(crate) mod usage;
 pub use engine::progress::Progress;
 pub use engine::{IcePie, IcePieBuilder, RefreshEvent};
 pub use error::{IcePieError, Result};
-pub use options::{IcePieOptions, OnStale, Size, Span, Staleness, Switch};
+pub use options::{AutoApply, IcePieOptions, OnStale, Size, Span, Staleness, Switch};
 pub use slice::clustering::{ClusterBy, Clustered};
 pub use slice::lifecycle::LifecycleOutcome;
 pub use slice::meta::{
     BuildMode, Built, CommitKind, Frozen, HistoryEntry, InputRead, InputVersion, RefreshMode,
     SliceMeta,
 };
+pub use slice::proposals::Proposal;
 pub use slice::quarantine::{FileCheck, Verified};
 pub use slice::vacuum::VacuumOutcome;
 pub use slice::{BuildOutcome, SliceInfo, SliceState};

@@ -152,6 +152,12 @@ settings! {
         /// What reading a slice staler than max_staleness does: serve (it, with a notice),
         /// refresh (it first, then read) or fail.
         pub on_stale: OnStale = OnStale::Serve,
+        /// A slice neither read, created nor needed by a slice reading it for this long (at
+        /// most usage_retention) gets a proposal to freeze it (system.proposals).
+        pub unread_after: Span = Span(Duration::from_secs(30 * 86_400)),
+        /// The kinds of proposals (system.proposals) the scheduler applies without a
+        /// statement: none, or a list of layout, schedule and freeze, e.g. 'layout,schedule'.
+        pub auto_apply: AutoApply = AutoApply::default(),
     }
 }
 
@@ -167,6 +173,7 @@ impl IcePieOptions {
             "cold_after" => self.cold_after.0.is_zero(),
             "usage_retention" => self.usage_retention.0.is_zero(),
             "scheduler_tick" => self.scheduler_tick.0.is_zero(),
+            "unread_after" => self.unread_after.0.is_zero(),
             _ => false,
         };
         if zero {
@@ -233,6 +240,10 @@ parsed_setting!(Size, "a size such as 512MB, 2GB or 1000000");
 parsed_setting!(Span, "a duration such as '250ms', '30 seconds' or '1 hour'");
 parsed_setting!(Staleness, "a duration such as '5 minutes', or none");
 parsed_setting!(OnStale, "serve, refresh or fail");
+parsed_setting!(
+    AutoApply,
+    "none, or a comma-separated list of layout, schedule and freeze"
+);
 
 /// A whole number and the unit after it (`512MB`, `'30 seconds'`), the unit in lower case.
 fn number_and_unit(text: &str) -> Option<(u64, String)> {
@@ -401,6 +412,46 @@ impl fmt::Display for OnStale {
     }
 }
 
+/// The kinds of proposals applied without a statement (`icepie.auto_apply`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct AutoApply(pub std::collections::BTreeSet<String>);
+
+impl AutoApply {
+    /// The kinds that may be applied automatically.
+    pub const KINDS: [&'static str; 3] = ["layout", "schedule", "freeze"];
+
+    /// Parses `none` (or nothing) or a comma-separated list of [`AutoApply::KINDS`].
+    pub fn parse(text: &str) -> Option<Self> {
+        let text = text.trim().trim_matches('\'').trim().to_ascii_lowercase();
+        if text.is_empty() || text == "none" {
+            return Some(Self::default());
+        }
+        let kinds = text
+            .split(',')
+            .map(|k| {
+                let k = k.trim();
+                Self::KINDS.contains(&k).then(|| k.to_string())
+            })
+            .collect::<Option<_>>()?;
+        Some(Self(kinds))
+    }
+
+    /// True when proposals of `kind` are applied automatically.
+    pub fn allows(&self, kind: &str) -> bool {
+        self.0.contains(kind)
+    }
+}
+
+impl fmt::Display for AutoApply {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.0.is_empty() {
+            return f.write_str("none");
+        }
+        let kinds: Vec<&str> = self.0.iter().map(String::as_str).collect();
+        f.write_str(&kinds.join(","))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -470,6 +521,12 @@ mod tests {
             IcePieOptions::default().target_file_size
         );
         assert_eq!(o.cold_after, IcePieOptions::default().cold_after);
+        set(&mut o, "auto_apply", "'Layout, schedule'").unwrap();
+        assert!(o.auto_apply.allows("layout") && !o.auto_apply.allows("freeze"));
+        assert_eq!(o.auto_apply.to_string(), "layout,schedule");
+        assert!(set(&mut o, "auto_apply", "layout,everything").is_err());
+        set(&mut o, "auto_apply", "none").unwrap();
+        assert!(!o.auto_apply.allows("layout"));
         let unknown = set(&mut o, "no_such_setting", "1").unwrap_err().to_string();
         assert!(unknown.contains("icepie.retain_versions"), "{unknown}");
         let retain = o

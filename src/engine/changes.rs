@@ -3,7 +3,10 @@
 //! vacuum, verify and drops, and what they show.
 
 use super::*;
+use crate::slice::clustering::ClusterBy;
 use crate::slice::meta::Built;
+use crate::slice::proposals::{self, Proposal};
+use crate::sql::RefreshPolicy;
 use deltalake::DeltaTable;
 
 impl IcePie {
@@ -248,6 +251,63 @@ impl IcePie {
         let lock = self.lock(&name);
         let _guard = lock.lock().await;
         retrying(|| lifecycle::thaw(&self.inner.shared, &name)).await
+    }
+
+    /// `ALTER SLICE name SET [REFRESH policy] [CLUSTER BY layout]`: changes how the slice is
+    /// refreshed or laid out from its next refresh on, keeping its data.
+    pub async fn alter(
+        &self,
+        name: &str,
+        refresh: Option<RefreshPolicy>,
+        cluster_by: Option<ClusterBy>,
+    ) -> Result<LifecycleOutcome> {
+        let name = SliceName::parse(name)?;
+        let lock = self.lock(&name);
+        let _guard = lock.lock().await;
+        retrying(|| {
+            lifecycle::alter(
+                &self.inner.shared,
+                &name,
+                refresh.as_ref(),
+                cluster_by.as_ref(),
+            )
+        })
+        .await
+    }
+
+    /// What icepie proposes now (`system.proposals`), dismissed proposals left out.
+    pub async fn proposals(&self) -> Result<Vec<Proposal>> {
+        proposals::list(&self.inner.shared).await
+    }
+
+    /// `APPLY PROPOSAL n`: runs proposal `n`'s statement, as it stands now.
+    pub(super) async fn apply_proposal(&self, n: i64) -> Result<DataFrame> {
+        let proposal = proposals::find(&self.inner.shared, n).await?;
+        let out = self.run_proposal(&proposal).await?;
+        self.lifecycle_result(out).await
+    }
+
+    /// Runs `proposal`'s statement: an `ALTER SLICE` or a `FREEZE SLICE`.
+    pub(crate) async fn run_proposal(&self, proposal: &Proposal) -> Result<LifecycleOutcome> {
+        match parse_sql(&proposal.statement)?.pop() {
+            Some(Statement::AlterSlice {
+                name,
+                refresh,
+                cluster_by,
+            }) => self.alter(&name.to_string(), refresh, cluster_by).await,
+            Some(Statement::FreezeSlice { name, reason }) => {
+                self.freeze(&name.to_string(), reason).await
+            }
+            _ => Err(IcePieError::Syntax(format!(
+                "proposal {} has a statement icepie does not apply: {}",
+                proposal.id, proposal.statement
+            ))),
+        }
+    }
+
+    /// `DISMISS PROPOSAL n`: hides proposal `n` from `system.proposals` from now on.
+    pub async fn dismiss_proposal(&self, n: i64) -> Result<Proposal> {
+        proposals::dismiss(&self.inner.shared, n).await
     }
 
     /// `ROLLBACK SLICE name TO VERSION n`: commits a new version whose data and definition

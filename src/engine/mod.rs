@@ -395,6 +395,22 @@ impl IcePie {
                 let out = self.thaw(&name.to_string()).await?;
                 self.lifecycle_result(out).await
             }
+            Statement::AlterSlice {
+                name,
+                refresh,
+                cluster_by,
+            } => {
+                let out = self.alter(&name.to_string(), refresh, cluster_by).await?;
+                self.lifecycle_result(out).await
+            }
+            Statement::ApplyProposal(n) => self.apply_proposal(n).await,
+            Statement::DismissProposal(n) => {
+                let proposal = self.dismiss_proposal(n).await?;
+                output::message(
+                    ctx,
+                    &format!("dismissed proposal {n}: {}", proposal.statement),
+                )
+            }
             Statement::RollbackSlice { name, version } => {
                 let out = self.rollback(&name.to_string(), version).await?;
                 self.lifecycle_result(out).await

@@ -49,6 +49,14 @@ pub(super) fn dropped(ctx: &SessionContext, name: Option<String>) -> Result<Data
     frame(ctx, vec![("dropped", strings(name.into_iter()))])
 }
 
+/// One row with one message, for statements whose outcome is a sentence.
+pub(super) fn message(ctx: &SessionContext, text: &str) -> Result<DataFrame> {
+    frame(
+        ctx,
+        vec![("result", strings(std::iter::once(text.to_string())))],
+    )
+}
+
 /// `CREATE CORE TABLE` and `INGEST`.
 pub(super) fn loads(ctx: &SessionContext, out: Option<LoadOutcome>) -> Result<DataFrame> {
     let out: Vec<LoadOutcome> = out.into_iter().collect();

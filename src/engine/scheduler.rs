@@ -14,6 +14,9 @@
 //! refresh runs once in the whole warehouse; should two writers still meet, Delta's commit
 //! protocol settles who commits.
 //!
+//! Every [`PROPOSE_EVERY_TICKS`] ticks, when `icepie.auto_apply` names kinds of proposals,
+//! it applies the standing proposals of those kinds (`system.proposals`).
+//!
 //! The task holds the engine only weakly between ticks: dropping the last `IcePie` stops it.
 //! [`IcePie::close`] stops it gracefully, letting running refreshes finish for a while before
 //! cancelling them (a cancelled refresh commits nothing).
@@ -213,10 +216,28 @@ impl Drop for RunningGuard {
     }
 }
 
+/// Every how many ticks the scheduler applies the proposals `icepie.auto_apply` allows.
+const PROPOSE_EVERY_TICKS: u64 = 120;
+
+/// Applies the standing proposals whose kinds `icepie.auto_apply` allows, as `APPLY
+/// PROPOSAL` would. Proposals are advice: one that cannot be listed or applied now is tried
+/// again later.
+async fn auto_apply(engine: &IcePie) {
+    let allowed = engine.options().auto_apply;
+    let Ok(proposals) = engine.proposals().await else {
+        return;
+    };
+    for p in proposals.iter().filter(|p| allowed.allows(p.kind)) {
+        let _ = engine.run_proposal(p).await;
+    }
+}
+
 async fn run(inner: Weak<Inner>, mut stop: watch::Receiver<Option<Duration>>) {
     let mut tasks: JoinSet<()> = JoinSet::new();
     let running = Running::default();
     let mut view = View::default();
+    let mut ticks: u64 = 0;
+    let proposing = Arc::new(std::sync::atomic::AtomicBool::new(false));
     loop {
         let tick = match inner.upgrade() {
             Some(inner) => IcePie { inner }.options().scheduler_tick.0,
@@ -234,6 +255,18 @@ async fn run(inner: Weak<Inner>, mut stop: watch::Receiver<Option<Duration>>) {
         let options = engine.options();
         if !options.scheduler.0 {
             continue;
+        }
+        ticks = ticks.wrapping_add(1);
+        if ticks.is_multiple_of(PROPOSE_EVERY_TICKS)
+            && !options.auto_apply.0.is_empty()
+            && !proposing.swap(true, std::sync::atomic::Ordering::AcqRel)
+        {
+            let engine = engine.clone();
+            let proposing = proposing.clone();
+            tasks.spawn(async move {
+                auto_apply(&engine).await;
+                proposing.store(false, std::sync::atomic::Ordering::Release);
+            });
         }
         let busy = running.0.lock().expect("running lock").len();
         let free = options.max_concurrent_refreshes.saturating_sub(busy);

@@ -24,7 +24,7 @@ pub fn sqlstate(e: &IcePieError) -> &'static str {
         IcePieError::MemoryBudget { .. } => "53200",
         // object_not_in_prerequisite_state: thaw it first.
         IcePieError::Frozen { .. } | IcePieError::Stale { .. } => "55000",
-        IcePieError::VersionNotFound { .. } => "42704",
+        IcePieError::VersionNotFound { .. } | IcePieError::ProposalNotFound(_) => "42704",
         IcePieError::Setting { .. } => "22023",
         IcePieError::Joined(inner) => sqlstate(inner),
         IcePieError::Column(_) => "42703",

@@ -14,7 +14,7 @@ use deltalake::operations::write::{SchemaMode, WriteBuilder};
 use deltalake::protocol::SaveMode;
 use deltalake::DeltaTable;
 
-use super::clustering::{self, ClusterBy, Clustered};
+use super::clustering::{self, Clustered};
 use super::incremental::{self, Previous};
 use super::{
     budgeted_state, commit_error, commit_properties, lifecycle, log, meta, plan_inputs,
@@ -483,9 +483,9 @@ async fn plan_build(
     )
     .await?;
     if decision.built.mode == BuildMode::Incremental {
-        // An AUTO layout changes at the next refresh: a full one.
-        let relayout = spec.cluster_by == ClusterBy::Auto
-            && spec.refresh_mode == RefreshMode::Auto
+        // A layout changes (AUTO's choice, or ALTER SLICE … SET CLUSTER BY) at the next
+        // refresh: a full one.
+        let relayout = spec.refresh_mode == RefreshMode::Auto
             && laid_out
                 .as_ref()
                 .is_some_and(|l| l.columns != chosen.columns);

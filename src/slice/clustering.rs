@@ -41,7 +41,7 @@ use super::aggregate::HIDDEN;
 use crate::engine::state::Shared;
 use crate::error::{IcePieError, Result};
 use crate::storage::names::SliceName;
-use crate::usage::files::day_of;
+use crate::usage::files::{day_of, Rows};
 use crate::usage::now_ms;
 
 /// Queries that must have filtered on a column before AUTO clusters by it.
@@ -145,23 +145,7 @@ pub(crate) async fn choose(
             let retention = shared.options().usage_retention.0;
             let retention = i64::try_from(retention.as_millis()).unwrap_or(i64::MAX);
             let since = day_of(now_ms().saturating_sub(retention));
-            // Per column: queries filtering on it (equality, range, IN).
-            let mut filters: BTreeMap<String, i64> = BTreeMap::new();
-            let table = name.to_string();
-            for sums in rows
-                .iter()
-                .filter(|(k, _)| k.table == table && k.day >= since)
-                .map(|(_, s)| s)
-            {
-                for used in &sums.columns {
-                    let Some((how, column)) = used.split_once(':') else {
-                        continue;
-                    };
-                    if matches!(how, "filter_eq" | "filter_range" | "filter_in") && usable(column) {
-                        *filters.entry(column.to_string()).or_default() += sums.queries;
-                    }
-                }
-            }
+            let filters = filter_counts(&rows, &name.to_string(), since, usable);
             let best = filters
                 .iter()
                 .max_by(|a, b| a.1.cmp(b.1).then_with(|| b.0.cmp(a.0)));
@@ -189,6 +173,32 @@ pub(crate) async fn choose(
             })
         }
     }
+}
+
+/// Counts, per column of `table` that `usable` accepts, the queries that filtered on it
+/// (equality, range or IN) from day `since` on.
+pub(crate) fn filter_counts(
+    rows: &Rows,
+    table: &str,
+    since: i32,
+    usable: impl Fn(&str) -> bool,
+) -> BTreeMap<String, i64> {
+    let mut filters: BTreeMap<String, i64> = BTreeMap::new();
+    for sums in rows
+        .iter()
+        .filter(|(k, _)| k.table == table && k.day >= since)
+        .map(|(_, s)| s)
+    {
+        for used in &sums.columns {
+            let Some((how, column)) = used.split_once(':') else {
+                continue;
+            };
+            if matches!(how, "filter_eq" | "filter_range" | "filter_in") && usable(column) {
+                *filters.entry(column.to_string()).or_default() += sums.queries;
+            }
+        }
+    }
+    filters
 }
 
 /// `plan` sorted by `columns`, as the input of a write.

@@ -15,11 +15,13 @@ use chrono::Utc;
 use deltalake::kernel::transaction::CommitProperties;
 use deltalake::DeltaTable;
 
+use super::clustering::ClusterBy;
 use super::meta::{self, CommitKind, Frozen, SliceMeta};
 use super::quarantine;
 use super::{commit_error, commit_properties, Previous};
 use crate::engine::state::Shared;
 use crate::error::{IcePieError, Result};
+use crate::sql::RefreshPolicy;
 use crate::storage::names::SliceName;
 use crate::storage::tracked::TrackedStore;
 use crate::storage::{table_stats, Warehouse};
@@ -194,6 +196,51 @@ pub(crate) async fn thaw(shared: &Shared, name: &SliceName) -> Result<LifecycleO
     }
     let mut next = lifecycle_meta(&meta, CommitKind::Thaw, table_stats(&table)?.rows);
     next.frozen = None;
+    Ok(LifecycleOutcome {
+        slice: name.clone(),
+        version: commit_state(shared, &table, &tracked, name, &next).await?,
+        committed: true,
+    })
+}
+
+/// `ALTER SLICE name SET [REFRESH policy] [CLUSTER BY layout]`: a version with the same
+/// data whose descriptor has the new policy or layout. The scheduler follows the new policy
+/// at once; a new layout is written by the next refresh (full, as any change of layout).
+/// A change to what the slice already has commits nothing.
+pub(crate) async fn alter(
+    shared: &Shared,
+    name: &SliceName,
+    refresh: Option<&RefreshPolicy>,
+    cluster_by: Option<&ClusterBy>,
+) -> Result<LifecycleOutcome> {
+    let (table, meta, _, tracked) = load_for_change(shared, name).await?;
+    let version = table.version().unwrap_or_default() as i64;
+    if let Some(ClusterBy::Columns(columns)) = cluster_by {
+        let schema = table.snapshot()?.schema();
+        if let Some(c) = columns
+            .iter()
+            .find(|c| c.starts_with(super::aggregate::HIDDEN) || schema.field(c.as_str()).is_none())
+        {
+            return Err(IcePieError::InvalidDefinition {
+                slice: name.to_string(),
+                reason: format!("CLUSTER BY column '{c}' is not one of the slice's columns"),
+            });
+        }
+    }
+    let mut next = lifecycle_meta(&meta, CommitKind::Alter, table_stats(&table)?.rows);
+    if let Some(refresh) = refresh {
+        next.refresh = refresh.to_string();
+    }
+    if let Some(cluster_by) = cluster_by {
+        next.cluster_by = cluster_by.clone();
+    }
+    if next.refresh == meta.refresh && next.cluster_by == meta.cluster_by {
+        return Ok(LifecycleOutcome {
+            slice: name.clone(),
+            version,
+            committed: false,
+        });
+    }
     Ok(LifecycleOutcome {
         slice: name.clone(),
         version: commit_state(shared, &table, &tracked, name, &next).await?,

@@ -68,6 +68,8 @@ pub enum CommitKind {
     Freeze,
     /// Unpinned (`THAW SLICE`); the data is unchanged.
     Thaw,
+    /// A new refresh policy or layout (`ALTER SLICE`); the data is unchanged.
+    Alter,
 }
 
 impl fmt::Display for CommitKind {
@@ -79,6 +81,7 @@ impl fmt::Display for CommitKind {
             Self::Rollback => "rollback",
             Self::Freeze => "freeze",
             Self::Thaw => "thaw",
+            Self::Alter => "alter",
         })
     }
 }
@@ -374,7 +377,7 @@ pub(crate) async fn data_is_ours(table: &DeltaTable, name: &str, version: i64) -
             return Ok(false);
         };
         version = match (meta.kind, meta.restored_from) {
-            (CommitKind::Freeze | CommitKind::Thaw, _) => version - 1,
+            (CommitKind::Freeze | CommitKind::Thaw | CommitKind::Alter, _) => version - 1,
             (CommitKind::Rollback, Some(target)) => target,
             (CommitKind::Rollback, None) => return Ok(false),
             (CommitKind::Create | CommitKind::Refresh | CommitKind::Replace, _) => return Ok(true),

@@ -23,6 +23,7 @@ pub mod lifecycle;
 pub mod log;
 pub mod meta;
 mod partitions;
+pub mod proposals;
 pub mod quarantine;
 pub mod running;
 pub(crate) mod schedule;

@@ -118,18 +118,21 @@ pub(crate) fn is_due(info: &SliceInfo, options: &IcePieOptions, now_ms: i64) -> 
 /// always; any other needs them as recently as it was read or created itself, so that demand
 /// flows down a chain of slices. `demand` is `None` when the reads are not known (usage is
 /// not recorded, or cannot be read): then no slice is dormant.
+///
+/// Returns, per slice of `infos`, when it was last touched (read, created or needed), `None`
+/// for each when the reads are not known.
 pub(crate) fn apply_demand(
     infos: &mut [SliceInfo],
     demand: Option<&HashMap<String, Demand>>,
     options: &IcePieOptions,
     now_ms: i64,
-) {
+) -> Vec<Option<i64>> {
     let Some(demand) = demand else {
         for info in infos.iter_mut() {
             info.last_read = None;
             info.reads_per_day = None;
         }
-        return;
+        return vec![None; infos.len()];
     };
     for info in infos.iter_mut() {
         let d = demand.get(&info.name.to_string());
@@ -170,7 +173,7 @@ pub(crate) fn apply_demand(
     }
     let cold = options.cold_after.0.min(options.usage_retention.0);
     let cold = i64::try_from(cold.as_millis()).unwrap_or(i64::MAX);
-    for (info, touched) in infos.iter_mut().zip(touched) {
+    for (info, touched) in infos.iter_mut().zip(&touched) {
         let auto = matches!(
             RefreshPolicy::parse(&info.meta.refresh),
             Ok(RefreshPolicy::Auto(_))
@@ -182,6 +185,7 @@ pub(crate) fn apply_demand(
             info.state = SliceState::Dormant;
         }
     }
+    touched
 }
 
 /// The order in which due slices are refreshed when more are due than may run: the most

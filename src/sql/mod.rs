@@ -68,6 +68,20 @@ pub enum Statement {
     },
     /// `THAW SLICE name`.
     ThawSlice(SliceName),
+    /// `ALTER SLICE name SET [REFRESH policy] [CLUSTER BY layout]`: changes how the slice
+    /// is refreshed or laid out from its next refresh on, without rebuilding it.
+    AlterSlice {
+        /// The slice.
+        name: SliceName,
+        /// The new refresh policy, if given.
+        refresh: Option<RefreshPolicy>,
+        /// The new layout, if given.
+        cluster_by: Option<ClusterBy>,
+    },
+    /// `APPLY PROPOSAL n`: runs the statement of proposal `n` of `system.proposals`.
+    ApplyProposal(i64),
+    /// `DISMISS PROPOSAL n`: hides proposal `n` of `system.proposals`.
+    DismissProposal(i64),
     /// `ROLLBACK SLICE name TO VERSION n`.
     RollbackSlice {
         /// The slice.

@@ -135,6 +135,18 @@ fn parse_statement(df: &mut DFParser) -> Result<Statement> {
             _ => None,
         };
         Statement::FreezeSlice { name, reason }
+    } else if starts_with(p, &["ALTER", "SLICE"]) {
+        p.next_token();
+        p.next_token();
+        parse_alter_slice(p)?
+    } else if starts_with(p, &["APPLY", "PROPOSAL"]) {
+        p.next_token();
+        p.next_token();
+        Statement::ApplyProposal(proposal_number(p)?)
+    } else if starts_with(p, &["DISMISS", "PROPOSAL"]) {
+        p.next_token();
+        p.next_token();
+        Statement::DismissProposal(proposal_number(p)?)
     } else if starts_with(p, &["THAW", "SLICE"]) {
         p.next_token();
         p.next_token();
@@ -306,55 +318,11 @@ fn parse_create_slice(p: &mut Parser, or_replace: bool) -> Result<CreateSlice> {
             owner = Some(p.parse_literal_string()?);
         } else if word_at(p, 0, "REFRESH") && refresh.is_none() {
             p.next_token();
-            refresh = Some(if word_at(p, 0, "MANUAL") {
-                p.next_token();
-                RefreshPolicy::Manual
-            } else if word_at(p, 0, "EVERY") {
-                p.next_token();
-                let interval = p.parse_literal_string()?;
-                RefreshPolicy::parse(&format!("every '{interval}'"))?
-            } else if starts_with(p, &["ON", "CHANGE"]) {
-                p.next_token();
-                p.next_token();
-                RefreshPolicy::OnChange
-            } else if word_at(p, 0, "AUTO") {
-                p.next_token();
-                if word_at(p, 0, "LAG") {
-                    p.next_token();
-                    let lag = p.parse_literal_string()?;
-                    RefreshPolicy::parse(&format!("auto lag '{lag}'"))?
-                } else {
-                    RefreshPolicy::Auto(None)
-                }
-            } else {
-                return Err(p
-                    .expected::<()>(
-                        "MANUAL, EVERY 'interval', ON CHANGE or AUTO [LAG 'interval']",
-                        p.peek_token(),
-                    )
-                    .unwrap_err()
-                    .into());
-            });
+            refresh = Some(parse_refresh_policy(p)?);
         } else if starts_with(p, &["CLUSTER", "BY"]) && cluster_by.is_none() {
             p.next_token();
             p.next_token();
-            cluster_by = Some(if word_at(p, 0, "AUTO") {
-                p.next_token();
-                ClusterBy::Auto
-            } else if word_at(p, 0, "NONE") {
-                p.next_token();
-                ClusterBy::None
-            } else if p.peek_token().token == Token::LParen {
-                p.next_token();
-                let cols = p.parse_comma_separated(|p| p.parse_identifier())?;
-                p.expect_token(&Token::RParen)?;
-                ClusterBy::Columns(cols.into_iter().map(column_name).collect())
-            } else {
-                return Err(p
-                    .expected::<()>("AUTO, NONE or (columns) after CLUSTER BY", p.peek_token())
-                    .unwrap_err()
-                    .into());
-            });
+            cluster_by = Some(parse_cluster_by(p)?);
         } else if p.peek_keyword_pair(Keyword::PARTITION, Keyword::BY) && partition_by.is_none() {
             p.next_token();
             p.next_token();
@@ -379,6 +347,102 @@ fn parse_create_slice(p: &mut Parser, or_replace: bool) -> Result<CreateSlice> {
         cluster_by: cluster_by.unwrap_or(ClusterBy::Auto),
         query,
     })
+}
+
+/// A refresh policy after `REFRESH`: `MANUAL`, `EVERY 'interval'`, `ON CHANGE` or
+/// `AUTO [LAG 'interval']`.
+fn parse_refresh_policy(p: &mut Parser) -> Result<RefreshPolicy> {
+    Ok(if word_at(p, 0, "MANUAL") {
+        p.next_token();
+        RefreshPolicy::Manual
+    } else if word_at(p, 0, "EVERY") {
+        p.next_token();
+        let interval = p.parse_literal_string()?;
+        RefreshPolicy::parse(&format!("every '{interval}'"))?
+    } else if starts_with(p, &["ON", "CHANGE"]) {
+        p.next_token();
+        p.next_token();
+        RefreshPolicy::OnChange
+    } else if word_at(p, 0, "AUTO") {
+        p.next_token();
+        if word_at(p, 0, "LAG") {
+            p.next_token();
+            let lag = p.parse_literal_string()?;
+            RefreshPolicy::parse(&format!("auto lag '{lag}'"))?
+        } else {
+            RefreshPolicy::Auto(None)
+        }
+    } else {
+        return Err(p
+            .expected::<()>(
+                "MANUAL, EVERY 'interval', ON CHANGE or AUTO [LAG 'interval']",
+                p.peek_token(),
+            )
+            .unwrap_err()
+            .into());
+    })
+}
+
+/// A layout after `CLUSTER BY`: `AUTO`, `NONE` or `(columns)`.
+fn parse_cluster_by(p: &mut Parser) -> Result<ClusterBy> {
+    Ok(if word_at(p, 0, "AUTO") {
+        p.next_token();
+        ClusterBy::Auto
+    } else if word_at(p, 0, "NONE") {
+        p.next_token();
+        ClusterBy::None
+    } else if p.peek_token().token == Token::LParen {
+        p.next_token();
+        let cols = p.parse_comma_separated(|p| p.parse_identifier())?;
+        p.expect_token(&Token::RParen)?;
+        ClusterBy::Columns(cols.into_iter().map(column_name).collect())
+    } else {
+        return Err(p
+            .expected::<()>("AUTO, NONE or (columns) after CLUSTER BY", p.peek_token())
+            .unwrap_err()
+            .into());
+    })
+}
+
+/// `ALTER SLICE name SET REFRESH … [CLUSTER BY …]` (either clause, or both in any order).
+fn parse_alter_slice(p: &mut Parser) -> Result<Statement> {
+    let name = slice_name(p)?;
+    p.expect_keyword(Keyword::SET)?;
+    let (mut refresh, mut cluster_by) = (None, None);
+    loop {
+        if word_at(p, 0, "REFRESH") && refresh.is_none() {
+            p.next_token();
+            refresh = Some(parse_refresh_policy(p)?);
+        } else if starts_with(p, &["CLUSTER", "BY"]) && cluster_by.is_none() {
+            p.next_token();
+            p.next_token();
+            cluster_by = Some(parse_cluster_by(p)?);
+        } else {
+            break;
+        }
+        // `SET REFRESH … , CLUSTER BY …` reads as well as without the comma.
+        let _ = p.consume_token(&Token::Comma);
+    }
+    if refresh.is_none() && cluster_by.is_none() {
+        return Err(p
+            .expected::<()>(
+                "REFRESH … or CLUSTER BY … after ALTER SLICE … SET",
+                p.peek_token(),
+            )
+            .unwrap_err()
+            .into());
+    }
+    Ok(Statement::AlterSlice {
+        name,
+        refresh,
+        cluster_by,
+    })
+}
+
+/// A proposal's number after `APPLY PROPOSAL` or `DISMISS PROPOSAL`.
+fn proposal_number(p: &mut Parser) -> Result<i64> {
+    let n = p.parse_literal_uint()?;
+    i64::try_from(n).map_err(|_| IcePieError::Syntax(format!("no proposal has number {n}")))
 }
 
 /// A column named in a clause, as SQL folds it: unquoted names in lower case.
@@ -408,6 +472,38 @@ mod tests {
         let mut v = parse_sql(sql).unwrap();
         assert_eq!(v.len(), 1, "{sql}");
         v.remove(0)
+    }
+
+    #[test]
+    fn alter_slice_and_proposal_statements() {
+        let Statement::AlterSlice {
+            name,
+            refresh,
+            cluster_by,
+        } = one("alter slice Sales.daily set cluster by (Region) refresh auto lag '1 hour'")
+        else {
+            panic!()
+        };
+        assert_eq!(name.to_string(), "sales.daily");
+        assert_eq!(refresh, Some(RefreshPolicy::Auto(Some("1 hour".into()))));
+        assert_eq!(cluster_by, Some(ClusterBy::Columns(vec!["region".into()])));
+        assert!(matches!(
+            one("ALTER SLICE s SET REFRESH MANUAL"),
+            Statement::AlterSlice {
+                refresh: Some(RefreshPolicy::Manual),
+                cluster_by: None,
+                ..
+            }
+        ));
+        assert_eq!(one("apply proposal 42"), Statement::ApplyProposal(42));
+        assert_eq!(one("DISMISS PROPOSAL 7"), Statement::DismissProposal(7));
+        for bad in [
+            "ALTER SLICE s SET",
+            "ALTER SLICE s REFRESH MANUAL",
+            "APPLY PROPOSAL x",
+        ] {
+            assert!(parse_sql(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]

@@ -14,6 +14,7 @@ mod lifetime;
 mod parser_fuzz;
 mod persistence;
 mod pg;
+mod proposals;
 mod races;
 mod repl;
 mod retention;

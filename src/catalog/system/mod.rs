@@ -1,4 +1,5 @@
-//! Schema `system`: `core_tables`, `slices`, `refreshes`, `usage` and `usage_columns`.
+//! Schema `system`: `core_tables`, `slices`, `refreshes`, `usage`, `usage_columns` and
+//! `proposals`.
 //!
 //! `core_tables` and `slices` are computed from the warehouse each time a query scans them;
 //! `refreshes` reads the slices' refresh logs (one Delta table per slice) as one table. A
@@ -40,8 +41,9 @@ mod refreshes;
 mod usage;
 
 /// Names of the system tables.
-pub const TABLES: [&str; 5] = [
+pub const TABLES: [&str; 6] = [
     "core_tables",
+    "proposals",
     "refreshes",
     "slices",
     "usage",
@@ -96,6 +98,18 @@ pub static SLICES_SCHEMA: LazyLock<SchemaRef> = LazyLock::new(|| {
     ]))
 });
 
+/// Schema of `system.proposals`.
+pub static PROPOSALS_SCHEMA: LazyLock<SchemaRef> = LazyLock::new(|| {
+    Arc::new(Schema::new(vec![
+        Field::new("id", DataType::Int64, false),
+        Field::new("kind", DataType::Utf8, false),
+        Field::new("target", DataType::Utf8, false),
+        Field::new("evidence", DataType::Utf8, false),
+        Field::new("estimated_saving", DataType::Utf8, false),
+        Field::new("statement", DataType::Utf8, false),
+    ]))
+});
+
 /// Schema `system`.
 #[derive(Debug)]
 pub(crate) struct SystemSchema {
@@ -129,6 +143,7 @@ impl SchemaProvider for SystemSchema {
             "refreshes" => Which::Refreshes,
             "usage" => Which::Usage,
             "usage_columns" => Which::UsageColumns,
+            "proposals" => Which::Proposals,
             _ => return Ok(None),
         };
         Ok(Some(Arc::new(SystemTable {
@@ -156,6 +171,7 @@ enum Which {
     Refreshes,
     Usage,
     UsageColumns,
+    Proposals,
 }
 
 #[async_trait]
@@ -167,6 +183,7 @@ impl TableProvider for SystemTable {
             Which::Refreshes => log::SCHEMA.clone(),
             Which::Usage => usage::USAGE_SCHEMA.clone(),
             Which::UsageColumns => usage::USAGE_COLUMNS_SCHEMA.clone(),
+            Which::Proposals => PROPOSALS_SCHEMA.clone(),
         }
     }
 
@@ -227,6 +244,23 @@ impl TableProvider for SystemTable {
             }
             Which::Usage => usage::usage_table(shared, false).await?,
             Which::UsageColumns => usage::usage_table(shared, true).await?,
+            Which::Proposals => {
+                let proposals = slice::proposals::list(shared).await?;
+                let text = |f: fn(&slice::proposals::Proposal) -> String| -> ArrayRef {
+                    Arc::new(StringArray::from_iter_values(proposals.iter().map(f)))
+                };
+                mem(
+                    &PROPOSALS_SCHEMA,
+                    vec![
+                        Arc::new(Int64Array::from_iter_values(proposals.iter().map(|p| p.id))),
+                        text(|p| p.kind.to_string()),
+                        text(|p| p.target.clone()),
+                        text(|p| p.evidence.clone()),
+                        text(|p| p.saving.clone()),
+                        text(|p| p.statement.clone()),
+                    ],
+                )?
+            }
         };
         table.scan(state, projection, filters, limit).await
     }
