@@ -9,12 +9,13 @@
 //! Everything DataFusion's SQL accepts works, plus `CREATE CORE TABLE`, `INGEST INTO`,
 //! `CREATE [OR REPLACE] SLICE … [INCREMENTAL | FULL | AUTO]`, `REFRESH SLICE … [FULL]`
 //! (incremental when the new core data allows), `EXPLAIN REFRESH SLICE`, `FREEZE SLICE`,
-//! `THAW SLICE`,
+//! `THAW SLICE`, `ALTER SLICE … SET REFRESH … | CLUSTER BY …`, `APPLY PROPOSAL n`,
+//! `DISMISS PROPOSAL n`,
 //! `ROLLBACK SLICE ... TO VERSION n`, `DROP SLICE`, `VACUUM SLICE(S)`, `VERIFY SLICE(S)`,
 //! `SHOW SLICES`,
 //! `SHOW SLICE HISTORY`, `DESCRIBE SLICE`, the table functions `slice_at`, `core_at`,
 //! `slice_history` and `fresh`, the `system.core_tables`, `system.slices`, `system.refreshes`,
-//! `system.usage` and `system.usage_columns` tables, and the settings `icepie.*`
+//! `system.usage`, `system.usage_columns` and `system.proposals` tables, and the settings `icepie.*`
 //! ([`IcePieOptions`]).
 //!
 //! While an [`IcePie`] is open, its scheduler runs the refreshes that slices' policies

@@ -283,11 +283,16 @@ impl IcePie {
     /// `APPLY PROPOSAL n`: runs proposal `n`'s statement, as it stands now.
     pub(super) async fn apply_proposal(&self, n: i64) -> Result<DataFrame> {
         let proposal = proposals::find(&self.inner.shared, n).await?;
+        if let Some(Statement::CreateSlice(c)) = parse_sql(&proposal.statement)?.pop() {
+            let out = self.create_slice(&c).await?;
+            return output::builds(&self.inner.ctx, out);
+        }
         let out = self.run_proposal(&proposal).await?;
         self.lifecycle_result(out).await
     }
 
-    /// Runs `proposal`'s statement: an `ALTER SLICE` or a `FREEZE SLICE`.
+    /// Runs `proposal`'s statement when it is an `ALTER SLICE` or a `FREEZE SLICE` (the kinds
+    /// `icepie.auto_apply` may name).
     pub(crate) async fn run_proposal(&self, proposal: &Proposal) -> Result<LifecycleOutcome> {
         match parse_sql(&proposal.statement)?.pop() {
             Some(Statement::AlterSlice {

@@ -38,6 +38,8 @@ use datafusion::execution::runtime_env::RuntimeEnvBuilder;
 use datafusion::execution::SessionStateBuilder;
 use datafusion::logical_expr::{DdlStatement, DropTable, LogicalPlan, WriteOp};
 use datafusion::prelude::{SessionConfig, SessionContext};
+use datafusion::sql::parser::Statement as DFStatement;
+use datafusion::sql::sqlparser::ast::Statement as SQLStatement;
 use deltalake::delta_datafusion::planner::DeltaPlanner;
 use deltalake::ObjectStore;
 use futures::future::{BoxFuture, FutureExt, Shared as SharedFuture, WeakShared};
@@ -327,7 +329,13 @@ impl IcePie {
                 if let Some(limit) = options.max_staleness.0 {
                     let action = options.on_stale;
                     if slice::freshness::check_plan(shared, &plan, limit, action).await? {
-                        plan = time_travel::plan_statement(&state, shared, *stmt).await?;
+                        plan = time_travel::plan_statement(&state, shared, (*stmt).clone()).await?;
+                    }
+                }
+                // A query of core tables carries the slice that would answer it to usage.
+                if let (true, DFStatement::Statement(inner)) = (options.usage.0, stmt.as_ref()) {
+                    if let SQLStatement::Query(query) = inner.as_ref() {
+                        plan = crate::engine::usage::with_example(plan, query);
                     }
                 }
                 let plan = match &params {

@@ -18,8 +18,8 @@ use std::time::Instant;
 
 use async_trait::async_trait;
 use datafusion::catalog::Session;
-use datafusion::common::tree_node::TreeNodeRecursion;
-use datafusion::common::{Column, TableReference};
+use datafusion::common::tree_node::{Transformed, TreeNode, TreeNodeRecursion};
+use datafusion::common::{Column, DFSchemaRef, TableReference};
 use datafusion::datasource::source_as_provider;
 use datafusion::error::Result as DFResult;
 use datafusion::execution::context::QueryPlanner;
@@ -27,12 +27,15 @@ use datafusion::execution::{
     SendableRecordBatchStream, SessionState, SessionStateBuilder, TaskContext,
 };
 use datafusion::logical_expr::utils::{split_binary, split_conjunction};
-use datafusion::logical_expr::{BinaryExpr, Expr, LogicalPlan, Operator, TableScan};
+use datafusion::logical_expr::{
+    BinaryExpr, Expr, Extension, LogicalPlan, Operator, TableScan, UserDefinedLogicalNodeCore,
+};
 use datafusion::physical_expr::PhysicalExpr;
 use datafusion::physical_plan::execution_plan::ReplaceChildrenOptions;
 use datafusion::physical_plan::metrics::{MetricValue, MetricsSet};
 use datafusion::physical_plan::stream::RecordBatchStreamAdapter;
 use datafusion::physical_plan::{DisplayAs, DisplayFormatType, ExecutionPlan, PlanProperties};
+use datafusion::sql::sqlparser::ast::Query;
 use futures::TryStreamExt;
 
 use crate::catalog::live::LatestTable;
@@ -67,6 +70,9 @@ impl QueryPlanner for UsagePlanner {
         logical_plan: &LogicalPlan,
         session: &dyn Session,
     ) -> DFResult<Arc<dyn ExecutionPlan>> {
+        // A query's example rides on its plan to here, and no further.
+        let (stripped, example) = strip_example(logical_plan)?;
+        let logical_plan = stripped.as_ref().unwrap_or(logical_plan);
         let config = session.config();
         let recording = !matches!(logical_plan, LogicalPlan::Explain(_))
             && config.get_extension::<Quiet>().is_none()
@@ -89,6 +95,7 @@ impl QueryPlanner for UsagePlanner {
         }
         let recorder = Recorder {
             usage: self.usage.clone(),
+            example,
             started,
             uses: column_uses(logical_plan),
             scans,
@@ -110,6 +117,8 @@ impl QueryPlanner for UsagePlanner {
 #[derive(Debug)]
 struct Recorder {
     usage: Arc<Usage>,
+    /// The slice that would answer the query, for a query of core tables only ([`Example`]).
+    example: Option<Arc<str>>,
     started: Instant,
     uses: BTreeMap<String, ColumnUses>,
     scans: Vec<ScanRecord>,
@@ -171,6 +180,10 @@ impl Recorder {
             .map(|s| (&s.name, self.uses.get(&s.name).unwrap_or(&none)))
             .collect();
         let shape: Arc<str> = shape(used.iter().map(|(t, u)| (*t, *u))).into();
+        let example = self
+            .example
+            .clone()
+            .filter(|_| tables.values().all(|t| t.kind == Some(TableKind::Core)));
         let at = crate::usage::now_ms();
         let readings = tables
             .into_iter()
@@ -194,6 +207,7 @@ impl Recorder {
                 files_scanned: t.files.saturating_sub(t.skipped),
                 files_skipped: t.skipped,
                 latency,
+                example: example.clone(),
             })
             .collect();
         self.usage.record(readings);
@@ -246,6 +260,109 @@ impl Drop for PartitionEnd {
     fn drop(&mut self) {
         self.0.partition_ended();
     }
+}
+
+/// The definition of a slice that would answer a query of core tables only, whatever values
+/// it filters on ([`crate::sql::generalize`]), carried on top of the query's plan from
+/// where its SQL is known to the usage planner, which takes the node off before planning.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd)]
+struct Example {
+    input: LogicalPlan,
+    definition: Arc<str>,
+}
+
+impl UserDefinedLogicalNodeCore for Example {
+    fn name(&self) -> &str {
+        "Example"
+    }
+
+    fn inputs(&self) -> Vec<&LogicalPlan> {
+        vec![&self.input]
+    }
+
+    fn schema(&self) -> &DFSchemaRef {
+        self.input.schema()
+    }
+
+    fn expressions(&self) -> Vec<Expr> {
+        vec![]
+    }
+
+    fn fmt_for_explain(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("Example")
+    }
+
+    fn with_exprs_and_inputs(
+        &self,
+        _exprs: Vec<Expr>,
+        mut inputs: Vec<LogicalPlan>,
+    ) -> DFResult<Self> {
+        Ok(Self {
+            input: inputs.swap_remove(0),
+            definition: self.definition.clone(),
+        })
+    }
+
+    fn necessary_children_exprs(&self, output_columns: &[usize]) -> Option<Vec<Vec<usize>>> {
+        Some(vec![output_columns.to_vec()])
+    }
+}
+
+/// `plan` (a query, as planned from `query`) with the definition of the slice that would
+/// answer it on top, when it reads core tables only and a slice can be drawn from it.
+pub(crate) fn with_example(plan: LogicalPlan, query: &Query) -> LogicalPlan {
+    let mut core = false;
+    let mut other = false;
+    let _ = plan.apply_with_subqueries(|p| {
+        if let LogicalPlan::TableScan(scan) = p {
+            let kind = source_as_provider(&scan.source)
+                .ok()
+                .and_then(|t| t.downcast_ref::<IcePieTable>().map(IcePieTable::kind));
+            match kind {
+                Some(TableKind::Core) => core = true,
+                _ => other = true,
+            }
+        }
+        Ok(TreeNodeRecursion::Continue)
+    });
+    if !core || other {
+        return plan;
+    }
+    let aggregate = plan
+        .exists(|p| Ok(matches!(p, LogicalPlan::Aggregate(_))))
+        .unwrap_or(false);
+    match crate::sql::generalize::slice_definition(query, aggregate) {
+        Some(definition) => LogicalPlan::Extension(Extension {
+            node: Arc::new(Example {
+                input: plan,
+                definition: definition.into(),
+            }),
+        }),
+        None => plan,
+    }
+}
+
+/// `plan` without its [`Example`] node (`None`: it has none), and the example.
+fn strip_example(plan: &LogicalPlan) -> DFResult<(Option<LogicalPlan>, Option<Arc<str>>)> {
+    let is_example = |p: &LogicalPlan| matches!(p, LogicalPlan::Extension(e) if e.node.as_any().downcast_ref::<Example>().is_some());
+    if !plan.exists(|p| Ok(is_example(p)))? {
+        return Ok((None, None));
+    }
+    let mut example = None;
+    let stripped = plan
+        .clone()
+        .transform_up(|p| match &p {
+            LogicalPlan::Extension(e) => match e.node.as_any().downcast_ref::<Example>() {
+                Some(x) => {
+                    example = Some(x.definition.clone());
+                    Ok(Transformed::yes(x.input.clone()))
+                }
+                None => Ok(Transformed::no(p)),
+            },
+            _ => Ok(Transformed::no(p)),
+        })?
+        .data;
+    Ok((Some(stripped), example))
 }
 
 /// Passes the query's output through, counting it; reports the query's reads when it ends.

@@ -16,6 +16,12 @@
 //!   is read: `ALTER SLICE … SET REFRESH AUTO [LAG 'every']`, which keeps it as fresh while
 //!   it is read and stops refreshing it when it is not.
 //!
+//! - `new_slice`: a query shape (the same core tables, filters and grouping) run at least
+//!   [`NEW_SLICE_MIN_QUERIES`] times in the last week against core tables only: `CREATE SLICE
+//!   proposed.… REFRESH AUTO AS …`, the query with its literal filters taken out and their
+//!   columns kept ([`crate::sql::generalize`]), so that the slice answers the query whatever
+//!   values it filters on. Never applied automatically.
+//!
 //! A proposal's number is derived from its statement, so it stays the same as long as the
 //! proposal does. A dismissed proposal is remembered by its statement, in
 //! `_system/proposals/dismissed/` (one object per dismissal: processes never contend), and
@@ -42,6 +48,12 @@ use crate::usage::now_ms;
 /// Where dismissals are kept.
 const DISMISSED: &str = "_system/proposals/dismissed";
 
+/// Queries of one shape over the last week before a slice is proposed for it.
+pub const NEW_SLICE_MIN_QUERIES: i64 = 10;
+
+/// The domain proposed slices go in.
+pub const PROPOSED_DOMAIN: &str = "proposed";
+
 /// Refreshes per day below which a schedule is never worth a proposal.
 pub const MIN_REFRESHES_PER_DAY: f64 = 4.0;
 
@@ -55,7 +67,7 @@ const DAY_MS: i64 = 86_400_000;
 pub struct Proposal {
     /// Its number (`APPLY PROPOSAL n`), the same for as long as the proposal stands.
     pub id: i64,
-    /// `freeze`, `layout` or `schedule`.
+    /// `new_slice`, `freeze`, `layout` or `schedule`.
     pub kind: &'static str,
     /// The slice it concerns.
     pub target: String,
@@ -92,6 +104,7 @@ pub(crate) fn propose(e: &Evidence) -> Vec<Proposal> {
         out.extend(layout(info, e));
         out.extend(schedule(info, e));
     }
+    out.extend(new_slices(e));
     number(&mut out);
     out
 }
@@ -216,6 +229,140 @@ fn schedule(info: &SliceInfo, e: &Evidence) -> Option<Proposal> {
             (per_day - reads.max(1.0)).max(0.0)
         ),
         statement: format!("ALTER SLICE {} SET REFRESH {auto}", info.name),
+    })
+}
+
+/// One query shape's sums over the last week.
+#[derive(Default)]
+struct ShapeSums {
+    /// Per table read: queries, latency (µs) and bytes scanned.
+    tables: HashMap<String, (i64, i64, i64)>,
+    core_only: bool,
+    /// The latest example, and when.
+    example: Option<(i64, String)>,
+    /// Columns filtered or grouped on.
+    columns: Vec<String>,
+}
+
+fn new_slices(e: &Evidence) -> Vec<Proposal> {
+    let Some(usage) = e.usage else {
+        return vec![];
+    };
+    let week = day_of(e.now - 7 * DAY_MS);
+    let mut shapes: HashMap<&str, ShapeSums> = HashMap::new();
+    for (key, sums) in usage.iter().filter(|(k, _)| k.day > week) {
+        let shape = shapes
+            .entry(key.shape.as_str())
+            .or_insert_with(|| ShapeSums {
+                core_only: true,
+                ..ShapeSums::default()
+            });
+        shape.core_only &= key.kind == "core";
+        let t = shape.tables.entry(key.table.clone()).or_default();
+        t.0 += sums.queries;
+        t.1 += sums.latency_us_total;
+        t.2 += sums.bytes_scanned;
+        if let Some(example) = &sums.example {
+            if shape
+                .example
+                .as_ref()
+                .is_none_or(|(at, _)| *at < sums.last_at)
+            {
+                shape.example = Some((sums.last_at, example.clone()));
+            }
+        }
+        for used in &sums.columns {
+            if let Some((how, column)) = used.split_once(':') {
+                if how != "join" && !shape.columns.iter().any(|c| c == column) {
+                    shape.columns.push(column.to_string());
+                }
+            }
+        }
+    }
+    let defined: HashSet<String> = e
+        .slices
+        .iter()
+        .map(|s| squeeze(&s.meta.definition))
+        .collect();
+    let mut names: HashSet<String> = e.slices.iter().map(|s| s.name.to_string()).collect();
+    let mut sorted: Vec<(&str, ShapeSums)> = shapes.into_iter().collect();
+    sorted.sort_by(|a, b| a.0.cmp(b.0));
+    let mut out = Vec::new();
+    for (shape, sums) in sorted {
+        let Some((_, definition)) = sums.example.as_ref().filter(|_| sums.core_only) else {
+            continue;
+        };
+        // Every table of a shape is read by each of its queries: the counts agree.
+        let (queries, latency_us, bytes) = sums
+            .tables
+            .values()
+            .fold((0, 0, 0), |a, t| (a.0.max(t.0), a.1.max(t.1), a.2 + t.2));
+        if queries < NEW_SLICE_MIN_QUERIES || defined.contains(&squeeze(definition)) {
+            continue;
+        }
+        let mut tables: Vec<&String> = sums.tables.keys().collect();
+        tables.sort();
+        let Some(name) = proposed_name(tables[0], &sums.columns, &mut names) else {
+            continue;
+        };
+        let per_day = queries as f64 / 7.0;
+        out.push(Proposal {
+            id: 0,
+            kind: "new_slice",
+            target: name.to_string(),
+            evidence: format!(
+                "{queries} queries in the last 7 days read only core tables as {shape}"
+            ),
+            saving: format!(
+                "up to {} of query time a day ({per_day:.1} queries a day, {} scanned each): \
+                 they can read the slice instead, kept fresh as the core grows",
+                human_duration(latency_us / 7 / 1000),
+                crate::text::human_bytes(u64::try_from(bytes / queries.max(1)).unwrap_or(0))
+            ),
+            statement: format!("CREATE SLICE {name} REFRESH AUTO AS {definition}"),
+        });
+    }
+    out
+}
+
+/// `text` with its runs of white space made one space: definitions compare as written.
+fn squeeze(text: &str) -> String {
+    text.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
+/// `proposed.<table>_by_<columns>` (at most three), not one of `taken`, which it joins.
+fn proposed_name(
+    table: &str,
+    columns: &[String],
+    taken: &mut HashSet<String>,
+) -> Option<SliceName> {
+    let clean = |s: &str| -> String {
+        s.chars()
+            .map(|c| {
+                if c.is_ascii_alphanumeric() {
+                    c.to_ascii_lowercase()
+                } else {
+                    '_'
+                }
+            })
+            .collect()
+    };
+    let table = clean(table.rsplit('.').next().unwrap_or(table));
+    let mut cols: Vec<String> = columns.iter().map(|c| clean(c)).collect();
+    cols.sort();
+    cols.dedup();
+    cols.truncate(3);
+    let base = match cols.is_empty() {
+        true => format!("{table}_summary"),
+        false => format!("{table}_by_{}", cols.join("_")),
+    };
+    (1..100).find_map(|n| {
+        let candidate = match n {
+            1 => base.clone(),
+            n => format!("{base}_{n}"),
+        };
+        let name = SliceName::new(PROPOSED_DOMAIN, candidate).ok()?;
+        taken.insert(name.to_string()).then_some(name)
     })
 }
 

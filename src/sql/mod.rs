@@ -4,6 +4,7 @@
 //! statement and parses icepie's own statements itself, handing every other statement to
 //! DataFusion untouched, so everything DataFusion accepts keeps working.
 
+pub(crate) mod generalize;
 pub mod parser;
 
 use std::fmt;

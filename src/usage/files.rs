@@ -71,6 +71,9 @@ pub(crate) struct Sums {
     /// Milliseconds since the epoch.
     pub first_at: i64,
     pub last_at: i64,
+    /// The definition of a slice that would answer the shape's queries (the latest seen):
+    /// recorded for queries of core tables only.
+    pub example: Option<String>,
 }
 
 impl Sums {
@@ -91,6 +94,9 @@ impl Sums {
         self.latency_us_max = self.latency_us_max.max(other.latency_us_max);
         self.first_at = self.first_at.min(other.first_at);
         self.last_at = self.last_at.max(other.last_at);
+        if other.example.is_some() {
+            self.example.clone_from(&other.example);
+        }
     }
 }
 
@@ -123,8 +129,13 @@ pub static SCHEMA: LazyLock<SchemaRef> = LazyLock::new(|| {
         int("latency_us_max"),
         Field::new("first_at", ts.clone(), false),
         Field::new("last_at", ts, false),
+        Field::new("example", DataType::Utf8, true),
     ]))
 });
+
+/// Columns of the usage files written before [`Sums::example`] was recorded: the first ones
+/// of [`SCHEMA`].
+const COLUMNS_BEFORE_EXAMPLE: usize = 17;
 
 /// `rows` as one batch of [`SCHEMA`], in key order.
 pub(crate) fn batch(rows: &Rows) -> Result<RecordBatch> {
@@ -167,13 +178,19 @@ pub(crate) fn batch(rows: &Rows) -> Result<RecordBatch> {
         int(&|s| s.latency_us_max),
         ts(&|s| s.first_at),
         ts(&|s| s.last_at),
+        Arc::new(StringArray::from_iter(
+            sorted.values().map(|s| s.example.as_deref()),
+        )),
     ];
     Ok(RecordBatch::try_new(SCHEMA.clone(), arrays)?)
 }
 
 /// Adds the rows of `batch` (of [`SCHEMA`]) to `rows`.
 pub(crate) fn add_batch(rows: &mut Rows, batch: &RecordBatch) -> Result<()> {
-    if batch.schema().fields() != SCHEMA.fields() {
+    let fields = batch.schema().fields().clone();
+    let known =
+        fields == *SCHEMA.fields() || fields[..] == SCHEMA.fields()[..COLUMNS_BEFORE_EXAMPLE];
+    if !known {
         return Err(unreadable(
             "its columns are not those of this icepie's usage files",
         ));
@@ -207,6 +224,11 @@ pub(crate) fn add_batch(rows: &mut Rows, batch: &RecordBatch) -> Result<()> {
             latency_us_max: int(14).value(r),
             first_at: ts(15).value(r),
             last_at: ts(16).value(r),
+            example: c
+                .get(COLUMNS_BEFORE_EXAMPLE)
+                .map(|a| a.as_string::<i32>())
+                .filter(|a| a.is_valid(r))
+                .map(|a| a.value(r).to_string()),
         };
         rows.entry(key).or_default().add(&sums);
     }
@@ -491,6 +513,21 @@ mod tests {
         let mut back = Rows::new();
         add_batch(&mut back, &batch(&rows).unwrap()).unwrap();
         assert_eq!(back, rows);
+        // An example survives too; a file written before examples were recorded still reads.
+        let (key, mut sums) = row("p", "core.a", 2);
+        sums.example = Some("SELECT 1".into());
+        let rows: Rows = [(key, sums)].into();
+        let full = batch(&rows).unwrap();
+        let mut back = Rows::new();
+        add_batch(&mut back, &full).unwrap();
+        assert_eq!(back, rows);
+        let old = full
+            .project(&(0..COLUMNS_BEFORE_EXAMPLE).collect::<Vec<_>>())
+            .unwrap();
+        let mut back = Rows::new();
+        add_batch(&mut back, &old).unwrap();
+        assert_eq!(back.values().next().unwrap().example, None);
+        assert_eq!(back.values().next().unwrap().queries, 2);
         assert_eq!(day_name(20_000), "2024-10-04");
         assert_eq!(parse_day("2024-10-04"), Some(20_000));
     }

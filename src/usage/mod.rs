@@ -158,6 +158,8 @@ pub(crate) struct Reading {
     pub files_skipped: u64,
     /// From planning to the end of the query.
     pub latency: Duration,
+    /// The definition of a slice that would answer the query (queries of core tables only).
+    pub example: Option<Arc<str>>,
 }
 
 impl Reading {
@@ -177,6 +179,7 @@ impl Reading {
             latency_us_max: latency,
             first_at: self.at,
             last_at: self.at,
+            example: self.example.as_deref().map(str::to_string),
         }
     }
 }
@@ -464,6 +467,7 @@ mod tests {
             files_scanned: 1,
             files_skipped: 2,
             latency: Duration::from_millis(3),
+            example: None,
         }
     }
 

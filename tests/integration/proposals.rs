@@ -217,3 +217,71 @@ async fn alter_slice_checks_what_it_is_given() {
         [format!("{v} on change auto")]
     );
 }
+
+#[tokio::test]
+async fn a_query_shape_run_often_against_the_core_gets_a_slice_of_its_own() {
+    let (_dir, w) = open_with(&[("scheduler", "off")]).await;
+    run(
+        &w,
+        "CREATE CORE TABLE orders (day DATE, region TEXT, amount DOUBLE);
+         INGEST INTO orders VALUES (DATE '2026-11-01', 'eu', 1.0), (DATE '2026-11-01', 'us', 2.0),
+             (DATE '2026-11-02', 'eu', 4.0);",
+    )
+    .await;
+    // The same question for different days: one shape.
+    let ask = |times: usize| {
+        let w = w.clone();
+        async move {
+            for i in 0..times {
+                let day = 1 + i % 2;
+                rows(
+                    &w,
+                    &format!(
+                        "SELECT region, sum(amount) AS total FROM core.orders
+                         WHERE day = DATE '2026-11-0{day}' GROUP BY region ORDER BY region"
+                    ),
+                )
+                .await;
+            }
+            w.flush().await;
+        }
+    };
+    ask(9).await;
+    assert_eq!(
+        scalar(&w, "SELECT count(*) FROM system.proposals").await,
+        "0"
+    );
+    ask(1).await;
+    let definition =
+        "SELECT day, region, sum(amount) AS total FROM core.orders GROUP BY region, day";
+    assert_eq!(
+        rows(&w, "SELECT kind, target, statement FROM system.proposals").await,
+        [format!(
+            "new_slice | proposed.orders_by_day_region | CREATE SLICE \
+             proposed.orders_by_day_region REFRESH AUTO AS {definition}"
+        )]
+    );
+    let evidence = scalar(&w, "SELECT evidence FROM system.proposals").await;
+    assert_eq!(
+        evidence,
+        "10 queries in the last 7 days read only core tables as \
+         core.orders(filter_eq:day, group:region)"
+    );
+
+    let n = id(&w, "new_slice", "proposed.orders_by_day_region").await;
+    run(&w, &format!("APPLY PROPOSAL {n}")).await;
+    assert_eq!(
+        scalar(
+            &w,
+            "SELECT total FROM proposed.orders_by_day_region
+             WHERE day = DATE '2026-11-01' AND region = 'eu'"
+        )
+        .await,
+        "1.0"
+    );
+    // The slice exists: the proposal no longer stands.
+    assert_eq!(
+        scalar(&w, "SELECT count(*) FROM system.proposals").await,
+        "0"
+    );
+}

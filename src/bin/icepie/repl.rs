@@ -104,6 +104,13 @@ const KEYWORDS: &[&str] = &[
     "INCREMENTAL",
     "FULL",
     "AUTO",
+    "ALTER",
+    "CLUSTER",
+    "NONE",
+    "LAG",
+    "APPLY",
+    "DISMISS",
+    "PROPOSAL",
 ];
 
 /// Completion, multi-line validation; no hints or highlighting.
