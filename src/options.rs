@@ -174,6 +174,7 @@ impl IcePieOptions {
             "usage_retention" => self.usage_retention.0.is_zero(),
             "scheduler_tick" => self.scheduler_tick.0.is_zero(),
             "unread_after" => self.unread_after.0.is_zero(),
+            "heartbeat" => self.heartbeat.0.is_zero(),
             _ => false,
         };
         if zero {

@@ -303,9 +303,9 @@ impl IcePie {
             Some(Statement::FreezeSlice { name, reason }) => {
                 self.freeze(&name.to_string(), reason).await
             }
-            _ => Err(IcePieError::Syntax(format!(
-                "proposal {} has a statement icepie does not apply: {}",
-                proposal.id, proposal.statement
+            _ => Err(IcePieError::NotAllowed(format!(
+                "proposal {} is not applied automatically; APPLY PROPOSAL {} runs it: {}",
+                proposal.id, proposal.id, proposal.statement
             ))),
         }
     }

@@ -332,12 +332,14 @@ impl IcePie {
                         plan = time_travel::plan_statement(&state, shared, (*stmt).clone()).await?;
                     }
                 }
-                // A query of core tables carries the slice that would answer it to usage.
-                if let (true, DFStatement::Statement(inner)) = (options.usage.0, stmt.as_ref()) {
-                    if let SQLStatement::Query(query) = inner.as_ref() {
-                        plan = crate::engine::usage::with_example(plan, query);
-                    }
-                }
+                // A query of core tables tells usage the slice that would answer it.
+                let example = match (options.usage.0, stmt.as_ref()) {
+                    (true, DFStatement::Statement(inner)) => match inner.as_ref() {
+                        SQLStatement::Query(query) => usage::example(&plan, query),
+                        _ => None,
+                    },
+                    _ => None,
+                };
                 let plan = match &params {
                     ParamValues::List(v) if v.is_empty() => plan,
                     _ => plan.with_param_values(params)?,
@@ -356,7 +358,14 @@ impl IcePie {
                     }
                     other => other,
                 };
-                let df = ctx.execute_logical_plan(plan).await?;
+                let df = match example {
+                    // A query: a DataFrame of it on this session, as `execute_logical_plan`
+                    // makes one.
+                    Some(example) => {
+                        DataFrame::new(usage::with_example(ctx.state(), example), plan)
+                    }
+                    None => ctx.execute_logical_plan(plan).await?,
+                };
                 self.sync_options();
                 Ok(df)
             }

@@ -299,8 +299,8 @@ impl Shared {
         self.usage.recorded(since).await
     }
 
-    /// How much each table is read: the recorded usage of the last `icepie.cold_after` (at
-    /// least a week), with this process's reads not written yet. `None` when it is not
+    /// How much each table is read: the recorded usage of the last `icepie.cold_after` or
+    /// `icepie.unread_after`, whichever is longer (at least a week), with this process's reads not written yet. `None` when it is not
     /// known: this process does not record usage (`icepie.usage = off`), or the usage could
     /// never be read.
     pub async fn demand(&self) -> Option<std::collections::HashMap<String, crate::usage::Demand>> {
@@ -309,7 +309,9 @@ impl Shared {
             return None;
         }
         let rows = self.recorded_usage().await.ok()?;
-        let mut demand = crate::usage::demand(&rows, options.cold_after.0);
+        // Far enough back for dormancy and for freeze proposals.
+        let window = options.cold_after.0.max(options.unread_after.0);
+        let mut demand = crate::usage::demand(&rows, window);
         for (table, at) in self.usage.local_reads() {
             let d = demand.entry(table).or_default();
             d.last_read = d.last_read.max(Some(at));

@@ -18,8 +18,8 @@ use std::time::Instant;
 
 use async_trait::async_trait;
 use datafusion::catalog::Session;
-use datafusion::common::tree_node::{Transformed, TreeNode, TreeNodeRecursion};
-use datafusion::common::{Column, DFSchemaRef, TableReference};
+use datafusion::common::tree_node::TreeNodeRecursion;
+use datafusion::common::{Column, TableReference};
 use datafusion::datasource::source_as_provider;
 use datafusion::error::Result as DFResult;
 use datafusion::execution::context::QueryPlanner;
@@ -27,9 +27,7 @@ use datafusion::execution::{
     SendableRecordBatchStream, SessionState, SessionStateBuilder, TaskContext,
 };
 use datafusion::logical_expr::utils::{split_binary, split_conjunction};
-use datafusion::logical_expr::{
-    BinaryExpr, Expr, Extension, LogicalPlan, Operator, TableScan, UserDefinedLogicalNodeCore,
-};
+use datafusion::logical_expr::{BinaryExpr, Expr, LogicalPlan, Operator, TableScan};
 use datafusion::physical_expr::PhysicalExpr;
 use datafusion::physical_plan::execution_plan::ReplaceChildrenOptions;
 use datafusion::physical_plan::metrics::{MetricValue, MetricsSet};
@@ -70,10 +68,8 @@ impl QueryPlanner for UsagePlanner {
         logical_plan: &LogicalPlan,
         session: &dyn Session,
     ) -> DFResult<Arc<dyn ExecutionPlan>> {
-        // A query's example rides on its plan to here, and no further.
-        let (stripped, example) = strip_example(logical_plan)?;
-        let logical_plan = stripped.as_ref().unwrap_or(logical_plan);
         let config = session.config();
+        let example = config.get_extension::<Example>().map(|e| e.0.clone());
         let recording = !matches!(logical_plan, LogicalPlan::Explain(_))
             && config.get_extension::<Quiet>().is_none()
             && config
@@ -263,54 +259,14 @@ impl Drop for PartitionEnd {
 }
 
 /// The definition of a slice that would answer a query of core tables only, whatever values
-/// it filters on ([`crate::sql::generalize`]), carried on top of the query's plan from
-/// where its SQL is known to the usage planner, which takes the node off before planning.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd)]
-struct Example {
-    input: LogicalPlan,
-    definition: Arc<str>,
-}
+/// it filters on ([`crate::sql::generalize`]): set on the session of the query's
+/// `DataFrame`, where the usage planner finds it.
+#[derive(Debug)]
+struct Example(Arc<str>);
 
-impl UserDefinedLogicalNodeCore for Example {
-    fn name(&self) -> &str {
-        "Example"
-    }
-
-    fn inputs(&self) -> Vec<&LogicalPlan> {
-        vec![&self.input]
-    }
-
-    fn schema(&self) -> &DFSchemaRef {
-        self.input.schema()
-    }
-
-    fn expressions(&self) -> Vec<Expr> {
-        vec![]
-    }
-
-    fn fmt_for_explain(&self, f: &mut fmt::Formatter) -> fmt::Result {
-        f.write_str("Example")
-    }
-
-    fn with_exprs_and_inputs(
-        &self,
-        _exprs: Vec<Expr>,
-        mut inputs: Vec<LogicalPlan>,
-    ) -> DFResult<Self> {
-        Ok(Self {
-            input: inputs.swap_remove(0),
-            definition: self.definition.clone(),
-        })
-    }
-
-    fn necessary_children_exprs(&self, output_columns: &[usize]) -> Option<Vec<Vec<usize>>> {
-        Some(vec![output_columns.to_vec()])
-    }
-}
-
-/// `plan` (a query, as planned from `query`) with the definition of the slice that would
-/// answer it on top, when it reads core tables only and a slice can be drawn from it.
-pub(crate) fn with_example(plan: LogicalPlan, query: &Query) -> LogicalPlan {
+/// The definition of the slice that would answer `plan` (a query, as planned from `query`),
+/// when it reads core tables only and a slice can be drawn from it.
+pub(crate) fn example(plan: &LogicalPlan, query: &Query) -> Option<Arc<str>> {
     let mut core = false;
     let mut other = false;
     let _ = plan.apply_with_subqueries(|p| {
@@ -325,44 +281,40 @@ pub(crate) fn with_example(plan: LogicalPlan, query: &Query) -> LogicalPlan {
         }
         Ok(TreeNodeRecursion::Continue)
     });
-    if !core || other {
-        return plan;
+    let query_plan = !matches!(
+        plan,
+        LogicalPlan::Ddl(_)
+            | LogicalPlan::Dml(_)
+            | LogicalPlan::Statement(_)
+            | LogicalPlan::Copy(_)
+            | LogicalPlan::Explain(_)
+            | LogicalPlan::Analyze(_)
+            | LogicalPlan::DescribeTable(_)
+    );
+    if !core || other || !query_plan {
+        return None;
     }
-    let aggregate = plan
-        .exists(|p| Ok(matches!(p, LogicalPlan::Aggregate(_))))
-        .unwrap_or(false);
-    match crate::sql::generalize::slice_definition(query, aggregate) {
-        Some(definition) => LogicalPlan::Extension(Extension {
-            node: Arc::new(Example {
-                input: plan,
-                definition: definition.into(),
-            }),
-        }),
-        None => plan,
-    }
+    // What the outer SELECT does: aggregate, or compute window functions (then no slice of
+    // the rows answers it). A derived table's aggregate is not the outer query's.
+    let mut top = plan;
+    let aggregate = loop {
+        match top {
+            LogicalPlan::Projection(p) => top = &p.input,
+            LogicalPlan::Sort(s) => top = &s.input,
+            LogicalPlan::Limit(l) => top = &l.input,
+            LogicalPlan::Filter(f) => top = &f.input,
+            LogicalPlan::Window(_) => return None,
+            LogicalPlan::Aggregate(_) => break true,
+            _ => break false,
+        }
+    };
+    crate::sql::generalize::slice_definition(query, aggregate).map(Arc::from)
 }
 
-/// `plan` without its [`Example`] node (`None`: it has none), and the example.
-fn strip_example(plan: &LogicalPlan) -> DFResult<(Option<LogicalPlan>, Option<Arc<str>>)> {
-    let is_example = |p: &LogicalPlan| matches!(p, LogicalPlan::Extension(e) if e.node.as_any().downcast_ref::<Example>().is_some());
-    if !plan.exists(|p| Ok(is_example(p)))? {
-        return Ok((None, None));
-    }
-    let mut example = None;
-    let stripped = plan
-        .clone()
-        .transform_up(|p| match &p {
-            LogicalPlan::Extension(e) => match e.node.as_any().downcast_ref::<Example>() {
-                Some(x) => {
-                    example = Some(x.definition.clone());
-                    Ok(Transformed::yes(x.input.clone()))
-                }
-                None => Ok(Transformed::no(p)),
-            },
-            _ => Ok(Transformed::no(p)),
-        })?
-        .data;
-    Ok((Some(stripped), example))
+/// `state` with `example` set for the usage planner.
+pub(crate) fn with_example(mut state: SessionState, example: Arc<str>) -> SessionState {
+    state.config_mut().set_extension(Arc::new(Example(example)));
+    state
 }
 
 /// Passes the query's output through, counting it; reports the query's reads when it ends.

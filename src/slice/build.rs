@@ -14,7 +14,7 @@ use deltalake::operations::write::{SchemaMode, WriteBuilder};
 use deltalake::protocol::SaveMode;
 use deltalake::DeltaTable;
 
-use super::clustering::{self, Clustered};
+use super::clustering::{self, ClusterBy, Clustered};
 use super::incremental::{self, Previous};
 use super::{
     budgeted_state, commit_error, commit_properties, lifecycle, log, meta, plan_inputs,
@@ -485,10 +485,11 @@ async fn plan_build(
     if decision.built.mode == BuildMode::Incremental {
         // A layout changes (AUTO's choice, or ALTER SLICE … SET CLUSTER BY) at the next
         // refresh: a full one.
-        let relayout = spec.refresh_mode == RefreshMode::Auto
-            && laid_out
-                .as_ref()
-                .is_some_and(|l| l.columns != chosen.columns);
+        // A slice declared INCREMENTAL changes layout only when asked to (CLUSTER BY given);
+        // data written before clustering existed counts as unsorted.
+        let asked = spec.refresh_mode == RefreshMode::Auto || spec.cluster_by != ClusterBy::Auto;
+        let relayout =
+            asked && laid_out.as_ref().map_or(&[][..], |l| &l.columns[..]) != chosen.columns;
         if let (true, Some(previous)) = (relayout, previous) {
             let forced = Previous {
                 full: true,

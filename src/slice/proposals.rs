@@ -27,7 +27,7 @@
 //! `_system/proposals/dismissed/` (one object per dismissal: processes never contend), and
 //! hidden from then on.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 
 use bytes::Bytes;
 use futures::TryStreamExt;
@@ -118,7 +118,6 @@ fn freeze(info: &SliceInfo, touched: Option<i64>, e: &Evidence) -> Option<Propos
     if touched >= e.now.saturating_sub(window) || created >= e.now.saturating_sub(window) {
         return None;
     }
-    let unread = human_duration(e.now - touched);
     let evidence = match info.last_read {
         Some(at) => format!(
             "last read {} ago; no slice reading it needs it",
@@ -131,17 +130,20 @@ fn freeze(info: &SliceInfo, touched: Option<i64>, e: &Evidence) -> Option<Propos
         ),
     };
     let per_day = refreshes_per_day(info, e);
+    let saving = match per_day {
+        0.0 => "no refreshes run now; frozen, it is marked as kept for reference only (DROP \
+                SLICE would free its storage)"
+            .to_string(),
+        _ => format!("its refreshes ({per_day:.1} a day)"),
+    };
     Some(Proposal {
         id: 0,
         kind: "freeze",
         target: info.name.to_string(),
         evidence,
-        saving: format!(
-            "its refreshes ({per_day:.1} a day) and the freshness checks of a slice nobody \
-             reads; THAW SLICE {} undoes it",
-            info.name
-        ),
-        statement: format!("FREEZE SLICE {} 'unread for {unread}'", info.name),
+        saving: format!("{saving}; THAW SLICE {} undoes it", info.name),
+        // The same statement for as long as it stands: its number and dismissal go by it.
+        statement: format!("FREEZE SLICE {} 'unread: proposed by icepie'", info.name),
     })
 }
 
@@ -195,7 +197,11 @@ fn layout(info: &SliceInfo, e: &Evidence) -> Option<Proposal> {
             "{share}; sorted by '{column}', a selective filter on it reads few of them \
              (from its next refresh, which is full)"
         ),
-        statement: format!("ALTER SLICE {} SET CLUSTER BY ({column})", info.name),
+        statement: format!(
+            "ALTER SLICE {} SET CLUSTER BY ({})",
+            info.name,
+            quoted(column)
+        ),
     })
 }
 
@@ -205,8 +211,15 @@ fn schedule(info: &SliceInfo, e: &Evidence) -> Option<Proposal> {
         RefreshPolicy::OnChange => None,
         _ => return None,
     };
-    // Reads unknown: nothing to conclude.
+    // Reads unknown: nothing to conclude. A slice other slices read is refreshed for them.
     let reads = info.reads_per_day?;
+    let table = info.name.to_string();
+    if e.slices
+        .iter()
+        .any(|s| s.meta.inputs.iter().any(|i| i.table == table))
+    {
+        return None;
+    }
     let per_day = refreshes_per_day(info, e);
     if per_day < MIN_REFRESHES_PER_DAY || per_day < REFRESHES_PER_READ * reads {
         return None;
@@ -279,25 +292,55 @@ fn new_slices(e: &Evidence) -> Vec<Proposal> {
             }
         }
     }
+    // Shapes whose queries the same slice answers (`day = …` and `day IN (…)`) count together.
+    let mut by_definition: BTreeMap<String, (Vec<&str>, ShapeSums)> = BTreeMap::new();
+    for (shape, sums) in shapes {
+        let Some((at, definition)) = sums.example.clone().filter(|_| sums.core_only) else {
+            continue;
+        };
+        let (names, all) = by_definition.entry(definition.clone()).or_insert_with(|| {
+            (
+                vec![],
+                ShapeSums {
+                    core_only: true,
+                    example: Some((at, definition)),
+                    ..ShapeSums::default()
+                },
+            )
+        });
+        names.push(shape);
+        for (table, t) in sums.tables {
+            let a = all.tables.entry(table).or_default();
+            a.0 += t.0;
+            a.1 += t.1;
+            a.2 += t.2;
+        }
+        for c in sums.columns {
+            if !all.columns.contains(&c) {
+                all.columns.push(c);
+            }
+        }
+    }
     let defined: HashSet<String> = e
         .slices
         .iter()
         .map(|s| squeeze(&s.meta.definition))
         .collect();
     let mut names: HashSet<String> = e.slices.iter().map(|s| s.name.to_string()).collect();
-    let mut sorted: Vec<(&str, ShapeSums)> = shapes.into_iter().collect();
-    sorted.sort_by(|a, b| a.0.cmp(b.0));
     let mut out = Vec::new();
-    for (shape, sums) in sorted {
-        let Some((_, definition)) = sums.example.as_ref().filter(|_| sums.core_only) else {
-            continue;
+    for (definition, (mut names_of_shapes, sums)) in by_definition {
+        names_of_shapes.sort();
+        let shape = match names_of_shapes.as_slice() {
+            [one] => one.to_string(),
+            [first, ..] => format!("{} shapes, e.g. {first}", names_of_shapes.len()),
+            [] => continue,
         };
         // Every table of a shape is read by each of its queries: the counts agree.
         let (queries, latency_us, bytes) = sums
             .tables
             .values()
             .fold((0, 0, 0), |a, t| (a.0.max(t.0), a.1.max(t.1), a.2 + t.2));
-        if queries < NEW_SLICE_MIN_QUERIES || defined.contains(&squeeze(definition)) {
+        if queries < NEW_SLICE_MIN_QUERIES || defined.contains(&squeeze(&definition)) {
             continue;
         }
         let mut tables: Vec<&String> = sums.tables.keys().collect();
@@ -364,6 +407,21 @@ fn proposed_name(
         let name = SliceName::new(PROPOSED_DOMAIN, candidate).ok()?;
         taken.insert(name.to_string()).then_some(name)
     })
+}
+
+/// `column` as SQL names it: bare when SQL would fold it to itself, else in double quotes.
+fn quoted(column: &str) -> String {
+    let bare = column
+        .chars()
+        .next()
+        .is_some_and(|c| c.is_ascii_lowercase() || c == '_')
+        && column
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
+    match bare {
+        true => column.to_string(),
+        false => format!("\"{}\"", column.replace('"', "\"\"")),
+    }
 }
 
 impl Evidence<'_> {
@@ -450,9 +508,11 @@ pub(crate) async fn list(shared: &Shared) -> Result<Vec<Proposal>> {
     let usage = shared.recorded_usage().await.ok();
     let mut refreshes = HashMap::new();
     for info in &slices {
+        // A refresh log that cannot be read now counts no refreshes.
         let starts = shared
             .attempts(&info.name)
-            .await?
+            .await
+            .unwrap_or_default()
             .into_iter()
             .filter(|a| a.kind == "refresh" && a.status == super::log::SUCCESS)
             .map(|a| a.started_at)

@@ -3,11 +3,13 @@
 //! filters on (`system.proposals`, kind `new_slice`).
 //!
 //! `SELECT region, sum(amount) FROM core.orders WHERE day = '2026-11-01' GROUP BY region`
-//! becomes `SELECT day, region, sum(amount) FROM core.orders GROUP BY region, day`, and
-//! `SELECT id, amount FROM core.orders WHERE region IN ('eu', 'us') ORDER BY id LIMIT 10`
-//! becomes `SELECT region, id, amount FROM core.orders`. Only plain `SELECT`s are taken (no
-//! `WITH`, set operations, `DISTINCT`, `HAVING` or window clauses); filters that are not a
-//! column against literals (`=`, `<>`, `<`, `<=`, `>`, `>=`, `IN`, `BETWEEN`) stay as they are.
+//! becomes `SELECT region, sum(amount), day FROM core.orders GROUP BY region, day`, and
+//! `SELECT o.id, c.name FROM core.orders o JOIN core.customers c ON … WHERE c.region IN
+//! ('eu', 'us') ORDER BY o.id LIMIT 10` becomes `SELECT o.id, c.name, c.region FROM …`. Only
+//! plain `SELECT`s are taken (no `WITH`, set operations, `DISTINCT`, `HAVING`, `INTO` or
+//! window clauses), and not a plain copy of one table's rows (nothing a slice saves); filters
+//! that are not a column against literals or parameters (`=`, `<>`, `<`, `<=`, `>`, `>=`,
+//! `IN`, `BETWEEN`) stay as they are.
 
 use datafusion::sql::sqlparser::ast::{
     BinaryOperator, Expr, GroupByExpr, Query, SelectItem, SetExpr, UnaryOperator,
@@ -27,7 +29,11 @@ pub(crate) fn slice_definition(query: &Query, aggregate: bool) -> Option<String>
     let SetExpr::Select(select) = query.body.as_mut() else {
         return None;
     };
-    if select.distinct.is_some() || select.having.is_some() || !select.named_window.is_empty() {
+    if select.distinct.is_some()
+        || select.having.is_some()
+        || !select.named_window.is_empty()
+        || select.into.is_some()
+    {
         return None;
     }
     let mut kept = Vec::new();
@@ -47,24 +53,45 @@ pub(crate) fn slice_definition(query: &Query, aggregate: bool) -> Option<String>
         op: BinaryOperator::And,
         right: Box::new(b),
     });
-    let projected = |select: &[SelectItem], c: &Expr| {
-        select.iter().any(|item| match item {
-            SelectItem::UnnamedExpr(e) => e == c,
-            SelectItem::Wildcard(_) | SelectItem::QualifiedWildcard(..) => !aggregate,
-            _ => false,
-        })
-    };
-    let missing: Vec<SelectItem> = columns
-        .iter()
-        .filter(|c| !projected(&select.projection, c))
-        .map(|c| SelectItem::UnnamedExpr(c.clone()))
-        .collect();
-    select.projection.splice(0..0, missing);
+    // Each kept column once, under its own name: a filter column whose name the output
+    // already has for something else (`k AS v … WHERE v = 1`, `o.id = 1 AND c.id = 2`)
+    // cannot be added.
+    let one_table = select.from.len() == 1 && select.from[0].joins.is_empty();
+    let mut added: Vec<String> = Vec::new();
+    for c in &columns {
+        let name = column_name(c)?;
+        let taken = select
+            .projection
+            .iter()
+            .find(|item| output_name(item) == Some(name));
+        match taken {
+            // The same column, named with or without its table (one table: no doubt).
+            Some(SelectItem::UnnamedExpr(e)) if column_name(e) == Some(name) => {
+                if e != c && !one_table {
+                    return None;
+                }
+            }
+            Some(_) => return None,
+            // A plain `*` has every column (and an aggregate has none of them).
+            None if !aggregate
+                && select
+                    .projection
+                    .iter()
+                    .any(|i| matches!(i, SelectItem::Wildcard(_))) => {}
+            None => {
+                if added.iter().any(|a| a == name) {
+                    return None;
+                }
+                added.push(name.to_string());
+                select.projection.push(SelectItem::UnnamedExpr(c.clone()));
+            }
+        }
+    }
     if aggregate {
         match &mut select.group_by {
             GroupByExpr::Expressions(exprs, modifiers) if modifiers.is_empty() => {
                 for c in columns {
-                    if !exprs.contains(&c) {
+                    if !exprs.iter().any(|e| column_name(e) == column_name(&c)) {
                         exprs.push(c);
                     }
                 }
@@ -72,7 +99,33 @@ pub(crate) fn slice_definition(query: &Query, aggregate: bool) -> Option<String>
             _ => return None,
         }
     }
-    Some(query.to_string())
+    // A copy of one table's rows, or columns of them: nothing a slice saves over the core.
+    let bare = !aggregate && select.selection.is_none() && one_table;
+    let definition = query.to_string();
+    // A parameter left (`SELECT $1 …`) has no value in a definition.
+    let parameter = definition
+        .as_bytes()
+        .windows(2)
+        .any(|w| w[0] == b'$' && w[1].is_ascii_digit());
+    (!bare && !parameter).then_some(definition)
+}
+
+/// The unqualified name of a column reference.
+fn column_name(e: &Expr) -> Option<&str> {
+    match e {
+        Expr::Identifier(id) => Some(&id.value),
+        Expr::CompoundIdentifier(ids) => ids.last().map(|id| id.value.as_str()),
+        _ => None,
+    }
+}
+
+/// The name an item of a projection gives its column, when it is known from the text.
+fn output_name(item: &SelectItem) -> Option<&str> {
+    match item {
+        SelectItem::UnnamedExpr(e) => column_name(e),
+        SelectItem::ExprWithAlias { alias, .. } => Some(&alias.value),
+        _ => None,
+    }
 }
 
 /// The conjuncts of `e` (`a AND b AND c`).
@@ -178,7 +231,7 @@ mod tests {
                 true
             )
             .unwrap(),
-            "SELECT day, amount, region, sum(amount) AS total FROM core.orders \
+            "SELECT region, sum(amount) AS total, day, amount FROM core.orders \
              WHERE region <> note GROUP BY region, day, amount"
         );
         assert_eq!(
@@ -187,15 +240,38 @@ mod tests {
                 true
             )
             .unwrap(),
-            "SELECT k, v, count(*) FROM core.t GROUP BY k, v"
+            "SELECT count(*), k, v FROM core.t GROUP BY k, v"
         );
         assert_eq!(
-            general("SELECT id, amount FROM core.t WHERE 'eu' = region", false).unwrap(),
-            "SELECT region, id, amount FROM core.t"
+            general(
+                "SELECT o.id, c.name FROM core.o AS o JOIN core.c AS c ON o.k = c.k \
+                 WHERE 'eu' = c.region",
+                false
+            )
+            .unwrap(),
+            "SELECT o.id, c.name, c.region FROM core.o AS o JOIN core.c AS c ON o.k = c.k"
         );
         assert_eq!(
-            general("SELECT * FROM core.t WHERE k = 1", false).unwrap(),
-            "SELECT * FROM core.t"
+            general("SELECT * FROM core.t WHERE k = 1 AND v > w", false).unwrap(),
+            "SELECT * FROM core.t WHERE v > w"
+        );
+        // Qualified or not, a column is kept once.
+        assert_eq!(
+            general(
+                "SELECT t.k, count(*) FROM core.t AS t WHERE k = 1 GROUP BY t.k",
+                true
+            )
+            .unwrap(),
+            "SELECT t.k, count(*) FROM core.t AS t GROUP BY t.k"
+        );
+        // Positions keep their meaning.
+        assert_eq!(
+            general(
+                "SELECT k, count(*) FROM core.t WHERE v = 1 GROUP BY 1",
+                true
+            )
+            .unwrap(),
+            "SELECT k, count(*), v FROM core.t GROUP BY 1, v"
         );
         // The same shape with other values: the same slice.
         assert_eq!(
@@ -217,6 +293,15 @@ mod tests {
             "SELECT k FROM core.t UNION ALL SELECT k FROM core.u",
             "SELECT DISTINCT k FROM core.t WHERE v = 1",
             "SELECT k, count(*) FROM core.t GROUP BY k HAVING count(*) > 1",
+            // A copy of the table, or of some of its columns.
+            "SELECT * FROM core.t WHERE k = 1",
+            "SELECT k FROM core.t WHERE v IN (1, 2)",
+            // Names that would clash.
+            "SELECT k AS v, count(*) FROM core.t WHERE v = 1 GROUP BY k",
+            "SELECT o.x FROM core.o AS o JOIN core.c AS c ON o.k = c.k WHERE o.id = 1 AND c.id = 2",
+            // INTO, and parameters left outside the filters.
+            "SELECT * INTO tmp FROM core.t WHERE k = 1 AND v > w",
+            "SELECT $1, k FROM core.t WHERE v > w",
         ] {
             assert_eq!(general(sql, sql.contains("count")), None, "{sql}");
         }

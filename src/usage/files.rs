@@ -19,7 +19,7 @@ use datafusion::arrow::array::{
     StringBuilder, TimestampMillisecondArray,
 };
 use datafusion::arrow::datatypes::{
-    DataType, Date32Type, Field, Int64Type, Schema, SchemaRef, TimeUnit, TimestampMillisecondType,
+    DataType, Date32Type, Field, Int64Type, Schema, SchemaRef, TimestampMillisecondType,
 };
 use datafusion::parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use datafusion::parquet::arrow::ArrowWriter;
@@ -105,7 +105,7 @@ pub(crate) type Rows = HashMap<Key, Sums>;
 
 /// Schema of the usage files (and of what [`read`] returns).
 pub static SCHEMA: LazyLock<SchemaRef> = LazyLock::new(|| {
-    let ts = DataType::Timestamp(TimeUnit::Millisecond, Some("UTC".into()));
+    let ts = crate::catalog::system::ts();
     let int = |name| Field::new(name, DataType::Int64, false);
     Arc::new(Schema::new(vec![
         Field::new("day", DataType::Date32, false),

@@ -49,8 +49,14 @@ async fn each_kind_of_proposal_is_drawn_from_the_workload_and_applied_or_dismiss
     let listed = rows(&w, "SELECT kind, target, statement FROM system.proposals").await;
     assert_eq!(listed.len(), 4, "{listed:#?}");
     // (Rows come sorted.)
-    assert!(listed[0].starts_with("freeze | d.busy | FREEZE SLICE d.busy 'unread for "));
-    assert!(listed[1].starts_with("freeze | d.unread | FREEZE SLICE d.unread 'unread for "));
+    assert_eq!(
+        listed[0],
+        "freeze | d.busy | FREEZE SLICE d.busy 'unread: proposed by icepie'"
+    );
+    assert_eq!(
+        listed[1],
+        "freeze | d.unread | FREEZE SLICE d.unread 'unread: proposed by icepie'"
+    );
     assert_eq!(
         listed[2],
         "layout | d.filtered | ALTER SLICE d.filtered SET CLUSTER BY (v)"
@@ -253,7 +259,7 @@ async fn a_query_shape_run_often_against_the_core_gets_a_slice_of_its_own() {
     );
     ask(1).await;
     let definition =
-        "SELECT day, region, sum(amount) AS total FROM core.orders GROUP BY region, day";
+        "SELECT region, sum(amount) AS total, day FROM core.orders GROUP BY region, day";
     assert_eq!(
         rows(&w, "SELECT kind, target, statement FROM system.proposals").await,
         [format!(

@@ -50,7 +50,8 @@ pub const TABLES: [&str; 6] = [
     "usage_columns",
 ];
 
-fn ts() -> DataType {
+/// UTC timestamps in milliseconds, as every system table and usage file stores them.
+pub(crate) fn ts() -> DataType {
     DataType::Timestamp(TimeUnit::Millisecond, Some("UTC".into()))
 }
 
