@@ -26,6 +26,9 @@
 //!   time, after vs before.
 //! - `usage`: a small slice query with usage recorded (the default) vs with `icepie.usage =
 //!   off`, on the same files.
+//! - `serve`: the load test of the PostgreSQL server: `ICEPIE_BENCH_CLIENTS` (32) clients
+//!   querying slices for `ICEPIE_BENCH_SERVE_SECS` (30) seconds while another slice refreshes,
+//!   vs as many tasks querying the embedded warehouse: throughput, p50, p99, errors.
 //!
 //! `ICEPIE_BENCH_SF` sets the TPC-H scale factor (default 1).
 
@@ -35,6 +38,8 @@ mod cluster;
 mod incremental;
 #[path = "tpch/queries.rs"]
 mod queries;
+#[path = "tpch/serve.rs"]
+mod serve;
 #[path = "tpch/usage.rs"]
 mod usage;
 
@@ -738,5 +743,8 @@ async fn main() {
     }
     if on("cluster") {
         cluster::cluster(root.path()).await;
+    }
+    if on("serve") {
+        serve::serve(root.path()).await;
     }
 }
