@@ -12,6 +12,7 @@
 pub(crate) mod damage;
 mod file_stats;
 pub(crate) mod live;
+pub(crate) mod pg_catalog;
 mod pushdown;
 pub mod system;
 pub mod table;
@@ -63,7 +64,11 @@ impl IcePieCatalog {
 
 impl CatalogProvider for IcePieCatalog {
     fn schema_names(&self) -> Vec<String> {
-        let mut names = vec![CORE_SCHEMA.to_string(), SYSTEM_SCHEMA.to_string()];
+        let mut names = vec![
+            CORE_SCHEMA.to_string(),
+            SYSTEM_SCHEMA.to_string(),
+            pg_catalog::PG_CATALOG.to_string(),
+        ];
         let listing = self.shared.listing();
         names.extend(listing.domains.keys().cloned());
         names.extend(listing.unlisted.iter().cloned());
@@ -81,6 +86,9 @@ impl CatalogProvider for IcePieCatalog {
         match name {
             CORE_SCHEMA => Some(Arc::new(CoreSchema(self.shared.clone()))),
             SYSTEM_SCHEMA => Some(Arc::new(system::SystemSchema::new(self.shared.clone()))),
+            pg_catalog::PG_CATALOG => {
+                Some(Arc::new(pg_catalog::PgCatalogSchema(self.shared.clone())))
+            }
             _ => {
                 // A domain in the warehouse wins over a scratch schema of the same name that
                 // this session made before another process created the domain: the
@@ -108,7 +116,13 @@ impl CatalogProvider for IcePieCatalog {
         name: &str,
         schema: Arc<dyn SchemaProvider>,
     ) -> DFResult<Option<Arc<dyn SchemaProvider>>> {
-        if [CORE_SCHEMA, SYSTEM_SCHEMA, DEFAULT_DOMAIN].contains(&name)
+        if [
+            CORE_SCHEMA,
+            SYSTEM_SCHEMA,
+            DEFAULT_DOMAIN,
+            pg_catalog::PG_CATALOG,
+        ]
+        .contains(&name)
             || self.shared.has_domain(name)
         {
             return Err(df(IcePieError::ReadOnly(format!(

@@ -103,6 +103,9 @@ impl IcePieBuilder {
         let shared = Arc::new(Shared::new(warehouse, options, usage.clone()));
         let catalog = Arc::new(IcePieCatalog::new(shared.clone()));
         ctx.register_catalog(CATALOG_NAME, catalog.clone());
+        for f in crate::catalog::pg_catalog::functions() {
+            ctx.register_udf(f);
+        }
         for (name, function) in PinnedFunction::all(&shared) {
             ctx.register_udtf(name, function);
         }

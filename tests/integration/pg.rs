@@ -645,3 +645,44 @@ async fn garbage_on_the_wire_ends_that_connection_only() {
     let client = connect(&server, None).await.unwrap();
     assert_eq!(simple_rows(&client, "SELECT 1").await, vec!["1"]);
 }
+
+/// What psql 16 sends for `\d`.
+const PSQL_LIST: &str = r#"SELECT n.nspname as "Schema",
+  c.relname as "Name",
+  CASE c.relkind WHEN 'r' THEN 'table' WHEN 'v' THEN 'view' WHEN 'm' THEN 'materialized view' WHEN 'i' THEN 'index' WHEN 'S' THEN 'sequence' WHEN 't' THEN 'TOAST table' WHEN 'f' THEN 'foreign table' WHEN 'p' THEN 'partitioned table' WHEN 'I' THEN 'partitioned index' END as "Type",
+  pg_catalog.pg_get_userbyid(c.relowner) as "Owner"
+FROM pg_catalog.pg_class c
+     LEFT JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+     LEFT JOIN pg_catalog.pg_am am ON am.oid = c.relam
+WHERE c.relkind IN ('r','p','v','m','S','f','')
+      AND n.nspname <> 'pg_catalog'
+      AND n.nspname !~ '^pg_toast'
+      AND n.nspname <> 'information_schema'
+  AND pg_catalog.pg_table_is_visible(c.oid)
+ORDER BY 1,2;"#;
+
+#[tokio::test]
+async fn psql_lists_core_tables_slices_and_system_tables() {
+    let server = start(None).await;
+    let client = connect(&server, None).await.unwrap();
+    client
+        .batch_execute(
+            "CREATE CORE TABLE orders (id BIGINT); CREATE SLICE sales.recent AS SELECT id FROM core.orders",
+        )
+        .await
+        .unwrap();
+    let listed = simple_rows(&client, PSQL_LIST).await;
+    assert_eq!(
+        listed,
+        [
+            "core|orders|table|icepie",
+            "sales|recent|materialized view|icepie",
+            "system|core_tables|view|icepie",
+            "system|proposals|view|icepie",
+            "system|refreshes|view|icepie",
+            "system|slices|view|icepie",
+            "system|usage|view|icepie",
+            "system|usage_columns|view|icepie",
+        ]
+    );
+}
