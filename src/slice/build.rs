@@ -74,6 +74,8 @@ pub(crate) async fn build(
     let started_at = Utc::now();
     let clock = Instant::now();
     let mut inputs = Vec::new();
+    // How the build set out to run (mode, reason, reads): logged even when it fails.
+    let mut planned = None;
     let options = shared.options();
     let heartbeat = options.heartbeat.0;
     // Attempts of this slice whose process died are recorded before this one starts.
@@ -97,7 +99,7 @@ pub(crate) async fn build(
                 kind,
                 (existing, previous),
                 &attempt_id,
-                &mut inputs,
+                (&mut inputs, &mut planned),
             )
             .await
         }
@@ -116,7 +118,7 @@ pub(crate) async fn build(
         bytes: None,
         inputs: format_inputs(&inputs),
         error: None,
-        built: None,
+        built: planned,
     };
     match result {
         Ok((table, built)) => {
@@ -246,7 +248,7 @@ async fn write_version(
     kind: CommitKind,
     (existing, previous): (Option<&DeltaTable>, Option<&Previous>),
     attempt_id: &str,
-    inputs: &mut Vec<InputVersion>,
+    (inputs, planned): (&mut Vec<InputVersion>, &mut Option<Built>),
 ) -> Result<(DeltaTable, Built)> {
     let (decision, clustered) = plan_build(
         state,
@@ -258,6 +260,7 @@ async fn write_version(
         inputs,
     )
     .await?;
+    *planned = Some(decision.built.clone());
     // Every write of a clustered slice is sorted: a full build's rows, an incremental
     // merge's or recomputed partitions' rows, and an append's new rows.
     let sorted = clustered.as_ref().is_some_and(|c| !c.columns.is_empty());

@@ -81,6 +81,16 @@ async fn division_by_zero_fails_the_refresh_only() {
     let msg = warehouse.refresh("ratios").await.unwrap_err().to_string();
     assert!(msg.contains("division by zero"), "{msg}");
     assert_eq!(scalar(&warehouse, "SELECT sum(r) FROM ratios").await, "15");
+    // The failed attempt says how it set out to run.
+    let failed = scalar(
+        &warehouse,
+        "SELECT mode || ': ' || reason FROM system.refreshes WHERE status = 'failed'",
+    )
+    .await;
+    assert!(
+        failed.starts_with("incremental: ") || failed.starts_with("full: "),
+        "{failed}"
+    );
     assert_eq!(warehouse.slice("ratios").await.unwrap().version, 0);
     // A later successful refresh clears the failure.
     run(

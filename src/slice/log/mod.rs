@@ -92,8 +92,8 @@ pub struct Attempt {
     pub inputs: String,
     /// The error (failures and conflicts only).
     pub error: Option<String>,
-    /// How the version committed was built: mode, why, and what was read of each input
-    /// (successes only).
+    /// How the version committed was built: mode, why, and what was read of each input; for
+    /// a failure or a conflict, how it set out to run (none when it failed before deciding).
     pub built: Option<Built>,
 }
 
