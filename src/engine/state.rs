@@ -66,6 +66,9 @@ pub(crate) struct Shared {
     refresher: std::sync::OnceLock<Refresher>,
     /// Where queries' reads are recorded.
     pub usage: std::sync::Arc<crate::usage::Usage>,
+    /// Every slice as this process last described it: what demand flows through when only
+    /// some slices are described (`catalog::system::apply_known_demand`).
+    pub known_slices: Mutex<std::collections::HashMap<SliceName, crate::slice::SliceInfo>>,
 }
 
 /// Refreshes a slice as `REFRESH SLICE` does.
@@ -87,6 +90,7 @@ impl Shared {
     ) -> Self {
         Self {
             usage,
+            known_slices: Mutex::default(),
             warehouse,
             listing: RwLock::new(Listing::default()),
             refreshing: Mutex::new(HashSet::new()),

@@ -214,3 +214,34 @@ async fn a_query_through_a_view_counts_once_and_refreshes_never() {
         ["region | 1 | 0", "total | 0 | 1"]
     );
 }
+
+#[tokio::test]
+async fn a_slice_read_through_another_is_awake_however_system_slices_is_filtered() {
+    let dir = tempfile::tempdir().unwrap();
+    let w = open(dir.path()).await;
+    run(
+        &w,
+        "CREATE CORE TABLE t (n BIGINT); INGEST INTO t VALUES (1);
+         CREATE SLICE d.base REFRESH AUTO AS SELECT n FROM core.t;
+         CREATE SLICE d.top REFRESH AUTO AS SELECT sum(n) AS s FROM d.base;
+         SET icepie.cold_after = '1 second';",
+    )
+    .await;
+    tokio::time::sleep(std::time::Duration::from_millis(1_200)).await;
+    // Neither read since created: both asleep.
+    assert_eq!(
+        rows(&w, "SELECT name, state FROM system.slices").await,
+        ["base | dormant", "top | dormant"]
+    );
+    // top is read: it wakes, and keeps base, which its refreshes read, awake; also when
+    // system.slices is asked about base alone.
+    rows(&w, "SELECT * FROM d.top").await;
+    assert_eq!(
+        rows(&w, "SELECT state FROM system.slices WHERE name = 'base'").await,
+        ["fresh"]
+    );
+    assert_eq!(
+        rows(&w, "SELECT name, state FROM system.slices").await,
+        ["base | fresh", "top | fresh"]
+    );
+}

@@ -227,7 +227,7 @@ impl TableProvider for SystemTable {
                 let demand = shared.demand().await;
                 let options = shared.options();
                 let now = now_ms();
-                apply_demand(&mut infos, demand.as_ref(), &options, now);
+                apply_known_demand(shared, &mut infos, demand.as_ref(), &options, now);
                 let mut scheduling = HashMap::new();
                 for info in &infos {
                     scheduling.insert(info.name.clone(), decide(info, &options, now).1);
@@ -319,14 +319,47 @@ pub(crate) async fn describe(
         .collect()
         .await;
     let (mut out, mut unreadable) = (Vec::new(), Vec::new());
+    let mut known = shared.known_slices.lock().expect("known slices lock");
     for (name, info) in results {
         match info {
-            Ok(Some(info)) => out.push(info),
-            Ok(None) => {}
+            Ok(Some(info)) => {
+                known.insert(name, info.clone());
+                out.push(info);
+            }
+            Ok(None) => {
+                known.remove(&name);
+            }
             Err(e) => unreadable.push((name, e.to_string())),
         }
     }
     Ok((out, unreadable))
+}
+
+/// Applies what is known of reads to `infos` ([`apply_demand`]), with the other slices this
+/// process has described before: demand that flows down from a slice the caller did not ask
+/// for (`system.slices` filtered by name) still reaches the slices it reads.
+pub(crate) fn apply_known_demand(
+    shared: &Shared,
+    infos: &mut Vec<SliceInfo>,
+    demand: Option<&HashMap<String, crate::usage::Demand>>,
+    options: &crate::options::IcePieOptions,
+    now: i64,
+) {
+    let asked = infos.len();
+    let listed: std::collections::HashSet<SliceName> = shared.slice_names().into_iter().collect();
+    {
+        let known = shared.known_slices.lock().expect("known slices lock");
+        let have: std::collections::HashSet<SliceName> =
+            infos.iter().map(|i| i.name.clone()).collect();
+        infos.extend(
+            known
+                .values()
+                .filter(|k| !have.contains(&k.name) && listed.contains(&k.name))
+                .cloned(),
+        );
+    }
+    apply_demand(infos, demand, options, now);
+    infos.truncate(asked);
 }
 
 fn timestamps(values: Vec<Option<i64>>) -> ArrayRef {
