@@ -1,5 +1,6 @@
 //! The SQL catalog `icepie`: schema `core` (the frozen core), one schema per slice domain
-//! (`slices` by default), and `system`.
+//! (`slices` by default), `system`, and `pg_catalog` (what PostgreSQL clients list tables
+//! with).
 //!
 //! Tables are looked up in the warehouse each time a query is planned, so a query always sees
 //! the latest committed version of each table, including those another process committed; the

@@ -281,17 +281,7 @@ pub(crate) fn example(plan: &LogicalPlan, query: &Query) -> Option<Arc<str>> {
         }
         Ok(TreeNodeRecursion::Continue)
     });
-    let query_plan = !matches!(
-        plan,
-        LogicalPlan::Ddl(_)
-            | LogicalPlan::Dml(_)
-            | LogicalPlan::Statement(_)
-            | LogicalPlan::Copy(_)
-            | LogicalPlan::Explain(_)
-            | LogicalPlan::Analyze(_)
-            | LogicalPlan::DescribeTable(_)
-    );
-    if !core || other || !query_plan {
+    if !core || other || !crate::slice::is_query(plan) {
         return None;
     }
     // What the outer SELECT does: aggregate, or compute window functions (then no slice of

@@ -526,7 +526,7 @@ async fn plan_build(
 }
 
 /// True for plans that produce rows (not DDL, DML or statements).
-fn is_query(plan: &LogicalPlan) -> bool {
+pub(crate) fn is_query(plan: &LogicalPlan) -> bool {
     !matches!(
         plan,
         LogicalPlan::Ddl(_)

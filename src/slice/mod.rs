@@ -30,7 +30,7 @@ pub(crate) mod schedule;
 mod settle;
 pub mod vacuum;
 
-pub(crate) use build::{after_lost_race, build, explain};
+pub(crate) use build::{after_lost_race, build, explain, is_query};
 pub(crate) use incremental::Previous;
 pub(crate) use info::{info, InputCache};
 pub use info::{SliceInfo, SliceState};
