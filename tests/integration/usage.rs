@@ -224,10 +224,12 @@ async fn a_slice_read_through_another_is_awake_however_system_slices_is_filtered
         "CREATE CORE TABLE t (n BIGINT); INGEST INTO t VALUES (1);
          CREATE SLICE d.base REFRESH AUTO AS SELECT n FROM core.t;
          CREATE SLICE d.top REFRESH AUTO AS SELECT sum(n) AS s FROM d.base;
-         SET icepie.cold_after = '1 second';",
+         SET icepie.cold_after = '4 seconds';",
     )
     .await;
-    tokio::time::sleep(std::time::Duration::from_millis(1_200)).await;
+    // Long enough for both to fall asleep, and to leave a loaded machine 4 s between top's
+    // read below and the checks that it kept base awake.
+    tokio::time::sleep(std::time::Duration::from_millis(4_200)).await;
     // Neither read since created: both asleep.
     assert_eq!(
         rows(&w, "SELECT name, state FROM system.slices").await,
