@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use icepie::server::{serve_pg, PgOptions};
+use icepie::server::{serve_pg, ServerOptions};
 use icepie::IcePie;
 use tokio::net::TcpListener;
 use tokio_postgres::NoTls;
@@ -138,9 +138,14 @@ pub async fn serve(root: &Path) {
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("a port");
     let port = listener.local_addr().expect("its address").port();
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(serve_pg(w.clone(), listener, PgOptions::default(), async {
-        let _ = stopped.await;
-    }));
+    let server = tokio::spawn(serve_pg(
+        w.clone(),
+        listener,
+        ServerOptions::default(),
+        async {
+            let _ = stopped.await;
+        },
+    ));
     let mut connections = Vec::new();
     for _ in 0..clients {
         let (client, connection) = tokio_postgres::connect(

@@ -65,16 +65,21 @@ impl Prepared {
         let Some(plan) = self.plan.as_ref() else {
             return self.result.as_deref();
         };
-        match plan {
-            LogicalPlan::Ddl(_)
+        returns_rows(plan).then(|| plan.schema().as_arrow())
+    }
+}
+
+/// True when the rows `plan` returns are those of its schema, known before it runs (not DDL,
+/// DML, COPY, SET, nor DESCRIBE, which icepie answers with its own columns).
+pub(super) fn returns_rows(plan: &LogicalPlan) -> bool {
+    !matches!(
+        plan,
+        LogicalPlan::Ddl(_)
             | LogicalPlan::Dml(_)
             | LogicalPlan::Copy(_)
             | LogicalPlan::Statement(_)
-            // icepie answers DESCRIBE with its own columns.
-            | LogicalPlan::DescribeTable(_) => None,
-            _ => Some(plan.schema().as_arrow()),
-        }
-    }
+            | LogicalPlan::DescribeTable(_)
+    )
 }
 
 /// Parses and plans prepared statements.
@@ -147,9 +152,22 @@ fn parameter_types(stmt: &Prepared) -> PgWireResult<Vec<(Type, Option<DataType>)
     let Some(plan) = &stmt.plan else {
         return Ok(vec![]);
     };
-    let types = plan
-        .get_parameter_types()
-        .map_err(|e| user_error(&e.into()))?;
+    let slots = parameter_slots(plan).map_err(|e| user_error(&e))?;
+    Ok(slots
+        .into_iter()
+        .map(|ty| {
+            (
+                ty.as_ref().map(encode::pg_type_of).unwrap_or(Type::TEXT),
+                ty,
+            )
+        })
+        .collect())
+}
+
+/// The Arrow type `plan` expects for each of its `$n` parameters, in order (`None` when the
+/// query leaves it open); refuses numbers beyond PostgreSQL's limit.
+pub(super) fn parameter_slots(plan: &LogicalPlan) -> Result<Vec<Option<DataType>>, IcePieError> {
+    let types = plan.get_parameter_types()?;
     let mut numbered: Vec<(usize, Option<DataType>)> = Vec::with_capacity(types.len());
     for (id, ty) in types {
         let n = id
@@ -157,17 +175,16 @@ fn parameter_types(stmt: &Prepared) -> PgWireResult<Vec<(Type, Option<DataType>)
             .and_then(|n| n.parse::<usize>().ok())
             .filter(|n| (1..=MAX_PARAMETERS).contains(n))
             .ok_or_else(|| {
-                user_error(&IcePieError::Syntax(format!(
+                IcePieError::Syntax(format!(
                     "parameter {id} is not one of $1 to ${MAX_PARAMETERS}"
-                )))
+                ))
             })?;
         numbered.push((n, ty.filter(|t| *t != DataType::Null)));
     }
     let count = numbered.iter().map(|(n, _)| *n).max().unwrap_or(0);
-    let mut out = vec![(Type::TEXT, None); count];
+    let mut out = vec![None; count];
     for (n, ty) in numbered {
-        let pg = ty.as_ref().map(encode::pg_type_of).unwrap_or(Type::TEXT);
-        out[n - 1] = (pg, ty);
+        out[n - 1] = ty;
     }
     Ok(out)
 }
@@ -469,19 +486,14 @@ impl Backend {
         params: ParamValues,
         format: &Format,
     ) -> PgWireResult<Response> {
-        self.policy.check(&statement).map_err(|e| user_error(&e))?;
-        if let Some(response) = session(&statement)? {
-            return Ok(response);
+        if let Some(session) = admit(&self.policy, &statement).map_err(|e| user_error(&e))? {
+            return Ok(session_response(session));
         }
         let tag = tag(&statement);
         let writes = counts_rows(&statement);
-        let execute = self.warehouse.execute_with_params(statement, params);
-        // A read-only server does not refresh a stale slice for a reader either.
-        let df = match self.policy.read_only() {
-            true => freshness::with_mode(freshness::Mode::ReadOnly, execute).await,
-            false => execute.await,
-        }
-        .map_err(|e| user_error(&e))?;
+        let df = execute(&self.warehouse, &self.policy, statement, params)
+            .await
+            .map_err(|e| user_error(&e))?;
         let schema = df.schema().as_arrow().clone();
         if schema.fields().is_empty() {
             return Ok(Response::Execution(Tag::new(&tag)));
@@ -492,19 +504,7 @@ impl Backend {
             .map_err(|e| user_error(&e.into()))?;
         if writes {
             // INSERT, UPDATE, DELETE and COPY answer with the rows they wrote, in their tag.
-            let batches: Vec<_> = stream
-                .try_collect()
-                .await
-                .map_err(|e| user_error(&e.into()))?;
-            let count = batches
-                .iter()
-                .filter_map(|b| {
-                    b.column(0)
-                        .as_any()
-                        .downcast_ref::<datafusion::arrow::array::UInt64Array>()
-                })
-                .flat_map(|a| a.iter().flatten())
-                .sum::<u64>();
+            let count = written(stream).await.map_err(|e| user_error(&e))?;
             let tag = match tag.as_str() {
                 "INSERT" => Tag::new("INSERT").with_oid(0),
                 other => Tag::new(other),
@@ -532,7 +532,7 @@ impl Backend {
 }
 
 /// True for the statements whose result is the count of rows they wrote.
-fn counts_rows(statement: &Statement) -> bool {
+pub(super) fn counts_rows(statement: &Statement) -> bool {
     match statement {
         Statement::DataFusion(inner) => match &**inner {
             DFStatement::CopyTo(_) => true,
@@ -546,35 +546,40 @@ fn counts_rows(statement: &Statement) -> bool {
     }
 }
 
+/// A client's session statement, answered without running anything.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Session {
+    Begin,
+    Commit,
+    Rollback,
+    /// `SET` of a PostgreSQL session variable.
+    Set,
+}
+
 /// What a client's session statements do:
 /// - `BEGIN`, `START TRANSACTION`, `COMMIT`, `END` and a bare `ROLLBACK` are accepted and group
 ///   nothing (every statement commits on its own); savepoints are refused;
 /// - `SET` of a PostgreSQL session variable (`application_name`, `extra_float_digits`,
 ///   `DateStyle`: what drivers send on connect) is accepted and changes nothing; the settings
 ///   of DataFusion and icepie are the server's, for every client, and are refused.
-fn session(statement: &Statement) -> PgWireResult<Option<Response>> {
+fn session(statement: &Statement) -> Result<Option<Session>, IcePieError> {
     let Statement::DataFusion(inner) = statement else {
         return Ok(None);
     };
     let DFStatement::Statement(sql) = &**inner else {
         return Ok(None);
     };
-    let not_supported = |what: &str| {
-        Err(PgWireError::UserError(Box::new(
-            pgwire::error::ErrorInfo::new("ERROR".into(), "0A000".into(), what.into()),
-        )))
-    };
     match &**sql {
-        SqlStatement::StartTransaction { .. } => {
-            Ok(Some(Response::TransactionStart(Tag::new("BEGIN"))))
-        }
-        SqlStatement::Commit { .. } => Ok(Some(Response::TransactionEnd(Tag::new("COMMIT")))),
+        SqlStatement::StartTransaction { .. } => Ok(Some(Session::Begin)),
+        SqlStatement::Commit { .. } => Ok(Some(Session::Commit)),
         SqlStatement::Rollback {
             savepoint: None, ..
-        } => Ok(Some(Response::TransactionEnd(Tag::new("ROLLBACK")))),
-        SqlStatement::Rollback { .. } | SqlStatement::Savepoint { .. } => {
-            not_supported("savepoints are not supported: every statement commits on its own")
-        }
+        } => Ok(Some(Session::Rollback)),
+        SqlStatement::Rollback { .. } | SqlStatement::Savepoint { .. } => Err(
+            IcePieError::DataFusion(datafusion::error::DataFusionError::NotImplemented(
+                "savepoints are not supported: every statement commits on its own".into(),
+            )),
+        ),
         SqlStatement::Set(_) => {
             let text = sql.to_string();
             let variable = text
@@ -584,16 +589,74 @@ fn session(statement: &Statement) -> PgWireResult<Option<Response>> {
                 .unwrap_or_default()
                 .to_ascii_lowercase();
             if variable.contains('.') {
-                Err(user_error(&IcePieError::NotAllowed(format!(
+                Err(IcePieError::NotAllowed(format!(
                     "{variable} is a setting of the server, shared by every client: start the \
                      server with --set to change it"
-                ))))
+                )))
             } else {
-                Ok(Some(Response::Execution(Tag::new("SET"))))
+                Ok(Some(Session::Set))
             }
         }
         _ => Ok(None),
     }
+}
+
+/// The PostgreSQL answer to a session statement.
+fn session_response(session: Session) -> Response {
+    match session {
+        Session::Begin => Response::TransactionStart(Tag::new("BEGIN")),
+        Session::Commit => Response::TransactionEnd(Tag::new("COMMIT")),
+        Session::Rollback => Response::TransactionEnd(Tag::new("ROLLBACK")),
+        Session::Set => Response::Execution(Tag::new("SET")),
+    }
+}
+
+/// Refuses a client's `statement` when the server's `policy` does not allow it (it writes on a
+/// read-only server, or names a location outside the allowed ones), and tells the session
+/// statements, which are answered without running anything.
+pub(super) fn admit(
+    policy: &Policy,
+    statement: &Statement,
+) -> Result<Option<Session>, IcePieError> {
+    policy.check(statement)?;
+    session(statement)
+}
+
+/// Runs a client's `statement` (that [`admit`] let through) with `params`; on a read-only
+/// server, a stale slice is not refreshed for a reader either.
+pub(super) async fn execute(
+    warehouse: &IcePie,
+    policy: &Policy,
+    statement: Statement,
+    params: ParamValues,
+) -> Result<datafusion::dataframe::DataFrame, IcePieError> {
+    let execute = warehouse.execute_with_params(statement, params);
+    match policy.read_only() {
+        true => freshness::with_mode(freshness::Mode::ReadOnly, execute).await,
+        false => execute.await,
+    }
+}
+
+/// The rows a statement that [`counts_rows`] wrote: the sum of its result's first column.
+pub(super) async fn written(
+    stream: datafusion::physical_plan::SendableRecordBatchStream,
+) -> Result<u64, IcePieError> {
+    let mut stream = stream;
+    let mut count = 0;
+    while let Some(batch) = stream.try_next().await? {
+        count += written_in(&batch);
+    }
+    Ok(count)
+}
+
+/// The rows counted in one batch of a writing statement's result (its first column).
+pub(super) fn written_in(batch: &datafusion::arrow::array::RecordBatch) -> u64 {
+    batch
+        .column(0)
+        .as_any()
+        .downcast_ref::<datafusion::arrow::array::UInt64Array>()
+        .map(|a| a.iter().flatten().sum())
+        .unwrap_or(0)
 }
 
 /// The command tag of a statement: what it is, in its own words (`SELECT`, `CREATE SLICE`).

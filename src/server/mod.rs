@@ -1,5 +1,8 @@
 //! Serving a warehouse over the network: the PostgreSQL wire protocol ([`serve_pg`]), so that
-//! `psql`, drivers (psycopg, JDBC, tokio-postgres) and BI tools can run every icepie statement.
+//! `psql`, drivers (psycopg, JDBC, tokio-postgres) and BI tools can run every icepie statement,
+//! and Arrow Flight SQL ([`serve_flight`]) for clients that read Arrow (ADBC). Both take the
+//! same [`ServerOptions`]; this page describes the PostgreSQL server, [`serve_flight`] the
+//! other.
 //!
 //! - Simple query protocol: a text of several statements runs them in order, each with its
 //!   own result; the first failure stops the rest.
@@ -12,6 +15,7 @@
 //!   included, with SQLSTATE 57014; the connection goes on.
 //! - Authentication: SCRAM-SHA-256 against a password when one is given; without one, the
 //!   server accepts every client and refuses to listen beyond the loopback interface.
+//! - TLS when a certificate and key are given (clients ask for it: `sslmode=require`).
 //! - The server's files are not its clients': they name only locations under those the server
 //!   was started with (`--allow-path`), and in read-only mode they only read.
 //!
@@ -21,10 +25,12 @@
 mod backend;
 mod encode;
 mod errors;
+mod flight;
 mod policy;
 
 use backend::{Backend, Parser};
 pub use errors::sqlstate;
+pub use flight::serve_flight;
 
 use policy::Policy;
 
@@ -52,14 +58,15 @@ use crate::error::{IcePieError, Result};
 /// Iterations of SCRAM-SHA-256's key derivation (PostgreSQL's default).
 const SCRAM_ITERATIONS: usize = 4096;
 
-/// How the PostgreSQL server admits clients.
+/// How a server ([`serve_pg`], [`serve_flight`]) admits clients and what it lets them do.
 #[derive(Clone, Default)]
-pub struct PgOptions {
-    /// The password every client must give (checked with SCRAM-SHA-256, so it never crosses
-    /// the network): the password, or PostgreSQL's stored form of it
+pub struct ServerOptions {
+    /// The password every client must give: the password, or PostgreSQL's stored form of it
     /// (`SCRAM-SHA-256$4096:<salt>$<StoredKey>:<ServerKey>`), so that the server's
-    /// configuration need not hold it. `None` admits every client: only a loopback address
-    /// may be served so.
+    /// configuration need not hold it. PostgreSQL clients prove it with SCRAM-SHA-256 (it never
+    /// crosses the network); Flight SQL clients send it with basic authentication (any user
+    /// name) and get a bearer token, so serve Flight with TLS when it leaves the machine.
+    /// `None` admits every client: only a loopback address may be served so.
     pub password: Option<String>,
     /// The local directories and object-store URL prefixes under which clients may name
     /// files (`INGEST … FROM`, `COPY … TO`, ...); none by default.
@@ -72,16 +79,90 @@ pub struct PgOptions {
     /// How many clients may be connected at once; more are refused with SQLSTATE 53300.
     /// `None` for no limit.
     pub max_connections: Option<usize>,
+    /// The certificate chain and private key (PEM) to encrypt connections with (TLS); `None`
+    /// for plain connections. A PostgreSQL client asks for TLS (`sslmode=require`); a Flight
+    /// SQL server with TLS speaks only TLS (`grpc+tls://`).
+    pub tls: Option<TlsFiles>,
 }
 
-impl Debug for PgOptions {
+/// The options of the PostgreSQL server, by their former name.
+#[deprecated(note = "renamed ServerOptions: both servers take them")]
+pub type PgOptions = ServerOptions;
+
+/// A server's TLS identity, in PEM.
+#[derive(Clone)]
+pub struct TlsFiles {
+    /// The certificate chain, the server's first.
+    pub cert: Vec<u8>,
+    /// The private key (PKCS#8, PKCS#1 or SEC1).
+    pub key: Vec<u8>,
+}
+
+impl TlsFiles {
+    /// Reads the certificate chain and key from PEM files.
+    pub fn read(
+        cert: impl AsRef<std::path::Path>,
+        key: impl AsRef<std::path::Path>,
+    ) -> Result<Self> {
+        let read = |path: &std::path::Path, what: &str| {
+            std::fs::read(path).map_err(|e| {
+                IcePieError::Server(format!(
+                    "cannot read the TLS {what} {}: {e}; give a PEM file",
+                    path.display()
+                ))
+            })
+        };
+        let files = Self {
+            cert: read(cert.as_ref(), "certificate")?,
+            key: read(key.as_ref(), "key")?,
+        };
+        // Refused here, before any server starts, when they do not make a TLS identity.
+        files.acceptor()?;
+        Ok(files)
+    }
+
+    /// The rustls acceptor pgwire takes; refuses PEM that holds no certificate or key.
+    fn acceptor(&self) -> Result<tokio_rustls::TlsAcceptor> {
+        use tokio_rustls::rustls::pki_types::pem::PemObject;
+        use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer};
+        let bad = |what: &str, e: String| {
+            IcePieError::Server(format!("the TLS {what} is not usable: {e}"))
+        };
+        let certs = CertificateDer::pem_slice_iter(&self.cert)
+            .collect::<std::result::Result<Vec<_>, _>>()
+            .map_err(|e| bad("certificate", e.to_string()))?;
+        if certs.is_empty() {
+            return Err(bad("certificate", "no CERTIFICATE in the PEM".into()));
+        }
+        let key =
+            PrivateKeyDer::from_pem_slice(&self.key).map_err(|e| bad("key", e.to_string()))?;
+        let config = tokio_rustls::rustls::ServerConfig::builder_with_provider(Arc::new(
+            tokio_rustls::rustls::crypto::aws_lc_rs::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .map_err(|e| bad("configuration", e.to_string()))?
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .map_err(|e| bad("certificate and key", e.to_string()))?;
+        Ok(tokio_rustls::TlsAcceptor::from(Arc::new(config)))
+    }
+}
+
+impl Debug for TlsFiles {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("PgOptions")
+        f.write_str("TlsFiles(***)")
+    }
+}
+
+impl Debug for ServerOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServerOptions")
             .field("password", &self.password.as_ref().map(|_| "***"))
             .field("allow_paths", &self.allow_paths)
             .field("read_only", &self.read_only)
             .field("statement_timeout", &self.statement_timeout)
             .field("max_connections", &self.max_connections)
+            .field("tls", &self.tls.is_some())
             .finish()
     }
 }
@@ -91,7 +172,7 @@ impl Debug for PgOptions {
 pub async fn serve_pg(
     warehouse: IcePie,
     listener: TcpListener,
-    options: PgOptions,
+    options: ServerOptions,
     shutdown: impl Future<Output = ()>,
 ) -> Result<()> {
     let addr = listener.local_addr().map_err(io_error)?;
@@ -102,6 +183,7 @@ pub async fn serve_pg(
         )));
     }
     let policy = Policy::new(&options.allow_paths, options.read_only)?;
+    let tls = options.tls.as_ref().map(TlsFiles::acceptor).transpose()?;
     let handlers = Arc::new(Handlers {
         backend: Arc::new(Backend {
             policy,
@@ -138,16 +220,17 @@ pub async fn serve_pg(
                                 max: *max,
                                 connections: handlers.connections.clone(),
                             });
-                            tokio::spawn(pgwire::tokio::process_socket(socket, None, refuse));
+                            tokio::spawn(pgwire::tokio::process_socket(socket, tls.clone(), refuse));
                             continue;
                         }
                     },
                 };
                 let handlers = handlers.clone();
+                let tls = tls.clone();
                 tokio::spawn(async move {
                     let _slot = permit;
                     // A client's protocol error ends its connection alone.
-                    let _ = pgwire::tokio::process_socket(socket, None, handlers).await;
+                    let _ = pgwire::tokio::process_socket(socket, tls, handlers).await;
                 });
             }
             _ = &mut shutdown => return Ok(()),
@@ -286,6 +369,27 @@ impl Secret {
             ScramSecret::SaltedPassword { .. } => Err(IcePieError::Server(
                 "pgwire made no SCRAM verifier of the password".into(),
             )),
+        }
+    }
+}
+
+impl Secret {
+    /// True when `password` is the one this secret was made from (what Flight SQL's basic
+    /// authentication sends).
+    fn verify(&self, password: &str) -> bool {
+        let salted = gen_salted_password(password, &self.salt, self.iterations);
+        match ScramSecret::verifier_from_salted_password(self.salt.clone(), salted, self.iterations)
+        {
+            ScramSecret::Verifier { stored_key, .. } => {
+                // Compared in constant time: no early exit at the first differing byte.
+                stored_key.len() == self.stored_key.len()
+                    && stored_key
+                        .iter()
+                        .zip(&self.stored_key)
+                        .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+                        == 0
+            }
+            ScramSecret::SaltedPassword { .. } => false,
         }
     }
 }

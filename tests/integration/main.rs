@@ -2,11 +2,13 @@
 
 mod budgets;
 mod cli;
+mod clients;
 mod clustering;
 mod core_tables;
 mod crash;
 mod failures;
 mod faults;
+mod flight;
 mod freshness;
 mod incremental;
 mod isolation;

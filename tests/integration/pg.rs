@@ -4,7 +4,7 @@
 
 use std::net::SocketAddr;
 
-use icepie::server::{serve_pg, PgOptions};
+use icepie::server::{serve_pg, ServerOptions};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 use tokio_postgres::{Client, NoTls, SimpleQueryMessage};
@@ -17,20 +17,24 @@ struct Server {
 }
 
 async fn start(password: Option<&str>) -> Server {
-    start_with(PgOptions {
+    start_with(ServerOptions {
         password: password.map(str::to_string),
-        ..PgOptions::default()
+        ..ServerOptions::default()
     })
     .await
 }
 
-async fn start_with(options: PgOptions) -> Server {
+async fn start_with(options: ServerOptions) -> Server {
     let (dir, warehouse) = crate::support::open_with(&[]).await;
     serve(dir, warehouse, options).await
 }
 
 /// Serves `warehouse` (in `dir`) with `options`.
-async fn serve(dir: tempfile::TempDir, warehouse: icepie::IcePie, options: PgOptions) -> Server {
+async fn serve(
+    dir: tempfile::TempDir,
+    warehouse: icepie::IcePie,
+    options: ServerOptions,
+) -> Server {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
@@ -398,9 +402,9 @@ async fn clients_reach_only_the_files_they_are_allowed() {
     let landing = tempfile::tempdir().unwrap();
     std::fs::write(landing.path().join("day1.csv"), "x\n1\n2\n").unwrap();
     let l = landing.path().display();
-    let server = start_with(PgOptions {
+    let server = start_with(ServerOptions {
         allow_paths: vec![l.to_string()],
-        ..PgOptions::default()
+        ..ServerOptions::default()
     })
     .await;
     let client = connect(&server, None).await.unwrap();
@@ -447,9 +451,9 @@ async fn a_read_only_server_refuses_writes() {
     )
     .await;
     tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    let options = PgOptions {
+    let options = ServerOptions {
         read_only: true,
-        ..PgOptions::default()
+        ..ServerOptions::default()
     };
     let server = serve(dir, warehouse, options).await;
     let client = connect(&server, None).await.unwrap();
@@ -506,9 +510,9 @@ async fn a_cancel_request_or_the_statement_timeout_stops_a_long_query() {
     assert_eq!(result.unwrap_err().code().map(|c| c.code()), Some("57014"));
     assert_eq!(simple_rows(&client, "SELECT 1").await, vec!["1"]);
 
-    let limited = start_with(PgOptions {
+    let limited = start_with(ServerOptions {
         statement_timeout: Some(std::time::Duration::from_millis(300)),
-        ..PgOptions::default()
+        ..ServerOptions::default()
     })
     .await;
     let client = connect(&limited, None).await.unwrap();
@@ -528,9 +532,9 @@ async fn a_cancel_request_or_the_statement_timeout_stops_a_long_query() {
 
 #[tokio::test]
 async fn clients_beyond_max_connections_are_refused_until_one_leaves() {
-    let server = start_with(PgOptions {
+    let server = start_with(ServerOptions {
         max_connections: Some(1),
-        ..PgOptions::default()
+        ..ServerOptions::default()
     })
     .await;
     let first = connect(&server, None).await.unwrap();
@@ -600,9 +604,9 @@ async fn a_stored_scram_verifier_stands_for_the_password() {
 
     let (_dir, warehouse) = crate::support::open_with(&[]).await;
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let options = PgOptions {
+    let options = ServerOptions {
         password: Some("SCRAM-SHA-256$4096:bad".into()),
-        ..PgOptions::default()
+        ..ServerOptions::default()
     };
     let e = serve_pg(warehouse, listener, options, async {})
         .await
@@ -615,7 +619,7 @@ async fn a_stored_scram_verifier_stands_for_the_password() {
 async fn no_password_serves_loopback_only() {
     let (_dir, warehouse) = crate::support::open_with(&[]).await;
     let listener = TcpListener::bind("0.0.0.0:0").await.unwrap();
-    let e = serve_pg(warehouse, listener, PgOptions::default(), async {})
+    let e = serve_pg(warehouse, listener, ServerOptions::default(), async {})
         .await
         .unwrap_err()
         .to_string();

@@ -4,7 +4,8 @@
 //! icepie [--data LOCATION] [--set NAME=VALUE]... [--format FORMAT] [-q] [--bail]
 //!        [-c SQL]... [-f FILE]...
 //! icepie serve [--data LOCATION] [--set NAME=VALUE]... [--grace SECONDS]
-//!              [--pg [ADDR]] [--allow-path DIR]... [--read-only] [--statement-timeout SECONDS]
+//!              [--pg [ADDR]] [--flight [ADDR]] [--tls-cert PEM --tls-key PEM]
+//!              [--allow-path DIR]... [--read-only] [--statement-timeout SECONDS]
 //!              [--max-connections N]
 //! ```
 //!
@@ -18,7 +19,8 @@
 //! `icepie serve` runs the scheduler alone until SIGINT or SIGTERM, printing one line per
 //! scheduled refresh; on a signal it lets running refreshes finish (a second signal, or
 //! `--grace` seconds, cancels them: a cancelled refresh commits nothing). With `--pg` it also
-//! serves SQL over the PostgreSQL wire protocol (`psql`, drivers, BI tools).
+//! serves SQL over the PostgreSQL wire protocol (`psql`, drivers, BI tools), and with
+//! `--flight` over Arrow Flight SQL (ADBC, JDBC's Flight SQL driver).
 
 mod meta;
 mod print;
@@ -145,12 +147,37 @@ fn cli() -> Command {
                         ),
                 )
                 .arg(
+                    Arg::new("flight")
+                        .long("flight")
+                        .value_name("ADDR")
+                        .num_args(0..=1)
+                        .default_missing_value("127.0.0.1:50051")
+                        .help(
+                            "Also serve SQL over Arrow Flight SQL on ADDR (127.0.0.1:50051 when \
+                             no ADDR is given), with the same password rules as --pg",
+                        ),
+                )
+                .arg(
+                    Arg::new("tls-cert")
+                        .long("tls-cert")
+                        .value_name("PEM")
+                        .requires("tls-key")
+                        .help("Encrypt --pg and --flight connections with this certificate chain"),
+                )
+                .arg(
+                    Arg::new("tls-key")
+                        .long("tls-key")
+                        .value_name("PEM")
+                        .requires("tls-cert")
+                        .help("The private key of --tls-cert"),
+                )
+                .arg(
                     Arg::new("allow-path")
                         .long("allow-path")
                         .value_name("DIR")
                         .action(ArgAction::Append)
                         .help(
-                            "A directory or object-store URL under which --pg clients may name \
+                            "A directory or object-store URL under which clients may name \
                              files (INGEST ... FROM, COPY ... TO, ...); repeatable; none by \
                              default",
                         ),
@@ -161,7 +188,7 @@ fn cli() -> Command {
                         .value_name("SECONDS")
                         .value_parser(clap::value_parser!(u64))
                         .help(
-                            "Cancel a --pg client's statement (its rows' sending included) \
+                            "Cancel a client's statement (its rows' sending included) \
                              after SECONDS",
                         ),
                 )
@@ -171,13 +198,16 @@ fn cli() -> Command {
                         .value_name("N")
                         .value_parser(clap::value_parser!(u32).range(1..))
                         .default_value("100")
-                        .help("How many --pg clients may be connected at once"),
+                        .help(
+                            "How many --pg clients may be connected at once (for --flight: \
+                             how many calls each connection runs at once)",
+                        ),
                 )
                 .arg(
                     Arg::new("read-only")
                         .long("read-only")
                         .action(ArgAction::SetTrue)
-                        .help("--pg clients may only read: queries, SHOW, DESCRIBE, EXPLAIN"),
+                        .help("Clients may only read: queries, SHOW, DESCRIBE, EXPLAIN"),
                 ),
         )
 }

@@ -60,71 +60,73 @@ pub async fn run(matches: &clap::ArgMatches) -> Result<(), String> {
     let grace = Duration::from_secs(*matches.get_one::<u64>("grace").expect("default"));
     let warehouse = crate::open(matches, true).await?;
     let options = warehouse.options();
-    if !options.scheduler.0 && matches.get_one::<String>("pg").is_none() {
+    let pg = matches.get_one::<String>("pg");
+    let flight = matches.get_one::<String>("flight");
+    if !options.scheduler.0 && pg.is_none() && flight.is_none() {
         return Err(
-            "the scheduler is off (--set scheduler=off) and no --pg: nothing to serve".into(),
+            "the scheduler is off (--set scheduler=off) and no --pg nor --flight: nothing to serve"
+                .into(),
         );
     }
     let mut events = warehouse.subscribe();
     let mut signals = Signals::new()?;
-    // Dropped at the stop signal, which stops the PostgreSQL server taking statements.
-    let (stop_pg, stopped) = tokio::sync::oneshot::channel::<()>();
-    if let Some(addr) = matches.get_one::<String>("pg") {
-        let listener = tokio::net::TcpListener::bind(addr)
-            .await
-            .map_err(|e| format!("cannot listen on {addr}: {e}"))?;
-        let bound = listener.local_addr().map_err(|e| e.to_string())?;
-        let password = std::env::var("ICEPIE_PASSWORD")
-            .ok()
-            .filter(|p| !p.is_empty());
-        if password.is_none() && !bound.ip().is_loopback() {
-            return Err(format!(
-                "{bound} is reachable from other machines and ICEPIE_PASSWORD is not set: set \
-                 a password or serve 127.0.0.1"
-            ));
-        }
-        eprintln!(
-            "PostgreSQL wire protocol on {bound} ({})",
-            if password.is_some() {
-                "password required (SCRAM-SHA-256)"
-            } else {
-                "no password: loopback only"
+    // Dropped at the stop signal, which stops the servers taking statements.
+    let (stop_servers, stopped) = tokio::sync::watch::channel(());
+    if pg.is_some() || flight.is_some() {
+        let server_options = server_options(matches)?;
+        for (addr, protocol) in [(pg, Protocol::Pg), (flight, Protocol::Flight)] {
+            let Some(addr) = addr else { continue };
+            let listener = tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|e| format!("cannot listen on {addr}: {e}"))?;
+            let bound = listener.local_addr().map_err(|e| e.to_string())?;
+            if server_options.password.is_none() && !bound.ip().is_loopback() {
+                return Err(format!(
+                    "{bound} is reachable from other machines and ICEPIE_PASSWORD is not set: \
+                     set a password or serve 127.0.0.1"
+                ));
             }
-        );
-        let allow_paths: Vec<String> = matches
-            .get_many::<String>("allow-path")
-            .into_iter()
-            .flatten()
-            .cloned()
-            .collect();
-        let read_only = matches.get_flag("read-only");
-        if !allow_paths.is_empty() {
-            eprintln!("clients may name files under: {}", allow_paths.join(", "));
+            eprintln!(
+                "{} on {bound} ({}{})",
+                protocol.name(),
+                match (server_options.password.is_some(), protocol) {
+                    (true, Protocol::Pg) => "password required (SCRAM-SHA-256)",
+                    (true, Protocol::Flight) => "password required (basic, then a bearer token)",
+                    (false, _) => "no password: loopback only",
+                },
+                if server_options.tls.is_some() {
+                    ", TLS"
+                } else {
+                    ""
+                }
+            );
+            let server = warehouse.clone();
+            let options = server_options.clone();
+            let mut stopped = stopped.clone();
+            tokio::spawn(async move {
+                let stop = async move {
+                    let _ = stopped.changed().await;
+                };
+                let served = match protocol {
+                    Protocol::Pg => icepie::server::serve_pg(server, listener, options, stop).await,
+                    Protocol::Flight => {
+                        icepie::server::serve_flight(server, listener, options, stop).await
+                    }
+                };
+                if let Err(e) = served {
+                    eprintln!("the {} server stopped: {e}", protocol.name());
+                }
+            });
         }
-        if read_only {
+        if !server_options.allow_paths.is_empty() {
+            eprintln!(
+                "clients may name files under: {}",
+                server_options.allow_paths.join(", ")
+            );
+        }
+        if server_options.read_only {
             eprintln!("read-only: clients may only query");
         }
-        let statement_timeout = matches
-            .get_one::<u64>("statement-timeout")
-            .map(|s| Duration::from_secs(*s));
-        let options = icepie::server::PgOptions {
-            password,
-            allow_paths,
-            read_only,
-            statement_timeout,
-            max_connections: matches
-                .get_one::<u32>("max-connections")
-                .map(|n| *n as usize),
-        };
-        let server = warehouse.clone();
-        tokio::spawn(async move {
-            let stop = async {
-                let _ = stopped.await;
-            };
-            if let Err(e) = icepie::server::serve_pg(server, listener, options, stop).await {
-                eprintln!("the PostgreSQL server stopped: {e}");
-            }
-        });
     }
     eprintln!(
         "icepie serve on warehouse {}: checking for due refreshes every {}, at most {} at once \
@@ -143,7 +145,7 @@ pub async fn run(matches: &clap::ArgMatches) -> Result<(), String> {
             _ = signals.next() => break,
         }
     }
-    drop(stop_pg);
+    drop(stop_servers);
     eprintln!(
         "stopping: no new refreshes; running ones may finish for {} s (a second signal cancels them)",
         grace.as_secs()
@@ -165,4 +167,52 @@ pub async fn run(matches: &clap::ArgMatches) -> Result<(), String> {
     }
     eprintln!("stopped");
     Ok(())
+}
+
+#[derive(Clone, Copy)]
+enum Protocol {
+    Pg,
+    Flight,
+}
+
+impl Protocol {
+    fn name(self) -> &'static str {
+        match self {
+            Protocol::Pg => "PostgreSQL wire protocol",
+            Protocol::Flight => "Arrow Flight SQL",
+        }
+    }
+}
+
+/// What the servers' clients may do, from the command line and `ICEPIE_PASSWORD`.
+fn server_options(matches: &clap::ArgMatches) -> Result<icepie::server::ServerOptions, String> {
+    let tls = match (
+        matches.get_one::<String>("tls-cert"),
+        matches.get_one::<String>("tls-key"),
+    ) {
+        (Some(cert), Some(key)) => {
+            Some(icepie::server::TlsFiles::read(cert, key).map_err(|e| e.to_string())?)
+        }
+        (None, None) => None,
+        _ => return Err("--tls-cert and --tls-key go together: give both".into()),
+    };
+    Ok(icepie::server::ServerOptions {
+        password: std::env::var("ICEPIE_PASSWORD")
+            .ok()
+            .filter(|p| !p.is_empty()),
+        allow_paths: matches
+            .get_many::<String>("allow-path")
+            .into_iter()
+            .flatten()
+            .cloned()
+            .collect(),
+        read_only: matches.get_flag("read-only"),
+        statement_timeout: matches
+            .get_one::<u64>("statement-timeout")
+            .map(|s| Duration::from_secs(*s)),
+        max_connections: matches
+            .get_one::<u32>("max-connections")
+            .map(|n| *n as usize),
+        tls,
+    })
 }
