@@ -623,7 +623,8 @@ pub(super) fn admit(
 }
 
 /// Runs a client's `statement` (that [`admit`] let through) with `params`; on a read-only
-/// server, a stale slice is not refreshed for a reader either.
+/// server, a stale slice is not refreshed for a reader either. The returned rows are computed
+/// within the policy's memory for a statement.
 pub(super) async fn execute(
     warehouse: &IcePie,
     policy: &Policy,
@@ -631,10 +632,17 @@ pub(super) async fn execute(
     params: ParamValues,
 ) -> Result<datafusion::dataframe::DataFrame, IcePieError> {
     let execute = warehouse.execute_with_params(statement, params);
-    match policy.read_only() {
+    let frame = match policy.read_only() {
         true => freshness::with_mode(freshness::Mode::ReadOnly, execute).await,
         false => execute.await,
-    }
+    }?;
+    let Some(limit) = policy.statement_memory() else {
+        return Ok(frame);
+    };
+    // Its own pool: a statement that outgrows it fails alone, and spills where it can.
+    let (state, plan) = frame.into_parts();
+    let state = crate::slice::budgeted_state(&state, limit)?;
+    Ok(datafusion::dataframe::DataFrame::new(state, plan))
 }
 
 /// The rows a statement that [`counts_rows`] wrote: the sum of its result's first column.

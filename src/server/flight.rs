@@ -110,7 +110,8 @@ pub async fn serve_flight(
         )));
     }
     let service = Flight {
-        policy: Policy::new(&options.allow_paths, options.read_only)?,
+        policy: Policy::new(&options.allow_paths, options.read_only)?
+            .with_statement_memory(options.statement_memory),
         sql_info: sql_info(options.read_only)?,
         statement_timeout: options.statement_timeout,
         password: options

@@ -79,6 +79,10 @@ pub struct ServerOptions {
     /// How many clients may be connected at once; more are refused with SQLSTATE 53300.
     /// `None` for no limit.
     pub max_connections: Option<usize>,
+    /// The memory, in bytes, each statement's query may use: operators that can spill to
+    /// disk (sorts, aggregations) do so beyond it, and a statement that still needs more
+    /// fails alone (SQLSTATE 53200) while the others go on. `None`: no limit of its own.
+    pub statement_memory: Option<u64>,
     /// The certificate chain and private key (PEM) to encrypt connections with (TLS); `None`
     /// for plain connections. A PostgreSQL client asks for TLS (`sslmode=require`); a Flight
     /// SQL server with TLS speaks only TLS (`grpc+tls://`).
@@ -162,6 +166,7 @@ impl Debug for ServerOptions {
             .field("read_only", &self.read_only)
             .field("statement_timeout", &self.statement_timeout)
             .field("max_connections", &self.max_connections)
+            .field("statement_memory", &self.statement_memory)
             .field("tls", &self.tls.is_some())
             .finish()
     }
@@ -182,7 +187,8 @@ pub async fn serve_pg(
              (ICEPIE_PASSWORD) or listen on 127.0.0.1"
         )));
     }
-    let policy = Policy::new(&options.allow_paths, options.read_only)?;
+    let policy = Policy::new(&options.allow_paths, options.read_only)?
+        .with_statement_memory(options.statement_memory);
     let tls = options.tls.as_ref().map(TlsFiles::acceptor).transpose()?;
     let handlers = Arc::new(Handlers {
         backend: Arc::new(Backend {

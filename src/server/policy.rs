@@ -29,6 +29,7 @@ enum Allowed {
 pub struct Policy {
     allowed: Vec<Allowed>,
     read_only: bool,
+    statement_memory: Option<u64>,
 }
 
 impl Policy {
@@ -51,7 +52,23 @@ impl Policy {
                 }
             })
             .collect::<Result<_>>()?;
-        Ok(Self { allowed, read_only })
+        Ok(Self {
+            allowed,
+            read_only,
+            statement_memory: None,
+        })
+    }
+
+    /// Each statement's query may use at most `limit` bytes of memory (`None`: only the
+    /// server's own limits).
+    pub fn with_statement_memory(mut self, limit: Option<u64>) -> Self {
+        self.statement_memory = limit;
+        self
+    }
+
+    /// The memory each statement's query may use.
+    pub fn statement_memory(&self) -> Option<u64> {
+        self.statement_memory
     }
 
     /// True when clients may only read.

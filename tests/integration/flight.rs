@@ -436,6 +436,30 @@ async fn flight_clients_reach_only_allowed_files_and_a_read_only_server_refuses_
 }
 
 #[tokio::test]
+async fn a_statement_beyond_its_memory_fails_with_resource_exhausted() {
+    let server = start(ServerOptions {
+        statement_memory: Some(4 << 20),
+        ..ServerOptions::default()
+    })
+    .await;
+    let mut client = client(&server).await;
+    let e = query(
+        &mut client,
+        "SELECT count(*) FROM generate_series(1, 2000000) a \
+         JOIN generate_series(1, 2000000) b ON a.value = b.value",
+    )
+    .await
+    .unwrap_err();
+    let (code, state, message) = failure(e);
+    assert_eq!(
+        (code, state.as_str()),
+        (tonic::Code::ResourceExhausted, "53200"),
+        "{message}"
+    );
+    assert!(query(&mut client, "SELECT 1 AS one").await.is_ok());
+}
+
+#[tokio::test]
 async fn the_statement_timeout_stops_a_long_query() {
     let server = start(ServerOptions {
         statement_timeout: Some(std::time::Duration::from_millis(500)),

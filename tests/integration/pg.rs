@@ -690,3 +690,29 @@ async fn psql_lists_core_tables_slices_and_system_tables() {
         ]
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_statement_beyond_its_memory_fails_alone() {
+    let server = start_with(ServerOptions {
+        statement_memory: Some(4 << 20),
+        ..ServerOptions::default()
+    })
+    .await;
+    let greedy = connect(&server, None).await.unwrap();
+    let other = connect(&server, None).await.unwrap();
+    // A hash join's build side of two million rows cannot spill: far beyond 4 MB.
+    let big = "SELECT count(*) FROM generate_series(1, 2000000) a \
+               JOIN generate_series(1, 2000000) b ON a.value = b.value";
+    let (failed, small) = tokio::join!(
+        greedy.simple_query(big),
+        other.simple_query("SELECT sum(value) FROM generate_series(1, 1000)")
+    );
+    let e = failed.expect_err("over its memory");
+    assert_eq!(e.code().unwrap().code(), "53200", "{e:?}");
+    assert!(small.is_ok(), "{small:?}");
+    // The greedy client's connection goes on.
+    assert_eq!(
+        simple_rows(&greedy, "SELECT sum(value) FROM generate_series(1, 1000)").await,
+        vec!["500500"]
+    );
+}

@@ -6,7 +6,7 @@
 //! icepie serve [--data LOCATION] [--set NAME=VALUE]... [--grace SECONDS]
 //!              [--pg [ADDR]] [--flight [ADDR]] [--tls-cert PEM --tls-key PEM]
 //!              [--allow-path DIR]... [--read-only] [--statement-timeout SECONDS]
-//!              [--max-connections N]
+//!              [--statement-memory SIZE] [--max-connections N]
 //! ```
 //!
 //! With a terminal on standard input and no `-c`/`-f`, `icepie` starts the interactive REPL,
@@ -190,6 +190,16 @@ fn cli() -> Command {
                         .help(
                             "Cancel a client's statement (its rows' sending included) \
                              after SECONDS",
+                        ),
+                )
+                .arg(
+                    Arg::new("statement-memory")
+                        .long("statement-memory")
+                        .value_name("SIZE")
+                        .help(
+                            "The memory each client statement may use (e.g. 512MB): beyond it, \
+                             sorts and aggregations spill to disk, and a statement that still \
+                             needs more fails alone",
                         ),
                 )
                 .arg(

@@ -213,6 +213,19 @@ fn server_options(matches: &clap::ArgMatches) -> Result<icepie::server::ServerOp
         max_connections: matches
             .get_one::<u32>("max-connections")
             .map(|n| *n as usize),
+        statement_memory: match matches.get_one::<String>("statement-memory") {
+            None => None,
+            Some(text) => Some(
+                icepie::Size::parse(text)
+                    .filter(|s| s.0 > 0)
+                    .ok_or_else(|| {
+                        format!(
+                            "--statement-memory takes a size such as 256MB or 2GB, not '{text}'"
+                        )
+                    })?
+                    .0,
+            ),
+        },
         tls,
     })
 }
