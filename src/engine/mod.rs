@@ -288,9 +288,9 @@ impl IcePie {
     }
 
     /// The schema of the rows one of icepie's own statements returns, known before it runs,
-    /// for a server to describe them: `CREATE CORE TABLE`, `INGEST`, `CREATE SLICE`,
-    /// `REFRESH SLICE`, `DROP`, `SHOW CORE TABLES`, `SHOW SLICES`, `VACUUM`, `VERIFY`.
-    /// `None` for the others, and for DataFusion's statements (see [`plan`](Self::plan)).
+    /// for a server to describe them: all of them but `APPLY PROPOSAL` (which answers as the
+    /// statement it applies). `None` for that one, and for DataFusion's statements (see
+    /// [`plan`](Self::plan)).
     pub async fn result_schema(&self, stmt: &Statement) -> Result<Option<SchemaRef>> {
         let ctx = &self.inner.ctx;
         let empty = match stmt {
@@ -305,6 +305,26 @@ impl IcePie {
             Statement::Verify(_) => output::verifies(ctx, &[])?,
             Statement::ShowCoreTables => ctx.sql(SHOW_CORE_TABLES).await?,
             Statement::ShowSlices => ctx.sql(SHOW_SLICES).await?,
+            Statement::DescribeSlice(_) => output::describe_columns(ctx)?,
+            Statement::ExplainRefresh(_) => output::explained_columns(ctx)?,
+            Statement::FreezeSlice { .. }
+            | Statement::ThawSlice(_)
+            | Statement::RollbackSlice { .. }
+            | Statement::AlterSlice { .. } => output::lifecycle_columns(ctx)?,
+            Statement::DismissProposal(_) => output::message(ctx, "")?,
+            Statement::ShowSliceHistory(name) => {
+                // The history's columns, from its plan (the slice must exist).
+                let sql = format!(
+                    "SELECT * FROM {}('{name}') ORDER BY version DESC",
+                    time_travel::SLICE_HISTORY
+                );
+                let state = ctx.state();
+                let planning = time_travel::plan_sql(&state, &self.inner.shared, &sql);
+                let plan =
+                    slice::freshness::with_mode(slice::freshness::Mode::Describe, planning).await?;
+                return Ok(Some(Arc::new(plan.schema().as_arrow().clone())));
+            }
+            // APPLY PROPOSAL answers as the statement it applies does.
             _ => return Ok(None),
         };
         Ok(Some(Arc::new(empty.schema().as_arrow().clone())))

@@ -122,6 +122,26 @@ pub(super) fn explained(ctx: &SessionContext, built: &Built) -> Result<DataFrame
         true => vec![None],
         false => built.reads.iter().map(Some).collect(),
     };
+    explained_rows(ctx, built, &rows)
+}
+
+/// The columns of `EXPLAIN REFRESH SLICE`, without rows: what a server describes before it
+/// runs.
+pub(super) fn explained_columns(ctx: &SessionContext) -> Result<DataFrame> {
+    let none = Built {
+        mode: crate::slice::meta::BuildMode::Full,
+        reason: String::new(),
+        reads: vec![],
+        appended: false,
+    };
+    explained_rows(ctx, &none, &[])
+}
+
+fn explained_rows(
+    ctx: &SessionContext,
+    built: &Built,
+    rows: &[Option<&InputRead>],
+) -> Result<DataFrame> {
     let opt_ints = |f: fn(&InputRead) -> Option<i64>| -> ArrayRef {
         Arc::new(Int64Array::from(
             rows.iter().map(|r| r.and_then(f)).collect::<Vec<_>>(),
@@ -155,18 +175,42 @@ pub(super) fn lifecycle(
     out: &LifecycleOutcome,
     info: Option<&SliceInfo>,
 ) -> Result<DataFrame> {
+    lifecycle_rows(
+        ctx,
+        &[(
+            out.slice.to_string(),
+            out.version,
+            info.map(|i| i.state.to_string()),
+            out.committed,
+        )],
+    )
+}
+
+/// The columns of `FREEZE`, `THAW`, `ROLLBACK` and `ALTER SLICE`, without rows.
+pub(super) fn lifecycle_columns(ctx: &SessionContext) -> Result<DataFrame> {
+    lifecycle_rows(ctx, &[])
+}
+
+fn lifecycle_rows(
+    ctx: &SessionContext,
+    rows: &[(String, i64, Option<String>, bool)],
+) -> Result<DataFrame> {
     frame(
         ctx,
         vec![
-            ("slice", strings(std::iter::once(out.slice.to_string()))),
-            ("version", ints(std::iter::once(out.version))),
+            ("slice", strings(rows.iter().map(|r| r.0.clone()))),
+            ("version", ints(rows.iter().map(|r| r.1))),
             (
                 "state",
-                Arc::new(StringArray::from(vec![info.map(|i| i.state.to_string())])) as ArrayRef,
+                Arc::new(StringArray::from(
+                    rows.iter().map(|r| r.2.clone()).collect::<Vec<_>>(),
+                )) as ArrayRef,
             ),
             (
                 "committed",
-                Arc::new(BooleanArray::from(vec![out.committed])) as ArrayRef,
+                Arc::new(BooleanArray::from(
+                    rows.iter().map(|r| r.3).collect::<Vec<_>>(),
+                )) as ArrayRef,
             ),
         ],
     )
@@ -284,6 +328,15 @@ pub(super) fn describe(ctx: &SessionContext, info: &SliceInfo) -> Result<DataFra
             .iter()
             .map(|(n, t)| (format!("column {n}"), t.clone())),
     );
+    properties(ctx, &rows)
+}
+
+/// The columns of `DESCRIBE SLICE`, without rows.
+pub(super) fn describe_columns(ctx: &SessionContext) -> Result<DataFrame> {
+    properties(ctx, &[])
+}
+
+fn properties(ctx: &SessionContext, rows: &[(String, String)]) -> Result<DataFrame> {
     frame(
         ctx,
         vec![

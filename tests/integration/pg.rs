@@ -204,6 +204,45 @@ async fn a_postgres_client_creates_ingests_slices_and_queries() {
         simple_rows(&client, "SELECT state FROM system.slices").await,
         vec!["frozen"]
     );
+    // Every icepie statement returns its rows through the extended protocol, as in the REPL:
+    // their columns are known before they run.
+    let thawed = client.query("THAW SLICE ops.paid", &[]).await.unwrap();
+    assert_eq!(thawed[0].get::<_, String>("slice"), "ops.paid");
+    assert!(thawed[0].get::<_, bool>("committed"));
+    let described = client.query("DESCRIBE SLICE ops.paid", &[]).await.unwrap();
+    let property = |name: &str| -> String {
+        described
+            .iter()
+            .find(|r| r.get::<_, String>("property") == name)
+            .map(|r| r.get("value"))
+            .unwrap_or_else(|| panic!("no {name}"))
+    };
+    assert_eq!(property("rows"), "3");
+    let history = client
+        .query("SHOW SLICE HISTORY ops.paid", &[])
+        .await
+        .unwrap();
+    assert!(history.len() >= 4, "create, refresh, freeze, thaw");
+    assert_eq!(
+        history[0].get::<_, i64>("version"),
+        history.len() as i64 - 1
+    );
+    let explained = client
+        .query("EXPLAIN REFRESH SLICE ops.paid", &[])
+        .await
+        .unwrap();
+    assert!(!explained.is_empty());
+    assert!(!explained[0].get::<_, String>("mode").is_empty());
+    let rolled = client
+        .query("ROLLBACK SLICE ops.paid TO VERSION 0", &[])
+        .await
+        .unwrap();
+    assert_eq!(rolled.len(), 1);
+    let unknown = client.query("SHOW SLICE HISTORY ops.nowhere", &[]).await;
+    assert_eq!(
+        unknown.unwrap_err().code().map(|c| c.code().to_string()),
+        Some("42P01".into())
+    );
 }
 
 #[tokio::test]
