@@ -1,15 +1,18 @@
 //! Serving under load: `ICEPIE_BENCH_CLIENTS` (32) PostgreSQL clients query slices over
 //! `icepie::server::serve_pg` for `ICEPIE_BENCH_SERVE_SECS` (30) seconds while another slice
-//! is refreshed in full again and again, vs as many tasks running the same queries on the
-//! embedded warehouse for as long (with the same refreshes): throughput and the p50 and p99
-//! latency of a query, server / embedded, and the errors (none wanted).
+//! is refreshed in full again and again, then as many Arrow Flight SQL clients over
+//! `serve_flight`, vs as many tasks running the same queries on the embedded warehouse for as
+//! long (with the same refreshes): throughput and the p50 and p99 latency of a query, server /
+//! embedded, and the errors (none wanted).
 
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use icepie::server::{serve_pg, ServerOptions};
+use arrow_flight::sql::client::FlightSqlServiceClient;
+use futures::TryStreamExt;
+use icepie::server::{serve_flight, serve_pg, ServerOptions};
 use icepie::IcePie;
 use tokio::net::TcpListener;
 use tokio_postgres::NoTls;
@@ -178,6 +181,57 @@ pub async fn serve(root: &Path) {
     };
     let _ = stop.send(());
     let _ = server.await;
+
+    // The same over Arrow Flight SQL: each client its own connection, each query a
+    // GetFlightInfo and a DoGet.
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("a port");
+    let port = listener.local_addr().expect("its address").port();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(serve_flight(
+        w.clone(),
+        listener,
+        ServerOptions::default(),
+        async {
+            let _ = stopped.await;
+        },
+    ));
+    let mut flights = Vec::new();
+    for _ in 0..clients {
+        let channel = tonic::transport::Endpoint::from_shared(format!("http://127.0.0.1:{port}"))
+            .expect("an endpoint")
+            .connect()
+            .await
+            .expect("connect");
+        flights.push(Arc::new(tokio::sync::Mutex::new(FlightSqlServiceClient::new(
+            channel,
+        ))));
+    }
+    let flights = Arc::new(flights);
+    let flown = load(&w, clients, secs, move |c, i| {
+        let client = flights[c].clone();
+        async move {
+            let mut client = client.lock().await;
+            let Ok(info) = client.execute(query(i), None).await else {
+                return false;
+            };
+            let Some(ticket) = info.endpoint.first().and_then(|e| e.ticket.clone()) else {
+                return false;
+            };
+            match client.do_get(ticket).await {
+                Ok(stream) => stream.try_collect::<Vec<_>>().await.is_ok(),
+                Err(_) => false,
+            }
+        }
+    })
+    .await;
+    let _ = stop.send(());
+    let _ = server.await;
+    report("serve", clients, &served, &embedded);
+    report("serve flight", clients, &flown, &embedded);
+}
+
+/// Prints `served` against `embedded`, with the targets.
+fn report(name: &str, clients: usize, served: &Load, embedded: &Load) {
     let line = |what: &str, ours: f64, base: f64, unit: &str, target: &str, above: bool| {
         println!(
             "{what:<34} server {ours:>9.1} {unit:<5} embedded {base:>9.1} {unit:<5} ratio {:>5.2} \
@@ -189,7 +243,7 @@ pub async fn serve(root: &Path) {
     let ms = |d: Duration| d.as_secs_f64() * 1e3;
     let throughput = served.per_second() / embedded.per_second();
     line(
-        &format!("serve: {clients} clients, queries/s"),
+        &format!("{name}: {clients} clients, queries/s"),
         served.per_second(),
         embedded.per_second(),
         "q/s",
@@ -201,7 +255,7 @@ pub async fn serve(root: &Path) {
         ms(served.p99) / ms(embedded.p99),
     );
     line(
-        "serve: p50 latency",
+        &format!("{name}: p50 latency"),
         ms(served.p50),
         ms(embedded.p50),
         "ms",
@@ -209,7 +263,7 @@ pub async fn serve(root: &Path) {
         p50 > 2.0,
     );
     line(
-        "serve: p99 latency",
+        &format!("{name}: p99 latency"),
         ms(served.p99),
         ms(embedded.p99),
         "ms",
@@ -217,7 +271,8 @@ pub async fn serve(root: &Path) {
         p99 > 2.0,
     );
     println!(
-        "serve: errors                      server {} of {}, embedded {} of {}{}",
+        "{:<34} server {} of {}, embedded {} of {}{}",
+        format!("{name}: errors"),
         served.errors,
         served.queries + served.errors,
         embedded.errors,
