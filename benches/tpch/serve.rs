@@ -202,9 +202,9 @@ pub async fn serve(root: &Path) {
             .connect()
             .await
             .expect("connect");
-        flights.push(Arc::new(tokio::sync::Mutex::new(FlightSqlServiceClient::new(
-            channel,
-        ))));
+        flights.push(Arc::new(tokio::sync::Mutex::new(
+            FlightSqlServiceClient::new(channel),
+        )));
     }
     let flights = Arc::new(flights);
     let flown = load(&w, clients, secs, move |c, i| {
