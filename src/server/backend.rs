@@ -641,7 +641,15 @@ pub(super) async fn execute(
     };
     // Its own pool: a statement that outgrows it fails alone, and spills where it can.
     let (state, plan) = frame.into_parts();
-    let state = crate::slice::budgeted_state(&state, limit)?;
+    let mut state = crate::slice::budgeted_state(&state, limit)?;
+    // Each sort partition sets aside this much for merging its spills, which cannot spill
+    // itself: kept to a quarter of the pool, shared by the partitions, so that a small
+    // limit still sorts.
+    let options = state.config_mut().options_mut();
+    let partitions = options.execution.target_partitions.max(1);
+    let share = usize::try_from(limit).unwrap_or(usize::MAX) / (4 * partitions);
+    options.execution.sort_spill_reservation_bytes =
+        options.execution.sort_spill_reservation_bytes.min(share);
     Ok(datafusion::dataframe::DataFrame::new(state, plan))
 }
 

@@ -79,9 +79,11 @@ pub struct ServerOptions {
     /// How many clients may be connected at once; more are refused with SQLSTATE 53300.
     /// `None` for no limit.
     pub max_connections: Option<usize>,
-    /// The memory, in bytes, each statement's query may use: operators that can spill to
-    /// disk (sorts, aggregations) do so beyond it, and a statement that still needs more
-    /// fails alone (SQLSTATE 53200) while the others go on. `None`: no limit of its own.
+    /// The memory, in bytes, of each statement's rows (its own pool): operators that can
+    /// spill to disk (sorts, aggregations) do so beyond it, and a statement that still needs
+    /// more fails alone (SQLSTATE 53200) while the others go on. What icepie's statements
+    /// compute before they answer (`INGEST … SELECT`, refreshes) keeps the warehouse's
+    /// limits. `None`: no pool of its own.
     pub statement_memory: Option<u64>,
     /// The certificate chain and private key (PEM) to encrypt connections with (TLS); `None`
     /// for plain connections. A PostgreSQL client asks for TLS (`sslmode=require`); a Flight

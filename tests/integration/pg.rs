@@ -749,9 +749,18 @@ async fn a_statement_beyond_its_memory_fails_alone() {
     let e = failed.expect_err("over its memory");
     assert_eq!(e.code().unwrap().code(), "53200", "{e:?}");
     assert!(small.is_ok(), "{small:?}");
-    // The greedy client's connection goes on.
+    // The greedy client's connection goes on, and a sort of twice its memory spills.
     assert_eq!(
         simple_rows(&greedy, "SELECT sum(value) FROM generate_series(1, 1000)").await,
         vec!["500500"]
+    );
+    assert_eq!(
+        simple_rows(
+            &greedy,
+            "SELECT max(r) FROM (SELECT row_number() OVER (ORDER BY value DESC) AS r \
+             FROM generate_series(1, 1000000))"
+        )
+        .await,
+        vec!["1000000"]
     );
 }

@@ -197,9 +197,9 @@ fn cli() -> Command {
                         .long("statement-memory")
                         .value_name("SIZE")
                         .help(
-                            "The memory each client statement may use (e.g. 512MB): beyond it, \
-                             sorts and aggregations spill to disk, and a statement that still \
-                             needs more fails alone",
+                            "The memory each client statement's rows may use (e.g. 512MB): \
+                             beyond it, sorts and aggregations spill to disk, and a statement \
+                             that still needs more fails alone",
                         ),
                 )
                 .arg(

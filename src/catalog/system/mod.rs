@@ -498,14 +498,9 @@ fn built(e: &HistoryEntry) -> Option<&Built> {
     e.meta.as_ref().and_then(|m| m.built.as_ref())
 }
 
-/// The table `slice_history('domain.name')` returns: one row per commit, newest first.
-pub(crate) fn history_table(
-    entries: &[HistoryEntry],
-    latest: i64,
-    retain_versions: usize,
-) -> Result<Arc<dyn TableProvider>> {
-    let kept = retained(latest, retain_versions);
-    let schema = Arc::new(Schema::new(vec![
+/// The columns of `slice_history('domain.name')` and `SHOW SLICE HISTORY`.
+pub(crate) fn history_schema() -> SchemaRef {
+    Arc::new(Schema::new(vec![
         Field::new("version", DataType::Int64, false),
         Field::new("committed_at", ts(), true),
         Field::new("kind", DataType::Utf8, false),
@@ -515,7 +510,17 @@ pub(crate) fn history_table(
         Field::new("mode", DataType::Utf8, true),
         Field::new("reason", DataType::Utf8, true),
         Field::new("read", DataType::Utf8, true),
-    ]));
+    ]))
+}
+
+/// The table `slice_history('domain.name')` returns: one row per commit, newest first.
+pub(crate) fn history_table(
+    entries: &[HistoryEntry],
+    latest: i64,
+    retain_versions: usize,
+) -> Result<Arc<dyn TableProvider>> {
+    let kept = retained(latest, retain_versions);
+    let schema = history_schema();
     Ok(mem(
         &schema,
         vec![
