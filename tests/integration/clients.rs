@@ -3,8 +3,9 @@
 //! password. `ICEPIE_PYTHON` names a Python with `psycopg[binary]`, `adbc-driver-flightsql` and
 //! `pyarrow` (`bash .ci/run` installs them in `~/.cache/icepie/venv`); `python3` by default.
 
-use icepie::server::{serve_flight, serve_pg, ServerOptions};
-use tokio::net::TcpListener;
+use icepie::server::ServerOptions;
+
+use crate::support::{serve, Protocol};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn python_drivers_create_query_and_list_slices() {
@@ -13,27 +14,9 @@ async fn python_drivers_create_query_and_list_slices() {
         password: Some("s3cret".into()),
         ..ServerOptions::default()
     };
-    let pg = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let flight = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let ports = (
-        pg.local_addr().unwrap().port(),
-        flight.local_addr().unwrap().port(),
-    );
-    let (stop, stopped) = tokio::sync::watch::channel(());
-    for (listener, is_pg) in [(pg, true), (flight, false)] {
-        let (warehouse, options, mut stopped) =
-            (warehouse.clone(), options.clone(), stopped.clone());
-        tokio::spawn(async move {
-            let stop = async move {
-                let _ = stopped.changed().await;
-            };
-            match is_pg {
-                true => serve_pg(warehouse, listener, options, stop).await,
-                false => serve_flight(warehouse, listener, options, stop).await,
-            }
-            .unwrap();
-        });
-    }
+    let pg = serve(Protocol::Pg, warehouse.clone(), options.clone()).await;
+    let flight = serve(Protocol::Flight, warehouse, options).await;
+    let ports = (pg.addr.port(), flight.addr.port());
     let python = std::env::var("ICEPIE_PYTHON").unwrap_or_else(|_| "python3".into());
     let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/clients/drivers.py");
     let run = python.clone();
@@ -53,6 +36,5 @@ async fn python_drivers_create_query_and_list_slices() {
         "the Python drivers' checks failed (they need psycopg[binary], adbc-driver-flightsql and \
          pyarrow: bash .ci/run installs them, or set ICEPIE_PYTHON):\n{stdout}\n{stderr}"
     );
-    drop(stop);
-    drop(dir);
+    drop((pg, flight, dir));
 }

@@ -2,8 +2,6 @@
 //! client: statements, prepared statements with parameters, catalog metadata, errors,
 //! authentication, the server's file policy and TLS (for both servers).
 
-use std::net::SocketAddr;
-
 use arrow_flight::error::FlightError;
 use arrow_flight::sql::client::FlightSqlServiceClient;
 use arrow_flight::sql::CommandGetTables;
@@ -11,34 +9,27 @@ use arrow_flight::FlightInfo;
 use datafusion::arrow::array::{Array, Int64Array, RecordBatch, StringArray};
 use datafusion::arrow::util::pretty::pretty_format_batches;
 use futures::TryStreamExt;
-use icepie::server::{serve_flight, serve_pg, ServerOptions, TlsFiles};
-use tokio::net::TcpListener;
+use icepie::server::{ServerOptions, TlsFiles};
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
 
-struct Server {
-    addr: SocketAddr,
-    _dir: tempfile::TempDir,
-    _stop: tokio::sync::oneshot::Sender<()>,
-}
+use crate::support::{serve, Protocol, Served};
 
+type Server = Served;
+
+/// A Flight SQL server on a fresh warehouse.
 async fn start(options: ServerOptions) -> Server {
     let (dir, warehouse) = crate::support::open_with(&[]).await;
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    tokio::spawn(async move {
-        let stopped = async {
-            let _ = stopped.await;
-        };
-        serve_flight(warehouse, listener, options, stopped)
-            .await
-            .unwrap();
-    });
-    Server {
-        addr,
-        _dir: dir,
-        _stop: stop,
-    }
+    serve(Protocol::Flight, warehouse, options)
+        .await
+        .keeping(dir)
+}
+
+/// Runs `sql` as an update (DoPut): the rows it wrote, or -1.
+async fn update(client: &mut FlightSqlServiceClient<Channel>, sql: &str) -> i64 {
+    client
+        .execute_update(sql.to_string(), None)
+        .await
+        .unwrap_or_else(|e| panic!("{sql}: {e}"))
 }
 
 async fn client(server: &Server) -> FlightSqlServiceClient<Channel> {
@@ -108,14 +99,11 @@ async fn a_flight_sql_client_runs_icepie_statements_and_streams_results() {
     .await
     .unwrap();
     assert!(loaded.contains("| 3 "), "{loaded}");
-    let created = client
-        .execute_update(
-            "CREATE SLICE ops.paid AS SELECT id, amount FROM core.orders WHERE status = 'paid'"
-                .into(),
-            None,
-        )
-        .await
-        .unwrap();
+    let created = update(
+        &mut client,
+        "CREATE SLICE ops.paid AS SELECT id, amount FROM core.orders WHERE status = 'paid'",
+    )
+    .await;
     assert_eq!(created, -1, "DDL counts no rows");
     let rows = query(&mut client, "SELECT id, amount FROM ops.paid ORDER BY id")
         .await
@@ -172,17 +160,12 @@ async fn a_flight_sql_client_runs_icepie_statements_and_streams_results() {
 async fn prepared_statements_bind_parameters() {
     let server = start(ServerOptions::default()).await;
     let mut client = client(&server).await;
-    client
-        .execute_update("CREATE CORE TABLE t (id BIGINT, name TEXT)".into(), None)
-        .await
-        .unwrap();
-    client
-        .execute_update(
-            "INGEST INTO t VALUES (1, 'one'), (2, 'two'), (3, 'three')".into(),
-            None,
-        )
-        .await
-        .unwrap();
+    update(&mut client, "CREATE CORE TABLE t (id BIGINT, name TEXT)").await;
+    update(
+        &mut client,
+        "INGEST INTO t VALUES (1, 'one'), (2, 'two'), (3, 'three')",
+    )
+    .await;
     let mut prepared = client
         .prepare(
             "SELECT name FROM core.t WHERE id > $1 ORDER BY id".into(),
@@ -224,18 +207,9 @@ async fn prepared_statements_bind_parameters() {
     assert_eq!(names, vec!["two", "three"]);
     prepared.close().await.unwrap();
     // An INSERT into a scratch table counts its rows.
-    client
-        .execute_update("CREATE SCHEMA scratch".into(), None)
-        .await
-        .unwrap();
-    client
-        .execute_update("CREATE TABLE scratch.m (x BIGINT)".into(), None)
-        .await
-        .unwrap();
-    let inserted = client
-        .execute_update("INSERT INTO scratch.m VALUES (1), (2)".into(), None)
-        .await
-        .unwrap();
+    update(&mut client, "CREATE SCHEMA scratch").await;
+    update(&mut client, "CREATE TABLE scratch.m (x BIGINT)").await;
+    let inserted = update(&mut client, "INSERT INTO scratch.m VALUES (1), (2)").await;
     assert_eq!(inserted, 2);
 }
 
@@ -243,17 +217,12 @@ async fn prepared_statements_bind_parameters() {
 async fn catalog_metadata_lists_core_tables_slices_and_system_tables() {
     let server = start(ServerOptions::default()).await;
     let mut client = client(&server).await;
-    client
-        .execute_update("CREATE CORE TABLE orders (id BIGINT)".into(), None)
-        .await
-        .unwrap();
-    client
-        .execute_update(
-            "CREATE SLICE sales.recent AS SELECT id FROM core.orders".into(),
-            None,
-        )
-        .await
-        .unwrap();
+    update(&mut client, "CREATE CORE TABLE orders (id BIGINT)").await;
+    update(
+        &mut client,
+        "CREATE SLICE sales.recent AS SELECT id FROM core.orders",
+    )
+    .await;
     let info = client.get_catalogs().await.unwrap();
     let catalogs = pretty_format_batches(&fetch(&mut client, info).await.unwrap())
         .unwrap()
@@ -316,18 +285,9 @@ async fn catalog_metadata_lists_core_tables_slices_and_system_tables() {
 async fn errors_carry_a_grpc_code_and_their_sqlstate() {
     let server = start(ServerOptions::default()).await;
     let mut client = client(&server).await;
-    client
-        .execute_update("CREATE CORE TABLE t (x BIGINT)".into(), None)
-        .await
-        .unwrap();
-    client
-        .execute_update("CREATE SLICE s AS SELECT x FROM core.t".into(), None)
-        .await
-        .unwrap();
-    client
-        .execute_update("FREEZE SLICE s".into(), None)
-        .await
-        .unwrap();
+    update(&mut client, "CREATE CORE TABLE t (x BIGINT)").await;
+    update(&mut client, "CREATE SLICE s AS SELECT x FROM core.t").await;
+    update(&mut client, "FREEZE SLICE s").await;
     for (sql, code, state) in [
         ("SELECT * FROM nowhere", tonic::Code::NotFound, "42P01"),
         ("SELEC 1", tonic::Code::InvalidArgument, "42601"),
@@ -397,14 +357,8 @@ async fn flight_clients_reach_only_allowed_files_and_a_read_only_server_refuses_
     })
     .await;
     let mut client = client(&server).await;
-    client
-        .execute_update("CREATE CORE TABLE t (x BIGINT)".into(), None)
-        .await
-        .unwrap();
-    client
-        .execute_update(format!("INGEST INTO t FROM '{l}/day1.csv'"), None)
-        .await
-        .unwrap();
+    update(&mut client, "CREATE CORE TABLE t (x BIGINT)").await;
+    update(&mut client, &format!("INGEST INTO t FROM '{l}/day1.csv'")).await;
     for refused in [
         "INGEST INTO t FROM '/etc/passwd' FORMAT csv".to_string(),
         format!("INGEST INTO t FROM '{l}/../../etc/passwd' FORMAT csv"),
@@ -533,21 +487,17 @@ async fn both_servers_speak_tls_with_the_given_certificate() {
 
     // PostgreSQL over TLS (sslmode=require).
     let (dir, warehouse) = crate::support::open_with(&[]).await;
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let (_stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    tokio::spawn(async move {
-        let stopped = async {
-            let _ = stopped.await;
-        };
-        let options = ServerOptions {
+    let pg_server = serve(
+        Protocol::Pg,
+        warehouse,
+        ServerOptions {
             tls: Some(tls_files()),
             ..ServerOptions::default()
-        };
-        serve_pg(warehouse, listener, options, stopped)
-            .await
-            .unwrap();
-    });
+        },
+    )
+    .await
+    .keeping(dir);
+    let addr = pg_server.addr;
     let mut roots = tokio_rustls::rustls::RootCertStore::empty();
     use tokio_rustls::rustls::pki_types::pem::PemObject;
     for cert in tokio_rustls::rustls::pki_types::CertificateDer::pem_slice_iter(&test_ca()) {
@@ -571,5 +521,4 @@ async fn both_servers_speak_tls_with_the_given_certificate() {
     tokio::spawn(connection);
     let row = client.query_one("SELECT 41 + 1", &[]).await.unwrap();
     assert_eq!(row.get::<_, i64>(0), 42);
-    drop(dir);
 }

@@ -2,19 +2,15 @@
 //! tokio-postgres, which speaks the simple protocol (`simple_query`, `batch_execute`) and the
 //! extended one (`query` with parameters, binary results).
 
-use std::net::SocketAddr;
-
 use icepie::server::{serve_pg, ServerOptions};
+
+use crate::support::{serve, Protocol, Served};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 use tokio_postgres::{Client, NoTls, SimpleQueryMessage};
 
-/// A server on a fresh warehouse, on a free loopback port; it stops when the sender drops.
-struct Server {
-    addr: SocketAddr,
-    _dir: tempfile::TempDir,
-    _stop: tokio::sync::oneshot::Sender<()>,
-}
+/// A server on a fresh warehouse, on a free loopback port; it stops when dropped.
+type Server = Served;
 
 async fn start(password: Option<&str>) -> Server {
     start_with(ServerOptions {
@@ -26,31 +22,7 @@ async fn start(password: Option<&str>) -> Server {
 
 async fn start_with(options: ServerOptions) -> Server {
     let (dir, warehouse) = crate::support::open_with(&[]).await;
-    serve(dir, warehouse, options).await
-}
-
-/// Serves `warehouse` (in `dir`) with `options`.
-async fn serve(
-    dir: tempfile::TempDir,
-    warehouse: icepie::IcePie,
-    options: ServerOptions,
-) -> Server {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    tokio::spawn(async move {
-        let stopped = async {
-            let _ = stopped.await;
-        };
-        serve_pg(warehouse, listener, options, stopped)
-            .await
-            .unwrap();
-    });
-    Server {
-        addr,
-        _dir: dir,
-        _stop: stop,
-    }
+    serve(Protocol::Pg, warehouse, options).await.keeping(dir)
 }
 
 fn config(server: &Server, password: Option<&str>) -> tokio_postgres::Config {
@@ -494,7 +466,7 @@ async fn a_read_only_server_refuses_writes() {
         read_only: true,
         ..ServerOptions::default()
     };
-    let server = serve(dir, warehouse, options).await;
+    let server = serve(Protocol::Pg, warehouse, options).await.keeping(dir);
     let client = connect(&server, None).await.unwrap();
     assert_eq!(simple_rows(&client, "SELECT 1 + 1").await, vec!["2"]);
     assert_eq!(simple_rows(&client, "SHOW SLICES").await.len(), 1);

@@ -430,3 +430,54 @@ pub fn data_files(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
 pub async fn let_files_age() {
     tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
 }
+
+/// Which of icepie's servers [`serve`] runs.
+#[derive(Debug, Clone, Copy)]
+pub enum Protocol {
+    Pg,
+    Flight,
+}
+
+/// A server on a free loopback port; it stops when this is dropped, and keeps its
+/// warehouse's directory until then.
+pub struct Served {
+    pub addr: std::net::SocketAddr,
+    _dir: Option<tempfile::TempDir>,
+    _stop: tokio::sync::watch::Sender<()>,
+}
+
+impl Served {
+    /// Keeps `dir` (the warehouse's) as long as the server.
+    pub fn keeping(mut self, dir: tempfile::TempDir) -> Self {
+        self._dir = Some(dir);
+        self
+    }
+}
+
+/// Serves `warehouse` with `protocol` and `options` on 127.0.0.1.
+pub async fn serve(
+    protocol: Protocol,
+    warehouse: IcePie,
+    options: icepie::server::ServerOptions,
+) -> Served {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (stop, mut stopped) = tokio::sync::watch::channel(());
+    tokio::spawn(async move {
+        let stop = async move {
+            let _ = stopped.changed().await;
+        };
+        match protocol {
+            Protocol::Pg => icepie::server::serve_pg(warehouse, listener, options, stop).await,
+            Protocol::Flight => {
+                icepie::server::serve_flight(warehouse, listener, options, stop).await
+            }
+        }
+        .unwrap();
+    });
+    Served {
+        addr,
+        _dir: None,
+        _stop: stop,
+    }
+}
