@@ -20,7 +20,7 @@ pub mod table;
 pub mod time_travel;
 
 use std::collections::HashMap;
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, OnceLock, RwLock};
 
 use async_trait::async_trait;
 use datafusion::catalog::{CatalogProvider, SchemaProvider, TableProvider};
@@ -42,6 +42,8 @@ pub(crate) fn df(e: IcePieError) -> DataFusionError {
 pub struct IcePieCatalog {
     shared: Arc<Shared>,
     scratch: RwLock<HashMap<String, Arc<dyn SchemaProvider>>>,
+    /// Schema `pg_catalog`, set once the session that lists the catalogs exists.
+    pg_catalog: OnceLock<Arc<dyn SchemaProvider>>,
 }
 
 impl IcePieCatalog {
@@ -49,7 +51,18 @@ impl IcePieCatalog {
         Self {
             shared,
             scratch: RwLock::new(HashMap::new()),
+            pg_catalog: OnceLock::new(),
         }
+    }
+
+    /// Gives the catalog its schema `pg_catalog`, which lists the tables of `catalogs` (the
+    /// session's catalogs, this one among them).
+    pub(crate) fn set_pg_catalog(
+        &self,
+        catalogs: &Arc<dyn datafusion::catalog::CatalogProviderList>,
+    ) -> DFResult<()> {
+        let _ = self.pg_catalog.set(pg_catalog::schema(catalogs)?);
+        Ok(())
     }
 }
 
@@ -87,9 +100,7 @@ impl CatalogProvider for IcePieCatalog {
         match name {
             CORE_SCHEMA => Some(Arc::new(CoreSchema(self.shared.clone()))),
             SYSTEM_SCHEMA => Some(Arc::new(system::SystemSchema::new(self.shared.clone()))),
-            pg_catalog::PG_CATALOG => {
-                Some(Arc::new(pg_catalog::PgCatalogSchema(self.shared.clone())))
-            }
+            pg_catalog::PG_CATALOG => self.pg_catalog.get().cloned(),
             _ => {
                 // A domain in the warehouse wins over a scratch schema of the same name that
                 // this session made before another process created the domain: the

@@ -1,212 +1,179 @@
-//! Schema `pg_catalog`: the few PostgreSQL catalog tables and functions that clients of the
-//! PostgreSQL server query to list what there is (psql's `\d`, table pickers): `pg_namespace`
-//! (the schemas), `pg_class` (core tables as tables, slices as materialized views, system
-//! tables as views), an empty `pg_am`, and the functions `pg_catalog.pg_get_userbyid` and
-//! `pg_catalog.pg_table_is_visible`. Object ids are stable hashes of the names, so the tables
-//! join as PostgreSQL's do.
+//! Schema `pg_catalog`: PostgreSQL's catalog tables and functions, as the clients of the
+//! PostgreSQL server query them (psql's `\d`, DBeaver's, Metabase's and Grafana's browsers).
+//!
+//! They come from `datafusion-pg-catalog`, which datafusion-postgres maintains for this
+//! DataFusion version: `pg_class`, `pg_namespace`, `pg_attribute`, `pg_database` and
+//! `pg_tables` describe the warehouse's tables (core tables, slices and system tables, whose
+//! columns are read from each table's current schema); the other tables hold PostgreSQL's own
+//! constants (`pg_type`, `pg_proc`, ...). The functions (`format_type`, `pg_get_userbyid`,
+//! `has_table_privilege`, `current_schemas`, ...) and the planner of PostgreSQL's oid types
+//! (`regclass`, `regtype`, ...) are installed into the session by [`install`].
 
-use std::sync::Arc;
+use std::sync::{Arc, LazyLock, Weak};
 
 use async_trait::async_trait;
-use datafusion::arrow::array::{ArrayRef, BooleanArray, Int64Array, StringArray};
-use datafusion::arrow::datatypes::{DataType, Field, Schema, SchemaRef};
-use datafusion::catalog::{SchemaProvider, Session, TableProvider};
-use datafusion::datasource::{MemTable, TableType};
-use datafusion::error::Result as DFResult;
-use datafusion::logical_expr::{
-    ColumnarValue, Expr, ScalarFunctionArgs, ScalarUDF, ScalarUDFImpl, Signature, Volatility,
-};
-use datafusion::physical_plan::ExecutionPlan;
+use datafusion::arrow::datatypes::{DataType, Schema, SchemaRef};
+use datafusion::catalog::{CatalogProviderList, SchemaProvider};
+use datafusion::common::ScalarValue;
+use datafusion::datasource::TableType;
+use datafusion::error::{DataFusionError, Result as DFResult};
+use datafusion::logical_expr::{create_udf, ColumnarValue, Volatility};
+use datafusion::prelude::SessionContext;
+use datafusion_pg_catalog::pg_catalog as pg;
+use datafusion_pg_catalog::pg_catalog::catalog_info::CatalogInfo;
 
-use super::system;
-use crate::engine::state::Shared;
-use crate::storage::names::{CORE_SCHEMA, SYSTEM_SCHEMA};
+use crate::storage::names::{DEFAULT_DOMAIN, SYSTEM_SCHEMA};
 
 /// The schema's name.
 pub const PG_CATALOG: &str = "pg_catalog";
 
-const TABLES: [&str; 3] = ["pg_am", "pg_class", "pg_namespace"];
+/// PostgreSQL's constant catalog tables, read once per process from the crate's embedded
+/// Arrow files.
+static CONSTANTS: LazyLock<Result<Arc<pg::PgCatalogStaticTables>, String>> = LazyLock::new(|| {
+    pg::PgCatalogStaticTables::try_new()
+        .map(Arc::new)
+        .map_err(|e| e.to_string())
+});
 
-/// The owner every object has.
-const OWNER: &str = "icepie";
-
-/// A stable object id for `name` (FNV-1a, 31 bits: PostgreSQL's oids are unsigned 32-bit).
-fn oid(name: &str) -> i64 {
-    let h = name.bytes().fold(0x811c_9dc5_u32, |h, b| {
-        (h ^ u32::from(b)).wrapping_mul(0x0100_0193)
-    });
-    i64::from(h & 0x7fff_ffff)
-}
-
-/// Schema `pg_catalog`.
-#[derive(Debug)]
-pub(crate) struct PgCatalogSchema(pub Arc<Shared>);
-
-#[async_trait]
-impl SchemaProvider for PgCatalogSchema {
-    fn table_names(&self) -> Vec<String> {
-        TABLES.iter().map(|t| t.to_string()).collect()
-    }
-
-    async fn table(&self, name: &str) -> DFResult<Option<Arc<dyn TableProvider>>> {
-        Ok(TABLES.contains(&name).then(|| {
-            Arc::new(PgTable {
-                shared: self.0.clone(),
-                name: name.to_string(),
-            }) as Arc<dyn TableProvider>
-        }))
-    }
-
-    fn table_exist(&self, name: &str) -> bool {
-        TABLES.contains(&name)
-    }
-}
-
-/// One catalog table, computed from the warehouse's listing when scanned.
-#[derive(Debug)]
-struct PgTable {
-    shared: Arc<Shared>,
-    name: String,
-}
-
-fn schema_of(name: &str) -> SchemaRef {
-    let int = |n: &str| Field::new(n, DataType::Int64, false);
-    let text = |n: &str| Field::new(n, DataType::Utf8, false);
-    Arc::new(Schema::new(match name {
-        "pg_namespace" => vec![int("oid"), text("nspname"), int("nspowner")],
-        "pg_class" => vec![
-            int("oid"),
-            text("relname"),
-            int("relnamespace"),
-            text("relkind"),
-            int("relowner"),
-            int("relam"),
-        ],
-        _ => vec![int("oid"), text("amname")],
-    }))
-}
-
-#[async_trait]
-impl TableProvider for PgTable {
-    fn schema(&self) -> SchemaRef {
-        schema_of(&self.name)
-    }
-
-    fn table_type(&self) -> TableType {
-        TableType::View
-    }
-
-    async fn scan(
-        &self,
-        state: &dyn Session,
-        projection: Option<&Vec<usize>>,
-        filters: &[Expr],
-        limit: Option<usize>,
-    ) -> DFResult<Arc<dyn ExecutionPlan>> {
-        self.shared.refresh_listing().await.map_err(super::df)?;
-        let listing = self.shared.listing();
-        let mut namespaces = vec![
-            CORE_SCHEMA.to_string(),
-            SYSTEM_SCHEMA.to_string(),
-            PG_CATALOG.to_string(),
-            "information_schema".to_string(),
-        ];
-        namespaces.extend(listing.domains.keys().cloned());
-        // (name, namespace, kind)
-        let mut classes: Vec<(String, String, &str)> = Vec::new();
-        for t in &listing.core {
-            classes.push((t.clone(), CORE_SCHEMA.into(), "r"));
-        }
-        for (domain, slices) in &listing.domains {
-            for s in slices {
-                classes.push((s.clone(), domain.clone(), "m"));
-            }
-        }
-        for t in system::TABLES {
-            classes.push((t.to_string(), SYSTEM_SCHEMA.into(), "v"));
-        }
-        for t in TABLES {
-            classes.push((t.to_string(), PG_CATALOG.into(), "v"));
-        }
-        let ints = |v: Vec<i64>| Arc::new(Int64Array::from(v)) as ArrayRef;
-        let texts = |v: Vec<String>| Arc::new(StringArray::from(v)) as ArrayRef;
-        let columns: Vec<ArrayRef> = match self.name.as_str() {
-            "pg_namespace" => vec![
-                ints(namespaces.iter().map(|n| oid(n)).collect()),
-                texts(namespaces.clone()),
-                ints(vec![oid(OWNER); namespaces.len()]),
-            ],
-            "pg_class" => vec![
-                ints(
-                    classes
-                        .iter()
-                        .map(|(n, s, _)| oid(&format!("{s}.{n}")))
-                        .collect(),
-                ),
-                texts(classes.iter().map(|(n, _, _)| n.clone()).collect()),
-                ints(classes.iter().map(|(_, s, _)| oid(s)).collect()),
-                texts(classes.iter().map(|(_, _, k)| k.to_string()).collect()),
-                ints(vec![oid(OWNER); classes.len()]),
-                ints(vec![0; classes.len()]),
-            ],
-            _ => vec![ints(vec![]), texts(vec![])],
-        };
-        let schema = self.schema();
-        let batch = datafusion::arrow::record_batch::RecordBatch::try_new(schema.clone(), columns)?;
-        MemTable::try_new(schema, vec![vec![batch]])?
-            .scan(state, projection, filters, limit)
-            .await
-    }
-}
-
-/// `pg_catalog.pg_get_userbyid(oid)`: the owner's name (every object's is `icepie`), and
-/// `pg_catalog.pg_table_is_visible(oid)`: true (every schema is on the search path).
-#[derive(Debug, PartialEq, Eq, Hash)]
-struct PgFunction {
-    name: &'static str,
-    signature: Signature,
-}
-
-impl ScalarUDFImpl for PgFunction {
-    fn name(&self) -> &str {
-        self.name
-    }
-
-    fn signature(&self) -> &Signature {
-        &self.signature
-    }
-
-    fn return_type(&self, _args: &[DataType]) -> DFResult<DataType> {
-        Ok(match self.name.ends_with("pg_get_userbyid") {
-            true => DataType::Utf8,
-            false => DataType::Boolean,
-        })
-    }
-
-    fn invoke_with_args(&self, args: ScalarFunctionArgs) -> DFResult<ColumnarValue> {
-        let n = args.number_rows;
-        Ok(ColumnarValue::Array(
-            match self.name.ends_with("pg_get_userbyid") {
-                true => Arc::new(StringArray::from(vec![OWNER; n])) as ArrayRef,
-                false => Arc::new(BooleanArray::from(vec![true; n])),
-            },
-        ))
-    }
-}
-
-/// The functions of `pg_catalog`, as clients call them (qualified: DataFusion looks a
-/// qualified function up by its whole name).
-pub(crate) fn functions() -> Vec<ScalarUDF> {
-    [
-        "pg_catalog.pg_get_userbyid",
-        "pg_catalog.pg_table_is_visible",
-    ]
-    .into_iter()
-    .map(|name| {
-        ScalarUDF::new_from_impl(PgFunction {
-            name,
-            signature: Signature::any(1, Volatility::Stable),
-        })
+fn constants() -> DFResult<Arc<pg::PgCatalogStaticTables>> {
+    CONSTANTS.clone().map_err(|e| {
+        DataFusionError::Internal(format!("PostgreSQL's catalog constants did not load: {e}"))
     })
-    .collect()
+}
+
+/// The schema `pg_catalog` of a session whose catalogs are `catalogs`.
+///
+/// It holds the catalogs weakly: the session's catalog holds this schema.
+pub(crate) fn schema(catalogs: &Arc<dyn CatalogProviderList>) -> DFResult<Arc<dyn SchemaProvider>> {
+    Ok(Arc::new(pg::PgCatalogSchemaProvider::try_new(
+        Catalogs(Arc::downgrade(catalogs)),
+        constants()?,
+        pg::context::EmptyContextProvider,
+    )?))
+}
+
+/// Installs the functions PostgreSQL's clients call into `ctx` (the type planner of the oid
+/// types is set where the session state is built: [`type_planner`]).
+pub(crate) fn install(ctx: &SessionContext) -> DFResult<()> {
+    use datafusion_pg_catalog::pg_catalog::{
+        array_bounds_udf, format_type, has_privilege_udf, pg_get_expr_udf, quote_ident_udf,
+    };
+    let constants = constants()?;
+    for f in [
+        pg::create_current_database_udf(super::CATALOG_NAME),
+        pg::create_current_schemas_udf(),
+        pg::create_pg_get_userbyid_udf(),
+        has_privilege_udf::create_has_privilege_udf("has_table_privilege"),
+        has_privilege_udf::create_has_privilege_udf("has_schema_privilege"),
+        has_privilege_udf::create_has_privilege_udf("has_database_privilege"),
+        has_privilege_udf::create_has_privilege_udf("has_any_column_privilege"),
+        pg::create_pg_table_is_visible(),
+        format_type::create_format_type_udf(),
+        pg::create_session_user_udf(),
+        pg_get_expr_udf::create_pg_get_expr_udf(),
+        pg::create_pg_get_partkeydef_udf(),
+        pg::create_pg_relation_is_publishable_udf(),
+        pg::create_pg_get_statisticsobjdef_columns_udf(),
+        pg::create_pg_encoding_to_char_udf(),
+        pg::create_pg_backend_pid_udf(),
+        pg::create_pg_relation_size_udf(),
+        pg::create_pg_total_relation_size_udf(),
+        pg::create_pg_stat_get_numscans(),
+        pg::create_pg_get_constraintdef(),
+        pg::create_pg_get_partition_ancestors_udf(),
+        quote_ident_udf::create_quote_ident_udf(),
+        quote_ident_udf::create_parse_ident_udf(),
+        array_bounds_udf::create_array_upper_udf(),
+        array_bounds_udf::create_array_lower_udf(),
+        current_schema(),
+    ] {
+        ctx.register_udf(f);
+    }
+    ctx.register_udtf("pg_get_keywords", constants.pg_get_keywords.clone());
+    // generate_series/range take PostgreSQL's int4 bounds too.
+    pg::generate_series_arg_coercion::CoerceIntArgsToBigInt::widen(ctx);
+    Ok(())
+}
+
+/// The planner of PostgreSQL's oid type names (`::regclass`, `::pg_catalog.regtype`, ...).
+pub(crate) fn type_planner() -> Arc<dyn datafusion::logical_expr::planner::TypePlanner> {
+    Arc::new(pg::oid_type_planner::PgOidTypePlanner)
+}
+
+/// `current_schema()`: the schema unqualified names resolve in, the default slice domain
+/// (the crate's says `public`, which icepie has not).
+fn current_schema() -> datafusion::logical_expr::ScalarUDF {
+    create_udf(
+        "current_schema",
+        vec![],
+        DataType::Utf8,
+        Volatility::Stable,
+        Arc::new(|_| {
+            Ok(ColumnarValue::Scalar(ScalarValue::Utf8(Some(
+                DEFAULT_DOMAIN.to_string(),
+            ))))
+        }),
+    )
+}
+
+/// The session's catalogs as `pg_catalog` lists them. A table whose schema cannot be read
+/// (a damaged slice) is listed without columns rather than failing the client's query.
+#[derive(Clone, Debug)]
+struct Catalogs(Weak<dyn CatalogProviderList>);
+
+impl Catalogs {
+    fn get(&self) -> DFResult<Arc<dyn CatalogProviderList>> {
+        self.0
+            .upgrade()
+            .ok_or_else(|| DataFusionError::Execution("the warehouse was closed".into()))
+    }
+}
+
+#[async_trait]
+impl CatalogInfo for Catalogs {
+    async fn catalog_names(&self) -> DFResult<Vec<String>> {
+        CatalogInfo::catalog_names(&self.get()?).await
+    }
+
+    async fn schema_names(&self, catalog: &str) -> DFResult<Option<Vec<String>>> {
+        CatalogInfo::schema_names(&self.get()?, catalog).await
+    }
+
+    async fn table_names(&self, catalog: &str, schema: &str) -> DFResult<Option<Vec<String>>> {
+        CatalogInfo::table_names(&self.get()?, catalog, schema).await
+    }
+
+    async fn table_schema(
+        &self,
+        catalog: &str,
+        schema: &str,
+        table: &str,
+    ) -> DFResult<Option<SchemaRef>> {
+        let catalogs = self.get()?;
+        Ok(
+            match CatalogInfo::table_schema(&catalogs, catalog, schema, table).await {
+                Ok(found) => found,
+                Err(_) => Some(Arc::new(Schema::empty())),
+            },
+        )
+    }
+
+    async fn table_type(
+        &self,
+        catalog: &str,
+        schema: &str,
+        table: &str,
+    ) -> DFResult<Option<TableType>> {
+        if schema == SYSTEM_SCHEMA {
+            // Computed from the warehouse's state when read.
+            return Ok(Some(TableType::View));
+        }
+        let catalogs = self.get()?;
+        Ok(
+            match CatalogInfo::table_type(&catalogs, catalog, schema, table).await {
+                Ok(found) => found,
+                Err(_) => Some(TableType::Base),
+            },
+        )
+    }
 }

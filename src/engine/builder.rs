@@ -98,14 +98,14 @@ impl IcePieBuilder {
             .with_runtime_env(runtime)
             .with_query_planner(Arc::new(planner))
             .with_physical_optimizer_rule(Arc::new(yield_points::YieldAfterJoins))
+            .with_type_planner(crate::catalog::pg_catalog::type_planner())
             .build();
         let ctx = SessionContext::new_with_state(state);
         let shared = Arc::new(Shared::new(warehouse, options, usage.clone()));
         let catalog = Arc::new(IcePieCatalog::new(shared.clone()));
         ctx.register_catalog(CATALOG_NAME, catalog.clone());
-        for f in crate::catalog::pg_catalog::functions() {
-            ctx.register_udf(f);
-        }
+        catalog.set_pg_catalog(ctx.state_ref().read().catalog_list())?;
+        crate::catalog::pg_catalog::install(&ctx)?;
         for (name, function) in PinnedFunction::all(&shared) {
             ctx.register_udtf(name, function);
         }

@@ -3,7 +3,7 @@
 //! parameters, portals), rows streamed batch by batch.
 
 use std::fmt::Debug;
-use std::sync::Arc;
+use std::sync::{Arc, LazyLock};
 
 use async_trait::async_trait;
 use datafusion::arrow::datatypes::{DataType, Schema, SchemaRef};
@@ -11,6 +11,7 @@ use datafusion::common::{ParamValues, ScalarValue};
 use datafusion::logical_expr::LogicalPlan;
 use datafusion::sql::parser::Statement as DFStatement;
 use datafusion::sql::sqlparser::ast::Statement as SqlStatement;
+use datafusion_pg_catalog::sql::PostgresCompatibilityParser;
 use futures::{Sink, SinkExt, StreamExt, TryStreamExt};
 use pgwire::api::portal::{Format, Portal, PortalExecutionState};
 use pgwire::api::query::{
@@ -100,7 +101,7 @@ impl QueryParser for Parser {
     where
         C: ClientInfo + Unpin + Send + Sync,
     {
-        let mut statements = IcePie::parse(sql).map_err(|e| user_error(&e))?;
+        let mut statements = parse_pg(sql).map_err(|e| user_error(&e))?;
         if statements.len() > 1 {
             return Err(user_error(&IcePieError::Syntax(
                 "a prepared statement holds one statement; send the others separately".into(),
@@ -205,7 +206,7 @@ impl SimpleQueryHandler for Backend {
         }
         let mut status = client.transaction_status();
         client.set_state(PgWireConnectionState::QueryInProgress);
-        match IcePie::parse(&query.query) {
+        match parse_pg(&query.query) {
             Ok(statements) if statements.is_empty() => {
                 client
                     .feed(PgWireBackendMessage::EmptyQueryResponse(
@@ -554,6 +555,50 @@ pub(super) enum Session {
     Rollback,
     /// `SET` of a PostgreSQL session variable.
     Set,
+}
+
+/// The statements of a PostgreSQL client's text. A text of queries only is parsed as
+/// PostgreSQL parses it and goes through datafusion-pg-catalog's rewrites, which turn what
+/// psql, DBeaver, Metabase and Grafana ask of their catalogs into queries DataFusion runs
+/// (`COLLATE pg_catalog.default`, `OPERATOR(pg_catalog.~)`, `'name'::regclass`, a few whole
+/// queries answered empty, ...). Any other text, icepie's statements among them, is parsed as
+/// everywhere else.
+pub(super) fn parse_pg(sql: &str) -> Result<Vec<Statement>, IcePieError> {
+    static POSTGRES: LazyLock<PostgresCompatibilityParser> =
+        LazyLock::new(PostgresCompatibilityParser::new);
+    if let Ok(parsed) = POSTGRES.parse(sql) {
+        if !parsed.is_empty() && parsed.iter().all(|s| matches!(s, SqlStatement::Query(_))) {
+            return Ok(parsed
+                .into_iter()
+                .map(|s| Statement::DataFusion(Box::new(DFStatement::Statement(Box::new(s)))))
+                .collect());
+        }
+    }
+    IcePie::parse(sql)?.into_iter().map(show_postgres).collect()
+}
+
+/// `SHOW` of a PostgreSQL setting ([`super::postgres_setting`]) as the query of its one row;
+/// any other statement as it is.
+fn show_postgres(statement: Statement) -> Result<Statement, IcePieError> {
+    let Statement::DataFusion(inner) = &statement else {
+        return Ok(statement);
+    };
+    let DFStatement::Statement(sql) = &**inner else {
+        return Ok(statement);
+    };
+    let SqlStatement::ShowVariable { variable } = &**sql else {
+        return Ok(statement);
+    };
+    let name = variable
+        .iter()
+        .map(|i| i.value.to_ascii_lowercase())
+        .collect::<Vec<_>>()
+        .join(" ");
+    let Some((column, value)) = super::postgres_setting(&name) else {
+        return Ok(statement);
+    };
+    let query = format!("SELECT '{}' AS \"{column}\"", value.replace('\'', "''"));
+    Ok(IcePie::parse(&query)?.remove(0))
 }
 
 /// What a client's session statements do:

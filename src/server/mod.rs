@@ -334,7 +334,37 @@ impl StartupHandler for TooMany {
 fn server_parameters() -> DefaultServerParameterProvider {
     let mut parameters = DefaultServerParameterProvider::default();
     parameters.server_version = format!("16.0 (icepie {})", env!("CARGO_PKG_VERSION"));
+    // Unqualified names are slices of the default domain.
+    parameters.search_path = crate::storage::names::DEFAULT_DOMAIN.to_string();
     parameters
+}
+
+/// The column and value PostgreSQL's `SHOW name` gives, for the settings that drivers and BI
+/// tools ask for: those the server reported at startup, and the fixed facts of every session
+/// (each statement commits on its own, so the isolation is `read committed`). `None` for any
+/// other name, which DataFusion's `SHOW` answers.
+pub(super) fn postgres_setting(name: &str) -> Option<(&'static str, String)> {
+    let p = server_parameters();
+    let on = |b: bool| if b { "on" } else { "off" }.to_string();
+    Some(match name {
+        "server_version" => ("server_version", p.server_version),
+        "server_encoding" => ("server_encoding", p.server_encoding),
+        "client_encoding" => ("client_encoding", "UTF8".into()),
+        "search_path" => ("search_path", p.search_path),
+        "timezone" | "time zone" => ("TimeZone", p.time_zone),
+        "datestyle" => ("DateStyle", p.date_style),
+        "intervalstyle" => ("IntervalStyle", p.interval_style),
+        "standard_conforming_strings" => (
+            "standard_conforming_strings",
+            on(p.standard_conforming_strings),
+        ),
+        "integer_datetimes" => ("integer_datetimes", on(p.integer_datetimes)),
+        "transaction isolation level" | "transaction_isolation" => {
+            ("transaction_isolation", "read committed".into())
+        }
+        "max_identifier_length" => ("max_identifier_length", "63".into()),
+        _ => return None,
+    })
 }
 
 /// What a client's password is checked against: the SCRAM-SHA-256 verifier of the

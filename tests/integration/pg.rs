@@ -661,43 +661,216 @@ async fn garbage_on_the_wire_ends_that_connection_only() {
     assert_eq!(simple_rows(&client, "SELECT 1").await, vec!["1"]);
 }
 
-/// What psql 16 sends for `\d`.
-const PSQL_LIST: &str = r#"SELECT n.nspname as "Schema",
-  c.relname as "Name",
-  CASE c.relkind WHEN 'r' THEN 'table' WHEN 'v' THEN 'view' WHEN 'm' THEN 'materialized view' WHEN 'i' THEN 'index' WHEN 'S' THEN 'sequence' WHEN 't' THEN 'TOAST table' WHEN 'f' THEN 'foreign table' WHEN 'p' THEN 'partitioned table' WHEN 'I' THEN 'partitioned index' END as "Type",
-  pg_catalog.pg_get_userbyid(c.relowner) as "Owner"
-FROM pg_catalog.pg_class c
-     LEFT JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
-     LEFT JOIN pg_catalog.pg_am am ON am.oid = c.relam
-WHERE c.relkind IN ('r','p','v','m','S','f','')
-      AND n.nspname <> 'pg_catalog'
-      AND n.nspname !~ '^pg_toast'
-      AND n.nspname <> 'information_schema'
-  AND pg_catalog.pg_table_is_visible(c.oid)
-ORDER BY 1,2;"#;
-
-#[tokio::test]
-async fn psql_lists_core_tables_slices_and_system_tables() {
+/// A warehouse served with a core table, a slice in domain `sales` and one in the default
+/// domain, for the catalog tests.
+async fn catalog_server() -> Server {
     let server = start(None).await;
     let client = connect(&server, None).await.unwrap();
     client
         .batch_execute(
-            "CREATE CORE TABLE orders (id BIGINT); CREATE SLICE sales.recent AS SELECT id FROM core.orders",
+            "CREATE CORE TABLE orders (id BIGINT NOT NULL, region VARCHAR, amount DOUBLE, at TIMESTAMP); \
+             CREATE SLICE sales.recent AS SELECT id, amount FROM core.orders; \
+             CREATE SLICE eu AS SELECT region, sum(amount) AS total FROM core.orders GROUP BY region",
         )
         .await
         .unwrap();
-    let listed = simple_rows(&client, PSQL_LIST).await;
+    server
+}
+
+/// psql 15's `\d NAME`: the table's oid by a pattern (`OPERATOR(pg_catalog.~)`, `COLLATE
+/// pg_catalog.default`), then its columns.
+const PSQL_FIND: &str = r#"SELECT c.oid,
+  n.nspname,
+  c.relname
+FROM pg_catalog.pg_class c
+     LEFT JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+WHERE c.relname OPERATOR(pg_catalog.~) '^(recent)$' COLLATE pg_catalog.default
+  AND n.nspname OPERATOR(pg_catalog.~) '^(sales)$' COLLATE pg_catalog.default
+ORDER BY 2, 3;"#;
+
+const PSQL_COLUMNS: &str = r#"SELECT a.attname,
+  pg_catalog.format_type(a.atttypid, a.atttypmod),
+  (SELECT pg_catalog.pg_get_expr(d.adbin, d.adrelid, true)
+   FROM pg_catalog.pg_attrdef d
+   WHERE d.adrelid = a.attrelid AND d.adnum = a.attnum AND a.atthasdef),
+  a.attnotnull,
+  (SELECT c.collname FROM pg_catalog.pg_collation c, pg_catalog.pg_type t
+   WHERE c.oid = a.attcollation AND t.oid = a.atttypid AND a.attcollation <> t.typcollation) AS attcollation,
+  a.attidentity,
+  a.attgenerated
+FROM pg_catalog.pg_attribute a
+WHERE a.attrelid = 'OID' AND a.attnum > 0 AND NOT a.attisdropped
+ORDER BY a.attnum;"#;
+
+#[tokio::test]
+async fn catalog_queries_of_psql_and_bi_tools_are_answered() {
+    let server = catalog_server().await;
+    let client = connect(&server, None).await.unwrap();
+    // psql's `\d sales.recent`, as psql 15 sends it.
+    let found = simple_rows(&client, PSQL_FIND).await;
+    assert_eq!(found.len(), 1, "{found:?}");
+    let oid = found[0].split('|').next().unwrap().to_string();
+    assert!(found[0].ends_with("|sales|recent"), "{found:?}");
+    let columns = simple_rows(&client, &PSQL_COLUMNS.replace("OID", &oid)).await;
     assert_eq!(
-        listed,
+        columns,
         [
-            "core|orders|table|icepie",
-            "sales|recent|materialized view|icepie",
-            "system|core_tables|view|icepie",
-            "system|proposals|view|icepie",
-            "system|refreshes|view|icepie",
-            "system|slices|view|icepie",
-            "system|usage|view|icepie",
-            "system|usage_columns|view|icepie",
+            "id|bigint|NULL|t|NULL||",
+            "amount|double precision|NULL|f|NULL||"
+        ]
+    );
+    // What drivers and BI tools (JDBC/DBeaver, Metabase, Grafana) ask on connect and when they
+    // browse: each answered, and the warehouse's tables among the answers.
+    for (sql, expect) in [
+        ("SHOW search_path", "slices"),
+        ("SHOW TRANSACTION ISOLATION LEVEL", "read committed"),
+        ("SHOW timezone", "Etc/UTC"),
+        ("SELECT current_schema(), session_user", "slices|postgres"),
+        (
+            "SELECT current_database(), c.oid = 'core.orders'::regclass \
+             FROM pg_catalog.pg_class c WHERE c.relname = 'orders'",
+            "icepie|t",
+        ),
+        (
+            "SELECT n.nspname FROM pg_catalog.pg_namespace n \
+             LEFT OUTER JOIN pg_catalog.pg_description d ON d.objoid = n.oid AND d.objsubid = 0 \
+             WHERE n.nspname = 'sales' ORDER BY nspname",
+            "sales",
+        ),
+        (
+            "SELECT datname FROM pg_catalog.pg_database WHERE datname = current_database()",
+            "icepie",
+        ),
+        (
+            "SELECT setting FROM pg_catalog.pg_settings WHERE name = 'standard_conforming_strings'",
+            "on",
+        ),
+        (
+            "SELECT schemaname, tablename FROM pg_catalog.pg_tables \
+             WHERE schemaname !~ '^pg_' AND schemaname <> 'information_schema' \
+             AND pg_catalog.has_schema_privilege(current_user, schemaname, 'usage') \
+             AND tablename = 'recent'",
+            "sales|recent",
+        ),
+        (
+            "SELECT \"n\".\"nspname\", \"c\".\"relname\", CASE \"c\".\"relkind\" WHEN 'r' THEN 'TABLE' \
+             WHEN 'v' THEN 'VIEW' END FROM \"pg_catalog\".\"pg_class\" AS \"c\" \
+             INNER JOIN \"pg_catalog\".\"pg_namespace\" AS \"n\" ON \"c\".\"relnamespace\" = \"n\".\"oid\" \
+             WHERE \"n\".\"nspname\" IN ('system') AND \"c\".\"relname\" = 'slices'",
+            "system|slices|VIEW",
+        ),
+        (
+            "SELECT a.attname, format_type(a.atttypid, a.atttypmod) FROM pg_catalog.pg_attribute a \
+             JOIN pg_catalog.pg_class c ON a.attrelid = c.oid \
+             JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace \
+             WHERE n.nspname = 'slices' AND c.relname = 'eu' AND a.attnum > 0 ORDER BY a.attnum",
+            "region|text\ntotal|double precision",
+        ),
+        (
+            "SELECT table_name FROM information_schema.tables \
+             WHERE table_schema = 'sales' ORDER BY table_name",
+            "recent",
+        ),
+    ] {
+        let rows = client
+            .simple_query(sql)
+            .await
+            .unwrap_or_else(|e| panic!("{sql}: {e:?}"));
+        let text = rows
+            .iter()
+            .filter_map(|m| match m {
+                SimpleQueryMessage::Row(row) => Some(
+                    (0..row.len())
+                        .map(|i| row.get(i).unwrap_or("NULL"))
+                        .collect::<Vec<_>>()
+                        .join("|"),
+                ),
+                _ => None,
+            })
+            .collect::<Vec<_>>()
+            .join("\n");
+        assert_eq!(text, expect, "{sql}");
+    }
+    // icepie's own statements still parse as icepie's, and DataFusion's SHOW still answers.
+    assert_eq!(
+        simple_rows(&client, "SHOW datafusion.execution.batch_size").await,
+        ["datafusion.execution.batch_size|8192"]
+    );
+}
+
+/// The psql on this machine (`ICEPIE_PSQL`, else `psql`): `bash .ci/run` installs Debian's
+/// postgresql-client.
+fn psql(server: &Server, commands: &[&str]) -> String {
+    let program = std::env::var("ICEPIE_PSQL").unwrap_or_else(|_| "psql".into());
+    let mut command = std::process::Command::new(&program);
+    command
+        .args(["-X", "-A", "-t", "-v", "ON_ERROR_STOP=1", "-h"])
+        .arg(server.addr.ip().to_string())
+        .arg("-p")
+        .arg(server.addr.port().to_string())
+        .args(["-U", "analyst", "-d", "icepie"]);
+    for c in commands {
+        command.args(["-c", c]);
+    }
+    let output = command.output().unwrap_or_else(|e| {
+        panic!(
+            "cannot run '{program}' ({e}): install psql (Debian's postgresql-client; bash .ci/run \
+             does) or set ICEPIE_PSQL"
+        )
+    });
+    let stdout = String::from_utf8_lossy(&output.stdout).to_string();
+    assert!(
+        output.status.success(),
+        "psql {commands:?} failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    stdout
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn psql_lists_and_describes_tables_slices_and_schemas() {
+    let server = catalog_server().await;
+    let listed = tokio::task::spawn_blocking(move || {
+        let out = psql(
+            &server,
+            &["\\d", "\\d sales.recent", "\\d eu", "\\dn", "\\dv system.*"],
+        );
+        drop(server);
+        out
+    })
+    .await
+    .unwrap();
+    assert_eq!(
+        listed.lines().collect::<Vec<_>>(),
+        [
+            // \d: core tables and slices are tables, system tables views.
+            "core|orders|table|postgres",
+            "sales|recent|table|postgres",
+            "slices|eu|table|postgres",
+            "system|core_tables|view|postgres",
+            "system|proposals|view|postgres",
+            "system|refreshes|view|postgres",
+            "system|slices|view|postgres",
+            "system|usage|view|postgres",
+            "system|usage_columns|view|postgres",
+            // \d sales.recent: columns, types, NOT NULL.
+            "id|bigint||not null|",
+            "amount|double precision|||",
+            // \d eu: a slice of the default domain, by its bare name.
+            "region|text|||",
+            "total|double precision|||",
+            // \dn
+            "core|postgres",
+            "sales|postgres",
+            "slices|postgres",
+            "system|postgres",
+            // \dv system.*
+            "system|core_tables|view|postgres",
+            "system|proposals|view|postgres",
+            "system|refreshes|view|postgres",
+            "system|slices|view|postgres",
+            "system|usage|view|postgres",
+            "system|usage_columns|view|postgres",
         ]
     );
 }
