@@ -61,7 +61,9 @@ impl IcePieCatalog {
         &self,
         catalogs: &Arc<dyn datafusion::catalog::CatalogProviderList>,
     ) -> DFResult<()> {
-        let _ = self.pg_catalog.set(pg_catalog::schema(catalogs)?);
+        let _ = self
+            .pg_catalog
+            .set(pg_catalog::schema(catalogs, self.shared.clone())?);
         Ok(())
     }
 }

@@ -12,6 +12,7 @@
 use std::sync::{Arc, LazyLock, Weak};
 
 use async_trait::async_trait;
+use datafusion::arrow::array::Array;
 use datafusion::arrow::datatypes::{DataType, Schema, SchemaRef};
 use datafusion::catalog::{CatalogProviderList, SchemaProvider};
 use datafusion::common::ScalarValue;
@@ -22,10 +23,22 @@ use datafusion::prelude::SessionContext;
 use datafusion_pg_catalog::pg_catalog as pg;
 use datafusion_pg_catalog::pg_catalog::catalog_info::CatalogInfo;
 
-use crate::storage::names::{DEFAULT_DOMAIN, SYSTEM_SCHEMA};
+use super::CATALOG_NAME;
+use crate::engine::state::Shared;
+use crate::storage::names::{CORE_SCHEMA, DEFAULT_DOMAIN, SYSTEM_SCHEMA};
 
 /// The schema's name.
 pub const PG_CATALOG: &str = "pg_catalog";
+
+/// The tables of `pg_catalog` that list the warehouse's schemas and tables (the others hold
+/// constants).
+pub(crate) const LISTINGS: [&str; 5] = [
+    "pg_attribute",
+    "pg_class",
+    "pg_database",
+    "pg_namespace",
+    "pg_tables",
+];
 
 /// PostgreSQL's constant catalog tables, read once per process from the crate's embedded
 /// Arrow files.
@@ -43,10 +56,17 @@ fn constants() -> DFResult<Arc<pg::PgCatalogStaticTables>> {
 
 /// The schema `pg_catalog` of a session whose catalogs are `catalogs`.
 ///
-/// It holds the catalogs weakly: the session's catalog holds this schema.
-pub(crate) fn schema(catalogs: &Arc<dyn CatalogProviderList>) -> DFResult<Arc<dyn SchemaProvider>> {
+/// It holds the catalogs weakly: the session's catalog holds this schema. The tables named
+/// in `shared`'s listing are told apart without opening them.
+pub(crate) fn schema(
+    catalogs: &Arc<dyn CatalogProviderList>,
+    shared: Arc<Shared>,
+) -> DFResult<Arc<dyn SchemaProvider>> {
     Ok(Arc::new(pg::PgCatalogSchemaProvider::try_new(
-        Catalogs(Arc::downgrade(catalogs)),
+        Catalogs {
+            list: Arc::downgrade(catalogs),
+            shared,
+        },
         constants()?,
         pg::context::EmptyContextProvider,
     )?))
@@ -60,8 +80,7 @@ pub(crate) fn install(ctx: &SessionContext) -> DFResult<()> {
     };
     let constants = constants()?;
     for f in [
-        pg::create_current_database_udf(super::CATALOG_NAME),
-        pg::create_current_schemas_udf(),
+        pg::create_current_database_udf(CATALOG_NAME),
         pg::create_pg_get_userbyid_udf(),
         has_privilege_udf::create_has_privilege_udf("has_table_privilege"),
         has_privilege_udf::create_has_privilege_udf("has_schema_privilege"),
@@ -86,6 +105,7 @@ pub(crate) fn install(ctx: &SessionContext) -> DFResult<()> {
         array_bounds_udf::create_array_upper_udf(),
         array_bounds_udf::create_array_lower_udf(),
         current_schema(),
+        current_schemas(),
     ] {
         ctx.register_udf(f);
     }
@@ -116,14 +136,49 @@ fn current_schema() -> datafusion::logical_expr::ScalarUDF {
     )
 }
 
+/// `current_schemas(implicit)`: the schemas unqualified names are looked up in, the default
+/// slice domain, after `pg_catalog` when `implicit` (as in PostgreSQL).
+fn current_schemas() -> datafusion::logical_expr::ScalarUDF {
+    create_udf(
+        "current_schemas",
+        vec![DataType::Boolean],
+        DataType::new_list(DataType::Utf8, true),
+        Volatility::Stable,
+        Arc::new(|args| {
+            let implicit = match &args[0] {
+                ColumnarValue::Scalar(ScalarValue::Boolean(b)) => b.unwrap_or(false),
+                ColumnarValue::Array(a) => a
+                    .as_any()
+                    .downcast_ref::<datafusion::arrow::array::BooleanArray>()
+                    .is_some_and(|b| !b.is_empty() && !b.is_null(0) && b.value(0)),
+                _ => false,
+            };
+            let names: &[&str] = match implicit {
+                true => &[PG_CATALOG, DEFAULT_DOMAIN],
+                false => &[DEFAULT_DOMAIN],
+            };
+            let values: Vec<ScalarValue> = names
+                .iter()
+                .map(|n| ScalarValue::Utf8(Some(n.to_string())))
+                .collect();
+            Ok(ColumnarValue::Scalar(ScalarValue::List(
+                ScalarValue::new_list_nullable(&values, &DataType::Utf8),
+            )))
+        }),
+    )
+}
+
 /// The session's catalogs as `pg_catalog` lists them. A table whose schema cannot be read
 /// (a damaged slice) is listed without columns rather than failing the client's query.
 #[derive(Clone, Debug)]
-struct Catalogs(Weak<dyn CatalogProviderList>);
+struct Catalogs {
+    list: Weak<dyn CatalogProviderList>,
+    shared: Arc<Shared>,
+}
 
 impl Catalogs {
     fn get(&self) -> DFResult<Arc<dyn CatalogProviderList>> {
-        self.0
+        self.list
             .upgrade()
             .ok_or_else(|| DataFusionError::Execution("the warehouse was closed".into()))
     }
@@ -167,6 +222,10 @@ impl CatalogInfo for Catalogs {
         if schema == SYSTEM_SCHEMA {
             // Computed from the warehouse's state when read.
             return Ok(Some(TableType::View));
+        }
+        if catalog == CATALOG_NAME && (schema == CORE_SCHEMA || self.shared.has_domain(schema)) {
+            // Core tables and slices, without opening them a second time.
+            return Ok(Some(TableType::Base));
         }
         let catalogs = self.get()?;
         Ok(

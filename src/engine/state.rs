@@ -186,7 +186,7 @@ impl Shared {
     }
 
     /// Makes the listing good enough to plan `stmt`: everything for a statement that reads
-    /// `information_schema` (or `SHOW TABLES`) or `pg_catalog`, else the domains it names that were not known
+    /// `information_schema` (or `SHOW TABLES`) or a listing of `pg_catalog`, else the domains it names that were not known
     /// (one listing of each one's folder, so a domain another process created is found, and
     /// a scratch schema gives way to a domain of the same name). Nothing when every schema it
     /// names is known.
@@ -209,7 +209,10 @@ impl Shared {
                 continue;
             }
             let schema = reference.schema().unwrap_or(&default_schema);
-            if schema == INFORMATION_SCHEMA || schema == crate::catalog::pg_catalog::PG_CATALOG {
+            if schema == INFORMATION_SCHEMA
+                || (schema == crate::catalog::pg_catalog::PG_CATALOG
+                    && crate::catalog::pg_catalog::LISTINGS.contains(&reference.table()))
+            {
                 return self.refresh_listing().await;
             }
             if ![CORE_SCHEMA, SYSTEM_SCHEMA, DEFAULT_DOMAIN].contains(&schema)

@@ -3,6 +3,7 @@
 //! parameters, portals), rows streamed batch by batch.
 
 use std::fmt::Debug;
+use std::ops::ControlFlow;
 use std::sync::{Arc, LazyLock};
 
 use async_trait::async_trait;
@@ -557,24 +558,87 @@ pub(super) enum Session {
     Set,
 }
 
-/// The statements of a PostgreSQL client's text. A text of queries only is parsed as
-/// PostgreSQL parses it and goes through datafusion-pg-catalog's rewrites, which turn what
-/// psql, DBeaver, Metabase and Grafana ask of their catalogs into queries DataFusion runs
-/// (`COLLATE pg_catalog.default`, `OPERATOR(pg_catalog.~)`, `'name'::regclass`, a few whole
-/// queries answered empty, ...). Any other text, icepie's statements among them, is parsed as
-/// everywhere else.
+/// The statements of a PostgreSQL client's text. A text of queries that ask PostgreSQL's
+/// catalog ([`asks_postgres`]: what psql, DBeaver, Metabase and Grafana send to list and
+/// describe tables) is parsed as PostgreSQL parses it and goes through datafusion-pg-catalog's
+/// rewrites into queries DataFusion runs (`COLLATE pg_catalog.default` dropped, `'name'::regclass`
+/// looked up, a few whole queries answered empty, ...). Every other text is parsed as
+/// everywhere else, so a user's query means over PostgreSQL what it means in the REPL (the
+/// rewrites would change some: a scalar subquery they take for correlated becomes NULL).
 pub(super) fn parse_pg(sql: &str) -> Result<Vec<Statement>, IcePieError> {
     static POSTGRES: LazyLock<PostgresCompatibilityParser> =
         LazyLock::new(PostgresCompatibilityParser::new);
-    if let Ok(parsed) = POSTGRES.parse(sql) {
-        if !parsed.is_empty() && parsed.iter().all(|s| matches!(s, SqlStatement::Query(_))) {
-            return Ok(parsed
-                .into_iter()
-                .map(|s| Statement::DataFusion(Box::new(DFStatement::Statement(Box::new(s)))))
-                .collect());
+    let icepie = IcePie::parse(sql);
+    let postgres = match &icepie {
+        Ok(statements) => statements.iter().any(|s| match s {
+            Statement::DataFusion(inner) => match &**inner {
+                DFStatement::Statement(sql) => asks_postgres(sql),
+                _ => false,
+            },
+            _ => false,
+        }),
+        // PostgreSQL syntax beyond icepie's, in a query about the catalog.
+        Err(_) => sql.to_ascii_lowercase().contains("pg_catalog"),
+    };
+    if postgres {
+        if let Ok(parsed) = POSTGRES.parse(sql) {
+            if !parsed.is_empty() && parsed.iter().all(|s| matches!(s, SqlStatement::Query(_))) {
+                return Ok(parsed
+                    .into_iter()
+                    .map(|s| Statement::DataFusion(Box::new(DFStatement::Statement(Box::new(s)))))
+                    .collect());
+            }
         }
     }
-    IcePie::parse(sql)?.into_iter().map(show_postgres).collect()
+    icepie?.into_iter().map(show_postgres).collect()
+}
+
+/// True when `statement` is a query that names PostgreSQL's catalog: a `pg_catalog` table (or
+/// a bare `pg_*` one), a `pg_catalog.` function, a `COLLATE`, an `OPERATOR(...)` or a cast to
+/// an oid type (`::regclass`, `::pg_catalog.regtype`).
+fn asks_postgres(statement: &SqlStatement) -> bool {
+    use datafusion::sql::sqlparser::ast::{
+        visit_expressions, visit_relations, BinaryOperator, DataType as SqlType, Expr, ObjectName,
+    };
+    if !matches!(statement, SqlStatement::Query(_)) {
+        return false;
+    }
+    let parts = |name: &ObjectName| -> Vec<String> {
+        name.0
+            .iter()
+            .filter_map(|p| p.as_ident())
+            .map(|i| i.value.to_ascii_lowercase())
+            .collect()
+    };
+    let relation = visit_relations(statement, |name| {
+        let parts = parts(name);
+        match parts.as_slice() {
+            [schema, _] if schema == "pg_catalog" => ControlFlow::Break(()),
+            [table] if table.starts_with("pg_") => ControlFlow::Break(()),
+            _ => ControlFlow::Continue(()),
+        }
+    });
+    relation.is_break()
+        || visit_expressions(statement, |e| match e {
+            Expr::Collate { .. }
+            | Expr::BinaryOp {
+                op: BinaryOperator::PGCustomBinaryOperator(_),
+                ..
+            }
+            | Expr::Cast {
+                data_type: SqlType::Regclass,
+                ..
+            } => ControlFlow::Break(()),
+            Expr::Cast {
+                data_type: SqlType::Custom(name, _),
+                ..
+            } if parts(name).last().is_some_and(|t| t.starts_with("reg")) => ControlFlow::Break(()),
+            Expr::Function(f) if parts(&f.name).first().is_some_and(|s| s == "pg_catalog") => {
+                ControlFlow::Break(())
+            }
+            _ => ControlFlow::Continue(()),
+        })
+        .is_break()
 }
 
 /// `SHOW` of a PostgreSQL setting ([`super::postgres_setting`]) as the query of its one row;

@@ -136,16 +136,114 @@ pub async fn serve_flight(
             .tls_config(tonic::transport::ServerTlsConfig::new().identity(identity))
             .map_err(|e| IcePieError::Server(format!("the TLS certificate and key: {e}")))?;
     }
+    let places = options
+        .max_connections
+        .map(|n| Arc::new(tokio::sync::Semaphore::new(n)));
     if let Some(n) = options.max_connections {
-        // gRPC multiplexes a client's calls on one connection: the limit is on the calls
-        // each connection runs at once.
+        // gRPC multiplexes a client's calls on one connection: each connection also runs at
+        // most that many calls at once.
         server = server.concurrency_limit_per_connection(n);
     }
+    let incoming = TcpIncoming::from(listener).map_ok(move |stream| Connection {
+        stream,
+        place: match &places {
+            None => Place::Unlimited,
+            Some(places) => places
+                .clone()
+                .try_acquire_owned()
+                .map_or(Place::Refused, Place::Taken),
+        },
+    });
     server
         .add_service(FlightServiceServer::new(service))
-        .serve_with_incoming_shutdown(TcpIncoming::from(listener), shutdown)
+        .serve_with_incoming_shutdown(incoming, shutdown)
         .await
         .map_err(|e| IcePieError::Server(format!("the Flight SQL server: {e}")))
+}
+
+/// A client's connection and its place among `--max-connections`.
+struct Connection {
+    stream: tokio::net::TcpStream,
+    place: Place,
+}
+
+/// Whether a connection holds one of the `--max-connections` places.
+enum Place {
+    /// No limit.
+    Unlimited,
+    /// One of the places, given back when the connection closes.
+    Taken(#[allow(dead_code)] tokio::sync::OwnedSemaphorePermit),
+    /// Every place was taken when it connected: its calls are refused (with a gRPC status the
+    /// client can show, which closing it would not give).
+    Refused,
+}
+
+/// What a call knows of its connection.
+#[derive(Clone, Debug)]
+struct ConnectionInfo {
+    /// The connection holds no place.
+    refused: bool,
+}
+
+impl tonic::transport::server::Connected for Connection {
+    type ConnectInfo = ConnectionInfo;
+
+    fn connect_info(&self) -> ConnectionInfo {
+        ConnectionInfo {
+            refused: matches!(self.place, Place::Refused),
+        }
+    }
+}
+
+impl tokio::io::AsyncRead for Connection {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        Pin::new(&mut self.stream).poll_read(cx, buf)
+    }
+}
+
+impl tokio::io::AsyncWrite for Connection {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.stream).poll_write(cx, buf)
+    }
+
+    fn poll_flush(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        Pin::new(&mut self.stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        Pin::new(&mut self.stream).poll_shutdown(cx)
+    }
+}
+
+/// Refuses a call on a connection that came beyond `--max-connections`.
+fn admitted<T>(request: &Request<T>) -> std::result::Result<(), Status> {
+    let extensions = request.extensions();
+    let info = extensions.get::<ConnectionInfo>().or_else(|| {
+        extensions
+            .get::<tonic::transport::server::TlsConnectInfo<ConnectionInfo>>()
+            .map(|tls| tls.get_ref())
+    });
+    match info.is_some_and(|i| i.refused) {
+        false => Ok(()),
+        true => Err(Status::resource_exhausted(
+            "sorry, too many clients already: this server takes a limited number of connections \
+             at once (--max-connections); close another or try again later",
+        )),
+    }
 }
 
 /// What the server tells of itself (`CommandGetSqlInfo`).
@@ -268,6 +366,7 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 impl Flight {
     /// Admits a request that carries a bearer token from a handshake or the password (basic).
     async fn check<T>(&self, request: &Request<T>) -> std::result::Result<(), Status> {
+        admitted(request)?;
         if self.password.is_none() {
             return Ok(());
         }
@@ -693,6 +792,7 @@ impl FlightSqlService for Flight {
         request: Request<Streaming<HandshakeRequest>>,
     ) -> FlightResult<Response<Pin<Box<dyn Stream<Item = FlightResult<HandshakeResponse>> + Send>>>>
     {
+        admitted(&request)?;
         let token = match &self.password {
             None => String::new(),
             Some(_) => {

@@ -76,8 +76,9 @@ pub struct ServerOptions {
     /// How long a statement may run, its rows' sending included, before it is cancelled;
     /// `None` for no limit.
     pub statement_timeout: Option<std::time::Duration>,
-    /// How many clients may be connected at once; more are refused with SQLSTATE 53300.
-    /// `None` for no limit.
+    /// How many clients may be connected at once; more are refused with SQLSTATE 53300 (pg)
+    /// or `RESOURCE_EXHAUSTED` (Flight, where each connection also runs at most this many
+    /// calls at once). `None` for no limit.
     pub max_connections: Option<usize>,
     /// The memory, in bytes, of each statement's rows (its own pool): operators that can
     /// spill to disk (sorts, aggregations) do so beyond it, and a statement that still needs

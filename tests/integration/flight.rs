@@ -438,6 +438,30 @@ async fn the_statement_timeout_stops_a_long_query() {
     assert!(query(&mut client, "SELECT 1 AS one").await.is_ok());
 }
 
+#[tokio::test]
+async fn connections_beyond_max_connections_are_refused_until_one_closes() {
+    let server = start(ServerOptions {
+        max_connections: Some(1),
+        ..ServerOptions::default()
+    })
+    .await;
+    let mut first = client(&server).await;
+    assert!(query(&mut first, "SELECT 1 AS one").await.is_ok());
+    let mut second = client(&server).await;
+    let (code, _, message) = failure(query(&mut second, "SELECT 2 AS two").await.unwrap_err());
+    assert_eq!(code, tonic::Code::ResourceExhausted, "{message}");
+    assert!(message.contains("--max-connections"), "{message}");
+    // The first goes on; once it closes, a new connection takes its place.
+    assert!(query(&mut first, "SELECT 3 AS three").await.is_ok());
+    drop((first, second));
+    let mut third = crate::support::eventually(10, "a free connection", || async {
+        let mut c = client(&server).await;
+        query(&mut c, "SELECT 4 AS four").await.ok().map(|_| c)
+    })
+    .await;
+    assert!(query(&mut third, "SELECT 5 AS five").await.is_ok());
+}
+
 /// The test certificate authority and the server's certificate (for localhost and 127.0.0.1,
 /// valid until 2126) in `tests/integration/tls`.
 fn tls_files() -> TlsFiles {

@@ -791,10 +791,40 @@ async fn catalog_queries_of_psql_and_bi_tools_are_answered() {
             .join("\n");
         assert_eq!(text, expect, "{sql}");
     }
-    // icepie's own statements still parse as icepie's, and DataFusion's SHOW still answers.
+    // DataFusion's SHOW still answers.
     assert_eq!(
         simple_rows(&client, "SHOW datafusion.execution.batch_size").await,
         ["datafusion.execution.batch_size|8192"]
+    );
+}
+
+#[tokio::test]
+async fn user_queries_mean_what_they_mean_in_the_repl() {
+    let server = catalog_server().await;
+    let client = connect(&server, None).await.unwrap();
+    client
+        .batch_execute(
+            "INGEST INTO core.orders VALUES (1, 'eu', 2.0, NULL), (2, 'eu', 3.0, NULL),              (3, 'us', 4.0, NULL)",
+        )
+        .await
+        .unwrap();
+    // Scalar subqueries, correlated or not: the catalog rewrites would make these NULL, so a
+    // query that does not ask the catalog is not rewritten.
+    assert_eq!(
+        simple_rows(
+            &client,
+            "SELECT o.id, (SELECT count(*) FROM core.orders i WHERE i.region = o.region) AS same,              (SELECT max(x.v) FROM (SELECT 1 AS v UNION ALL SELECT 2) x) AS m              FROM core.orders o ORDER BY o.id"
+        )
+        .await,
+        ["1|2|2", "2|2|2", "3|1|2"]
+    );
+    assert_eq!(
+        simple_rows(
+            &client,
+            "SELECT current_schemas(false), current_schemas(true)"
+        )
+        .await,
+        ["[slices]|[pg_catalog, slices]"]
     );
 }
 

@@ -209,7 +209,7 @@ fn cli() -> Command {
                         .value_parser(clap::value_parser!(u32).range(1..))
                         .default_value("100")
                         .help(
-                            "How many --pg clients may be connected at once (for --flight: \
+                            "How many clients may be connected at once (for --flight, also \
                              how many calls each connection runs at once)",
                         ),
                 )
