@@ -45,6 +45,23 @@ with psycopg.connect(**pg, password=password, autocommit=True) as conn:
         "SELECT state FROM system.slices WHERE domain = 'ops' AND name = 'paid'"
     ).fetchone()
     check(state is not None and state[0] == "fresh", f"psycopg: system.slices ({state})")
+    # A refresh that fails: the slice keeps serving its last good version, and says why.
+    conn.execute("CREATE CORE TABLE raw (v TEXT)")
+    conn.execute("INGEST INTO raw VALUES ('7')")
+    conn.execute("CREATE SLICE ops.casted AS SELECT CAST(v AS BIGINT) AS n FROM core.raw")
+    conn.execute("INGEST INTO raw VALUES ('oops')")
+    try:
+        conn.execute("REFRESH SLICE ops.casted")
+        check(False, "psycopg: a refresh over a bad value fails")
+    except psycopg.Error as e:
+        check("oops" in str(e), f"psycopg: a refresh over a bad value fails ({e})")
+    row = conn.execute(
+        "SELECT state, last_error FROM system.slices WHERE domain = 'ops' AND name = 'casted'"
+    ).fetchone()
+    check(row is not None and row[0] == "failed" and "oops" in row[1],
+          f"psycopg: the failed refresh in system.slices ({row})")
+    rows = conn.execute("SELECT n FROM ops.casted").fetchall()
+    check(rows == [(7,)], f"psycopg: the failed slice serves its last version ({rows})")
     try:
         conn.execute("SELECT * FROM nowhere")
         check(False, "psycopg: an unknown table fails")
@@ -90,6 +107,14 @@ with flightsql.connect(uri, db_kwargs=kwargs, autocommit=True) as conn:
           "ADBC: get_objects lists core tables, slices and system tables")
     schema = conn.adbc_get_table_schema("big", db_schema_filter="ops")
     check(schema.names == ["id", "amount"], f"ADBC: a slice's schema ({schema.names})")
+    cur.execute("SELECT state FROM system.slices WHERE domain = 'ops' AND name = 'casted'")
+    check(cur.fetchall() == [("failed",)], "ADBC: the failed refresh in system.slices")
+    try:
+        cur.execute("REFRESH SLICE ops.casted")
+        cur.fetchall()
+        check(False, "ADBC: a refresh over a bad value fails")
+    except flightsql.Error as e:
+        check("oops" in str(e), f"ADBC: a refresh over a bad value fails ({e})")
     try:
         cur.execute("SELECT * FROM nowhere")
         cur.fetchall()

@@ -462,6 +462,59 @@ async fn connections_beyond_max_connections_are_refused_until_one_closes() {
     assert!(query(&mut third, "SELECT 5 AS five").await.is_ok());
 }
 
+#[tokio::test]
+async fn garbage_and_malformed_calls_fail_alone() {
+    use arrow_flight::flight_service_client::FlightServiceClient;
+    use arrow_flight::{Action, FlightDescriptor, Ticket};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let server = start(ServerOptions::default()).await;
+    // Bytes that are not HTTP/2, or HTTP/2 cut short.
+    for garbage in [
+        &b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"[..],
+        &b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x12\x04\x00"[..], // a SETTINGS frame cut short
+        &b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\xff\xff\xff\x00\x00\x00\x00\x00\x01"[..],
+        &[0u8; 3][..],
+    ] {
+        let mut socket = tokio::net::TcpStream::connect(server.addr).await.unwrap();
+        let _ = socket.write_all(garbage).await;
+        let _ = socket.shutdown().await;
+        let mut sink = Vec::new();
+        let _ = tokio::time::timeout(
+            std::time::Duration::from_secs(5),
+            socket.read_to_end(&mut sink),
+        )
+        .await;
+    }
+    // Well-formed gRPC carrying what is not a Flight SQL command.
+    let channel = Endpoint::from_shared(format!("http://{}", server.addr))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut raw = FlightServiceClient::new(channel);
+    let bad_command = raw
+        .get_flight_info(FlightDescriptor::new_cmd(vec![0xff, 0x01, 0x02, 0x03]))
+        .await
+        .unwrap_err();
+    assert_ne!(bad_command.code(), tonic::Code::Ok);
+    let bad_ticket = raw.do_get(Ticket::new(vec![0x0a, 0xff, 0xff])).await;
+    assert!(
+        bad_ticket.is_err() || {
+            let mut stream = bad_ticket.unwrap().into_inner();
+            futures::StreamExt::next(&mut stream)
+                .await
+                .is_some_and(|m| m.is_err())
+        }
+    );
+    let bad_action = raw
+        .do_action(Action::new("CreatePreparedStatement", vec![0x12, 0x80]))
+        .await;
+    assert!(bad_action.is_err(), "a truncated action body is refused");
+    // The server goes on.
+    let mut client = client(&server).await;
+    assert!(query(&mut client, "SELECT 1 AS one").await.is_ok());
+}
+
 /// The test certificate authority and the server's certificate (for localhost and 127.0.0.1,
 /// valid until 2126) in `tests/integration/tls`.
 fn tls_files() -> TlsFiles {
