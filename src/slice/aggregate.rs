@@ -53,7 +53,7 @@ use datafusion::physical_expr::PhysicalExpr;
 /// Prefix of the columns icepie keeps in a slice for itself.
 pub(crate) const HIDDEN: &str = "__icepie_";
 
-fn key_column(i: usize) -> String {
+pub(crate) fn key_column(i: usize) -> String {
     format!("{HIDDEN}key_{i}")
 }
 
@@ -463,7 +463,7 @@ fn wrap(expr: &Expr, input: &DFSchemaRef) -> std::result::Result<Wrapped, String
 pub(crate) struct Shape<'a> {
     /// Projections and aliases above the aggregate, top first.
     above: Vec<&'a LogicalPlan>,
-    aggregate: &'a Aggregate,
+    pub aggregate: &'a Aggregate,
     /// Everything below the aggregate: where new data enters.
     pub input: &'a LogicalPlan,
     wrapped: Vec<Wrapped>,

@@ -340,20 +340,58 @@ pub(crate) async fn decide(
     let stored = IcePieTable::with_hidden_columns(name.to_string(), existing.clone()).await?;
     let stored =
         LogicalPlanBuilder::scan(name, provider_as_source(Arc::new(stored)), None)?.build()?;
+    // The groups the new rows fall in: only their stored states are read and merged, and
+    // they replace those groups' rows (Delta's replaceWhere on the hidden keys), so a file
+    // that holds none of them is kept as it is. Finding them reads the new rows twice, so
+    // it is done only for a slice of several files (one file is rewritten either way). Past
+    // MAX_PARTITIONS groups, for a GROUP BY without keys, or for a clustered slice (whose
+    // files each hold a range of its sort columns: merged groups written apart would
+    // overlap them), every state is merged and the slice rewritten.
+    let groups = partitions::by_stored_keys(shape.aggregate);
+    let files = existing
+        .snapshot()
+        .map(|s| s.log_data().num_files())
+        .unwrap_or(0);
+    let sorted = previous
+        .and_then(|p| p.meta.as_ref())
+        .and_then(|m| m.clustered.as_ref())
+        .is_some_and(|c| !c.columns.is_empty());
+    let touched = match shape.aggregate.group_expr.is_empty() || files < 2 || sorted {
+        true => None,
+        false => groups.touched(state, terms.clone()).await?,
+    };
+    let (stored, replace) = match &touched {
+        Some(touched) => {
+            let picked = groups.picking(touched);
+            let stored = LogicalPlanBuilder::from(stored)
+                .filter(picked.clone())?
+                .build()?;
+            (stored, Some(picked))
+        }
+        None => (stored, None),
+    };
     let merged = shape.plan(Some(stored), terms)?;
     Ok(Decision {
         built: Built {
             mode: BuildMode::Incremental,
-            reason: format!(
-                "only appends since the previous version ({names}); their aggregate states \
-                 were merged into the stored ones"
-            ),
+            reason: match &touched {
+                Some(touched) => format!(
+                    "only appends since the previous version ({names}); their aggregate \
+                     states were merged into those of the {} group(s) they fall in, which \
+                     replaced those groups",
+                    touched.len()
+                ),
+                None => format!(
+                    "only appends since the previous version ({names}); their aggregate \
+                     states were merged into the stored ones"
+                ),
+            },
             reads: from(reads(std::slice::from_ref(&merged))?),
             appended: false,
         },
         plan: merged,
         appends: 0,
-        replace: None,
+        replace,
     })
 }
 

@@ -99,7 +99,24 @@ pub(crate) fn grouped(plan: &LogicalPlan) -> std::result::Result<Option<Partitio
     Ok(Some(Partitioned { aggregate, keys }))
 }
 
+/// The groups of `aggregate` as a slice that keeps its states stores them: keyed by the
+/// hidden key columns ([`aggregate::key_column`]).
+pub(crate) fn by_stored_keys(aggregate: &Aggregate) -> Partitioned<'_> {
+    let keys = aggregate
+        .group_expr
+        .iter()
+        .enumerate()
+        .map(|(i, key)| (aggregate::key_column(i), key.clone()))
+        .collect();
+    Partitioned { aggregate, keys }
+}
+
 impl Partitioned<'_> {
+    /// The predicate that picks the rows of `groups` in the slice, by its columns.
+    pub(crate) fn picking(&self, groups: &[Vec<ScalarValue>]) -> Expr {
+        self.predicate(groups, false)
+    }
+
     /// The slice's next version: its stored rows (`stored`, the definition's columns) but
     /// those of the groups in `touched`, and those groups recomputed.
     pub(crate) fn rebuild(

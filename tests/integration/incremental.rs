@@ -164,6 +164,13 @@ async fn new_warehouse(dir: &tempfile::TempDir) -> IcePie {
 async fn check_case(first: Vec<Load>, loads: Vec<Load>) {
     let dir = tempfile::tempdir().unwrap();
     let w = new_warehouse(&dir).await;
+    // Slices of many small files, so that aggregates replace the groups the new rows fall in
+    // rather than rewrite a slice of one file.
+    run(
+        &w,
+        "SET icepie.target_file_size = 1; SET datafusion.execution.batch_size = 2",
+    )
+    .await;
     for load in &first {
         run(&w, &ingest(load)).await;
     }
@@ -460,6 +467,87 @@ async fn appends_never_pile_up_files() {
     .await;
     assert_eq!(compactions, "2");
     assert_eq!(scalar(&w, "SELECT count(*) FROM s").await, "41");
+}
+
+/// The `remove` actions of a slice's latest commit: the files it replaced.
+fn removed_by_last_commit(dir: &tempfile::TempDir, slice: &str) -> usize {
+    let log = dir
+        .path()
+        .join("slices/slices")
+        .join(slice)
+        .join("_delta_log");
+    let last = std::fs::read_dir(&log)
+        .unwrap()
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "json"))
+        .max()
+        .unwrap();
+    std::fs::read_to_string(last)
+        .unwrap()
+        .lines()
+        .filter(|l| l.starts_with("{\"remove\""))
+        .count()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_aggregate_rewrites_only_the_files_of_the_groups_new_rows_fall_in() {
+    let dir = tempfile::tempdir().unwrap();
+    let w = new_warehouse(&dir).await;
+    // 200 groups in files of 8 groups each.
+    run(
+        &w,
+        "SET icepie.incremental_max_share = 1; SET icepie.target_file_size = 1; \
+         SET datafusion.execution.batch_size = 8;
+         INGEST INTO core.f SELECT value AS k, 'g' || CAST(value % 200 AS VARCHAR) AS g, \
+         CAST(value AS DOUBLE) AS v FROM generate_series(1, 2000);
+         CREATE SLICE totals INCREMENTAL AS SELECT g, sum(v) AS s, count(*) AS n, avg(v) AS a \
+         FROM core.f GROUP BY g",
+    )
+    .await;
+    let files = |w: IcePie| async move {
+        scalar(
+            &w,
+            "SELECT files FROM system.slices WHERE domain = 'slices' AND name = 'totals'",
+        )
+        .await
+        .parse::<usize>()
+        .unwrap()
+    };
+    let before = files(w.clone()).await;
+    assert!(before >= 10, "{before} files");
+    // New rows in two groups, one of them new.
+    run(
+        &w,
+        "INGEST INTO core.f VALUES (5000, 'g7', 1.5), (5001, 'g7', 2.5), (5002, 'new', 4.0); \
+         REFRESH SLICE totals",
+    )
+    .await;
+    assert_eq!(
+        last_mode(&w, "totals").await,
+        "incremental: only appends since the previous version (core.f); their aggregate \
+         states were merged into those of the 2 group(s) they fall in, which replaced those \
+         groups"
+    );
+    let definition = "SELECT g, sum(v) AS s, count(*) AS n, avg(v) AS a FROM core.f GROUP BY g";
+    assert_eq!(
+        rows(&w, "SELECT * FROM totals").await,
+        rows(&w, definition).await
+    );
+    // Only the file that held g7 was replaced; the others were kept.
+    assert_eq!(removed_by_last_commit(&dir, "totals"), 1);
+    assert!(files(w.clone()).await >= before);
+    // And again, with NULL group keys among the new rows.
+    run(
+        &w,
+        "INGEST INTO core.f VALUES (5003, NULL, 1.0), (5004, 'g9', 1.0); REFRESH SLICE totals",
+    )
+    .await;
+    assert!(last_mode(&w, "totals").await.contains("2 group(s)"));
+    assert_eq!(
+        rows(&w, "SELECT * FROM totals").await,
+        rows(&w, definition).await
+    );
+    assert_eq!(removed_by_last_commit(&dir, "totals"), 1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -238,6 +238,8 @@ async fn a_slice_read_through_another_is_awake_however_system_slices_is_filtered
     // top is read: it wakes, and keeps base, which its refreshes read, awake; also when
     // system.slices is asked about base alone.
     rows(&w, "SELECT * FROM d.top").await;
+    // The read is recorded once the query's stream ends, by the usage task: wait for it.
+    w.flush().await;
     assert_eq!(
         rows(&w, "SELECT state FROM system.slices WHERE name = 'base'").await,
         ["fresh"]
