@@ -15,10 +15,12 @@
 //! Each term is a copy of the definition's plan with some scans swapped, so the whole
 //! increment is one `UNION ALL` of terms, planned and streamed by DataFusion like any query,
 //! and committed as one Delta append with the new input versions. A `GROUP BY` on top merges
-//! the new rows' aggregate states into those the slice keeps ([`super::aggregate`]) and
-//! rewrites the slice; partitioned by its group keys, it recomputes and replaces only the
-//! partitions the new rows fall in ([`super::partitions`]). Any other node over a changed input (windows, sorts, limits, DISTINCT,
-//! HAVING, outer joins, subqueries), anything whose result may change between runs (`now()`,
+//! the new rows' aggregate states into those the slice keeps ([`super::aggregate`]): in a
+//! slice of several files only those of the groups the new rows fall in, which then replace
+//! those groups' rows (replaceWhere on the hidden keys), else all of them, rewriting the
+//! slice. Partitioned by its group keys, it recomputes and replaces only the partitions the
+//! new rows fall in ([`super::partitions`]). Any other node over a changed input (windows,
+//! sorts, limits, DISTINCT, HAVING, outer joins, subqueries), anything whose result may change between runs (`now()`,
 //! `random()`, LIMIT, window functions), or inputs that changed other than by appends (a
 //! rewritten or re-created table, a schema change, a log gap) make a full refresh, and the
 //! reason is recorded with the version.
