@@ -37,6 +37,7 @@ use std::sync::Arc;
 use datafusion::arrow::array::{ArrayRef, AsArray, BooleanArray, StructArray};
 use datafusion::arrow::compute::can_cast_types;
 use datafusion::arrow::datatypes::{DataType, Field, FieldRef, Fields, Schema};
+use datafusion::common::tree_node::TreeNode;
 use datafusion::common::{Column, DFSchemaRef, ScalarValue};
 use datafusion::error::{DataFusionError, Result as DFResult};
 use datafusion::logical_expr::expr::AggregateFunction;
@@ -530,6 +531,22 @@ fn filter_over_aggregate(node: &LogicalPlan) -> bool {
 }
 
 impl Shape<'_> {
+    /// True when every value above the aggregate comes from its own group's row: no
+    /// subquery there reads other tables (whose change would change every group).
+    pub(crate) fn rows_stand_alone(&self) -> bool {
+        self.above.iter().all(|node| {
+            node.expressions().iter().all(|e| {
+                !e.exists(|e| {
+                    Ok(matches!(
+                        e,
+                        Expr::ScalarSubquery(_) | Expr::InSubquery(_) | Expr::Exists(_)
+                    ))
+                })
+                .unwrap_or(true)
+            })
+        })
+    }
+
     /// The hidden columns a slice of this shape stores.
     pub(crate) fn hidden_columns(&self) -> Vec<String> {
         (0..self.aggregate.group_expr.len())

@@ -346,9 +346,10 @@ pub(crate) async fn decide(
     // they replace those groups' rows (Delta's replaceWhere on the hidden keys), so a file
     // that holds none of them is kept as it is. Finding them reads the new rows twice, so
     // it is done only for a slice of several files (one file is rewritten either way). Past
-    // MAX_PARTITIONS groups, for a GROUP BY without keys, or for a clustered slice (whose
+    // MAX_PARTITIONS groups, for a GROUP BY without keys, for a clustered slice (whose
     // files each hold a range of its sort columns: merged groups written apart would
-    // overlap them), every state is merged and the slice rewritten.
+    // overlap them), or when a subquery above the aggregate reads other tables (their change
+    // changes every group), every state is merged and the slice rewritten.
     let groups = partitions::by_stored_keys(shape.aggregate);
     let files = existing
         .snapshot()
@@ -358,10 +359,21 @@ pub(crate) async fn decide(
         .and_then(|p| p.meta.as_ref())
         .and_then(|m| m.clustered.as_ref())
         .is_some_and(|c| !c.columns.is_empty());
-    let touched = match shape.aggregate.group_expr.is_empty() || files < 2 || sorted {
+    let touched = match shape.aggregate.group_expr.is_empty()
+        || files < 2
+        || sorted
+        || !shape.rows_stand_alone()
+    {
         true => None,
         false => groups.touched(state, terms.clone()).await?,
     };
+    // Past 100 groups of several keys, the predicate (one conjunction per group) costs more
+    // than it saves; and the groups' values must be stored as they are.
+    let stored_schema = existing.snapshot()?.snapshot().arrow_schema();
+    let touched = touched.filter(|t| {
+        (shape.aggregate.group_expr.len() == 1 || t.len() <= 100)
+            && groups.stored_alike(t, &stored_schema)
+    });
     let (stored, replace) = match &touched {
         Some(touched) => {
             let picked = groups.picking(touched);

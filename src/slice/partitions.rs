@@ -112,9 +112,49 @@ pub(crate) fn by_stored_keys(aggregate: &Aggregate) -> Partitioned<'_> {
 }
 
 impl Partitioned<'_> {
-    /// The predicate that picks the rows of `groups` in the slice, by its columns.
+    /// The predicate that picks the rows of `groups` in the slice, by its columns: an `IN`
+    /// list for one key (rows are matched against it by a hash set, not one comparison per
+    /// group), else one conjunction per group.
     pub(crate) fn picking(&self, groups: &[Vec<ScalarValue>]) -> Expr {
-        self.predicate(groups, false)
+        let [(name, _)] = self.keys.as_slice() else {
+            return self.predicate(groups, false);
+        };
+        let column = Expr::Column(Column::from_name(name));
+        let (nulls, values): (Vec<_>, Vec<_>) = groups.iter().partition(|g| g[0].is_null());
+        let listed = (!values.is_empty()).then(|| {
+            column.clone().in_list(
+                values
+                    .iter()
+                    .map(|g| Expr::Literal(plain(&g[0]), None))
+                    .collect(),
+                false,
+            )
+        });
+        let null = (!nulls.is_empty()).then(|| column.is_null());
+        match (listed, null) {
+            (Some(l), Some(n)) => l.or(n),
+            (Some(p), None) | (None, Some(p)) => p,
+            (None, None) => Expr::Literal(ScalarValue::Boolean(Some(false)), None),
+        }
+    }
+
+    /// True when `groups`' key values have exactly the types of the slice's stored key
+    /// columns in `stored` (a value cast on the way could pick other rows in the slice than
+    /// Delta's replaceWhere does), and none is a float (NaN and -0.0 escape file statistics
+    /// and equality alike).
+    pub(crate) fn stored_alike(
+        &self,
+        groups: &[Vec<ScalarValue>],
+        stored: &datafusion::arrow::datatypes::Schema,
+    ) -> bool {
+        self.keys.iter().enumerate().all(|(i, (name, _))| {
+            stored.field_with_name(name).is_ok_and(|f| {
+                !f.data_type().is_floating()
+                    && groups
+                        .iter()
+                        .all(|g| g[i].is_null() || plain(&g[i]).data_type() == *f.data_type())
+            })
+        })
     }
 
     /// The slice's next version: its stored rows (`stored`, the definition's columns) but

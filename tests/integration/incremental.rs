@@ -548,6 +548,35 @@ async fn an_aggregate_rewrites_only_the_files_of_the_groups_new_rows_fall_in() {
         rows(&w, definition).await
     );
     assert_eq!(removed_by_last_commit(&dir, "totals"), 1);
+
+    // A subquery above the aggregate reads another table: when it changes, every group does,
+    // so the slice is merged and rewritten whole. So are float keys (NaN escapes statistics).
+    let shares = "SELECT g, sum(v) / (SELECT count(*) FROM core.d) AS per FROM core.f GROUP BY g";
+    let by_float = "SELECT v, count(*) AS n FROM core.f GROUP BY v";
+    run(
+        &w,
+        &format!(
+            "INGEST INTO core.d VALUES (1, 'x'); \
+             CREATE SLICE shares INCREMENTAL AS {shares}; \
+             CREATE SLICE by_float INCREMENTAL AS {by_float}; \
+             INGEST INTO core.d VALUES (2, 'y'); INGEST INTO core.f VALUES (6000, 'g3', 1.0); \
+             REFRESH SLICE shares; REFRESH SLICE by_float"
+        ),
+    )
+    .await;
+    for (slice, definition) in [("shares", shares), ("by_float", by_float)] {
+        assert!(
+            last_mode(&w, slice)
+                .await
+                .ends_with("merged into the stored ones"),
+            "{slice}: {}",
+            last_mode(&w, slice).await
+        );
+        assert_eq!(
+            rows(&w, &format!("SELECT * FROM {slice}")).await,
+            rows(&w, definition).await
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
