@@ -346,7 +346,7 @@ pub(crate) async fn decide(
     // they replace those groups' rows (Delta's replaceWhere on the hidden keys), so a file
     // that holds none of them is kept as it is. Finding them reads the new rows twice, so
     // it is done only for a slice of several files (one file is rewritten either way). Past
-    // MAX_PARTITIONS groups, for a GROUP BY without keys, for a clustered slice (whose
+    // half as many groups as files (or MAX_PARTITIONS), for a GROUP BY without keys, for a clustered slice (whose
     // files each hold a range of its sort columns: merged groups written apart would
     // overlap them), or when a subquery above the aggregate reads other tables (their change
     // changes every group), every state is merged and the slice rewritten.
@@ -365,7 +365,14 @@ pub(crate) async fn decide(
         || !shape.rows_stand_alone()
     {
         true => None,
-        false => groups.touched(state, terms.clone()).await?,
+        // Each group is in one file: at most that many files are rewritten, and only when
+        // that is at most half of them does replacing beat rewriting (measured: 938 groups
+        // in a slice of 12 files, every file holding some, replaced 1.27x slower than the
+        // whole slice merged and rewritten).
+        false => {
+            let most = (files / 2).min(partitions::MAX_PARTITIONS);
+            groups.touched_at_most(state, terms.clone(), most).await?
+        }
     };
     // Past 100 groups of several keys, the predicate (one conjunction per group) costs more
     // than it saves; and the groups' values must be stored as they are.

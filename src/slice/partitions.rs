@@ -182,11 +182,21 @@ impl Partitioned<'_> {
 
     /// The partitions (one value per partition column) `new_data`, the terms of the
     /// aggregate's input's new rows, falls in; `None` when there are more than
-    /// [`MAX_PARTITIONS`].
+    /// [`MAX_PARTITIONS`] (see [`Self::touched_at_most`]).
     pub(crate) async fn touched(
         &self,
         state: &SessionState,
         new_data: Vec<LogicalPlan>,
+    ) -> Result<Option<Vec<Vec<ScalarValue>>>> {
+        self.touched_at_most(state, new_data, MAX_PARTITIONS).await
+    }
+
+    /// The same, `None` past `most`.
+    pub(crate) async fn touched_at_most(
+        &self,
+        state: &SessionState,
+        new_data: Vec<LogicalPlan>,
+        most: usize,
     ) -> Result<Option<Vec<Vec<ScalarValue>>>> {
         let keys: Vec<Expr> = self
             .keys
@@ -215,7 +225,7 @@ impl Partitioned<'_> {
             .collect();
         let plan = union
             .aggregate(names, Vec::<Expr>::new())?
-            .limit(0, Some(MAX_PARTITIONS + 1))?
+            .limit(0, Some(most + 1))?
             .build()?;
         let physical = state.create_physical_plan(&plan).await?;
         let mut stream = datafusion::physical_plan::execute_stream(physical, state.task_ctx())?;
@@ -230,7 +240,7 @@ impl Partitioned<'_> {
                 out.push(values);
             }
         }
-        Ok((out.len() <= MAX_PARTITIONS).then_some(out))
+        Ok((out.len() <= most).then_some(out))
     }
 
     /// Rows in one of `partitions`: over the aggregate's input (`keys: true`, by the keys'
