@@ -186,10 +186,10 @@ impl Shared {
     }
 
     /// Makes the listing good enough to plan `stmt`: everything for a statement that reads
-    /// `information_schema` (or `SHOW TABLES`) or a listing of `pg_catalog`, else the domains it names that were not known
-    /// (one listing of each one's folder, so a domain another process created is found, and
-    /// a scratch schema gives way to a domain of the same name). Nothing when every schema it
-    /// names is known.
+    /// `information_schema` (or `SHOW TABLES`) or a listing of `pg_catalog`, else the domains
+    /// it names that were not known (one listing of each one's folder, so a domain another
+    /// process created is found, and a scratch schema gives way to a domain of the same name).
+    /// Nothing when every schema it names is known.
     pub async fn know_schemas(&self, state: &SessionState, stmt: &DFStatement) -> Result<()> {
         let default_schema = state.config_options().catalog.default_schema.clone();
         let mut unknown = BTreeSet::new();

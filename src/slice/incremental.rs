@@ -20,8 +20,8 @@
 //! those groups' rows (replaceWhere on the hidden keys), else all of them, rewriting the
 //! slice. Partitioned by its group keys, it recomputes and replaces only the partitions the
 //! new rows fall in ([`super::partitions`]). Any other node over a changed input (windows,
-//! sorts, limits, DISTINCT, HAVING, outer joins, subqueries), anything whose result may change between runs (`now()`,
-//! `random()`, LIMIT, window functions), or inputs that changed other than by appends (a
+//! sorts, limits, DISTINCT, HAVING, outer joins, subqueries), anything whose result may
+//! change between runs (`now()`, `random()`, LIMIT, window functions), or inputs that changed other than by appends (a
 //! rewritten or re-created table, a schema change, a log gap) make a full refresh, and the
 //! reason is recorded with the version.
 //!
@@ -344,43 +344,34 @@ pub(crate) async fn decide(
         LogicalPlanBuilder::scan(name, provider_as_source(Arc::new(stored)), None)?.build()?;
     // The groups the new rows fall in: only their stored states are read and merged, and
     // they replace those groups' rows (Delta's replaceWhere on the hidden keys), so a file
-    // that holds none of them is kept as it is. Finding them reads the new rows twice, so
-    // it is done only for a slice of several files (one file is rewritten either way). Past
-    // half as many groups as files (or MAX_PARTITIONS), for a GROUP BY without keys, for a clustered slice (whose
-    // files each hold a range of its sort columns: merged groups written apart would
-    // overlap them), or when a subquery above the aggregate reads other tables (their change
-    // changes every group), every state is merged and the slice rewritten.
+    // that holds none of them is kept. Each group is in one file, so at most that many files
+    // are rewritten; only when that is at most half of them does replacing beat rewriting
+    // (measured: 938 groups in 12 files, every file holding some, replaced 1.27x slower than
+    // merged and rewritten whole). Several keys take one conjunction per group: at most 100.
+    // The slice is merged and rewritten whole instead for a GROUP BY without keys, a clustered
+    // slice (whose files each hold a range of its sort columns: merged groups written apart
+    // would overlap them), a subquery above the aggregate (its tables' change changes every
+    // group), or keys not stored as the new rows give them (a cast could pick other rows than
+    // Delta's replaceWhere does; float keys: NaN escapes file statistics).
     let groups = partitions::by_stored_keys(shape.aggregate);
-    let files = existing
-        .snapshot()
-        .map(|s| s.log_data().num_files())
-        .unwrap_or(0);
+    let snapshot = existing.snapshot()?;
+    let files = snapshot.log_data().num_files();
     let sorted = previous
         .and_then(|p| p.meta.as_ref())
         .and_then(|m| m.clustered.as_ref())
         .is_some_and(|c| !c.columns.is_empty());
-    let touched = match shape.aggregate.group_expr.is_empty()
-        || files < 2
-        || sorted
-        || !shape.rows_stand_alone()
-    {
-        true => None,
-        // Each group is in one file: at most that many files are rewritten, and only when
-        // that is at most half of them does replacing beat rewriting (measured: 938 groups
-        // in a slice of 12 files, every file holding some, replaced 1.27x slower than the
-        // whole slice merged and rewritten).
-        false => {
-            let most = (files / 2).min(partitions::MAX_PARTITIONS);
-            groups.touched_at_most(state, terms.clone(), most).await?
-        }
+    let most = match shape.aggregate.group_expr.len() {
+        0 => 0,
+        1 => (files / 2).min(partitions::MAX_PARTITIONS),
+        _ => (files / 2).min(100),
     };
-    // Past 100 groups of several keys, the predicate (one conjunction per group) costs more
-    // than it saves; and the groups' values must be stored as they are.
-    let stored_schema = existing.snapshot()?.snapshot().arrow_schema();
-    let touched = touched.filter(|t| {
-        (shape.aggregate.group_expr.len() == 1 || t.len() <= 100)
-            && groups.stored_alike(t, &stored_schema)
-    });
+    let touched = match most == 0 || sorted || !shape.rows_stand_alone() {
+        true => None,
+        false => groups
+            .touched_at_most(state, terms.clone(), most)
+            .await?
+            .filter(|t| groups.stored_alike(t, &snapshot.snapshot().arrow_schema())),
+    };
     let (stored, replace) = match &touched {
         Some(touched) => {
             let picked = groups.picking(touched);
