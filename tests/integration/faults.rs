@@ -430,6 +430,9 @@ async fn a_refresh_whose_record_was_lost_is_recorded_from_its_commit() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_refresh_shows_its_outcome_at_once_in_its_own_process() {
     let (dir, store, w) = faulty_warehouse().await;
+    // The rows of the workload's CREATEs are written before the store slows down: only the
+    // REFRESH's row is in flight below.
+    w.flush().await;
     // Writing to the refresh logs takes long; reading them too.
     store.arm(None, Some("_system/refreshes/"), Duration::from_millis(400));
     w.sql("REFRESH SLICE s")
