@@ -3,7 +3,10 @@
 //! Q3-shaped fact-dimension join, against the same refresh in full (`REFRESH SLICE … FULL`)
 //! and against DuckDB computing the same query from the same Parquet files (when its Python
 //! package is found: `ICEPIE_DUCKDB_PYTHON`, default `python3`). It also prints the bytes the
-//! incremental refresh read from storage against the bytes of the new files.
+//! incremental refresh read from storage against the bytes of the new files, and its time
+//! against DataFusion computing the definition over the new rows only (`COPY` to Parquet):
+//! the engine's limit for the work an increment does, so the difference is what icepie and
+//! Delta add (planning the increment, merging stored states, the commit and its records).
 //!
 //! Each timed incremental refresh starts from the slice rolled back to its version before the
 //! append (untimed), so every run reads the same new data.
@@ -54,12 +57,15 @@ const SLICES: [(&str, &str, f64); 3] = [
     ),
 ];
 
-/// The write strategies of an aggregate compared: blocks of 64 order keys (about 94,000 groups
-/// at SF 1; the appended lineitems fall in about 940 of them), stored in files of 512 KB (the
-/// groups the new rows fall in are replaced) and in one file (merged and rewritten whole).
+/// The write strategies of an aggregate compared: blocks of 64 order keys above `{edge}` (about
+/// 94,000 groups at SF 1), where `{edge}` leaves 16 blocks for the appended lineitems to fall
+/// in, stored in files of 128 KB (the groups the new rows fall in are replaced, the files
+/// holding none are kept) and in one file (merged and rewritten whole).
 const BLOCKS: &str =
     "SELECT l_orderkey / 64 AS block, count(*) AS n, sum(l_extendedprice) AS revenue, \
-     avg(l_discount) AS disc FROM core.lineitem GROUP BY l_orderkey / 64";
+     avg(l_discount) AS disc FROM core.lineitem WHERE l_orderkey > {edge} GROUP BY l_orderkey / 64";
+/// Blocks of [`BLOCKS`] the appended rows fall in.
+const TOUCHED_BLOCKS: i64 = 16;
 
 /// Target of incremental time / DuckDB's time.
 const DUCKDB_TARGET: f64 = 0.10;
@@ -195,6 +201,7 @@ fn duckdb_time(files: &[(&str, Vec<String>)], sql: &str) -> Option<Duration> {
     let script = format!(
         "import duckdb, time\n\
          con = duckdb.connect()\n\
+         con.execute('SET enable_progress_bar = false')\n\
          con.execute('CREATE SCHEMA core')\n\
          {}\n\
          times = []\n\
@@ -247,6 +254,35 @@ pub(super) async fn incremental(src: &Path, root: &Path, sf: f64) {
         .await
         .expect("open the warehouse");
     load_core(&w, src, &["lineitem", "orders", "customer"]).await;
+    // 1% more lineitem rows, loaded into the core once the slices are built.
+    let extra = root.join("extra");
+    std::fs::create_dir_all(&extra).unwrap();
+    let extra_file = extra.join("lineitem.parquet");
+    write_parquet(
+        &extra_file,
+        LineItemArrow::new(LineItemGenerator::new(sf, 1, 100)).map(|b| b.expect("generate")),
+    );
+    let edge = {
+        let ctx = SessionContext::new();
+        let path = extra_file.to_string_lossy();
+        ctx.register_parquet("extra", path.as_ref(), Default::default())
+            .await
+            .unwrap();
+        let batches = ctx
+            .sql("SELECT max(l_orderkey) FROM extra")
+            .await
+            .unwrap()
+            .collect()
+            .await
+            .unwrap();
+        let max: i64 =
+            datafusion::arrow::util::display::array_value_to_string(batches[0].column(0), 0)
+                .unwrap()
+                .parse()
+                .unwrap();
+        (max / 64 - TOUCHED_BLOCKS + 1) * 64 - 1
+    };
+    let blocks = BLOCKS.replace("{edge}", &edge.to_string());
     let mut before = Vec::new();
     for (name, sql, _) in SLICES {
         run(&w, &format!("CREATE SLICE inc.{name} INCREMENTAL AS {sql}")).await;
@@ -255,28 +291,21 @@ pub(super) async fn incremental(src: &Path, root: &Path, sf: f64) {
     run(
         &w,
         &format!(
-            "SET icepie.target_file_size = '512KB'; \
-             CREATE SLICE inc.blocks_in_files INCREMENTAL AS {BLOCKS}; \
+            "SET icepie.target_file_size = '128KB'; \
+             CREATE SLICE inc.blocks_in_files INCREMENTAL AS {blocks}; \
              SET icepie.target_file_size = '100MB'; \
-             CREATE SLICE inc.blocks_in_one INCREMENTAL AS {BLOCKS}"
+             CREATE SLICE inc.blocks_in_one INCREMENTAL AS {blocks}"
         ),
     )
     .await;
     w.flush().await;
 
-    // 1% more lineitem rows, as one more load of the core.
-    let extra = root.join("extra");
-    std::fs::create_dir_all(&extra).unwrap();
-    write_parquet(
-        &extra.join("lineitem.parquet"),
-        LineItemArrow::new(LineItemGenerator::new(sf, 1, 100)).map(|b| b.expect("generate")),
-    );
     let old_files = delta_files(&dir.join("core/lineitem")).await;
     run(
         &w,
         &format!(
             "INGEST INTO core.lineitem FROM '{}' FORMAT parquet",
-            extra.join("lineitem.parquet").display()
+            extra_file.display()
         ),
     )
     .await;
@@ -292,6 +321,20 @@ pub(super) async fn incremental(src: &Path, root: &Path, sf: f64) {
         ("orders", delta_files(&dir.join("core/orders")).await),
         ("customer", delta_files(&dir.join("core/customer")).await),
     ];
+    // The engine's limit for the same work: DataFusion computing the definition over the new
+    // lineitem rows only (orders and customer whole), written to Parquet by `COPY`.
+    let over_new = SessionContext::new();
+    run_df(&over_new, "CREATE SCHEMA core").await;
+    for (table, files) in [
+        ("lineitem", new_files.clone()),
+        ("orders", core_files[1].1.clone()),
+        ("customer", core_files[2].1.clone()),
+    ] {
+        over_new
+            .register_table(format!("core.{table}"), listing(&over_new, files).await)
+            .unwrap();
+    }
+    let copied = root.join("incremental_copy.parquet");
     println!(
         "(appended {} new lineitem file(s), {new_bytes} bytes, to {} bytes)",
         new_files.len(),
@@ -354,6 +397,18 @@ pub(super) async fn incremental(src: &Path, root: &Path, sf: f64) {
                 format!("incremental {name}")
             ),
         }
+        let copy = format!("COPY ({sql}) TO '{}' STORED AS PARQUET", copied.display());
+        let limit = time(|| async {
+            run_df(&over_new, &copy).await;
+        })
+        .await;
+        report(
+            &format!("incremental {name}"),
+            inc,
+            limit,
+            "DF on new rows",
+            f64::INFINITY,
+        );
         read.sort();
         let bytes = read[read.len() / 2];
         let ratio = bytes as f64 / new_bytes.max(1) as f64;
@@ -371,8 +426,9 @@ pub(super) async fn incremental(src: &Path, root: &Path, sf: f64) {
     write_strategies(&w, &store).await;
 }
 
-/// The incremental refresh of [`BLOCKS`] replacing the groups the new rows fall in, in a
-/// slice of several files, against merging every group and rewriting the slice of one file.
+/// The incremental refresh of [`BLOCKS`] replacing the [`TOUCHED_BLOCKS`] groups the new rows
+/// fall in, in a slice of many files, against merging every group and rewriting the slice of
+/// one file.
 async fn write_strategies(w: &IcePie, store: &CountingStore) {
     let mut measured = Vec::new();
     for slice in ["inc.blocks_in_files", "inc.blocks_in_one"] {
@@ -411,7 +467,7 @@ async fn write_strategies(w: &IcePie, store: &CountingStore) {
     let ((replace, replace_read), (whole, whole_read)) = (measured[0], measured[1]);
     println!(
         "{:<34} {:>8.1} ms  vs merge and rewrite whole {:>8.1} ms  ratio {:>5.2}   read {} vs {} bytes",
-        "aggregate: replace touched groups",
+        format!("aggregate: replace {TOUCHED_BLOCKS} groups"),
         replace.as_secs_f64() * 1e3,
         whole.as_secs_f64() * 1e3,
         replace.as_secs_f64() / whole.as_secs_f64(),
