@@ -116,8 +116,9 @@ settings! {
         /// Failed refreshes in a row after which a slice is suspended: the scheduler leaves
         /// it alone until a REFRESH SLICE succeeds or THAW SLICE (0: never suspend).
         pub max_failures: usize = 5,
-        /// REFRESH ... AUTO slices refresh incrementally when each changed input's new data
-        /// is at most this share of the input's bytes (0 to 1), in full otherwise.
+        /// Slices of refresh mode AUTO (the default mode, not the REFRESH AUTO policy)
+        /// refresh incrementally when each changed input's new data is at most this share
+        /// of the input's bytes (0 to 1), in full otherwise.
         pub incremental_max_share: f64 = 0.5,
         /// Largest data file a build writes; smaller files let filters skip more of a
         /// clustered slice, at more files to list and open.
@@ -180,6 +181,12 @@ impl IcePieOptions {
         if zero {
             return Err(DataFusionError::Configuration(format!(
                 "invalid value '{value}' for icepie.{key}: it must be more than zero"
+            )));
+        }
+        if key == "incremental_max_share" && !(0.0..=1.0).contains(&self.incremental_max_share) {
+            return Err(DataFusionError::Configuration(format!(
+                "invalid value '{value}' for icepie.{key}: it is a share of the input's bytes, \
+                 from 0 (always refresh in full) to 1 (incremental whatever the new data's size)"
             )));
         }
         Ok(())
