@@ -365,7 +365,11 @@ pub(crate) async fn decide(
         1 => (files / 2).min(partitions::MAX_PARTITIONS),
         _ => (files / 2).min(100),
     };
-    let touched = match most == 0 || sorted || !shape.rows_stand_alone() {
+    // A replacement may add files (the groups new to the slice go to a new one): after
+    // MAX_APPENDS - 1 of them in a row, the slice is merged and rewritten whole instead,
+    // which compacts it without reading the inputs again.
+    let compact = appends_before + 1 >= MAX_APPENDS;
+    let touched = match most == 0 || sorted || compact || !shape.rows_stand_alone() {
         true => None,
         false => groups
             .touched_at_most(state, terms.clone(), most)
@@ -393,6 +397,12 @@ pub(crate) async fn decide(
                      replaced those groups",
                     touched.len()
                 ),
+                None if compact && most > 0 => format!(
+                    "only appends since the previous version ({names}); their aggregate \
+                     states were merged into the stored ones, rewriting the slice whole: \
+                     {appends_before} refreshes in a row replaced groups and may have added \
+                     files"
+                ),
                 None => format!(
                     "only appends since the previous version ({names}); their aggregate \
                      states were merged into the stored ones"
@@ -402,7 +412,11 @@ pub(crate) async fn decide(
             appended: false,
         },
         plan: merged,
-        appends: 0,
+        // Replacements count as appends; a whole rewrite compacts.
+        appends: match &touched {
+            Some(_) => appends_before + 1,
+            None => 0,
+        },
         replace,
     })
 }

@@ -580,6 +580,131 @@ async fn an_aggregate_rewrites_only_the_files_of_the_groups_new_rows_fall_in() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn group_replacements_in_a_row_end_in_a_whole_rewrite_that_compacts() {
+    let dir = tempfile::tempdir().unwrap();
+    let w = new_warehouse(&dir).await;
+    run(
+        &w,
+        "SET icepie.incremental_max_share = 1; SET icepie.target_file_size = 1; \
+         SET datafusion.execution.batch_size = 8;
+         INGEST INTO core.f SELECT value AS k, 'g' || CAST(value % 200 AS VARCHAR) AS g, \
+         CAST(value AS DOUBLE) AS v FROM generate_series(1, 2000);
+         CREATE SLICE totals INCREMENTAL AS SELECT g, count(*) AS n FROM core.f GROUP BY g",
+    )
+    .await;
+    let files = || async {
+        scalar(
+            &w,
+            "SELECT files FROM system.slices WHERE domain = 'slices' AND name = 'totals'",
+        )
+        .await
+        .parse::<usize>()
+        .unwrap()
+    };
+    // Each load brings a group the slice did not have: each replacement adds a file.
+    let limit = 16;
+    for i in 1..limit {
+        run(
+            &w,
+            &format!(
+                "INGEST INTO core.f VALUES ({}, 'new{i}', 1.0); REFRESH SLICE totals",
+                9000 + i
+            ),
+        )
+        .await;
+        assert!(
+            last_mode(&w, "totals")
+                .await
+                .ends_with("which replaced those groups"),
+            "refresh {i}: {}",
+            last_mode(&w, "totals").await
+        );
+    }
+    let piled = files().await;
+    run(
+        &w,
+        "INGEST INTO core.f VALUES (9999, 'last', 1.0); REFRESH SLICE totals",
+    )
+    .await;
+    assert_eq!(
+        last_mode(&w, "totals").await,
+        format!(
+            "incremental: only appends since the previous version (core.f); their aggregate \
+             states were merged into the stored ones, rewriting the slice whole: {} refreshes \
+             in a row replaced groups and may have added files",
+            limit - 1
+        )
+    );
+    // Every file was replaced by the rewrite, and the rows are those of the definition.
+    assert_eq!(removed_by_last_commit(&dir, "totals"), piled);
+    assert_eq!(
+        rows(&w, "SELECT * FROM totals").await,
+        rows(&w, "SELECT g, count(*) AS n FROM core.f GROUP BY g").await
+    );
+    // The count starts again: the next refresh replaces groups.
+    run(
+        &w,
+        "INGEST INTO core.f VALUES (10000, 'g1', 1.0); REFRESH SLICE totals",
+    )
+    .await;
+    assert!(last_mode(&w, "totals")
+        .await
+        .ends_with("which replaced those groups"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn windows_limits_and_outer_joins_refresh_in_full_and_say_so() {
+    let dir = tempfile::tempdir().unwrap();
+    let w = new_warehouse(&dir).await;
+    let slices = [
+        (
+            "numbered",
+            "SELECT k, row_number() OVER (ORDER BY k) AS r FROM core.f",
+            "a window function, which may number rows differently each run",
+        ),
+        (
+            "top",
+            "SELECT k FROM core.f ORDER BY k LIMIT 2",
+            "LIMIT, which may pick other rows each run",
+        ),
+        (
+            "named",
+            "SELECT f.k, d.name FROM core.f LEFT JOIN core.d ON f.k = d.k",
+            "the definition has a Left join over new data, which has no incremental rule yet",
+        ),
+    ];
+    run(
+        &w,
+        "SET icepie.incremental_max_share = 1; \
+         INGEST INTO core.f VALUES (3, 'a', 1.0), (1, 'b', 2.0); \
+         INGEST INTO core.d VALUES (1, 'one')",
+    )
+    .await;
+    for (name, sql, _) in slices {
+        run(&w, &format!("CREATE SLICE {name} AS {sql}")).await;
+    }
+    run(
+        &w,
+        "INGEST INTO core.f VALUES (0, 'c', 3.0), (2, NULL, 4.0); \
+         INGEST INTO core.d VALUES (2, 'two')",
+    )
+    .await;
+    for (name, sql, why) in slices {
+        run(&w, &format!("REFRESH SLICE {name}")).await;
+        let mode = last_mode(&w, name).await;
+        assert!(
+            mode.starts_with("full: ") && mode.contains(why),
+            "{name}: {mode}"
+        );
+        assert_eq!(
+            rows(&w, &format!("SELECT * FROM {name}")).await,
+            rows(&w, sql).await,
+            "{name}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn refresh_logs_written_before_the_mode_columns_still_read_and_gain_them() {
     use datafusion::arrow::array::{ArrayRef, Int64Array, StringArray, TimestampMicrosecondArray};
     use datafusion::arrow::datatypes::{DataType, Field, Schema, TimeUnit};
