@@ -46,7 +46,7 @@ pub static SCHEMA: LazyLock<SchemaRef> = LazyLock::new(|| {
         Field::new("inputs", DataType::Utf8, false),
         Field::new("error", DataType::Utf8, true),
         // Added with incremental refresh: NULL in rows logged before, and for attempts that
-        // committed nothing.
+        // failed before deciding how to build (a failed attempt logs what it set out to do).
         Field::new("mode", DataType::Utf8, true),
         Field::new("reason", DataType::Utf8, true),
         Field::new("read", DataType::Utf8, true),
