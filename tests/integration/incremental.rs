@@ -705,6 +705,51 @@ async fn windows_limits_and_outer_joins_refresh_in_full_and_say_so() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refresh_after_a_rollback_reads_from_the_rolled_back_versions_inputs() {
+    let dir = tempfile::tempdir().unwrap();
+    let w = new_warehouse(&dir).await;
+    let definition = "SELECT g, sum(v) AS s, count(*) AS n FROM core.f WHERE v > 0 GROUP BY g";
+    // core.f: version 0 created, 1 to 3 loaded; the slice's versions 0 to 2 read f@1 to f@3.
+    run(
+        &w,
+        &format!(
+            "INGEST INTO core.f VALUES (1, 'a', 1.0), (2, 'b', 2.0);
+             CREATE SLICE totals INCREMENTAL AS {definition};
+             INGEST INTO core.f VALUES (3, 'a', 4.0), (4, 'c', -1.0); REFRESH SLICE totals;
+             INGEST INTO core.f VALUES (5, 'c', 8.0), (6, NULL, 16.0); REFRESH SLICE totals;
+             ROLLBACK SLICE totals TO VERSION 0"
+        ),
+    )
+    .await;
+    assert_eq!(
+        rows(&w, "SELECT * FROM totals").await,
+        ["a | 1.0 | 1", "b | 2.0 | 1"]
+    );
+    run(&w, "REFRESH SLICE totals").await;
+    assert!(
+        last_mode(&w, "totals").await.starts_with("incremental"),
+        "{}",
+        last_mode(&w, "totals").await
+    );
+    // Both loads since version 0's input are read, and nothing before them.
+    assert_eq!(
+        scalar(
+            &w,
+            "SELECT read FROM slice_history('totals') ORDER BY version DESC LIMIT 1"
+        )
+        .await
+        .split(':')
+        .next()
+        .unwrap(),
+        "core.f@1..3"
+    );
+    assert_eq!(
+        rows(&w, "SELECT * FROM totals").await,
+        rows(&w, definition).await
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn refresh_logs_written_before_the_mode_columns_still_read_and_gain_them() {
     use datafusion::arrow::array::{ArrayRef, Int64Array, StringArray, TimestampMicrosecondArray};
     use datafusion::arrow::datatypes::{DataType, Field, Schema, TimeUnit};
