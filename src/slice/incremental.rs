@@ -82,7 +82,9 @@ pub(crate) struct Previous {
 }
 
 /// Incremental refreshes that added files, in a row, after which a refresh is full: each
-/// adds files, and many small files slow every query of the slice.
+/// adds files, and many small files slow every query of the slice. Replacements of an
+/// aggregate's groups count too; the one that would reach this merges and rewrites the slice
+/// whole instead.
 pub(crate) const MAX_APPENDS: u32 = 16;
 
 /// The new data of one changed input.

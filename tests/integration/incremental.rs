@@ -489,31 +489,40 @@ fn removed_by_last_commit(dir: &tempfile::TempDir, slice: &str) -> usize {
         .count()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_aggregate_rewrites_only_the_files_of_the_groups_new_rows_fall_in() {
+/// A warehouse whose slice `totals` is `SELECT g, <aggregates> FROM core.f GROUP BY g` over
+/// 200 groups, in files of 8 groups each.
+async fn totals_in_many_files(aggregates: &str) -> (tempfile::TempDir, IcePie) {
     let dir = tempfile::tempdir().unwrap();
     let w = new_warehouse(&dir).await;
-    // 200 groups in files of 8 groups each.
     run(
         &w,
-        "SET icepie.incremental_max_share = 1; SET icepie.target_file_size = 1; \
-         SET datafusion.execution.batch_size = 8;
-         INGEST INTO core.f SELECT value AS k, 'g' || CAST(value % 200 AS VARCHAR) AS g, \
-         CAST(value AS DOUBLE) AS v FROM generate_series(1, 2000);
-         CREATE SLICE totals INCREMENTAL AS SELECT g, sum(v) AS s, count(*) AS n, avg(v) AS a \
-         FROM core.f GROUP BY g",
+        &format!(
+            "SET icepie.incremental_max_share = 1; SET icepie.target_file_size = 1; \
+             SET datafusion.execution.batch_size = 8;
+             INGEST INTO core.f SELECT value AS k, 'g' || CAST(value % 200 AS VARCHAR) AS g, \
+             CAST(value AS DOUBLE) AS v FROM generate_series(1, 2000);
+             CREATE SLICE totals INCREMENTAL AS SELECT g, {aggregates} FROM core.f GROUP BY g"
+        ),
     )
     .await;
-    let files = |w: IcePie| async move {
-        scalar(
-            &w,
-            "SELECT files FROM system.slices WHERE domain = 'slices' AND name = 'totals'",
-        )
-        .await
-        .parse::<usize>()
-        .unwrap()
-    };
-    let before = files(w.clone()).await;
+    (dir, w)
+}
+
+/// The data files of slice `totals`.
+async fn files_of_totals(w: &IcePie) -> usize {
+    scalar(
+        w,
+        "SELECT files FROM system.slices WHERE domain = 'slices' AND name = 'totals'",
+    )
+    .await
+    .parse()
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_aggregate_rewrites_only_the_files_of_the_groups_new_rows_fall_in() {
+    let (dir, w) = totals_in_many_files("sum(v) AS s, count(*) AS n, avg(v) AS a").await;
+    let before = files_of_totals(&w).await;
     assert!(before >= 10, "{before} files");
     // New rows in two groups, one of them new.
     run(
@@ -535,7 +544,7 @@ async fn an_aggregate_rewrites_only_the_files_of_the_groups_new_rows_fall_in() {
     );
     // Only the file that held g7 was replaced; the others were kept.
     assert_eq!(removed_by_last_commit(&dir, "totals"), 1);
-    assert!(files(w.clone()).await >= before);
+    assert!(files_of_totals(&w).await >= before);
     // And again, with NULL group keys among the new rows.
     run(
         &w,
@@ -581,26 +590,7 @@ async fn an_aggregate_rewrites_only_the_files_of_the_groups_new_rows_fall_in() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn group_replacements_in_a_row_end_in_a_whole_rewrite_that_compacts() {
-    let dir = tempfile::tempdir().unwrap();
-    let w = new_warehouse(&dir).await;
-    run(
-        &w,
-        "SET icepie.incremental_max_share = 1; SET icepie.target_file_size = 1; \
-         SET datafusion.execution.batch_size = 8;
-         INGEST INTO core.f SELECT value AS k, 'g' || CAST(value % 200 AS VARCHAR) AS g, \
-         CAST(value AS DOUBLE) AS v FROM generate_series(1, 2000);
-         CREATE SLICE totals INCREMENTAL AS SELECT g, count(*) AS n FROM core.f GROUP BY g",
-    )
-    .await;
-    let files = || async {
-        scalar(
-            &w,
-            "SELECT files FROM system.slices WHERE domain = 'slices' AND name = 'totals'",
-        )
-        .await
-        .parse::<usize>()
-        .unwrap()
-    };
+    let (dir, w) = totals_in_many_files("count(*) AS n").await;
     // Each load brings a group the slice did not have: each replacement adds a file.
     let limit = 16;
     for i in 1..limit {
@@ -620,7 +610,7 @@ async fn group_replacements_in_a_row_end_in_a_whole_rewrite_that_compacts() {
             last_mode(&w, "totals").await
         );
     }
-    let piled = files().await;
+    let piled = files_of_totals(&w).await;
     run(
         &w,
         "INGEST INTO core.f VALUES (9999, 'last', 1.0); REFRESH SLICE totals",
