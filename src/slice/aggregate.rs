@@ -177,7 +177,13 @@ impl AggregateUDFImpl for StateUdaf {
     }
 
     fn is_nullable(&self) -> bool {
-        true
+        // The value is the inner aggregate's, as nullable as it (so a slice keeping states
+        // has the columns of one that does not: `count` is NOT NULL in both); states may be
+        // missing.
+        match self.phase {
+            Phase::Final => self.returns.is_nullable(),
+            Phase::Partial | Phase::Merge => true,
+        }
     }
 
     fn state_fields(&self, args: StateFieldsArgs) -> DFResult<Vec<FieldRef>> {

@@ -28,7 +28,14 @@
 //! # Invariants
 //!
 //! - An incremental refresh commits exactly what a full refresh from the same input versions
-//!   would (invariant 9; test `incremental::incremental_equals_full_over_random_appends`).
+//!   would (invariant 9; tests `incremental::incremental_equals_full_over_random_appends`,
+//!   `differential::incremental_equals_full_on_random_definitions`).
+//! - It never changes the slice's columns: an incremental plan whose columns differ (names,
+//!   Delta types, nullability) from a full build's or the stored version's makes a full build
+//!   (`tests::an_incremental_write_never_changes_the_slices_columns`).
+//! - A GROUP BY recomputed by group or partition is refreshed in full when a table read by a
+//!   subquery beside its input changed
+//!   (`incremental::a_subquery_above_a_recomputed_group_by_refreshes_in_full`).
 //! - It commits only on top of the version whose inputs it extended: a concurrent commit makes
 //!   it a conflict, like any build.
 
@@ -97,6 +104,10 @@ struct Change {
 
 /// Decides how to build `plan` (the definition over `inputs` at their latest versions) on top
 /// of `previous` (the slice's current version, `existing`), and returns the plan to write.
+///
+/// An incremental plan whose columns would not be written exactly as a full build writes
+/// them (names, Delta types, nullability), or would not fit the stored version's, is
+/// replaced by a full build: an incremental write must never change the slice's schema.
 #[allow(clippy::too_many_arguments)]
 pub(crate) async fn decide(
     state: &SessionState,
@@ -109,17 +120,134 @@ pub(crate) async fn decide(
     inputs: &[InputVersion],
     max_share: f64,
 ) -> Result<Decision> {
-    // A GROUP BY definition keeps its aggregates' states, so later refreshes can merge
-    // into them: unless it is declared FULL, or partitioned (its partitions are rewritten
-    // whole).
-    let shape = match spec.refresh_mode == RefreshMode::Full || !spec.partition_by.is_empty() {
-        true => Ok(None),
-        false => aggregate::shape(&plan),
-    };
-    let full_plan = match &shape {
+    let decision = choose(
+        state,
+        name,
+        spec,
+        kind,
+        previous,
+        existing,
+        plan.clone(),
+        inputs,
+        max_share,
+    )
+    .await?;
+    // Nothing is written when nothing changed (an empty relation of the table's columns).
+    if decision.built.mode == BuildMode::Full
+        || matches!(decision.plan, LogicalPlan::EmptyRelation(_))
+    {
+        return Ok(decision);
+    }
+    let full_plan = full_plan(spec, &plan)?;
+    let written = decision.plan.schema().as_arrow();
+    let mut why = columns_differ(
+        written,
+        full_plan.schema().as_arrow(),
+        "a full refresh writes",
+    );
+    if let (None, Some(table)) = (&why, existing) {
+        let stored = table.snapshot()?.snapshot().arrow_schema();
+        why = columns_differ(written, &stored, "the slice stores");
+    }
+    Ok(match why {
+        Some(why) => full(
+            full_plan,
+            format!("an incremental write would change the slice's columns: {why}"),
+        ),
+        None => decision,
+    })
+}
+
+/// What a full build of `plan` writes: a GROUP BY definition keeps its aggregates' states,
+/// so later refreshes can merge into them, unless it is declared FULL or partitioned (its
+/// partitions are rewritten whole).
+fn full_plan(spec: &SliceSpec, plan: &LogicalPlan) -> Result<LogicalPlan> {
+    Ok(match stateful_shape(spec, plan) {
         Ok(Some(shape)) => shape.plan(None, vec![shape.input.clone()])?,
         _ => plan.clone(),
+    })
+}
+
+/// The aggregate shape whose states a slice of `spec` keeps (see [`full_plan`]).
+fn stateful_shape<'a>(
+    spec: &SliceSpec,
+    plan: &'a LogicalPlan,
+) -> std::result::Result<Option<aggregate::Shape<'a>>, String> {
+    match spec.refresh_mode == RefreshMode::Full || !spec.partition_by.is_empty() {
+        true => Ok(None),
+        false => aggregate::shape(plan),
+    }
+}
+
+/// How the columns `written` differ from `expected` (which `label` names) as Delta records
+/// them (normalized as Delta's writer does): names, Delta types, nullability; `None` when
+/// they are the same. Delta stores no string views, unsigned integers or timestamps in
+/// seconds, so those differ from their Delta type only in Arrow.
+fn columns_differ(
+    written: &datafusion::arrow::datatypes::Schema,
+    expected: &datafusion::arrow::datatypes::Schema,
+    label: &str,
+) -> Option<String> {
+    use deltalake::kernel::engine::arrow_conversion::TryIntoKernel;
+    use deltalake::kernel::schema::cast::normalize_for_delta;
+    use deltalake::kernel::StructField;
+    // As the writer normalizes them (seconds and nanoseconds to microseconds, ...).
+    let written = normalize_for_delta(&Arc::new(written.clone()));
+    let expected = normalize_for_delta(&Arc::new(expected.clone()));
+    let delta =
+        |f: &datafusion::arrow::datatypes::Field| TryIntoKernel::<StructField>::try_into_kernel(f);
+    let shown = |f: &StructField| match f.is_nullable() {
+        true => f.data_type().to_string(),
+        false => format!("{} NOT NULL", f.data_type()),
     };
+    if written.fields().len() != expected.fields().len() {
+        return Some(format!(
+            "{} columns, where {label} {}",
+            written.fields().len(),
+            expected.fields().len()
+        ));
+    }
+    for field in written.fields() {
+        let Ok(other) = expected.field_with_name(field.name()) else {
+            return Some(format!(
+                "column '{}', which is not among those {label}",
+                field.name()
+            ));
+        };
+        let differs = match (delta(field), delta(other)) {
+            (Ok(mine), Ok(theirs)) => (mine.data_type() != theirs.data_type()
+                || mine.is_nullable() != theirs.is_nullable())
+            .then(|| (shown(&mine), shown(&theirs))),
+            // A type Delta has no name for: the Arrow types must be the very same.
+            _ => (field.data_type() != other.data_type()
+                || field.is_nullable() != other.is_nullable())
+            .then(|| (field.to_string(), other.to_string())),
+        };
+        if let Some((mine, theirs)) = differs {
+            return Some(format!(
+                "column '{}' as {mine}, where {label} {theirs}",
+                field.name(),
+            ));
+        }
+    }
+    None
+}
+
+/// [`decide`] before the check of the columns.
+#[allow(clippy::too_many_arguments)]
+async fn choose(
+    state: &SessionState,
+    name: &str,
+    spec: &SliceSpec,
+    kind: CommitKind,
+    previous: Option<&Previous>,
+    existing: Option<&DeltaTable>,
+    plan: LogicalPlan,
+    inputs: &[InputVersion],
+    max_share: f64,
+) -> Result<Decision> {
+    let shape = stateful_shape(spec, &plan);
+    let full_plan = full_plan(spec, &plan)?;
     let reason = match (kind, previous) {
         (CommitKind::Replace, _) => Some("a new definition".into()),
         (CommitKind::Create, _) | (_, None) => Some("the first version".into()),
@@ -241,6 +369,10 @@ pub(crate) async fn decide(
                 return Ok(full(full_plan, why));
             }
             Ok(Some(parted)) => {
+                if let Some(table) = read_beside(&plan, &changes)? {
+                    let why = format!("the slice is partitioned, but {}", beside(&table));
+                    return Ok(full(full_plan, why));
+                }
                 let delta = match delta_terms(&parted.aggregate.input, &changes) {
                     Ok(terms) => terms,
                     Err(why) => return Ok(full(full_plan, why)),
@@ -280,6 +412,9 @@ pub(crate) async fn decide(
             let (Some(existing), Ok(Some(grouped))) = (existing, partitions::grouped(&plan)) else {
                 return Ok(full(full_plan, why));
             };
+            if let Some(table) = read_beside(&plan, &changes)? {
+                return Ok(full(full_plan, format!("{why}, and {}", beside(&table))));
+            }
             let delta = match delta_terms(&grouped.aggregate.input, &changes) {
                 Ok(terms) => terms,
                 Err(why) => return Ok(full(full_plan, why)),
@@ -432,26 +567,43 @@ pub(crate) fn refuses_incremental(
     if let Err(why) = deterministic(plan) {
         return Ok(Some(why));
     }
-    let partitioned = match partition_by.is_empty() {
+    // Every input changes at once: the delta rules must hold at every node.
+    let changes: HashMap<String, Change> = providers(plan)?
+        .into_iter()
+        .map(|(name, provider)| {
+            let change = Change {
+                new_files: provider.clone(),
+                old_files: provider,
+            };
+            (name, change)
+        })
+        .collect();
+    // The input of a GROUP BY whose partitions or groups are recomputed where new rows fall.
+    let recomputed = match partition_by.is_empty() {
         true => None,
         false => match partitions::partitioned(plan, partition_by) {
             Ok(found) => found.map(|p| p.aggregate.input.as_ref()),
             Err(why) => return Ok(Some(format!("the slice is partitioned, but {why}"))),
         },
     };
-    let found = match partitioned {
-        Some(input) => Ok(Some(input)),
+    let found = match recomputed {
+        Some(input) => Ok(Some((input, true))),
         None => match aggregate::shape(plan) {
-            Ok(shape) => Ok(shape.map(|s| s.input)),
+            Ok(shape) => Ok(shape.map(|s| (s.input, false))),
             // Groups that keep no state are recomputed when all of their keys are shown.
             Err(why) => match partitions::grouped(plan) {
-                Ok(Some(grouped)) => Ok(Some(grouped.aggregate.input.as_ref())),
+                Ok(Some(grouped)) => Ok(Some((grouped.aggregate.input.as_ref(), true))),
                 _ => Err(why),
             },
         },
     };
     let definition = match found {
-        Ok(Some(input)) => input,
+        Ok(Some((input, recomputed))) => {
+            if let (true, Some(table)) = (recomputed, read_beside(plan, &changes)?) {
+                return Ok(Some(beside(&table)));
+            }
+            input
+        }
         Ok(None) => plan,
         Err(why) => {
             return Ok(Some(format!(
@@ -459,19 +611,40 @@ pub(crate) fn refuses_incremental(
             )))
         }
     };
-    // Every input changes at once: the delta rules must hold at every node.
-    let providers = providers(definition)?;
-    let mut changes = HashMap::new();
-    for (name, provider) in &providers {
-        changes.insert(
-            name.clone(),
-            Change {
-                new_files: provider.clone(),
-                old_files: provider.clone(),
-            },
-        );
-    }
     Ok(delta_terms(definition, &changes).err())
+}
+
+/// The changed input that `plan` reads beside the input of its GROUP BY: in a subquery of
+/// the SELECT list above it or of the aggregate's own expressions. A change there changes
+/// every group, not only those the new rows fall in.
+fn read_beside(plan: &LogicalPlan, changes: &HashMap<String, Change>) -> Result<Option<String>> {
+    let mut found = None;
+    let mut node = plan;
+    loop {
+        node.apply_subqueries(|subquery| {
+            found = touched_input(subquery, changes);
+            Ok(match found {
+                Some(_) => TreeNodeRecursion::Stop,
+                None => TreeNodeRecursion::Continue,
+            })
+        })?;
+        let inputs = node.inputs();
+        match (&found, node, inputs.as_slice()) {
+            (None, LogicalPlan::Projection(_) | LogicalPlan::SubqueryAlias(_), [input]) => {
+                node = input
+            }
+            _ => return Ok(found),
+        }
+    }
+}
+
+/// Why a GROUP BY recomputed group by group (or partition by partition) refreshes in full
+/// when `table`, which a subquery beside it reads, changed.
+fn beside(table: &str) -> String {
+    format!(
+        "a subquery above its GROUP BY reads {table}, whose change may change every group, \
+         not only those the new rows fall in"
+    )
 }
 
 /// A full build of `plan`, for `reason`.
@@ -737,11 +910,16 @@ fn same_layout(m: &deltalake::kernel::Metadata, current: &serde_json::Value) -> 
 
 /// True when `plan` reads a changed input anywhere, subqueries included.
 fn touches(plan: &LogicalPlan, changes: &HashMap<String, Change>) -> bool {
-    let mut found = false;
+    touched_input(plan, changes).is_some()
+}
+
+/// The first changed input `plan` reads, subqueries included.
+fn touched_input(plan: &LogicalPlan, changes: &HashMap<String, Change>) -> Option<String> {
+    let mut found = None;
     let _ = plan.apply_with_subqueries(|node| {
         if let LogicalPlan::TableScan(scan) = node {
             if changed(scan, changes).is_some() {
-                found = true;
+                found = Some(scan.table_name.to_string());
                 return Ok(TreeNodeRecursion::Stop);
             }
         }
@@ -918,6 +1096,118 @@ fn terms(
             let node = other.display().to_string();
             let node = node.split(':').next().unwrap_or_default();
             Err(shape(&format!("a {node} node")))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use datafusion::arrow::datatypes::{DataType, Field, Schema, TimeUnit};
+
+    use super::columns_differ;
+
+    fn schema(fields: &[(&str, DataType, bool)]) -> Schema {
+        Schema::new(
+            fields
+                .iter()
+                .map(|(n, t, null)| Field::new(*n, t.clone(), *null))
+                .collect::<Vec<_>>(),
+        )
+    }
+
+    /// Issue 26: an incremental write must not change a column's type or nullability (the
+    /// write overwrites the schema); types Delta stores alike are alike.
+    #[test]
+    fn an_incremental_write_never_changes_the_slices_columns() {
+        let stored = schema(&[
+            ("k", DataType::Int64, false),
+            ("g", DataType::Utf8, true),
+            ("n", DataType::Int64, true),
+            (
+                "at",
+                DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into())),
+                true,
+            ),
+        ]);
+        let alike = schema(&[
+            ("g", DataType::Utf8View, true),
+            ("k", DataType::Int64, false),
+            ("n", DataType::UInt64, true),
+            (
+                "at",
+                DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into())),
+                true,
+            ),
+        ]);
+        assert_eq!(columns_differ(&alike, &stored, "the slice stores"), None);
+        // Written in seconds, stored in microseconds (how Delta's writer normalizes them).
+        assert_eq!(
+            columns_differ(
+                &schema(&[("t", DataType::Timestamp(TimeUnit::Second, None), true)]),
+                &schema(&[("t", DataType::Timestamp(TimeUnit::Microsecond, None), true)]),
+                "the slice stores"
+            ),
+            None
+        );
+        let cases = [
+            (
+                schema(&[
+                    ("k", DataType::Int32, false),
+                    ("g", DataType::Utf8, true),
+                    ("n", DataType::Int64, true),
+                    (
+                        "at",
+                        DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into())),
+                        true,
+                    ),
+                ]),
+                "column 'k' as integer NOT NULL, where the slice stores long NOT NULL",
+            ),
+            (
+                schema(&[
+                    ("k", DataType::Int64, true),
+                    ("g", DataType::Utf8, true),
+                    ("n", DataType::Int64, true),
+                    (
+                        "at",
+                        DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into())),
+                        true,
+                    ),
+                ]),
+                "column 'k' as long, where the slice stores long NOT NULL",
+            ),
+            (
+                schema(&[
+                    ("k", DataType::Int64, false),
+                    ("g", DataType::Utf8, true),
+                    ("n", DataType::Int64, true),
+                    ("at", DataType::Timestamp(TimeUnit::Microsecond, None), true),
+                ]),
+                "column 'at' as timestamp_ntz, where the slice stores timestamp",
+            ),
+            (
+                schema(&[("k", DataType::Int64, false)]),
+                "1 columns, where the slice stores 4",
+            ),
+            (
+                schema(&[
+                    ("k", DataType::Int64, false),
+                    ("g", DataType::Utf8, true),
+                    ("m", DataType::Int64, true),
+                    (
+                        "at",
+                        DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into())),
+                        true,
+                    ),
+                ]),
+                "column 'm', which is not among those the slice stores",
+            ),
+        ];
+        for (written, want) in cases {
+            assert_eq!(
+                columns_differ(&written, &stored, "the slice stores").as_deref(),
+                Some(want)
+            );
         }
     }
 }

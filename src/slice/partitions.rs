@@ -84,6 +84,10 @@ pub(crate) fn grouped(plan: &LogicalPlan) -> std::result::Result<Option<Partitio
     let [LogicalPlan::Projection(projection)] = above.as_slice() else {
         return Err("its GROUP BY is not right under its SELECT list".into());
     };
+    if aggregate.group_expr.is_empty() {
+        // Its one group is the whole input: recomputing it is a full refresh.
+        return Err("it has no GROUP BY keys, so its one group is all of its input".into());
+    }
     let mut keys = Vec::new();
     for (i, key) in aggregate.group_expr.iter().enumerate() {
         let column = Column::from(aggregate.schema.qualified_field(i));

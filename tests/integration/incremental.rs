@@ -856,3 +856,126 @@ async fn hidden_state_stays_hidden_when_delta_rs_reads_the_slice() {
     .await;
     assert!(err.contains("keeps for its own columns"), "{err}");
 }
+
+/// Issue 26: a GROUP BY recomputed group by group (or partition by partition) diffed only the
+/// aggregate's input, so a subquery above it (whose table changed) was evaluated for the
+/// touched groups only, or, when only the subquery's table changed, not at all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subquery_above_a_recomputed_group_by_refreshes_in_full() {
+    let dir = tempfile::tempdir().unwrap();
+    let w = new_warehouse(&dir).await;
+    run(&w, "SET icepie.incremental_max_share = 1").await;
+    run(
+        &w,
+        "CREATE CORE TABLE orders (id BIGINT, region TEXT, customer BIGINT)",
+    )
+    .await;
+    run(
+        &w,
+        "INGEST INTO orders SELECT * FROM (VALUES (1,'eu',10),(2,'us',20),(3,'us',30)) \
+         AS t(id,region,customer)",
+    )
+    .await;
+    // The issue's reproduction: the share of all customers each region has.
+    let share = "SELECT region, count(DISTINCT customer) * 100.0 / (SELECT count(DISTINCT \
+                 customer) FROM core.orders) AS pct FROM core.orders GROUP BY region";
+    let err = fails(&w, &format!("CREATE SLICE share INCREMENTAL AS {share}")).await;
+    assert!(err.contains("declared INCREMENTAL"), "{err}");
+    assert!(err.contains("a subquery above its GROUP BY reads"), "{err}");
+    run(&w, &format!("CREATE SLICE share AS {share}")).await;
+    run(
+        &w,
+        &format!("CREATE SLICE share_parted PARTITION BY (region) AS {share}"),
+    )
+    .await;
+    // The subquery reads another table than the GROUP BY: only it changes below.
+    let of_all = "SELECT g, count(DISTINCT v) * 1.0 / (SELECT count(*) FROM core.d) AS per_d \
+                  FROM core.f GROUP BY g";
+    run(&w, "INGEST INTO core.f VALUES (1, 'a', 1.0), (2, 'b', 2.0)").await;
+    run(&w, "INGEST INTO core.d VALUES (1, 'x')").await;
+    run(&w, &format!("CREATE SLICE of_all AS {of_all}")).await;
+    // A mergeable aggregate under the same subquery merges its states and rewrites whole.
+    let merged = "SELECT g, sum(v) / (SELECT count(*) FROM core.d) AS per_d FROM core.f \
+                  GROUP BY g";
+    run(&w, &format!("CREATE SLICE merged AS {merged}")).await;
+
+    run(
+        &w,
+        "INGEST INTO orders SELECT * FROM (VALUES (4,'eu',40)) AS t(id,region,customer)",
+    )
+    .await;
+    run(&w, "INGEST INTO core.d VALUES (2, 'y'), (3, 'z')").await;
+    for (slice, definition) in [
+        ("share", share),
+        ("share_parted", share),
+        ("of_all", of_all),
+        ("merged", merged),
+    ] {
+        run(&w, &format!("REFRESH SLICE {slice}")).await;
+        assert_eq!(
+            rows(&w, &format!("SELECT * FROM {slice}")).await,
+            rows(&w, definition).await,
+            "{slice}: {}",
+            last_mode(&w, slice).await
+        );
+    }
+    for slice in ["share", "share_parted", "of_all"] {
+        let mode = last_mode(&w, slice).await;
+        assert!(
+            mode.starts_with("full") && mode.contains("a subquery above its GROUP BY reads"),
+            "{slice}: {mode}"
+        );
+    }
+    assert_eq!(
+        rows(&w, "SELECT * FROM share").await,
+        ["eu | 50.0", "us | 50.0"]
+    );
+    // When the subquery's table is unchanged, its groups are still recomputed one by one.
+    run(&w, "INGEST INTO core.f VALUES (3, 'a', 7.0)").await;
+    run(&w, "REFRESH SLICE of_all").await;
+    assert!(
+        last_mode(&w, "of_all").await.starts_with("incremental"),
+        "{}",
+        last_mode(&w, "of_all").await
+    );
+    assert_eq!(
+        rows(&w, "SELECT * FROM of_all").await,
+        rows(&w, of_all).await
+    );
+}
+
+/// Issue 26: holistic aggregates without GROUP BY failed every incremental refresh
+/// ("Aggregate requires at least one grouping or aggregate expression"), and the scheduler
+/// then suspended the slice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn holistic_aggregates_without_group_by_refresh_in_full() {
+    let dir = tempfile::tempdir().unwrap();
+    let w = new_warehouse(&dir).await;
+    run(&w, "SET icepie.incremental_max_share = 1").await;
+    run(&w, "INGEST INTO core.f VALUES (1, 'a', 1.0), (2, 'b', 2.0)").await;
+    let definition = "SELECT count(DISTINCT g) AS n, median(v) AS m FROM core.f";
+    let err = fails(
+        &w,
+        &format!("CREATE SLICE whole INCREMENTAL AS {definition}"),
+    )
+    .await;
+    assert!(err.contains("declared INCREMENTAL"), "{err}");
+    run(&w, &format!("CREATE SLICE whole AS {definition}")).await;
+    for load in ["(3, 'c', 9.0)", "(4, 'a', NULL)"] {
+        run(&w, &format!("INGEST INTO core.f VALUES {load}")).await;
+        run(&w, "REFRESH SLICE whole").await;
+        let mode = last_mode(&w, "whole").await;
+        assert!(
+            mode.starts_with("full: the definition has an aggregate that keeps no state"),
+            "{mode}"
+        );
+        assert_eq!(
+            rows(&w, "SELECT * FROM whole").await,
+            rows(&w, definition).await
+        );
+    }
+    assert_eq!(
+        scalar(&w, "SELECT state FROM system.slices WHERE name = 'whole'").await,
+        "fresh"
+    );
+}
