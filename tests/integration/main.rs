@@ -6,6 +6,7 @@ mod clients;
 mod clustering;
 mod core_tables;
 mod crash;
+mod differential;
 mod failures;
 mod faults;
 mod flight;
