@@ -85,8 +85,13 @@ async fn a_query_on_a_slice_reads_only_that_slices_files() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_refresh_reads_only_its_inputs_and_its_own_table() {
     let (_dir, root, store, warehouse) = warehouse().await;
-    store.take();
-    warehouse.refresh("s1").await.unwrap();
+    // New data in both tables, so the refresh has something to read (a refresh with no new
+    // data commits at once and reads nothing), and s2's input has moved on too.
+    run(
+        &warehouse,
+        "INGEST INTO a VALUES (3, 'z'); INGEST INTO b VALUES (2, 'q')",
+    )
+    .await;
     let allowed = [
         prefix(&root, "core/a/"),
         prefix(&root, "slices/slices/s1/"),
@@ -94,14 +99,30 @@ async fn a_refresh_reads_only_its_inputs_and_its_own_table() {
         // Whether s1 is quarantined (only a full refresh rewrites a damaged file).
         prefix(&root, "_system/quarantine/slices/slices/s1/"),
     ];
-    let accesses = store.take();
-    assert!(!accesses.is_empty());
-    for a in accesses {
-        if let Access::Read(p) = a {
+    // Incremental (the new rows of a), then full (all of a).
+    for refresh in ["REFRESH SLICE s1", "REFRESH SLICE s1 FULL"] {
+        store.take();
+        run(&warehouse, refresh).await;
+        let accesses = store.take();
+        let reads: Vec<String> = accesses
+            .into_iter()
+            .filter_map(|a| match a {
+                Access::Read(p) => Some(p),
+                _ => None,
+            })
+            .collect();
+        assert!(
+            reads
+                .iter()
+                .any(|p| p.starts_with(&allowed[0]) && p.ends_with(".parquet")),
+            "{refresh} read no data file of its input: {reads:?}"
+        );
+        for p in reads {
             assert!(
                 allowed.iter().any(|ok| p.starts_with(ok)),
-                "refresh of s1 read {p}"
+                "{refresh} of s1 read {p}"
             );
         }
     }
+    assert_eq!(scalar(&warehouse, "SELECT count(*) FROM s1").await, "3");
 }
