@@ -59,6 +59,7 @@ use crate::slice::quarantine::{self, Verified};
 use crate::slice::vacuum::{self, VacuumOutcome};
 use crate::slice::{self, BuildOutcome, InputCache, Previous, SliceInfo, SliceSpec};
 use crate::sql::{parse_sql, CreateSlice, Statement};
+use crate::storage::location::{self, Opening, Unjudgeable};
 use crate::storage::names::{SliceName, CORE_SCHEMA, DEFAULT_DOMAIN, SYSTEM_SCHEMA};
 use crate::storage::{Warehouse, DEFAULT_LOCATION};
 pub use builder::IcePieBuilder;
@@ -477,33 +478,12 @@ impl IcePie {
         output::lifecycle(&self.inner.ctx, &out, info.as_ref())
     }
 
-    /// True when `location` (a path or URL) is the warehouse or lies inside it.
-    fn inside_warehouse(&self, location: &str) -> bool {
-        let root = self.location();
-        if location.contains("://") {
-            return Url::parse(location).is_ok_and(|u| {
-                let mut text = u.to_string();
-                if !text.ends_with('/') {
-                    text.push('/');
-                }
-                text.starts_with(root.as_str())
-            });
-        }
-        let (Ok(root), Ok(path)) = (root.to_file_path(), std::path::absolute(location)) else {
-            return false;
-        };
-        // Lexically: `..` and `.` resolved, so `warehouse/../warehouse/x` is caught too.
-        let mut normal = std::path::PathBuf::new();
-        for part in path.components() {
-            match part {
-                std::path::Component::ParentDir => {
-                    normal.pop();
-                }
-                std::path::Component::CurDir => {}
-                other => normal.push(other),
-            }
-        }
-        normal.starts_with(root)
+    /// True when `location` (a path or URL) is the warehouse or lies inside it, judged on
+    /// what DataFusion will open (`..`, percent-encoding, links followed), not on its text.
+    fn inside_warehouse(&self, location: &str) -> std::result::Result<bool, Unjudgeable> {
+        let target = location::resolve(location, Opening::Listing)?;
+        let root = location::resolve(self.location().as_str(), Opening::Listing)?;
+        Ok(target.is_within(&root))
     }
 
     /// Refuses plain-SQL writes and drops aimed at core tables, slices and system tables
@@ -511,13 +491,23 @@ impl IcePie {
     fn refuse_writes(&self, plan: &LogicalPlan) -> Result<()> {
         let dml = match plan {
             LogicalPlan::Dml(dml) => dml,
-            LogicalPlan::Copy(copy) if self.inside_warehouse(&copy.output_url) => {
-                return Err(IcePieError::ReadOnly(format!(
-                    "COPY ... TO '{}' would write inside the warehouse {}, whose files change \
-                     only through icepie's statements; write to a location outside it",
-                    copy.output_url,
-                    self.location()
-                )));
+            LogicalPlan::Copy(copy) => {
+                return match self.inside_warehouse(&copy.output_url) {
+                    Ok(false) => Ok(()),
+                    Ok(true) => Err(IcePieError::ReadOnly(format!(
+                        "COPY ... TO '{}' would write inside the warehouse {}, whose files \
+                         change only through icepie's statements; write to a location outside it",
+                        copy.output_url,
+                        self.location()
+                    ))),
+                    // What cannot be told to be outside the warehouse may be inside it.
+                    Err(e) => Err(IcePieError::NotAllowed(format!(
+                        "COPY ... TO '{}': cannot tell whether it writes inside the warehouse \
+                         {} ({e}); write to a plain path or URL outside it",
+                        copy.output_url,
+                        self.location()
+                    ))),
+                };
             }
             LogicalPlan::Ddl(DdlStatement::DropTable(DropTable { name, .. })) => {
                 let schema = name.schema().unwrap_or(DEFAULT_DOMAIN);

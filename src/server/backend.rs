@@ -670,11 +670,18 @@ fn show_postgres(statement: Statement) -> Result<Statement, IcePieError> {
 ///   nothing (every statement commits on its own); savepoints are refused;
 /// - `SET` of a PostgreSQL session variable (`application_name`, `extra_float_digits`,
 ///   `DateStyle`: what drivers send on connect) is accepted and changes nothing; the settings
-///   of DataFusion and icepie are the server's, for every client, and are refused.
+///   of DataFusion and icepie are the server's, for every client: `SET` or `RESET` of them is
+///   refused.
 fn session(statement: &Statement) -> Result<Option<Session>, IcePieError> {
     let Statement::DataFusion(inner) = statement else {
         return Ok(None);
     };
+    if let Some(variable) = super::policy::shared_setting(inner) {
+        return Err(IcePieError::NotAllowed(format!(
+            "{variable} is a setting of the server, shared by every client: start the server \
+             with --set to change it"
+        )));
+    }
     let DFStatement::Statement(sql) = &**inner else {
         return Ok(None);
     };
@@ -689,23 +696,7 @@ fn session(statement: &Statement) -> Result<Option<Session>, IcePieError> {
                 "savepoints are not supported: every statement commits on its own".into(),
             )),
         ),
-        SqlStatement::Set(_) => {
-            let text = sql.to_string();
-            let variable = text
-                .split_whitespace()
-                .skip(1)
-                .find(|w| !w.eq_ignore_ascii_case("session") && !w.eq_ignore_ascii_case("local"))
-                .unwrap_or_default()
-                .to_ascii_lowercase();
-            if variable.contains('.') {
-                Err(IcePieError::NotAllowed(format!(
-                    "{variable} is a setting of the server, shared by every client: start the \
-                     server with --set to change it"
-                )))
-            } else {
-                Ok(Some(Session::Set))
-            }
-        }
+        SqlStatement::Set(_) => Ok(Some(Session::Set)),
         _ => Ok(None),
     }
 }

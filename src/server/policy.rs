@@ -1,33 +1,35 @@
-//! What a server's clients may do: the files they may name (`--allow-path`) and, in read-only
-//! mode, that they only read.
+//! What a server's clients may do: the files they may name (`--allow-path`), the settings they
+//! may change and, in read-only mode, that they only read.
 //!
 //! The server's own files are not its clients' files: a statement that names a location
 //! (`INGEST … FROM`, `CREATE CORE TABLE … FROM`, `CREATE EXTERNAL TABLE … LOCATION`, `COPY … TO`,
 //! inside an `EXPLAIN` too) runs only when that location is under one the server was started
-//! with. Local paths are compared after resolving `.`, `..` and symbolic links of the part that
-//! exists, so `allowed/../etc` is refused; URLs (`s3://bucket/prefix`) by prefix.
+//! with. Each is judged on what it will actually open ([`location::resolve`]: DataFusion's own
+//! parsing, percent-decoding and `..`, then the links of the part that exists), never on its
+//! text; a location that cannot be judged is refused. The runtime settings (memory limit,
+//! spill directory) are the server's: no client may `SET` or `RESET` them.
+//!
+//! **Invariants**
+//! - No location outside the allowed ones is read or written, however it is spelt
+//!   (`tests::hostile_locations_are_refused`, over the corpus in
+//!   `tests/data/hostile_locations.txt`, which the servers' integration tests send too;
+//!   `tests::percent_encoded_dot_segments_cannot_leave_allow_path`), and the check is no
+//!   blanket refusal (`tests::allowed_locations_are_allowed`).
+//! - No client changes a `datafusion.runtime` setting
+//!   (`tests::reset_of_runtime_settings_is_refused`).
 
-use std::path::{Component, Path, PathBuf};
-
-use datafusion::sql::parser::Statement as DFStatement;
-use datafusion::sql::sqlparser::ast::Statement as SqlStatement;
+use datafusion::sql::parser::{ResetStatement, Statement as DFStatement};
+use datafusion::sql::sqlparser::ast::{ObjectName, Set, Statement as SqlStatement};
 
 use crate::error::{IcePieError, Result};
 use crate::sql::{DataSource, Statement};
-
-/// A location clients may name, and everything under it.
-#[derive(Debug, Clone)]
-enum Allowed {
-    /// A local directory, resolved.
-    Dir(PathBuf),
-    /// An object-store URL prefix (`s3://bucket/prefix/`).
-    Url(String),
-}
+use crate::storage::location::{self, Location, Opening};
 
 /// What a server's clients may do.
 #[derive(Debug, Clone, Default)]
 pub struct Policy {
-    allowed: Vec<Allowed>,
+    /// The locations clients may name, and everything under them.
+    allowed: Vec<Location>,
     read_only: bool,
     statement_memory: Option<u64>,
 }
@@ -38,17 +40,15 @@ impl Policy {
     pub fn new(allow: &[String], read_only: bool) -> Result<Self> {
         let allowed = allow
             .iter()
-            .map(|a| match url_scheme(a) {
-                Some(scheme) if scheme != "file" => {
-                    Ok(Allowed::Url(format!("{}/", a.trim_end_matches('/'))))
-                }
-                _ => {
-                    let path = a.strip_prefix("file://").unwrap_or(a);
-                    std::fs::canonicalize(path).map(Allowed::Dir).map_err(|e| {
-                        IcePieError::Server(format!(
-                            "--allow-path {a}: {e}; give a directory that exists"
-                        ))
-                    })
+            .map(|a| {
+                let bad = |why: String| IcePieError::Server(format!("--allow-path {a}: {why}"));
+                match location::resolve(a, Opening::Listing) {
+                    Ok(Location::Local(dir)) if !dir.is_dir() => Err(bad(format!(
+                        "{} is not a directory; give a directory that exists",
+                        dir.display()
+                    ))),
+                    Ok(root) => Ok(root),
+                    Err(e) => Err(bad(e.to_string())),
                 }
             })
             .collect::<Result<_>>()?;
@@ -76,8 +76,8 @@ impl Policy {
         self.read_only
     }
 
-    /// Refuses `statement` when it writes in read-only mode or names a location that is not
-    /// allowed.
+    /// Refuses `statement` when it writes in read-only mode, names a location that is not
+    /// allowed, or changes a runtime setting.
     pub fn check(&self, statement: &Statement) -> Result<()> {
         if self.read_only && !reads_only(statement) {
             return Err(IcePieError::ReadOnly(
@@ -86,123 +86,128 @@ impl Policy {
                     .into(),
             ));
         }
-        for location in locations(statement) {
-            self.check_location(location)?;
+        for (text, opening) in locations(statement) {
+            self.check_location(text, opening)?;
         }
         if let Statement::DataFusion(inner) = statement {
             // The runtime settings name the spill directory (where files get written) and the
             // memory of every client: they are the server's.
-            let text = inner.to_string().to_ascii_lowercase();
-            let words: Vec<&str> = text.split_whitespace().take(2).collect();
-            if words.first() == Some(&"set") && words.get(1).is_some_and(|w| w.contains("runtime."))
-            {
-                return Err(IcePieError::NotAllowed(
-                    "the datafusion.runtime settings are the server's; clients may not SET them"
-                        .into(),
-                ));
+            if let Some(name) = runtime_setting(inner) {
+                return Err(IcePieError::NotAllowed(format!(
+                    "{name}: the datafusion.runtime settings are the server's; clients may not \
+                     SET or RESET them"
+                )));
             }
         }
         Ok(())
     }
 
-    fn check_location(&self, location: &str) -> Result<()> {
-        let refused = |why: &str| {
+    fn check_location(&self, text: &str, opening: Opening) -> Result<()> {
+        let refused = |why: String| {
             Err(IcePieError::NotAllowed(format!(
-                "'{location}' is not among the locations this server's clients may use{why}; \
+                "'{text}' is not among the locations this server's clients may use{why}; \
                  start the server with --allow-path naming a directory or URL above it"
             )))
         };
-        match url_scheme(location) {
-            Some(scheme) if scheme != "file" => {
-                let ok = self.allowed.iter().any(|a| match a {
-                    Allowed::Url(prefix) => location.starts_with(prefix.as_str()),
-                    Allowed::Dir(_) => false,
-                });
-                if ok {
-                    Ok(())
-                } else {
-                    refused("")
-                }
-            }
-            _ => {
-                let path = location.strip_prefix("file://").unwrap_or(location);
-                let Some(resolved) = resolve(path) else {
-                    return refused(" (it cannot be resolved)");
-                };
-                let ok = self.allowed.iter().any(|a| match a {
-                    Allowed::Dir(dir) => resolved.starts_with(dir),
-                    Allowed::Url(_) => false,
-                });
-                if ok {
-                    Ok(())
-                } else if self.allowed.is_empty() {
-                    refused(" (it was started without --allow-path)")
-                } else {
-                    refused("")
-                }
-            }
+        let resolved = match location::resolve(text, opening) {
+            Ok(resolved) => resolved,
+            Err(e) => return refused(format!(" (it cannot be judged: {e})")),
+        };
+        if self.allowed.iter().any(|root| resolved.is_within(root)) {
+            Ok(())
+        } else if self.allowed.is_empty() {
+            refused(" (it was started without --allow-path)".into())
+        } else {
+            refused(format!(" (it leads to {resolved})"))
         }
     }
 }
 
-/// The scheme of a URL (`s3` of `s3://…`), `None` for a path.
-fn url_scheme(location: &str) -> Option<&str> {
-    let (scheme, _) = location.split_once("://")?;
-    (!scheme.is_empty()
-        && scheme
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || c == '+'))
-    .then_some(scheme)
+/// The name of the runtime setting `statement` sets or resets, as DataFusion will name it
+/// (`RESET ALL` would reset them too). A name that is not plain identifiers cannot be told
+/// apart from one, and is taken for one.
+fn runtime_setting(statement: &DFStatement) -> Option<String> {
+    let runtime = |name: &ObjectName| match setting_name(name) {
+        Some(n) if n.starts_with("datafusion.runtime") => Some(n),
+        Some(_) => None,
+        None => Some(name.to_string()),
+    };
+    match statement {
+        DFStatement::Reset(ResetStatement::Variable(name)) => match setting_name(name) {
+            Some(all) if all == "all" => Some("RESET ALL".into()),
+            _ => runtime(name),
+        },
+        DFStatement::Statement(s) => match &**s {
+            SqlStatement::Set(set) => set_names(set).into_iter().find_map(runtime),
+            _ => None,
+        },
+        DFStatement::Explain(e) => runtime_setting(&e.statement),
+        DFStatement::CreateExternalTable(_) | DFStatement::CopyTo(_) => None,
+    }
 }
 
-/// `path` made absolute, `.` and `..` resolved, and the symbolic links of its longest
-/// existing part (a glob's fixed part included) followed.
-fn resolve(path: &str) -> Option<PathBuf> {
-    // A glob matches under its fixed part: the components before the first wildcard.
-    let fixed: PathBuf = Path::new(path)
-        .components()
-        .take_while(|c| {
-            !c.as_os_str()
-                .to_string_lossy()
-                .contains(['*', '?', '[', '{'])
-        })
+/// The variables a `SET` names.
+fn set_names(set: &Set) -> Vec<&ObjectName> {
+    match set {
+        Set::SingleAssignment { variable, .. } => vec![variable],
+        Set::ParenthesizedAssignments { variables, .. } => variables.iter().collect(),
+        Set::MultipleAssignments { assignments } => assignments.iter().map(|a| &a.name).collect(),
+        _ => vec![],
+    }
+}
+
+/// The server-wide setting `statement` would change for every client: a `SET` of a dotted
+/// name as written (the servers answer one without a dot, PostgreSQL's, without running it),
+/// or a `RESET` of one DataFusion would reset. A name that is not plain identifiers is taken
+/// for one.
+pub(super) fn shared_setting(statement: &DFStatement) -> Option<String> {
+    let dotted = |name: Option<String>, written: &ObjectName| match name {
+        Some(n) if !n.contains('.') => None,
+        Some(n) => Some(n),
+        None => Some(written.to_string()),
+    };
+    match statement {
+        DFStatement::Reset(ResetStatement::Variable(name)) => dotted(setting_name(name), name),
+        DFStatement::Statement(s) => match &**s {
+            SqlStatement::Set(set) => set_names(set)
+                .into_iter()
+                .find_map(|name| dotted(written_name(name), name)),
+            _ => None,
+        },
+        _ => None,
+    }
+}
+
+/// A setting's name as DataFusion's planner makes it: its parts joined by `.`, lower case,
+/// `timezone` for `datafusion.execution.time_zone`; `None` when a part is not an identifier.
+fn setting_name(name: &ObjectName) -> Option<String> {
+    let name = written_name(name)?;
+    Some(match name.as_str() {
+        "timezone" | "time.zone" => "datafusion.execution.time_zone".into(),
+        _ => name,
+    })
+}
+
+/// A setting's name as written: its parts joined by `.`, lower case (quoted or not, as
+/// DataFusion folds it); `None` when a part is not an identifier.
+fn written_name(name: &ObjectName) -> Option<String> {
+    let parts: Option<Vec<&str>> = name
+        .0
+        .iter()
+        .map(|part| part.as_ident().map(|ident| ident.value.as_str()))
         .collect();
-    let absolute = std::path::absolute(&fixed).ok()?;
-    let mut normal = PathBuf::new();
-    for c in absolute.components() {
-        match c {
-            Component::ParentDir => {
-                normal.pop();
-            }
-            Component::CurDir => {}
-            other => normal.push(other),
-        }
-    }
-    // Follow links in the part that exists; what does not exist yet cannot be a link.
-    let mut existing = normal.clone();
-    let mut rest = Vec::new();
-    while !existing.exists() {
-        rest.push(existing.file_name()?.to_owned());
-        if !existing.pop() {
-            return None;
-        }
-    }
-    let mut resolved = std::fs::canonicalize(&existing).ok()?;
-    for part in rest.into_iter().rev() {
-        resolved.push(part);
-    }
-    Some(resolved)
+    Some(parts?.join(".").to_lowercase())
 }
 
-/// The locations `statement` reads or writes.
-fn locations(statement: &Statement) -> Vec<&str> {
+/// The locations `statement` reads or writes, each with how it will be opened.
+fn locations(statement: &Statement) -> Vec<(&str, Opening)> {
     match statement {
         Statement::CreateCoreTable(c) => match &c.source {
-            Some(DataSource::Files { location, .. }) => vec![location.as_str()],
+            Some(DataSource::Files { location, .. }) => vec![(location.as_str(), Opening::Listing)],
             _ => vec![],
         },
         Statement::Ingest(i) => match &i.source {
-            DataSource::Files { location, .. } => vec![location.as_str()],
+            DataSource::Files { location, .. } => vec![(location.as_str(), Opening::Listing)],
             DataSource::Query(_) => vec![],
         },
         Statement::DataFusion(inner) => df_locations(inner),
@@ -210,10 +215,25 @@ fn locations(statement: &Statement) -> Vec<&str> {
     }
 }
 
-fn df_locations(statement: &DFStatement) -> Vec<&str> {
+fn df_locations(statement: &DFStatement) -> Vec<(&str, Opening)> {
     match statement {
-        DFStatement::CreateExternalTable(c) => c.locations.iter().map(String::as_str).collect(),
-        DFStatement::CopyTo(c) => vec![c.target.as_str()],
+        DFStatement::CreateExternalTable(c) => {
+            // An unbounded table (or one whose options may make it so) is a stream table,
+            // which opens its one location as a file path; judged both ways when in doubt.
+            let stream = c.unbounded
+                || c.options
+                    .iter()
+                    .any(|(key, _)| key.eq_ignore_ascii_case("unbounded"));
+            let openings: &[Opening] = match stream {
+                true => &[Opening::Listing, Opening::FilePath],
+                false => &[Opening::Listing],
+            };
+            c.locations
+                .iter()
+                .flat_map(|l| openings.iter().map(move |o| (l.as_str(), *o)))
+                .collect()
+        }
+        DFStatement::CopyTo(c) => vec![(c.target.as_str(), Opening::Listing)],
         DFStatement::Explain(e) => df_locations(&e.statement),
         DFStatement::Statement(_) | DFStatement::Reset(_) => vec![],
     }
@@ -259,6 +279,197 @@ mod tests {
     fn check(policy: &Policy, sql: &str) -> std::result::Result<(), String> {
         let statements = crate::sql::parse_sql(sql).unwrap();
         policy.check(&statements[0]).map_err(|e| e.to_string())
+    }
+
+    /// The corpus of locations no client may use, shared with the servers' integration tests.
+    const HOSTILE: &str = include_str!("../../tests/data/hostile_locations.txt");
+    /// Locations clients may use, in the same layout.
+    const ALLOWED: &str = include_str!("../../tests/data/allowed_locations.txt");
+
+    /// The layout `hostile_locations.txt` describes: (its directory, `{root}`, `{allowed}`).
+    fn layout() -> (tempfile::TempDir, String, String) {
+        let dir = tempfile::tempdir().unwrap();
+        let root = std::fs::canonicalize(dir.path()).unwrap();
+        let allowed = root.join("allowed");
+        std::fs::create_dir_all(allowed.join("sub")).unwrap();
+        std::fs::create_dir(root.join("secret")).unwrap();
+        std::fs::write(allowed.join("data.csv"), "x\n1\n").unwrap();
+        std::fs::write(root.join("secret/s.csv"), "x\n42\n").unwrap();
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::symlink;
+            symlink(root.join("secret"), allowed.join("escape")).unwrap();
+            symlink(root.join("secret/made.csv"), allowed.join("dangling")).unwrap();
+            symlink(allowed.join("loop"), allowed.join("loop")).unwrap();
+        }
+        let text = |p: std::path::PathBuf| p.display().to_string();
+        (dir, text(root), text(allowed))
+    }
+
+    /// The locations of `corpus` with its placeholders filled in.
+    fn corpus(corpus: &str, root: &str, allowed: &str) -> Vec<String> {
+        corpus
+            .lines()
+            .filter(|l| !l.trim().is_empty() && !l.starts_with(['#', '@']))
+            .map(|l| match l {
+                "{empty}" => String::new(),
+                _ => l
+                    .replace("{root}", root)
+                    .replace("{allowed}", allowed)
+                    .replace("{nul}", "\0")
+                    .replace("{tab}", "\t")
+                    .replace("{newline}", "\n")
+                    .replace("{long}", &"x/".repeat(2100)),
+            })
+            .collect()
+    }
+
+    /// The statements of the corpus that name `location`.
+    fn statements(location: &str) -> Vec<String> {
+        let quoted = format!("'{}'", location.replace('\'', "''"));
+        HOSTILE
+            .lines()
+            .filter_map(|l| l.strip_prefix("@statement "))
+            .map(|s| s.replace("{location}", &quoted))
+            .collect()
+    }
+
+    fn policy_for(allowed: &str) -> Policy {
+        Policy::new(&[allowed.to_string(), "s3://bucket/landing".into()], false).unwrap()
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn hostile_locations_are_refused() {
+        let (_dir, root, allowed) = layout();
+        let policy = policy_for(&allowed);
+        let cases = corpus(HOSTILE, &root, &allowed);
+        assert!(cases.len() >= 60, "{}", cases.len());
+        for location in &cases {
+            for sql in statements(location) {
+                let statement = crate::sql::parse_sql(&sql)
+                    .unwrap_or_else(|e| panic!("{sql:?}: {e}"))
+                    .remove(0);
+                match policy.check(&statement) {
+                    Err(IcePieError::NotAllowed(_)) => {}
+                    other => panic!("{sql:?} was not refused: {other:?}"),
+                }
+            }
+        }
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn allowed_locations_are_allowed() {
+        let (_dir, root, allowed) = layout();
+        let policy = policy_for(&allowed);
+        let cases = corpus(ALLOWED, &root, &allowed);
+        assert!(cases.len() >= 20, "{}", cases.len());
+        for location in &cases {
+            let l = location.replace('\'', "''");
+            for sql in [
+                format!("INGEST INTO t FROM '{l}' FORMAT csv"),
+                format!("CREATE CORE TABLE c FROM '{l}' FORMAT csv"),
+                format!("COPY (SELECT 1 AS x) TO '{l}' STORED AS CSV"),
+                format!("CREATE EXTERNAL TABLE e STORED AS CSV LOCATION '{l}'"),
+                format!("EXPLAIN COPY (SELECT 1 AS x) TO '{l}' STORED AS CSV"),
+            ] {
+                assert_eq!(check(&policy, &sql), Ok(()), "{sql}");
+            }
+        }
+        // A stream table opens its text as a file path: a plain path inside is allowed, the
+        // same place spelt as a URL is a relative path, elsewhere.
+        let stream = |l: &str| {
+            format!("CREATE UNBOUNDED EXTERNAL TABLE u (x INT) STORED AS CSV LOCATION '{l}'")
+        };
+        assert_eq!(
+            check(&policy, &stream(&format!("{allowed}/data.csv"))),
+            Ok(())
+        );
+        assert!(check(&policy, &stream(&format!("file://{allowed}/data.csv"))).is_err());
+        assert!(check(&policy, &stream(&format!("{allowed}/escape/../data.csv"))).is_err());
+    }
+
+    /// The bug: the check stripped `file://` and saw a directory named `%2e%2e`, where
+    /// DataFusion opens `..`.
+    #[test]
+    fn percent_encoded_dot_segments_cannot_leave_allow_path() {
+        let (_dir, root, allowed) = layout();
+        let policy = policy_for(&allowed);
+        for sql in [
+            format!("CREATE CORE TABLE t FROM 'file://{allowed}/%2e%2e/secret/s.csv'"),
+            format!("INGEST INTO t FROM 'file://{allowed}/%2E%2e/secret/s.csv'"),
+            format!("COPY (SELECT 1) TO 'file://{allowed}/%2e%2e/secret/w.csv'"),
+            format!("CREATE EXTERNAL TABLE e STORED AS CSV LOCATION 'file:{allowed}/../secret/'"),
+            "INGEST INTO t FROM 's3://bucket/landing/%2e%2e/secret/x.parquet'".to_string(),
+        ] {
+            let e = check(&policy, &sql).unwrap_err();
+            assert!(e.contains("not among the locations"), "{sql}: {e}");
+        }
+        let e = check(
+            &policy,
+            &format!("COPY (SELECT 1) TO 'file://{allowed}/%2e%2e/secret/w.csv'"),
+        )
+        .unwrap_err();
+        assert!(e.contains(&format!("leads to {root}/secret/w.csv")), "{e}");
+    }
+
+    #[test]
+    fn reset_of_runtime_settings_is_refused() {
+        let policy = Policy::new(&[], false).unwrap();
+        for sql in [
+            "RESET datafusion.runtime.memory_limit",
+            "RESET DataFusion.Runtime.Memory_Limit",
+            "RESET \"datafusion.runtime.memory_limit\"",
+            "RESET \"datafusion\".\"runtime\".temp_directory",
+            "RESET ALL",
+            "SET datafusion.runtime.memory_limit = '1G'",
+            "SET \"datafusion.runtime.memory_limit\" = '1G'",
+            "SET \"datafusion\".\"runtime\".\"memory_limit\" = '1G'",
+            "SET DATAFUSION.RUNTIME.TEMP_DIRECTORY = '/tmp'",
+            "SET datafusion.runtime.temp_directory TO '/tmp'",
+            "EXPLAIN SET datafusion.runtime.memory_limit = '1G'",
+        ] {
+            let Ok(mut statements) = crate::sql::parse_sql(sql) else {
+                continue; // not even parsed: it cannot run
+            };
+            match policy.check(&statements.remove(0)) {
+                Err(IcePieError::NotAllowed(e)) => assert!(e.contains("runtime"), "{sql}: {e}"),
+                other => panic!("{sql} was not refused: {other:?}"),
+            }
+        }
+        for sql in [
+            "RESET datafusion.execution.batch_size",
+            "SET datafusion.execution.batch_size = 10",
+            "SET runtime_x = 1",
+        ] {
+            assert_eq!(check(&policy, sql), Ok(()), "{sql}");
+        }
+    }
+
+    #[test]
+    fn shared_settings_are_named_as_datafusion_names_them() {
+        let shared = |sql: &str| match crate::sql::parse_sql(sql).unwrap().remove(0) {
+            Statement::DataFusion(s) => shared_setting(&s),
+            _ => None,
+        };
+        assert_eq!(
+            shared("SET \"DataFusion.Execution.Batch_Size\" = 1").as_deref(),
+            Some("datafusion.execution.batch_size")
+        );
+        assert_eq!(
+            shared("RESET datafusion.execution.batch_size").as_deref(),
+            Some("datafusion.execution.batch_size")
+        );
+        // `SET timezone` is PostgreSQL's, answered without running; `RESET timezone` would
+        // reset DataFusion's.
+        assert_eq!(shared("SET timezone = 'UTC'"), None);
+        assert_eq!(
+            shared("RESET timezone").as_deref(),
+            Some("datafusion.execution.time_zone")
+        );
+        assert_eq!(shared("SET application_name = 'psql'"), None);
+        assert_eq!(shared("SELECT 1"), None);
     }
 
     #[test]

@@ -9,13 +9,15 @@
 //! ```
 //!
 //! Paths are only ever built from names validated by [`names`], so nothing is read or written
-//! outside the warehouse root. The warehouse is the only source of truth: nothing about tables or
-//! slices is kept in memory that another process could not read back from here. Tables loaded
-//! at their latest version are kept to be brought up to date cheaply, but every load checks
-//! the log first, so what another process committed is always seen.
+//! outside the warehouse root. Locations users name (files to load, `COPY` targets) are judged
+//! by `location` on what they will actually open. The warehouse is the only source of truth:
+//! nothing about tables or slices is kept in memory that another process could not read back
+//! from here. Tables loaded at their latest version are kept to be brought up to date cheaply,
+//! but every load checks the log first, so what another process committed is always seen.
 
 mod cache;
 pub mod journal;
+pub(crate) mod location;
 pub mod names;
 pub mod tracked;
 

@@ -389,6 +389,36 @@ async fn flight_clients_reach_only_allowed_files_and_a_read_only_server_refuses_
     assert_eq!(failure(e).0, tonic::Code::PermissionDenied);
 }
 
+/// The corpus of hostile locations, sent over Flight SQL: each refused with
+/// PERMISSION_DENIED (42501), nothing outside the allowed directory touched.
+#[tokio::test]
+async fn flight_percent_encoded_dot_segments_cannot_leave_allow_path() {
+    let hostile = crate::support::Hostile::new();
+    let before = hostile.snapshot();
+    let server = start(ServerOptions {
+        allow_paths: hostile.allow_paths(),
+        ..ServerOptions::default()
+    })
+    .await;
+    let mut client = client(&server).await;
+    update(&mut client, "CREATE CORE TABLE t (x BIGINT)").await;
+    for sql in hostile.statements() {
+        let expected = match icepie::IcePie::parse(&sql) {
+            Ok(_) => (tonic::Code::PermissionDenied, "42501"),
+            Err(_) => (tonic::Code::InvalidArgument, "42601"),
+        };
+        let e = client.execute(sql.clone(), None).await.unwrap_err();
+        let (code, state, message) = failure(e);
+        assert_eq!((code, state.as_str()), expected, "{sql:?}: {message}");
+    }
+    hostile.assert_untouched(&before);
+    let e = client
+        .execute("RESET datafusion.runtime.memory_limit".into(), None)
+        .await
+        .unwrap_err();
+    assert_eq!(failure(e).0, tonic::Code::PermissionDenied);
+}
+
 #[tokio::test]
 async fn a_statement_beyond_its_memory_fails_with_resource_exhausted() {
     let server = start(ServerOptions {

@@ -288,6 +288,37 @@ async fn copy_into_the_warehouse_is_refused() {
     assert!(ok.exists());
 }
 
+/// The guard judges where DataFusion will write, not the text: `file:` without `//` is the
+/// local root, and a link leads where it points.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn copy_into_the_warehouse_is_refused_however_spelt() {
+    let (dir, w) = open_with(&[("scheduler", "off")]).await;
+    run(
+        &w,
+        "CREATE CORE TABLE t (n BIGINT); INGEST INTO t VALUES (1)",
+    )
+    .await;
+    let root = std::fs::canonicalize(dir.path()).unwrap();
+    let outside = tempfile::tempdir().unwrap();
+    let mut targets = vec![
+        format!("file:{}/core/t/a.csv", root.display()),
+        format!("file://{}/elsewhere/%2e%2e/core/t/b.csv", root.display()),
+        format!("FILE://localhost{}/core/t/c.csv", root.display()),
+    ];
+    #[cfg(unix)]
+    {
+        std::os::unix::fs::symlink(root.join("core"), outside.path().join("link")).unwrap();
+        targets.push(format!("{}/link/t/d.csv", outside.path().display()));
+    }
+    for target in targets {
+        let err = fails(&w, &format!("COPY (SELECT 1 AS n) TO '{target}'")).await;
+        assert!(err.contains("inside the warehouse"), "{target}: {err}");
+    }
+    for name in ["a.csv", "b.csv", "c.csv", "d.csv"] {
+        assert!(!root.join("core/t").join(name).exists(), "{name}");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn failed_replaces_never_suspend_a_slice() {
     let (_dir, w) = open_with(&[("scheduler", "off"), ("max_failures", "2")]).await;

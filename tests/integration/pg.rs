@@ -451,6 +451,69 @@ async fn clients_reach_only_the_files_they_are_allowed() {
     );
 }
 
+/// Every location of the corpus (percent-encoded and double-encoded dot segments, `file:`
+/// spellings, links out, globs, other stores, Windows paths, ...), in every statement that
+/// names one, is refused with 42501 and leaves the files outside the allowed directory as
+/// they were. Regression: `file:///allowed/%2e%2e/secret/s.csv` was read, and `COPY` wrote
+/// there, because the check judged the text rather than what DataFusion opens.
+#[tokio::test]
+async fn percent_encoded_dot_segments_cannot_leave_allow_path() {
+    let hostile = crate::support::Hostile::new();
+    let before = hostile.snapshot();
+    let server = start_with(ServerOptions {
+        allow_paths: hostile.allow_paths(),
+        ..ServerOptions::default()
+    })
+    .await;
+    let client = connect(&server, None).await.unwrap();
+    client
+        .batch_execute("CREATE CORE TABLE t (x BIGINT)")
+        .await
+        .unwrap();
+    let statements = hostile.statements();
+    assert!(statements.len() >= 60 * 4, "{}", statements.len());
+    for sql in statements {
+        // PostgreSQL's protocol carries no NUL in a query: the client does not send one.
+        if sql.contains('\0') {
+            continue;
+        }
+        // What does not even parse is refused before any location is looked at.
+        let expected = match icepie::IcePie::parse(&sql) {
+            Ok(_) => "42501",
+            Err(_) => "42601",
+        };
+        assert_eq!(sqlstate(&client, &sql).await, expected, "{sql:?}");
+    }
+    hostile.assert_untouched(&before);
+    assert_eq!(
+        simple_rows(&client, "SELECT count(*) FROM core.t").await,
+        vec!["0"]
+    );
+}
+
+#[tokio::test]
+async fn reset_of_runtime_settings_is_refused() {
+    let server = start_with(ServerOptions::default()).await;
+    let client = connect(&server, None).await.unwrap();
+    for sql in [
+        "RESET datafusion.runtime.memory_limit",
+        "RESET \"datafusion.runtime.memory_limit\"",
+        "RESET Datafusion.Runtime.Temp_Directory",
+        "RESET ALL",
+        "SET \"datafusion\".\"runtime\".\"memory_limit\" = '1G'",
+        // Not a runtime setting, but the server's all the same.
+        "RESET datafusion.execution.batch_size",
+        "RESET timezone",
+    ] {
+        assert_eq!(sqlstate(&client, sql).await, "42501", "{sql}");
+    }
+    // PostgreSQL's own session variables are still accepted (and ignored).
+    client
+        .batch_execute("SET application_name = 'psql'")
+        .await
+        .unwrap();
+}
+
 #[tokio::test]
 async fn a_read_only_server_refuses_writes() {
     // A slice behind its input, served read-only.

@@ -481,3 +481,121 @@ pub async fn serve(
         _stop: stop,
     }
 }
+
+/// The locations no client of a server started with `--allow-path` may use, laid out on disk:
+/// the corpus `tests/data/hostile_locations.txt` (which the unit tests of the policy read
+/// too) with its placeholders filled in.
+pub struct Hostile {
+    _dir: tempfile::TempDir,
+    /// `{root}`: the allowed directory's parent, holding the secret one.
+    pub root: std::path::PathBuf,
+    /// `{allowed}`: what `--allow-path` names.
+    pub allowed: std::path::PathBuf,
+}
+
+/// The corpus, read at build time.
+const HOSTILE: &str = include_str!("../data/hostile_locations.txt");
+
+impl Hostile {
+    /// Lays out the directories, files and links the corpus's header describes.
+    pub fn new() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let root = std::fs::canonicalize(dir.path()).unwrap();
+        let allowed = root.join("allowed");
+        std::fs::create_dir_all(allowed.join("sub")).unwrap();
+        std::fs::create_dir(root.join("secret")).unwrap();
+        std::fs::write(allowed.join("data.csv"), "x\n1\n").unwrap();
+        std::fs::write(root.join("secret/s.csv"), "x\n42\n").unwrap();
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::symlink;
+            symlink(root.join("secret"), allowed.join("escape")).unwrap();
+            symlink(root.join("secret/made.csv"), allowed.join("dangling")).unwrap();
+            symlink(allowed.join("loop"), allowed.join("loop")).unwrap();
+        }
+        Self {
+            _dir: dir,
+            root,
+            allowed,
+        }
+    }
+
+    /// What the server is started with: the allowed directory and an object-store prefix.
+    pub fn allow_paths(&self) -> Vec<String> {
+        vec![
+            self.allowed.display().to_string(),
+            "s3://bucket/landing".to_string(),
+        ]
+    }
+
+    /// Every location of the corpus.
+    pub fn locations(&self) -> Vec<String> {
+        let (root, allowed) = (self.root.display(), self.allowed.display());
+        HOSTILE
+            .lines()
+            .filter(|l| !l.trim().is_empty() && !l.starts_with(['#', '@']))
+            .map(|l| match l {
+                "{empty}" => String::new(),
+                _ => l
+                    .replace("{root}", &root.to_string())
+                    .replace("{allowed}", &allowed.to_string())
+                    .replace("{nul}", "\0")
+                    .replace("{tab}", "\t")
+                    .replace("{newline}", "\n")
+                    .replace("{long}", &"x/".repeat(2100)),
+            })
+            .collect()
+    }
+
+    /// Every statement of the corpus with every location.
+    pub fn statements(&self) -> Vec<String> {
+        let forms: Vec<&str> = HOSTILE
+            .lines()
+            .filter_map(|l| l.strip_prefix("@statement "))
+            .collect();
+        let mut out = Vec::new();
+        for location in self.locations() {
+            let quoted = format!("'{}'", location.replace('\'', "''"));
+            out.extend(forms.iter().map(|f| f.replace("{location}", &quoted)));
+        }
+        out
+    }
+
+    /// Every entry under the root, links not followed, with each file's contents: equal
+    /// before and after means nothing was written, created or removed.
+    pub fn snapshot(&self) -> Vec<(std::path::PathBuf, Option<Vec<u8>>)> {
+        let mut out = Vec::new();
+        let mut pending = vec![self.root.clone()];
+        while let Some(dir) = pending.pop() {
+            for entry in std::fs::read_dir(&dir).unwrap() {
+                let path = entry.unwrap().path();
+                let meta = std::fs::symlink_metadata(&path).unwrap();
+                if meta.is_dir() {
+                    pending.push(path.clone());
+                }
+                let contents = meta.is_file().then(|| std::fs::read(&path).unwrap());
+                out.push((path, contents));
+            }
+        }
+        out.sort();
+        out
+    }
+
+    /// Checks that nothing under the root, nor the corpus's relative names in the current
+    /// directory, was created, changed or removed since `before`.
+    pub fn assert_untouched(&self, before: &[(std::path::PathBuf, Option<Vec<u8>>)]) {
+        assert_eq!(
+            self.snapshot(),
+            before,
+            "files under {}",
+            self.root.display()
+        );
+        for relative in [
+            "icepie-hostile-relative.csv",
+            "relative",
+            "../icepie-hostile-relative.csv",
+        ] {
+            assert!(!std::path::Path::new(relative).exists(), "{relative}");
+        }
+    }
+}
