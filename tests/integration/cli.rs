@@ -195,11 +195,7 @@ async fn serve_refreshes_due_slices_and_stops_cleanly_on_sigterm() {
         "{line}"
     );
 
-    let term = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(term.success());
+    crate::tools::signal(child.id(), libc::SIGTERM).unwrap();
     let deadline = Instant::now() + Duration::from_secs(60);
     let status = loop {
         if let Some(status) = child.try_wait().unwrap() {

@@ -25,4 +25,5 @@ mod retention;
 mod s3;
 mod scheduler;
 mod support;
+mod tools;
 mod usage;

@@ -891,11 +891,11 @@ async fn user_queries_mean_what_they_mean_in_the_repl() {
     );
 }
 
-/// The psql on this machine (`ICEPIE_PSQL`, else `psql`): `bash .ci/run` installs Debian's
-/// postgresql-client.
+/// `commands` run by psql ([`crate::tools::psql`]: `ICEPIE_PSQL`, else the one on `PATH`, else
+/// Debian's postgresql-client installed when running as root).
 fn psql(server: &Server, commands: &[&str]) -> String {
-    let program = std::env::var("ICEPIE_PSQL").unwrap_or_else(|_| "psql".into());
-    let mut command = std::process::Command::new(&program);
+    let program = crate::tools::psql();
+    let mut command = std::process::Command::new(program);
     command
         .args(["-X", "-A", "-t", "-v", "ON_ERROR_STOP=1", "-h"])
         .arg(server.addr.ip().to_string())
@@ -905,12 +905,9 @@ fn psql(server: &Server, commands: &[&str]) -> String {
     for c in commands {
         command.args(["-c", c]);
     }
-    let output = command.output().unwrap_or_else(|e| {
-        panic!(
-            "cannot run '{program}' ({e}): install psql (Debian's postgresql-client; bash .ci/run \
-             does) or set ICEPIE_PSQL"
-        )
-    });
+    let output = command
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run '{}' ({e})", program.display()));
     let stdout = String::from_utf8_lossy(&output.stdout).to_string();
     assert!(
         output.status.success(),

@@ -1,6 +1,6 @@
 //! The parts that touch storage, against a real S3-protocol server: `moto` in server mode on
-//! 127.0.0.1, started by each test (`ICEPIE_MOTO` names its command, `moto_server` by
-//! default; `.ci/run` installs it). Built with `--features s3`.
+//! 127.0.0.1, started by each test ([`crate::tools::moto_server`]: `ICEPIE_MOTO`, else the one
+//! the tests install in their own virtualenv on first use). Built with `--features s3`.
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
@@ -24,21 +24,23 @@ struct Moto {
 
 impl Moto {
     fn start() -> Self {
+        // First: making the tests' virtualenv may take minutes, longer than a port stays free.
+        let command = crate::tools::moto_server();
         let port = TcpListener::bind("127.0.0.1:0")
             .unwrap()
             .local_addr()
             .unwrap()
             .port();
-        let command = std::env::var("ICEPIE_MOTO").unwrap_or_else(|_| "moto_server".into());
-        let child = Command::new(&command)
+        let child = Command::new(command)
             .args(["-H", "127.0.0.1", "-p", &port.to_string()])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
             .unwrap_or_else(|e| {
                 panic!(
-                    "cannot start the S3 server '{command}' ({e}): install it with \
-                     pip install 'moto[server]' (bash .ci/run does), or set ICEPIE_MOTO"
+                    "cannot start the S3 server '{}' ({e}): ICEPIE_MOTO, if set, must name \
+                     moto_server",
+                    command.display()
                 )
             });
         let moto = Self { child, port };

@@ -358,11 +358,9 @@ fn serve(location: &str, heartbeat: &str) -> std::process::Child {
 }
 
 /// Kills every child with `signal` and waits for it.
-fn stop_all(children: &mut [std::process::Child], signal: &str) {
+fn stop_all(children: &mut [std::process::Child], signal: libc::c_int) {
     for c in children.iter() {
-        let _ = std::process::Command::new("kill")
-            .args([signal, &c.id().to_string()])
-            .status();
+        let _ = crate::tools::signal(c.id(), signal);
     }
     for c in children.iter_mut() {
         let _ = c.wait();
@@ -386,7 +384,7 @@ async fn three_serve_processes_run_each_due_refresh_once() {
         (version(&w, "s").await >= 4).then_some(())
     })
     .await;
-    stop_all(&mut children, "-TERM");
+    stop_all(&mut children, libc::SIGTERM);
     let done = attempts(&w, "slices.s").await;
     let statuses: BTreeSet<&str> = done.iter().map(|(s, _, _)| s.as_str()).collect();
     assert_eq!(statuses, BTreeSet::from(["success"]), "{done:?}");
@@ -446,9 +444,7 @@ async fn a_killed_lease_holder_is_taken_over_once_its_lease_expires() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert_eq!(lease_holder(&root, "slow").map(|h| h.1), Some(killed));
-    let _ = std::process::Command::new("kill")
-        .args(["-KILL", &killed.to_string()])
-        .status();
+    let _ = crate::tools::signal(killed, libc::SIGKILL);
     let (second, taker) = eventually(60, "another process to take the lease over", || async {
         lease_holder(&root, "slow").filter(|(_, pid)| *pid != killed)
     })
@@ -475,7 +471,7 @@ async fn a_killed_lease_holder_is_taken_over_once_its_lease_expires() {
     )
     .await;
     assert!(by.ends_with(&format!(":{taker}")), "{by}");
-    stop_all(&mut children, "-KILL");
+    stop_all(&mut children, libc::SIGKILL);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
