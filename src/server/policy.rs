@@ -272,6 +272,11 @@ fn df_reads_only(statement: &DFStatement) -> bool {
     }
 }
 
+/// The corpus of hostile locations and its layout, shared with the servers' tests.
+#[cfg(test)]
+#[path = "../../tests/data/hostile.rs"]
+mod hostile;
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -281,57 +286,23 @@ mod tests {
         policy.check(&statements[0]).map_err(|e| e.to_string())
     }
 
-    /// The corpus of locations no client may use, shared with the servers' integration tests.
-    const HOSTILE: &str = include_str!("../../tests/data/hostile_locations.txt");
-    /// Locations clients may use, in the same layout.
-    const ALLOWED: &str = include_str!("../../tests/data/allowed_locations.txt");
+    use super::hostile::{self, statements, ALLOWED, HOSTILE};
 
-    /// The layout `hostile_locations.txt` describes: (its directory, `{root}`, `{allowed}`).
+    /// The corpus's layout: (its directory, `{root}`, `{allowed}`).
     fn layout() -> (tempfile::TempDir, String, String) {
         let dir = tempfile::tempdir().unwrap();
-        let root = std::fs::canonicalize(dir.path()).unwrap();
-        let allowed = root.join("allowed");
-        std::fs::create_dir_all(allowed.join("sub")).unwrap();
-        std::fs::create_dir(root.join("secret")).unwrap();
-        std::fs::write(allowed.join("data.csv"), "x\n1\n").unwrap();
-        std::fs::write(root.join("secret/s.csv"), "x\n42\n").unwrap();
-        #[cfg(unix)]
-        {
-            use std::os::unix::fs::symlink;
-            symlink(root.join("secret"), allowed.join("escape")).unwrap();
-            symlink(root.join("secret/made.csv"), allowed.join("dangling")).unwrap();
-            symlink(allowed.join("loop"), allowed.join("loop")).unwrap();
-        }
+        let (root, allowed) = hostile::layout(dir.path());
         let text = |p: std::path::PathBuf| p.display().to_string();
         (dir, text(root), text(allowed))
     }
 
     /// The locations of `corpus` with its placeholders filled in.
     fn corpus(corpus: &str, root: &str, allowed: &str) -> Vec<String> {
-        corpus
-            .lines()
-            .filter(|l| !l.trim().is_empty() && !l.starts_with(['#', '@']))
-            .map(|l| match l {
-                "{empty}" => String::new(),
-                _ => l
-                    .replace("{root}", root)
-                    .replace("{allowed}", allowed)
-                    .replace("{nul}", "\0")
-                    .replace("{tab}", "\t")
-                    .replace("{newline}", "\n")
-                    .replace("{long}", &"x/".repeat(2100)),
-            })
-            .collect()
-    }
-
-    /// The statements of the corpus that name `location`.
-    fn statements(location: &str) -> Vec<String> {
-        let quoted = format!("'{}'", location.replace('\'', "''"));
-        HOSTILE
-            .lines()
-            .filter_map(|l| l.strip_prefix("@statement "))
-            .map(|s| s.replace("{location}", &quoted))
-            .collect()
+        hostile::locations(
+            corpus,
+            std::path::Path::new(root),
+            std::path::Path::new(allowed),
+        )
     }
 
     fn policy_for(allowed: &str) -> Policy {

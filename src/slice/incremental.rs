@@ -1119,27 +1119,24 @@ mod tests {
     /// write overwrites the schema); types Delta stores alike are alike.
     #[test]
     fn an_incremental_write_never_changes_the_slices_columns() {
-        let stored = schema(&[
+        let utc = DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into()));
+        let stored = [
             ("k", DataType::Int64, false),
             ("g", DataType::Utf8, true),
             ("n", DataType::Int64, true),
-            (
-                "at",
-                DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into())),
-                true,
-            ),
-        ]);
-        let alike = schema(&[
+            ("at", utc.clone(), true),
+        ];
+        let differ = |written: &[(&str, DataType, bool)]| {
+            columns_differ(&schema(written), &schema(&stored), "the slice stores")
+        };
+        // Other order, a string view, an unsigned count: as Delta records them, the same.
+        let alike = [
             ("g", DataType::Utf8View, true),
             ("k", DataType::Int64, false),
             ("n", DataType::UInt64, true),
-            (
-                "at",
-                DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into())),
-                true,
-            ),
-        ]);
-        assert_eq!(columns_differ(&alike, &stored, "the slice stores"), None);
+            ("at", utc, true),
+        ];
+        assert_eq!(differ(&alike), None);
         // Written in seconds, stored in microseconds (how Delta's writer normalizes them).
         assert_eq!(
             columns_differ(
@@ -1149,65 +1146,35 @@ mod tests {
             ),
             None
         );
-        let cases = [
+        // One column changed at a time.
+        let changed = |at: usize, field: (&'static str, DataType, bool)| {
+            let mut written = stored.to_vec();
+            written[at] = field;
+            differ(&written)
+        };
+        for (written, want) in [
             (
-                schema(&[
-                    ("k", DataType::Int32, false),
-                    ("g", DataType::Utf8, true),
-                    ("n", DataType::Int64, true),
-                    (
-                        "at",
-                        DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into())),
-                        true,
-                    ),
-                ]),
+                changed(0, ("k", DataType::Int32, false)),
                 "column 'k' as integer NOT NULL, where the slice stores long NOT NULL",
             ),
             (
-                schema(&[
-                    ("k", DataType::Int64, true),
-                    ("g", DataType::Utf8, true),
-                    ("n", DataType::Int64, true),
-                    (
-                        "at",
-                        DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into())),
-                        true,
-                    ),
-                ]),
+                changed(0, ("k", DataType::Int64, true)),
                 "column 'k' as long, where the slice stores long NOT NULL",
             ),
             (
-                schema(&[
-                    ("k", DataType::Int64, false),
-                    ("g", DataType::Utf8, true),
-                    ("n", DataType::Int64, true),
+                changed(
+                    3,
                     ("at", DataType::Timestamp(TimeUnit::Microsecond, None), true),
-                ]),
+                ),
                 "column 'at' as timestamp_ntz, where the slice stores timestamp",
             ),
             (
-                schema(&[("k", DataType::Int64, false)]),
-                "1 columns, where the slice stores 4",
-            ),
-            (
-                schema(&[
-                    ("k", DataType::Int64, false),
-                    ("g", DataType::Utf8, true),
-                    ("m", DataType::Int64, true),
-                    (
-                        "at",
-                        DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into())),
-                        true,
-                    ),
-                ]),
+                changed(2, ("m", DataType::Int64, true)),
                 "column 'm', which is not among those the slice stores",
             ),
-        ];
-        for (written, want) in cases {
-            assert_eq!(
-                columns_differ(&written, &stored, "the slice stores").as_deref(),
-                Some(want)
-            );
+            (differ(&stored[..1]), "1 columns, where the slice stores 4"),
+        ] {
+            assert_eq!(written.as_deref(), Some(want));
         }
     }
 }

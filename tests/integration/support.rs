@@ -493,26 +493,16 @@ pub struct Hostile {
     pub allowed: std::path::PathBuf,
 }
 
-/// The corpus, read at build time.
-const HOSTILE: &str = include_str!("../data/hostile_locations.txt");
+/// The corpus and its layout, shared with the policy's unit tests.
+#[path = "../data/hostile.rs"]
+#[allow(dead_code)]
+mod hostile;
 
 impl Hostile {
     /// Lays out the directories, files and links the corpus's header describes.
     pub fn new() -> Self {
         let dir = tempfile::tempdir().unwrap();
-        let root = std::fs::canonicalize(dir.path()).unwrap();
-        let allowed = root.join("allowed");
-        std::fs::create_dir_all(allowed.join("sub")).unwrap();
-        std::fs::create_dir(root.join("secret")).unwrap();
-        std::fs::write(allowed.join("data.csv"), "x\n1\n").unwrap();
-        std::fs::write(root.join("secret/s.csv"), "x\n42\n").unwrap();
-        #[cfg(unix)]
-        {
-            use std::os::unix::fs::symlink;
-            symlink(root.join("secret"), allowed.join("escape")).unwrap();
-            symlink(root.join("secret/made.csv"), allowed.join("dangling")).unwrap();
-            symlink(allowed.join("loop"), allowed.join("loop")).unwrap();
-        }
+        let (root, allowed) = hostile::layout(dir.path());
         Self {
             _dir: dir,
             root,
@@ -528,37 +518,12 @@ impl Hostile {
         ]
     }
 
-    /// Every location of the corpus.
-    pub fn locations(&self) -> Vec<String> {
-        let (root, allowed) = (self.root.display(), self.allowed.display());
-        HOSTILE
-            .lines()
-            .filter(|l| !l.trim().is_empty() && !l.starts_with(['#', '@']))
-            .map(|l| match l {
-                "{empty}" => String::new(),
-                _ => l
-                    .replace("{root}", &root.to_string())
-                    .replace("{allowed}", &allowed.to_string())
-                    .replace("{nul}", "\0")
-                    .replace("{tab}", "\t")
-                    .replace("{newline}", "\n")
-                    .replace("{long}", &"x/".repeat(2100)),
-            })
-            .collect()
-    }
-
     /// Every statement of the corpus with every location.
     pub fn statements(&self) -> Vec<String> {
-        let forms: Vec<&str> = HOSTILE
-            .lines()
-            .filter_map(|l| l.strip_prefix("@statement "))
-            .collect();
-        let mut out = Vec::new();
-        for location in self.locations() {
-            let quoted = format!("'{}'", location.replace('\'', "''"));
-            out.extend(forms.iter().map(|f| f.replace("{location}", &quoted)));
-        }
-        out
+        hostile::locations(hostile::HOSTILE, &self.root, &self.allowed)
+            .iter()
+            .flat_map(|location| hostile::statements(location))
+            .collect()
     }
 
     /// Every entry under the root, links not followed, with each file's contents: equal
