@@ -19,7 +19,7 @@
 //!   (`tests::reset_of_runtime_settings_is_refused`).
 
 use datafusion::sql::parser::{ResetStatement, Statement as DFStatement};
-use datafusion::sql::sqlparser::ast::{ObjectName, Set, Statement as SqlStatement};
+use datafusion::sql::sqlparser::ast::{ObjectName, Query, Set, SetExpr, Statement as SqlStatement};
 
 use crate::error::{IcePieError, Result};
 use crate::sql::{DataSource, Statement};
@@ -255,20 +255,42 @@ fn reads_only(statement: &Statement) -> bool {
 
 fn df_reads_only(statement: &DFStatement) -> bool {
     match statement {
-        DFStatement::Statement(s) => matches!(
-            **s,
-            SqlStatement::Query(_)
-                | SqlStatement::ShowTables { .. }
-                | SqlStatement::ShowColumns { .. }
-                | SqlStatement::ShowVariable { .. }
-                | SqlStatement::ShowFunctions { .. }
-                | SqlStatement::ExplainTable { .. }
-                | SqlStatement::StartTransaction { .. }
-                | SqlStatement::Commit { .. }
-                | SqlStatement::Rollback { .. }
-        ),
+        DFStatement::Statement(s) => match s.as_ref() {
+            SqlStatement::Query(query) => query_reads_only(query),
+            other => matches!(
+                other,
+                SqlStatement::ShowTables { .. }
+                    | SqlStatement::ShowColumns { .. }
+                    | SqlStatement::ShowVariable { .. }
+                    | SqlStatement::ShowFunctions { .. }
+                    | SqlStatement::ExplainTable { .. }
+                    | SqlStatement::StartTransaction { .. }
+                    | SqlStatement::Commit { .. }
+                    | SqlStatement::Rollback { .. }
+            ),
+        },
         DFStatement::Explain(e) => df_reads_only(&e.statement),
         _ => false,
+    }
+}
+
+/// True when `query` only reads: no `SELECT … INTO` (which creates a table) and no
+/// data-modifying part, in its CTEs either.
+fn query_reads_only(query: &Query) -> bool {
+    query
+        .with
+        .as_ref()
+        .is_none_or(|with| with.cte_tables.iter().all(|c| query_reads_only(&c.query)))
+        && set_reads_only(&query.body)
+}
+
+fn set_reads_only(body: &SetExpr) -> bool {
+    match body {
+        SetExpr::Select(select) => select.into.is_none(),
+        SetExpr::Query(query) => query_reads_only(query),
+        SetExpr::SetOperation { left, right, .. } => set_reads_only(left) && set_reads_only(right),
+        SetExpr::Values(_) | SetExpr::Table(_) => true,
+        SetExpr::Insert(_) | SetExpr::Update(_) | SetExpr::Delete(_) | SetExpr::Merge(_) => false,
     }
 }
 
@@ -517,6 +539,9 @@ mod tests {
             "SET datafusion.execution.batch_size = 10",
             "VACUUM SLICES",
             "EXPLAIN ANALYZE COPY (SELECT 1) TO 'x.csv'",
+            // Creates a table: refused before anything runs.
+            "SELECT 1 AS x INTO made",
+            "SELECT 1 AS x UNION ALL (SELECT 2 AS x INTO made)",
         ] {
             let e = check(&policy, refused).unwrap_err();
             assert!(e.contains("read-only"), "{refused}: {e}");

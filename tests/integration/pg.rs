@@ -537,6 +537,7 @@ async fn a_read_only_server_refuses_writes() {
         "CREATE CORE TABLE u (x BIGINT)",
         "CREATE SLICE s2 AS SELECT 1 AS x",
         "SET datafusion.execution.batch_size = 10",
+        "SELECT 1 AS x INTO made",
     ] {
         assert_eq!(sqlstate(&client, refused).await, "25006", "{refused}");
     }
