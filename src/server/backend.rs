@@ -558,39 +558,69 @@ pub(super) enum Session {
     Set,
 }
 
-/// The statements of a PostgreSQL client's text. A text of queries that ask PostgreSQL's
-/// catalog ([`asks_postgres`]: what psql, DBeaver, Metabase and Grafana send to list and
-/// describe tables) is parsed as PostgreSQL parses it and goes through datafusion-pg-catalog's
-/// rewrites into queries DataFusion runs (`COLLATE pg_catalog.default` dropped, `'name'::regclass`
-/// looked up, a few whole queries answered empty, ...). Every other text is parsed as
-/// everywhere else, so a user's query means over PostgreSQL what it means in the REPL (the
-/// rewrites would change some: a scalar subquery they take for correlated becomes NULL).
+/// The statements of a PostgreSQL client's text. A query that asks PostgreSQL's catalog
+/// ([`asks_postgres`]: what psql, DBeaver, Metabase and Grafana send to list and describe
+/// tables) is parsed as PostgreSQL parses it and goes through datafusion-pg-catalog's rewrites
+/// into a query DataFusion runs (`COLLATE pg_catalog.default` dropped, `'name'::regclass`
+/// looked up, a few whole queries answered empty, ...). Every other statement, in the same text
+/// too, is parsed as everywhere else, so a user's query means over PostgreSQL what it means in
+/// the REPL (the rewrites would change some: a scalar subquery they take for correlated
+/// becomes NULL).
 pub(super) fn parse_pg(sql: &str) -> Result<Vec<Statement>, IcePieError> {
     static POSTGRES: LazyLock<PostgresCompatibilityParser> =
         LazyLock::new(PostgresCompatibilityParser::new);
-    let icepie = IcePie::parse(sql);
-    let postgres = match &icepie {
-        Ok(statements) => statements.iter().any(|s| match s {
-            Statement::DataFusion(inner) => match &**inner {
-                DFStatement::Statement(sql) => asks_postgres(sql),
-                _ => false,
-            },
-            _ => false,
-        }),
-        // PostgreSQL syntax beyond icepie's, in a query about the catalog.
-        Err(_) => sql.to_ascii_lowercase().contains("pg_catalog"),
+    let wrap =
+        |s: SqlStatement| Statement::DataFusion(Box::new(DFStatement::Statement(Box::new(s))));
+    // PostgreSQL's statements of `text` when they are all queries.
+    let queries = |text: &str| {
+        POSTGRES
+            .parse(text)
+            .ok()
+            .filter(|p| !p.is_empty() && p.iter().all(|s| matches!(s, SqlStatement::Query(_))))
     };
-    if postgres {
-        if let Ok(parsed) = POSTGRES.parse(sql) {
-            if !parsed.is_empty() && parsed.iter().all(|s| matches!(s, SqlStatement::Query(_))) {
-                return Ok(parsed
-                    .into_iter()
-                    .map(|s| Statement::DataFusion(Box::new(DFStatement::Statement(Box::new(s)))))
-                    .collect());
-            }
+    let asks = |s: &Statement| {
+        matches!(s, Statement::DataFusion(inner)
+            if matches!(&**inner, DFStatement::Statement(q) if asks_postgres(q)))
+    };
+    match IcePie::parse(sql) {
+        Ok(statements) => {
+            // PostgreSQL's reading of the whole text, statement for statement (a statement's
+            // own text may not survive being printed by another parser: `ARRAY(SELECT …)`).
+            let whole = match statements.iter().any(asks) {
+                true => POSTGRES
+                    .parse(sql)
+                    .ok()
+                    .filter(|p| p.len() == statements.len()),
+                false => None,
+            };
+            statements
+                .into_iter()
+                .enumerate()
+                .map(|(i, statement)| {
+                    if !asks(&statement) {
+                        return show_postgres(statement);
+                    }
+                    let own = match (whole.as_ref().map(|p| &p[i]), &statement) {
+                        (Some(query @ SqlStatement::Query(_)), _) => Some(query.clone()),
+                        // Its printed text, when the whole text is not PostgreSQL's.
+                        (_, Statement::DataFusion(inner)) => queries(&inner.to_string())
+                            .filter(|p| p.len() == 1)
+                            .and_then(|mut p| p.pop()),
+                        _ => None,
+                    };
+                    Ok(own.map(wrap).unwrap_or(statement))
+                })
+                .collect()
         }
+        // PostgreSQL syntax beyond icepie's, in a text about the catalog: all of it is
+        // PostgreSQL's, when it parses as queries.
+        Err(e) => match sql.to_ascii_lowercase().contains("pg_catalog") {
+            true => queries(sql)
+                .map(|parsed| parsed.into_iter().map(wrap).collect())
+                .ok_or(e),
+            false => Err(e),
+        },
     }
-    icepie?.into_iter().map(show_postgres).collect()
 }
 
 /// True when `statement` is a query that names PostgreSQL's catalog: a `pg_catalog` table (or

@@ -892,6 +892,28 @@ async fn user_queries_mean_what_they_mean_in_the_repl() {
     );
 }
 
+/// A text of several statements in which one asks the catalog: only that one goes through
+/// the catalog rewrites (which turned every statement's scalar subqueries into NULL).
+#[tokio::test]
+async fn a_catalog_query_beside_a_user_query_rewrites_only_itself() {
+    let server = catalog_server().await;
+    let client = connect(&server, None).await.unwrap();
+    client
+        .batch_execute("INGEST INTO core.orders VALUES (1, 'eu', 2.0, NULL), (3, 'us', 4.0, NULL)")
+        .await
+        .unwrap();
+    assert_eq!(
+        simple_rows(
+            &client,
+            "SELECT count(*) AS n FROM pg_catalog.pg_class WHERE relname = 'no_such_table'; \
+             SELECT o.id, (SELECT count(*) FROM core.orders i WHERE i.region = o.region) AS \
+             same FROM core.orders o ORDER BY o.id"
+        )
+        .await,
+        ["0", "1|1", "3|1"]
+    );
+}
+
 /// `commands` run by psql ([`crate::tools::psql`]: `ICEPIE_PSQL`, else the one on `PATH`, else
 /// Debian's postgresql-client installed when running as root).
 fn psql(server: &Server, commands: &[&str]) -> String {
