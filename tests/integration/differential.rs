@@ -714,10 +714,32 @@ fn incremental_equals_full_on_random_definitions() {
         });
     let warehouses = definitions().div_ceil(PER_WAREHOUSE);
     let mut tally = Tally::default();
+    // Every warehouse runs, so that a long run counts all it finds, not only the first.
+    let mut failures = Vec::new();
     for i in 0..warehouses as u64 {
-        runtime.block_on(check_warehouse(first.wrapping_add(i), &mut tally));
+        let seed = first.wrapping_add(i);
+        let run = std::panic::AssertUnwindSafe(|| {
+            runtime.block_on(check_warehouse(seed, &mut tally));
+        });
+        if let Err(panic) = std::panic::catch_unwind(run) {
+            let why = panic
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+                .unwrap_or_default();
+            failures.push(why.lines().take(3).collect::<Vec<_>>().join(" / "));
+        }
     }
-    eprintln!("differential: seeds {first}.. : {tally:?}");
+    eprintln!(
+        "differential: seeds {first}.. : {tally:?}, {} failed warehouses",
+        failures.len()
+    );
+    assert!(
+        failures.is_empty(),
+        "{} of {warehouses} warehouses failed:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
     // The tester must exercise incremental refreshes, not only full ones.
     assert!(
         tally.incremental * 4 >= tally.full,
