@@ -422,6 +422,18 @@ fn wrap(expr: &Expr, input: &DFSchemaRef) -> std::result::Result<Wrapped, String
         .iter()
         .map(|f| Field::new(f.name(), f.data_type().clone(), true))
         .collect();
+    // The state is stored in the slice: a type Delta has none for (a `Decimal256` sum of
+    // decimals) would fail every build of the slice.
+    for field in state.iter() {
+        use deltalake::kernel::engine::arrow_conversion::TryIntoKernel;
+        use deltalake::kernel::StructField;
+        if TryIntoKernel::<StructField>::try_into_kernel(field.as_ref()).is_err() {
+            return Err(format!(
+                "{name}()'s state holds a {}, which Delta cannot store",
+                field.data_type()
+            ));
+        }
+    }
     let args = params
         .args
         .iter()
