@@ -505,7 +505,7 @@ async fn plan_build(
                 kind,
                 Some(&forced),
                 existing,
-                plan,
+                plan.clone(),
                 inputs,
                 max_share,
             )
@@ -517,6 +517,7 @@ async fn plan_build(
             );
         }
     }
+    let decision = incremental::keep_columns(decision, spec, &plan, existing)?;
     let clustered = match decision.built.mode {
         BuildMode::Full => Some(chosen),
         // New rows are appended, or merged and written, in the previous layout.

@@ -102,43 +102,23 @@ struct Change {
     old_files: Arc<IcePieTable>,
 }
 
-/// Decides how to build `plan` (the definition over `inputs` at their latest versions) on top
-/// of `previous` (the slice's current version, `existing`), and returns the plan to write.
-///
-/// An incremental plan whose columns would not be written exactly as a full build writes
-/// them (names, Delta types, nullability), or would not fit the stored version's, is
-/// replaced by a full build: an incremental write must never change the slice's schema.
-#[allow(clippy::too_many_arguments)]
-pub(crate) async fn decide(
-    state: &SessionState,
-    name: &str,
+/// `decision`, an incremental one for `plan` on top of the stored version `existing`, or a
+/// full build when the columns it would write are not exactly those a full build writes
+/// (names, Delta types, nullability) or those the slice stores: an incremental write must
+/// never change the slice's schema.
+pub(crate) fn keep_columns(
+    decision: Decision,
     spec: &SliceSpec,
-    kind: CommitKind,
-    previous: Option<&Previous>,
+    plan: &LogicalPlan,
     existing: Option<&DeltaTable>,
-    plan: LogicalPlan,
-    inputs: &[InputVersion],
-    max_share: f64,
 ) -> Result<Decision> {
-    let decision = choose(
-        state,
-        name,
-        spec,
-        kind,
-        previous,
-        existing,
-        plan.clone(),
-        inputs,
-        max_share,
-    )
-    .await?;
     // Nothing is written when nothing changed (an empty relation of the table's columns).
     if decision.built.mode == BuildMode::Full
         || matches!(decision.plan, LogicalPlan::EmptyRelation(_))
     {
         return Ok(decision);
     }
-    let full_plan = full_plan(spec, &plan)?;
+    let full_plan = full_plan(spec, plan)?;
     let written = decision.plan.schema().as_arrow();
     let mut why = columns_differ(
         written,
@@ -233,9 +213,11 @@ fn columns_differ(
     None
 }
 
-/// [`decide`] before the check of the columns.
+/// Decides how to build `plan` (the definition over `inputs` at their latest versions) on top
+/// of `previous` (the slice's current version, `existing`), and returns the plan to write
+/// (whose columns [`keep_columns`] checks).
 #[allow(clippy::too_many_arguments)]
-async fn choose(
+pub(crate) async fn decide(
     state: &SessionState,
     name: &str,
     spec: &SliceSpec,
