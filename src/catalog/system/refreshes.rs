@@ -42,6 +42,16 @@ pub(super) async fn refresh_logs(
             found
         }
     };
+    // This process's successes whose rows are still being written, taken before the logs
+    // are read: a row written after this is in the versions read below, and one whose
+    // writing ends while they are read shows from here.
+    let settled: std::collections::HashMap<String, log::Attempt> = found
+        .iter()
+        .filter_map(|f| {
+            let id = &f.marker.attempt_id;
+            shared.settling.outcome(id).map(|a| (id.clone(), a))
+        })
+        .collect();
     let slices = match &only {
         Some(only) => only.clone(),
         None => {
@@ -91,9 +101,9 @@ pub(super) async fn refresh_logs(
         .zip(running::as_attempts(&found, heartbeat, now))
     {
         // A success of this process whose row is still being written shows as it ended.
-        let attempt = shared
-            .settling
-            .outcome(&found.marker.attempt_id)
+        let attempt = settled
+            .get(&found.marker.attempt_id)
+            .cloned()
             .unwrap_or(attempt);
         let batch = attempt.to_batch()?;
         let columns = schema
