@@ -51,6 +51,8 @@ use datafusion::logical_expr::{
 use datafusion::physical_expr::expressions::Column as PhysicalColumn;
 use datafusion::physical_expr::PhysicalExpr;
 
+use super::as_planned::as_planned;
+
 /// Prefix of the columns icepie keeps in a slice for itself.
 pub(crate) const HIDDEN: &str = "__icepie_";
 
@@ -597,15 +599,19 @@ impl Shape<'_> {
             .aggregate(keys.clone(), states)?
             .build()?;
         let schema = grouped.schema().clone();
+        // Each with the nullability the logical plan gives it: the merge above compares it
+        // with the physical plan's ([`as_planned`]).
         let exprs = (0..keys.len())
             .map(|i| {
                 let (q, f) = schema.qualified_field(i);
-                Expr::Column(Column::from((q, f))).alias(key_column(i))
+                let key = Expr::Column(Column::from((q, f)));
+                Ok(as_planned(key, &schema)?.alias(key_column(i)))
             })
-            .chain(
-                (0..self.wrapped.len()).map(|i| Expr::Column(Column::from_name(state_column(i)))),
-            )
-            .collect::<Vec<_>>();
+            .chain((0..self.wrapped.len()).map(|i| {
+                let name = state_column(i);
+                Ok(as_planned(Expr::Column(Column::from_name(&name)), &schema)?.alias(name))
+            }))
+            .collect::<DFResult<Vec<_>>>()?;
         LogicalPlanBuilder::from(grouped).project(exprs)?.build()
     }
 
@@ -648,9 +654,8 @@ impl Shape<'_> {
                 .into_iter()
                 .zip(&types)
                 .map(|(c, t)| {
-                    Ok(Expr::Column(Column::from_name(&c))
-                        .cast_to(t, schema.as_ref())?
-                        .alias(c))
+                    let cast = Expr::Column(Column::from_name(&c)).cast_to(t, schema.as_ref())?;
+                    Ok(as_planned(cast, &schema)?.alias(c))
                 })
                 .collect::<DFResult<Vec<_>>>()?;
             let stored = LogicalPlanBuilder::from(stored).project(exprs)?.build()?;

@@ -13,6 +13,7 @@
 //! build reports a conflict and commits nothing, so no version is ever mixed or lost.
 
 pub(crate) mod aggregate;
+mod as_planned;
 mod build;
 pub mod clustering;
 pub(crate) mod freshness;
