@@ -109,6 +109,7 @@ pub async fn serve_flight(
              --tls-key) or listen on 127.0.0.1"
         )));
     }
+    let auth_timeout = options.checked_auth_timeout()?;
     let service = Flight {
         policy: Policy::new(&options.allow_paths, options.read_only)?
             .with_statement_memory(options.statement_memory),
@@ -146,6 +147,8 @@ pub async fn serve_flight(
     }
     let incoming = TcpIncoming::from(listener).map_ok(move |stream| Connection {
         stream,
+        logged_in: Arc::new(AtomicBool::new(false)),
+        login_by: Some(Box::pin(tokio::time::sleep(auth_timeout))),
         place: match &places {
             None => Place::Unlimited,
             Some(places) => places
@@ -161,10 +164,14 @@ pub async fn serve_flight(
         .map_err(|e| IcePieError::Server(format!("the Flight SQL server: {e}")))
 }
 
-/// A client's connection and its place among `--max-connections`.
+/// A client's connection, its place among `--max-connections`, and whether it has logged in.
 struct Connection {
     stream: tokio::net::TcpStream,
     place: Place,
+    /// Set by the first call that authenticates.
+    logged_in: Arc<AtomicBool>,
+    /// When the connection is closed unless it has logged in; `None` once it has.
+    login_by: Option<Pin<Box<tokio::time::Sleep>>>,
 }
 
 /// Whether a connection holds one of the `--max-connections` places.
@@ -183,6 +190,8 @@ enum Place {
 struct ConnectionInfo {
     /// The connection holds no place.
     refused: bool,
+    /// Set when a call on it authenticates.
+    logged_in: Arc<AtomicBool>,
 }
 
 impl tonic::transport::server::Connected for Connection {
@@ -191,6 +200,7 @@ impl tonic::transport::server::Connected for Connection {
     fn connect_info(&self) -> ConnectionInfo {
         ConnectionInfo {
             refused: matches!(self.place, Place::Refused),
+            logged_in: self.logged_in.clone(),
         }
     }
 }
@@ -201,6 +211,19 @@ impl tokio::io::AsyncRead for Connection {
         cx: &mut std::task::Context<'_>,
         buf: &mut tokio::io::ReadBuf<'_>,
     ) -> std::task::Poll<std::io::Result<()>> {
+        // The server always waits to read from an open connection, so this runs (and the
+        // timer wakes it) even when the client sends nothing.
+        let this = &mut *self;
+        if let Some(login_by) = &mut this.login_by {
+            if this.logged_in.load(Ordering::Acquire) {
+                this.login_by = None;
+            } else if login_by.as_mut().poll(cx).is_ready() {
+                return std::task::Poll::Ready(Err(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    "the client did not authenticate in time (--auth-timeout)",
+                )));
+            }
+        }
         Pin::new(&mut self.stream).poll_read(cx, buf)
     }
 }
@@ -229,15 +252,26 @@ impl tokio::io::AsyncWrite for Connection {
     }
 }
 
-/// Refuses a call on a connection that came beyond `--max-connections`.
-fn admitted<T>(request: &Request<T>) -> std::result::Result<(), Status> {
+/// What `request` knows of its connection.
+fn connection<T>(request: &Request<T>) -> Option<&ConnectionInfo> {
     let extensions = request.extensions();
-    let info = extensions.get::<ConnectionInfo>().or_else(|| {
+    extensions.get::<ConnectionInfo>().or_else(|| {
         extensions
             .get::<tonic::transport::server::TlsConnectInfo<ConnectionInfo>>()
             .map(|tls| tls.get_ref())
-    });
-    match info.is_some_and(|i| i.refused) {
+    })
+}
+
+/// Records that `request`'s connection has logged in: it stays open past `--auth-timeout`.
+fn logged_in<T>(request: &Request<T>) {
+    if let Some(info) = connection(request) {
+        info.logged_in.store(true, Ordering::Release);
+    }
+}
+
+/// Refuses a call on a connection that came beyond `--max-connections`.
+fn admitted<T>(request: &Request<T>) -> std::result::Result<(), Status> {
+    match connection(request).is_some_and(|i| i.refused) {
         false => Ok(()),
         true => Err(Status::resource_exhausted(
             "sorry, too many clients already: this server takes a limited number of connections \
@@ -366,6 +400,13 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 impl Flight {
     /// Admits a request that carries a bearer token from a handshake or the password (basic).
     async fn check<T>(&self, request: &Request<T>) -> std::result::Result<(), Status> {
+        self.authenticate(request).await?;
+        logged_in(request);
+        Ok(())
+    }
+
+    /// [`Flight::check`] but for recording the login.
+    async fn authenticate<T>(&self, request: &Request<T>) -> std::result::Result<(), Status> {
         admitted(request)?;
         if self.password.is_none() {
             return Ok(());
@@ -815,6 +856,7 @@ impl FlightSqlService for Flight {
                 self.new_token()
             }
         };
+        logged_in(&request);
         let reply = HandshakeResponse {
             protocol_version: 0,
             payload: token.clone().into_bytes().into(),

@@ -36,6 +36,7 @@ use policy::Policy;
 
 use std::fmt::Debug;
 use std::future::Future;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use async_trait::async_trait;
@@ -47,7 +48,7 @@ use pgwire::api::auth::{
 };
 use pgwire::api::cancel::{CancelHandler, DefaultCancelHandler};
 use pgwire::api::query::{ExtendedQueryHandler, SimpleQueryHandler};
-use pgwire::api::{ClientInfo, ConnectionManager, PgWireServerHandlers};
+use pgwire::api::{ClientInfo, ConnectionManager, PgWireConnectionState, PgWireServerHandlers};
 use pgwire::error::{PgWireError, PgWireResult};
 use pgwire::messages::{PgWireBackendMessage, PgWireFrontendMessage};
 use tokio::net::TcpListener;
@@ -90,6 +91,36 @@ pub struct ServerOptions {
     /// for plain connections. A PostgreSQL client asks for TLS (`sslmode=require`); a Flight
     /// SQL server with TLS speaks only TLS (`grpc+tls://`).
     pub tls: Option<TlsFiles>,
+    /// The PostgreSQL server refuses a client that does not negotiate TLS (SQLSTATE 28000)
+    /// instead of serving it in clear. Needs [`ServerOptions::tls`]; a Flight SQL server
+    /// with TLS speaks nothing else anyway.
+    pub require_tls: bool,
+    /// How long a client may take to connect and authenticate (its TLS handshake, its
+    /// startup, its password) before its connection is closed, so that sockets which never
+    /// log in cannot hold every `max_connections` place. `None`: [`DEFAULT_AUTH_TIMEOUT`].
+    pub auth_timeout: Option<std::time::Duration>,
+}
+
+/// How long a client may take to authenticate unless [`ServerOptions::auth_timeout`] says.
+pub const DEFAULT_AUTH_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+impl ServerOptions {
+    /// The options a server cannot start with, and the time clients have to log in.
+    fn checked_auth_timeout(&self) -> Result<std::time::Duration> {
+        if self.require_tls && self.tls.is_none() {
+            return Err(IcePieError::Server(
+                "TLS is required (--require-tls) but no certificate and key are given: \
+                 give --tls-cert and --tls-key"
+                    .into(),
+            ));
+        }
+        match self.auth_timeout.unwrap_or(DEFAULT_AUTH_TIMEOUT) {
+            t if t.is_zero() => Err(IcePieError::Server(
+                "the authentication timeout must be above zero".into(),
+            )),
+            t => Ok(t),
+        }
+    }
 }
 
 /// The options of the PostgreSQL server, by their former name.
@@ -171,6 +202,8 @@ impl Debug for ServerOptions {
             .field("max_connections", &self.max_connections)
             .field("statement_memory", &self.statement_memory)
             .field("tls", &self.tls.is_some())
+            .field("require_tls", &self.require_tls)
+            .field("auth_timeout", &self.auth_timeout)
             .finish()
     }
 }
@@ -190,6 +223,7 @@ pub async fn serve_pg(
              (ICEPIE_PASSWORD) or listen on 127.0.0.1"
         )));
     }
+    let auth_timeout = options.checked_auth_timeout()?;
     let policy = Policy::new(&options.allow_paths, options.read_only)?
         .with_statement_memory(options.statement_memory);
     let tls = options.tls.as_ref().map(TlsFiles::acceptor).transpose()?;
@@ -209,6 +243,7 @@ pub async fn serve_pg(
             None => None,
         },
         connections: Arc::new(ConnectionManager::new()),
+        require_tls: options.require_tls,
     });
     let slots = options
         .max_connections
@@ -229,7 +264,8 @@ pub async fn serve_pg(
                                 max: *max,
                                 connections: handlers.connections.clone(),
                             });
-                            tokio::spawn(pgwire::tokio::process_socket(socket, tls.clone(), refuse));
+                            let refused = pgwire::tokio::process_socket(socket, tls.clone(), refuse);
+                            tokio::spawn(tokio::time::timeout(auth_timeout, refused));
                             continue;
                         }
                     },
@@ -238,8 +274,22 @@ pub async fn serve_pg(
                 let tls = tls.clone();
                 tokio::spawn(async move {
                     let _slot = permit;
+                    let logged_in = Arc::new(AtomicBool::new(false));
+                    let connection = Connection {
+                        shared: handlers,
+                        logged_in: logged_in.clone(),
+                    };
                     // A client's protocol error ends its connection alone.
-                    let _ = pgwire::tokio::process_socket(socket, tls, handlers).await;
+                    let served = pgwire::tokio::process_socket(socket, tls, connection);
+                    tokio::pin!(served);
+                    tokio::select! {
+                        _ = &mut served => return,
+                        _ = tokio::time::sleep(auth_timeout) => {}
+                    }
+                    // Not logged in by then: dropping the connection closes its socket.
+                    if logged_in.load(Ordering::Acquire) {
+                        let _ = served.await;
+                    }
                 });
             }
             _ = &mut shutdown => return Ok(()),
@@ -251,39 +301,53 @@ fn io_error(e: std::io::Error) -> IcePieError {
     IcePieError::Server(format!("the PostgreSQL listener: {e}"))
 }
 
+/// What every connection of a PostgreSQL server shares.
 struct Handlers {
     backend: Arc<Backend>,
     password: Option<Arc<Secret>>,
     /// Every connection, for cancel requests to find theirs.
     connections: Arc<ConnectionManager>,
+    require_tls: bool,
 }
 
-impl PgWireServerHandlers for Handlers {
+/// One connection's handlers: the shared ones, and whether it has logged in.
+struct Connection {
+    shared: Arc<Handlers>,
+    logged_in: Arc<AtomicBool>,
+}
+
+impl PgWireServerHandlers for Connection {
     fn simple_query_handler(&self) -> Arc<impl SimpleQueryHandler> {
-        self.backend.clone()
+        self.shared.backend.clone()
     }
 
     fn extended_query_handler(&self) -> Arc<impl ExtendedQueryHandler> {
-        self.backend.clone()
+        self.shared.backend.clone()
     }
 
     fn cancel_handler(&self) -> Arc<impl CancelHandler> {
-        Arc::new(DefaultCancelHandler::new(self.connections.clone()))
+        Arc::new(DefaultCancelHandler::new(self.shared.connections.clone()))
     }
 
     fn startup_handler(&self) -> Arc<impl StartupHandler> {
         // Called once per connection: each has its own authentication state.
-        Arc::new(match &self.password {
-            None => Startup::Trust(Trust(self.connections.clone())),
+        let shared = &self.shared;
+        let how = match &shared.password {
+            None => How::Trust(Trust(shared.connections.clone())),
             Some(password) => {
                 let mut scram = ScramAuth::new(password.clone());
                 scram.set_iterations(SCRAM_ITERATIONS);
-                Startup::Scram(Box::new(
+                How::Scram(Box::new(
                     SASLAuthStartupHandler::new(Arc::new(server_parameters()))
                         .with_scram(scram)
-                        .with_connection_manager(self.connections.clone()),
+                        .with_connection_manager(shared.connections.clone()),
                 ))
             }
+        };
+        Arc::new(Startup {
+            how,
+            require_tls: shared.require_tls,
+            logged_in: self.logged_in.clone(),
         })
     }
 }
@@ -487,9 +551,17 @@ impl pgwire::api::auth::noop::NoopStartupHandler for Trust {
     }
 }
 
-enum Startup {
+/// How a connection logs in.
+enum How {
     Trust(Trust),
     Scram(Box<SASLAuthStartupHandler<DefaultServerParameterProvider>>),
+}
+
+/// A connection's startup: TLS when required, then its login, which it records.
+struct Startup {
+    how: How,
+    require_tls: bool,
+    logged_in: Arc<AtomicBool>,
 }
 
 #[async_trait]
@@ -504,9 +576,22 @@ impl StartupHandler for Startup {
         C::Error: Debug,
         PgWireError: From<<C as Sink<PgWireBackendMessage>>::Error>,
     {
-        match self {
-            Startup::Trust(t) => t.on_startup(client, message).await,
-            Startup::Scram(s) => s.on_startup(client, message).await,
+        if self.require_tls && !client.is_secure() {
+            return Err(PgWireError::UserError(Box::new(
+                pgwire::error::ErrorInfo::new(
+                    "FATAL".into(),
+                    "28000".into(),
+                    "this server requires TLS (--require-tls): connect with sslmode=require".into(),
+                ),
+            )));
         }
+        match &self.how {
+            How::Trust(t) => t.on_startup(client, message).await?,
+            How::Scram(s) => s.on_startup(client, message).await?,
+        }
+        if matches!(client.state(), PgWireConnectionState::ReadyForQuery) {
+            self.logged_in.store(true, Ordering::Release);
+        }
+        Ok(())
     }
 }

@@ -605,6 +605,31 @@ async fn both_servers_speak_tls_with_the_given_certificate() {
     .await
     .keeping(dir);
     let addr = pg_server.addr;
+    let (client, connection) = pg_config(addr, tokio_postgres::config::SslMode::Require)
+        .connect(pg_tls())
+        .await
+        .unwrap();
+    tokio::spawn(connection);
+    let row = client.query_one("SELECT 41 + 1", &[]).await.unwrap();
+    assert_eq!(row.get::<_, i64>(0), 42);
+}
+
+/// A PostgreSQL client of the server on `addr` (whose certificate names `localhost`).
+fn pg_config(
+    addr: std::net::SocketAddr,
+    ssl: tokio_postgres::config::SslMode,
+) -> tokio_postgres::Config {
+    let mut pg = tokio_postgres::Config::new();
+    pg.host("localhost")
+        .port(addr.port())
+        .user("analyst")
+        .dbname("icepie")
+        .ssl_mode(ssl);
+    pg
+}
+
+/// A PostgreSQL client that negotiates TLS with the test certificate authority.
+fn pg_tls() -> tokio_postgres_rustls::MakeRustlsConnect {
     let mut roots = tokio_rustls::rustls::RootCertStore::empty();
     use tokio_rustls::rustls::pki_types::pem::PemObject;
     for cert in tokio_rustls::rustls::pki_types::CertificateDer::pem_slice_iter(&test_ca()) {
@@ -617,15 +642,113 @@ async fn both_servers_speak_tls_with_the_given_certificate() {
     .unwrap()
     .with_root_certificates(roots)
     .with_no_client_auth();
-    let connector = tokio_postgres_rustls::MakeRustlsConnect::new(config);
-    let mut pg = tokio_postgres::Config::new();
-    pg.host("localhost")
-        .port(addr.port())
-        .user("analyst")
-        .dbname("icepie")
-        .ssl_mode(tokio_postgres::config::SslMode::Require);
-    let (client, connection) = pg.connect(connector).await.unwrap();
-    tokio::spawn(connection);
-    let row = client.query_one("SELECT 41 + 1", &[]).await.unwrap();
-    assert_eq!(row.get::<_, i64>(0), 42);
+    tokio_postgres_rustls::MakeRustlsConnect::new(config)
+}
+
+/// `--require-tls`: SCRAM never sends the password, but rows would travel in clear.
+#[tokio::test]
+async fn require_tls_refuses_postgres_clients_that_do_not_negotiate_it() {
+    use tokio_postgres::config::SslMode;
+    let (dir, warehouse) = crate::support::open_with(&[]).await;
+    // Refused at start without a certificate.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let options = ServerOptions {
+        require_tls: true,
+        ..ServerOptions::default()
+    };
+    let err = icepie::server::serve_pg(warehouse.clone(), listener, options, async {})
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("--tls-cert"), "{err}");
+    let server = serve(
+        Protocol::Pg,
+        warehouse,
+        ServerOptions {
+            tls: Some(tls_files()),
+            require_tls: true,
+            ..ServerOptions::default()
+        },
+    )
+    .await
+    .keeping(dir);
+    let plain = pg_config(server.addr, SslMode::Disable)
+        .connect(tokio_postgres::NoTls)
+        .await
+        .err()
+        .expect("a plain client is refused");
+    assert_eq!(plain.code().map(|c| c.code()), Some("28000"), "{plain:?}");
+    let message = plain.as_db_error().map(|e| e.message().to_string());
+    assert!(message.unwrap_or_default().contains("requires TLS"), "{plain:?}");
+    // A client that prefers TLS gets it; one that requires it too.
+    for ssl in [SslMode::Prefer, SslMode::Require] {
+        let (client, connection) = pg_config(server.addr, ssl).connect(pg_tls()).await.unwrap();
+        tokio::spawn(connection);
+        let row = client.query_one("SELECT 6 * 7", &[]).await.unwrap();
+        assert_eq!(row.get::<_, i64>(0), 42);
+    }
+}
+
+/// True once the server has closed `socket` (which never sent a byte).
+async fn closed_by_the_server(socket: &mut tokio::net::TcpStream) -> bool {
+    use tokio::io::AsyncReadExt;
+    let mut buf = [0u8; 64];
+    loop {
+        match tokio::time::timeout(std::time::Duration::from_secs(60), socket.read(&mut buf)).await
+        {
+            Err(_) => return false,
+            Ok(Ok(0)) | Ok(Err(_)) => return true,
+            // Whatever the server says first (an HTTP/2 preface): read on.
+            Ok(Ok(_)) => continue,
+        }
+    }
+}
+
+/// `--auth-timeout`: a socket that never logs in is closed and gives its place back, on both
+/// servers, while a client that logged in stays connected past it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_that_do_not_log_in_in_time_are_closed() {
+    let options = ServerOptions {
+        password: Some("s3cret".into()),
+        max_connections: Some(1),
+        auth_timeout: Some(std::time::Duration::from_secs(1)),
+        ..ServerOptions::default()
+    };
+    for protocol in [Protocol::Pg, Protocol::Flight] {
+        let (dir, warehouse) = crate::support::open_with(&[]).await;
+        let server = serve(protocol, warehouse, options.clone())
+            .await
+            .keeping(dir);
+        let mut idle = tokio::net::TcpStream::connect(server.addr).await.unwrap();
+        assert!(closed_by_the_server(&mut idle).await, "{protocol:?}");
+        match protocol {
+            Protocol::Pg => {
+                // The idle socket's place is free again.
+                let mut config = pg_config(server.addr, tokio_postgres::config::SslMode::Disable);
+                config.host("127.0.0.1").password("s3cret");
+                let client = crate::support::eventually(30, "a free place", || async {
+                    let (client, connection) = config.connect(tokio_postgres::NoTls).await.ok()?;
+                    tokio::spawn(connection);
+                    Some(client)
+                })
+                .await;
+                tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+                let row = client.query_one("SELECT 1 + 1", &[]).await.unwrap();
+                assert_eq!(row.get::<_, i64>(0), 2);
+            }
+            Protocol::Flight => {
+                let mut client = client(&server).await;
+                client.handshake("analyst", "s3cret").await.unwrap();
+                assert!(query(&mut client, "SELECT 1 AS one")
+                    .await
+                    .unwrap()
+                    .contains("| 1 "));
+                tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+                assert!(query(&mut client, "SELECT 2 AS two")
+                    .await
+                    .unwrap()
+                    .contains("| 2 "));
+            }
+        }
+    }
 }

@@ -4,7 +4,8 @@
 //! icepie [--data LOCATION] [--set NAME=VALUE]... [--format FORMAT] [-q] [--bail]
 //!        [-c SQL]... [-f FILE]...
 //! icepie serve [--data LOCATION] [--set NAME=VALUE]... [--grace SECONDS]
-//!              [--pg [ADDR]] [--flight [ADDR]] [--tls-cert PEM --tls-key PEM]
+//!              [--pg [ADDR]] [--flight [ADDR]] [--tls-cert PEM --tls-key PEM [--require-tls]]
+//!              [--auth-timeout SECONDS]
 //!              [--allow-path DIR]... [--read-only] [--statement-timeout SECONDS]
 //!              [--statement-memory SIZE] [--max-connections N]
 //! ```
@@ -170,6 +171,27 @@ fn cli() -> Command {
                         .value_name("PEM")
                         .requires("tls-cert")
                         .help("The private key of --tls-cert"),
+                )
+                .arg(
+                    Arg::new("require-tls")
+                        .long("require-tls")
+                        .action(ArgAction::SetTrue)
+                        .requires("tls-cert")
+                        .help(
+                            "Refuse --pg clients that do not negotiate TLS (sslmode=require); \
+                             --flight with a certificate speaks only TLS",
+                        ),
+                )
+                .arg(
+                    Arg::new("auth-timeout")
+                        .long("auth-timeout")
+                        .value_name("SECONDS")
+                        .value_parser(clap::value_parser!(u64).range(1..))
+                        .default_value("10")
+                        .help(
+                            "Close a connection that has not logged in within SECONDS, so that \
+                             idle sockets cannot hold every --max-connections place",
+                        ),
                 )
                 .arg(
                     Arg::new("allow-path")

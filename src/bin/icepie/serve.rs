@@ -86,6 +86,18 @@ pub async fn run(matches: &clap::ArgMatches) -> Result<(), String> {
                      set a password or serve 127.0.0.1"
                 ));
             }
+            if server_options.tls.is_none() && !bound.ip().is_loopback() {
+                eprintln!(
+                    "warning: {} on {bound} is reachable from other machines without TLS: \
+                     statements and their rows cross the network in clear; give --tls-cert \
+                     and --tls-key{}",
+                    protocol.name(),
+                    match protocol {
+                        Protocol::Pg => " (and --require-tls)",
+                        Protocol::Flight => "",
+                    }
+                );
+            }
             eprintln!(
                 "{} on {bound} ({}{})",
                 protocol.name(),
@@ -94,10 +106,11 @@ pub async fn run(matches: &clap::ArgMatches) -> Result<(), String> {
                     (true, Protocol::Flight) => "password required (basic, then a bearer token)",
                     (false, _) => "no password: loopback only",
                 },
-                if server_options.tls.is_some() {
-                    ", TLS"
-                } else {
-                    ""
+                match (&server_options.tls, server_options.require_tls, protocol) {
+                    (None, _, _) => "",
+                    (Some(_), true, Protocol::Pg) => ", TLS required",
+                    (Some(_), false, Protocol::Pg) => ", TLS when the client asks",
+                    (Some(_), _, Protocol::Flight) => ", TLS",
                 }
             );
             let server = warehouse.clone();
@@ -227,5 +240,9 @@ fn server_options(matches: &clap::ArgMatches) -> Result<icepie::server::ServerOp
             ),
         },
         tls,
+        require_tls: matches.get_flag("require-tls"),
+        auth_timeout: Some(Duration::from_secs(
+            *matches.get_one::<u64>("auth-timeout").expect("default"),
+        )),
     })
 }
