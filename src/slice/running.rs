@@ -153,7 +153,10 @@ pub(crate) async fn resolve_abandoned(
     let mut live = Vec::new();
     let mut logged: Option<HashSet<String>> = None;
     for found in list(warehouse, Some(slice)).await? {
-        if found.live(heartbeat, now) {
+        // This process's own success whose row is still being written is not abandoned,
+        // however late its marker's renewal (a busy machine): its row is on its way.
+        if found.live(heartbeat, now) || shared.settling.outcome(&found.marker.attempt_id).is_some()
+        {
             live.push(found);
             continue;
         }
