@@ -679,7 +679,10 @@ async fn require_tls_refuses_postgres_clients_that_do_not_negotiate_it() {
         .expect("a plain client is refused");
     assert_eq!(plain.code().map(|c| c.code()), Some("28000"), "{plain:?}");
     let message = plain.as_db_error().map(|e| e.message().to_string());
-    assert!(message.unwrap_or_default().contains("requires TLS"), "{plain:?}");
+    assert!(
+        message.unwrap_or_default().contains("requires TLS"),
+        "{plain:?}"
+    );
     // A client that prefers TLS gets it; one that requires it too.
     for ssl in [SslMode::Prefer, SslMode::Require] {
         let (client, connection) = pg_config(server.addr, ssl).connect(pg_tls()).await.unwrap();

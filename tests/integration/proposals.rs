@@ -35,14 +35,15 @@ async fn id(w: &IcePie, kind: &str, target: &str) -> i64 {
 
 #[tokio::test]
 async fn each_kind_of_proposal_is_drawn_from_the_workload_and_applied_or_dismissed() {
-    let (dir, w) = open_with(&[("unread_after", "1 second")]).await;
+    let (dir, w) = open_with(&[("unread_after", "4 seconds")]).await;
     run(&w, SLICES).await;
     filter(&w).await;
     // Refreshed four times in its first minutes, read never.
     for _ in 0..4 {
         run(&w, "INGEST INTO t VALUES (0, 0); REFRESH SLICE d.busy").await;
     }
-    tokio::time::sleep(Duration::from_millis(1_200)).await;
+    // Beyond `unread_after`, with room for a slow machine between the read and the listing.
+    tokio::time::sleep(Duration::from_millis(4_200)).await;
     // Read lately: not proposed for freezing.
     filter(&w).await;
 
@@ -137,7 +138,7 @@ async fn each_kind_of_proposal_is_drawn_from_the_workload_and_applied_or_dismiss
     );
     let other = IcePie::builder(dir.path().to_string_lossy().to_string())
         .with_scheduler(false)
-        .with_setting("unread_after", "1 second")
+        .with_setting("unread_after", "4 seconds")
         .open()
         .await
         .unwrap();
@@ -156,7 +157,7 @@ async fn each_kind_of_proposal_is_drawn_from_the_workload_and_applied_or_dismiss
 async fn the_scheduler_applies_the_kinds_auto_apply_allows_and_no_other() {
     let (_dir, w) = open_with(&[
         ("scheduler_tick", "20ms"),
-        ("unread_after", "1 second"),
+        ("unread_after", "4 seconds"),
         ("auto_apply", "layout"),
     ])
     .await;
@@ -172,7 +173,8 @@ async fn the_scheduler_applies_the_kinds_auto_apply_allows_and_no_other() {
     })
     .await;
     // The unread slices are proposed for freezing, and left as they are.
-    tokio::time::sleep(Duration::from_millis(1_200)).await;
+    // Beyond `unread_after`, with room for a slow machine between the read and the listing.
+    tokio::time::sleep(Duration::from_millis(4_200)).await;
     scalar(&w, "SELECT count(*) FROM d.filtered").await;
     assert_eq!(
         rows(&w, "SELECT kind, target FROM system.proposals").await,
