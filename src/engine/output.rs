@@ -91,7 +91,10 @@ pub(super) fn builds(ctx: &SessionContext, out: Option<BuildOutcome>) -> Result<
                 "mode",
                 Arc::new(StringArray::from(
                     out.iter()
-                        .map(|o| o.built.as_ref().map(|b| b.mode.to_string()))
+                        .map(|o| match o.unchanged {
+                            true => None,
+                            false => o.built.as_ref().map(|b| b.mode.to_string()),
+                        })
                         .collect::<Vec<_>>(),
                 )) as ArrayRef,
             ),
@@ -99,13 +102,16 @@ pub(super) fn builds(ctx: &SessionContext, out: Option<BuildOutcome>) -> Result<
                 "note",
                 Arc::new(StringArray::from(
                     out.iter()
-                        .map(|o| {
-                            o.by_another_writer.then(|| {
-                                format!(
-                                    "already refreshed to version {} by another writer",
-                                    o.version
-                                )
-                            })
+                        .map(|o| match (o.by_another_writer, o.unchanged) {
+                            (true, _) => Some(format!(
+                                "already refreshed to version {} by another writer",
+                                o.version
+                            )),
+                            (_, true) => Some(format!(
+                                "nothing to do: no input changed since version {}",
+                                o.version
+                            )),
+                            _ => None,
                         })
                         .collect::<Vec<_>>(),
                 )) as ArrayRef,

@@ -53,6 +53,9 @@ pub struct RefreshEvent {
     pub outcome: std::result::Result<(i64, i64), String>,
     /// How long it ran.
     pub duration_ms: i64,
+    /// True when its inputs had not changed: it committed nothing, and the version is the
+    /// one served before.
+    pub unchanged: bool,
 }
 
 /// Controls a running scheduler task.
@@ -309,9 +312,9 @@ async fn run(inner: Weak<Inner>, mut stop: watch::Receiver<Option<Duration>>) {
                     return;
                 };
                 let started = std::time::Instant::now();
-                let outcome = engine
-                    .refresh(&name.to_string())
-                    .await
+                let refreshed = engine.refresh(&name.to_string()).await;
+                let unchanged = refreshed.as_ref().is_ok_and(|o| o.unchanged);
+                let outcome = refreshed
                     .map(|o| (o.version, o.stats.rows))
                     .map_err(|e| e.to_string());
                 lease.release().await;
@@ -320,6 +323,7 @@ async fn run(inner: Weak<Inner>, mut stop: watch::Receiver<Option<Duration>>) {
                     at: Utc::now(),
                     outcome,
                     duration_ms: started.elapsed().as_millis() as i64,
+                    unchanged,
                 });
             });
         }

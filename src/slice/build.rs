@@ -121,18 +121,28 @@ pub(crate) async fn build(
         built: planned,
     };
     match result {
-        Ok((table, built)) => {
+        Ok((table, built, committed)) => {
             let version = table.version().unwrap_or_default() as i64;
             let stats = table_stats(&table).unwrap_or_default();
             attempt.version = Some(version);
             attempt.rows = Some(stats.rows);
             attempt.bytes = Some(stats.bytes);
             attempt.built = Some(built.clone());
-            // The version is committed: its row is written after the statement returns.
-            shared
-                .settling
-                .record(&shared.warehouse, name, attempt, running);
+            if committed {
+                // The version is committed: its row is written after the statement returns.
+                shared
+                    .settling
+                    .record(&shared.warehouse, name, attempt, running);
+            } else {
+                // Nothing committed: the row is all the attempt leaves, and the scheduler
+                // counts `REFRESH EVERY` from it, so it is written before the statement returns.
+                attempt.status = log::NO_CHANGE;
+                let logged = log::append(&shared.warehouse, name, &attempt).await;
+                running.finish().await;
+                logged?;
+            }
             Ok(BuildOutcome {
+                unchanged: !committed,
                 slice: name.clone(),
                 version,
                 stats,
@@ -222,6 +232,7 @@ pub(crate) async fn after_lost_race(
         inputs: now.inputs,
         duration_ms: 0,
         by_another_writer: true,
+        unchanged: false,
         built: None,
     }))
 }
@@ -249,7 +260,7 @@ async fn write_version(
     (existing, previous): (Option<&DeltaTable>, Option<&Previous>),
     attempt_id: &str,
     (inputs, planned): (&mut Vec<InputVersion>, &mut Option<Built>),
-) -> Result<(DeltaTable, Built)> {
+) -> Result<(DeltaTable, Built, bool)> {
     let (decision, clustered) = plan_build(
         state,
         shared,
@@ -261,6 +272,9 @@ async fn write_version(
     )
     .await?;
     *planned = Some(decision.built.clone());
+    if let (true, Some(table)) = (decision.unchanged, existing) {
+        return Ok((table.clone(), decision.built, false));
+    }
     // Every write of a clustered slice is sorted: a full build's rows, an incremental
     // merge's or recomputed partitions' rows, and an append's new rows.
     let sorted = clustered.as_ref().is_some_and(|c| !c.columns.is_empty());
@@ -347,7 +361,7 @@ async fn write_version(
         Err(e) if !tracked.committed() => Err(commit_error(name, from, e)),
         landed => shared.warehouse.landed(&rel, &tracked, landed).await,
     }?;
-    Ok((table, built))
+    Ok((table, built, true))
 }
 
 /// Largest build side, in bytes as the planner estimates them, that an incremental refresh's
@@ -471,6 +485,19 @@ async fn plan_build(
         laid_out.as_ref(),
     )
     .await?;
+    // A layout changes (AUTO's choice, or ALTER SLICE … SET CLUSTER BY) at the next refresh.
+    // A slice declared INCREMENTAL changes layout only when asked to (CLUSTER BY given);
+    // data written before clustering existed counts as unsorted.
+    let asked = spec.refresh_mode == RefreshMode::Auto || spec.cluster_by != ClusterBy::Auto;
+    let relayout = asked && laid_out.as_ref().map_or(&[][..], |l| &l.columns[..]) != chosen.columns;
+    if let Some((table, version, appends)) =
+        nothing_to_do(spec, kind, (existing, previous), inputs, &plan, relayout)
+    {
+        return Ok((
+            incremental::nothing_to_do(table, appends, version)?,
+            laid_out,
+        ));
+    }
     let max_share = shared.options().incremental_max_share;
     let qualified = name.to_string();
     let mut decision = incremental::decide(
@@ -486,13 +513,7 @@ async fn plan_build(
     )
     .await?;
     if decision.built.mode == BuildMode::Incremental {
-        // A layout changes (AUTO's choice, or ALTER SLICE … SET CLUSTER BY) at the next
-        // refresh: a full one.
-        // A slice declared INCREMENTAL changes layout only when asked to (CLUSTER BY given);
-        // data written before clustering existed counts as unsorted.
-        let asked = spec.refresh_mode == RefreshMode::Auto || spec.cluster_by != ClusterBy::Auto;
-        let relayout =
-            asked && laid_out.as_ref().map_or(&[][..], |l| &l.columns[..]) != chosen.columns;
+        // A new layout is written by a full build.
         if let (true, Some(previous)) = (relayout, previous) {
             let forced = Previous {
                 full: true,
@@ -524,6 +545,40 @@ async fn plan_build(
         BuildMode::Incremental => laid_out,
     };
     Ok((decision, clustered))
+}
+
+/// The slice's current version, its number and its appends in a row, when a refresh has
+/// nothing to add to it: its inputs are the very versions it was built from, its definition and
+/// layout are as they were, and the definition gives the same rows each time. `None` when
+/// the build must run: a first version, a new definition, `REFRESH … FULL`, a quarantined
+/// slice, a pending layout, or a definition calling `now()`, `random()` and the like.
+fn nothing_to_do<'a>(
+    spec: &SliceSpec,
+    kind: CommitKind,
+    (existing, previous): (Option<&'a DeltaTable>, Option<&Previous>),
+    inputs: &[InputVersion],
+    plan: &LogicalPlan,
+    relayout: bool,
+) -> Option<(&'a DeltaTable, i64, u32)> {
+    let (table, previous) = (existing?, previous?);
+    let meta = previous.meta.as_ref()?;
+    let same_inputs =
+        meta.inputs.len() == inputs.len() && inputs.iter().all(|i| meta.inputs.contains(i));
+    let nothing = kind == CommitKind::Refresh
+        && !previous.full
+        && previous.damaged.is_none()
+        && !relayout
+        && meta.definition == spec.definition
+        && meta.partition_by == spec.partition_by
+        && same_inputs
+        && incremental::deterministic(plan).is_ok();
+    nothing.then(|| {
+        (
+            table,
+            table.version().unwrap_or_default() as i64,
+            meta.appends,
+        )
+    })
 }
 
 /// True for plans that produce rows (not DDL, DML or statements).

@@ -74,6 +74,8 @@ pub(crate) struct Decision {
     pub replace: Option<Expr>,
     /// Mode, reason and reads, recorded with the version.
     pub built: Built,
+    /// Nothing to build: the inputs are those the current version was built from.
+    pub unchanged: bool,
 }
 
 /// The version a build starts from.
@@ -331,6 +333,7 @@ pub(crate) async fn decide(
             None => full_plan.schema().clone(),
         };
         return Ok(Decision {
+            unchanged: false,
             plan: empty(&schema),
             appends: appends_before,
             replace: None,
@@ -368,6 +371,7 @@ pub(crate) async fn decide(
                 };
                 let (recompute, replace) = parted.recompute(&plan, &touched)?;
                 return Ok(Decision {
+                    unchanged: false,
                     built: Built {
                         mode: BuildMode::Incremental,
                         reason: format!(
@@ -415,6 +419,7 @@ pub(crate) async fn decide(
                     .build()?;
             let rebuilt = grouped.rebuild(&plan, stored, &touched)?;
             return Ok(Decision {
+                unchanged: false,
                 built: Built {
                     mode: BuildMode::Incremental,
                     reason: format!(
@@ -438,6 +443,7 @@ pub(crate) async fn decide(
     let Some(shape) = shape else {
         let delta = union_all(terms, definition.schema())?;
         return Ok(Decision {
+            unchanged: false,
             built: Built {
                 mode: BuildMode::Incremental,
                 reason: format!("only appends since the previous version ({names})"),
@@ -507,6 +513,7 @@ pub(crate) async fn decide(
     };
     let merged = shape.plan(Some(stored), terms)?;
     Ok(Decision {
+        unchanged: false,
         built: Built {
             mode: BuildMode::Incremental,
             reason: match &touched {
@@ -630,9 +637,35 @@ fn beside(table: &str) -> String {
 }
 
 /// A full build of `plan`, for `reason`.
+/// The decision of a refresh with nothing to do: the slice's version `version` (of
+/// `existing`) was built from the very inputs it would read.
+pub(crate) fn nothing_to_do(existing: &DeltaTable, appends: u32, version: i64) -> Result<Decision> {
+    let schema = Arc::new(DFSchema::try_from(
+        existing
+            .snapshot()?
+            .snapshot()
+            .arrow_schema()
+            .as_ref()
+            .clone(),
+    )?);
+    Ok(Decision {
+        plan: empty(&schema),
+        appends,
+        replace: None,
+        built: Built {
+            mode: BuildMode::Incremental,
+            reason: format!("nothing to do: no input changed since version {version}"),
+            reads: Vec::new(),
+            appended: false,
+        },
+        unchanged: true,
+    })
+}
+
 fn full(plan: LogicalPlan, reason: String) -> Decision {
     let reads = reads(std::slice::from_ref(&plan)).unwrap_or_default();
     Decision {
+        unchanged: false,
         plan,
         appends: 0,
         replace: None,
@@ -700,7 +733,7 @@ fn reads(plans: &[LogicalPlan]) -> Result<Vec<InputRead>> {
 
 /// Refuses functions whose result may differ between two runs over the same data: an
 /// incremental refresh would keep rows a full one would compute differently.
-fn deterministic(plan: &LogicalPlan) -> std::result::Result<(), String> {
+pub(crate) fn deterministic(plan: &LogicalPlan) -> std::result::Result<(), String> {
     let mut found = None;
     let _ = plan.apply_with_subqueries(|node| {
         // Parts over unchanged inputs run again in every refresh: whatever may pick other

@@ -56,6 +56,9 @@ pub struct SliceInfo {
     pub stats: TableStats,
     /// When that version was committed (ms since the epoch).
     pub refreshed_at: Option<i64>,
+    /// When a refresh last ended with nothing to do (its inputs unchanged since that
+    /// version), if one did since: `REFRESH EVERY` counts from the later of the two.
+    pub checked_at: Option<i64>,
     /// Its state.
     pub state: SliceState,
     /// The error of the last build, if it failed.
@@ -158,7 +161,15 @@ pub(crate) async fn info(
     let (meta, committed) = meta::latest_meta(&table, &name.to_string()).await?;
     let version = table.version().unwrap_or_default() as i64;
     let stats = table_stats(&table)?;
-    let failures = log::failures_since(&shared.attempts(name).await?, committed.unwrap_or(0));
+    let attempts = shared.attempts(name).await?;
+    let since = committed.unwrap_or(0);
+    let checked = attempts
+        .iter()
+        .filter(|a| a.status == log::NO_CHANGE && a.started_at >= since)
+        .map(|a| a.ended_at)
+        .max();
+    // A refresh that found nothing to do ends the failures before it, as a commit does.
+    let failures = log::failures_since(&attempts, checked.unwrap_or(since).max(since));
     let now = Utc::now().timestamp_millis();
     let (stale, oldest_change) = behind(shared, &meta, inputs).await?;
     let options = shared.options();
@@ -202,6 +213,7 @@ pub(crate) async fn info(
         version,
         stats,
         refreshed_at: committed,
+        checked_at: checked,
         state,
         last_error: match &damaged {
             Some(q) => Some(format!("damaged file {}: {}", q.file, q.problem)),

@@ -110,6 +110,9 @@ pub struct BuildOutcome {
     /// True when this refresh committed nothing because another writer had just committed a
     /// version built from the inputs' latest versions: that version is the outcome.
     pub by_another_writer: bool,
+    /// True when the inputs were the very versions the slice's version was built from: the
+    /// refresh had nothing to do and committed nothing (`version` is the current one).
+    pub unchanged: bool,
     /// How this build ran (full or incremental), why, and what it read; `None` when another
     /// writer built the version.
     pub built: Option<meta::Built>,

@@ -73,7 +73,9 @@ pub(crate) fn decide(info: &SliceInfo, options: &IcePieOptions, now_ms: i64) -> 
                 return no(format!("unreadable interval '{text}'"));
             };
             let every = i64::try_from(every.as_millis()).unwrap_or(i64::MAX);
-            match info.refreshed_at.map(|at| at.saturating_add(every)) {
+            // From the latest refresh that committed or found nothing to do.
+            let last = info.refreshed_at.max(info.checked_at);
+            match last.map(|at| at.saturating_add(every)) {
                 Some(next) if now_ms < next => no(format!(
                     "every '{text}': next in {}",
                     human_duration(next - now_ms)
@@ -227,6 +229,7 @@ mod tests {
             version: 3,
             stats: TableStats::default(),
             refreshed_at: Some(1_000_000),
+            checked_at: None,
             state: SliceState::Fresh,
             last_error: None,
             failures: 0,

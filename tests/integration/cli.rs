@@ -163,7 +163,7 @@ async fn serve_refreshes_due_slices_and_stops_cleanly_on_sigterm() {
         crate::support::run(
             &w,
             "CREATE CORE TABLE t (n BIGINT); INGEST INTO t VALUES (1);
-             CREATE SLICE s REFRESH EVERY '1 second' AS SELECT sum(n) AS total FROM core.t;",
+             CREATE SLICE s REFRESH EVERY '1 second' AS SELECT sum(n) AS total, now() AS at FROM core.t;",
         )
         .await;
     }

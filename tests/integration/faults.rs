@@ -435,7 +435,8 @@ async fn a_refresh_shows_its_outcome_at_once_in_its_own_process() {
     w.flush().await;
     // Writing to the refresh logs takes long; reading them too.
     store.arm(None, Some("_system/refreshes/"), Duration::from_millis(400));
-    w.sql("REFRESH SLICE s")
+    // FULL: a refresh of unchanged inputs would commit nothing, and write its row at once.
+    w.sql("REFRESH SLICE s FULL")
         .await
         .unwrap()
         .collect()

@@ -188,12 +188,15 @@ async fn check_case(first: Vec<Load>, loads: Vec<Load>) {
             continue;
         }
         for (name, definition) in SHAPES {
-            run(&w, &format!("REFRESH SLICE {name}")).await;
-            let mode = last_mode(&w, name).await;
-            assert!(
-                mode.starts_with("incremental"),
-                "{name} after load {step} refreshed {mode}"
-            );
+            let refreshed = rows(&w, &format!("REFRESH SLICE {name}")).await;
+            // Loads of no rows leave nothing to do: no version is committed.
+            if !refreshed[0].contains("nothing to do") {
+                let mode = last_mode(&w, name).await;
+                assert!(
+                    mode.starts_with("incremental"),
+                    "{name} after load {step} refreshed {mode}"
+                );
+            }
             let got = rows(&w, &format!("SELECT * FROM {name}")).await;
             let want = rows(&w, definition).await;
             assert_eq!(

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use icepie::{IcePie, SliceState};
 
-use crate::support::{eventually, fails, open_with, run, scalar};
+use crate::support::{eventually, fails, open_with, rows, run, scalar};
 
 /// Deletes the commit files of the Delta table at `table` older than `before`, as Delta's
 /// log clean-up (or another engine's) does once a checkpoint covers them.
@@ -122,7 +122,8 @@ async fn a_refresh_asked_after_an_ingest_builds_from_it() {
     .await;
     let slow = {
         let w = w.clone();
-        tokio::spawn(async move { w.refresh("s").await })
+        // Its inputs have not changed: FULL makes it run (and take long) all the same.
+        tokio::spawn(async move { w.refresh_full("s").await })
     };
     eventually(10, "the first refresh to start", || async {
         (w.slice("s").await.unwrap().state == SliceState::Refreshing).then_some(())
@@ -404,7 +405,8 @@ async fn refresh_running(
     slow_slice(w).await;
     let running = {
         let w = w.clone();
-        tokio::spawn(async move { w.refresh("s").await })
+        // Its inputs have not changed: FULL makes it run (and take long) all the same.
+        tokio::spawn(async move { w.refresh_full("s").await })
     };
     eventually(10, "the refresh to show as running", || async {
         (statuses(w, "slices.s").await == "success,running").then_some(())
@@ -449,7 +451,7 @@ async fn a_killed_refresh_shows_as_abandoned() {
     slow_slice(&w).await;
     let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_icepie"))
         .args(["--data", &dir.path().to_string_lossy(), "-q"])
-        .args(["--set", "heartbeat=100ms", "-c", "REFRESH SLICE s"])
+        .args(["--set", "heartbeat=100ms", "-c", "REFRESH SLICE s FULL"])
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
         .spawn()
@@ -467,7 +469,7 @@ async fn a_killed_refresh_shows_as_abandoned() {
     .await;
     assert_eq!(w.slice("s").await.unwrap().version, 0);
     // The next refresh records it for good and goes on.
-    assert_eq!(w.refresh("s").await.unwrap().version, 1);
+    assert_eq!(w.refresh_full("s").await.unwrap().version, 1);
     assert_eq!(statuses(&w, "slices.s").await, "success,abandoned,success");
     let error = scalar(
         &w,
@@ -648,7 +650,7 @@ async fn a_marker_left_after_its_attempt_was_logged_is_not_an_abandoned_attempt(
     run(
         &w,
         "CREATE CORE TABLE t (n BIGINT); INGEST INTO t VALUES (1);
-         CREATE SLICE s AS SELECT sum(n) AS total FROM core.t; REFRESH SLICE s;",
+         CREATE SLICE s AS SELECT sum(n) AS total FROM core.t; REFRESH SLICE s FULL;",
     )
     .await;
     // The refresh's own marker goes once its row is written.
@@ -673,7 +675,7 @@ async fn a_marker_left_after_its_attempt_was_logged_is_not_an_abandoned_attempt(
     // Expired (6 heartbeats of 10 ms), and its attempt is logged.
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert_eq!(statuses(&w, "slices.s").await, "success,success");
-    run(&w, "REFRESH SLICE s").await;
+    run(&w, "REFRESH SLICE s FULL").await;
     assert!(!path.exists(), "the marker was left");
     let rows = scalar(
         &w,
@@ -688,5 +690,58 @@ async fn a_marker_left_after_its_attempt_was_logged_is_not_an_abandoned_attempt(
         )
         .await,
         "0"
+    );
+}
+
+/// A refresh whose inputs are the very versions its slice was built from commits nothing:
+/// no new version wakes the slices downstream or shortens the rollback window. FULL, a new
+/// definition, and a definition whose rows change by themselves (`now()`) still commit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refresh_with_nothing_to_do_commits_nothing() {
+    let (_dir, w) = open_with(&[("scheduler", "off")]).await;
+    run(
+        &w,
+        "CREATE CORE TABLE t (n BIGINT); INGEST INTO t VALUES (1), (2);
+         CREATE SLICE s AS SELECT sum(n) AS total FROM core.t;
+         CREATE SLICE down AS SELECT total * 2 AS twice FROM slices.s;
+         CREATE SLICE clock AS SELECT sum(n) AS total, now() AS at FROM core.t;",
+    )
+    .await;
+    let refreshed = rows(&w, "REFRESH SLICE s").await;
+    assert_eq!(refreshed.len(), 1);
+    assert!(
+        refreshed[0].starts_with("slices.s | 0 | 1 |"),
+        "{refreshed:?}"
+    );
+    assert!(
+        refreshed[0].ends_with("| NULL | nothing to do: no input changed since version 0"),
+        "{refreshed:?}"
+    );
+    let explained = rows(&w, "EXPLAIN REFRESH SLICE s").await;
+    assert!(
+        explained[0].contains("| nothing to do: no input changed since version 0 |"),
+        "{explained:?}"
+    );
+    assert_eq!(w.history("s").await.unwrap().len(), 1);
+    assert_eq!(statuses(&w, "slices.s").await, "success,no_change");
+    for slice in ["s", "down"] {
+        let info = w.slice(slice).await.unwrap();
+        assert_eq!(
+            (info.version, info.state),
+            (0, SliceState::Fresh),
+            "{slice}"
+        );
+    }
+    assert!(w.slice("s").await.unwrap().checked_at.is_some());
+    // What still commits.
+    assert_eq!(w.refresh_full("s").await.unwrap().version, 1);
+    assert_eq!(w.refresh("clock").await.unwrap().version, 1);
+    run(&w, "INGEST INTO t VALUES (3)").await;
+    let after = w.refresh("s").await.unwrap();
+    assert_eq!((after.version, after.unchanged), (2, false));
+    assert_eq!(scalar(&w, "SELECT total FROM s").await, "6");
+    assert_eq!(
+        statuses(&w, "slices.s").await,
+        "success,no_change,success,success"
     );
 }

@@ -163,7 +163,7 @@ async fn a_slice_dropped_and_created_again_elsewhere_is_read_anew() {
         &a,
         "CREATE CORE TABLE t (n INT); INGEST INTO t VALUES (1), (2);
          CREATE SLICE s AS SELECT sum(n) AS v FROM core.t;
-         REFRESH SLICE s;",
+         REFRESH SLICE s FULL;",
     )
     .await;
     assert_eq!(scalar(&a, "SELECT v FROM s").await, "3");
@@ -175,6 +175,6 @@ async fn a_slice_dropped_and_created_again_elsewhere_is_read_anew() {
     .await;
     assert_eq!(scalar(&a, "SELECT v FROM s").await, "200");
     assert_eq!(a.slice("s").await.unwrap().version, 0);
-    run(&b, "REFRESH SLICE s; REFRESH SLICE s").await;
+    run(&b, "REFRESH SLICE s FULL; REFRESH SLICE s FULL").await;
     assert_eq!(a.slice("s").await.unwrap().version, 2);
 }

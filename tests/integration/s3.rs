@@ -352,7 +352,7 @@ async fn one_scheduler_per_slice_on_s3() {
     run(
         &a,
         "CREATE CORE TABLE t (n BIGINT); INGEST INTO t VALUES (1);
-         CREATE SLICE s REFRESH EVERY '1 second' AS SELECT sum(n) AS total FROM core.t;",
+         CREATE SLICE s REFRESH EVERY '1 second' AS SELECT sum(n) AS total, now() AS at FROM core.t;",
     )
     .await;
     // Leases expire after 6 missed heartbeats: long enough that a loaded machine never lets

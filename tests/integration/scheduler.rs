@@ -27,11 +27,16 @@ async fn every_and_on_change_slices_refresh_on_their_own_manual_and_frozen_ones_
          FREEZE SLICE pinned 'audit';",
     )
     .await;
-    // Every second, from the latest commit on.
-    eventually(15, "two scheduled refreshes of 'ticking'", || async {
-        (version(&w, "ticking").await >= 2).then_some(())
+    // Every second, from the latest attempt on; its inputs unchanged, each has nothing to do
+    // and commits nothing.
+    let ticks = eventually(15, "two scheduled refreshes of 'ticking'", || async {
+        let ticks = attempts(&w, "slices.ticking").await;
+        (ticks.len() >= 2).then_some(ticks)
     })
     .await;
+    assert!(ticks.iter().all(|(s, _, _)| s == "no_change"), "{ticks:?}");
+    assert!(ticks[1].1 >= ticks[0].2 + 950_000, "{ticks:?}");
+    assert_eq!(version(&w, "ticking").await, 0);
     // Fresh inputs: nothing to do on change.
     assert_eq!(version(&w, "follower").await, 0);
 
@@ -241,14 +246,16 @@ async fn a_refresh_asked_for_while_one_runs_joins_it() {
         (n == 1).then_some(())
     })
     .await;
+    // New data for the next refresh (with none, it would have nothing to do).
+    run(&w, "INGEST INTO big VALUES (0)").await;
     let (second, third) = tokio::join!(w.refresh("s"), w.refresh("s"));
     let (second, third) = (second.unwrap(), third.unwrap());
     assert_eq!(running.await.unwrap().unwrap().version, 1);
     assert_eq!(second.version, 2);
     assert_eq!(third.version, 2, "the third request joined the second");
     assert_eq!(attempts(&w, "slices.s").await.len(), 2);
-    // Once it has ended, a new request runs anew.
-    assert_eq!(w.refresh("s").await.unwrap().version, 3);
+    // Once it has ended, a new request runs anew (FULL: nothing changed since).
+    assert_eq!(w.refresh_full("s").await.unwrap().version, 3);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -265,7 +272,8 @@ async fn two_writers_on_one_slice_never_lose_mix_or_duplicate_a_version() {
     let mut versions = BTreeSet::new();
     let mut superseded = 0;
     for _ in 0..4 {
-        let (x, y) = tokio::join!(a.refresh("s"), b.refresh("s"));
+        // FULL: with unchanged inputs a refresh would have nothing to do.
+        let (x, y) = tokio::join!(a.refresh_full("s"), b.refresh_full("s"));
         // A REFRESH means "make it fresh": both succeed, racing or not.
         let (x, y) = (x.unwrap(), y.unwrap());
         for out in [&x, &y] {
@@ -316,8 +324,8 @@ async fn two_processes_refreshing_one_slice_agree_on_every_version() {
     let spawn = || {
         std::process::Command::new(env!("CARGO_BIN_EXE_icepie"))
             .args(["--data", &location, "-q"])
-            .args(["-c", "REFRESH SLICE s", "-c", "REFRESH SLICE s"])
-            .args(["-c", "REFRESH SLICE s"])
+            .args(["-c", "REFRESH SLICE s FULL", "-c", "REFRESH SLICE s FULL"])
+            .args(["-c", "REFRESH SLICE s FULL"])
             .stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::piped())
             .spawn()
@@ -386,9 +394,11 @@ async fn three_serve_processes_run_each_due_refresh_once() {
     run(
         &w,
         "CREATE CORE TABLE t (n BIGINT); INGEST INTO t VALUES (1);
-         CREATE SLICE s REFRESH EVERY '1 second' AS SELECT sum(n) AS total FROM core.t;",
+         CREATE SLICE s REFRESH EVERY '1 second' AS SELECT sum(n) AS total, now() AS at FROM core.t;",
     )
     .await;
+    // (now() makes each refresh commit: a definition that gives the same rows each time
+    // would have nothing to do.)
     let location = dir.path().to_string_lossy().to_string();
     let mut children: Vec<_> = (0..3).map(|_| serve(&location, "1s")).collect();
     eventually(60, "four scheduled refreshes", || async {

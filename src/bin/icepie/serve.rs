@@ -43,6 +43,10 @@ fn print_event(e: &RefreshEvent) {
     let at = e.at.format("%Y-%m-%dT%H:%M:%SZ");
     let secs = e.duration_ms as f64 / 1000.0;
     match &e.outcome {
+        Ok((version, _)) if e.unchanged => println!(
+            "{at} {}: nothing to do, no input changed since version {version} ({secs:.2} s)",
+            e.slice
+        ),
         Ok((version, rows)) => println!(
             "{at} refreshed {}: version {version}, {} rows, {secs:.2} s",
             e.slice,

@@ -55,6 +55,9 @@ pub static SCHEMA: LazyLock<SchemaRef> = LazyLock::new(|| {
 
 /// Status of a successful attempt.
 pub const SUCCESS: &str = "success";
+/// Status of a refresh that found its inputs at the very versions its slice was built from:
+/// it committed nothing (`REFRESH SLICE` answered "nothing to do").
+pub const NO_CHANGE: &str = "no_change";
 /// Status of a failed attempt.
 pub const FAILED: &str = "failed";
 /// Status of an attempt cancelled before it committed (Ctrl-C, a stopped scheduler).
@@ -236,7 +239,7 @@ pub struct AttemptSummary {
     pub attempt_id: String,
     /// `create`, `refresh` or `replace`.
     pub kind: String,
-    /// [`SUCCESS`], [`FAILED`] or [`CONFLICT`].
+    /// [`SUCCESS`], [`NO_CHANGE`], [`FAILED`], [`CONFLICT`], ...
     pub status: String,
     /// When it started (ms since the epoch).
     pub started_at: i64,
