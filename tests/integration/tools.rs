@@ -28,8 +28,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::OnceLock;
 
-/// The Python packages the tests use, pinned (the newest on PyPI when pinned, and what
-/// `.ci/run` had installed): the S3 server and the drivers `tests/clients/drivers.py` imports.
+/// The Python packages the tests use, pinned (the newest on PyPI when pinned): the S3 server
+/// and the drivers `tests/clients/drivers.py` imports, installed into the tests' own venv.
 const PACKAGES: [&str; 4] = [
     "moto[server]==5.2.6",
     "psycopg[binary]==3.3.9",
