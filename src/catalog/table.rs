@@ -340,9 +340,7 @@ impl IcePieTable {
     /// The Delta table id (`metaData.id`), which a table created again under the same name
     /// does not share.
     pub(crate) fn table_id(&self) -> Option<String> {
-        let state = self.table.snapshot().ok()?;
-        let metadata = serde_json::to_value(state.metadata()).ok()?;
-        Some(metadata.get("id")?.as_str()?.to_string())
+        crate::storage::table_id(&self.table)
     }
 
     /// The data files this provider scans, `None` when it reads through delta-rs.

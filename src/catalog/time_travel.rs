@@ -302,12 +302,16 @@ async fn open(shared: &Shared, key: &PinKey, explained: bool) -> Result<Arc<dyn 
         return system::history_table(&history, latest, retain);
     }
     check_retained(&name.to_string(), version, latest, retain)?;
-    vacuum::check_not_vacuumed(shared, &name, version).await?;
+    let loaded = shared.load_slice(&name, Some(version)).await;
+    // The watermark of the table read (a slice made again under the name has its own).
+    let id = match &loaded {
+        Ok(Some(t)) => t.table_id(),
+        _ => None,
+    };
+    vacuum::check_not_vacuumed(shared, &name, version, id.as_deref()).await?;
     let qualified = name.to_string();
     Ok(Arc::new(
-        shared
-            .load_slice(&name, Some(version))
-            .await
+        loaded
             .map_err(|e| log_gone(&qualified, version, Some(e)))?
             .ok_or_else(|| log_gone(&qualified, version, None))?
             .pinned(),

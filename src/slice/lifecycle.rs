@@ -291,7 +291,8 @@ pub(crate) async fn rollback(
     let latest = table.version().unwrap_or_default() as i64;
     let options = shared.options();
     check_retained(&name.to_string(), version, latest, options.retain_versions)?;
-    super::vacuum::check_not_vacuumed(shared, name, version).await?;
+    let id = crate::storage::table_id(&table);
+    super::vacuum::check_not_vacuumed(shared, name, version, id.as_deref()).await?;
     if version == latest {
         return Err(IcePieError::VersionNotFound {
             table: name.to_string(),

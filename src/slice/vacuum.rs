@@ -136,8 +136,15 @@ async fn vacuum_with(
     };
     // Readers of older versions (another process's slice_at or ROLLBACK, whatever its own
     // retain_versions) learn that their files are gone.
-    if outcome.files_deleted > 0 && kept_from(shared, name).await?.is_none_or(|k| k < oldest) {
-        let body = serde_json::json!({ "kept_from": oldest, "at": now }).to_string();
+    let id = crate::storage::table_id(&table);
+    if outcome.files_deleted > 0
+        && kept_from(shared, name, id.as_deref())
+            .await?
+            .is_none_or(|k| k < oldest)
+    {
+        // For this table only: a slice made again under the name inherits nothing.
+        let body =
+            serde_json::json!({ "kept_from": oldest, "at": now, "table_id": id }).to_string();
         shared
             .warehouse
             .store()
@@ -167,34 +174,47 @@ async fn vacuum_with(
 }
 
 /// Folder of the VACUUM watermarks: `<domain>/<name>.json` holds the oldest version of the
-/// slice whose files the last VACUUM kept.
+/// slice whose files the last VACUUM kept, and the Delta table id of the slice it applies to.
 pub const VACUUMED_PATH: &str = "_system/vacuumed/";
 
 fn watermark_path(name: &SliceName) -> Path {
     Path::from(format!("{VACUUMED_PATH}{}/{}.json", name.domain, name.name))
 }
 
-/// The oldest version of `name` whose files VACUUM kept, if it ever deleted any: older
-/// versions may have lost files, whatever a process's `icepie.retain_versions` says.
-pub(crate) async fn kept_from(shared: &Shared, name: &SliceName) -> Result<Option<i64>> {
+/// The oldest version of `name` (the Delta table `id`, when known) whose files VACUUM kept,
+/// if it ever deleted any: older versions may have lost files, whatever a process's
+/// `icepie.retain_versions` says. A watermark of another table of that name (one dropped
+/// since) says nothing of this one.
+pub(crate) async fn kept_from(
+    shared: &Shared,
+    name: &SliceName,
+    id: Option<&str>,
+) -> Result<Option<i64>> {
     match shared.warehouse.store().get(&watermark_path(name)).await {
-        Ok(got) => Ok(
-            serde_json::from_slice::<serde_json::Value>(&got.bytes().await?)
-                .ok()
-                .and_then(|v| v.get("kept_from")?.as_i64()),
-        ),
+        Ok(got) => {
+            let Ok(mark) = serde_json::from_slice::<serde_json::Value>(&got.bytes().await?) else {
+                return Ok(None);
+            };
+            let of = mark.get("table_id").and_then(|v| v.as_str());
+            if matches!((of, id), (Some(of), Some(id)) if of != id) {
+                return Ok(None);
+            }
+            Ok(mark.get("kept_from").and_then(|v| v.as_i64()))
+        }
         Err(object_store::Error::NotFound { .. }) => Ok(None),
         Err(e) => Err(e.into()),
     }
 }
 
-/// Refuses to read `version` of `name` when VACUUM deleted files older versions need.
+/// Refuses to read `version` of `name` (the Delta table `id`, when known) when VACUUM
+/// deleted files older versions need.
 pub(crate) async fn check_not_vacuumed(
     shared: &Shared,
     name: &SliceName,
     version: i64,
+    id: Option<&str>,
 ) -> Result<()> {
-    match kept_from(shared, name).await? {
+    match kept_from(shared, name, id).await? {
         Some(kept) if version < kept => Err(IcePieError::VersionNotFound {
             table: name.to_string(),
             detail: format!(

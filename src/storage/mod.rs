@@ -392,6 +392,14 @@ pub struct TableStats {
     pub bytes: i64,
 }
 
+/// The Delta table id (`metaData.id`) of `table`: a table created again under the same name
+/// does not share it.
+pub(crate) fn table_id(table: &DeltaTable) -> Option<String> {
+    let state = table.snapshot().ok()?;
+    let metadata = serde_json::to_value(state.metadata()).ok()?;
+    Some(metadata.get("id")?.as_str()?.to_string())
+}
+
 /// The size of the loaded version of `table`, from its Delta log alone.
 pub fn table_stats(table: &DeltaTable) -> Result<TableStats> {
     let mut stats = TableStats::default();

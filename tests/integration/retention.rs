@@ -75,3 +75,41 @@ async fn vacuum_keeps_what_readers_may_need_and_deletes_the_rest() {
     assert!(err.contains("deleted by VACUUM"), "{err}");
     assert_eq!(scalar(&w, "SELECT total FROM s").await, "6");
 }
+
+/// VACUUM's watermark belongs to the table it vacuumed: a slice dropped and made again under
+/// its name inherits nothing, and its own old versions stay readable.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slice_made_again_inherits_no_vacuum_watermark() {
+    let (_dir, w) = open_with(&[("scheduler", "off"), ("retain_versions", "1")]).await;
+    let three_versions = "INGEST INTO t VALUES (2); REFRESH SLICE s;
+                          INGEST INTO t VALUES (3); REFRESH SLICE s;";
+    run(
+        &w,
+        &format!(
+            "CREATE CORE TABLE t (n BIGINT); INGEST INTO t VALUES (1);
+             CREATE SLICE s AS SELECT sum(n) AS total FROM core.t; {three_versions}
+             SET icepie.vacuum_grace = '0 seconds'; SET icepie.vacuum_enforce_grace = off;"
+        ),
+    )
+    .await;
+    crate::support::let_files_age().await;
+    assert_eq!(w.vacuum("s").await.unwrap().retained_from, 2);
+    run(&w, "SET icepie.retain_versions = 10").await;
+    let err = fails(&w, "SELECT * FROM slice_at('s', 1)").await;
+    assert!(err.contains("deleted by VACUUM"), "{err}");
+
+    run(
+        &w,
+        &format!(
+            "DROP SLICE s; CREATE SLICE s AS SELECT sum(n) * 10 AS total FROM core.t;
+             {three_versions}"
+        ),
+    )
+    .await;
+    assert_eq!(
+        scalar(&w, "SELECT total FROM slice_at('s', 1)").await,
+        "80"
+    );
+    run(&w, "ROLLBACK SLICE s TO VERSION 0").await;
+    assert_eq!(scalar(&w, "SELECT total FROM s").await, "60");
+}
