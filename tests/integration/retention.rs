@@ -106,10 +106,7 @@ async fn a_slice_made_again_inherits_no_vacuum_watermark() {
         ),
     )
     .await;
-    assert_eq!(
-        scalar(&w, "SELECT total FROM slice_at('s', 1)").await,
-        "80"
-    );
+    assert_eq!(scalar(&w, "SELECT total FROM slice_at('s', 1)").await, "80");
     run(&w, "ROLLBACK SLICE s TO VERSION 0").await;
     assert_eq!(scalar(&w, "SELECT total FROM s").await, "60");
 }
