@@ -108,7 +108,10 @@ impl IcePie {
 
     /// Builds and commits the next version of slice `name` (`domain.name` or `name`) from its
     /// definition, with every input pinned at its current version. On failure nothing is
-    /// committed and the slice keeps serving its last version.
+    /// committed and the slice keeps serving its last version. When the inputs are the very
+    /// versions the current version was built from, nothing is committed either: the outcome
+    /// is that version, with [`BuildOutcome::unchanged`] set (use
+    /// [`refresh_full`](Self::refresh_full) to rebuild it all the same).
     ///
     /// The version returned is always built from inputs at least as new as those current when
     /// this was called. Requests for a slice whose refresh is waiting for its turn join that

@@ -15,7 +15,9 @@
 //!   included, with SQLSTATE 57014; the connection goes on.
 //! - Authentication: SCRAM-SHA-256 against a password when one is given; without one, the
 //!   server accepts every client and refuses to listen beyond the loopback interface.
-//! - TLS when a certificate and key are given (clients ask for it: `sslmode=require`).
+//! - TLS when a certificate and key are given (clients ask for it: `sslmode=require`), and
+//!   only TLS with [`ServerOptions::require_tls`].
+//! - A connection that has not logged in within [`ServerOptions::auth_timeout`] is closed.
 //! - The server's files are not its clients': they name only locations under those the server
 //!   was started with (`--allow-path`), and in read-only mode they only read.
 //!

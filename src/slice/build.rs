@@ -57,7 +57,8 @@ impl Drop for RefreshingGuard<'_> {
     }
 }
 
-/// Builds and commits the next version of `name` (the first one when `existing` is `None`).
+/// Builds and commits the next version of `name` (the first one when `existing` is `None`);
+/// a refresh whose inputs are those the current version was built from commits nothing.
 pub(crate) async fn build(
     state: &SessionState,
     shared: &Shared,
@@ -490,13 +491,10 @@ async fn plan_build(
     // data written before clustering existed counts as unsorted.
     let asked = spec.refresh_mode == RefreshMode::Auto || spec.cluster_by != ClusterBy::Auto;
     let relayout = asked && laid_out.as_ref().map_or(&[][..], |l| &l.columns[..]) != chosen.columns;
-    if let Some((table, version, appends)) =
+    if let Some((version, appends)) =
         nothing_to_do(spec, kind, (existing, previous), inputs, &plan, relayout)
     {
-        return Ok((
-            incremental::nothing_to_do(table, appends, version)?,
-            laid_out,
-        ));
+        return Ok((incremental::nothing_to_do(appends, version), laid_out));
     }
     let max_share = shared.options().incremental_max_share;
     let qualified = name.to_string();
@@ -547,19 +545,19 @@ async fn plan_build(
     Ok((decision, clustered))
 }
 
-/// The slice's current version, its number and its appends in a row, when a refresh has
-/// nothing to add to it: its inputs are the very versions it was built from, its definition and
+/// The slice's current version and its appends in a row, when a refresh has nothing to add
+/// to it: its inputs are the very versions it was built from, its definition and
 /// layout are as they were, and the definition gives the same rows each time. `None` when
 /// the build must run: a first version, a new definition, `REFRESH … FULL`, a quarantined
 /// slice, a pending layout, or a definition calling `now()`, `random()` and the like.
-fn nothing_to_do<'a>(
+fn nothing_to_do(
     spec: &SliceSpec,
     kind: CommitKind,
-    (existing, previous): (Option<&'a DeltaTable>, Option<&Previous>),
+    (existing, previous): (Option<&DeltaTable>, Option<&Previous>),
     inputs: &[InputVersion],
     plan: &LogicalPlan,
     relayout: bool,
-) -> Option<(&'a DeltaTable, i64, u32)> {
+) -> Option<(i64, u32)> {
     let (table, previous) = (existing?, previous?);
     let meta = previous.meta.as_ref()?;
     let same_inputs =
@@ -572,13 +570,7 @@ fn nothing_to_do<'a>(
         && meta.partition_by == spec.partition_by
         && same_inputs
         && incremental::deterministic(plan).is_ok();
-    nothing.then(|| {
-        (
-            table,
-            table.version().unwrap_or_default() as i64,
-            meta.appends,
-        )
-    })
+    nothing.then(|| (table.version().unwrap_or_default() as i64, meta.appends))
 }
 
 /// True for plans that produce rows (not DDL, DML or statements).

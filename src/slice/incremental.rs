@@ -636,20 +636,11 @@ fn beside(table: &str) -> String {
     )
 }
 
-/// A full build of `plan`, for `reason`.
-/// The decision of a refresh with nothing to do: the slice's version `version` (of
-/// `existing`) was built from the very inputs it would read.
-pub(crate) fn nothing_to_do(existing: &DeltaTable, appends: u32, version: i64) -> Result<Decision> {
-    let schema = Arc::new(DFSchema::try_from(
-        existing
-            .snapshot()?
-            .snapshot()
-            .arrow_schema()
-            .as_ref()
-            .clone(),
-    )?);
-    Ok(Decision {
-        plan: empty(&schema),
+/// The decision of a refresh with nothing to do: the slice's version `version` was built from
+/// the very inputs it would read. Nothing is written (its plan is never run).
+pub(crate) fn nothing_to_do(appends: u32, version: i64) -> Decision {
+    Decision {
+        plan: empty(&Arc::new(DFSchema::empty())),
         appends,
         replace: None,
         built: Built {
@@ -659,9 +650,10 @@ pub(crate) fn nothing_to_do(existing: &DeltaTable, appends: u32, version: i64) -
             appended: false,
         },
         unchanged: true,
-    })
+    }
 }
 
+/// A full build of `plan`, for `reason`.
 fn full(plan: LogicalPlan, reason: String) -> Decision {
     let reads = reads(std::slice::from_ref(&plan)).unwrap_or_default();
     Decision {

@@ -169,7 +169,7 @@ pub(crate) async fn info(
         .map(|a| a.ended_at)
         .max();
     // A refresh that found nothing to do ends the failures before it, as a commit does.
-    let failures = log::failures_since(&attempts, checked.unwrap_or(since).max(since));
+    let failures = log::failures_since(&attempts, checked.unwrap_or(since));
     let now = Utc::now().timestamp_millis();
     let (stale, oldest_change) = behind(shared, &meta, inputs).await?;
     let options = shared.options();
