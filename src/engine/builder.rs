@@ -75,6 +75,14 @@ impl IcePieBuilder {
             .set_usize(
                 "datafusion.optimizer.hash_join_inlist_pushdown_max_distinct_values",
                 0,
+            )
+            // DataFusion 55's dynamic filter for MIN/MAX aggregates prunes rows that another
+            // aggregate of the same node still needs (`min(substr(g, 1, 1)), max(v)` returns
+            // a wrong min, apache/datafusion#24816, fixed after 55): a wrong answer is worse
+            // than a slower one. `core_tables::min_and_max_side_by_side_are_right` guards it.
+            .set_bool(
+                "datafusion.optimizer.enable_aggregate_dynamic_filter_pushdown",
+                false,
             );
         // DataFusion caches directory listings forever by default; INGEST must see the files
         // that are there now, so listings are not cached.
