@@ -30,7 +30,9 @@ async fn every_and_on_change_slices_refresh_on_their_own_manual_and_frozen_ones_
     // Every second, from the latest attempt on; its inputs unchanged, each has nothing to do
     // and commits nothing.
     let ticks = eventually(15, "two scheduled refreshes of 'ticking'", || async {
-        let ticks = attempts(&w, "slices.ticking").await;
+        // Ended ones: a third may be running at the moment.
+        let mut ticks = attempts(&w, "slices.ticking").await;
+        ticks.retain(|(status, _, _)| status != "running");
         (ticks.len() >= 2).then_some(ticks)
     })
     .await;
