@@ -130,6 +130,16 @@ pub enum IcePieError {
         change: String,
     },
 
+    /// The table a write committed to was dropped (by another process) while the write ran:
+    /// its commit was withdrawn, so no table is left half there.
+    #[error(
+        "{table} was dropped while this change was being written: nothing of the change was kept"
+    )]
+    DroppedMeanwhile {
+        /// The table, as `core table NAME` or `slice DOMAIN.NAME`.
+        table: String,
+    },
+
     /// A data file of a table's current version is missing, truncated or not Parquet.
     #[error("{what} is damaged: file {file} is {problem}. {fix}")]
     Damaged {

@@ -293,6 +293,8 @@ pub(crate) async fn create(
 ) -> Result<Option<LoadOutcome>> {
     let name = &stmt.name;
     let rel = Warehouse::core_path(name);
+    // What a dropped table left is no table: it goes, and the new one is made.
+    shared.warehouse.clear_remains(&rel).await?;
     if shared.warehouse.has_log(&rel).await? {
         if stmt.if_not_exists {
             return Ok(None);

@@ -98,7 +98,12 @@ impl IcePie {
                     }
                     CommitKind::Replace
                 }
-                (None, _, _) => CommitKind::Create,
+                (None, _, _) => {
+                    // What a dropped slice left is no slice: it goes, and the new one is made.
+                    let rel = Warehouse::slice_path(&c.name);
+                    shared.warehouse.clear_remains(&rel).await?;
+                    CommitKind::Create
+                }
             };
         let out = self
             .build_in_background(&c.name, &spec, kind, existing.as_ref(), None)

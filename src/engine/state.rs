@@ -132,6 +132,21 @@ impl Shared {
         self.log.attempts(&self.warehouse, slice, None).await
     }
 
+    /// The recent refresh attempts of the slice `table` is a version of, oldest first: not
+    /// those of a slice dropped before it was made under the same name.
+    pub async fn attempts_of(
+        &self,
+        slice: &SliceName,
+        table: &deltalake::DeltaTable,
+    ) -> Result<Vec<AttemptSummary>> {
+        let all = self.attempts(slice).await?;
+        Ok(crate::slice::log::of_slice(
+            all,
+            crate::storage::table_id(table).as_deref(),
+            crate::storage::table_created(table),
+        ))
+    }
+
     /// The recent refresh attempts of a slice as of version `upto` of its refresh log (or a
     /// later one this process has read).
     pub async fn attempts_upto(&self, slice: &SliceName, upto: u64) -> Result<Vec<AttemptSummary>> {

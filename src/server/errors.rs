@@ -19,7 +19,9 @@ pub fn sqlstate(e: &IcePieError) -> &'static str {
         IcePieError::InvalidDefinition { .. } => "42P17",
         IcePieError::RefreshFailed { source, .. } => sqlstate(source),
         // serialization_failure: another writer went first; running it again is the remedy.
-        IcePieError::Conflict { .. } | IcePieError::ChangedMeanwhile { .. } => "40001",
+        IcePieError::Conflict { .. }
+        | IcePieError::ChangedMeanwhile { .. }
+        | IcePieError::DroppedMeanwhile { .. } => "40001",
         IcePieError::Damaged { .. } | IcePieError::CorruptMetadata { .. } => "XX001",
         IcePieError::MemoryBudget { .. } => "53200",
         // object_not_in_prerequisite_state: thaw it first.

@@ -26,7 +26,9 @@ use crate::error::{IcePieError, Result};
 use crate::options::IcePieOptions;
 use crate::storage::names::SliceName;
 use crate::storage::tracked::TakeBack;
-use crate::storage::{table_stats, Warehouse, FREQUENT_CHECKPOINTS, NO_EXPIRED_LOG_CLEANUP};
+use crate::storage::{
+    table_id, table_stats, Warehouse, FREQUENT_CHECKPOINTS, NO_EXPIRED_LOG_CLEANUP,
+};
 use meta::{format_inputs, BuildMode, Built, CommitKind, InputVersion, RefreshMode, SliceMeta};
 
 /// Marks a slice as refreshing in this process for as long as it lives.
@@ -88,6 +90,7 @@ pub(crate) async fn build(
         &kind.to_string(),
         started_at,
         heartbeat,
+        existing.and_then(table_id),
     )
     .await?;
     let result = match budgeted_state(state, options.refresh_memory_limit.0) {
@@ -120,6 +123,7 @@ pub(crate) async fn build(
         inputs: format_inputs(&inputs),
         error: None,
         built: planned,
+        slice_id: existing.and_then(table_id),
     };
     match result {
         Ok((table, built, committed)) => {
@@ -129,6 +133,8 @@ pub(crate) async fn build(
             attempt.rows = Some(stats.rows);
             attempt.bytes = Some(stats.bytes);
             attempt.built = Some(built.clone());
+            // A first build's slice has its id once committed.
+            attempt.slice_id = table_id(&table);
             if committed {
                 // The version is committed: its row is written after the statement returns.
                 shared
@@ -155,19 +161,21 @@ pub(crate) async fn build(
         }
         Err(source) => {
             let mut source = over_budget(source, &options);
-            // A first build that failed because another writer created the slice meanwhile
-            // (whatever error the race surfaced as) lost a race, and says so.
+            // A build that failed because another writer created the slice meanwhile, or
+            // dropped it (whatever error the race surfaced as), lost a race, and says so.
+            let rel = Warehouse::slice_path(name);
+            let start = shared.warehouse.log_start(&rel).await.ok().flatten();
             if existing.is_none()
                 && !matches!(source, IcePieError::Conflict { .. })
-                && shared
-                    .warehouse
-                    .has_log(&Warehouse::slice_path(name))
-                    .await
-                    .unwrap_or(false)
+                && start.is_some()
             {
                 source = IcePieError::Conflict {
                     slice: name.to_string(),
                     base: "no version (the slice did not exist yet)".into(),
+                };
+            } else if existing.is_some() && start != Some(true) {
+                source = IcePieError::DroppedMeanwhile {
+                    table: format!("slice {name}"),
                 };
             }
             attempt.status = if matches!(source, IcePieError::Conflict { .. }) {

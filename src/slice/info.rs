@@ -81,6 +81,9 @@ pub struct SliceInfo {
     pub last_read: Option<i64>,
     /// Queries reading it per day over the last week, where the reads were looked up.
     pub reads_per_day: Option<f64>,
+    /// Its Delta table id: a slice dropped and made again under its name has a new one
+    /// (`system.refreshes.slice_id` tells whose an attempt was).
+    pub slice_id: Option<String>,
 }
 
 impl SliceInfo {
@@ -161,7 +164,7 @@ pub(crate) async fn info(
     let (meta, committed) = meta::latest_meta(&table, &name.to_string()).await?;
     let version = table.version().unwrap_or_default() as i64;
     let stats = table_stats(&table)?;
-    let attempts = shared.attempts(name).await?;
+    let attempts = shared.attempts_of(name, &table).await?;
     let since = committed.unwrap_or(0);
     let checked = attempts
         .iter()
@@ -227,5 +230,6 @@ pub(crate) async fn info(
         refreshing_by: holder.map(|h| h.process),
         last_read: None,
         reads_per_day: None,
+        slice_id: crate::storage::table_id(&table),
     }))
 }

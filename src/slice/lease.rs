@@ -5,10 +5,14 @@
 //! A lease is an object `<warehouse>/_system/leases/<domain>/<name>/<epoch>.json`; the
 //! highest epoch is the lease in force. A process takes the lease by creating the next epoch
 //! with put-if-absent, which exactly one process wins, when there is no epoch, or when the
-//! highest one's holder stopped renewing it for [`EXPIRY_HEARTBEATS`] heartbeats (killed, or
-//! cut off from storage). The holder rewrites its epoch every `icepie.heartbeat` while the
-//! refresh runs, and empties it when done (an empty epoch is released; it stays so that epoch
-//! numbers are never reused). Taking a lease costs one listing and one write.
+//! highest one's holder stopped renewing it for [`EXPIRY_HEARTBEATS`](super::running::EXPIRY_HEARTBEATS) of its heartbeats
+//! (killed, or cut off from storage). The holder rewrites its epoch every `icepie.heartbeat`
+//! while the refresh runs, and empties it when done (an empty epoch is released; it stays so
+//! that epoch numbers are never reused). Taking a free lease costs one listing and one write.
+//!
+//! The epoch records its holder's heartbeat, and expiry is judged by the store's clock (see
+//! `storage::clock`): the store stamps each renewal, so processes whose clocks disagree by
+//! minutes, or whose heartbeats differ, agree on when a lease expired.
 //!
 //! A lease only keeps processes from doing the same work: a holder paused past its expiry
 //! whose lease was taken over can still commit, and Delta's commit protocol then settles the
@@ -22,7 +26,7 @@ use object_store::path::Path;
 use object_store::{ObjectMeta, ObjectStoreExt, PutMode, PutOptions};
 use serde::{Deserialize, Serialize};
 
-use super::running::{process, Heartbeat, EXPIRY_HEARTBEATS};
+use super::running::{expired, process, Heartbeat};
 use crate::error::Result;
 use crate::storage::names::SliceName;
 use crate::storage::Warehouse;
@@ -37,6 +41,10 @@ pub struct Holder {
     pub process: String,
     /// When it was taken (ms since the epoch).
     pub taken_at: i64,
+    /// How often the holder renews it (ms): it expires after [`EXPIRY_HEARTBEATS`](super::running::EXPIRY_HEARTBEATS) of them,
+    /// whatever heartbeat the reader has. Absent in leases written before.
+    #[serde(default)]
+    pub heartbeat_ms: Option<u64>,
 }
 
 /// A lease this process holds, renewed until [`Lease::release`] (or drop).
@@ -58,21 +66,14 @@ fn epoch(object: &ObjectMeta) -> Option<u64> {
         .flatten()
 }
 
-fn expired(object: &ObjectMeta, heartbeat: Duration, now_ms: i64) -> bool {
-    let expiry = i64::try_from((heartbeat * EXPIRY_HEARTBEATS).as_millis()).unwrap_or(i64::MAX);
-    now_ms
-        >= object
-            .last_modified
-            .timestamp_millis()
-            .saturating_add(expiry)
-}
-
-/// The lease in force on `slice`, if any: its highest epoch, unless expired.
+/// The lease in force on `slice`, if any: its highest epoch and its holder, unless released
+/// or expired. Expiry is judged with the holder's heartbeat and by the store's clock (which
+/// stamps the renewals), so processes whose clocks or heartbeats differ agree on it.
 async fn in_force(
     warehouse: &Warehouse,
     slice: &SliceName,
     heartbeat: Duration,
-) -> Result<(Vec<(u64, ObjectMeta)>, Option<(u64, ObjectMeta)>)> {
+) -> Result<(Vec<(u64, ObjectMeta)>, Option<Holder>)> {
     let store = warehouse.store();
     let epochs: Vec<(u64, ObjectMeta)> = store
         .list(Some(&Path::from(folder(slice))))
@@ -81,13 +82,27 @@ async fn in_force(
         .into_iter()
         .filter_map(|o| epoch(&o).map(|e| (e, o)))
         .collect();
-    let now = Utc::now().timestamp_millis();
     // A released epoch is an empty object.
-    let held = epochs
+    let Some((_, highest)) = epochs
         .iter()
         .max_by_key(|(e, _)| *e)
-        .filter(|(_, o)| o.size > 0 && !expired(o, heartbeat, now))
-        .cloned();
+        .filter(|(_, o)| o.size > 0)
+    else {
+        return Ok((epochs, None));
+    };
+    let holder: Holder = match store.get(&highest.location).await {
+        // Emptied (released) since the listing, or unreadable: no holder.
+        Ok(got) => match serde_json::from_slice(&got.bytes().await?) {
+            Ok(holder) => holder,
+            Err(_) => return Ok((epochs, None)),
+        },
+        Err(object_store::Error::NotFound { .. }) => return Ok((epochs, None)),
+        Err(e) => return Err(e.into()),
+    };
+    let every = holder.heartbeat_ms.map_or(heartbeat, Duration::from_millis);
+    let now = warehouse.store_now_ms().await;
+    let renewed = highest.last_modified.timestamp_millis();
+    let held = (!expired(renewed, every, now)).then_some(holder);
     Ok((epochs, held))
 }
 
@@ -110,6 +125,7 @@ pub async fn acquire(
     let body = serde_json::to_vec(&Holder {
         process: process(),
         taken_at: Utc::now().timestamp_millis(),
+        heartbeat_ms: u64::try_from(heartbeat.as_millis()).ok(),
     })
     .expect("a lease serializes");
     let store = warehouse.store();
@@ -139,16 +155,7 @@ pub async fn holder(
     slice: &SliceName,
     heartbeat: Duration,
 ) -> Result<Option<Holder>> {
-    let (_, held) = in_force(warehouse, slice, heartbeat).await?;
-    let Some((_, object)) = held else {
-        return Ok(None);
-    };
-    match warehouse.store().get(&object.location).await {
-        Ok(got) => Ok(serde_json::from_slice(&got.bytes().await?).ok()),
-        // Released since the listing.
-        Err(object_store::Error::NotFound { .. }) => Ok(None),
-        Err(e) => Err(e.into()),
-    }
+    Ok(in_force(warehouse, slice, heartbeat).await?.1)
 }
 
 /// Marks the epoch at `path` released: empty, kept so that its number is not used again.

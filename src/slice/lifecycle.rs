@@ -183,7 +183,7 @@ pub(crate) async fn freeze(
 pub(crate) async fn thaw(shared: &Shared, name: &SliceName) -> Result<LifecycleOutcome> {
     let (table, meta, committed_at, tracked) = load_for_change(shared, name).await?;
     let version = table.version().unwrap_or_default() as i64;
-    let attempts = shared.attempts(name).await?;
+    let attempts = shared.attempts_of(name, &table).await?;
     let failing = super::log::failures_since(&attempts, committed_at.unwrap_or(0))
         .last
         .is_some();

@@ -509,10 +509,8 @@ pub(crate) async fn list(shared: &Shared) -> Result<Vec<Proposal>> {
     let mut refreshes = HashMap::new();
     for info in &slices {
         // A refresh log that cannot be read now counts no refreshes.
-        let starts = shared
-            .attempts(&info.name)
-            .await
-            .unwrap_or_default()
+        let all = shared.attempts(&info.name).await.unwrap_or_default();
+        let starts = super::log::of_slice(all, info.slice_id.as_deref(), info.meta.created_at)
             .into_iter()
             .filter(|a| a.kind == "refresh" && a.status == super::log::SUCCESS)
             .map(|a| a.started_at)

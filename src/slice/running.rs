@@ -5,7 +5,9 @@
 //!
 //! The markers make attempts visible from the moment they start, in every process:
 //! `system.refreshes` lists a live one as `running`, and one whose process stopped renewing it
-//! for [`EXPIRY_HEARTBEATS`] heartbeats (killed, or cut off from storage) as `abandoned`. A
+//! for [`EXPIRY_HEARTBEATS`] of the heartbeats the marker records (killed, or cut off from
+//! storage) as `abandoned`, judged by the store's clock, which stamps the renewals (see
+//! `storage::clock`): a process whose clock runs ahead never takes a live attempt for dead. A
 //! cancelled attempt (Ctrl-C, a stopped scheduler) records `cancelled` itself. The next
 //! attempt of the slice, or VACUUM, turns an abandoned marker into an `abandoned` row of the
 //! refresh log; the files it may have written are orphans that VACUUM deletes after its grace.
@@ -60,6 +62,13 @@ pub struct Marker {
     pub started_at: i64,
     /// The process that runs it: host and pid, for people looking for it.
     pub process: String,
+    /// How often its process renews it (ms): it expires after [`EXPIRY_HEARTBEATS`] of
+    /// them, whatever heartbeat the reader has. Absent in markers written before.
+    #[serde(default)]
+    pub heartbeat_ms: Option<u64>,
+    /// The Delta table id of the slice (see `log::Attempt::slice_id`).
+    #[serde(default)]
+    pub slice_id: Option<String>,
 }
 
 impl Marker {
@@ -78,6 +87,7 @@ impl Marker {
             inputs: String::new(),
             error,
             built: None,
+            slice_id: self.slice_id.clone(),
         }
     }
 }
@@ -94,11 +104,23 @@ pub struct Found {
 }
 
 impl Found {
-    /// True when its process renewed it within the expiry.
-    pub fn live(&self, heartbeat: Duration, now_ms: i64) -> bool {
-        let expiry = i64::try_from((heartbeat * EXPIRY_HEARTBEATS).as_millis()).unwrap_or(i64::MAX);
-        now_ms < self.renewed_at.saturating_add(expiry)
+    /// True when its process renewed it within the expiry: [`EXPIRY_HEARTBEATS`] of the
+    /// heartbeat the marker records (`heartbeat`, the reader's, for markers that record
+    /// none), by the store's clock `store_now_ms` (the renewals' stamps are the store's).
+    pub fn live(&self, heartbeat: Duration, store_now_ms: i64) -> bool {
+        let heartbeat = self
+            .marker
+            .heartbeat_ms
+            .map_or(heartbeat, Duration::from_millis);
+        !expired(self.renewed_at, heartbeat, store_now_ms)
     }
+}
+
+/// True when a record last renewed at `renewed_ms` (by the store's clock) and renewed every
+/// `heartbeat` has missed [`EXPIRY_HEARTBEATS`] renewals at `store_now_ms`.
+pub(crate) fn expired(renewed_ms: i64, heartbeat: Duration, store_now_ms: i64) -> bool {
+    let expiry = i64::try_from((heartbeat * EXPIRY_HEARTBEATS).as_millis()).unwrap_or(i64::MAX);
+    store_now_ms >= renewed_ms.saturating_add(expiry)
 }
 
 fn folder(slice: Option<&SliceName>) -> Path {
@@ -148,11 +170,15 @@ pub(crate) async fn resolve_abandoned(
     heartbeat: Duration,
 ) -> Result<Vec<Found>> {
     let warehouse = &shared.warehouse;
-    let now = Utc::now().timestamp_millis();
     let store = warehouse.store();
     let mut live = Vec::new();
     let mut logged: Option<HashSet<String>> = None;
-    for found in list(warehouse, Some(slice)).await? {
+    let found = list(warehouse, Some(slice)).await?;
+    let now = match found.is_empty() {
+        true => 0,
+        false => warehouse.store_now_ms().await,
+    };
+    for found in found {
         // This process's own success whose row is still being written is not abandoned,
         // however late its marker's renewal (a busy machine): its row is on its way.
         if found.live(heartbeat, now) || shared.settling.outcome(&found.marker.attempt_id).is_some()
@@ -357,6 +383,7 @@ impl Running {
         kind: &str,
         started_at: DateTime<Utc>,
         heartbeat: Duration,
+        slice_id: Option<String>,
     ) -> Result<Self> {
         let marker = Marker {
             slice: slice.to_string(),
@@ -364,6 +391,8 @@ impl Running {
             kind: kind.to_string(),
             started_at: started_at.timestamp_millis(),
             process: process(),
+            heartbeat_ms: u64::try_from(heartbeat.as_millis()).ok(),
+            slice_id,
         };
         let path = Path::from(format!(
             "{RUNNING_PATH}{}/{}/{attempt_id}.json",
@@ -458,14 +487,15 @@ impl Drop for Running {
     }
 }
 
-/// The rows `system.refreshes` shows for markers: `running`, or `abandoned` when expired.
-pub fn as_attempts(found: &[Found], heartbeat: Duration, now_ms: i64) -> Vec<Attempt> {
+/// The rows `system.refreshes` shows for markers: `running`, or `abandoned` when expired
+/// at `store_now_ms` (by the store's clock).
+pub fn as_attempts(found: &[Found], heartbeat: Duration, store_now_ms: i64) -> Vec<Attempt> {
     found
         .iter()
         .map(|f| {
             let m = &f.marker;
-            let live = f.live(heartbeat, now_ms);
-            let until = if live { now_ms } else { f.renewed_at };
+            let live = f.live(heartbeat, store_now_ms);
+            let until = if live { store_now_ms } else { f.renewed_at };
             m.attempt(
                 (until - m.started_at).max(0),
                 if live { log::RUNNING } else { log::ABANDONED },

@@ -240,6 +240,7 @@ mod tests {
             refreshing_by: None,
             last_read: None,
             reads_per_day: None,
+            slice_id: None,
         }
     }
 

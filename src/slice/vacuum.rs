@@ -8,7 +8,8 @@
 //! second more: S3 reports times in whole seconds), so the files of a refresh still being
 //! written are never touched. Nor are the files written since
 //! any attempt still running in any process started (its marker, see [`running`]), however
-//! long it runs. A slice folder with no Delta log (what failed first builds left) loses the
+//! long it runs, nor those of the versions replaced since then: a running refresh of any
+//! slice may be reading this one. A slice folder with no Delta log (what failed first builds left) loses the
 //! files older than the grace. VACUUM commits nothing to the slice, and lists only the
 //! slice's own folders: the core is never vacuumed.
 //!
@@ -28,7 +29,6 @@
 use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
-use chrono::Utc;
 use deltalake::protocol::checkpoints::cleanup_expired_logs_for;
 use futures::{StreamExt, TryStreamExt};
 use object_store::path::Path;
@@ -93,7 +93,8 @@ async fn vacuum_with(
     heartbeat: Duration,
 ) -> Result<VacuumOutcome> {
     let rel = Warehouse::slice_path(name);
-    let now = Utc::now().timestamp_millis();
+    // Files' times are the store's: so is the grace's end.
+    let now = shared.warehouse.store_now_ms().await;
     // Object stores may report times in whole seconds (S3 does): a file written a moment
     // after `now` can look older than it, so the cutoff is a second earlier.
     let mut cutoff = now
@@ -101,8 +102,13 @@ async fn vacuum_with(
         .saturating_sub(STORE_TIME_GRANULARITY_MS);
     // Files written since a running attempt (in any process) started may still be committed
     // by it; a minute more covers clocks that disagree. Abandoned attempts are recorded.
-    for live in running::resolve_abandoned(shared, name, heartbeat).await? {
-        cutoff = cutoff.min(live.marker.started_at - CLOCK_SKEW_MS);
+    running::resolve_abandoned(shared, name, heartbeat).await?;
+    // So may a refresh of another slice still read the version of this one that was current
+    // when it started, however long ago: the versions replaced since are kept.
+    for live in running::list(&shared.warehouse, None).await? {
+        if live.live(heartbeat, now) {
+            cutoff = cutoff.min(live.marker.started_at - CLOCK_SKEW_MS);
+        }
     }
     let Some(table) = shared.warehouse.load(&rel, None).await? else {
         return debris(shared, name, &rel, cutoff).await;

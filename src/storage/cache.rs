@@ -75,8 +75,9 @@ impl Warehouse {
         match builder.load().await {
             Ok(t) => Ok(Some(t)),
             Err(e) if no_table(&e) => Ok(None),
-            // Which error a missing table gives depends on the store; no log means no table.
-            Err(_) if !self.has_log(rel).await? => Ok(None),
+            // Which error a missing table gives depends on the store; no log, or only what a
+            // dropped table left, means no table.
+            Err(_) if self.log_start(rel).await? != Some(true) => Ok(None),
             Err(e) => Err(e.into()),
         }
     }

@@ -16,6 +16,7 @@
 //! but every load checks the log first, so what another process committed is always seen.
 
 mod cache;
+pub mod clock;
 pub mod journal;
 pub(crate) mod location;
 pub mod names;
@@ -90,6 +91,8 @@ pub struct Warehouse {
     /// Tables loaded at their latest version, brought up to date incrementally; at most
     /// [`cache::CACHED_TABLES`], the least recently used going first.
     latest: Arc<Mutex<HashMap<String, Cached>>>,
+    /// The store's clock, by which leases and running markers expire.
+    clock: Arc<clock::StoreClock>,
 }
 
 impl Warehouse {
@@ -145,7 +148,14 @@ impl Warehouse {
             root_store,
             base_store,
             latest: Arc::default(),
+            clock: Arc::default(),
         })
+    }
+
+    /// Now by the clock of the warehouse's store (ms since the epoch): what renewals of
+    /// leases and running markers are stamped with, whatever this process's clock says.
+    pub async fn store_now_ms(&self) -> i64 {
+        self.clock.now_ms(self.root_store.as_ref()).await
     }
 
     /// The warehouse root URL (ends with `/`).
@@ -235,7 +245,7 @@ impl Warehouse {
         match self.builder_on(rel, Some(tracked.clone()))?.load().await {
             Ok(t) => Ok(Some((t, tracked))),
             Err(e) if no_table(&e) => Ok(None),
-            Err(_) if !self.has_log(rel).await? => Ok(None),
+            Err(_) if self.log_start(rel).await? != Some(true) => Ok(None),
             Err(e) => Err(e.into()),
         }
     }
@@ -250,6 +260,20 @@ impl Warehouse {
         tracked: &TrackedStore,
         result: std::result::Result<DeltaTable, DeltaTableError>,
     ) -> Result<DeltaTable> {
+        // A commit onto a table another process dropped meanwhile is withdrawn: left there,
+        // it would be a log that starts at no version.
+        if let Some(version) = tracked.committed_version() {
+            if self.dropped_under(rel, version).await.unwrap_or(false) {
+                tracked.withdraw().await;
+                self.latest
+                    .lock()
+                    .expect("table cache")
+                    .retain(|cached, _| cached != rel);
+                return Err(IcePieError::DroppedMeanwhile {
+                    table: table_name(rel),
+                });
+            }
+        }
         let error = match result {
             Ok(table) => return Ok(table),
             Err(e) => e,
@@ -298,12 +322,25 @@ impl Warehouse {
             .retain(|cached, _| !cached.starts_with(rel));
         let log = Path::from(format!("{rel}_delta_log"));
         for (i, prefix) in [log, Path::from(rel)].into_iter().enumerate() {
-            let paths: Vec<Path> = self
+            let mut paths: Vec<Path> = self
                 .root_store
                 .list(Some(&prefix))
                 .map_ok(|m| m.location)
                 .try_collect()
                 .await?;
+            // The checkpoint hint and the checkpoints first, then commits from version 0: a
+            // drop stopped half-way leaves a table readable at its latest version, or a log
+            // with no start, which is no table (see [`Warehouse::log_start`]).
+            paths.sort_by_key(|p| {
+                let name = p.filename().unwrap_or_default();
+                let rank = match (name, commit_version(name)) {
+                    ("_last_checkpoint", _) => 0,
+                    (n, _) if n.contains(".checkpoint") => 1,
+                    (_, Some(_)) => 2,
+                    _ => 3,
+                };
+                (rank, p.to_string())
+            });
             for p in paths {
                 match self.root_store.delete(&p).await {
                     Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
@@ -336,12 +373,18 @@ impl Warehouse {
             .root_store
             .list_with_offset(Some(&Path::from(log.as_str())), &offset);
         let mut latest = checkpoint;
+        // Without a checkpoint the log must start at version 0: else it is what a dropped
+        // table left (see [`Warehouse::log_start`]), no table.
+        let mut start = checkpoint.is_some();
         while let Some(object) = listing.try_next().await? {
-            if let Some(v) = object.location.filename().and_then(commit_version) {
+            let name = object.location.filename().unwrap_or_default();
+            start |= name.contains(".checkpoint");
+            if let Some(v) = commit_version(name) {
+                start |= v == 0;
                 latest = Some(latest.map_or(v, |l| l.max(v)));
             }
         }
-        Ok(latest)
+        Ok(latest.filter(|_| start))
     }
 
     /// True when a Delta log exists under `rel`.
@@ -349,6 +392,84 @@ impl Warehouse {
         let log = Path::from(format!("{rel}_delta_log"));
         let mut listing = self.root_store.list(Some(&log));
         Ok(listing.try_next().await?.is_some())
+    }
+
+    /// What the Delta log under `rel` starts from: `None` when there is no log, `Some(true)`
+    /// when a table can be read from it (its first commit or a checkpoint), `Some(false)` when
+    /// it holds only what a dropped table left: commits that do not start at version 0 and no
+    /// checkpoint, as a drop stopped half-way, or a commit another process made after a drop
+    /// removed the log, leaves. Such remains are no table. One listing of the log.
+    pub async fn log_start(&self, rel: &str) -> Result<Option<bool>> {
+        let files = self.log_files(rel).await?;
+        if files.is_empty() {
+            return Ok(None);
+        }
+        Ok(Some(files.iter().any(|p| {
+            let name = p.filename().unwrap_or_default();
+            commit_version(name) == Some(0) || name.contains(".checkpoint")
+        })))
+    }
+
+    /// Every file of the Delta log under `rel` (one listing).
+    async fn log_files(&self, rel: &str) -> Result<Vec<Path>> {
+        let log = Path::from(format!("{rel}_delta_log"));
+        Ok(self
+            .root_store
+            .list(Some(&log))
+            .map_ok(|m| m.location)
+            .try_collect()
+            .await?)
+    }
+
+    /// Deletes the log files a dropped table left under `rel` (see [`Warehouse::log_start`]),
+    /// so that a table can be created there; nothing when a table or nothing is there. Data
+    /// files are left to VACUUM: a table being created there by another process may be
+    /// writing its own.
+    pub async fn clear_remains(&self, rel: &str) -> Result<()> {
+        if self.log_start(rel).await? != Some(false) {
+            return Ok(());
+        }
+        for p in self.log_files(rel).await? {
+            match self.root_store.delete(&p).await {
+                Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(())
+    }
+
+    /// True when the table at `rel` was dropped while a write committed `version` to it: the
+    /// log holds nothing of an earlier version (a VACUUM of old commits always keeps the
+    /// checkpoint the latest versions are read from). One HEAD when it was not.
+    async fn dropped_under(&self, rel: &str, version: i64) -> Result<bool> {
+        if version == 0 {
+            return Ok(false);
+        }
+        let previous = Path::from(format!("{rel}_delta_log/{:020}.json", version - 1));
+        match self.root_store.head(&previous).await {
+            Ok(_) => return Ok(false),
+            Err(object_store::Error::NotFound { .. }) => {}
+            Err(e) => return Err(e.into()),
+        }
+        // Commits, checkpoints and their checksums all start with their version's 20 digits.
+        let earlier = self.log_files(rel).await?.into_iter().any(|p| {
+            let name = p.filename().unwrap_or_default();
+            name.get(..20)
+                .filter(|d| d.bytes().all(|b| b.is_ascii_digit()))
+                .and_then(|d| d.parse::<i64>().ok())
+                .is_some_and(|v| v < version)
+        });
+        Ok(!earlier)
+    }
+}
+
+/// How a table at `rel` is named in messages: `slice d.s` or `core table t`.
+fn table_name(rel: &str) -> String {
+    let parts: Vec<&str> = rel.trim_end_matches('/').split('/').collect();
+    match parts.as_slice() {
+        [CORE_DIR, name] => format!("core table {name}"),
+        [SLICES_DIR, domain, name] => format!("slice {domain}.{name}"),
+        _ => rel.to_string(),
     }
 }
 
@@ -395,9 +516,18 @@ pub struct TableStats {
 /// The Delta table id (`metaData.id`) of `table`: a table created again under the same name
 /// does not share it.
 pub(crate) fn table_id(table: &DeltaTable) -> Option<String> {
+    Some(metadata_field(table, "id")?.as_str()?.to_string())
+}
+
+/// When `table` was created (`metaData.createdTime`, ms since the epoch).
+pub(crate) fn table_created(table: &DeltaTable) -> Option<i64> {
+    metadata_field(table, "createdTime")?.as_i64()
+}
+
+fn metadata_field(table: &DeltaTable, field: &str) -> Option<serde_json::Value> {
     let state = table.snapshot().ok()?;
     let metadata = serde_json::to_value(state.metadata()).ok()?;
-    Some(metadata.get("id")?.as_str()?.to_string())
+    metadata.get(field).cloned()
 }
 
 /// The size of the loaded version of `table`, from its Delta log alone.

@@ -99,6 +99,17 @@ impl TrackedStore {
         }
         deleted
     }
+
+    /// Deletes every path this write created, its commit first, although it committed: the
+    /// table it committed to was dropped meanwhile, and what is left is no table. Best effort.
+    pub async fn withdraw(&self) {
+        let mut written = self.written();
+        // The commit goes first: without it the rest is unreferenced.
+        written.sort_by_key(|p| commit_version(p).is_none());
+        for path in written {
+            let _ = self.inner.delete(&path).await;
+        }
+    }
 }
 
 /// The version of a Delta commit file's path (`…/_delta_log/<20 digits>.json`).

@@ -41,7 +41,7 @@ struct Plan {
     /// contains `path`.
     fail: Option<(Op, usize)>,
     path: Option<String>,
-    /// Added to every call.
+    /// Added to every call whose path contains `path`.
     latency: Duration,
     injected: usize,
 }
@@ -117,7 +117,8 @@ fn check(plan: &Mutex<Plan>, op: Op, path: &Path) -> (Duration, Result<()>) {
     } else {
         Ok(())
     };
-    (p.latency, result)
+    let latency = if matches { p.latency } else { Duration::ZERO };
+    (latency, result)
 }
 
 impl fmt::Display for FaultyStore {
@@ -469,4 +470,57 @@ async fn a_refresh_shows_its_outcome_at_once_in_its_own_process() {
         .await,
         "1"
     );
+}
+
+/// A refresh whose commit lands after another process dropped its slice withdraws it: left
+/// there, the commit would be a log that starts at no version, a table nobody can load.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_commit_that_lands_after_its_slice_was_dropped_is_withdrawn() {
+    let (dir, store, w) = faulty_warehouse().await;
+    run(&w, "CREATE SLICE gone AS SELECT count(*) AS n FROM core.t").await;
+    w.flush().await;
+    // The refresh's commit (version 1) takes long; another process drops the slice meanwhile.
+    let commit = "slices/slices/gone/_delta_log/00000000000000000001.json";
+    store.arm(None, Some(commit), Duration::from_millis(1500));
+    let refresh = {
+        let w = w.clone();
+        tokio::spawn(async move { w.refresh_full("gone").await })
+    };
+    crate::support::eventually(20, "the commit to be under way", || async {
+        (store.calls()[Op::Put as usize] >= 1).then_some(())
+    })
+    .await;
+    let other = IcePie::builder(dir.path().to_string_lossy().to_string())
+        .with_scheduler(false)
+        .open()
+        .await
+        .unwrap();
+    run(&other, "DROP SLICE gone").await;
+    let err = refresh.await.unwrap().unwrap_err().to_string();
+    store.arm(None, None, Duration::ZERO);
+    assert!(err.contains("was dropped while"), "{err}");
+    let folder = dir.path().join("slices/slices/gone");
+    let left: Vec<_> = walkdir(&folder);
+    assert!(left.is_empty(), "left behind: {left:?}");
+    let err = crate::support::fails(&other, "SELECT * FROM slices.gone").await;
+    assert!(err.contains("not found"), "{err}");
+    run(&other, "CREATE SLICE gone AS SELECT 1 AS n").await;
+    assert_eq!(
+        crate::support::scalar(&w, "SELECT n FROM slices.gone").await,
+        "1"
+    );
+}
+
+/// Every file under `dir` (none when it does not exist).
+fn walkdir(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let path = entry.path();
+        if path.is_dir() {
+            out.extend(walkdir(&path));
+        } else {
+            out.push(path);
+        }
+    }
+    out
 }

@@ -388,7 +388,7 @@ async fn drop_core_table_is_not_blocked_by_a_damaged_slice() {
 
 /// A core table and a slice whose refresh takes a second or so: a cross join of 12,000 x
 /// 12,000 rows (summed, not counted: a count would be answered from statistics).
-async fn slow_slice(w: &IcePie) {
+pub(crate) async fn slow_slice(w: &IcePie) {
     run(
         w,
         "CREATE CORE TABLE big (k BIGINT);
@@ -399,7 +399,7 @@ async fn slow_slice(w: &IcePie) {
 }
 
 /// Starts a refresh of the slow slice `s` and waits until `system.refreshes` shows it running.
-async fn refresh_running(
+pub(crate) async fn refresh_running(
     w: &IcePie,
 ) -> tokio::task::JoinHandle<icepie::Result<icepie::BuildOutcome>> {
     slow_slice(w).await;
@@ -416,7 +416,7 @@ async fn refresh_running(
 }
 
 /// `status` of every attempt of `slice` in `system.refreshes`, oldest first.
-async fn statuses(w: &IcePie, slice: &str) -> String {
+pub(crate) async fn statuses(w: &IcePie, slice: &str) -> String {
     scalar(
         w,
         &format!(

@@ -11,6 +11,7 @@ mod failures;
 mod faults;
 mod flight;
 mod freshness;
+mod identity;
 mod incremental;
 mod isolation;
 mod lifetime;

@@ -96,6 +96,7 @@ pub static SLICES_SCHEMA: LazyLock<SchemaRef> = LazyLock::new(|| {
         Field::new("reads_per_day", DataType::Float64, true),
         Field::new("last_read", ts(), true),
         Field::new("scheduling", DataType::Utf8, true),
+        Field::new("slice_id", DataType::Utf8, true),
     ]))
 });
 
@@ -439,6 +440,7 @@ fn slices_table(
             )),
             t(&|x| x.last_read),
             s(&|x| scheduling.get(&x.name).cloned()),
+            s(&|x| x.slice_id.clone()),
         ],
     )
 }

@@ -92,7 +92,11 @@ pub(super) async fn refresh_logs(
     }
     // Markers whose rows are in the versions just read are shown from there.
     let found = running::not_logged(shared, found, &read).await?;
-    let now = chrono::Utc::now().timestamp_millis();
+    // Expiry is judged by the store's clock, which stamped the markers' renewals.
+    let now = match found.is_empty() {
+        true => 0,
+        false => warehouse.store_now_ms().await,
+    };
     let schema = log::SCHEMA.clone();
     let mut batches = Vec::new();
     let heartbeat = shared.options().heartbeat.0;

@@ -191,6 +191,9 @@ impl SliceLog {
         let error = error
             .map(|e| strings(&e))
             .unwrap_or_else(|| vec![None; batch.num_rows()]);
+        let slice_ids = column("slice_id")
+            .map(|c| strings(&c))
+            .unwrap_or_else(|| vec![None; batch.num_rows()]);
         let Some(started) = started.as_primitive_opt::<TimestampMicrosecondType>() else {
             return;
         };
@@ -216,6 +219,7 @@ impl SliceLog {
                 started_at,
                 ended_at: started_at + duration.value(row),
                 error: error[row].clone(),
+                slice_id: slice_ids[row].clone(),
             };
             let at = self
                 .attempts

@@ -50,6 +50,10 @@ pub static SCHEMA: LazyLock<SchemaRef> = LazyLock::new(|| {
         Field::new("mode", DataType::Utf8, true),
         Field::new("reason", DataType::Utf8, true),
         Field::new("read", DataType::Utf8, true),
+        // Added with per-slice identity: the Delta table id of the slice the attempt was for
+        // (NULL for a first build that failed, and in rows logged before). A slice dropped
+        // and made again under its name has a new id.
+        Field::new("slice_id", DataType::Utf8, true),
     ]))
 });
 
@@ -98,6 +102,8 @@ pub struct Attempt {
     /// How the version committed was built: mode, why, and what was read of each input; for
     /// a failure or a conflict, how it set out to run (none when it failed before deciding).
     pub built: Option<Built>,
+    /// The Delta table id of the slice it was for; `None` for a first build that failed.
+    pub slice_id: Option<String>,
 }
 
 impl Attempt {
@@ -130,6 +136,7 @@ impl Attempt {
                 .built
                 .as_ref()
                 .map(|b| format_reads(&b.reads))])),
+            Arc::new(StringArray::from(vec![self.slice_id.as_deref()])),
         ];
         Ok(RecordBatch::try_new(SCHEMA.clone(), columns)?)
     }
@@ -247,6 +254,26 @@ pub struct AttemptSummary {
     pub ended_at: i64,
     /// Its error, if it failed.
     pub error: Option<String>,
+    /// The Delta table id of the slice it was for (see [`Attempt::slice_id`]).
+    pub slice_id: Option<String>,
+}
+
+/// Of `attempts` (of every slice that had the name), those of the slice whose Delta table id
+/// is `id` and that was created at `created_ms`: a slice made again under a dropped slice's
+/// name inherits none of its attempts. Attempts logged without an id (before ids were logged,
+/// or a first build that failed) count when they started after the slice was created.
+pub fn of_slice(
+    attempts: Vec<AttemptSummary>,
+    id: Option<&str>,
+    created_ms: Option<i64>,
+) -> Vec<AttemptSummary> {
+    attempts
+        .into_iter()
+        .filter(|a| match &a.slice_id {
+            Some(of) => Some(of.as_str()) == id,
+            None => created_ms.is_none_or(|c| a.started_at >= c),
+        })
+        .collect()
 }
 
 /// Attempts of one slice that matter to its state: failures since its latest commit.
@@ -299,6 +326,7 @@ mod tests {
             inputs: String::new(),
             error: (status != SUCCESS).then(|| format!("boom at {at_ms}")),
             built: None,
+            slice_id: Some("one".into()),
         }
     }
 
@@ -332,6 +360,30 @@ mod tests {
         let f = failures_since(&attempts, 150);
         assert_eq!(f.count, 2);
         assert_eq!(f.last.unwrap().started_at, 310);
+    }
+
+    #[test]
+    fn a_slice_made_again_owns_none_of_its_predecessors_attempts() {
+        let mut log = SliceLog::default();
+        let mut legacy = attempt(FAILED, 100);
+        legacy.slice_id = None;
+        let mut failed_create = attempt(FAILED, 250);
+        failed_create.slice_id = None;
+        let mut again = attempt(SUCCESS, 300);
+        again.slice_id = Some("two".into());
+        for a in [legacy, attempt(FAILED, 200), failed_create, again] {
+            log.add_batch(&a.to_batch().unwrap());
+        }
+        let all: Vec<AttemptSummary> = log.attempts.iter().cloned().collect();
+        let started = |v: Vec<AttemptSummary>| v.iter().map(|a| a.started_at).collect::<Vec<_>>();
+        // The first slice (created at 50): its own attempt, and those logged without an id
+        // since it was created.
+        assert_eq!(
+            started(of_slice(all.clone(), Some("one"), Some(50))),
+            [100, 200, 250]
+        );
+        // The slice made again at 280: only its own.
+        assert_eq!(started(of_slice(all, Some("two"), Some(280))), [300]);
     }
 
     #[test]
