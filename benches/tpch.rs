@@ -494,9 +494,8 @@ async fn p99(w: &IcePie, warehouse: &Path) {
     let base = || async move {
         run_df(ctx, base_sql).await;
     };
-    latencies(samples, ours).await; // warm-up
-    let idle = latencies(samples, ours).await;
-    let base_idle = latencies(samples, base).await;
+    latencies(samples, ours, base).await; // warm-up
+    let (idle, base_idle) = latencies(samples, ours, base).await;
     let stop = Arc::new(AtomicBool::new(false));
     let background = {
         let (w, stop) = (w.clone(), stop.clone());
@@ -511,8 +510,7 @@ async fn p99(w: &IcePie, warehouse: &Path) {
         })
     };
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let busy = latencies(samples, ours).await;
-    let base_busy = latencies(samples, base).await;
+    let (busy, base_busy) = latencies(samples, ours, base).await;
     stop.store(true, Ordering::Relaxed);
     let refreshes = background.await.unwrap();
     report(
@@ -539,18 +537,37 @@ async fn p99(w: &IcePie, warehouse: &Path) {
     println!("{:<34} ({refreshes} heavy refreshes ran meanwhile)", "");
 }
 
-/// The median and the 99th percentile of `samples` sequential runs of `query`.
-async fn latencies<F, Fut>(samples: usize, query: F) -> (Duration, Duration)
+/// The median and the 99th percentile of `samples` sequential runs of `ours` and of `base`,
+/// whose runs alternate so that the machine's drifts hit both alike.
+async fn latencies<A, FA, B, FB>(
+    samples: usize,
+    ours: A,
+    base: B,
+) -> ((Duration, Duration), (Duration, Duration))
 where
-    F: Fn() -> Fut,
-    Fut: std::future::Future<Output = ()>,
+    A: Fn() -> FA,
+    FA: std::future::Future<Output = ()>,
+    B: Fn() -> FB,
+    FB: std::future::Future<Output = ()>,
 {
-    let mut times = Vec::with_capacity(samples);
-    for _ in 0..samples {
-        let start = Instant::now();
-        query().await;
-        times.push(start.elapsed());
+    let (mut a, mut b) = (Vec::with_capacity(samples), Vec::with_capacity(samples));
+    for i in 0..samples {
+        for first in [i % 2 == 0, i % 2 != 0] {
+            let start = Instant::now();
+            if first {
+                ours().await;
+                a.push(start.elapsed());
+            } else {
+                base().await;
+                b.push(start.elapsed());
+            }
+        }
     }
+    (percentiles(a), percentiles(b))
+}
+
+/// The median and the 99th percentile of `times` (and more with `ICEPIE_BENCH_TAIL`).
+fn percentiles(mut times: Vec<Duration>) -> (Duration, Duration) {
     times.sort();
     if std::env::var_os("ICEPIE_BENCH_TAIL").is_some() {
         let at =
@@ -609,53 +626,24 @@ async fn populated(dir: &Path, slices: usize, attempts: usize) -> IcePie {
     w
 }
 
-struct ScaleTimes {
-    start: Duration,
-    query: Duration,
-    refresh: Duration,
-    system: Duration,
+/// Process start to first result of a query on slice `d0.s0` of the warehouse in `dir`.
+async fn first_result(dir: &Path) {
+    let status = tokio::process::Command::new(env!("CARGO_BIN_EXE_icepie"))
+        .args(["-q", "--set", "scheduler=off", "-d"])
+        .arg(dir)
+        .args(["-c", "SELECT count(*) FROM d0.s0"])
+        .stdout(std::process::Stdio::null())
+        .status()
+        .await
+        .expect("run icepie");
+    assert!(status.success());
 }
 
-async fn scale_times(dir: &Path) -> ScaleTimes {
-    let bin = env!("CARGO_BIN_EXE_icepie");
-    let start = time(|| async move {
-        let status = tokio::process::Command::new(bin)
-            .args(["-q", "--set", "scheduler=off", "-d"])
-            .arg(dir)
-            .args(["-c", "SELECT count(*) FROM d0.s0"])
-            .stdout(std::process::Stdio::null())
-            .status()
-            .await
-            .expect("run icepie");
-        assert!(status.success());
-    })
-    .await;
-    let w = &open(dir).await;
-    let query = time(|| async move {
-        run(w, "SELECT sum(n) FROM d0.s0 WHERE k < 50").await;
-    })
-    .await;
-    // FULL: with no new data a plain refresh commits at once, reading nothing.
-    let refresh = time(|| async move {
-        w.refresh_full("d0.s0").await.expect("refresh");
-    })
-    .await;
-    // Its record is written in the background: not while system.slices is timed.
+/// `REFRESH SLICE d0.s0 FULL` (with no new data a plain refresh commits at once), until its
+/// record is written: the background write must not slow the other side's next run.
+async fn refresh_recorded(w: &IcePie) {
+    w.refresh_full("d0.s0").await.expect("refresh");
     w.flush().await;
-    let system = time(|| async move {
-        run(
-            w,
-            "SELECT * FROM system.slices WHERE domain = 'd0' AND name = 's0'",
-        )
-        .await;
-    })
-    .await;
-    ScaleTimes {
-        start,
-        query,
-        refresh,
-        system,
-    }
 }
 
 async fn scale(root: &Path) {
@@ -670,26 +658,35 @@ async fn scale(root: &Path) {
         "(built {slices} slices and {attempts} refresh attempts in {:.0} s)",
         started.elapsed().as_secs_f64()
     );
-    let fresh = scale_times(&fresh_dir).await;
-    let big = scale_times(&big_dir).await;
-    let label = format!("{slices} slices/{attempts} attempts");
-    println!("{label} vs fresh warehouse:");
-    report(
-        "  process start to first result",
-        big.start,
-        fresh.start,
-        "fresh",
-        1.10,
-    );
-    report("  slice query", big.query, fresh.query, "fresh", 1.10);
-    report("  REFRESH SLICE", big.refresh, fresh.refresh, "fresh", 1.10);
-    report(
-        "  system.slices WHERE name",
-        big.system,
-        fresh.system,
-        "fresh",
-        1.10,
-    );
+    println!("{slices} slices/{attempts} attempts vs fresh warehouse:");
+    let (big_dir, fresh_dir) = (big_dir.as_path(), fresh_dir.as_path());
+    let (big, fresh) = time_pair(|| first_result(big_dir), || first_result(fresh_dir)).await;
+    report("  process start to first result", big, fresh, "fresh", 1.10);
+    let (big_w, fresh_w) = (&open(big_dir).await, &open(fresh_dir).await);
+    let query = "SELECT sum(n) FROM d0.s0 WHERE k < 50";
+    let (big, fresh) = time_pair(
+        || async move {
+            run(big_w, query).await;
+        },
+        || async move {
+            run(fresh_w, query).await;
+        },
+    )
+    .await;
+    report("  slice query", big, fresh, "fresh", 1.10);
+    let (big, fresh) = time_pair(|| refresh_recorded(big_w), || refresh_recorded(fresh_w)).await;
+    report("  REFRESH SLICE … FULL", big, fresh, "fresh", 1.10);
+    let system = "SELECT * FROM system.slices WHERE domain = 'd0' AND name = 's0'";
+    let (big, fresh) = time_pair(
+        || async move {
+            run(big_w, system).await;
+        },
+        || async move {
+            run(fresh_w, system).await;
+        },
+    )
+    .await;
+    report("  system.slices WHERE name", big, fresh, "fresh", 1.10);
 }
 
 #[tokio::main]
