@@ -30,7 +30,7 @@ use std::sync::{Arc, Mutex};
 use deltalake::kernel::EagerSnapshot;
 use deltalake::logstore::LogStoreRef;
 use deltalake::{DeltaTable, DeltaTableBuilder, DeltaTableError, ObjectStore};
-use futures::TryStreamExt;
+use futures::{StreamExt, TryStreamExt};
 use object_store::path::Path;
 use object_store::ObjectStoreExt;
 use url::Url;
@@ -315,44 +315,47 @@ impl Warehouse {
 
     /// Deletes every object under `rel`, the Delta log first so that the table stops existing
     /// for readers before its data files go.
+    ///
+    /// The log's start goes first, one object at a time and in order: the checkpoint hint,
+    /// the checkpoints (oldest first), then commit 0. A drop stopped before the last of them
+    /// leaves a table readable at its latest version; from then on what is left is no table
+    /// (see [`Warehouse::log_start`]), so the rest goes in batches (S3's DeleteObjects).
     pub async fn delete_prefix(&self, rel: &str) -> Result<()> {
         self.latest
             .lock()
             .expect("table cache")
             .retain(|cached, _| !cached.starts_with(rel));
-        let log = Path::from(format!("{rel}_delta_log"));
-        for (i, prefix) in [log, Path::from(rel)].into_iter().enumerate() {
-            let mut paths: Vec<Path> = self
-                .root_store
-                .list(Some(&prefix))
-                .map_ok(|m| m.location)
-                .try_collect()
-                .await?;
-            // The checkpoint hint and the checkpoints first, then commits from version 0: a
-            // drop stopped half-way leaves a table readable at its latest version, or a log
-            // with no start, which is no table (see [`Warehouse::log_start`]).
-            paths.sort_by_key(|p| {
+        let (mut start, rest): (Vec<Path>, Vec<Path>) =
+            self.log_files(rel).await?.into_iter().partition(|p| {
                 let name = p.filename().unwrap_or_default();
-                let rank = match (name, commit_version(name)) {
-                    ("_last_checkpoint", _) => 0,
-                    (n, _) if n.contains(".checkpoint") => 1,
-                    (_, Some(_)) => 2,
-                    _ => 3,
-                };
-                (rank, p.to_string())
+                name == "_last_checkpoint"
+                    || name.contains(".checkpoint")
+                    || commit_version(name) == Some(0)
             });
-            for p in paths {
-                match self.root_store.delete(&p).await {
-                    Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
-                    Err(e) => return Err(e.into()),
-                }
-            }
-            if i == 0 {
-                // The table no longer exists for readers, whatever becomes of its files.
-                journal::note(self.root_store.as_ref(), rel).await;
+        start.sort_by_key(|p| {
+            let name = p.filename().unwrap_or_default();
+            (
+                name != "_last_checkpoint",
+                commit_version(name).is_some(),
+                p.to_string(),
+            )
+        });
+        for p in start {
+            match self.root_store.delete(&p).await {
+                Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
+                Err(e) => return Err(e.into()),
             }
         }
-        Ok(())
+        delete_all(self.root_store.as_ref(), rest).await?;
+        // The table no longer exists for readers, whatever becomes of its files.
+        journal::note(self.root_store.as_ref(), rel).await;
+        let files: Vec<Path> = self
+            .root_store
+            .list(Some(&Path::from(rel)))
+            .map_ok(|m| m.location)
+            .try_collect()
+            .await?;
+        delete_all(self.root_store.as_ref(), files).await
     }
 
     /// The latest version of the table at `rel`, `None` when it has no log.
@@ -429,13 +432,7 @@ impl Warehouse {
         if self.log_start(rel).await? != Some(false) {
             return Ok(());
         }
-        for p in self.log_files(rel).await? {
-            match self.root_store.delete(&p).await {
-                Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
-                Err(e) => return Err(e.into()),
-            }
-        }
-        Ok(())
+        delete_all(self.root_store.as_ref(), self.log_files(rel).await?).await
     }
 
     /// True when the table at `rel` was dropped while a write committed `version` to it: the
@@ -461,6 +458,22 @@ impl Warehouse {
         });
         Ok(!earlier)
     }
+}
+
+/// Deletes `paths` in batches (one request per batch where the store has one, as S3's
+/// DeleteObjects); paths already gone are no error.
+async fn delete_all(store: &dyn ObjectStore, paths: Vec<Path>) -> Result<()> {
+    if paths.is_empty() {
+        return Ok(());
+    }
+    let mut deleted = store.delete_stream(futures::stream::iter(paths).map(Ok).boxed());
+    while let Some(result) = deleted.next().await {
+        match result {
+            Ok(_) | Err(object_store::Error::NotFound { .. }) => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(())
 }
 
 /// How a table at `rel` is named in messages: `slice d.s` or `core table t`.

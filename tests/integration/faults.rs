@@ -511,6 +511,61 @@ async fn a_commit_that_lands_after_its_slice_was_dropped_is_withdrawn() {
     );
 }
 
+/// DROP deletes the slice's checkpoints, then its first commit, one at a time, and the rest in
+/// batches: stopped before the first commit goes, it leaves the whole slice; stopped after,
+/// no slice (a log with no start), which a second DROP clears.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drop_stopped_half_way_leaves_the_whole_slice_or_none() {
+    let (dir, store, w) = faulty_warehouse().await;
+    run(&w, "CREATE SLICE many AS SELECT count(*) AS n FROM core.t").await;
+    for _ in 0..11 {
+        w.refresh_full("many").await.unwrap();
+    }
+    w.flush().await;
+    let log = dir.path().join("slices/slices/many/_delta_log");
+    assert!(
+        log.join(format!("{:020}.checkpoint.parquet", 9)).exists(),
+        "{:?}",
+        walkdir(&log)
+    );
+    let n = crate::support::scalar(&w, "SELECT n FROM slices.many").await;
+    let reader = || async {
+        IcePie::builder(dir.path().to_string_lossy().to_string())
+            .with_scheduler(false)
+            .open()
+            .await
+            .unwrap()
+    };
+
+    store.arm(
+        Some((Op::Delete, 1)),
+        Some(&format!("many/_delta_log/{:020}.json", 0)),
+        Duration::ZERO,
+    );
+    attempt(&w, "DROP SLICE many").await.unwrap_err();
+    store.arm(None, None, Duration::ZERO);
+    assert!(!log.join(format!("{:020}.checkpoint.parquet", 9)).exists());
+    let other = reader().await;
+    assert_eq!(
+        crate::support::scalar(&other, "SELECT n FROM slices.many").await,
+        n
+    );
+    assert_eq!(other.slice("many").await.unwrap().version, 11);
+
+    store.arm(
+        Some((Op::Delete, 1)),
+        Some(&format!("many/_delta_log/{:020}.json", 1)),
+        Duration::ZERO,
+    );
+    attempt(&w, "DROP SLICE many").await.unwrap_err();
+    store.arm(None, None, Duration::ZERO);
+    let err = crate::support::fails(&reader().await, "SELECT n FROM slices.many").await;
+    assert!(err.contains("not found"), "{err}");
+    run(&w, "DROP SLICE many").await;
+    let left = walkdir(&dir.path().join("slices/slices/many"));
+    assert!(left.is_empty(), "left behind: {left:?}");
+}
+
 /// Every file under `dir` (none when it does not exist).
 fn walkdir(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
     let mut out = Vec::new();
