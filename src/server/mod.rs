@@ -125,10 +125,6 @@ impl ServerOptions {
     }
 }
 
-/// The options of the PostgreSQL server, by their former name.
-#[deprecated(note = "renamed ServerOptions: both servers take them")]
-pub type PgOptions = ServerOptions;
-
 /// A server's TLS identity, in PEM.
 #[derive(Clone)]
 pub struct TlsFiles {

@@ -334,7 +334,8 @@ pub(crate) async fn rollback(
             version: table.version().unwrap_or_default() as i64,
             committed: true,
         }),
-        // Delta's restore checks that the version's files still exist ("Find missing file").
+        // Delta's restore checks that the version's files still exist ("Find missing file");
+        // its error type is private to delta-rs, so its text is all there is.
         Err(e) if e.to_string().contains("missing file") => Err(IcePieError::VersionNotFound {
             table: name.to_string(),
             detail: format!("the files of version {version} are gone (vacuumed?): {e}"),
