@@ -20,6 +20,7 @@ pub mod progress;
 pub mod scheduler;
 pub(crate) mod state;
 pub(crate) mod usage;
+mod watch;
 mod yield_points;
 
 use std::collections::HashMap;

@@ -7,24 +7,20 @@
 //! way to the Parquet writer (two atomic adds a batch). Builds that run on the build pool carry
 //! the task-local over ([`current`]).
 
-use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use async_trait::async_trait;
 use datafusion::arrow::array::{Array, RecordBatch};
 use datafusion::catalog::Session;
-use datafusion::common::tree_node::{Transformed, TreeNode, TreeNodeRecursion};
+use datafusion::common::tree_node::{Transformed, TreeNode};
 use datafusion::error::Result as DFResult;
 use datafusion::execution::context::QueryPlanner;
-use datafusion::execution::TaskContext;
-use datafusion::execution::{SendableRecordBatchStream, SessionState, SessionStateBuilder};
+use datafusion::execution::{SessionState, SessionStateBuilder};
 use datafusion::logical_expr::LogicalPlan;
-use datafusion::physical_expr::PhysicalExpr;
-use datafusion::physical_plan::execution_plan::ReplaceChildrenOptions;
-use datafusion::physical_plan::stream::RecordBatchStreamAdapter;
-use datafusion::physical_plan::{DisplayAs, DisplayFormatType, ExecutionPlan, PlanProperties};
-use futures::TryStreamExt;
+use datafusion::physical_plan::ExecutionPlan;
+
+use super::watch::{Watch, WatchExec};
 
 /// How far a statement has got: the rows and bytes (their size in memory, uncompressed) it has
 /// read from its sources, and the rows it has written. Shared between the statement and
@@ -131,11 +127,8 @@ impl QueryPlanner for CountingPlanner {
             .await?;
         let progress = &self.progress;
         let counted = |input, side| -> Arc<dyn ExecutionPlan> {
-            Arc::new(CountingExec {
-                input,
-                progress: progress.clone(),
-                side,
-            })
+            let progress = progress.clone();
+            Arc::new(WatchExec::new(input, Arc::new(Counting { progress, side })))
         };
         // Above every source, then above the whole: the plan is optimized already.
         let plan = plan
@@ -151,81 +144,26 @@ impl QueryPlanner for CountingPlanner {
     }
 }
 
-/// Passes its input's batches through, counting them.
+/// Counts the batches a [`WatchExec`] passes on, as rows read or written.
 #[derive(Debug)]
-struct CountingExec {
-    input: Arc<dyn ExecutionPlan>,
+struct Counting {
     progress: Arc<Progress>,
     side: Side,
 }
 
-impl DisplayAs for CountingExec {
-    fn fmt_as(&self, _t: DisplayFormatType, f: &mut fmt::Formatter) -> fmt::Result {
-        write!(f, "CountingExec: {:?}", self.side)
-    }
-}
+impl Watch for Counting {
+    const NAME: &'static str = "CountingExec";
 
-impl ExecutionPlan for CountingExec {
-    fn name(&self) -> &str {
-        "CountingExec"
+    fn detail(&self) -> String {
+        format!("{:?}", self.side)
     }
 
-    fn apply_expressions(
-        &self,
-        _f: &mut dyn FnMut(&Arc<dyn PhysicalExpr>) -> DFResult<TreeNodeRecursion>,
-    ) -> DFResult<TreeNodeRecursion> {
-        Ok(TreeNodeRecursion::Continue)
-    }
-
-    fn properties(&self) -> &Arc<PlanProperties> {
-        self.input.properties()
-    }
-
-    fn children(&self) -> Vec<&Arc<dyn ExecutionPlan>> {
-        vec![&self.input]
-    }
-
-    fn maintains_input_order(&self) -> Vec<bool> {
-        vec![true]
-    }
-
-    fn replace_children(
-        self: Arc<Self>,
-        mut children: Vec<Arc<dyn ExecutionPlan>>,
-        _options: ReplaceChildrenOptions,
-    ) -> DFResult<Arc<dyn ExecutionPlan>> {
-        Ok(Arc::new(CountingExec {
-            input: children.swap_remove(0),
-            progress: self.progress.clone(),
-            side: self.side,
-        }))
-    }
-
-    #[allow(deprecated)]
-    fn with_new_children(
-        self: Arc<Self>,
-        children: Vec<Arc<dyn ExecutionPlan>>,
-    ) -> DFResult<Arc<dyn ExecutionPlan>> {
-        self.replace_children(
-            children,
-            ReplaceChildrenOptions::new(
-                datafusion::physical_plan::execution_plan::ChildrenPropertiesMode::Recompute,
-            ),
-        )
-    }
-
-    fn execute(
-        &self,
-        partition: usize,
-        context: Arc<TaskContext>,
-    ) -> DFResult<SendableRecordBatchStream> {
-        let stream = self.input.execute(partition, context)?;
-        let schema = stream.schema();
+    fn partition(
+        self: &Arc<Self>,
+        _input: &Arc<dyn ExecutionPlan>,
+    ) -> Box<dyn FnMut(&RecordBatch) + Send> {
         let (progress, side) = (self.progress.clone(), self.side);
-        Ok(Box::pin(RecordBatchStreamAdapter::new(
-            schema,
-            stream.inspect_ok(move |batch| progress.add(side, batch)),
-        )))
+        Box::new(move |batch| progress.add(side, batch))
     }
 }
 

@@ -11,31 +11,26 @@
 //! nothing; nor do refreshes reading their inputs ([`quiet`]).
 
 use std::collections::{BTreeMap, HashMap};
-use std::fmt;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
 use async_trait::async_trait;
+use datafusion::arrow::array::RecordBatch;
 use datafusion::catalog::Session;
 use datafusion::common::tree_node::TreeNodeRecursion;
 use datafusion::common::{Column, TableReference};
 use datafusion::datasource::source_as_provider;
 use datafusion::error::Result as DFResult;
 use datafusion::execution::context::QueryPlanner;
-use datafusion::execution::{
-    SendableRecordBatchStream, SessionState, SessionStateBuilder, TaskContext,
-};
+use datafusion::execution::{SessionState, SessionStateBuilder};
 use datafusion::logical_expr::utils::{split_binary, split_conjunction};
 use datafusion::logical_expr::{BinaryExpr, Expr, LogicalPlan, Operator, TableScan};
-use datafusion::physical_expr::PhysicalExpr;
-use datafusion::physical_plan::execution_plan::ReplaceChildrenOptions;
 use datafusion::physical_plan::metrics::{MetricValue, MetricsSet};
-use datafusion::physical_plan::stream::RecordBatchStreamAdapter;
-use datafusion::physical_plan::{DisplayAs, DisplayFormatType, ExecutionPlan, PlanProperties};
+use datafusion::physical_plan::ExecutionPlan;
 use datafusion::sql::sqlparser::ast::Query;
-use futures::TryStreamExt;
 
+use super::watch::{Watch, WatchExec};
 use crate::catalog::live::LatestTable;
 use crate::catalog::table::{logging_scans, logging_scans_now, IcePieTable, ScanRecord, TableKind};
 use crate::options::IcePieOptions;
@@ -102,10 +97,7 @@ impl QueryPlanner for UsagePlanner {
             rows: AtomicU64::new(0),
             bytes: AtomicU64::new(0),
         };
-        Ok(Arc::new(UsageExec {
-            input: plan,
-            recorder: Arc::new(recorder),
-        }))
+        Ok(Arc::new(WatchExec::new(plan, Arc::new(recorder))))
     }
 }
 
@@ -307,93 +299,28 @@ pub(crate) fn with_example(mut state: SessionState, example: Arc<str>) -> Sessio
     state
 }
 
-/// Passes the query's output through, counting it; reports the query's reads when it ends.
-#[derive(Debug)]
-struct UsageExec {
-    input: Arc<dyn ExecutionPlan>,
-    recorder: Arc<Recorder>,
-}
+impl Watch for Recorder {
+    const NAME: &'static str = "UsageExec";
 
-impl DisplayAs for UsageExec {
-    fn fmt_as(&self, _t: DisplayFormatType, f: &mut fmt::Formatter) -> fmt::Result {
-        write!(f, "UsageExec")
-    }
-}
-
-impl ExecutionPlan for UsageExec {
-    fn name(&self) -> &str {
-        "UsageExec"
-    }
-
-    fn apply_expressions(
-        &self,
-        _f: &mut dyn FnMut(&Arc<dyn PhysicalExpr>) -> DFResult<TreeNodeRecursion>,
-    ) -> DFResult<TreeNodeRecursion> {
-        Ok(TreeNodeRecursion::Continue)
+    /// Counts the query's output; reports the query's reads when its last partition ends.
+    fn partition(
+        self: &Arc<Self>,
+        input: &Arc<dyn ExecutionPlan>,
+    ) -> Box<dyn FnMut(&RecordBatch) + Send> {
+        let partitions = input.properties().partitioning.partition_count();
+        self.partitions.store(partitions, Ordering::Release);
+        self.executed.store(true, Ordering::Release);
+        let end = PartitionEnd(self.clone());
+        Box::new(move |batch| {
+            let r = &end.0;
+            r.rows.fetch_add(batch.num_rows() as u64, Ordering::Relaxed);
+            r.bytes
+                .fetch_add(batch.get_array_memory_size() as u64, Ordering::Relaxed);
+        })
     }
 
-    fn properties(&self) -> &Arc<PlanProperties> {
-        self.input.properties()
-    }
-
-    fn children(&self) -> Vec<&Arc<dyn ExecutionPlan>> {
-        vec![&self.input]
-    }
-
-    fn maintains_input_order(&self) -> Vec<bool> {
-        vec![true]
-    }
-
-    fn benefits_from_input_partitioning(&self) -> Vec<bool> {
-        vec![false]
-    }
-
-    fn replace_children(
-        self: Arc<Self>,
-        mut children: Vec<Arc<dyn ExecutionPlan>>,
-        _options: ReplaceChildrenOptions,
-    ) -> DFResult<Arc<dyn ExecutionPlan>> {
-        Ok(Arc::new(UsageExec {
-            input: children.swap_remove(0),
-            recorder: self.recorder.clone(),
-        }))
-    }
-
-    #[allow(deprecated)]
-    fn with_new_children(
-        self: Arc<Self>,
-        children: Vec<Arc<dyn ExecutionPlan>>,
-    ) -> DFResult<Arc<dyn ExecutionPlan>> {
-        self.replace_children(
-            children,
-            ReplaceChildrenOptions::new(
-                datafusion::physical_plan::execution_plan::ChildrenPropertiesMode::Recompute,
-            ),
-        )
-    }
-
-    fn execute(
-        &self,
-        partition: usize,
-        context: Arc<TaskContext>,
-    ) -> DFResult<SendableRecordBatchStream> {
-        let stream = self.input.execute(partition, context)?;
-        let partitions = self.input.properties().partitioning.partition_count();
-        self.recorder
-            .partitions
-            .store(partitions, Ordering::Release);
-        self.recorder.executed.store(true, Ordering::Release);
-        let schema = stream.schema();
-        let end = PartitionEnd(self.recorder.clone());
-        Ok(Box::pin(RecordBatchStreamAdapter::new(
-            schema,
-            stream.inspect_ok(move |batch| {
-                let r = &end.0;
-                r.rows.fetch_add(batch.num_rows() as u64, Ordering::Relaxed);
-                r.bytes
-                    .fetch_add(batch.get_array_memory_size() as u64, Ordering::Relaxed);
-            }),
-        )))
+    fn benefits_from_input_partitioning(&self) -> bool {
+        false
     }
 }
 
