@@ -246,10 +246,29 @@ pub(crate) async fn after_lost_race(
     }))
 }
 
-/// Names the memory budget when a build ran out of it.
+/// Names the memory budget when a build ran out of it: DataFusion's `ResourcesExhausted`,
+/// however deep it is wrapped. delta-rs carries the errors of the plan a write runs as text
+/// (`DeltaTableError::Generic`): for those, the text is all there is.
 fn over_budget(e: IcePieError, options: &IcePieOptions) -> IcePieError {
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = match &e {
+        IcePieError::DataFusion(df) => Some(df),
+        IcePieError::Delta(delta) => Some(delta),
+        _ => None,
+    };
+    let mut exhausted = false;
+    while let Some(c) = cause {
+        exhausted |= c
+            .downcast_ref::<datafusion::error::DataFusionError>()
+            .is_some_and(|df| {
+                matches!(
+                    df.find_root(),
+                    datafusion::error::DataFusionError::ResourcesExhausted(_)
+                )
+            });
+        cause = c.source();
+    }
     let text = e.to_string();
-    if text.contains("Resources exhausted") {
+    if exhausted || text.contains("Resources exhausted") {
         IcePieError::MemoryBudget {
             limit: options.refresh_memory_limit.to_string(),
             detail: text,
