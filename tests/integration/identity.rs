@@ -136,7 +136,8 @@ fn commits(log: &Path) -> Vec<String> {
 }
 
 /// Another process running a refresh of `slices.<name>`, as the warehouse sees it: the
-/// attempt's marker and the scheduler's lease, both recording a heartbeat of 200 ms and
+/// attempt's marker and the scheduler's lease, both recording a heartbeat of 500 ms (so a
+/// loaded machine that starves the renewing thread for a second does not expire them) and
 /// renewed every 50 ms until dropped (the storage layout of DESIGN.md).
 struct Elsewhere {
     stop: Arc<AtomicBool>,
@@ -150,10 +151,10 @@ impl Elsewhere {
         let now = chrono::Utc::now().timestamp_millis();
         let marker = serde_json::json!({
             "slice": format!("slices.{name}"), "attempt_id": "elsewhere-1", "kind": "refresh",
-            "started_at": now, "process": ELSEWHERE, "heartbeat_ms": 200,
+            "started_at": now, "process": ELSEWHERE, "heartbeat_ms": 500,
         });
         let lease = serde_json::json!({
-            "process": ELSEWHERE, "taken_at": now, "heartbeat_ms": 200,
+            "process": ELSEWHERE, "taken_at": now, "heartbeat_ms": 500,
         });
         let files: Vec<(PathBuf, Vec<u8>)> = vec![
             (
@@ -238,10 +239,10 @@ async fn a_process_whose_clock_runs_ahead_never_takes_a_live_refresh_for_dead() 
     );
     assert_eq!(statuses(&w, "slices.s").await, "success,running");
 
-    // Stopped: six of its 200 ms heartbeats later it is abandoned, although this reader's
-    // own heartbeat is 10 s.
+    // Stopped: six of its 500 ms heartbeats later it is abandoned, although this reader's
+    // own heartbeat is 10 s (its expiry would be a minute).
     drop(elsewhere);
-    eventually(10, "the holder's heartbeat to decide expiry", || async {
+    eventually(20, "the holder's heartbeat to decide expiry", || async {
         (statuses(&w, "slices.s").await == "success,abandoned").then_some(())
     })
     .await;
@@ -275,7 +276,7 @@ async fn vacuum_keeps_the_versions_a_running_refresh_of_another_slice_may_read()
     assert_eq!((out.retained_from, out.files_deleted), (0, 0), "{out:?}");
     // Once it has ended, version 0's file goes.
     drop(elsewhere);
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    tokio::time::sleep(Duration::from_millis(3500)).await;
     let out = w.vacuum("a").await.unwrap();
     assert_eq!((out.retained_from, out.files_deleted), (1, 1), "{out:?}");
     assert_eq!(scalar(&w, "SELECT total FROM slices.a").await, "3");
