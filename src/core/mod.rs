@@ -294,8 +294,7 @@ pub(crate) async fn create(
     let name = &stmt.name;
     let rel = Warehouse::core_path(name);
     // What a dropped table left is no table: it goes, and the new one is made.
-    shared.warehouse.clear_remains(&rel).await?;
-    if shared.warehouse.has_log(&rel).await? {
+    if shared.warehouse.clear_remains(&rel).await? {
         if stmt.if_not_exists {
             return Ok(None);
         }

@@ -404,13 +404,7 @@ impl Warehouse {
     /// removed the log, leaves. Such remains are no table. One listing of the log.
     pub async fn log_start(&self, rel: &str) -> Result<Option<bool>> {
         let files = self.log_files(rel).await?;
-        if files.is_empty() {
-            return Ok(None);
-        }
-        Ok(Some(files.iter().any(|p| {
-            let name = p.filename().unwrap_or_default();
-            commit_version(name) == Some(0) || name.contains(".checkpoint")
-        })))
+        Ok((!files.is_empty()).then(|| starts_a_table(&files)))
     }
 
     /// Every file of the Delta log under `rel` (one listing).
@@ -425,14 +419,16 @@ impl Warehouse {
     }
 
     /// Deletes the log files a dropped table left under `rel` (see [`Warehouse::log_start`]),
-    /// so that a table can be created there; nothing when a table or nothing is there. Data
-    /// files are left to VACUUM: a table being created there by another process may be
-    /// writing its own.
-    pub async fn clear_remains(&self, rel: &str) -> Result<()> {
-        if self.log_start(rel).await? != Some(false) {
-            return Ok(());
+    /// so that a table can be created there; returns true when a table is there (then, as
+    /// when nothing is, nothing is deleted). One listing of the log. Data files are left to
+    /// VACUUM: a table being created there by another process may be writing its own.
+    pub async fn clear_remains(&self, rel: &str) -> Result<bool> {
+        let files = self.log_files(rel).await?;
+        if files.is_empty() || starts_a_table(&files) {
+            return Ok(!files.is_empty());
         }
-        delete_all(self.root_store.as_ref(), self.log_files(rel).await?).await
+        delete_all(self.root_store.as_ref(), files).await?;
+        Ok(false)
     }
 
     /// True when the table at `rel` was dropped while a write committed `version` to it: the
@@ -458,6 +454,15 @@ impl Warehouse {
         });
         Ok(!earlier)
     }
+}
+
+/// True when the Delta log files `files` hold a start to read a table from: its first
+/// commit or a checkpoint.
+fn starts_a_table(files: &[Path]) -> bool {
+    files.iter().any(|p| {
+        let name = p.filename().unwrap_or_default();
+        commit_version(name) == Some(0) || name.contains(".checkpoint")
+    })
 }
 
 /// Deletes `paths` in batches (one request per batch where the store has one, as S3's
