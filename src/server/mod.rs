@@ -28,11 +28,15 @@ mod backend;
 mod encode;
 mod errors;
 mod flight;
+mod pg_compat;
 mod policy;
+mod prepared;
+mod statements;
 
-use backend::{Backend, Parser};
+use backend::Backend;
 pub use errors::sqlstate;
 pub use flight::serve_flight;
+use prepared::Parser;
 
 use policy::Policy;
 
