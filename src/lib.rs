@@ -63,6 +63,33 @@
 //! # Ok(())
 //! # }
 //! ```
+//!
+//! ## Layers
+//!
+//! Each module uses only the modules to its right; peers (`|`) use neither each other. The test
+//! `layers` fails on a `crate::` path that points left or sideways. Where a lower layer must
+//! reach a higher one it does so through a small trait the higher one implements: slices and
+//! the core plan SQL through `sql::Planner` (the catalog's time travel), table providers open
+//! the latest version through `table::live::OpenLatest` and report damaged files through
+//! `table::damage::Diagnose` (the slice layer's), and a read refreshes a slice through the
+//! engine's `slice::Refresher`.
+//!
+//! ```text
+//! server → engine → catalog → slice | core → table → usage → sql → storage → options | notices → error → text
+//! ```
+//!
+//! - `text`, `error`, `options`, `notices`: formatting, the error type, the `icepie.*`
+//!   settings, and the notices a statement gives its caller.
+//! - `storage`: the warehouse on object_store: paths, names, Delta tables, the journal.
+//! - `sql`: icepie's statements, their parser, and the `Planner` hook.
+//! - `usage`: recording which tables and columns queries read.
+//! - `table`: the table providers of core tables and slices, and what instruments their plans
+//!   (progress, damage, pass-through watches).
+//! - `slice`: defining, building, refreshing and keeping slices; `core`: creating and
+//!   ingesting into core tables.
+//! - `catalog`: the schemas `core`, the domains and `system`, time travel, proposals.
+//! - `engine`: [`IcePie`], the entry point: statements, the scheduler.
+//! - `server`: the PostgreSQL and Flight SQL servers.
 
 #![warn(missing_docs)]
 #![warn(unnameable_types)]
@@ -71,30 +98,32 @@ pub(crate) mod catalog;
 pub(crate) mod core;
 pub(crate) mod engine;
 pub(crate) mod error;
+pub(crate) mod notices;
 pub(crate) mod options;
 pub mod server;
 pub(crate) mod slice;
 pub(crate) mod sql;
 pub(crate) mod storage;
+pub(crate) mod table;
 pub mod text;
 pub(crate) mod usage;
 
-pub use engine::progress::Progress;
+pub use catalog::proposals::Proposal;
 pub use engine::{IcePie, IcePieBuilder, RefreshEvent};
 pub use error::{IcePieError, Result};
 pub use options::{AutoApply, IcePieOptions, OnStale, Size, Span, Staleness, Switch};
-pub use slice::clustering::{ClusterBy, Clustered};
+pub use slice::clustering::Clustered;
 pub use slice::lifecycle::LifecycleOutcome;
 pub use slice::meta::{
-    BuildMode, Built, CommitKind, Frozen, HistoryEntry, InputRead, InputVersion, RefreshMode,
-    SliceMeta,
+    BuildMode, Built, CommitKind, Frozen, HistoryEntry, InputRead, InputVersion, SliceMeta,
 };
-pub use slice::proposals::Proposal;
 pub use slice::quarantine::{FileCheck, Verified};
 pub use slice::vacuum::VacuumOutcome;
 pub use slice::{BuildOutcome, SliceInfo, SliceState};
 pub use sql::{
-    CreateCoreTable, CreateSlice, DataSource, FileFormat, Ingest, RefreshPolicy, Statement,
+    ClusterBy, CreateCoreTable, CreateSlice, DataSource, FileFormat, Ingest, RefreshMode,
+    RefreshPolicy, Statement,
 };
 pub use storage::names::SliceName;
 pub use storage::{TableStats, DEFAULT_LOCATION};
+pub use table::progress::Progress;

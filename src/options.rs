@@ -6,6 +6,11 @@
 //! [`IcePieBuilder::with_setting`](crate::IcePieBuilder::with_setting) sets them before the
 //! warehouse opens. A value that does not parse is refused by `SET` itself, with the reason.
 //!
+//! # Invariants
+//!
+//! - A bad value is refused with what was expected, and the setting keeps its value
+//!   (invariant 7; `tests::settings_are_set_by_name_and_bad_values_say_what_is_expected`).
+//!
 //! Sizes are written `512MB`, `2 GiB`, `1000000` (bytes); durations `30 seconds`, `250ms`,
 //! `1 hour`.
 

@@ -4,19 +4,17 @@
 //!
 //! Tables are looked up in the warehouse each time a query is planned, so a query always sees
 //! the latest committed version of each table, including those another process committed; the
-//! lists of names come from the listing kept in [`Shared`].
+//! lists of names come from the listing kept in [`CatalogState`].
 //!
 //! Users may also `CREATE SCHEMA` scratch schemas held in memory by this process; the core,
 //! slice domains and `system` refuse plain `CREATE TABLE`/`DROP TABLE` with an error that names
 //! the icepie statement to use.
 
-pub(crate) mod damage;
-mod file_stats;
-pub(crate) mod live;
 pub(crate) mod pg_catalog;
+pub(crate) mod proposals;
 mod pushdown;
+pub(crate) mod state;
 pub mod system;
-pub mod table;
 pub mod time_travel;
 
 use std::collections::HashMap;
@@ -26,9 +24,9 @@ use async_trait::async_trait;
 use datafusion::catalog::{CatalogProvider, SchemaProvider, TableProvider};
 use datafusion::error::{DataFusionError, Result as DFResult};
 
-use crate::engine::state::Shared;
 use crate::error::IcePieError;
 use crate::storage::names::{validate_name, SliceName, CORE_SCHEMA, DEFAULT_DOMAIN, SYSTEM_SCHEMA};
+use state::CatalogState;
 
 /// Name of the catalog icepie registers (and makes the default).
 pub const CATALOG_NAME: &str = "icepie";
@@ -40,14 +38,14 @@ pub(crate) fn df(e: IcePieError) -> DataFusionError {
 /// The `icepie` catalog.
 #[derive(Debug)]
 pub struct IcePieCatalog {
-    shared: Arc<Shared>,
+    shared: Arc<CatalogState>,
     scratch: RwLock<HashMap<String, Arc<dyn SchemaProvider>>>,
     /// Schema `pg_catalog`, set once the session that lists the catalogs exists.
     pg_catalog: OnceLock<Arc<dyn SchemaProvider>>,
 }
 
 impl IcePieCatalog {
-    pub(crate) fn new(shared: Arc<Shared>) -> Self {
+    pub(crate) fn new(shared: Arc<CatalogState>) -> Self {
         Self {
             shared,
             scratch: RwLock::new(HashMap::new()),
@@ -166,7 +164,7 @@ impl CatalogProvider for IcePieCatalog {
 
 /// Schema `core`.
 #[derive(Debug)]
-struct CoreSchema(Arc<Shared>);
+struct CoreSchema(Arc<CatalogState>);
 
 #[async_trait]
 impl SchemaProvider for CoreSchema {
@@ -211,7 +209,7 @@ impl SchemaProvider for CoreSchema {
 /// One slice domain.
 #[derive(Debug)]
 struct DomainSchema {
-    shared: Arc<Shared>,
+    shared: Arc<CatalogState>,
     domain: String,
 }
 

@@ -23,8 +23,8 @@ use datafusion::prelude::SessionContext;
 use datafusion_pg_catalog::pg_catalog as pg;
 use datafusion_pg_catalog::pg_catalog::catalog_info::CatalogInfo;
 
+use super::state::CatalogState;
 use super::CATALOG_NAME;
-use crate::engine::state::Shared;
 use crate::storage::names::{CORE_SCHEMA, DEFAULT_DOMAIN, SYSTEM_SCHEMA};
 
 /// The schema's name.
@@ -60,7 +60,7 @@ fn constants() -> DFResult<Arc<pg::PgCatalogStaticTables>> {
 /// in `shared`'s listing are told apart without opening them.
 pub(crate) fn schema(
     catalogs: &Arc<dyn CatalogProviderList>,
-    shared: Arc<Shared>,
+    shared: Arc<CatalogState>,
 ) -> DFResult<Arc<dyn SchemaProvider>> {
     Ok(Arc::new(pg::PgCatalogSchemaProvider::try_new(
         Catalogs {
@@ -173,7 +173,7 @@ fn current_schemas() -> datafusion::logical_expr::ScalarUDF {
 #[derive(Clone, Debug)]
 struct Catalogs {
     list: Weak<dyn CatalogProviderList>,
-    shared: Arc<Shared>,
+    shared: Arc<CatalogState>,
 }
 
 impl Catalogs {

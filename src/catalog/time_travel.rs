@@ -19,31 +19,22 @@ use datafusion::common::ScalarValue;
 use datafusion::error::{DataFusionError, Result as DFResult};
 use datafusion::execution::SessionState;
 use datafusion::logical_expr::{Expr, LogicalPlan};
-use datafusion::sql::parser::{CopyToSource, DFParser, Statement as DFStatement};
+use datafusion::sql::parser::Statement as DFStatement;
 use datafusion::sql::sqlparser::ast::{
-    Expr as SqlExpr, FunctionArg, FunctionArgExpr, TableFactor, UnaryOperator, Value, Visit,
-    Visitor,
+    Expr as SqlExpr, FunctionArg, FunctionArgExpr, TableFactor, UnaryOperator, Value, Visitor,
 };
-use datafusion::sql::sqlparser::dialect::GenericDialect;
 
+use super::state::CatalogState;
 use super::system;
-use super::table::{IcePieTable, TableKind};
-use crate::engine::state::Shared;
 use crate::error::{IcePieError, Result};
 use crate::options::{OnStale, Staleness};
 use crate::slice::lifecycle::{self, check_retained};
 use crate::slice::{freshness, meta, vacuum};
+use crate::sql::planner::visit_queries;
+pub(crate) use crate::sql::planner::{CORE_AT, FRESH, SLICE_AT, SLICE_HISTORY};
 use crate::storage::names::{core_name, SliceName, CORE_SCHEMA};
 use crate::storage::Warehouse;
-
-/// Name of the table function reading a slice at a version.
-pub const SLICE_AT: &str = "slice_at";
-/// Name of the table function reading a core table at a version.
-pub const CORE_AT: &str = "core_at";
-/// Name of the table function listing the commits of a slice (`SHOW SLICE HISTORY`).
-pub const SLICE_HISTORY: &str = "slice_history";
-/// Name of the table function reading a slice no staler than a limit.
-pub const FRESH: &str = "fresh";
+use crate::table::{IcePieTable, TableKind};
 
 /// Which table a time-travel call reads.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -229,36 +220,12 @@ impl Visitor for Calls {
     }
 }
 
-fn collect_calls(stmt: &DFStatement, calls: &mut Calls) {
-    match stmt {
-        DFStatement::Statement(s) => {
-            let _ = s.visit(calls);
-        }
-        DFStatement::CopyTo(c) => {
-            if let CopyToSource::Query(q) = &c.source {
-                let _ = q.visit(calls);
-            }
-        }
-        DFStatement::Explain(e) => collect_calls(&e.statement, calls),
-        DFStatement::CreateExternalTable(_) | DFStatement::Reset(_) => {}
-    }
-}
-
-/// True when the SQL text `sql` calls table function `function` (false when it does not
-/// parse: its planning will say why).
-pub(crate) fn calls(sql: &str, function: &str) -> bool {
-    let Ok(statements) = DFParser::parse_sql_with_dialect(sql, &GenericDialect {}) else {
-        return false;
-    };
-    statements.iter().any(|stmt| {
-        let mut calls = Calls::default();
-        collect_calls(stmt, &mut calls);
-        calls.0.iter().any(|c| c.function == function)
-    })
-}
-
 /// Opens the table a call names at its version.
-async fn open(shared: &Shared, key: &PinKey, explained: bool) -> Result<Arc<dyn TableProvider>> {
+async fn open(
+    shared: &CatalogState,
+    key: &PinKey,
+    explained: bool,
+) -> Result<Arc<dyn TableProvider>> {
     let version = key.version.unwrap_or_default();
     if key.function == CORE_AT {
         let parts: Vec<String> = key.name.split('.').map(str::to_string).collect();
@@ -320,7 +287,7 @@ async fn open(shared: &Shared, key: &PinKey, explained: bool) -> Result<Arc<dyn 
 
 /// `fresh('name', 'limit' [, 'action'])`.
 async fn fresh(
-    shared: &Shared,
+    shared: &CatalogState,
     name: &SliceName,
     limit: &str,
     action: Option<&str>,
@@ -355,9 +322,9 @@ fn log_gone(table: &str, version: i64, cause: Option<IcePieError>) -> IcePieErro
 }
 
 /// Pins the providers of a statement's time-travel calls until the guard is dropped.
-async fn pin<'a>(shared: &'a Shared, stmt: &DFStatement) -> Result<PinGuard<'a>> {
+async fn pin<'a>(shared: &'a CatalogState, stmt: &DFStatement) -> Result<PinGuard<'a>> {
     let mut calls = Calls::default();
-    collect_calls(stmt, &mut calls);
+    visit_queries(stmt, &mut calls);
     let mut guard = PinGuard {
         pins: &shared.pins,
         keys: Vec::new(),
@@ -384,7 +351,7 @@ async fn pin<'a>(shared: &'a Shared, stmt: &DFStatement) -> Result<PinGuard<'a>>
 /// Plans one parsed statement, time-travel calls included.
 pub(crate) async fn plan_statement(
     state: &SessionState,
-    shared: &Shared,
+    shared: &CatalogState,
     stmt: DFStatement,
 ) -> Result<LogicalPlan> {
     shared.know_schemas(state, &stmt).await?;
@@ -397,34 +364,25 @@ pub(crate) async fn plan_statement(
         .await
 }
 
-/// Plans SQL text holding one statement (a slice definition).
+/// Plans SQL text holding one statement.
 pub(crate) async fn plan_sql(
     state: &SessionState,
-    shared: &Shared,
+    shared: &CatalogState,
     sql: &str,
 ) -> Result<LogicalPlan> {
-    let dialect = GenericDialect {};
-    let mut statements = DFParser::parse_sql_with_dialect(sql, &dialect)?;
-    if statements.len() != 1 {
-        return Err(IcePieError::Syntax(format!(
-            "expected exactly one statement, found {}",
-            statements.len()
-        )));
-    }
-    let stmt = statements.pop_front().expect("one statement");
-    plan_statement(state, shared, stmt).await
+    crate::sql::planner::plan_sql(shared, state, sql).await
 }
 
 /// `slice_at`, `core_at` or `slice_history`: hands out the provider pinned for the call.
 #[derive(Debug)]
 pub(crate) struct PinnedFunction {
     function: &'static str,
-    shared: Arc<Shared>,
+    shared: Arc<CatalogState>,
 }
 
 impl PinnedFunction {
     /// The functions, by name, to register in a session.
-    pub fn all(shared: &Arc<Shared>) -> Vec<(&'static str, Arc<dyn TableFunctionImpl>)> {
+    pub fn all(shared: &Arc<CatalogState>) -> Vec<(&'static str, Arc<dyn TableFunctionImpl>)> {
         [SLICE_AT, CORE_AT, SLICE_HISTORY, FRESH]
             .into_iter()
             .map(|function| {

@@ -31,15 +31,20 @@ use deltalake::operations::write::WriteBuilder;
 use deltalake::protocol::SaveMode;
 use deltalake::DeltaTable;
 
-use crate::catalog::time_travel;
-use crate::engine::progress;
-use crate::engine::state::Shared;
 use crate::error::{IcePieError, Result};
-use crate::sql::{DataSource, FileFormat};
+use crate::sql::{DataSource, FileFormat, Planner};
 use crate::storage::names::CORE_SCHEMA;
 use crate::storage::tracked::TakeBack;
 use crate::storage::{table_stats, TableStats, Warehouse, WriteBase, NO_EXPIRED_LOG_CLEANUP};
+use crate::table::progress;
 use crate::text::sql_type_name;
+
+/// What the core's statements need of the warehouse they run in: its storage, and the planner
+/// of icepie's statements (a source query may read slices, at versions too).
+pub(crate) struct CoreContext<'a> {
+    pub warehouse: &'a Warehouse,
+    pub planner: &'a dyn Planner,
+}
 
 /// The result of creating a core table or ingesting into one.
 #[derive(Debug, Clone)]
@@ -57,11 +62,11 @@ pub struct LoadOutcome {
 /// Plans `query` (an AST) in `state`.
 pub(crate) async fn plan_query(
     state: &SessionState,
-    shared: &Shared,
+    ctx: &CoreContext<'_>,
     query: &Query,
 ) -> Result<LogicalPlan> {
     let stmt = DFStatement::Statement(Box::new(SQLStatement::Query(Box::new(query.clone()))));
-    time_travel::plan_statement(state, shared, stmt).await
+    ctx.planner.plan_statement(state, stmt).await
 }
 
 /// The Arrow schema of declared columns, with DataFusion's own type mapping.
@@ -226,7 +231,7 @@ fn name_values_columns(plan: LogicalPlan, target: &Schema) -> Result<LogicalPlan
 /// The plan producing a source's rows, fitted to `target` when the table has a schema.
 async fn source_plan(
     state: &SessionState,
-    shared: &Shared,
+    ctx: &CoreContext<'_>,
     source: &DataSource,
     target: Option<&Schema>,
     table: &str,
@@ -235,7 +240,7 @@ async fn source_plan(
         DataSource::Files { location, format } => {
             plan_files(state, location, *format, target).await?
         }
-        DataSource::Query(q) => plan_query(state, shared, q).await?,
+        DataSource::Query(q) => plan_query(state, ctx, q).await?,
     };
     match target {
         Some(t) => fit(plan, t, table),
@@ -248,7 +253,7 @@ async fn source_plan(
 /// be writing the same table.
 async fn commit(
     state: &SessionState,
-    shared: &Shared,
+    ctx: &CoreContext<'_>,
     rel: &str,
     base: WriteBase,
     plan: LogicalPlan,
@@ -272,7 +277,7 @@ async fn commit(
     let guard = TakeBack::new(base.tracked);
     let result = write.await;
     guard.finish(&result).await;
-    shared.warehouse.landed(rel, &tracked, result).await
+    ctx.warehouse.landed(rel, &tracked, result).await
 }
 
 fn outcome(name: &str, before_rows: i64, table: &DeltaTable) -> Result<LoadOutcome> {
@@ -288,13 +293,13 @@ fn outcome(name: &str, before_rows: i64, table: &DeltaTable) -> Result<LoadOutco
 /// `CREATE CORE TABLE`; `None` when it exists and `IF NOT EXISTS` was given.
 pub(crate) async fn create(
     state: &SessionState,
-    shared: &Shared,
+    ctx: &CoreContext<'_>,
     stmt: &crate::sql::CreateCoreTable,
 ) -> Result<Option<LoadOutcome>> {
     let name = &stmt.name;
     let rel = Warehouse::core_path(name);
     // What a dropped table left is no table: it goes, and the new one is made.
-    if shared.warehouse.clear_remains(&rel).await? {
+    if ctx.warehouse.clear_remains(&rel).await? {
         if stmt.if_not_exists {
             return Ok(None);
         }
@@ -312,7 +317,7 @@ pub(crate) async fn create(
     };
     let plan = match (&stmt.source, &declared) {
         (Some(source), declared) => {
-            source_plan(state, shared, source, declared.as_deref(), &qualified).await?
+            source_plan(state, ctx, source, declared.as_deref(), &qualified).await?
         }
         (None, Some(schema)) => LogicalPlan::EmptyRelation(EmptyRelation {
             produce_one_row: false,
@@ -320,10 +325,10 @@ pub(crate) async fn create(
         }),
         (None, None) => unreachable!("the parser requires columns or a source"),
     };
-    let base = shared.warehouse.write_base(&rel, None)?;
+    let base = ctx.warehouse.write_base(&rel, None)?;
     let what = serde_json::json!({"kind": "create", "source": source_text(stmt.source.as_ref())});
     let casts = explain::casts_of(&plan);
-    let table = match commit(state, shared, &rel, base, plan, what).await {
+    let table = match commit(state, ctx, &rel, base, plan, what).await {
         Ok(table) => table,
         Err(e) => {
             let Some(source) = &stmt.source else {
@@ -352,11 +357,11 @@ fn source_text(source: Option<&DataSource>) -> String {
 /// `INGEST INTO`: one atomic append.
 pub(crate) async fn ingest(
     state: &SessionState,
-    shared: &Shared,
+    ctx: &CoreContext<'_>,
     name: &str,
     source: &DataSource,
 ) -> Result<LoadOutcome> {
-    let Some(table) = shared
+    let Some(table) = ctx
         .warehouse
         .load(&Warehouse::core_path(name), None)
         .await?
@@ -366,12 +371,12 @@ pub(crate) async fn ingest(
     let before = table_stats(&table)?.rows;
     let schema = table.snapshot()?.snapshot().arrow_schema();
     let qualified = format!("{CORE_SCHEMA}.{name}");
-    let plan = source_plan(state, shared, source, Some(schema.as_ref()), &qualified).await?;
+    let plan = source_plan(state, ctx, source, Some(schema.as_ref()), &qualified).await?;
     let what = serde_json::json!({"kind": "ingest", "source": source_text(Some(source))});
     let rel = Warehouse::core_path(name);
-    let base = shared.warehouse.write_base(&rel, Some(&table))?;
+    let base = ctx.warehouse.write_base(&rel, Some(&table))?;
     let casts = explain::casts_of(&plan);
-    let table = match commit(state, shared, &rel, base, plan, what).await {
+    let table = match commit(state, ctx, &rel, base, plan, what).await {
         Ok(table) => table,
         Err(e) => {
             let nothing = format!("nothing was ingested into {qualified}");

@@ -109,7 +109,11 @@ impl IcePieBuilder {
             .with_type_planner(crate::catalog::pg_catalog::type_planner())
             .build();
         let ctx = SessionContext::new_with_state(state);
-        let shared = Arc::new(Shared::new(warehouse, options, usage.clone()));
+        let shared = CatalogState::new(Arc::new(crate::slice::SliceContext::new(
+            warehouse,
+            options,
+            usage.clone(),
+        )));
         let catalog = Arc::new(IcePieCatalog::new(shared.clone()));
         ctx.register_catalog(CATALOG_NAME, catalog.clone());
         catalog.set_pg_catalog(ctx.state_ref().read().catalog_list())?;
@@ -135,7 +139,7 @@ impl IcePieBuilder {
         let weak = Arc::downgrade(&inner);
         inner
             .shared
-            .set_refresher(state::Refresher(Box::new(move |name| {
+            .set_refresher(crate::slice::Refresher(Box::new(move |name| {
                 let weak = weak.clone();
                 Box::pin(async move {
                     let inner = weak

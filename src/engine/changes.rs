@@ -3,9 +3,9 @@
 //! vacuum, verify and drops, and what they show.
 
 use super::*;
+use crate::catalog::proposals::{self, Proposal};
 use crate::slice::clustering::ClusterBy;
 use crate::slice::meta::Built;
-use crate::slice::proposals::{self, Proposal};
 use crate::sql::RefreshPolicy;
 use deltalake::DeltaTable;
 

@@ -16,11 +16,8 @@ mod builder;
 mod changes;
 pub(crate) mod notices;
 mod output;
-pub mod progress;
 pub mod scheduler;
-pub(crate) mod state;
 pub(crate) mod usage;
-mod watch;
 mod yield_points;
 
 use std::collections::HashMap;
@@ -48,9 +45,9 @@ use futures::TryStreamExt;
 use tokio::sync::broadcast;
 use url::Url;
 
-use crate::catalog::table::IcePieTable;
+use crate::catalog::state::CatalogState;
 use crate::catalog::time_travel::{self, PinnedFunction};
-use crate::catalog::{live, system, IcePieCatalog, CATALOG_NAME};
+use crate::catalog::{system, IcePieCatalog, CATALOG_NAME};
 use crate::core::{self};
 use crate::error::{IcePieError, Result};
 use crate::options::IcePieOptions;
@@ -63,9 +60,10 @@ use crate::sql::{parse_sql, CreateSlice, Statement};
 use crate::storage::location::{self, Opening, Unjudgeable};
 use crate::storage::names::{SliceName, CORE_SCHEMA, DEFAULT_DOMAIN, SYSTEM_SCHEMA};
 use crate::storage::{Warehouse, DEFAULT_LOCATION};
+use crate::table::IcePieTable;
+use crate::table::{live, progress};
 pub use builder::IcePieBuilder;
 pub use scheduler::RefreshEvent;
-use state::Shared;
 
 /// `SHOW CORE TABLES`.
 const SHOW_CORE_TABLES: &str = "SELECT name, version, rows, files, bytes, created_at, \
@@ -92,6 +90,14 @@ where
             Err(IcePieError::Conflict { .. }) if races < MAX_REFRESH_RACES => races += 1,
             other => return other,
         }
+    }
+}
+
+/// What the core's statements need of `shared`.
+fn core_context(shared: &CatalogState) -> core::CoreContext<'_> {
+    core::CoreContext {
+        warehouse: &shared.warehouse,
+        planner: shared,
     }
 }
 
@@ -123,7 +129,7 @@ pub struct IcePie {
 }
 
 pub(crate) struct Inner {
-    shared: Arc<Shared>,
+    shared: Arc<CatalogState>,
     catalog: Arc<IcePieCatalog>,
     ctx: SessionContext,
     /// One change at a time per slice in this process.
@@ -367,7 +373,10 @@ impl IcePie {
                 let plan = match plan {
                     LogicalPlan::Ddl(DdlStatement::CreateView(mut view)) => {
                         let input = Arc::unwrap_or_clone(view.input);
-                        view.input = Arc::new(live::follow_latest(shared, input)?);
+                        view.input = Arc::new(live::follow_latest(
+                            &(shared.slices.clone() as Arc<dyn live::OpenLatest>),
+                            input,
+                        )?);
                         LogicalPlan::Ddl(DdlStatement::CreateView(view))
                     }
                     other => other,
@@ -384,12 +393,12 @@ impl IcePie {
                 Ok(df)
             }
             Statement::CreateCoreTable(c) => {
-                let out = core::create(&state, shared, &c).await?;
+                let out = core::create(&state, &core_context(shared), &c).await?;
                 output::loads(ctx, out)
             }
             Statement::Ingest(i) => {
                 let _no_drop = self.inner.core_drop.read().await;
-                let out = core::ingest(&state, shared, &i.table, &i.source).await?;
+                let out = core::ingest(&state, &core_context(shared), &i.table, &i.source).await?;
                 output::loads(ctx, Some(out))
             }
             Statement::DropCoreTable { name, if_exists } => {

@@ -23,31 +23,18 @@ use datafusion::common::{Column, TableReference};
 use datafusion::datasource::source_as_provider;
 use datafusion::error::Result as DFResult;
 use datafusion::execution::context::QueryPlanner;
-use datafusion::execution::{SessionState, SessionStateBuilder};
+use datafusion::execution::SessionState;
 use datafusion::logical_expr::utils::{split_binary, split_conjunction};
 use datafusion::logical_expr::{BinaryExpr, Expr, LogicalPlan, Operator, TableScan};
 use datafusion::physical_plan::metrics::{MetricValue, MetricsSet};
 use datafusion::physical_plan::ExecutionPlan;
 use datafusion::sql::sqlparser::ast::Query;
 
-use super::watch::{Watch, WatchExec};
-use crate::catalog::live::LatestTable;
-use crate::catalog::table::{logging_scans, logging_scans_now, IcePieTable, ScanRecord, TableKind};
 use crate::options::IcePieOptions;
-use crate::usage::{shape, ColumnUses, Reading, Usage, Use};
-
-/// Marks a session whose plans are not usage: a refresh reading its inputs.
-#[derive(Debug)]
-struct Quiet;
-
-/// `state`, planning without recording usage.
-pub(crate) fn quiet(state: &SessionState) -> SessionState {
-    let mut config = state.config().clone();
-    config.set_extension(Arc::new(Quiet));
-    SessionStateBuilder::new_from_existing(state.clone())
-        .with_config(config)
-        .build()
-}
+use crate::table::live::LatestTable;
+use crate::table::watch::{Watch, WatchExec};
+use crate::table::{logging_scans, logging_scans_now, IcePieTable, ScanRecord, TableKind};
+use crate::usage::{shape, ColumnUses, Quiet, Reading, Usage, Use};
 
 /// Plans as `inner` does; a plan that reads core tables or slices gets a [`UsageExec`] on top.
 #[derive(Debug)]

@@ -1,27 +1,28 @@
 //! One build of a slice: the first version, a refresh or a replace, from planning the
 //! definition over pinned inputs to the commit and its entry in the refresh log.
 
+pub(crate) use super::plan::is_query;
+
 use std::num::NonZeroU64;
 use std::sync::Arc;
 use std::time::Instant;
 
 use chrono::Utc;
 use datafusion::execution::SessionState;
-use datafusion::logical_expr::LogicalPlan;
 use datafusion::parquet::basic::Compression;
 use datafusion::parquet::file::properties::WriterProperties;
 use deltalake::operations::write::{SchemaMode, WriteBuilder};
 use deltalake::protocol::SaveMode;
 use deltalake::DeltaTable;
 
-use super::clustering::{self, ClusterBy, Clustered};
-use super::incremental::{self, Previous};
+use super::clustering;
+use super::incremental::Previous;
+use super::plan::plan_build;
+use super::SliceContext;
 use super::{
-    budgeted_state, commit_error, commit_properties, lifecycle, log, meta, plan_inputs,
-    refuse_cycles, running, BuildOutcome, SliceSpec,
+    budgeted_state, commit_error, commit_properties, lifecycle, log, meta, running, BuildOutcome,
+    SliceSpec,
 };
-use crate::catalog::time_travel;
-use crate::engine::state::Shared;
 use crate::error::{IcePieError, Result};
 use crate::options::IcePieOptions;
 use crate::storage::names::SliceName;
@@ -29,16 +30,16 @@ use crate::storage::tracked::TakeBack;
 use crate::storage::{
     table_id, table_stats, Warehouse, FREQUENT_CHECKPOINTS, NO_EXPIRED_LOG_CLEANUP,
 };
-use meta::{format_inputs, BuildMode, Built, CommitKind, InputVersion, RefreshMode, SliceMeta};
+use meta::{format_inputs, BuildMode, Built, CommitKind, InputVersion, SliceMeta};
 
 /// Marks a slice as refreshing in this process for as long as it lives.
 struct RefreshingGuard<'a> {
-    shared: &'a Shared,
+    shared: &'a SliceContext,
     name: SliceName,
 }
 
 impl<'a> RefreshingGuard<'a> {
-    fn new(shared: &'a Shared, name: &SliceName) -> Self {
+    fn new(shared: &'a SliceContext, name: &SliceName) -> Self {
         shared
             .refreshing
             .lock()
@@ -63,7 +64,7 @@ impl Drop for RefreshingGuard<'_> {
 /// a refresh whose inputs are those the current version was built from commits nothing.
 pub(crate) async fn build(
     state: &SessionState,
-    shared: &Shared,
+    shared: &SliceContext,
     name: &SliceName,
     spec: &SliceSpec,
     kind: CommitKind,
@@ -71,7 +72,7 @@ pub(crate) async fn build(
     previous: Option<&Previous>,
 ) -> Result<BuildOutcome> {
     // A refresh reading its inputs is not usage.
-    let state = &crate::engine::usage::quiet(state);
+    let state = &crate::usage::quiet(state);
     let _refreshing = RefreshingGuard::new(shared, name);
     let attempt_id = uuid::Uuid::new_v4().to_string();
     let started_at = Utc::now();
@@ -206,7 +207,7 @@ pub(crate) async fn build(
 /// latest versions (nothing left to do), `None` to build again on top of it. A drop, a freeze
 /// or a new definition in between is an error that says which.
 pub(crate) async fn after_lost_race(
-    shared: &Shared,
+    shared: &SliceContext,
     name: &SliceName,
     before: &SliceMeta,
 ) -> Result<Option<BuildOutcome>> {
@@ -281,7 +282,7 @@ fn over_budget(e: IcePieError, options: &IcePieOptions) -> IcePieError {
 #[allow(clippy::too_many_arguments)]
 async fn write_version(
     state: &SessionState,
-    shared: &Shared,
+    shared: &SliceContext,
     name: &SliceName,
     spec: &SliceSpec,
     kind: CommitKind,
@@ -353,7 +354,7 @@ async fn write_version(
     };
     let mut write = WriteBuilder::new(base.log_store, base.snapshot)
         .with_input_plan(input)
-        .with_session_state(Arc::new(crate::engine::progress::counting(&write_state)))
+        .with_session_state(Arc::new(crate::table::progress::counting(&write_state)))
         .with_partition_columns(spec.partition_by.clone())
         .with_target_file_size(NonZeroU64::new(shared.options().target_file_size.0))
         .with_commit_properties(commit_properties(&meta));
@@ -418,12 +419,12 @@ fn small_delta_joins(state: &SessionState) -> SessionState {
 /// What `REFRESH SLICE` would build now: mode, reason and reads (`EXPLAIN REFRESH SLICE`).
 pub(crate) async fn explain(
     state: &SessionState,
-    shared: &Shared,
+    shared: &SliceContext,
     name: &SliceName,
     spec: &SliceSpec,
     (existing, previous): (&DeltaTable, &Previous),
 ) -> Result<Built> {
-    let state = &crate::engine::usage::quiet(state);
+    let state = &crate::usage::quiet(state);
     let mut inputs = Vec::new();
     let (decision, _) = plan_build(
         state,
@@ -436,180 +437,4 @@ pub(crate) async fn explain(
     )
     .await?;
     Ok(decision.built)
-}
-
-/// Plans the definition over its inputs' latest versions (recorded in `inputs`) and decides
-/// how to build it.
-async fn plan_build(
-    state: &SessionState,
-    shared: &Shared,
-    name: &SliceName,
-    spec: &SliceSpec,
-    kind: CommitKind,
-    (existing, previous): (Option<&DeltaTable>, Option<&Previous>),
-    inputs: &mut Vec<InputVersion>,
-) -> Result<(incremental::Decision, Option<Clustered>)> {
-    if time_travel::calls(&spec.definition, time_travel::FRESH) {
-        return Err(IcePieError::InvalidDefinition {
-            slice: name.to_string(),
-            reason: "a definition cannot read fresh(...): a slice reads its inputs at their \
-                     latest versions when it is built; give the slice a refresh policy instead"
-                .into(),
-        });
-    }
-    let plan = time_travel::plan_sql(state, shared, &spec.definition).await?;
-    if !is_query(&plan) {
-        return Err(IcePieError::InvalidDefinition {
-            slice: name.to_string(),
-            reason: "the definition must be a query (SELECT, WITH, VALUES)".into(),
-        });
-    }
-    if let Some(field) = plan
-        .schema()
-        .fields()
-        .iter()
-        .find(|f| f.name().starts_with(super::aggregate::HIDDEN))
-    {
-        return Err(IcePieError::InvalidDefinition {
-            slice: name.to_string(),
-            reason: format!(
-                "its column '{}' starts with '{}', which icepie keeps for its own columns; \
-                 name it otherwise",
-                field.name(),
-                super::aggregate::HIDDEN
-            ),
-        });
-    }
-    *inputs = plan_inputs(&plan, name)?;
-    refuse_cycles(shared, name, inputs).await?;
-    for col in &spec.partition_by {
-        if plan.schema().field_with_unqualified_name(col).is_err() {
-            return Err(IcePieError::InvalidDefinition {
-                slice: name.to_string(),
-                reason: format!("PARTITION BY column '{col}' is not in the query's output"),
-            });
-        }
-    }
-    if spec.refresh_mode == RefreshMode::Incremental && kind != CommitKind::Refresh {
-        if let Some(why) = incremental::refuses_incremental(&plan, &spec.partition_by)? {
-            return Err(IcePieError::InvalidDefinition {
-                slice: name.to_string(),
-                reason: format!(
-                    "it is declared INCREMENTAL, but {why}; declare it AUTO to refresh in full \
-                     when it cannot go incremental"
-                ),
-            });
-        }
-    }
-    let laid_out = previous
-        .and_then(|p| p.meta.as_ref())
-        .and_then(|m| m.clustered.clone());
-    let chosen = clustering::choose(
-        shared,
-        name,
-        &spec.cluster_by,
-        plan.schema(),
-        &spec.partition_by,
-        laid_out.as_ref(),
-    )
-    .await?;
-    // A layout changes (AUTO's choice, or ALTER SLICE … SET CLUSTER BY) at the next refresh.
-    // A slice declared INCREMENTAL changes layout only when asked to (CLUSTER BY given);
-    // data written before clustering existed counts as unsorted.
-    let asked = spec.refresh_mode == RefreshMode::Auto || spec.cluster_by != ClusterBy::Auto;
-    let relayout = asked && laid_out.as_ref().map_or(&[][..], |l| &l.columns[..]) != chosen.columns;
-    if let Some((version, appends)) =
-        nothing_to_do(spec, kind, (existing, previous), inputs, &plan, relayout)
-    {
-        return Ok((incremental::nothing_to_do(appends, version), laid_out));
-    }
-    let max_share = shared.options().incremental_max_share;
-    let qualified = name.to_string();
-    let mut decision = incremental::decide(
-        state,
-        &qualified,
-        spec,
-        kind,
-        previous,
-        existing,
-        plan.clone(),
-        inputs,
-        max_share,
-    )
-    .await?;
-    if decision.built.mode == BuildMode::Incremental {
-        // A new layout is written by a full build.
-        if let (true, Some(previous)) = (relayout, previous) {
-            let forced = Previous {
-                full: true,
-                ..previous.clone()
-            };
-            decision = incremental::decide(
-                state,
-                &qualified,
-                spec,
-                kind,
-                Some(&forced),
-                existing,
-                plan.clone(),
-                inputs,
-                max_share,
-            )
-            .await?;
-            decision.built.reason = format!(
-                "the clustering changes to ({}): {}",
-                chosen.columns.join(", "),
-                chosen.reason
-            );
-        }
-    }
-    let decision = incremental::keep_columns(decision, spec, &plan, existing)?;
-    let clustered = match decision.built.mode {
-        BuildMode::Full => Some(chosen),
-        // New rows are appended, or merged and written, in the previous layout.
-        BuildMode::Incremental => laid_out,
-    };
-    Ok((decision, clustered))
-}
-
-/// The slice's current version and its appends in a row, when a refresh has nothing to add
-/// to it: its inputs are the very versions it was built from, its definition and
-/// layout are as they were, and the definition gives the same rows each time. `None` when
-/// the build must run: a first version, a new definition, `REFRESH … FULL`, a quarantined
-/// slice, a pending layout, or a definition calling `now()`, `random()` and the like.
-fn nothing_to_do(
-    spec: &SliceSpec,
-    kind: CommitKind,
-    (existing, previous): (Option<&DeltaTable>, Option<&Previous>),
-    inputs: &[InputVersion],
-    plan: &LogicalPlan,
-    relayout: bool,
-) -> Option<(i64, u32)> {
-    let (table, previous) = (existing?, previous?);
-    let meta = previous.meta.as_ref()?;
-    let same_inputs =
-        meta.inputs.len() == inputs.len() && inputs.iter().all(|i| meta.inputs.contains(i));
-    let nothing = kind == CommitKind::Refresh
-        && !previous.full
-        && previous.damaged.is_none()
-        && !relayout
-        && meta.definition == spec.definition
-        && meta.partition_by == spec.partition_by
-        && same_inputs
-        && incremental::deterministic(plan).is_ok();
-    nothing.then(|| (table.version().unwrap_or_default() as i64, meta.appends))
-}
-
-/// True for plans that produce rows (not DDL, DML or statements).
-pub(crate) fn is_query(plan: &LogicalPlan) -> bool {
-    !matches!(
-        plan,
-        LogicalPlan::Ddl(_)
-            | LogicalPlan::Dml(_)
-            | LogicalPlan::Statement(_)
-            | LogicalPlan::Copy(_)
-            | LogicalPlan::Explain(_)
-            | LogicalPlan::Analyze(_)
-            | LogicalPlan::DescribeTable(_)
-    )
 }

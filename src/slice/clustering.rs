@@ -38,8 +38,9 @@ use futures::StreamExt;
 use serde::{Deserialize, Serialize};
 
 use super::aggregate::HIDDEN;
-use crate::engine::state::Shared;
+use super::SliceContext;
 use crate::error::{IcePieError, Result};
+pub use crate::sql::ClusterBy;
 use crate::storage::names::SliceName;
 use crate::usage::files::{day_of, Rows};
 use crate::usage::now_ms;
@@ -49,29 +50,6 @@ pub const MIN_QUERIES: i64 = 3;
 
 /// Rows per row group in a clustered build (Parquet's default is 1 Mi).
 pub const ROW_GROUP_ROWS: usize = 128 * 1024;
-
-/// How a slice's rows are ordered (`CLUSTER BY ...`).
-#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum ClusterBy {
-    /// As the definition gives them.
-    #[default]
-    None,
-    /// By the column readers filter on most.
-    Auto,
-    /// By these columns.
-    Columns(Vec<String>),
-}
-
-impl fmt::Display for ClusterBy {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Self::None => f.write_str("none"),
-            Self::Auto => f.write_str("auto"),
-            Self::Columns(c) => write!(f, "({})", c.join(", ")),
-        }
-    }
-}
 
 /// The layout of a version's data: the columns it is sorted by (none: unsorted) and why.
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -90,7 +68,7 @@ pub const SWITCH_FACTOR: i64 = 2;
 /// The layout a full build of slice `name`, whose definition outputs `output`, gives it;
 /// `laid_out` is the layout of the version it replaces.
 pub(crate) async fn choose(
-    shared: &Shared,
+    shared: &SliceContext,
     name: &SliceName,
     by: &ClusterBy,
     output: &DFSchema,

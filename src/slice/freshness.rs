@@ -26,13 +26,13 @@ use deltalake::DeltaTable;
 
 use super::info::{behind, InputCache};
 use super::meta;
-use crate::catalog::live::LatestTable;
-use crate::catalog::table::{IcePieTable, TableKind};
-use crate::engine::notices::notice;
-use crate::engine::state::Shared;
+use super::SliceContext;
 use crate::error::{IcePieError, Result};
+use crate::notices::notice;
 use crate::options::{OnStale, Span};
 use crate::storage::names::SliceName;
+use crate::table::live::LatestTable;
+use crate::table::{IcePieTable, TableKind};
 use crate::text::human_duration;
 
 /// How reads may act on a staleness limit, for the statements of a task.
@@ -61,7 +61,11 @@ fn mode() -> Mode {
 
 /// How far behind its inputs (ms) the slice version `table` is; `None` when it is not.
 /// `i64::MAX` when it is behind but the change's commit time cannot be read.
-async fn lag_ms(shared: &Shared, name: &SliceName, table: &DeltaTable) -> Result<Option<i64>> {
+async fn lag_ms(
+    shared: &SliceContext,
+    name: &SliceName,
+    table: &DeltaTable,
+) -> Result<Option<i64>> {
     let (meta, _) = meta::latest_meta(table, &name.to_string()).await?;
     let (stale, oldest) = behind(shared, &meta, &InputCache::default()).await?;
     if !stale {
@@ -74,7 +78,7 @@ async fn lag_ms(shared: &Shared, name: &SliceName, table: &DeltaTable) -> Result
 /// Applies `limit` to slice `name`, whose latest version is `table`: `true` when it was
 /// refreshed to meet it (read it again).
 async fn enforce(
-    shared: &Shared,
+    shared: &SliceContext,
     name: &SliceName,
     table: &DeltaTable,
     limit: Duration,
@@ -124,7 +128,7 @@ async fn enforce(
 /// The latest version of slice `name`, no more than `limit` behind its inputs
 /// (`fresh('name', 'limit' [, action])`).
 pub(crate) async fn read_fresh(
-    shared: &Shared,
+    shared: &SliceContext,
     name: &SliceName,
     limit: Duration,
     action: OnStale,
@@ -147,7 +151,7 @@ pub(crate) async fn read_fresh(
 /// `true` when some were refreshed to meet it (plan the statement again). A statement that
 /// only defines something (`CREATE VIEW`) or explains reads nothing now: not checked.
 pub(crate) async fn check_plan(
-    shared: &Shared,
+    shared: &SliceContext,
     plan: &LogicalPlan,
     limit: Duration,
     action: OnStale,

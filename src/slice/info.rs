@@ -102,7 +102,7 @@ pub(crate) struct InputCache {
 }
 
 impl InputCache {
-    async fn latest(&self, shared: &Shared, input: &str) -> Result<Option<i64>> {
+    async fn latest(&self, shared: &SliceContext, input: &str) -> Result<Option<i64>> {
         if let Some(v) = self.latest.lock().expect("input cache").get(input) {
             return Ok(*v);
         }
@@ -114,7 +114,12 @@ impl InputCache {
         Ok(v)
     }
 
-    async fn commit_time(&self, shared: &Shared, input: &str, version: i64) -> Result<Option<i64>> {
+    async fn commit_time(
+        &self,
+        shared: &SliceContext,
+        input: &str,
+        version: i64,
+    ) -> Result<Option<i64>> {
         let key = (input.to_string(), version);
         if let Some(at) = self.committed.lock().expect("input cache").get(&key) {
             return Ok(*at);
@@ -129,7 +134,7 @@ impl InputCache {
 /// input change that version has not consumed was committed (ms since the epoch; `None`
 /// when none, or when that commit's time cannot be read).
 pub(crate) async fn behind(
-    shared: &Shared,
+    shared: &SliceContext,
     meta: &SliceMeta,
     inputs: &InputCache,
 ) -> Result<(bool, Option<i64>)> {
@@ -150,7 +155,7 @@ pub(crate) async fn behind(
 /// Reads what `system.slices` shows of one slice; `inputs` caches input versions across
 /// slices.
 pub(crate) async fn info(
-    shared: &Shared,
+    shared: &SliceContext,
     name: &SliceName,
     inputs: &InputCache,
 ) -> Result<Option<SliceInfo>> {

@@ -10,6 +10,12 @@
 //! while the refresh runs, and empties it when done (an empty epoch is released; it stays so
 //! that epoch numbers are never reused). Taking a free lease costs one listing and one write.
 //!
+//! # Invariants
+//!
+//! - A due refresh runs once in the warehouse, whichever processes are open (invariant 8;
+//!   `scheduler::three_serve_processes_run_each_due_refresh_once`,
+//!   `scheduler::a_killed_lease_holder_is_taken_over_once_its_lease_expires`).
+//!
 //! The epoch records its holder's heartbeat, and expiry is judged by the store's clock (see
 //! `storage::clock`): the store stamps each renewal, so processes whose clocks disagree by
 //! minutes, or whose heartbeats differ, agree on when a lease expired.

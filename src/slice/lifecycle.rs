@@ -18,8 +18,8 @@ use deltalake::DeltaTable;
 use super::clustering::ClusterBy;
 use super::meta::{self, CommitKind, Frozen, SliceMeta};
 use super::quarantine;
+use super::SliceContext;
 use super::{commit_error, commit_properties, Previous};
-use crate::engine::state::Shared;
 use crate::error::{IcePieError, Result};
 use crate::sql::RefreshPolicy;
 use crate::storage::names::SliceName;
@@ -41,7 +41,7 @@ pub struct LifecycleOutcome {
 }
 
 /// The slice's table at its latest version, or `SliceNotFound`.
-pub(crate) async fn load_table(shared: &Shared, name: &SliceName) -> Result<DeltaTable> {
+pub(crate) async fn load_table(shared: &SliceContext, name: &SliceName) -> Result<DeltaTable> {
     shared
         .warehouse
         .load(&Warehouse::slice_path(name), None)
@@ -53,7 +53,7 @@ pub(crate) async fn load_table(shared: &Shared, name: &SliceName) -> Result<Delt
 /// version was last built (`meta: None` in [`Previous`] when a commit icepie did not make
 /// follows the latest descriptor), or `SliceNotFound`.
 pub(crate) async fn load_previous(
-    shared: &Shared,
+    shared: &SliceContext,
     name: &SliceName,
     full: bool,
 ) -> Result<(DeltaTable, SliceMeta, Previous)> {
@@ -80,7 +80,7 @@ pub(crate) async fn load_previous(
 /// [`load_previous`] for a change: the table is loaded anew through a store that tracks what the
 /// change writes, so that a change whose commit landed is never reported as failed.
 async fn load_for_change(
-    shared: &Shared,
+    shared: &SliceContext,
     name: &SliceName,
 ) -> Result<(DeltaTable, SliceMeta, Option<i64>, Arc<TrackedStore>)> {
     let (table, tracked) = shared
@@ -110,7 +110,7 @@ pub fn frozen_error(name: &SliceName, frozen: &Frozen, what: &str) -> IcePieErro
 
 /// Commits a data-less version with descriptor `meta`, setting `icepie.frozen`.
 async fn commit_state(
-    shared: &Shared,
+    shared: &SliceContext,
     table: &DeltaTable,
     tracked: &TrackedStore,
     name: &SliceName,
@@ -152,7 +152,7 @@ fn lifecycle_meta(meta: &SliceMeta, kind: CommitKind, rows: i64) -> SliceMeta {
 /// `FREEZE SLICE name ['reason']`: pins the slice at its current data. Freezing a frozen
 /// slice changes nothing.
 pub(crate) async fn freeze(
-    shared: &Shared,
+    shared: &SliceContext,
     name: &SliceName,
     reason: Option<String>,
 ) -> Result<LifecycleOutcome> {
@@ -180,7 +180,7 @@ pub(crate) async fn freeze(
 /// `THAW SLICE name`: resumes the slice's refresh policy, and clears a suspension (the
 /// failures in a row are counted from the latest commit). Thawing a slice that is neither
 /// frozen nor failing changes nothing.
-pub(crate) async fn thaw(shared: &Shared, name: &SliceName) -> Result<LifecycleOutcome> {
+pub(crate) async fn thaw(shared: &SliceContext, name: &SliceName) -> Result<LifecycleOutcome> {
     let (table, meta, committed_at, tracked) = load_for_change(shared, name).await?;
     let version = table.version().unwrap_or_default() as i64;
     let attempts = shared.attempts_of(name, &table).await?;
@@ -208,7 +208,7 @@ pub(crate) async fn thaw(shared: &Shared, name: &SliceName) -> Result<LifecycleO
 /// at once; a new layout is written by the next refresh (full, as any change of layout).
 /// A change to what the slice already has commits nothing.
 pub(crate) async fn alter(
-    shared: &Shared,
+    shared: &SliceContext,
     name: &SliceName,
     refresh: Option<&RefreshPolicy>,
     cluster_by: Option<&ClusterBy>,
@@ -280,7 +280,7 @@ pub fn check_retained(name: &str, version: i64, latest: i64, retain_versions: us
 /// `ROLLBACK SLICE name TO VERSION n`: commits a new version whose data and definition are
 /// those of version `n`.
 pub(crate) async fn rollback(
-    shared: &Shared,
+    shared: &SliceContext,
     name: &SliceName,
     version: i64,
 ) -> Result<LifecycleOutcome> {

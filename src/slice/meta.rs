@@ -7,6 +7,15 @@
 //! Delta history, and `CREATE OR REPLACE SLICE` swaps definition and data in one commit. The
 //! table's `configuration` holds only what never changes: that it is an icepie slice, its name
 //! and when it was created.
+//!
+//! # Invariants
+//!
+//! - Each version records the exact version of every input its data was built from, and a
+//!   build reads each input at one version fixed when it plans (invariant 4): the checker of
+//!   `crash::a_killed_process_leaves_whole_versions_and_a_working_warehouse` recomputes each
+//!   slice from the input versions it records, and
+//!   `crash::the_checker_sees_a_partial_load_and_a_slice_that_does_not_match_its_inputs`
+//!   proves that it sees a slice that does not match them.
 
 use std::fmt;
 
@@ -14,6 +23,8 @@ use deltalake::kernel::CommitInfo;
 use deltalake::DeltaTable;
 use futures::StreamExt;
 use serde::{Deserialize, Serialize};
+
+pub use crate::sql::RefreshMode;
 
 use super::clustering::{ClusterBy, Clustered};
 
@@ -82,31 +93,6 @@ impl fmt::Display for CommitKind {
             Self::Freeze => "freeze",
             Self::Thaw => "thaw",
             Self::Alter => "alter",
-        })
-    }
-}
-
-/// How a slice's refreshes run, as declared by `CREATE SLICE … INCREMENTAL | FULL | AUTO`.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum RefreshMode {
-    /// Incremental when the definition allows it and the new data is a small share of the
-    /// input (`icepie.incremental_max_share`), full otherwise.
-    #[default]
-    Auto,
-    /// Incremental whenever the new data allows it; the definition must be of a shape that
-    /// refreshes incrementally.
-    Incremental,
-    /// Always recomputed from all of its inputs.
-    Full,
-}
-
-impl fmt::Display for RefreshMode {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Self::Auto => "auto",
-            Self::Incremental => "incremental",
-            Self::Full => "full",
         })
     }
 }

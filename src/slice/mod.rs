@@ -16,6 +16,8 @@ pub(crate) mod aggregate;
 mod as_planned;
 mod build;
 pub mod clustering;
+mod context;
+pub(crate) mod damage;
 pub(crate) mod freshness;
 mod incremental;
 mod info;
@@ -24,7 +26,7 @@ pub mod lifecycle;
 pub mod log;
 pub mod meta;
 mod partitions;
-pub mod proposals;
+mod plan;
 pub mod quarantine;
 pub mod running;
 pub(crate) mod schedule;
@@ -32,6 +34,7 @@ mod settle;
 pub mod vacuum;
 
 pub(crate) use build::{after_lost_race, build, explain, is_query};
+pub(crate) use context::{Refresher, SliceContext};
 pub(crate) use incremental::Previous;
 pub(crate) use info::{info, InputCache};
 pub use info::{SliceInfo, SliceState};
@@ -53,11 +56,10 @@ use datafusion::logical_expr::LogicalPlan;
 use deltalake::kernel::transaction::{CommitProperties, TransactionError};
 use deltalake::DeltaTableError;
 
-use crate::catalog::table::{IcePieTable, TableKind};
-use crate::engine::state::Shared;
 use crate::error::{IcePieError, Result};
 use crate::storage::names::{SliceName, CORE_SCHEMA};
 use crate::storage::{table_stats, TableStats, Warehouse};
+use crate::table::{IcePieTable, TableKind};
 use meta::{Frozen, InputVersion, RefreshMode, SliceMeta, COMMIT_KEY};
 
 /// What a slice is built from: its definition and settings.
@@ -171,7 +173,11 @@ pub fn plan_inputs(plan: &LogicalPlan, slice: &SliceName) -> Result<Vec<InputVer
 /// (`a` reads `b` reads `a`): each would make the other stale on every refresh, so `REFRESH
 /// ON CHANGE` would commit a new version every tick. Versions the SQL names (`slice_at`) are
 /// not followed: they never change. The error names the cycle.
-async fn refuse_cycles(shared: &Shared, slice: &SliceName, inputs: &[InputVersion]) -> Result<()> {
+async fn refuse_cycles(
+    shared: &SliceContext,
+    slice: &SliceName,
+    inputs: &[InputVersion],
+) -> Result<()> {
     let me = slice.to_string();
     // Depth-first over the slices' latest descriptors, with the path that led to each.
     let mut stack: Vec<Vec<String>> = followed(inputs).map(|t| vec![me.clone(), t]).collect();

@@ -38,7 +38,7 @@ use tokio::task::JoinHandle;
 
 use super::log::{self, Attempt};
 use super::meta;
-use crate::engine::state::Shared;
+use super::SliceContext;
 use crate::error::Result;
 use crate::storage::names::SliceName;
 use crate::storage::{table_stats, Warehouse};
@@ -165,7 +165,7 @@ pub async fn list(warehouse: &Warehouse, slice: Option<&SliceName>) -> Result<Ve
 /// Records the abandoned attempts of `slice` in its refresh log and deletes their markers;
 /// returns the markers of the attempts still live (one listing serves both).
 pub(crate) async fn resolve_abandoned(
-    shared: &Shared,
+    shared: &SliceContext,
     slice: &SliceName,
     heartbeat: Duration,
 ) -> Result<Vec<Found>> {
@@ -247,7 +247,7 @@ const COMMITS_SEARCHED: usize = 32;
 /// The row of `marker`'s attempt if it committed before its process ended (the process
 /// stopped before the row was written): a success, from the commit's descriptor.
 async fn committed(
-    shared: &Shared,
+    shared: &SliceContext,
     slice: &SliceName,
     marker: &Marker,
     ran: i64,
@@ -293,7 +293,10 @@ async fn committed(
 }
 
 /// The ids of the recent attempts of `slice` in its refresh log.
-pub(crate) async fn logged_ids(shared: &Shared, slice: &SliceName) -> Result<HashSet<String>> {
+pub(crate) async fn logged_ids(
+    shared: &SliceContext,
+    slice: &SliceName,
+) -> Result<HashSet<String>> {
     Ok(shared
         .attempts(slice)
         .await?
@@ -306,7 +309,7 @@ pub(crate) async fn logged_ids(shared: &Shared, slice: &SliceName) -> Result<Has
 /// the versions `read` (by slice, `domain.name`): an attempt ending meanwhile, or a process
 /// that stopped between logging its attempt and deleting the marker, leaves one behind.
 pub(crate) async fn not_logged(
-    shared: &Shared,
+    shared: &SliceContext,
     found: Vec<Found>,
     read: &HashMap<String, u64>,
 ) -> Result<Vec<Found>> {

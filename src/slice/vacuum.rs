@@ -34,8 +34,8 @@ use futures::{StreamExt, TryStreamExt};
 use object_store::path::Path;
 use object_store::ObjectStoreExt;
 
+use super::SliceContext;
 use super::{meta, running};
-use crate::engine::state::Shared;
 use crate::error::{IcePieError, Result};
 use crate::options::Span;
 use crate::storage::names::SliceName;
@@ -60,7 +60,7 @@ pub struct VacuumOutcome {
 pub const MIN_VACUUM_GRACE: Duration = Duration::from_secs(600);
 
 /// Vacuums one slice with the current settings.
-pub(crate) async fn vacuum(shared: &Shared, name: &SliceName) -> Result<VacuumOutcome> {
+pub(crate) async fn vacuum(shared: &SliceContext, name: &SliceName) -> Result<VacuumOutcome> {
     let options = shared.options();
     let grace = options.vacuum_grace.0;
     if options.vacuum_enforce_grace.0 && grace < MIN_VACUUM_GRACE {
@@ -86,7 +86,7 @@ pub(crate) async fn vacuum(shared: &Shared, name: &SliceName) -> Result<VacuumOu
 }
 
 async fn vacuum_with(
-    shared: &Shared,
+    shared: &SliceContext,
     name: &SliceName,
     retain_versions: usize,
     grace: Duration,
@@ -192,7 +192,7 @@ fn watermark_path(name: &SliceName) -> Path {
 /// `icepie.retain_versions` says. A watermark of another table of that name (one dropped
 /// since) says nothing of this one.
 pub(crate) async fn kept_from(
-    shared: &Shared,
+    shared: &SliceContext,
     name: &SliceName,
     id: Option<&str>,
 ) -> Result<Option<i64>> {
@@ -215,7 +215,7 @@ pub(crate) async fn kept_from(
 /// Refuses to read `version` of `name` (the Delta table `id`, when known) when VACUUM
 /// deleted files older versions need.
 pub(crate) async fn check_not_vacuumed(
-    shared: &Shared,
+    shared: &SliceContext,
     name: &SliceName,
     version: i64,
     id: Option<&str>,
@@ -241,7 +241,7 @@ const CLOCK_SKEW_MS: i64 = 60_000;
 /// A slice folder with no Delta log holds only what failed or abandoned first builds left:
 /// files older than `cutoff` go. A name with no folder at all is not a slice.
 async fn debris(
-    shared: &Shared,
+    shared: &SliceContext,
     name: &SliceName,
     rel: &str,
     cutoff: i64,
@@ -266,7 +266,7 @@ async fn debris(
 /// (one request per 1,000 files on S3); with `keep`, the Delta log is left alone. Returns the
 /// files and bytes deleted.
 async fn sweep(
-    shared: &Shared,
+    shared: &SliceContext,
     rel: &str,
     keep: Option<&HashSet<Path>>,
     cutoff: i64,

@@ -6,19 +6,20 @@
 
 pub(crate) mod generalize;
 pub mod parser;
+pub(crate) mod planner;
 
 use std::fmt;
 use std::time::Duration;
 
 use datafusion::sql::parser::Statement as DFStatement;
 use datafusion::sql::sqlparser::ast::{ColumnDef, Query};
+use serde::{Deserialize, Serialize};
 
 use crate::error::{IcePieError, Result};
-use crate::slice::clustering::ClusterBy;
-use crate::slice::meta::RefreshMode;
 use crate::storage::names::SliceName;
 
 pub use parser::parse_sql;
+pub(crate) use planner::Planner;
 
 /// One parsed statement.
 #[derive(Debug, Clone, PartialEq)]
@@ -265,6 +266,54 @@ impl fmt::Display for RefreshPolicy {
             Self::Auto(None) => f.write_str("auto"),
             Self::Auto(Some(lag)) => write!(f, "auto lag '{lag}'"),
         }
+    }
+}
+
+/// How a slice's rows are ordered (`CLUSTER BY ...`).
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ClusterBy {
+    /// As the definition gives them.
+    #[default]
+    None,
+    /// By the column readers filter on most.
+    Auto,
+    /// By these columns.
+    Columns(Vec<String>),
+}
+
+impl fmt::Display for ClusterBy {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::None => f.write_str("none"),
+            Self::Auto => f.write_str("auto"),
+            Self::Columns(c) => write!(f, "({})", c.join(", ")),
+        }
+    }
+}
+
+/// How a slice's refreshes run, as declared by `CREATE SLICE … INCREMENTAL | FULL | AUTO`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RefreshMode {
+    /// Incremental when the definition allows it and the new data is a small share of the
+    /// input (`icepie.incremental_max_share`), full otherwise.
+    #[default]
+    Auto,
+    /// Incremental whenever the new data allows it; the definition must be of a shape that
+    /// refreshes incrementally.
+    Incremental,
+    /// Always recomputed from all of its inputs.
+    Full,
+}
+
+impl fmt::Display for RefreshMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Auto => "auto",
+            Self::Incremental => "incremental",
+            Self::Full => "full",
+        })
     }
 }
 

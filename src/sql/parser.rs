@@ -1,6 +1,12 @@
 //! Parsing icepie statements by wrapping DataFusion's `DFParser` (the pattern of DataFusion's
 //! `custom_sql_parser` example): the first words of each statement decide whether icepie parses
 //! it; everything else goes to `DFParser::parse_statement` unchanged.
+//!
+//! # Invariants
+//!
+//! - Bad SQL gets a typed error that says what was wrong, never a panic (invariant 7;
+//!   `tests::bad_statements_are_syntax_errors_not_panics`, and the property tests
+//!   `parser_fuzz::random_text_never_panics`, `parser_fuzz::mutated_statements_never_panic`).
 
 use datafusion::sql::parser::{DFParser, DFParserBuilder};
 use datafusion::sql::sqlparser::ast::{Ident, ObjectName};
@@ -9,12 +15,11 @@ use datafusion::sql::sqlparser::keywords::Keyword;
 use datafusion::sql::sqlparser::parser::Parser;
 use datafusion::sql::sqlparser::tokenizer::Token;
 
+use super::{ClusterBy, RefreshMode};
 use super::{
     CreateCoreTable, CreateSlice, DataSource, FileFormat, Ingest, RefreshPolicy, Statement,
 };
 use crate::error::{IcePieError, Result};
-use crate::slice::clustering::ClusterBy;
-use crate::slice::meta::RefreshMode;
 use crate::storage::names::{self, SliceName, DEFAULT_DOMAIN};
 
 /// Parses `sql` into statements (several may be separated by `;`).

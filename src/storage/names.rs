@@ -3,6 +3,12 @@
 //! Every name is checked here before it is turned into a storage path, so that no user input can
 //! address a location outside the warehouse: a valid name is `^[a-z][a-z0-9_]{0,62}$` and not one
 //! of the reserved schema names.
+//!
+//! # Invariants
+//!
+//! - A bad name is refused with an error naming it and the rule, before any path is made of it
+//!   (invariant 7; `tests::refuses_path_like_and_odd_names`,
+//!   `tests::slice_names_default_their_domain_and_refuse_reserved_ones`).
 
 use std::fmt;
 

@@ -105,7 +105,7 @@ pub(crate) type Rows = HashMap<Key, Sums>;
 
 /// Schema of the usage files (and of what [`read`] returns).
 pub static SCHEMA: LazyLock<SchemaRef> = LazyLock::new(|| {
-    let ts = crate::catalog::system::ts();
+    let ts = super::ts();
     let int = |name| Field::new(name, DataType::Int64, false);
     Arc::new(Schema::new(vec![
         Field::new("day", DataType::Date32, false),

@@ -35,6 +35,27 @@ use tokio::sync::{mpsc, oneshot};
 
 use files::{day_of, Key, Rows, Sums};
 
+/// UTC timestamps in milliseconds, as every system table and usage file stores them.
+pub(crate) fn ts() -> datafusion::arrow::datatypes::DataType {
+    use datafusion::arrow::datatypes::{DataType, TimeUnit};
+    DataType::Timestamp(TimeUnit::Millisecond, Some("UTC".into()))
+}
+
+/// Marks a session whose plans are not usage: a refresh reading its inputs.
+#[derive(Debug)]
+pub(crate) struct Quiet;
+
+/// `state`, planning without recording usage.
+pub(crate) fn quiet(
+    state: &datafusion::execution::SessionState,
+) -> datafusion::execution::SessionState {
+    let mut config = state.config().clone();
+    config.set_extension(Arc::new(Quiet));
+    datafusion::execution::SessionStateBuilder::new_from_existing(state.clone())
+        .with_config(config)
+        .build()
+}
+
 /// Readings waiting for the usage task; more are dropped.
 const QUEUE: usize = 4096;
 

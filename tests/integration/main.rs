@@ -14,6 +14,7 @@ mod freshness;
 mod identity;
 mod incremental;
 mod isolation;
+mod layers;
 mod lifetime;
 mod parser_fuzz;
 mod persistence;

@@ -11,10 +11,9 @@ use std::sync::{Arc, LazyLock};
 
 use async_trait::async_trait;
 use datafusion::arrow::array::{
-    ArrayRef, BooleanArray, Float64Array, Int64Array, RecordBatch, StringArray,
-    TimestampMillisecondArray,
+    ArrayRef, Float64Array, Int64Array, RecordBatch, StringArray, TimestampMillisecondArray,
 };
-use datafusion::arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
+use datafusion::arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use datafusion::catalog::{SchemaProvider, Session, TableProvider};
 use datafusion::datasource::MemTable;
 use datafusion::datasource::TableType;
@@ -25,10 +24,9 @@ use deltalake::DeltaTable;
 use futures::{StreamExt, TryStreamExt};
 
 use super::pushdown::wanted;
-use crate::engine::state::Shared;
+use crate::catalog::state::CatalogState;
 use crate::error::Result;
-use crate::slice::lifecycle::retained;
-use crate::slice::meta::{format_inputs, format_reads, Built, HistoryEntry};
+use crate::slice::meta::format_inputs;
 use crate::slice::schedule::{apply_demand, decide};
 use crate::slice::{self, log, InputCache, SliceInfo, SliceState};
 use crate::storage::names::{validate_name, SliceName};
@@ -37,8 +35,11 @@ use crate::text::human_duration;
 use crate::usage::now_ms;
 use refreshes::refresh_logs;
 
+mod history;
 mod refreshes;
 mod usage;
+
+pub(crate) use history::{history_schema, history_table};
 
 /// Names of the system tables.
 pub const TABLES: [&str; 6] = [
@@ -50,10 +51,7 @@ pub const TABLES: [&str; 6] = [
     "usage_columns",
 ];
 
-/// UTC timestamps in milliseconds, as every system table and usage file stores them.
-pub(crate) fn ts() -> DataType {
-    DataType::Timestamp(TimeUnit::Millisecond, Some("UTC".into()))
-}
+pub(crate) use crate::usage::ts;
 
 /// Schema of `system.core_tables`.
 pub static CORE_TABLES_SCHEMA: LazyLock<SchemaRef> = LazyLock::new(|| {
@@ -115,11 +113,11 @@ pub static PROPOSALS_SCHEMA: LazyLock<SchemaRef> = LazyLock::new(|| {
 /// Schema `system`.
 #[derive(Debug)]
 pub(crate) struct SystemSchema {
-    shared: Arc<Shared>,
+    shared: Arc<CatalogState>,
 }
 
 impl SystemSchema {
-    pub fn new(shared: Arc<Shared>) -> Self {
+    pub fn new(shared: Arc<CatalogState>) -> Self {
         Self { shared }
     }
 }
@@ -162,7 +160,7 @@ impl SchemaProvider for SystemSchema {
 /// One system table, computed when a query scans it, for the rows its filters can match.
 #[derive(Debug)]
 struct SystemTable {
-    shared: Arc<Shared>,
+    shared: Arc<CatalogState>,
     which: Which,
 }
 
@@ -247,8 +245,8 @@ impl TableProvider for SystemTable {
             Which::Usage => usage::usage_table(shared, false).await?,
             Which::UsageColumns => usage::usage_table(shared, true).await?,
             Which::Proposals => {
-                let proposals = slice::proposals::list(shared).await?;
-                let text = |f: fn(&slice::proposals::Proposal) -> String| -> ArrayRef {
+                let proposals = crate::catalog::proposals::list(shared).await?;
+                let text = |f: fn(&crate::catalog::proposals::Proposal) -> String| -> ArrayRef {
                     Arc::new(StringArray::from_iter_values(proposals.iter().map(f)))
                 };
                 mem(
@@ -270,7 +268,7 @@ impl TableProvider for SystemTable {
 
 /// The slices a scan of `system.slices` with `filters` can show: those named by filters on
 /// `domain` and `name` (without listing other slices), else every slice.
-async fn wanted_slices(shared: &Shared, filters: &[Expr]) -> Result<Vec<SliceName>> {
+async fn wanted_slices(shared: &CatalogState, filters: &[Expr]) -> Result<Vec<SliceName>> {
     let names = wanted(filters, "name");
     let domains = match wanted(filters, "domain") {
         Some(domains) => domains.into_iter().collect::<Vec<_>>(),
@@ -306,7 +304,7 @@ const PARALLEL: usize = 16;
 /// The info of the slices `names`, in that order, and those that could not be read with why:
 /// one damaged slice must not hide the others. Slices that do not exist are left out.
 pub(crate) async fn describe(
-    shared: &Shared,
+    shared: &CatalogState,
     names: Vec<SliceName>,
 ) -> Result<(Vec<SliceInfo>, Vec<(SliceName, String)>)> {
     let inputs = InputCache::default();
@@ -340,7 +338,7 @@ pub(crate) async fn describe(
 /// process has described before: demand that flows down from a slice the caller did not ask
 /// for (`system.slices` filtered by name) still reaches the slices it reads.
 pub(crate) fn apply_known_demand(
-    shared: &Shared,
+    shared: &CatalogState,
     infos: &mut Vec<SliceInfo>,
     demand: Option<&HashMap<String, crate::usage::Demand>>,
     options: &crate::options::IcePieOptions,
@@ -445,7 +443,7 @@ fn slices_table(
     )
 }
 
-async fn core_tables(shared: &Shared, names: Vec<String>) -> Result<Arc<dyn TableProvider>> {
+async fn core_tables(shared: &CatalogState, names: Vec<String>) -> Result<Arc<dyn TableProvider>> {
     let (mut names_out, mut versions, mut rows, mut files, mut bytes, mut created, mut ingested) =
         (vec![], vec![], vec![], vec![], vec![], vec![], vec![]);
     let loaded: Vec<(String, Option<DeltaTable>)> = futures::stream::iter(names)
@@ -491,81 +489,6 @@ async fn core_tables(shared: &Shared, names: Vec<String>) -> Result<Arc<dyn Tabl
             Arc::new(Int64Array::from(bytes)),
             timestamps(created),
             timestamps(ingested),
-        ],
-    )?)
-}
-
-/// How the commit's data was built, for commits that built data.
-fn built(e: &HistoryEntry) -> Option<&Built> {
-    e.meta.as_ref().and_then(|m| m.built.as_ref())
-}
-
-/// The columns of `slice_history('domain.name')` and `SHOW SLICE HISTORY`.
-pub(crate) fn history_schema() -> SchemaRef {
-    Arc::new(Schema::new(vec![
-        Field::new("version", DataType::Int64, false),
-        Field::new("committed_at", ts(), true),
-        Field::new("kind", DataType::Utf8, false),
-        Field::new("rows", DataType::Int64, true),
-        Field::new("inputs", DataType::Utf8, false),
-        Field::new("retained", DataType::Boolean, false),
-        Field::new("mode", DataType::Utf8, true),
-        Field::new("reason", DataType::Utf8, true),
-        Field::new("read", DataType::Utf8, true),
-    ]))
-}
-
-/// The table `slice_history('domain.name')` returns: one row per commit, newest first.
-pub(crate) fn history_table(
-    entries: &[HistoryEntry],
-    latest: i64,
-    retain_versions: usize,
-) -> Result<Arc<dyn TableProvider>> {
-    let kept = retained(latest, retain_versions);
-    let schema = history_schema();
-    Ok(mem(
-        &schema,
-        vec![
-            Arc::new(Int64Array::from_iter_values(
-                entries.iter().map(|e| e.version),
-            )),
-            timestamps(entries.iter().map(|e| e.committed_at).collect()),
-            Arc::new(StringArray::from_iter_values(
-                entries.iter().map(HistoryEntry::kind),
-            )),
-            Arc::new(Int64Array::from(
-                entries.iter().map(|e| e.rows).collect::<Vec<_>>(),
-            )),
-            Arc::new(StringArray::from_iter_values(entries.iter().map(|e| {
-                e.meta
-                    .as_ref()
-                    .map(|m| format_inputs(&m.inputs))
-                    .unwrap_or_default()
-            }))),
-            Arc::new(BooleanArray::from(
-                entries
-                    .iter()
-                    .map(|e| kept.contains(&e.version))
-                    .collect::<Vec<_>>(),
-            )),
-            Arc::new(StringArray::from(
-                entries
-                    .iter()
-                    .map(|e| built(e).map(|b| b.mode.to_string()))
-                    .collect::<Vec<_>>(),
-            )),
-            Arc::new(StringArray::from(
-                entries
-                    .iter()
-                    .map(|e| built(e).map(|b| b.reason.clone()))
-                    .collect::<Vec<_>>(),
-            )),
-            Arc::new(StringArray::from(
-                entries
-                    .iter()
-                    .map(|e| built(e).map(|b| format_reads(&b.reads)))
-                    .collect::<Vec<_>>(),
-            )),
         ],
     )?)
 }

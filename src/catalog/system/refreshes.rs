@@ -16,16 +16,16 @@ use datafusion::physical_plan::ExecutionPlan;
 use futures::{StreamExt, TryStreamExt};
 
 use super::PARALLEL;
-use crate::catalog::table::{IcePieTable, TableKind};
-use crate::engine::state::Shared;
+use crate::catalog::state::CatalogState;
 use crate::error::Result;
 use crate::slice::{log, running};
 use crate::storage::names::SliceName;
 use crate::storage::{Warehouse, REFRESHES_PATH};
+use crate::table::{IcePieTable, TableKind};
 
 /// Every slice's refresh log (including those of slices since dropped), or those of `only`.
 pub(super) async fn refresh_logs(
-    shared: &Shared,
+    shared: &CatalogState,
     only: Option<Vec<SliceName>>,
 ) -> Result<RefreshLogs> {
     let warehouse = &shared.warehouse;

@@ -14,7 +14,7 @@ use datafusion::error::Result as DFResult;
 use datafusion::prelude::SessionContext;
 
 use super::ts;
-use crate::engine::state::Shared;
+use crate::catalog::state::CatalogState;
 use crate::usage::files::{batch, day_of, read};
 use crate::usage::now_ms;
 
@@ -101,7 +101,7 @@ ORDER BY "table", "column"
 
 /// `system.usage`, or `system.usage_columns` when `columns`, as of now.
 pub(super) async fn usage_table(
-    shared: &Shared,
+    shared: &CatalogState,
     columns: bool,
 ) -> DFResult<Arc<dyn TableProvider>> {
     let retention = shared.options().usage_retention.0;

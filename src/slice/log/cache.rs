@@ -1,5 +1,10 @@
 //! [`LogCache`]: what a process has read of the slices' refresh logs, each data file read
 //! once.
+//!
+//! # Invariants
+//!
+//! - Reading a slice's attempts costs what its log gained since the last read, not the length
+//!   of its history (invariant 8; `budgets::a_long_refresh_history_reads_as_few_files_as_a_short_one`).
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};

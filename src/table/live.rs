@@ -20,15 +20,21 @@ use datafusion::error::{DataFusionError, Result as DFResult};
 use datafusion::logical_expr::{Expr, LogicalPlan, TableProviderFilterPushDown, TableScan};
 use datafusion::physical_plan::ExecutionPlan;
 
-use super::table::{IcePieTable, TableKind};
-use crate::engine::state::Shared;
+use super::{IcePieTable, TableKind};
 use crate::error::{IcePieError, Result};
-use crate::storage::names::SliceName;
+
+/// Opens core tables and slices at their latest version (the slice layer's context does).
+#[async_trait]
+pub(crate) trait OpenLatest: std::fmt::Debug + Send + Sync {
+    /// The table `name` (qualified: `core.t`, `finance.revenue`) of kind `kind` at its latest
+    /// version; `None` when there is no such table.
+    async fn open_latest(&self, kind: TableKind, name: &str) -> Result<Option<IcePieTable>>;
+}
 
 /// A core table or slice read at whatever version is latest when a query runs.
 #[derive(Debug)]
 pub(crate) struct LatestTable {
-    shared: Arc<Shared>,
+    tables: Arc<dyn OpenLatest>,
     kind: TableKind,
     /// Qualified name (`core.t`, `finance.revenue`).
     name: String,
@@ -47,17 +53,7 @@ impl LatestTable {
     }
 
     async fn latest(&self) -> Result<IcePieTable> {
-        let table = match self.kind {
-            TableKind::Core => {
-                let name = self.name.strip_prefix("core.").unwrap_or(&self.name);
-                self.shared.load_core(name).await?
-            }
-            _ => {
-                self.shared
-                    .load_slice(&SliceName::parse(&self.name)?, None)
-                    .await?
-            }
-        };
+        let table = self.tables.open_latest(self.kind, &self.name).await?;
         let table = table.ok_or_else(|| match self.kind {
             TableKind::Core => IcePieError::CoreTableNotFound(self.name.clone()),
             _ => IcePieError::SliceNotFound(self.name.clone()),
@@ -105,7 +101,10 @@ impl TableProvider for LatestTable {
 
 /// `plan` (a `CREATE VIEW`'s query) with its core tables and slices read at their latest
 /// version whenever the view is queried. Versions the SQL names (`slice_at`) stay as named.
-pub(crate) fn follow_latest(shared: &Arc<Shared>, plan: LogicalPlan) -> Result<LogicalPlan> {
+pub(crate) fn follow_latest(
+    tables: &Arc<dyn OpenLatest>,
+    plan: LogicalPlan,
+) -> Result<LogicalPlan> {
     let rewritten = plan.transform_up_with_subqueries(|node| {
         let LogicalPlan::TableScan(scan) = &node else {
             return Ok(Transformed::no(node));
@@ -118,7 +117,7 @@ pub(crate) fn follow_latest(shared: &Arc<Shared>, plan: LogicalPlan) -> Result<L
             return Ok(Transformed::no(node));
         }
         let latest = Arc::new(LatestTable {
-            shared: shared.clone(),
+            tables: tables.clone(),
             kind: table.kind(),
             name: table.name().to_string(),
             schema: table.schema(),

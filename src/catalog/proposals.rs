@@ -34,11 +34,11 @@ use futures::TryStreamExt;
 use object_store::path::Path;
 use object_store::ObjectStoreExt;
 
-use super::clustering::{self, ClusterBy};
-use super::{SliceInfo, SliceState};
-use crate::engine::state::Shared;
+use super::state::CatalogState;
 use crate::error::{IcePieError, Result};
 use crate::options::IcePieOptions;
+use crate::slice::clustering::{self, ClusterBy};
+use crate::slice::{SliceInfo, SliceState};
 use crate::sql::RefreshPolicy;
 use crate::storage::names::SliceName;
 use crate::text::human_duration;
@@ -81,7 +81,7 @@ pub struct Proposal {
 
 /// What proposals are drawn from.
 pub(crate) struct Evidence<'a> {
-    /// Every slice, with its reads applied ([`super::schedule::apply_demand`]).
+    /// Every slice, with its reads applied ([`crate::slice::schedule::apply_demand`]).
     pub slices: &'a [SliceInfo],
     /// When each slice of `slices` was last read, created or needed; `None` when unknown.
     pub touched: &'a [Option<i64>],
@@ -476,7 +476,7 @@ fn dismissed_path(statement: &str) -> Path {
 }
 
 /// The statements of dismissed proposals.
-async fn dismissed(shared: &Shared) -> Result<HashSet<String>> {
+async fn dismissed(shared: &CatalogState) -> Result<HashSet<String>> {
     let store = shared.warehouse.store();
     let mut out = HashSet::new();
     let listed: Vec<_> = store
@@ -497,24 +497,25 @@ async fn dismissed(shared: &Shared) -> Result<HashSet<String>> {
 }
 
 /// The proposals standing now and not dismissed.
-pub(crate) async fn list(shared: &Shared) -> Result<Vec<Proposal>> {
+pub(crate) async fn list(shared: &CatalogState) -> Result<Vec<Proposal>> {
     shared.refresh_listing().await?;
     let names = shared.slice_names();
     let (mut slices, _unreadable) = crate::catalog::system::describe(shared, names).await?;
     let options = shared.options();
     let now = now_ms();
     let demand = shared.demand().await;
-    let touched = super::schedule::apply_demand(&mut slices, demand.as_ref(), &options, now);
+    let touched = crate::slice::schedule::apply_demand(&mut slices, demand.as_ref(), &options, now);
     let usage = shared.recorded_usage().await.ok();
     let mut refreshes = HashMap::new();
     for info in &slices {
         // A refresh log that cannot be read now counts no refreshes.
         let all = shared.attempts(&info.name).await.unwrap_or_default();
-        let starts = super::log::of_slice(all, info.slice_id.as_deref(), info.meta.created_at)
-            .into_iter()
-            .filter(|a| a.kind == "refresh" && a.status == super::log::SUCCESS)
-            .map(|a| a.started_at)
-            .collect::<Vec<_>>();
+        let starts =
+            crate::slice::log::of_slice(all, info.slice_id.as_deref(), info.meta.created_at)
+                .into_iter()
+                .filter(|a| a.kind == "refresh" && a.status == crate::slice::log::SUCCESS)
+                .map(|a| a.started_at)
+                .collect::<Vec<_>>();
         refreshes.insert(info.name.clone(), starts);
     }
     let all = propose(&Evidence {
@@ -533,7 +534,7 @@ pub(crate) async fn list(shared: &Shared) -> Result<Vec<Proposal>> {
 }
 
 /// Proposal `n` as it stands now, or an error saying it does not.
-pub(crate) async fn find(shared: &Shared, n: i64) -> Result<Proposal> {
+pub(crate) async fn find(shared: &CatalogState, n: i64) -> Result<Proposal> {
     list(shared)
         .await?
         .into_iter()
@@ -542,7 +543,7 @@ pub(crate) async fn find(shared: &Shared, n: i64) -> Result<Proposal> {
 }
 
 /// Hides proposal `n` from now on.
-pub(crate) async fn dismiss(shared: &Shared, n: i64) -> Result<Proposal> {
+pub(crate) async fn dismiss(shared: &CatalogState, n: i64) -> Result<Proposal> {
     let proposal = find(shared, n).await?;
     shared
         .warehouse
