@@ -43,7 +43,6 @@ use crate::sql::RefreshPolicy;
 use crate::storage::names::SliceName;
 use crate::text::human_duration;
 use crate::usage::files::{day_of, Rows};
-use crate::usage::now_ms;
 
 /// Where dismissals are kept.
 const DISMISSED: &str = "_system/proposals/dismissed";
@@ -502,7 +501,7 @@ pub(crate) async fn list(shared: &CatalogState) -> Result<Vec<Proposal>> {
     let names = shared.slice_names();
     let (mut slices, _unreadable) = crate::catalog::system::describe(shared, names).await?;
     let options = shared.options();
-    let now = now_ms();
+    let now = shared.usage.clock.now_ms();
     let demand = shared.demand().await;
     let touched = crate::slice::schedule::apply_demand(&mut slices, demand.as_ref(), &options, now);
     let usage = shared.recorded_usage().await.ok();

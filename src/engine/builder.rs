@@ -9,6 +9,7 @@ pub struct IcePieBuilder {
     store: Option<Arc<dyn ObjectStore>>,
     storage_options: HashMap<String, String>,
     settings: Vec<(String, String)>,
+    clock: Option<crate::usage::Clock>,
 }
 
 impl IcePieBuilder {
@@ -18,7 +19,17 @@ impl IcePieBuilder {
             store: None,
             storage_options: HashMap::new(),
             settings: Vec::new(),
+            clock: None,
         }
+    }
+
+    /// The clock this process judges time by, in milliseconds since the Unix epoch: when a
+    /// read happened, whether a slice is unread or dormant, what to propose, and which
+    /// refreshes are due. The system's by default; tests and simulations move it forward
+    /// instead of waiting. Commits, refresh markers and leases are dated by storage as always.
+    pub fn with_clock(mut self, clock: impl Fn() -> i64 + Send + Sync + 'static) -> Self {
+        self.clock = Some(crate::usage::Clock::new(clock));
+        self
     }
 
     /// Uses `store` for every read and write of the warehouse instead of the object store the
@@ -95,7 +106,11 @@ impl IcePieBuilder {
             let root = ObjectStoreUrl::parse(format!("{}://{}", url.scheme(), url.authority()))?;
             runtime.register_object_store(root.as_ref(), store.clone());
         }
-        let usage = crate::usage::Usage::start(warehouse.store(), options.usage_retention.0);
+        let usage = crate::usage::Usage::start(
+            warehouse.store(),
+            options.usage_retention.0,
+            self.clock.unwrap_or_else(crate::usage::Clock::system),
+        );
         let planner = usage::UsagePlanner {
             inner: DeltaPlanner::new(),
             usage: usage.clone(),

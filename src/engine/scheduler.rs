@@ -93,7 +93,7 @@ async fn take_lease(engine: &IcePie, name: &SliceName, options: &IcePieOptions) 
         .await
         .ok()??;
     match engine.slice(&name.to_string()).await {
-        Ok(info) if is_due(&info, options, Utc::now().timestamp_millis()) => Some(lease),
+        Ok(info) if is_due(&info, options, engine.inner.shared.usage.clock.now_ms()) => Some(lease),
         _ => {
             lease.release().await;
             None
@@ -281,7 +281,7 @@ async fn run(inner: Weak<Inner>, mut stop: watch::Receiver<Option<Duration>>) {
             view.stale();
             continue;
         }
-        let now = Utc::now().timestamp_millis();
+        let now = engine.inner.shared.usage.clock.now_ms();
         // This process's reads count at once: a read wakes a dormant slice by the next tick.
         let local = engine.inner.shared.usage.local_reads();
         let mut all: Vec<SliceInfo> = view.slices.values().cloned().collect();

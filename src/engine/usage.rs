@@ -159,7 +159,7 @@ impl Recorder {
             .example
             .clone()
             .filter(|_| tables.values().all(|t| t.kind == Some(TableKind::Core)));
-        let at = crate::usage::now_ms();
+        let at = self.usage.clock.now_ms();
         let readings = tables
             .into_iter()
             .map(|(table, t)| Reading {

@@ -43,7 +43,6 @@ use crate::error::{IcePieError, Result};
 pub use crate::sql::ClusterBy;
 use crate::storage::names::SliceName;
 use crate::usage::files::{day_of, Rows};
-use crate::usage::now_ms;
 
 /// Queries that must have filtered on a column before AUTO clusters by it.
 pub const MIN_QUERIES: i64 = 3;
@@ -122,7 +121,7 @@ pub(crate) async fn choose(
             };
             let retention = shared.options().usage_retention.0;
             let retention = i64::try_from(retention.as_millis()).unwrap_or(i64::MAX);
-            let since = day_of(now_ms().saturating_sub(retention));
+            let since = day_of(shared.usage.clock.now_ms().saturating_sub(retention));
             let filters = filter_counts(&rows, &name.to_string(), since, usable);
             let best = filters
                 .iter()

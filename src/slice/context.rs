@@ -170,7 +170,7 @@ impl SliceContext {
         let span = i64::try_from(options.usage_retention.0.as_millis())
             .unwrap_or(i64::MAX)
             .max(crate::usage::demand_window(options.cold_after.0));
-        let since = crate::usage::files::day_of(crate::usage::now_ms().saturating_sub(span));
+        let since = crate::usage::files::day_of(self.usage.clock.now_ms().saturating_sub(span));
         self.usage.recorded(since).await
     }
 
@@ -186,7 +186,7 @@ impl SliceContext {
         let rows = self.recorded_usage().await.ok()?;
         // Far enough back for dormancy and for freeze proposals.
         let window = options.cold_after.0.max(options.unread_after.0);
-        let mut demand = crate::usage::demand(&rows, window);
+        let mut demand = crate::usage::demand(&rows, window, self.usage.clock.now_ms());
         for (table, at) in self.usage.local_reads() {
             let d = demand.entry(table).or_default();
             d.last_read = d.last_read.max(Some(at));

@@ -129,10 +129,13 @@ pub struct Demand {
 /// Days over which reads per day are averaged.
 const DEMAND_DAYS: i64 = 7;
 
-/// How much each table is read, from the usage `rows` recorded over the last `window` (at
-/// least [`DEMAND_DAYS`]).
-pub(crate) fn demand(rows: &Rows, window: Duration) -> std::collections::HashMap<String, Demand> {
-    let now = now_ms();
+/// How much each table is read, from the usage `rows` recorded over the `window` before `now`
+/// (at least [`DEMAND_DAYS`]).
+pub(crate) fn demand(
+    rows: &Rows,
+    window: Duration,
+    now: i64,
+) -> std::collections::HashMap<String, Demand> {
     let since = day_of(now.saturating_sub(demand_window(window)));
     let week = day_of(now - DEMAND_DAYS * DAY_MS);
     let mut out: std::collections::HashMap<String, Demand> = Default::default();
@@ -215,9 +218,42 @@ enum Message {
     Flush(oneshot::Sender<()>),
 }
 
+/// The clock a warehouse judges reads by (when a read happened, whether a slice is unread
+/// or dormant, what to propose) and its scheduler judges what is due by: milliseconds since
+/// the Unix epoch. The system's by default ([`IcePieBuilder::with_clock`]).
+///
+/// [`IcePieBuilder::with_clock`]: crate::IcePieBuilder::with_clock
+#[derive(Clone)]
+pub(crate) struct Clock(Arc<dyn Fn() -> i64 + Send + Sync>);
+
+impl Clock {
+    /// The system's clock.
+    pub fn system() -> Self {
+        Self(Arc::new(now_ms))
+    }
+
+    /// A clock that reads `f`.
+    pub fn new(f: impl Fn() -> i64 + Send + Sync + 'static) -> Self {
+        Self(Arc::new(f))
+    }
+
+    /// Now, in milliseconds since the epoch.
+    pub fn now_ms(&self) -> i64 {
+        (self.0)()
+    }
+}
+
+impl fmt::Debug for Clock {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Clock")
+    }
+}
+
 /// The usage recorder of one open warehouse.
 #[derive(Debug)]
 pub(crate) struct Usage {
+    /// The clock reads are dated and judged by.
+    pub clock: Clock,
     sender: mpsc::Sender<Message>,
     dropped: AtomicU64,
     /// `icepie.usage_retention`, in milliseconds.
@@ -254,7 +290,7 @@ impl Usage {
 
     /// Starts the usage task of the warehouse whose store (paths relative to its root) is
     /// `store`. The task ends once every handle is dropped, after writing what it holds.
-    pub fn start(store: Arc<dyn ObjectStore>, retention: Duration) -> Arc<Self> {
+    pub fn start(store: Arc<dyn ObjectStore>, retention: Duration, clock: Clock) -> Arc<Self> {
         let (sender, receiver) = mpsc::channel(QUEUE);
         let process = format!(
             "{}-{}",
@@ -277,6 +313,7 @@ impl Usage {
         };
         tokio::spawn(task.run(receiver));
         Arc::new(Self {
+            clock,
             sender,
             dropped: AtomicU64::new(0),
             retention_ms,
@@ -497,6 +534,7 @@ mod tests {
         // A usage handle whose task never reads: the queue fills and stays full.
         let (sender, _receiver) = mpsc::channel(QUEUE);
         let usage = Usage {
+            clock: Clock::system(),
             sender,
             dropped: AtomicU64::new(0),
             retention_ms: Arc::default(),
@@ -514,7 +552,11 @@ mod tests {
     #[tokio::test]
     async fn recorded_usage_is_read_again_once_this_process_writes() {
         let store: Arc<dyn ObjectStore> = Arc::new(InMemory::new());
-        let usage = Usage::start(store.clone(), Duration::from_secs(86_400 * 30));
+        let usage = Usage::start(
+            store.clone(),
+            Duration::from_secs(86_400 * 30),
+            Clock::system(),
+        );
         // Readings are dated when their query ends: today.
         let reading = |table: &str| Reading {
             at: now_ms(),
@@ -526,7 +568,11 @@ mod tests {
             |rows: &Rows| -> BTreeSet<String> { rows.keys().map(|k| k.table.clone()).collect() };
         assert_eq!(tables(&usage.recorded(0).await.unwrap()).len(), 1);
         // Another process's file: not read again while what was read is recent.
-        let other = Usage::start(store.clone(), Duration::from_secs(86_400 * 30));
+        let other = Usage::start(
+            store.clone(),
+            Duration::from_secs(86_400 * 30),
+            Clock::system(),
+        );
         other.record(vec![reading("d.t")]);
         other.flush().await;
         assert_eq!(tables(&usage.recorded(0).await.unwrap()).len(), 1);
@@ -540,7 +586,11 @@ mod tests {
     #[tokio::test]
     async fn readings_are_summed_by_day_table_and_shape_and_written() {
         let store: Arc<dyn ObjectStore> = Arc::new(InMemory::new());
-        let usage = Usage::start(store.clone(), Duration::from_secs(86_400 * 30));
+        let usage = Usage::start(
+            store.clone(),
+            Duration::from_secs(86_400 * 30),
+            Clock::system(),
+        );
         usage.record(vec![reading("d.s"), reading("d.t")]);
         usage.record(vec![reading("d.s")]);
         usage.flush().await;

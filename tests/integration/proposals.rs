@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use icepie::IcePie;
 
-use crate::support::{eventually, fails, open_with, rows, run, scalar};
+use crate::support::{eventually, fails, open_with, open_with_clock, rows, run, scalar, TestClock};
 
 /// Three slices, each the subject of a proposal once read or refreshed as below.
 const SLICES: &str = "CREATE CORE TABLE t (k BIGINT, v BIGINT);
@@ -35,15 +35,16 @@ async fn id(w: &IcePie, kind: &str, target: &str) -> i64 {
 
 #[tokio::test]
 async fn each_kind_of_proposal_is_drawn_from_the_workload_and_applied_or_dismissed() {
-    let (dir, w) = open_with(&[("unread_after", "4 seconds")]).await;
+    let clock = TestClock::new();
+    let (dir, w) = open_with_clock(&[("unread_after", "30 minutes")], &clock).await;
     run(&w, SLICES).await;
     filter(&w).await;
     // Refreshed four times in its first minutes, read never.
     for _ in 0..4 {
         run(&w, "INGEST INTO t VALUES (0, 0); REFRESH SLICE d.busy").await;
     }
-    // Beyond `unread_after`, with room for a slow machine between the read and the listing.
-    tokio::time::sleep(Duration::from_millis(4_200)).await;
+    // Beyond `unread_after` (and short of d.busy's next refresh, every hour).
+    clock.advance(Duration::from_secs(45 * 60));
     // Read lately: not proposed for freezing.
     filter(&w).await;
 
@@ -138,7 +139,8 @@ async fn each_kind_of_proposal_is_drawn_from_the_workload_and_applied_or_dismiss
     );
     let other = IcePie::builder(dir.path().to_string_lossy().to_string())
         .with_scheduler(false)
-        .with_setting("unread_after", "4 seconds")
+        .with_clock(clock.reader())
+        .with_setting("unread_after", "30 minutes")
         .open()
         .await
         .unwrap();
@@ -155,11 +157,15 @@ async fn each_kind_of_proposal_is_drawn_from_the_workload_and_applied_or_dismiss
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_scheduler_applies_the_kinds_auto_apply_allows_and_no_other() {
-    let (_dir, w) = open_with(&[
-        ("scheduler_tick", "20ms"),
-        ("unread_after", "4 seconds"),
-        ("auto_apply", "layout"),
-    ])
+    let clock = TestClock::new();
+    let (_dir, w) = open_with_clock(
+        &[
+            ("scheduler_tick", "20ms"),
+            ("unread_after", "30 minutes"),
+            ("auto_apply", "layout"),
+        ],
+        &clock,
+    )
     .await;
     run(&w, SLICES).await;
     filter(&w).await;
@@ -173,8 +179,8 @@ async fn the_scheduler_applies_the_kinds_auto_apply_allows_and_no_other() {
     })
     .await;
     // The unread slices are proposed for freezing, and left as they are.
-    // Beyond `unread_after`, with room for a slow machine between the read and the listing.
-    tokio::time::sleep(Duration::from_millis(4_200)).await;
+    // Beyond `unread_after` (and short of d.busy's next refresh, every hour).
+    clock.advance(Duration::from_secs(45 * 60));
     scalar(&w, "SELECT count(*) FROM d.filtered").await;
     assert_eq!(
         rows(&w, "SELECT kind, target FROM system.proposals").await,

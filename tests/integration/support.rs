@@ -280,6 +280,48 @@ pub async fn open_with(settings: &[(&str, &str)]) -> (tempfile::TempDir, IcePie)
     (dir, builder.open().await.unwrap())
 }
 
+/// A clock for [`icepie::IcePieBuilder::with_clock`] that stands still at the moment it was
+/// made until a test moves it on: what depends on time passing (dormancy, proposals) is
+/// tested without sleeping, and nothing happens between two statements by the clock.
+#[derive(Clone)]
+pub struct TestClock(Arc<std::sync::atomic::AtomicI64>);
+
+impl TestClock {
+    pub fn new() -> Self {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis();
+        Self(Arc::new(std::sync::atomic::AtomicI64::new(now as i64)))
+    }
+
+    /// Moves the clock on by `by`.
+    pub fn advance(&self, by: std::time::Duration) {
+        self.0
+            .fetch_add(by.as_millis() as i64, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// What `with_clock` reads.
+    pub fn reader(&self) -> impl Fn() -> i64 + Send + Sync + 'static {
+        let now = self.0.clone();
+        move || now.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+/// [`open_with`], on the clock `clock`.
+pub async fn open_with_clock(
+    settings: &[(&str, &str)],
+    clock: &TestClock,
+) -> (tempfile::TempDir, IcePie) {
+    let dir = tempfile::tempdir().unwrap();
+    let mut builder =
+        IcePie::builder(dir.path().to_string_lossy().to_string()).with_clock(clock.reader());
+    for (k, v) in settings {
+        builder = builder.with_setting(*k, *v);
+    }
+    (dir, builder.open().await.unwrap())
+}
+
 /// The version a slice serves.
 pub async fn version(warehouse: &IcePie, slice: &str) -> i64 {
     warehouse.slice(slice).await.unwrap().version

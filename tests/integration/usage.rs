@@ -6,7 +6,7 @@ use std::sync::Arc;
 use icepie::IcePie;
 use object_store::local::LocalFileSystem;
 
-use crate::support::{rows, run, Access, RecordingStore};
+use crate::support::{rows, run, Access, RecordingStore, TestClock};
 
 /// `core.events` in three loads (three files: ids 1-3, 11-13, 21-23), and slice `regions`.
 const SETUP: &str = "
@@ -222,19 +222,25 @@ async fn a_query_through_a_view_counts_once_and_refreshes_never() {
 
 #[tokio::test]
 async fn a_slice_read_through_another_is_awake_however_system_slices_is_filtered() {
+    let clock = TestClock::new();
     let dir = tempfile::tempdir().unwrap();
-    let w = open(dir.path()).await;
+    let w = IcePie::builder(dir.path().to_string_lossy().to_string())
+        .with_scheduler(false)
+        .with_clock(clock.reader())
+        .open()
+        .await
+        .unwrap();
     run(
         &w,
         "CREATE CORE TABLE t (n BIGINT); INGEST INTO t VALUES (1);
          CREATE SLICE d.base REFRESH AUTO AS SELECT n FROM core.t;
          CREATE SLICE d.top REFRESH AUTO AS SELECT sum(n) AS s FROM d.base;
-         SET icepie.cold_after = '4 seconds';",
+         SET icepie.cold_after = '30 minutes';",
     )
     .await;
-    // Long enough for both to fall asleep, and to leave a loaded machine 4 s between top's
-    // read below and the checks that it kept base awake.
-    tokio::time::sleep(std::time::Duration::from_millis(4_200)).await;
+    // Long enough for both to fall asleep; the clock then stands still while top is read
+    // and the checks run.
+    clock.advance(std::time::Duration::from_secs(45 * 60));
     // Neither read since created: both asleep.
     assert_eq!(
         rows(&w, "SELECT name, state FROM system.slices").await,

@@ -32,7 +32,6 @@ use crate::slice::{self, log, InputCache, SliceInfo, SliceState};
 use crate::storage::names::{validate_name, SliceName};
 use crate::storage::{table_stats, Warehouse, SLICES_DIR};
 use crate::text::human_duration;
-use crate::usage::now_ms;
 use refreshes::refresh_logs;
 
 mod history;
@@ -225,7 +224,7 @@ impl TableProvider for SystemTable {
                 // Reads, dormancy and what the scheduler makes of each slice.
                 let demand = shared.demand().await;
                 let options = shared.options();
-                let now = now_ms();
+                let now = shared.usage.clock.now_ms();
                 apply_known_demand(shared, &mut infos, demand.as_ref(), &options, now);
                 let mut scheduling = HashMap::new();
                 for info in &infos {

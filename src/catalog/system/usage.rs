@@ -16,7 +16,6 @@ use datafusion::prelude::SessionContext;
 use super::ts;
 use crate::catalog::state::CatalogState;
 use crate::usage::files::{batch, day_of, read};
-use crate::usage::now_ms;
 
 /// Schema of `system.usage`.
 pub static USAGE_SCHEMA: LazyLock<SchemaRef> = LazyLock::new(|| {
@@ -106,7 +105,7 @@ pub(super) async fn usage_table(
 ) -> DFResult<Arc<dyn TableProvider>> {
     let retention = shared.options().usage_retention.0;
     let retention = i64::try_from(retention.as_millis()).unwrap_or(i64::MAX);
-    let since = day_of(now_ms().saturating_sub(retention));
+    let since = day_of(shared.usage.clock.now_ms().saturating_sub(retention));
     let rows = read(shared.warehouse.store().as_ref(), since)
         .await
         .map_err(super::super::df)?;
