@@ -93,6 +93,7 @@
 
 #![warn(missing_docs)]
 #![warn(unnameable_types)]
+#![warn(unreachable_pub)]
 
 pub(crate) mod catalog;
 pub(crate) mod core;

@@ -14,8 +14,8 @@ pub(crate) mod pg_catalog;
 pub(crate) mod proposals;
 mod pushdown;
 pub(crate) mod state;
-pub mod system;
-pub mod time_travel;
+pub(crate) mod system;
+pub(crate) mod time_travel;
 
 use std::collections::HashMap;
 use std::sync::{Arc, OnceLock, RwLock};
@@ -29,7 +29,7 @@ use crate::storage::names::{validate_name, SliceName, CORE_SCHEMA, DEFAULT_DOMAI
 use state::CatalogState;
 
 /// Name of the catalog icepie registers (and makes the default).
-pub const CATALOG_NAME: &str = "icepie";
+pub(crate) const CATALOG_NAME: &str = "icepie";
 
 pub(crate) fn df(e: IcePieError) -> DataFusionError {
     e.into()
@@ -37,7 +37,7 @@ pub(crate) fn df(e: IcePieError) -> DataFusionError {
 
 /// The `icepie` catalog.
 #[derive(Debug)]
-pub struct IcePieCatalog {
+pub(crate) struct IcePieCatalog {
     shared: Arc<CatalogState>,
     scratch: RwLock<HashMap<String, Arc<dyn SchemaProvider>>>,
     /// Schema `pg_catalog`, set once the session that lists the catalogs exists.

@@ -28,7 +28,7 @@ use super::CATALOG_NAME;
 use crate::storage::names::{CORE_SCHEMA, DEFAULT_DOMAIN, SYSTEM_SCHEMA};
 
 /// The schema's name.
-pub const PG_CATALOG: &str = "pg_catalog";
+pub(crate) const PG_CATALOG: &str = "pg_catalog";
 
 /// The tables of `pg_catalog` that list the warehouse's schemas and tables (the others hold
 /// constants).

@@ -48,16 +48,16 @@ use crate::usage::files::{day_of, Rows};
 const DISMISSED: &str = "_system/proposals/dismissed";
 
 /// Queries of one shape over the last week before a slice is proposed for it.
-pub const NEW_SLICE_MIN_QUERIES: i64 = 10;
+pub(crate) const NEW_SLICE_MIN_QUERIES: i64 = 10;
 
 /// The domain proposed slices go in.
-pub const PROPOSED_DOMAIN: &str = "proposed";
+pub(crate) const PROPOSED_DOMAIN: &str = "proposed";
 
 /// Refreshes per day below which a schedule is never worth a proposal.
-pub const MIN_REFRESHES_PER_DAY: f64 = 4.0;
+pub(crate) const MIN_REFRESHES_PER_DAY: f64 = 4.0;
 
 /// How many times as often as it is read a slice must be refreshed for a schedule proposal.
-pub const REFRESHES_PER_READ: f64 = 10.0;
+pub(crate) const REFRESHES_PER_READ: f64 = 10.0;
 
 const DAY_MS: i64 = 86_400_000;
 

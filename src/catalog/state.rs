@@ -85,7 +85,7 @@ impl Planner for CatalogState {
 impl CatalogState {
     /// The state of a warehouse whose slices' context is `slices`; the context plans
     /// definitions through it from then on.
-    pub fn new(slices: Arc<SliceContext>) -> Arc<Self> {
+    pub(crate) fn new(slices: Arc<SliceContext>) -> Arc<Self> {
         let state = Arc::new(Self {
             slices,
             listing: RwLock::new(Listing::default()),
@@ -99,7 +99,7 @@ impl CatalogState {
 
     /// Lists the warehouse again: the core, the domains, and each domain's slices, up to
     /// [`LISTING_FANOUT`] domains at a time.
-    pub async fn refresh_listing(&self) -> Result<()> {
+    pub(crate) async fn refresh_listing(&self) -> Result<()> {
         let (core, names) = futures::try_join!(
             self.warehouse.list_children(CORE_DIR),
             self.warehouse.list_children(SLICES_DIR)
@@ -130,7 +130,7 @@ impl CatalogState {
     /// many slices the warehouse holds, so that opening it costs the same with 1 or 1,000.
     /// A statement naming a slice loads it by its name; one that needs every name (a system
     /// table, `SHOW TABLES`, `information_schema`) lists the warehouse first.
-    pub async fn list_names(&self) -> Result<()> {
+    pub(crate) async fn list_names(&self) -> Result<()> {
         let (core, names) = futures::try_join!(
             self.warehouse.list_children(CORE_DIR),
             self.warehouse.list_children(SLICES_DIR)
@@ -149,7 +149,11 @@ impl CatalogState {
     /// it names that were not known (one listing of each one's folder, so a domain another
     /// process created is found, and a scratch schema gives way to a domain of the same name).
     /// Nothing when every schema it names is known.
-    pub async fn know_schemas(&self, state: &SessionState, stmt: &DFStatement) -> Result<()> {
+    pub(crate) async fn know_schemas(
+        &self,
+        state: &SessionState,
+        stmt: &DFStatement,
+    ) -> Result<()> {
         let default_schema = state.config_options().catalog.default_schema.clone();
         let mut unknown = BTreeSet::new();
         if let DFStatement::Statement(s) = stmt {
@@ -205,18 +209,18 @@ impl CatalogState {
     }
 
     /// True when the last listing holds the domain `name` (without copying the listing).
-    pub fn has_domain(&self, name: &str) -> bool {
+    pub(crate) fn has_domain(&self, name: &str) -> bool {
         let listing = self.listing.read().expect("listing lock");
         listing.domains.contains_key(name) || listing.unlisted.contains(name)
     }
 
     /// The last listing.
-    pub fn listing(&self) -> Listing {
+    pub(crate) fn listing(&self) -> Listing {
         self.listing.read().expect("listing lock").clone()
     }
 
     /// Every slice in the last listing.
-    pub fn slice_names(&self) -> Vec<SliceName> {
+    pub(crate) fn slice_names(&self) -> Vec<SliceName> {
         self.listing()
             .domains
             .into_iter()

@@ -382,7 +382,9 @@ pub(crate) struct PinnedFunction {
 
 impl PinnedFunction {
     /// The functions, by name, to register in a session.
-    pub fn all(shared: &Arc<CatalogState>) -> Vec<(&'static str, Arc<dyn TableFunctionImpl>)> {
+    pub(crate) fn all(
+        shared: &Arc<CatalogState>,
+    ) -> Vec<(&'static str, Arc<dyn TableFunctionImpl>)> {
         [SLICE_AT, CORE_AT, SLICE_HISTORY, FRESH]
             .into_iter()
             .map(|function| {

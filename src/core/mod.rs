@@ -48,7 +48,7 @@ pub(crate) struct CoreContext<'a> {
 
 /// The result of creating a core table or ingesting into one.
 #[derive(Debug, Clone)]
-pub struct LoadOutcome {
+pub(crate) struct LoadOutcome {
     /// `core.name`.
     pub table: String,
     /// Version committed.

@@ -16,7 +16,7 @@ mod builder;
 mod changes;
 pub(crate) mod notices;
 mod output;
-pub mod scheduler;
+pub(crate) mod scheduler;
 pub(crate) mod usage;
 mod yield_points;
 

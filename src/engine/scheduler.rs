@@ -67,12 +67,12 @@ pub(crate) struct Handle {
 
 impl Handle {
     /// Stops at once, cancelling running refreshes.
-    pub fn abort(self) {
+    pub(crate) fn abort(self) {
         self.task.abort();
     }
 
     /// Stops starting refreshes, waits up to `grace` for running ones, cancels the rest.
-    pub async fn stop(self, grace: Duration) {
+    pub(crate) async fn stop(self, grace: Duration) {
         let _ = self.stop.send(Some(grace));
         let _ = self.task.await;
     }
@@ -103,7 +103,7 @@ async fn take_lease(engine: &IcePie, name: &SliceName, options: &IcePieOptions) 
 
 /// How often the scheduler reads every slice's state again, whatever the change journal says
 /// (changes made by other engines, journal entries that failed to be written).
-pub const RESCAN: Duration = Duration::from_secs(600);
+pub(crate) const RESCAN: Duration = Duration::from_secs(600);
 
 /// What the scheduler knows of the warehouse's slices: every slice's state as of a full
 /// scan, kept up to date from the change journal (see [`journal`]), so that a tick that finds

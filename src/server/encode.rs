@@ -57,13 +57,13 @@ fn pg_type(dt: &DataType) -> (Type, DataType) {
 }
 
 /// The PostgreSQL type values of Arrow type `dt` are sent as.
-pub fn pg_type_of(dt: &DataType) -> Type {
+pub(super) fn pg_type_of(dt: &DataType) -> Type {
     pg_type(dt).0
 }
 
 /// The row description of `schema`, each column in the format the client asked for (a
 /// format code per column, one for all, or none for text).
-pub fn fields(schema: &Schema, format: &Format) -> PgWireResult<Vec<FieldInfo>> {
+pub(super) fn fields(schema: &Schema, format: &Format) -> PgWireResult<Vec<FieldInfo>> {
     let n = schema.fields().len();
     if let Format::Individual(codes) = format {
         if codes.len() != n {
@@ -85,7 +85,7 @@ pub fn fields(schema: &Schema, format: &Format) -> PgWireResult<Vec<FieldInfo>> 
 }
 
 /// A message that breaks the protocol (SQLSTATE 08P01).
-pub fn protocol_error(message: String) -> PgWireError {
+pub(super) fn protocol_error(message: String) -> PgWireError {
     PgWireError::UserError(Box::new(pgwire::error::ErrorInfo::new(
         "ERROR".into(),
         "08P01".into(),
@@ -322,7 +322,10 @@ impl ToSqlText for Numeric<'_> {
 }
 
 /// The rows of `batch`, encoded for `fields` (from [`fields`] of the batch's schema).
-pub fn rows(batch: &RecordBatch, fields: &Arc<Vec<FieldInfo>>) -> PgWireResult<Vec<DataRow>> {
+pub(super) fn rows(
+    batch: &RecordBatch,
+    fields: &Arc<Vec<FieldInfo>>,
+) -> PgWireResult<Vec<DataRow>> {
     let columns = batch
         .columns()
         .iter()

@@ -27,7 +27,7 @@ use crate::storage::location::{self, Location, Opening};
 
 /// What a server's clients may do.
 #[derive(Debug, Clone, Default)]
-pub struct Policy {
+pub(super) struct Policy {
     /// The locations clients may name, and everything under them.
     allowed: Vec<Location>,
     read_only: bool,
@@ -37,7 +37,7 @@ pub struct Policy {
 impl Policy {
     /// Clients may name locations under `allow` (local directories or object-store URLs);
     /// with `read_only`, they may only read.
-    pub fn new(allow: &[String], read_only: bool) -> Result<Self> {
+    pub(super) fn new(allow: &[String], read_only: bool) -> Result<Self> {
         let allowed = allow
             .iter()
             .map(|a| {
@@ -61,24 +61,24 @@ impl Policy {
 
     /// Each statement's query may use at most `limit` bytes of memory (`None`: only the
     /// server's own limits).
-    pub fn with_statement_memory(mut self, limit: Option<u64>) -> Self {
+    pub(super) fn with_statement_memory(mut self, limit: Option<u64>) -> Self {
         self.statement_memory = limit;
         self
     }
 
     /// The memory each statement's query may use.
-    pub fn statement_memory(&self) -> Option<u64> {
+    pub(super) fn statement_memory(&self) -> Option<u64> {
         self.statement_memory
     }
 
     /// True when clients may only read.
-    pub fn read_only(&self) -> bool {
+    pub(super) fn read_only(&self) -> bool {
         self.read_only
     }
 
     /// Refuses `statement` when it writes in read-only mode, names a location that is not
     /// allowed, or changes a runtime setting.
-    pub fn check(&self, statement: &Statement) -> Result<()> {
+    pub(super) fn check(&self, statement: &Statement) -> Result<()> {
         if self.read_only && !reads_only(statement) {
             return Err(IcePieError::ReadOnly(
                 "this server is read-only (--read-only): it runs queries, SHOW, DESCRIBE and \
@@ -294,9 +294,11 @@ fn set_reads_only(body: &SetExpr) -> bool {
     }
 }
 
-/// The corpus of hostile locations and its layout, shared with the servers' tests.
+/// The corpus of hostile locations and its layout, shared with the servers' tests (whose
+/// crate needs its items `pub`).
 #[cfg(test)]
 #[path = "../../tests/data/hostile.rs"]
+#[allow(unreachable_pub)]
 mod hostile;
 
 #[cfg(test)]

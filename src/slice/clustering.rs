@@ -40,15 +40,15 @@ use serde::{Deserialize, Serialize};
 use super::aggregate::HIDDEN;
 use super::SliceContext;
 use crate::error::{IcePieError, Result};
-pub use crate::sql::ClusterBy;
+pub(crate) use crate::sql::ClusterBy;
 use crate::storage::names::SliceName;
 use crate::usage::files::{day_of, Rows};
 
 /// Queries that must have filtered on a column before AUTO clusters by it.
-pub const MIN_QUERIES: i64 = 3;
+pub(crate) const MIN_QUERIES: i64 = 3;
 
 /// Rows per row group in a clustered build (Parquet's default is 1 Mi).
-pub const ROW_GROUP_ROWS: usize = 128 * 1024;
+pub(crate) const ROW_GROUP_ROWS: usize = 128 * 1024;
 
 /// The layout of a version's data: the columns it is sorted by (none: unsorted) and why.
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -62,7 +62,7 @@ pub struct Clustered {
 /// A column must be filtered on by this many times the queries of the column an AUTO slice
 /// is sorted by before AUTO sorts by it instead: a layout does not flip back and forth
 /// between columns used about as often.
-pub const SWITCH_FACTOR: i64 = 2;
+pub(crate) const SWITCH_FACTOR: i64 = 2;
 
 /// The layout a full build of slice `name`, whose definition outputs `output`, gives it;
 /// `laid_out` is the layout of the version it replaces.

@@ -59,7 +59,7 @@ impl std::fmt::Debug for Refresher {
 }
 
 impl SliceContext {
-    pub fn new(warehouse: Warehouse, options: IcePieOptions, usage: Arc<Usage>) -> Self {
+    pub(crate) fn new(warehouse: Warehouse, options: IcePieOptions, usage: Arc<Usage>) -> Self {
         Self {
             usage,
             warehouse,
@@ -73,17 +73,17 @@ impl SliceContext {
     }
 
     /// Sets how reads refresh the slices they need fresher (once, by the engine).
-    pub fn set_refresher(&self, refresher: Refresher) {
+    pub(crate) fn set_refresher(&self, refresher: Refresher) {
         let _ = self.refresher.set(refresher);
     }
 
     /// Sets how definitions are planned (once, by the catalog).
-    pub fn set_planner(&self, planner: Weak<dyn Planner>) {
+    pub(crate) fn set_planner(&self, planner: Weak<dyn Planner>) {
         let _ = self.planner.set(planner);
     }
 
     /// Refreshes `name` as `REFRESH SLICE` does (joining one that has not started reading).
-    pub async fn refresh(&self, name: &SliceName) -> Result<()> {
+    pub(crate) async fn refresh(&self, name: &SliceName) -> Result<()> {
         match self.refresher.get() {
             Some(r) => (r.0)(name.clone()).await,
             None => Err(IcePieError::Server(
@@ -93,7 +93,7 @@ impl SliceContext {
     }
 
     /// Plans SQL text holding one statement (a definition) as icepie's statements are.
-    pub async fn plan_sql(&self, state: &SessionState, sql: &str) -> Result<LogicalPlan> {
+    pub(crate) async fn plan_sql(&self, state: &SessionState, sql: &str) -> Result<LogicalPlan> {
         let planner = self
             .planner
             .get()
@@ -103,23 +103,23 @@ impl SliceContext {
     }
 
     /// The settings as of the session's last statement.
-    pub fn options(&self) -> IcePieOptions {
+    pub(crate) fn options(&self) -> IcePieOptions {
         self.options.read().expect("options lock").clone()
     }
 
     /// Records the session's settings.
-    pub fn set_options(&self, options: IcePieOptions) {
+    pub(crate) fn set_options(&self, options: IcePieOptions) {
         *self.options.write().expect("options lock") = options;
     }
 
     /// The recent refresh attempts of a slice, oldest first, reading only what its log gained.
-    pub async fn attempts(&self, slice: &SliceName) -> Result<Vec<AttemptSummary>> {
+    pub(crate) async fn attempts(&self, slice: &SliceName) -> Result<Vec<AttemptSummary>> {
         self.log.attempts(&self.warehouse, slice, None).await
     }
 
     /// The recent refresh attempts of the slice `table` is a version of, oldest first: not
     /// those of a slice dropped before it was made under the same name.
-    pub async fn attempts_of(
+    pub(crate) async fn attempts_of(
         &self,
         slice: &SliceName,
         table: &deltalake::DeltaTable,
@@ -134,12 +134,16 @@ impl SliceContext {
 
     /// The recent refresh attempts of a slice as of version `upto` of its refresh log (or a
     /// later one this process has read).
-    pub async fn attempts_upto(&self, slice: &SliceName, upto: u64) -> Result<Vec<AttemptSummary>> {
+    pub(crate) async fn attempts_upto(
+        &self,
+        slice: &SliceName,
+        upto: u64,
+    ) -> Result<Vec<AttemptSummary>> {
         self.log.attempts(&self.warehouse, slice, Some(upto)).await
     }
 
     /// The core table `name` at its latest version.
-    pub async fn load_core(&self, name: &str) -> Result<Option<IcePieTable>> {
+    pub(crate) async fn load_core(&self, name: &str) -> Result<Option<IcePieTable>> {
         validate_name(name)?;
         let rel = Warehouse::core_path(name);
         let Some(t) = self.warehouse.load(&rel, None).await? else {
@@ -165,7 +169,7 @@ impl SliceContext {
 
     /// The usage recorded by every process over `icepie.usage_retention` (and at least the
     /// span [`SliceContext::demand`] needs), as [`Usage::recorded`] serves it.
-    pub async fn recorded_usage(&self) -> Result<Arc<crate::usage::files::Rows>> {
+    pub(crate) async fn recorded_usage(&self) -> Result<Arc<crate::usage::files::Rows>> {
         let options = self.options();
         let span = i64::try_from(options.usage_retention.0.as_millis())
             .unwrap_or(i64::MAX)
@@ -178,7 +182,9 @@ impl SliceContext {
     /// `icepie.unread_after`, whichever is longer (at least a week), with this process's reads
     /// not written yet. `None` when it is not known: this process does not record usage
     /// (`icepie.usage = off`), or the usage could never be read.
-    pub async fn demand(&self) -> Option<std::collections::HashMap<String, crate::usage::Demand>> {
+    pub(crate) async fn demand(
+        &self,
+    ) -> Option<std::collections::HashMap<String, crate::usage::Demand>> {
         let options = self.options();
         if !options.usage.0 {
             return None;
@@ -196,7 +202,7 @@ impl SliceContext {
 
     /// The slice `name` at `version` (latest when `None`). A quarantined slice (a file of the
     /// version it serves is damaged) is refused with the damage and the fix.
-    pub async fn load_slice(
+    pub(crate) async fn load_slice(
         &self,
         name: &SliceName,
         version: Option<i64>,
@@ -233,7 +239,7 @@ impl SliceContext {
     }
 
     /// When `version` of an input named as in lineage was committed (ms since the epoch).
-    pub async fn commit_time(&self, qualified: &str, version: i64) -> Result<Option<i64>> {
+    pub(crate) async fn commit_time(&self, qualified: &str, version: i64) -> Result<Option<i64>> {
         let table = self.warehouse.handle(&Self::input_path(qualified)?)?;
         Ok(meta::commit_info(&table, version)
             .await?
@@ -241,7 +247,7 @@ impl SliceContext {
     }
 
     /// The latest version of an input named as in lineage (`core.x` or `domain.name`).
-    pub async fn latest_version(&self, qualified: &str) -> Result<Option<i64>> {
+    pub(crate) async fn latest_version(&self, qualified: &str) -> Result<Option<i64>> {
         self.warehouse
             .latest_version(&Self::input_path(qualified)?)
             .await

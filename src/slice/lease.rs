@@ -38,11 +38,11 @@ use crate::storage::names::SliceName;
 use crate::storage::Warehouse;
 
 /// Folder of the leases, one folder per slice under `<domain>/<name>/`.
-pub const LEASES_PATH: &str = "_system/leases/";
+pub(crate) const LEASES_PATH: &str = "_system/leases/";
 
 /// What a lease object holds.
 #[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct Holder {
+pub(crate) struct Holder {
     /// The process holding it: host and pid.
     pub process: String,
     /// When it was taken (ms since the epoch).
@@ -54,7 +54,7 @@ pub struct Holder {
 }
 
 /// A lease this process holds, renewed until [`Lease::release`] (or drop).
-pub struct Lease {
+pub(crate) struct Lease {
     warehouse: Warehouse,
     path: Path,
     heartbeat: Option<Heartbeat>,
@@ -114,7 +114,7 @@ async fn in_force(
 
 /// Takes the lease on `slice` for this process, renewing it every `heartbeat`; `None` when
 /// another process holds it (or took it at this very moment).
-pub async fn acquire(
+pub(crate) async fn acquire(
     warehouse: &Warehouse,
     slice: &SliceName,
     heartbeat: Duration,
@@ -156,7 +156,7 @@ pub async fn acquire(
 }
 
 /// The process holding the lease on `slice`, if one is in force.
-pub async fn holder(
+pub(crate) async fn holder(
     warehouse: &Warehouse,
     slice: &SliceName,
     heartbeat: Duration,
@@ -172,7 +172,7 @@ async fn release(store: std::sync::Arc<dyn object_store::ObjectStore>, path: &Pa
 
 impl Lease {
     /// Stops renewing the lease and empties it: the next due refresh may run anywhere.
-    pub async fn release(mut self) {
+    pub(crate) async fn release(mut self) {
         if let Some(heartbeat) = self.heartbeat.take() {
             heartbeat.stop().await;
         }

@@ -27,7 +27,7 @@ use crate::storage::tracked::TrackedStore;
 use crate::storage::{table_stats, Warehouse};
 
 /// Table property that mirrors the frozen state for other Delta readers.
-pub const FROZEN_PROPERTY: &str = "icepie.frozen";
+pub(crate) const FROZEN_PROPERTY: &str = "icepie.frozen";
 
 /// What a lifecycle command did.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -93,7 +93,7 @@ async fn load_for_change(
 }
 
 /// The error a change of a frozen slice gets: when and why it was frozen, and what to do.
-pub fn frozen_error(name: &SliceName, frozen: &Frozen, what: &str) -> IcePieError {
+pub(crate) fn frozen_error(name: &SliceName, frozen: &Frozen, what: &str) -> IcePieError {
     let since = chrono::DateTime::from_timestamp_millis(frozen.since)
         .map(|t| t.format("%Y-%m-%d %H:%M:%S UTC").to_string())
         .unwrap_or_else(|| "an unknown time".into());
@@ -249,13 +249,18 @@ pub(crate) async fn alter(
 }
 
 /// The versions of a slice whose latest version is `latest` that are retained.
-pub fn retained(latest: i64, retain_versions: usize) -> std::ops::RangeInclusive<i64> {
+pub(crate) fn retained(latest: i64, retain_versions: usize) -> std::ops::RangeInclusive<i64> {
     let keep = i64::try_from(retain_versions.max(1)).unwrap_or(i64::MAX);
     (latest - keep + 1).max(0)..=latest
 }
 
 /// Refuses a version of `name` that does not exist or is no longer retained.
-pub fn check_retained(name: &str, version: i64, latest: i64, retain_versions: usize) -> Result<()> {
+pub(crate) fn check_retained(
+    name: &str,
+    version: i64,
+    latest: i64,
+    retain_versions: usize,
+) -> Result<()> {
     let range = retained(latest, retain_versions);
     if version > latest || version < 0 {
         return Err(IcePieError::VersionNotFound {

@@ -24,14 +24,14 @@ use deltalake::DeltaTable;
 use futures::StreamExt;
 use serde::{Deserialize, Serialize};
 
-pub use crate::sql::RefreshMode;
+pub(crate) use crate::sql::RefreshMode;
 
 use super::clustering::{ClusterBy, Clustered};
 
 use crate::error::{IcePieError, Result};
 
 /// Key of icepie's entry in `commitInfo`.
-pub const COMMIT_KEY: &str = "icepie";
+pub(crate) const COMMIT_KEY: &str = "icepie";
 
 /// One input of a slice version: a table and the version that was read.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, PartialOrd, Ord)]
@@ -52,7 +52,7 @@ pub struct InputVersion {
 }
 
 /// Formats inputs as `core.orders@3, finance.revenue@7, core.rates@2 (pinned)`.
-pub fn format_inputs(inputs: &[InputVersion]) -> String {
+pub(crate) fn format_inputs(inputs: &[InputVersion]) -> String {
     inputs
         .iter()
         .map(|i| {
@@ -136,7 +136,7 @@ pub struct InputRead {
 }
 
 /// Formats reads as `core.orders@3..5: 2 files, 1000 rows, 40.0 KiB`.
-pub fn format_reads(reads: &[InputRead]) -> String {
+pub(crate) fn format_reads(reads: &[InputRead]) -> String {
     reads
         .iter()
         .map(|r| {
@@ -279,7 +279,7 @@ fn parse_commit_info(bytes: &[u8]) -> Option<CommitInfo> {
 }
 
 /// The `commitInfo` of `version` of `table`, `None` when that commit file is gone.
-pub async fn commit_info(table: &DeltaTable, version: i64) -> Result<Option<CommitInfo>> {
+pub(crate) async fn commit_info(table: &DeltaTable, version: i64) -> Result<Option<CommitInfo>> {
     let Ok(version) = u64::try_from(version) else {
         return Ok(None);
     };
@@ -316,7 +316,10 @@ const FOREIGN_COMMITS_SKIPPED: i64 = 100;
 ///
 /// Another Delta writer may have committed to the slice since (an `OPTIMIZE` by Spark, say):
 /// the descriptor is then the one of the latest commit icepie made.
-pub async fn latest_meta(table: &DeltaTable, name: &str) -> Result<(SliceMeta, Option<i64>)> {
+pub(crate) async fn latest_meta(
+    table: &DeltaTable,
+    name: &str,
+) -> Result<(SliceMeta, Option<i64>)> {
     let (meta, committed_at, _) = latest_meta_at(table, name).await?;
     Ok((meta, committed_at))
 }
@@ -373,7 +376,7 @@ pub(crate) async fn data_is_ours(table: &DeltaTable, name: &str, version: i64) -
 }
 
 /// Every commit of the slice still in its Delta log, newest first.
-pub async fn history(table: &DeltaTable, name: &str) -> Result<Vec<HistoryEntry>> {
+pub(crate) async fn history(table: &DeltaTable, name: &str) -> Result<Vec<HistoryEntry>> {
     let latest = table.version().unwrap_or_default() as i64;
     let mut out: Vec<HistoryEntry> = Vec::new();
     // One GET per commit, 16 at a time.

@@ -15,23 +15,23 @@
 pub(crate) mod aggregate;
 mod as_planned;
 mod build;
-pub mod clustering;
+pub(crate) mod clustering;
 mod context;
 pub(crate) mod damage;
 pub(crate) mod freshness;
 mod incremental;
 mod info;
-pub mod lease;
-pub mod lifecycle;
-pub mod log;
-pub mod meta;
+pub(crate) mod lease;
+pub(crate) mod lifecycle;
+pub(crate) mod log;
+pub(crate) mod meta;
 mod partitions;
 mod plan;
-pub mod quarantine;
-pub mod running;
+pub(crate) mod quarantine;
+pub(crate) mod running;
 pub(crate) mod schedule;
 mod settle;
-pub mod vacuum;
+pub(crate) mod vacuum;
 
 pub(crate) use build::{after_lost_race, build, explain, is_query};
 pub(crate) use context::{Refresher, SliceContext};
@@ -64,7 +64,7 @@ use meta::{Frozen, InputVersion, RefreshMode, SliceMeta, COMMIT_KEY};
 
 /// What a slice is built from: its definition and settings.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct SliceSpec {
+pub(crate) struct SliceSpec {
     /// The defining query (SQL).
     pub definition: String,
     /// Owning team.
@@ -122,7 +122,7 @@ pub struct BuildOutcome {
 
 /// Finds the tables a plan reads, with the versions their providers are pinned to.
 /// Refuses plans that read anything but core tables and slices, or the slice itself.
-pub fn plan_inputs(plan: &LogicalPlan, slice: &SliceName) -> Result<Vec<InputVersion>> {
+pub(crate) fn plan_inputs(plan: &LogicalPlan, slice: &SliceName) -> Result<Vec<InputVersion>> {
     let mut inputs = BTreeMap::new();
     let mut refused: Option<String> = None;
     plan.apply_with_subqueries(|node| {

@@ -42,14 +42,14 @@ use crate::storage::names::SliceName;
 use crate::storage::{journal, Warehouse};
 
 /// Folder of the quarantine records, one per table under the table's own path.
-pub const QUARANTINE_PATH: &str = "_system/quarantine/";
+pub(crate) const QUARANTINE_PATH: &str = "_system/quarantine/";
 
 /// Files checked at once.
 const PARALLEL_CHECKS: usize = 8;
 
 /// A damaged file of a table, as recorded.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Quarantine {
+pub(crate) struct Quarantine {
     /// The file, relative to the table.
     pub file: String,
     /// What is wrong with it.
@@ -79,7 +79,7 @@ impl FileCheck {
 }
 
 /// The error a read of a damaged slice gets: what is wrong, and the two ways to heal it.
-pub fn slice_damaged(slice: &str, file: &str, problem: &str) -> IcePieError {
+pub(crate) fn slice_damaged(slice: &str, file: &str, problem: &str) -> IcePieError {
     IcePieError::Damaged {
         what: format!("slice '{slice}'"),
         file: file.to_string(),
@@ -93,7 +93,12 @@ pub fn slice_damaged(slice: &str, file: &str, problem: &str) -> IcePieError {
 }
 
 /// The error a read of a damaged core table gets, naming the slices that read it.
-pub fn core_damaged(table: &str, file: &str, problem: &str, readers: &[String]) -> IcePieError {
+pub(crate) fn core_damaged(
+    table: &str,
+    file: &str,
+    problem: &str,
+    readers: &[String],
+) -> IcePieError {
     let readers = if readers.is_empty() {
         "none".to_string()
     } else {
@@ -115,7 +120,7 @@ fn record_path(rel: &str) -> Path {
 }
 
 /// The quarantine record of the table at `rel`, if any.
-pub async fn read(warehouse: &Warehouse, rel: &str) -> Result<Option<Quarantine>> {
+pub(crate) async fn read(warehouse: &Warehouse, rel: &str) -> Result<Option<Quarantine>> {
     match warehouse.store().get(&record_path(rel)).await {
         Ok(got) => Ok(serde_json::from_slice(&got.bytes().await?).ok()),
         Err(object_store::Error::NotFound { .. }) => Ok(None),
@@ -124,7 +129,7 @@ pub async fn read(warehouse: &Warehouse, rel: &str) -> Result<Option<Quarantine>
 }
 
 /// The record of `rel` when it names a file of `table`'s loaded version.
-pub async fn in_force(
+pub(crate) async fn in_force(
     warehouse: &Warehouse,
     rel: &str,
     table: &DeltaTable,
@@ -141,7 +146,12 @@ pub async fn in_force(
 }
 
 /// Records `problem` of `file` for the table at `rel`.
-pub async fn record(warehouse: &Warehouse, rel: &str, file: &str, problem: &str) -> Result<()> {
+pub(crate) async fn record(
+    warehouse: &Warehouse,
+    rel: &str,
+    file: &str,
+    problem: &str,
+) -> Result<()> {
     let q = Quarantine {
         file: file.to_string(),
         problem: problem.to_string(),
@@ -157,7 +167,7 @@ pub async fn record(warehouse: &Warehouse, rel: &str, file: &str, problem: &str)
 }
 
 /// Lifts the quarantine of the table at `rel` (nothing when there is none).
-pub async fn clear(warehouse: &Warehouse, rel: &str) -> Result<()> {
+pub(crate) async fn clear(warehouse: &Warehouse, rel: &str) -> Result<()> {
     match warehouse.store().delete(&record_path(rel)).await {
         Ok(()) => {
             journal::note(warehouse.store().as_ref(), rel).await;
@@ -170,7 +180,7 @@ pub async fn clear(warehouse: &Warehouse, rel: &str) -> Result<()> {
 
 /// Checks every file of `table`'s loaded version: present, of the size the log records, and
 /// readable as Parquet (its footer; with `full`, every row too). In the log's file order.
-pub async fn check_files(table: &DeltaTable, full: bool) -> Result<Vec<FileCheck>> {
+pub(crate) async fn check_files(table: &DeltaTable, full: bool) -> Result<Vec<FileCheck>> {
     let store = table.log_store().object_store(None);
     let files: Vec<(Path, i64)> = table
         .snapshot()?
@@ -187,7 +197,7 @@ pub async fn check_files(table: &DeltaTable, full: bool) -> Result<Vec<FileCheck
 }
 
 /// Checks one file at `path` in `store`, whose log records `bytes` bytes.
-pub async fn check_file(
+pub(crate) async fn check_file(
     store: Arc<dyn ObjectStore>,
     path: Path,
     bytes: i64,
@@ -260,7 +270,7 @@ pub struct Verified {
 
 /// `VERIFY SLICE`: checks every file of the version `name` serves, reading every row, and
 /// quarantines the slice when one is damaged or lifts its quarantine when all are sound.
-pub async fn verify(warehouse: &Warehouse, name: &SliceName) -> Result<Verified> {
+pub(crate) async fn verify(warehouse: &Warehouse, name: &SliceName) -> Result<Verified> {
     let rel = Warehouse::slice_path(name);
     let table = warehouse
         .load(&rel, None)

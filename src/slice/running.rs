@@ -44,14 +44,14 @@ use crate::storage::names::SliceName;
 use crate::storage::{table_stats, Warehouse};
 
 /// Folder of the markers, one folder per slice under `<domain>/<name>/`.
-pub const RUNNING_PATH: &str = "_system/running/";
+pub(crate) const RUNNING_PATH: &str = "_system/running/";
 
 /// Heartbeats a marker may miss before its attempt counts as abandoned.
-pub const EXPIRY_HEARTBEATS: u32 = 6;
+pub(crate) const EXPIRY_HEARTBEATS: u32 = 6;
 
 /// What a marker holds.
 #[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct Marker {
+pub(crate) struct Marker {
     /// `domain.name`.
     pub slice: String,
     /// The attempt (matches `system.refreshes.attempt_id`).
@@ -94,7 +94,7 @@ impl Marker {
 
 /// A marker as found in the warehouse, with when it was last renewed.
 #[derive(Debug, Clone)]
-pub struct Found {
+pub(crate) struct Found {
     /// Its content.
     pub marker: Marker,
     /// When its process last renewed it (ms since the epoch).
@@ -107,7 +107,7 @@ impl Found {
     /// True when its process renewed it within the expiry: [`EXPIRY_HEARTBEATS`] of the
     /// heartbeat the marker records (`heartbeat`, the reader's, for markers that record
     /// none), by the store's clock `store_now_ms` (the renewals' stamps are the store's).
-    pub fn live(&self, heartbeat: Duration, store_now_ms: i64) -> bool {
+    pub(crate) fn live(&self, heartbeat: Duration, store_now_ms: i64) -> bool {
         let heartbeat = self
             .marker
             .heartbeat_ms
@@ -138,7 +138,7 @@ pub(crate) fn process() -> String {
 }
 
 /// Lists the markers of `slice`, or of every slice (one listing).
-pub async fn list(warehouse: &Warehouse, slice: Option<&SliceName>) -> Result<Vec<Found>> {
+pub(crate) async fn list(warehouse: &Warehouse, slice: Option<&SliceName>) -> Result<Vec<Found>> {
     let store = warehouse.store();
     let objects: Vec<_> = store.list(Some(&folder(slice))).try_collect().await?;
     let mut out = Vec::new();
@@ -339,7 +339,7 @@ pub(crate) async fn not_logged(
 /// the attempt's row is logged; dropped before that (the attempt was cancelled), it records
 /// the attempt as `cancelled` and deletes the marker in the background, unless the attempt
 /// committed ([`Running::committed`]): then the marker stays for its resolution.
-pub struct Running {
+pub(crate) struct Running {
     warehouse: Warehouse,
     slice: SliceName,
     marker: Marker,
@@ -379,7 +379,7 @@ impl Heartbeat {
 
 impl Running {
     /// Writes the marker of a new attempt and starts renewing it every `heartbeat`.
-    pub async fn start(
+    pub(crate) async fn start(
         warehouse: &Warehouse,
         slice: &SliceName,
         attempt_id: &str,
@@ -417,7 +417,7 @@ impl Running {
     }
 
     /// The attempt's row is in the log: the marker goes.
-    pub async fn finish(mut self) {
+    pub(crate) async fn finish(mut self) {
         if let Some(heartbeat) = self.heartbeat.take() {
             heartbeat.stop().await;
         }
@@ -492,7 +492,7 @@ impl Drop for Running {
 
 /// The rows `system.refreshes` shows for markers: `running`, or `abandoned` when expired
 /// at `store_now_ms` (by the store's clock).
-pub fn as_attempts(found: &[Found], heartbeat: Duration, store_now_ms: i64) -> Vec<Attempt> {
+pub(crate) fn as_attempts(found: &[Found], heartbeat: Duration, store_now_ms: i64) -> Vec<Attempt> {
     found
         .iter()
         .map(|f| {

@@ -64,7 +64,13 @@ impl Drop for Pending {
 
 impl Settling {
     /// Writes `attempt`'s row to its slice's log in the background, then ends its marker.
-    pub fn record(&self, warehouse: &Warehouse, slice: &SliceName, attempt: Attempt, run: Running) {
+    pub(crate) fn record(
+        &self,
+        warehouse: &Warehouse,
+        slice: &SliceName,
+        attempt: Attempt,
+        run: Running,
+    ) {
         self.outcomes
             .lock()
             .expect("settling lock")
@@ -96,7 +102,7 @@ impl Settling {
     }
 
     /// The outcome of attempt `id` if its row is still being written by this process.
-    pub fn outcome(&self, id: &str) -> Option<Attempt> {
+    pub(crate) fn outcome(&self, id: &str) -> Option<Attempt> {
         self.outcomes
             .lock()
             .expect("settling lock")
@@ -105,7 +111,7 @@ impl Settling {
     }
 
     /// Waits until every row recorded so far is written (or given up on).
-    pub async fn flush(&self) {
+    pub(crate) async fn flush(&self) {
         let mut pending = self.pending.subscribe();
         let _ = pending.wait_for(|n| *n == 0).await;
     }

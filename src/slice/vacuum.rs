@@ -57,7 +57,7 @@ pub struct VacuumOutcome {
 }
 
 /// The shortest `icepie.vacuum_grace` VACUUM accepts while `icepie.vacuum_enforce_grace` is on.
-pub const MIN_VACUUM_GRACE: Duration = Duration::from_secs(600);
+pub(crate) const MIN_VACUUM_GRACE: Duration = Duration::from_secs(600);
 
 /// Vacuums one slice with the current settings.
 pub(crate) async fn vacuum(shared: &SliceContext, name: &SliceName) -> Result<VacuumOutcome> {
@@ -181,7 +181,7 @@ async fn vacuum_with(
 
 /// Folder of the VACUUM watermarks: `<domain>/<name>.json` holds the oldest version of the
 /// slice whose files the last VACUUM kept, and the Delta table id of the slice it applies to.
-pub const VACUUMED_PATH: &str = "_system/vacuumed/";
+pub(crate) const VACUUMED_PATH: &str = "_system/vacuumed/";
 
 fn watermark_path(name: &SliceName) -> Path {
     Path::from(format!("{VACUUMED_PATH}{}/{}.json", name.domain, name.name))

@@ -5,7 +5,7 @@
 //! DataFusion untouched, so everything DataFusion accepts keeps working.
 
 pub(crate) mod generalize;
-pub mod parser;
+pub(crate) mod parser;
 pub(crate) mod planner;
 
 use std::fmt;
@@ -18,7 +18,7 @@ use serde::{Deserialize, Serialize};
 use crate::error::{IcePieError, Result};
 use crate::storage::names::SliceName;
 
-pub use parser::parse_sql;
+pub(crate) use parser::parse_sql;
 pub(crate) use planner::Planner;
 
 /// One parsed statement.
@@ -319,7 +319,7 @@ impl fmt::Display for RefreshMode {
 
 /// Parses an interval such as `250ms`, `30 seconds`, `5 minutes`, `1 hour` or `2 days`, as
 /// settings read durations; zero is refused.
-pub fn parse_interval(text: &str) -> Result<Duration> {
+pub(crate) fn parse_interval(text: &str) -> Result<Duration> {
     // One reading of durations everywhere: the one `SET icepie.*` uses.
     match crate::options::Span::parse(text) {
         Some(span) if !span.0.is_zero() => Ok(span.0),

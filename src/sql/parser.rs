@@ -23,7 +23,7 @@ use crate::error::{IcePieError, Result};
 use crate::storage::names::{self, SliceName, DEFAULT_DOMAIN};
 
 /// Parses `sql` into statements (several may be separated by `;`).
-pub fn parse_sql(sql: &str) -> Result<Vec<Statement>> {
+pub(crate) fn parse_sql(sql: &str) -> Result<Vec<Statement>> {
     let dialect = GenericDialect {};
     let mut df = DFParserBuilder::new(sql)
         .with_dialect(&dialect)

@@ -14,13 +14,13 @@ use datafusion::sql::sqlparser::dialect::GenericDialect;
 use crate::error::{IcePieError, Result};
 
 /// Name of the table function reading a slice at a version.
-pub const SLICE_AT: &str = "slice_at";
+pub(crate) const SLICE_AT: &str = "slice_at";
 /// Name of the table function reading a core table at a version.
-pub const CORE_AT: &str = "core_at";
+pub(crate) const CORE_AT: &str = "core_at";
 /// Name of the table function listing the commits of a slice (`SHOW SLICE HISTORY`).
-pub const SLICE_HISTORY: &str = "slice_history";
+pub(crate) const SLICE_HISTORY: &str = "slice_history";
 /// Name of the table function reading a slice no staler than a limit.
-pub const FRESH: &str = "fresh";
+pub(crate) const FRESH: &str = "fresh";
 
 /// Plans statements with icepie's table functions.
 #[async_trait]

@@ -13,7 +13,7 @@ use super::{commit_version, no_table, Warehouse};
 use crate::error::Result;
 
 /// Tables a process keeps loaded at most (each holds its version's file list).
-pub const CACHED_TABLES: usize = 256;
+pub(super) const CACHED_TABLES: usize = 256;
 
 /// A table as last loaded, and the commit file its state ends with.
 #[derive(Debug, Clone)]
@@ -37,7 +37,7 @@ impl Warehouse {
     /// A table loaded at its latest version before is brought up to date from where it was
     /// (reading only the commits since), unless its log was replaced meanwhile: a table
     /// dropped and created again, by any process, is loaded anew.
-    pub async fn load(&self, rel: &str, version: Option<i64>) -> Result<Option<DeltaTable>> {
+    pub(crate) async fn load(&self, rel: &str, version: Option<i64>) -> Result<Option<DeltaTable>> {
         if version.is_some() {
             return self.load_anew(rel, version).await;
         }

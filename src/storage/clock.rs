@@ -17,7 +17,7 @@ use object_store::path::Path;
 use object_store::{ObjectStore, ObjectStoreExt};
 
 /// Folder of the objects written to read the store's clock, one per process while it reads.
-pub const CLOCK_PATH: &str = "_system/clock/";
+pub(crate) const CLOCK_PATH: &str = "_system/clock/";
 
 /// How long a measured offset is used before it is measured again.
 const KEPT: Duration = Duration::from_secs(60);
@@ -32,20 +32,20 @@ static SKEW_MS: LazyLock<i64> = LazyLock::new(|| {
 });
 
 /// This process's clock, in ms since the epoch.
-pub fn local_now_ms() -> i64 {
+pub(crate) fn local_now_ms() -> i64 {
     Utc::now().timestamp_millis().saturating_add(*SKEW_MS)
 }
 
 /// The offset of the store's clock from this process's, measured now and then.
 #[derive(Debug, Default)]
-pub struct StoreClock {
+pub(crate) struct StoreClock {
     offset: Mutex<Option<(Instant, i64)>>,
 }
 
 impl StoreClock {
     /// Now by the store's clock, in ms since the epoch (measuring the offset when the last
     /// measure is older than a minute).
-    pub async fn now_ms(&self, store: &dyn ObjectStore) -> i64 {
+    pub(crate) async fn now_ms(&self, store: &dyn ObjectStore) -> i64 {
         let kept = *self.offset.lock().expect("store clock");
         let offset = match kept {
             Some((at, offset)) if at.elapsed() < KEPT => offset,

@@ -21,18 +21,18 @@ use object_store::{ObjectStore, ObjectStoreExt};
 use crate::error::Result;
 
 /// Folder of the journal.
-pub const CHANGES_PATH: &str = "_system/changes/";
+pub(crate) const CHANGES_PATH: &str = "_system/changes/";
 
 /// How far back a reader looks again at each read: entries written by a process whose clock
 /// is behind (or whose write took long) are still found.
-pub const WINDOW: Duration = Duration::from_secs(120);
+pub(crate) const WINDOW: Duration = Duration::from_secs(120);
 
 /// How long entries are kept.
-pub const KEEP: Duration = Duration::from_secs(3600);
+pub(crate) const KEEP: Duration = Duration::from_secs(3600);
 
 /// Records that the table at `rel` (a warehouse folder, `core/orders/`) changed. Best effort:
 /// the change is made; readers rescan now and then.
-pub async fn note(store: &dyn ObjectStore, rel: &str) {
+pub(crate) async fn note(store: &dyn ObjectStore, rel: &str) {
     let table = rel.trim_end_matches('/').replace('/', ".");
     let key = format!(
         "{CHANGES_PATH}{:013}-{:08x}-{table}",
@@ -56,7 +56,7 @@ fn parse(name: &str) -> Option<(i64, String)> {
 
 /// Reads the journal from where it last read, each entry once.
 #[derive(Debug)]
-pub struct Reader {
+pub(crate) struct Reader {
     store: Arc<dyn ObjectStore>,
     /// Local time (ms) of the last read.
     cursor: i64,
@@ -66,7 +66,7 @@ pub struct Reader {
 
 impl Reader {
     /// A reader of what changes from now on.
-    pub fn from_now(store: Arc<dyn ObjectStore>) -> Self {
+    pub(crate) fn from_now(store: Arc<dyn ObjectStore>) -> Self {
         Self {
             store,
             cursor: Utc::now().timestamp_millis(),
@@ -75,7 +75,7 @@ impl Reader {
     }
 
     /// The folders of the tables changed since the last read: one listing.
-    pub async fn changed(&mut self) -> Result<BTreeSet<String>> {
+    pub(crate) async fn changed(&mut self) -> Result<BTreeSet<String>> {
         let now = Utc::now().timestamp_millis();
         let window = i64::try_from(WINDOW.as_millis()).unwrap_or(i64::MAX);
         let from = self.cursor.saturating_sub(window).max(0);
@@ -107,7 +107,7 @@ impl Reader {
 }
 
 /// Deletes the entries older than [`KEEP`], in batches. Best effort.
-pub async fn prune(store: &Arc<dyn ObjectStore>) {
+pub(crate) async fn prune(store: &Arc<dyn ObjectStore>) {
     let keep = i64::try_from(KEEP.as_millis()).unwrap_or(i64::MAX);
     let cutoff = Utc::now().timestamp_millis().saturating_sub(keep);
     let old: Vec<Path> = store

@@ -16,11 +16,11 @@
 //! but every load checks the log first, so what another process committed is always seen.
 
 mod cache;
-pub mod clock;
-pub mod journal;
+pub(crate) mod clock;
+pub(crate) mod journal;
 pub(crate) mod location;
-pub mod names;
-pub mod tracked;
+pub(crate) mod names;
+pub(crate) mod tracked;
 
 use cache::Cached;
 
@@ -40,11 +40,11 @@ use names::SliceName;
 use tracked::TrackedStore;
 
 /// Folder of the refresh logs, one Delta table per slice under `<domain>/<name>/`.
-pub const REFRESHES_PATH: &str = "_system/refreshes/";
+pub(crate) const REFRESHES_PATH: &str = "_system/refreshes/";
 /// Folder of the core tables.
-pub const CORE_DIR: &str = "core";
+pub(crate) const CORE_DIR: &str = "core";
 /// Folder of the slice domains.
-pub const SLICES_DIR: &str = "slices";
+pub(crate) const SLICES_DIR: &str = "slices";
 
 /// Table property that stops delta-rs from deleting old commit files after each commit.
 ///
@@ -53,7 +53,7 @@ pub const SLICES_DIR: &str = "slices";
 /// log are trimmed by VACUUM to what the retained versions need (see `slice::vacuum`). Delta's
 /// own age-based clean-up (`delta.logRetentionDuration`, 30 days) would delete commits that
 /// time travel still needs, and lists the whole log on every commit to do it.
-pub const NO_EXPIRED_LOG_CLEANUP: (&str, Option<&str>) =
+pub(crate) const NO_EXPIRED_LOG_CLEANUP: (&str, Option<&str>) =
     ("delta.enableExpiredLogCleanup", Some("false"));
 
 /// Table property that makes delta-rs write a checkpoint every 10 commits on slices and
@@ -64,13 +64,14 @@ pub const NO_EXPIRED_LOG_CLEANUP: (&str, Option<&str>) =
 /// commits once per refresh and its checkpoint holds only the files of one version, so
 /// checkpoints are small. Core tables keep Delta's default: each ingest adds files and a
 /// checkpoint lists them all.
-pub const FREQUENT_CHECKPOINTS: (&str, Option<&str>) = ("delta.checkpointInterval", Some("10"));
+pub(crate) const FREQUENT_CHECKPOINTS: (&str, Option<&str>) =
+    ("delta.checkpointInterval", Some("10"));
 
 /// Default warehouse location when none is given.
 pub const DEFAULT_LOCATION: &str = "./icepie-data";
 
 /// Where one write to a table starts: see [`Warehouse::write_base`].
-pub struct WriteBase {
+pub(crate) struct WriteBase {
     /// The table's log store, writing through `tracked`.
     pub log_store: LogStoreRef,
     /// The version the write commits on top of; `None` to create the table.
@@ -81,7 +82,7 @@ pub struct WriteBase {
 
 /// One warehouse location and the means to open the Delta tables in it.
 #[derive(Debug, Clone)]
-pub struct Warehouse {
+pub(crate) struct Warehouse {
     root: Url,
     custom_store: Option<Arc<dyn ObjectStore>>,
     storage_options: HashMap<String, String>,
@@ -101,7 +102,7 @@ impl Warehouse {
     ///
     /// `custom_store`, when given, is used for every read and write; it must have "/" at the
     /// root of the URL's object store (for a local path, the file system root).
-    pub fn open(
+    pub(crate) fn open(
         location: &str,
         custom_store: Option<Arc<dyn ObjectStore>>,
         storage_options: HashMap<String, String>,
@@ -154,37 +155,37 @@ impl Warehouse {
 
     /// Now by the clock of the warehouse's store (ms since the epoch): what renewals of
     /// leases and running markers are stamped with, whatever this process's clock says.
-    pub async fn store_now_ms(&self) -> i64 {
+    pub(crate) async fn store_now_ms(&self) -> i64 {
         self.clock.now_ms(self.root_store.as_ref()).await
     }
 
     /// The warehouse root URL (ends with `/`).
-    pub fn url(&self) -> &Url {
+    pub(crate) fn url(&self) -> &Url {
         &self.root
     }
 
     /// The object store of the warehouse, with paths relative to its root.
-    pub fn store(&self) -> Arc<dyn ObjectStore> {
+    pub(crate) fn store(&self) -> Arc<dyn ObjectStore> {
         self.root_store.clone()
     }
 
     /// Relative path of a core table.
-    pub fn core_path(name: &str) -> String {
+    pub(crate) fn core_path(name: &str) -> String {
         format!("{CORE_DIR}/{name}/")
     }
 
     /// Relative path of a slice.
-    pub fn slice_path(name: &SliceName) -> String {
+    pub(crate) fn slice_path(name: &SliceName) -> String {
         format!("{SLICES_DIR}/{}/{}/", name.domain, name.name)
     }
 
     /// Relative path of a slice's refresh log.
-    pub fn refreshes_path(name: &SliceName) -> String {
+    pub(crate) fn refreshes_path(name: &SliceName) -> String {
         format!("{REFRESHES_PATH}{}/{}/", name.domain, name.name)
     }
 
     /// A Delta table builder for the table at `rel` (a path built by this module).
-    pub fn builder(&self, rel: &str) -> Result<DeltaTableBuilder> {
+    pub(crate) fn builder(&self, rel: &str) -> Result<DeltaTableBuilder> {
         self.builder_on(rel, self.custom_store.clone())
     }
 
@@ -206,14 +207,14 @@ impl Warehouse {
     }
 
     /// An unloaded handle on the table at `rel`, for creating it.
-    pub fn handle(&self, rel: &str) -> Result<DeltaTable> {
+    pub(crate) fn handle(&self, rel: &str) -> Result<DeltaTable> {
         Ok(self.builder(rel)?.build()?)
     }
 
     /// What a write to the table at `rel` starts from: a log store that tracks the files the
     /// write creates (so that a failed write can take back exactly those, see [`tracked`])
     /// and, when the table exists (`existing`), the snapshot the write commits on top of.
-    pub fn write_base(&self, rel: &str, existing: Option<&DeltaTable>) -> Result<WriteBase> {
+    pub(crate) fn write_base(&self, rel: &str, existing: Option<&DeltaTable>) -> Result<WriteBase> {
         let inner = self
             .custom_store
             .clone()
@@ -236,7 +237,10 @@ impl Warehouse {
 
     /// The table at `rel` at its latest version, loaded anew through a store that tracks what
     /// a write on it creates (for commits made through the table's own operations).
-    pub async fn load_tracked(&self, rel: &str) -> Result<Option<(DeltaTable, Arc<TrackedStore>)>> {
+    pub(crate) async fn load_tracked(
+        &self,
+        rel: &str,
+    ) -> Result<Option<(DeltaTable, Arc<TrackedStore>)>> {
         let inner = self
             .custom_store
             .clone()
@@ -254,7 +258,7 @@ impl Warehouse {
     /// its commit landed (a failed checkpoint, a failed read-back), the table at the version
     /// it committed. Only when even that cannot be read is it an error, which says the
     /// change was committed so that nobody makes it twice.
-    pub async fn landed(
+    pub(crate) async fn landed(
         &self,
         rel: &str,
         tracked: &TrackedStore,
@@ -298,7 +302,7 @@ impl Warehouse {
     }
 
     /// Names of the folders directly under `rel` that are valid names.
-    pub async fn list_children(&self, rel: &str) -> Result<Vec<String>> {
+    pub(crate) async fn list_children(&self, rel: &str) -> Result<Vec<String>> {
         let listing = self
             .root_store
             .list_with_delimiter(Some(&Path::from(rel)))
@@ -320,7 +324,7 @@ impl Warehouse {
     /// the checkpoints (oldest first), then commit 0. A drop stopped before the last of them
     /// leaves a table readable at its latest version; from then on what is left is no table
     /// (see [`Warehouse::log_start`]), so the rest goes in batches (S3's DeleteObjects).
-    pub async fn delete_prefix(&self, rel: &str) -> Result<()> {
+    pub(crate) async fn delete_prefix(&self, rel: &str) -> Result<()> {
         self.latest
             .lock()
             .expect("table cache")
@@ -363,7 +367,7 @@ impl Warehouse {
     /// Found from the latest checkpoint onward, never by walking the log from version 0: old
     /// commit files may be gone (Delta's log clean-up, another engine's, or VACUUM's). One GET
     /// of `_last_checkpoint` and one listing of the commits after it.
-    pub async fn latest_version(&self, rel: &str) -> Result<Option<i64>> {
+    pub(crate) async fn latest_version(&self, rel: &str) -> Result<Option<i64>> {
         let log = format!("{rel}_delta_log/");
         let hint = Path::from(format!("{log}_last_checkpoint"));
         let checkpoint = match self.root_store.get(&hint).await {
@@ -391,7 +395,7 @@ impl Warehouse {
     }
 
     /// True when a Delta log exists under `rel`.
-    pub async fn has_log(&self, rel: &str) -> Result<bool> {
+    pub(crate) async fn has_log(&self, rel: &str) -> Result<bool> {
         let log = Path::from(format!("{rel}_delta_log"));
         let mut listing = self.root_store.list(Some(&log));
         Ok(listing.try_next().await?.is_some())
@@ -402,7 +406,7 @@ impl Warehouse {
     /// it holds only what a dropped table left: commits that do not start at version 0 and no
     /// checkpoint, as a drop stopped half-way, or a commit another process made after a drop
     /// removed the log, leaves. Such remains are no table. One listing of the log.
-    pub async fn log_start(&self, rel: &str) -> Result<Option<bool>> {
+    pub(crate) async fn log_start(&self, rel: &str) -> Result<Option<bool>> {
         let files = self.log_files(rel).await?;
         Ok((!files.is_empty()).then(|| starts_a_table(&files)))
     }
@@ -422,7 +426,7 @@ impl Warehouse {
     /// so that a table can be created there; returns true when a table is there (then, as
     /// when nothing is, nothing is deleted). One listing of the log. Data files are left to
     /// VACUUM: a table being created there by another process may be writing its own.
-    pub async fn clear_remains(&self, rel: &str) -> Result<bool> {
+    pub(crate) async fn clear_remains(&self, rel: &str) -> Result<bool> {
         let files = self.log_files(rel).await?;
         if files.is_empty() || starts_a_table(&files) {
             return Ok(!files.is_empty());
@@ -549,7 +553,7 @@ fn metadata_field(table: &DeltaTable, field: &str) -> Option<serde_json::Value> 
 }
 
 /// The size of the loaded version of `table`, from its Delta log alone.
-pub fn table_stats(table: &DeltaTable) -> Result<TableStats> {
+pub(crate) fn table_stats(table: &DeltaTable) -> Result<TableStats> {
     let mut stats = TableStats::default();
     for file in table.snapshot()?.log_data().iter() {
         stats.files += 1;

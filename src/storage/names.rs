@@ -15,11 +15,11 @@ use std::fmt;
 use crate::error::{IcePieError, Result};
 
 /// The domain of slices whose name has no domain.
-pub const DEFAULT_DOMAIN: &str = "slices";
+pub(crate) const DEFAULT_DOMAIN: &str = "slices";
 /// The schema of the frozen core.
-pub const CORE_SCHEMA: &str = "core";
+pub(crate) const CORE_SCHEMA: &str = "core";
 /// The schema of the system tables.
-pub const SYSTEM_SCHEMA: &str = "system";
+pub(crate) const SYSTEM_SCHEMA: &str = "system";
 
 /// Names that cannot be domains because a schema of that name already means something else.
 const RESERVED_DOMAINS: &[&str] = &[
@@ -32,7 +32,7 @@ const RESERVED_DOMAINS: &[&str] = &[
 ];
 
 /// Checks one name part against `^[a-z][a-z0-9_]{0,62}$`.
-pub fn validate_name(name: &str) -> Result<()> {
+pub(crate) fn validate_name(name: &str) -> Result<()> {
     let reason = if name.is_empty() {
         Some("a name cannot be empty")
     } else if name.len() > 63 {
@@ -57,7 +57,7 @@ pub fn validate_name(name: &str) -> Result<()> {
 }
 
 /// Checks a domain name: a valid name that is not a reserved schema.
-pub fn validate_domain(domain: &str) -> Result<()> {
+pub(crate) fn validate_domain(domain: &str) -> Result<()> {
     validate_name(domain)?;
     if RESERVED_DOMAINS.contains(&domain) {
         return Err(IcePieError::InvalidName {
@@ -104,7 +104,7 @@ impl fmt::Display for SliceName {
 }
 
 /// The core table named by the parts of a SQL name: `name` or `core.name`.
-pub fn core_name(parts: &[String]) -> Result<String> {
+pub(crate) fn core_name(parts: &[String]) -> Result<String> {
     let refuse = |reason: String| IcePieError::InvalidName {
         name: parts.join("."),
         reason,

@@ -30,7 +30,7 @@ use object_store::{
 
 /// Wraps an object store and records the paths created through it.
 #[derive(Debug)]
-pub struct TrackedStore {
+pub(crate) struct TrackedStore {
     inner: Arc<dyn ObjectStore>,
     written: Arc<Mutex<Vec<Path>>>,
     /// Where to note a commit: the warehouse's store and the table's folder in it.
@@ -39,7 +39,7 @@ pub struct TrackedStore {
 
 impl TrackedStore {
     /// Tracks writes through `inner`.
-    pub fn new(inner: Arc<dyn ObjectStore>) -> Self {
+    pub(crate) fn new(inner: Arc<dyn ObjectStore>) -> Self {
         Self {
             inner,
             written: Arc::default(),
@@ -49,7 +49,7 @@ impl TrackedStore {
 
     /// Also notes each commit in the change journal of `warehouse` (a store rooted at the
     /// warehouse) as a change of the table at `rel`.
-    pub fn with_journal(mut self, warehouse: Arc<dyn ObjectStore>, rel: &str) -> Self {
+    pub(crate) fn with_journal(mut self, warehouse: Arc<dyn ObjectStore>, rel: &str) -> Self {
         self.journal = Some((warehouse, rel.to_string()));
         self
     }
@@ -66,26 +66,26 @@ impl TrackedStore {
     }
 
     /// Paths created so far.
-    pub fn written(&self) -> Vec<Path> {
+    pub(crate) fn written(&self) -> Vec<Path> {
         self.written.lock().map(|w| w.clone()).unwrap_or_default()
     }
 
     /// True when a Delta commit file (`_delta_log/<version>.json`) was created through this
     /// store: the write committed.
-    pub fn committed(&self) -> bool {
+    pub(crate) fn committed(&self) -> bool {
         self.committed_version().is_some()
     }
 
     /// The version of the Delta commit file created through this store, if any: the write
     /// committed as that version, whatever error came after (a failed checkpoint, a failed
     /// read of the new version).
-    pub fn committed_version(&self) -> Option<i64> {
+    pub(crate) fn committed_version(&self) -> Option<i64> {
         self.written().iter().find_map(commit_version)
     }
 
     /// Deletes every path this write created, unless it committed. Returns how many were
     /// deleted. Best effort: a file that cannot be deleted is an orphan VACUUM removes later.
-    pub async fn take_back(&self) -> usize {
+    pub(crate) async fn take_back(&self) -> usize {
         if self.committed() {
             return 0;
         }
@@ -102,7 +102,7 @@ impl TrackedStore {
 
     /// Deletes every path this write created, its commit first, although it committed: the
     /// table it committed to was dropped meanwhile, and what is left is no table. Best effort.
-    pub async fn withdraw(&self) {
+    pub(crate) async fn withdraw(&self) {
         let mut written = self.written();
         // The commit goes first: without it the rest is unreferenced.
         written.sort_by_key(|p| commit_version(p).is_none());
@@ -128,16 +128,16 @@ fn commit_version(p: &Path) -> Option<i64> {
 /// Takes back what a write created unless told it succeeded: awaited when the write fails
 /// ([`TakeBack::finish`]), spawned when the write is dropped half-way (a cancelled statement).
 #[derive(Debug)]
-pub struct TakeBack(Option<Arc<TrackedStore>>);
+pub(crate) struct TakeBack(Option<Arc<TrackedStore>>);
 
 impl TakeBack {
     /// Guards the write going through `store`.
-    pub fn new(store: Arc<TrackedStore>) -> Self {
+    pub(crate) fn new(store: Arc<TrackedStore>) -> Self {
         Self(Some(store))
     }
 
     /// The write ended: keeps its files if it succeeded, deletes them if it failed.
-    pub async fn finish<T, E>(mut self, result: &std::result::Result<T, E>) {
+    pub(crate) async fn finish<T, E>(mut self, result: &std::result::Result<T, E>) {
         if let Some(store) = self.0.take() {
             if result.is_err() {
                 store.take_back().await;

@@ -43,12 +43,12 @@ pub(crate) struct LatestTable {
 
 impl LatestTable {
     /// Qualified name (`core.t`, `finance.revenue`).
-    pub fn name(&self) -> &str {
+    pub(crate) fn name(&self) -> &str {
         &self.name
     }
 
     /// Kind of table.
-    pub fn kind(&self) -> TableKind {
+    pub(crate) fn kind(&self) -> TableKind {
         self.kind
     }
 

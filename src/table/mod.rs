@@ -50,7 +50,7 @@ pub(crate) const HIDDEN: &str = "__icepie_";
 
 /// Which kind of icepie table a provider serves.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum TableKind {
+pub(crate) enum TableKind {
     /// A table of the frozen core.
     Core,
     /// A slice.
@@ -95,7 +95,7 @@ pub(crate) fn logging_scans_now() -> bool {
 
 /// A read-only Delta table pinned to one version.
 #[derive(Clone)]
-pub struct IcePieTable {
+pub(crate) struct IcePieTable {
     kind: TableKind,
     name: String,
     version: i64,
@@ -130,7 +130,7 @@ impl fmt::Debug for IcePieTable {
 
 impl IcePieTable {
     /// Wraps a loaded Delta table; `name` is the qualified SQL name (`core.events`).
-    pub async fn try_new(kind: TableKind, name: String, table: DeltaTable) -> Result<Self> {
+    pub(crate) async fn try_new(kind: TableKind, name: String, table: DeltaTable) -> Result<Self> {
         Self::build(kind, name, table, kind == TableKind::Slice).await
     }
 
@@ -259,7 +259,7 @@ impl IcePieTable {
     }
 
     /// Marks this provider as reading a version the SQL named (`core_at`, `slice_at`).
-    pub fn pinned(mut self) -> Self {
+    pub(crate) fn pinned(mut self) -> Self {
         self.pinned = true;
         self
     }
@@ -282,27 +282,27 @@ impl IcePieTable {
     }
 
     /// True for a version the SQL named rather than the latest.
-    pub fn is_pinned(&self) -> bool {
+    pub(crate) fn is_pinned(&self) -> bool {
         self.pinned
     }
 
     /// Kind of table.
-    pub fn kind(&self) -> TableKind {
+    pub(crate) fn kind(&self) -> TableKind {
         self.kind
     }
 
     /// Qualified name, e.g. `core.events` or `finance.revenue`.
-    pub fn name(&self) -> &str {
+    pub(crate) fn name(&self) -> &str {
         &self.name
     }
 
     /// The Delta version this provider reads.
-    pub fn version(&self) -> i64 {
+    pub(crate) fn version(&self) -> i64 {
         self.version
     }
 
     /// The error a plain-SQL write of kind `what` (INSERT, UPDATE, ...) at this table gets.
-    pub fn write_refused(&self, what: &str) -> IcePieError {
+    pub(crate) fn write_refused(&self, what: &str) -> IcePieError {
         let name = &self.name;
         let msg = match self.kind {
             TableKind::Core if what == "INSERT" => format!(

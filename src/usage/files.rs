@@ -32,7 +32,7 @@ use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutOptions};
 use crate::error::{IcePieError, Result};
 
 /// Folder of the usage files, one folder per day under it.
-pub const USAGE_PATH: &str = "_system/usage";
+pub(crate) const USAGE_PATH: &str = "_system/usage";
 
 /// A past day's files merged into one.
 const COMPACTED: &str = "compacted.parquet";
@@ -78,7 +78,7 @@ pub(crate) struct Sums {
 
 impl Sums {
     /// Adds `other`'s counts to these.
-    pub fn add(&mut self, other: &Sums) {
+    pub(crate) fn add(&mut self, other: &Sums) {
         if self.queries == 0 {
             self.columns = other.columns.clone();
             self.first_at = other.first_at;
@@ -104,7 +104,7 @@ impl Sums {
 pub(crate) type Rows = HashMap<Key, Sums>;
 
 /// Schema of the usage files (and of what [`read`] returns).
-pub static SCHEMA: LazyLock<SchemaRef> = LazyLock::new(|| {
+pub(crate) static SCHEMA: LazyLock<SchemaRef> = LazyLock::new(|| {
     let ts = super::ts();
     let int = |name| Field::new(name, DataType::Int64, false);
     Arc::new(Schema::new(vec![

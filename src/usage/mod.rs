@@ -85,7 +85,7 @@ pub(crate) enum Use {
 impl Use {
     /// The name stored and shown: `filter_eq`, `filter_range`, `filter_in`, `filter_other`,
     /// `group`, `join`.
-    pub fn name(self) -> &'static str {
+    pub(crate) fn name(self) -> &'static str {
         match self {
             Use::FilterEq => "filter_eq",
             Use::FilterRange => "filter_range",
@@ -119,7 +119,7 @@ pub(crate) fn shape<'a>(tables: impl IntoIterator<Item = (&'a String, &'a Column
 
 /// How much a table is read.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
-pub struct Demand {
+pub(crate) struct Demand {
     /// The latest read recorded (ms since the epoch).
     pub last_read: Option<i64>,
     /// Queries per day over the last week.
@@ -228,17 +228,17 @@ pub(crate) struct Clock(Arc<dyn Fn() -> i64 + Send + Sync>);
 
 impl Clock {
     /// The system's clock.
-    pub fn system() -> Self {
+    pub(crate) fn system() -> Self {
         Self(Arc::new(now_ms))
     }
 
     /// A clock that reads `f`.
-    pub fn new(f: impl Fn() -> i64 + Send + Sync + 'static) -> Self {
+    pub(crate) fn new(f: impl Fn() -> i64 + Send + Sync + 'static) -> Self {
         Self(Arc::new(f))
     }
 
     /// Now, in milliseconds since the epoch.
-    pub fn now_ms(&self) -> i64 {
+    pub(crate) fn now_ms(&self) -> i64 {
         (self.0)()
     }
 }
@@ -284,13 +284,17 @@ const RECORDED_FOR: Duration = Duration::from_secs(30);
 
 impl Usage {
     /// The latest read of each table by this process (written or not yet).
-    pub fn local_reads(&self) -> std::collections::HashMap<String, i64> {
+    pub(crate) fn local_reads(&self) -> std::collections::HashMap<String, i64> {
         self.local.lock().map(|l| l.clone()).unwrap_or_default()
     }
 
     /// Starts the usage task of the warehouse whose store (paths relative to its root) is
     /// `store`. The task ends once every handle is dropped, after writing what it holds.
-    pub fn start(store: Arc<dyn ObjectStore>, retention: Duration, clock: Clock) -> Arc<Self> {
+    pub(crate) fn start(
+        store: Arc<dyn ObjectStore>,
+        retention: Duration,
+        clock: Clock,
+    ) -> Arc<Self> {
         let (sender, receiver) = mpsc::channel(QUEUE);
         let process = format!(
             "{}-{}",
@@ -328,7 +332,7 @@ impl Usage {
     /// earlier days may be included: callers filter by day). What was read is served for
     /// [`RECORDED_FOR`], or until this process writes its own usage; when the files cannot
     /// be read, what was read before is served, and the error only when nothing was.
-    pub async fn recorded(&self, since: i32) -> crate::error::Result<Arc<Rows>> {
+    pub(crate) async fn recorded(&self, since: i32) -> crate::error::Result<Arc<Rows>> {
         let mut cache = self.cache.lock().await;
         let written = self.written.load(Ordering::Acquire);
         if let Some(c) = cache
@@ -356,7 +360,7 @@ impl Usage {
     }
 
     /// Queues `readings` for the usage task, or drops them when the queue is full.
-    pub fn record(&self, readings: Vec<Reading>) {
+    pub(crate) fn record(&self, readings: Vec<Reading>) {
         let n = readings.len() as u64;
         if n > 0 && self.sender.try_send(Message::Readings(readings)).is_err() {
             self.dropped.fetch_add(n, Ordering::Relaxed);
@@ -364,7 +368,7 @@ impl Usage {
     }
 
     /// Writes everything recorded so far to the warehouse, and waits until it is written.
-    pub async fn flush(&self) {
+    pub(crate) async fn flush(&self) {
         let (done, wait) = oneshot::channel();
         if self.sender.send(Message::Flush(done)).await.is_ok() {
             let _ = wait.await;
@@ -378,7 +382,7 @@ impl Usage {
     }
 
     /// Sets how long usage is kept.
-    pub fn set_retention(&self, retention: Duration) {
+    pub(crate) fn set_retention(&self, retention: Duration) {
         self.retention_ms
             .store(millis(retention), Ordering::Relaxed);
     }

@@ -41,7 +41,7 @@ mod usage;
 pub(crate) use history::{history_schema, history_table};
 
 /// Names of the system tables.
-pub const TABLES: [&str; 6] = [
+pub(crate) const TABLES: [&str; 6] = [
     "core_tables",
     "proposals",
     "refreshes",
@@ -53,7 +53,7 @@ pub const TABLES: [&str; 6] = [
 pub(crate) use crate::usage::ts;
 
 /// Schema of `system.core_tables`.
-pub static CORE_TABLES_SCHEMA: LazyLock<SchemaRef> = LazyLock::new(|| {
+pub(crate) static CORE_TABLES_SCHEMA: LazyLock<SchemaRef> = LazyLock::new(|| {
     Arc::new(Schema::new(vec![
         Field::new("name", DataType::Utf8, false),
         Field::new("version", DataType::Int64, false),
@@ -66,7 +66,7 @@ pub static CORE_TABLES_SCHEMA: LazyLock<SchemaRef> = LazyLock::new(|| {
 });
 
 /// Schema of `system.slices`.
-pub static SLICES_SCHEMA: LazyLock<SchemaRef> = LazyLock::new(|| {
+pub(crate) static SLICES_SCHEMA: LazyLock<SchemaRef> = LazyLock::new(|| {
     Arc::new(Schema::new(vec![
         Field::new("domain", DataType::Utf8, false),
         Field::new("name", DataType::Utf8, false),
@@ -98,7 +98,7 @@ pub static SLICES_SCHEMA: LazyLock<SchemaRef> = LazyLock::new(|| {
 });
 
 /// Schema of `system.proposals`.
-pub static PROPOSALS_SCHEMA: LazyLock<SchemaRef> = LazyLock::new(|| {
+pub(crate) static PROPOSALS_SCHEMA: LazyLock<SchemaRef> = LazyLock::new(|| {
     Arc::new(Schema::new(vec![
         Field::new("id", DataType::Int64, false),
         Field::new("kind", DataType::Utf8, false),
@@ -116,7 +116,7 @@ pub(crate) struct SystemSchema {
 }
 
 impl SystemSchema {
-    pub fn new(shared: Arc<CatalogState>) -> Self {
+    pub(crate) fn new(shared: Arc<CatalogState>) -> Self {
         Self { shared }
     }
 }

@@ -18,7 +18,7 @@ use crate::catalog::state::CatalogState;
 use crate::usage::files::{batch, day_of, read};
 
 /// Schema of `system.usage`.
-pub static USAGE_SCHEMA: LazyLock<SchemaRef> = LazyLock::new(|| {
+pub(super) static USAGE_SCHEMA: LazyLock<SchemaRef> = LazyLock::new(|| {
     let int = |name| Field::new(name, DataType::Int64, true);
     Arc::new(Schema::new(vec![
         Field::new("day", DataType::Date32, false),
@@ -40,7 +40,7 @@ pub static USAGE_SCHEMA: LazyLock<SchemaRef> = LazyLock::new(|| {
 });
 
 /// Schema of `system.usage_columns`.
-pub static USAGE_COLUMNS_SCHEMA: LazyLock<SchemaRef> = LazyLock::new(|| {
+pub(super) static USAGE_COLUMNS_SCHEMA: LazyLock<SchemaRef> = LazyLock::new(|| {
     let int = |name| Field::new(name, DataType::Int64, true);
     Arc::new(Schema::new(vec![
         Field::new("table", DataType::Utf8, false),

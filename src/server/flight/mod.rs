@@ -78,10 +78,10 @@ use crate::error::{IcePieError, Result};
 use crate::sql::Statement;
 
 /// How long a statement's result waits for its `DoGet` before it is dropped.
-pub const RESULT_TTL: Duration = Duration::from_secs(600);
+pub(super) const RESULT_TTL: Duration = Duration::from_secs(600);
 
 /// How long a prepared statement, or a bearer token, may go unused before it is dropped.
-pub const IDLE_TTL: Duration = Duration::from_secs(24 * 3600);
+pub(super) const IDLE_TTL: Duration = Duration::from_secs(24 * 3600);
 
 /// At most this many results wait for their `DoGet` at once; beyond, statements are refused
 /// until some are read or expire.

@@ -59,7 +59,7 @@ impl LogCache {
     /// last call: the commits since then and their files. Only when those commits are gone
     /// (Delta's log clean-up) is the whole log read again. With `upto`, as of that version
     /// of the log, unless this process has already read further.
-    pub async fn attempts(
+    pub(crate) async fn attempts(
         &self,
         warehouse: &Warehouse,
         slice: &SliceName,

@@ -31,7 +31,7 @@ mod cache;
 pub(crate) use cache::LogCache;
 
 /// Schema of `system.refreshes`.
-pub static SCHEMA: LazyLock<SchemaRef> = LazyLock::new(|| {
+pub(crate) static SCHEMA: LazyLock<SchemaRef> = LazyLock::new(|| {
     let ts = DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into()));
     Arc::new(Schema::new(vec![
         Field::new("slice", DataType::Utf8, false),
@@ -58,25 +58,25 @@ pub static SCHEMA: LazyLock<SchemaRef> = LazyLock::new(|| {
 });
 
 /// Status of a successful attempt.
-pub const SUCCESS: &str = "success";
+pub(crate) const SUCCESS: &str = "success";
 /// Status of a refresh that found its inputs at the very versions its slice was built from:
 /// it committed nothing (`REFRESH SLICE` answered "nothing to do").
-pub const NO_CHANGE: &str = "no_change";
+pub(crate) const NO_CHANGE: &str = "no_change";
 /// Status of a failed attempt.
-pub const FAILED: &str = "failed";
+pub(crate) const FAILED: &str = "failed";
 /// Status of an attempt cancelled before it committed (Ctrl-C, a stopped scheduler).
-pub const CANCELLED: &str = "cancelled";
+pub(crate) const CANCELLED: &str = "cancelled";
 /// Status of an attempt whose process died (or lost its storage) before it ended.
-pub const ABANDONED: &str = "abandoned";
+pub(crate) const ABANDONED: &str = "abandoned";
 /// Status `system.refreshes` shows for an attempt still running (never stored).
-pub const RUNNING: &str = "running";
+pub(crate) const RUNNING: &str = "running";
 /// Status of an attempt that lost a race: another writer committed the slice while it ran.
 /// It is not a failure of the slice: the winner's version is served.
-pub const CONFLICT: &str = "conflict";
+pub(crate) const CONFLICT: &str = "conflict";
 
 /// One refresh attempt.
 #[derive(Debug, Clone)]
-pub struct Attempt {
+pub(crate) struct Attempt {
     /// `domain.name`.
     pub slice: String,
     /// Unique id of the attempt.
@@ -108,7 +108,7 @@ pub struct Attempt {
 
 impl Attempt {
     /// The attempt as one row of [`SCHEMA`].
-    pub fn to_batch(&self) -> Result<RecordBatch> {
+    pub(crate) fn to_batch(&self) -> Result<RecordBatch> {
         let columns: Vec<ArrayRef> = vec![
             Arc::new(StringArray::from(vec![self.slice.as_str()])),
             Arc::new(StringArray::from(vec![self.attempt_id.as_str()])),
@@ -143,7 +143,11 @@ impl Attempt {
 }
 
 /// Appends one attempt to the slice's log (creating the log on first use).
-pub async fn append(warehouse: &Warehouse, slice: &SliceName, attempt: &Attempt) -> Result<()> {
+pub(crate) async fn append(
+    warehouse: &Warehouse,
+    slice: &SliceName,
+    attempt: &Attempt,
+) -> Result<()> {
     let batch = attempt.to_batch()?;
     let rel = Warehouse::refreshes_path(slice);
     // Two processes may both find no log and race to create it; the loser appends after.
@@ -186,7 +190,7 @@ pub async fn append(warehouse: &Warehouse, slice: &SliceName, attempt: &Attempt)
 }
 
 /// A refresh log holding this many files is compacted.
-pub const COMPACT_AT: usize = 32;
+pub(crate) const COMPACT_AT: usize = 32;
 
 /// Files of a refresh log stop being compacted again once this big.
 const COMPACTED_SIZE: u64 = 1 << 20;
@@ -241,7 +245,7 @@ async fn compact(warehouse: &Warehouse, rel: &str) {
 
 /// What the log says of one attempt, as far as slice states need it.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct AttemptSummary {
+pub(crate) struct AttemptSummary {
     /// The attempt's id (as its marker names it).
     pub attempt_id: String,
     /// `create`, `refresh` or `replace`.
@@ -262,7 +266,7 @@ pub struct AttemptSummary {
 /// is `id` and that was created at `created_ms`: a slice made again under a dropped slice's
 /// name inherits none of its attempts. Attempts logged without an id (before ids were logged,
 /// or a first build that failed) count when they started after the slice was created.
-pub fn of_slice(
+pub(crate) fn of_slice(
     attempts: Vec<AttemptSummary>,
     id: Option<&str>,
     created_ms: Option<i64>,
@@ -278,7 +282,7 @@ pub fn of_slice(
 
 /// Attempts of one slice that matter to its state: failures since its latest commit.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Failures {
+pub(crate) struct Failures {
     /// Failed refreshes that started after the slice's latest commit, in a row (failed
     /// replaces not counted).
     pub count: u32,
@@ -288,13 +292,13 @@ pub struct Failures {
 
 /// Attempts kept per slice: enough to count failures in a row up to any sensible
 /// `max_failures`.
-pub const KEPT_PER_SLICE: usize = 128;
+pub(crate) const KEPT_PER_SLICE: usize = 128;
 
 /// Failed attempts among `attempts` (oldest first) that started at or after `since` (ms),
 /// the slice's latest commit. A failed `CREATE OR REPLACE` is shown (it is the latest error)
 /// but not counted: the slice still serves its definition as before, so a user's bad new
 /// definition never brings it nearer to suspension.
-pub fn failures_since(attempts: &[AttemptSummary], since: i64) -> Failures {
+pub(crate) fn failures_since(attempts: &[AttemptSummary], since: i64) -> Failures {
     let mut out = Failures::default();
     for a in attempts {
         if a.started_at >= since && a.status == FAILED {
