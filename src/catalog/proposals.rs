@@ -509,12 +509,15 @@ pub(crate) async fn list(shared: &CatalogState) -> Result<Vec<Proposal>> {
     for info in &slices {
         // A refresh log that cannot be read now counts no refreshes.
         let all = shared.attempts(&info.name).await.unwrap_or_default();
-        let starts =
-            crate::slice::log::of_slice(all, info.slice_id.as_deref(), info.meta.created_at)
-                .into_iter()
-                .filter(|a| a.kind == "refresh" && a.status == crate::slice::log::SUCCESS)
-                .map(|a| a.started_at)
-                .collect::<Vec<_>>();
+        let starts = crate::slice::refresh_log::of_slice(
+            all,
+            info.slice_id.as_deref(),
+            info.meta.created_at,
+        )
+        .into_iter()
+        .filter(|a| a.kind == "refresh" && a.status == crate::slice::refresh_log::SUCCESS)
+        .map(|a| a.started_at)
+        .collect::<Vec<_>>();
         refreshes.insert(info.name.clone(), starts);
     }
     let all = propose(&Evidence {

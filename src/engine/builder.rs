@@ -111,7 +111,7 @@ impl IcePieBuilder {
             options.usage_retention.0,
             self.clock.unwrap_or_else(crate::usage::Clock::system),
         );
-        let planner = usage::UsagePlanner {
+        let planner = usage_planner::UsagePlanner {
             inner: DeltaPlanner::new(),
             usage: usage.clone(),
         };

@@ -13,11 +13,11 @@
 
 mod background;
 mod builder;
-mod changes;
 pub(crate) mod notices;
 mod output;
 pub(crate) mod scheduler;
-pub(crate) mod usage;
+mod slice_methods;
+pub(crate) mod usage_planner;
 mod yield_points;
 
 use std::collections::HashMap;
@@ -355,7 +355,7 @@ impl IcePie {
                 // A query of core tables tells usage the slice that would answer it.
                 let example = match (options.usage.0, stmt.as_ref()) {
                     (true, DFStatement::Statement(inner)) => match inner.as_ref() {
-                        SQLStatement::Query(query) => usage::example(&plan, query),
+                        SQLStatement::Query(query) => usage_planner::example(&plan, query),
                         _ => None,
                     },
                     _ => None,
@@ -385,7 +385,7 @@ impl IcePie {
                     // A query: a DataFrame of it on this session, as `execute_logical_plan`
                     // makes one.
                     Some(example) => {
-                        DataFrame::new(usage::with_example(ctx.state(), example), plan)
+                        DataFrame::new(usage_planner::with_example(ctx.state(), example), plan)
                     }
                     None => ctx.execute_logical_plan(plan).await?,
                 };

@@ -20,8 +20,8 @@ use super::incremental::Previous;
 use super::plan::plan_build;
 use super::SliceContext;
 use super::{
-    budgeted_state, commit_error, commit_properties, lifecycle, log, meta, running, BuildOutcome,
-    SliceSpec,
+    budgeted_state, commit_error, commit_properties, lifecycle, meta, refresh_log, running,
+    BuildOutcome, SliceSpec,
 };
 use crate::error::{IcePieError, Result};
 use crate::options::IcePieOptions;
@@ -111,13 +111,13 @@ pub(crate) async fn build(
         Err(e) => Err(e),
     };
     let duration_ms = clock.elapsed().as_millis() as i64;
-    let mut attempt = log::Attempt {
+    let mut attempt = refresh_log::Attempt {
         slice: name.to_string(),
         attempt_id,
         kind: kind.to_string(),
         started_at,
         duration_ms,
-        status: log::SUCCESS,
+        status: refresh_log::SUCCESS,
         version: None,
         rows: None,
         bytes: None,
@@ -144,8 +144,8 @@ pub(crate) async fn build(
             } else {
                 // Nothing committed: the row is all the attempt leaves, and the scheduler
                 // counts `REFRESH EVERY` from it, so it is written before the statement returns.
-                attempt.status = log::NO_CHANGE;
-                let logged = log::append(&shared.warehouse, name, &attempt).await;
+                attempt.status = refresh_log::NO_CHANGE;
+                let logged = refresh_log::append(&shared.warehouse, name, &attempt).await;
                 running.finish().await;
                 logged?;
             }
@@ -180,14 +180,14 @@ pub(crate) async fn build(
                 };
             }
             attempt.status = if matches!(source, IcePieError::Conflict { .. }) {
-                log::CONFLICT
+                refresh_log::CONFLICT
             } else {
-                log::FAILED
+                refresh_log::FAILED
             };
             attempt.error = Some(source.to_string());
             // The build's own error matters more than a failure to log it. A failure is
             // logged before the statement returns: the slice's state depends on it.
-            let _ = log::append(&shared.warehouse, name, &attempt).await;
+            let _ = refresh_log::append(&shared.warehouse, name, &attempt).await;
             // The attempt's row is logged (or could not be): its marker goes.
             running.finish().await;
             Err(IcePieError::RefreshFailed {

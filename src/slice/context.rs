@@ -15,7 +15,7 @@ use datafusion::execution::SessionState;
 use datafusion::logical_expr::LogicalPlan;
 
 use super::damage::DamageWatch;
-use super::log::{AttemptSummary, LogCache};
+use super::refresh_log::{AttemptSummary, LogCache};
 use super::{meta, quarantine, Settling};
 use crate::error::{IcePieError, Result};
 use crate::options::IcePieOptions;
@@ -125,7 +125,7 @@ impl SliceContext {
         table: &deltalake::DeltaTable,
     ) -> Result<Vec<AttemptSummary>> {
         let all = self.attempts(slice).await?;
-        Ok(super::log::of_slice(
+        Ok(super::refresh_log::of_slice(
             all,
             crate::storage::table_id(table).as_deref(),
             crate::storage::table_created(table),

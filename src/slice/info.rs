@@ -173,11 +173,11 @@ pub(crate) async fn info(
     let since = committed.unwrap_or(0);
     let checked = attempts
         .iter()
-        .filter(|a| a.status == log::NO_CHANGE && a.started_at >= since)
+        .filter(|a| a.status == refresh_log::NO_CHANGE && a.started_at >= since)
         .map(|a| a.ended_at)
         .max();
     // A refresh that found nothing to do ends the failures before it, as a commit does.
-    let failures = log::failures_since(&attempts, checked.unwrap_or(since));
+    let failures = refresh_log::failures_since(&attempts, checked.unwrap_or(since));
     let now = Utc::now().timestamp_millis();
     let (stale, oldest_change) = behind(shared, &meta, inputs).await?;
     let options = shared.options();

@@ -184,7 +184,7 @@ pub(crate) async fn thaw(shared: &SliceContext, name: &SliceName) -> Result<Life
     let (table, meta, committed_at, tracked) = load_for_change(shared, name).await?;
     let version = table.version().unwrap_or_default() as i64;
     let attempts = shared.attempts_of(name, &table).await?;
-    let failing = super::log::failures_since(&attempts, committed_at.unwrap_or(0))
+    let failing = super::refresh_log::failures_since(&attempts, committed_at.unwrap_or(0))
         .last
         .is_some();
     if meta.frozen.is_none() && !failing {

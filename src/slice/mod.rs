@@ -3,7 +3,7 @@
 //! A build (the first version, a refresh, or a replace) plans the definition with every input
 //! pinned at the version current when planning starts, streams the result into the slice's next
 //! Delta version as one Overwrite commit, and records the input versions in that commit
-//! ([`meta`]) and in the refresh log ([`log`]). A build that fails at any point commits nothing:
+//! ([`meta`]) and in the refresh log ([`refresh_log`]). A build that fails at any point commits nothing:
 //! the slice keeps serving its last version (invariant 2), and the failure is logged so that
 //! `system.slices` shows the slice `failed` with its error in every process.
 //!
@@ -23,11 +23,11 @@ mod incremental;
 mod info;
 pub(crate) mod lease;
 pub(crate) mod lifecycle;
-pub(crate) mod log;
 pub(crate) mod meta;
 mod partitions;
 mod plan;
 pub(crate) mod quarantine;
+pub(crate) mod refresh_log;
 pub(crate) mod running;
 pub(crate) mod schedule;
 mod settle;

@@ -36,8 +36,8 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
-use super::log::{self, Attempt};
 use super::meta;
+use super::refresh_log::{self, Attempt};
 use super::SliceContext;
 use crate::error::Result;
 use crate::storage::names::SliceName;
@@ -66,7 +66,7 @@ pub(crate) struct Marker {
     /// them, whatever heartbeat the reader has. Absent in markers written before.
     #[serde(default)]
     pub heartbeat_ms: Option<u64>,
-    /// The Delta table id of the slice (see `log::Attempt::slice_id`).
+    /// The Delta table id of the slice (see `refresh_log::Attempt::slice_id`).
     #[serde(default)]
     pub slice_id: Option<String>,
 }
@@ -216,7 +216,7 @@ pub(crate) async fn resolve_abandoned(
                 Some(success) => success,
                 None => m.attempt(
                     ran,
-                    log::ABANDONED,
+                    refresh_log::ABANDONED,
                     Some(format!(
                         "the process running it ({}) stopped renewing its record after {ran} \
                          ms: it was killed or lost its storage; nothing was committed",
@@ -224,7 +224,7 @@ pub(crate) async fn resolve_abandoned(
                     )),
                 ),
             };
-            log::append(warehouse, slice, &attempt).await
+            refresh_log::append(warehouse, slice, &attempt).await
         };
         if let Err(e) = recorded.await {
             // Unclaimed again, so that a later try (this process's or another's) records it.
@@ -277,7 +277,7 @@ async fn committed(
         if found.attempt_id != marker.attempt_id || found.kind.to_string() != marker.kind {
             continue;
         }
-        let mut attempt = marker.attempt(ran, log::SUCCESS, None);
+        let mut attempt = marker.attempt(ran, refresh_log::SUCCESS, None);
         attempt.version = Some(version);
         attempt.inputs = meta::format_inputs(&found.inputs);
         attempt.rows = meta::commit_rows(&info, Some(&found));
@@ -478,12 +478,15 @@ impl Drop for Running {
         let path = self.path.clone();
         let attempt = self.marker.attempt(
             self.clock.elapsed().as_millis() as i64,
-            log::CANCELLED,
+            refresh_log::CANCELLED,
             Some("cancelled before it committed; nothing was committed".into()),
         );
         runtime.spawn(async move {
             heartbeat.stop().await;
-            if log::append(&warehouse, &slice, &attempt).await.is_ok() {
+            if refresh_log::append(&warehouse, &slice, &attempt)
+                .await
+                .is_ok()
+            {
                 let _ = warehouse.store().delete(&path).await;
             }
         });
@@ -501,7 +504,11 @@ pub(crate) fn as_attempts(found: &[Found], heartbeat: Duration, store_now_ms: i6
             let until = if live { store_now_ms } else { f.renewed_at };
             m.attempt(
                 (until - m.started_at).max(0),
-                if live { log::RUNNING } else { log::ABANDONED },
+                if live {
+                    refresh_log::RUNNING
+                } else {
+                    refresh_log::ABANDONED
+                },
                 (!live).then(|| {
                     format!(
                         "the process running it ({}) stopped renewing its record: it was \

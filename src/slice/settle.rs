@@ -18,7 +18,7 @@ use std::time::Duration;
 
 use tokio::sync::watch;
 
-use super::log::{self, Attempt};
+use super::refresh_log::{self, Attempt};
 use super::running::Running;
 use crate::storage::names::SliceName;
 use crate::storage::Warehouse;
@@ -88,7 +88,10 @@ impl Settling {
         tokio::spawn(async move {
             let _pending = pending;
             for round in 0..TRIES {
-                if log::append(&warehouse, &slice, &attempt).await.is_ok() {
+                if refresh_log::append(&warehouse, &slice, &attempt)
+                    .await
+                    .is_ok()
+                {
                     run.finish().await;
                     return;
                 }

@@ -18,7 +18,7 @@
 //! checkpoint at or before the oldest retained version go, so every retained version stays
 //! readable from a checkpoint and the commits after it. Of the slice's refresh log only the
 //! commits before its latest checkpoint go, and the files its compactions replaced (see
-//! `log::compact`); its rows are kept. Files are deleted in batches (S3's DeleteObjects).
+//! `refresh_log::compact`); its rows are kept. Files are deleted in batches (S3's DeleteObjects).
 //!
 //! A `vacuum_grace` under [`MIN_VACUUM_GRACE`] is refused unless
 //! `icepie.vacuum_enforce_grace` is off, as delta-rs refuses a retention under the table's

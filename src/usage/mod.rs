@@ -2,7 +2,7 @@
 //! group and join on, how much they read and how long they took; the evidence that
 //! `system.usage` and `system.usage_columns` show.
 //!
-//! The engine's query planner (`engine::usage`) wraps each query that reads an icepie table,
+//! The engine's query planner (`engine::usage_planner`) wraps each query that reads an icepie table,
 //! and when the query ends hands [`Usage::record`] one [`Reading`] per table. Recording stays
 //! off the query's path: `record` only tries to put the readings in a bounded queue, and when
 //! the queue is full it drops them and counts them ([`Usage::dropped`]) rather than wait. One

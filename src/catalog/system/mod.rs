@@ -28,7 +28,7 @@ use crate::catalog::state::CatalogState;
 use crate::error::Result;
 use crate::slice::meta::format_inputs;
 use crate::slice::schedule::{apply_demand, decide};
-use crate::slice::{self, log, InputCache, SliceInfo, SliceState};
+use crate::slice::{self, refresh_log, InputCache, SliceInfo, SliceState};
 use crate::storage::names::{validate_name, SliceName};
 use crate::storage::{table_stats, Warehouse, SLICES_DIR};
 use crate::text::human_duration;
@@ -36,7 +36,7 @@ use refreshes::refresh_logs;
 
 mod history;
 mod refreshes;
-mod usage;
+mod usage_tables;
 
 pub(crate) use history::{history_schema, history_table};
 
@@ -179,9 +179,9 @@ impl TableProvider for SystemTable {
         match self.which {
             Which::CoreTables => CORE_TABLES_SCHEMA.clone(),
             Which::Slices => SLICES_SCHEMA.clone(),
-            Which::Refreshes => log::SCHEMA.clone(),
-            Which::Usage => usage::USAGE_SCHEMA.clone(),
-            Which::UsageColumns => usage::USAGE_COLUMNS_SCHEMA.clone(),
+            Which::Refreshes => refresh_log::SCHEMA.clone(),
+            Which::Usage => usage_tables::USAGE_SCHEMA.clone(),
+            Which::UsageColumns => usage_tables::USAGE_COLUMNS_SCHEMA.clone(),
             Which::Proposals => PROPOSALS_SCHEMA.clone(),
         }
     }
@@ -241,8 +241,8 @@ impl TableProvider for SystemTable {
                 });
                 Arc::new(refresh_logs(shared, slices).await?)
             }
-            Which::Usage => usage::usage_table(shared, false).await?,
-            Which::UsageColumns => usage::usage_table(shared, true).await?,
+            Which::Usage => usage_tables::usage_table(shared, false).await?,
+            Which::UsageColumns => usage_tables::usage_table(shared, true).await?,
             Which::Proposals => {
                 let proposals = crate::catalog::proposals::list(shared).await?;
                 let text = |f: fn(&crate::catalog::proposals::Proposal) -> String| -> ArrayRef {

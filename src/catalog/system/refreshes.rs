@@ -18,7 +18,7 @@ use futures::{StreamExt, TryStreamExt};
 use super::PARALLEL;
 use crate::catalog::state::CatalogState;
 use crate::error::Result;
-use crate::slice::{log, running};
+use crate::slice::{refresh_log, running};
 use crate::storage::names::SliceName;
 use crate::storage::{Warehouse, REFRESHES_PATH};
 use crate::table::{IcePieTable, TableKind};
@@ -45,7 +45,7 @@ pub(super) async fn refresh_logs(
     // This process's successes whose rows are still being written, taken before the logs
     // are read: a row written after this is in the versions read below, and one whose
     // writing ends while they are read shows from here.
-    let settled: std::collections::HashMap<String, log::Attempt> = found
+    let settled: std::collections::HashMap<String, refresh_log::Attempt> = found
         .iter()
         .filter_map(|f| {
             let id = &f.marker.attempt_id;
@@ -78,7 +78,8 @@ pub(super) async fn refresh_logs(
             let version = t.version().unwrap_or_default();
             let name = format!("system.refreshes of {slice}");
             let part =
-                IcePieTable::with_schema(TableKind::System, name, t, log::SCHEMA.clone()).await?;
+                IcePieTable::with_schema(TableKind::System, name, t, refresh_log::SCHEMA.clone())
+                    .await?;
             Ok::<_, crate::error::IcePieError>(Some((slice.to_string(), version, part)))
         })
         .buffered(PARALLEL)
@@ -97,7 +98,7 @@ pub(super) async fn refresh_logs(
         true => 0,
         false => warehouse.store_now_ms().await,
     };
-    let schema = log::SCHEMA.clone();
+    let schema = refresh_log::SCHEMA.clone();
     let mut batches = Vec::new();
     let heartbeat = shared.options().heartbeat.0;
     for (found, attempt) in found
@@ -133,7 +134,7 @@ pub(super) struct RefreshLogs {
 #[async_trait]
 impl TableProvider for RefreshLogs {
     fn schema(&self) -> SchemaRef {
-        log::SCHEMA.clone()
+        refresh_log::SCHEMA.clone()
     }
 
     fn table_type(&self) -> TableType {

@@ -1,6 +1,7 @@
-//! The statements that change slices and core tables, as methods of [`IcePie`]: create,
-//! refresh (joining a refresh not yet started, retrying lost races), freeze, thaw, rollback,
-//! vacuum, verify and drops, and what they show.
+//! [`IcePie`]'s typed methods on slices: those that change them (create, refresh, joining a
+//! refresh not yet started and retrying lost races, freeze, thaw, alter, rollback, vacuum,
+//! drops, proposals applied or dismissed) and those that read them (`slices`, `slice`,
+//! `history`, `verify`, `proposals`).
 
 use super::*;
 use crate::catalog::proposals::{self, Proposal};
