@@ -31,11 +31,11 @@ use tokio::task::JoinSet;
 
 use super::{IcePie, Inner};
 use crate::catalog::system;
-use crate::error::Result;
+use crate::error::{IcePieError, Result};
 use crate::options::IcePieOptions;
 use crate::slice::lease::{self, Lease};
 use crate::slice::schedule::{apply_demand, is_due, priority};
-use crate::slice::{SliceInfo, SliceState};
+use crate::slice::{BuildOutcome, SliceInfo, SliceState};
 use crate::storage::journal;
 use crate::storage::names::SliceName;
 use crate::storage::names::CORE_SCHEMA;
@@ -49,13 +49,11 @@ pub struct RefreshEvent {
     pub slice: SliceName,
     /// When the refresh ended.
     pub at: DateTime<Utc>,
-    /// The version committed and its rows, or the error.
-    pub outcome: std::result::Result<(i64, i64), String>,
-    /// How long it ran.
+    /// What the refresh built (its `unchanged` is true when no input had changed: it
+    /// committed nothing, and the version is the one served before), or why it failed.
+    pub outcome: std::result::Result<BuildOutcome, Arc<IcePieError>>,
+    /// How long it ran, lease included.
     pub duration_ms: i64,
-    /// True when its inputs had not changed: it committed nothing, and the version is the
-    /// one served before.
-    pub unchanged: bool,
 }
 
 /// Controls a running scheduler task.
@@ -312,18 +310,13 @@ async fn run(inner: Weak<Inner>, mut stop: watch::Receiver<Option<Duration>>) {
                     return;
                 };
                 let started = std::time::Instant::now();
-                let refreshed = engine.refresh(&name.to_string()).await;
-                let unchanged = refreshed.as_ref().is_ok_and(|o| o.unchanged);
-                let outcome = refreshed
-                    .map(|o| (o.version, o.stats.rows))
-                    .map_err(|e| e.to_string());
+                let outcome = engine.refresh(&name.to_string()).await.map_err(Arc::new);
                 lease.release().await;
                 let _ = engine.inner.events.send(RefreshEvent {
                     slice: name,
                     at: Utc::now(),
                     outcome,
                     duration_ms: started.elapsed().as_millis() as i64,
-                    unchanged,
                 });
             });
         }

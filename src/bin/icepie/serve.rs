@@ -43,14 +43,15 @@ fn print_event(e: &RefreshEvent) {
     let at = e.at.format("%Y-%m-%dT%H:%M:%SZ");
     let secs = e.duration_ms as f64 / 1000.0;
     match &e.outcome {
-        Ok((version, _)) if e.unchanged => println!(
-            "{at} {}: nothing to do, no input changed since version {version} ({secs:.2} s)",
-            e.slice
+        Ok(built) if built.unchanged => println!(
+            "{at} {}: nothing to do, no input changed since version {} ({secs:.2} s)",
+            e.slice, built.version
         ),
-        Ok((version, rows)) => println!(
-            "{at} refreshed {}: version {version}, {} rows, {secs:.2} s",
+        Ok(built) => println!(
+            "{at} refreshed {}: version {}, {} rows, {secs:.2} s",
             e.slice,
-            thousands(usize::try_from(*rows).unwrap_or_default())
+            built.version,
+            thousands(usize::try_from(built.stats.rows).unwrap_or_default())
         ),
         Err(error) => println!(
             "{at} refresh of {} failed after {secs:.2} s: {error}",
