@@ -205,8 +205,8 @@ fn layout(info: &SliceInfo, e: &Evidence) -> Option<Proposal> {
 }
 
 fn schedule(info: &SliceInfo, e: &Evidence) -> Option<Proposal> {
-    let lag = match RefreshPolicy::parse(&info.meta.refresh).ok()? {
-        RefreshPolicy::Every(every) => Some(every),
+    let lag = match &info.meta.refresh {
+        RefreshPolicy::Every(every) => Some(every.clone()),
         RefreshPolicy::OnChange => None,
         _ => return None,
     };

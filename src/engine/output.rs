@@ -305,7 +305,7 @@ pub(super) fn describe(ctx: &SessionContext, info: &SliceInfo) -> Result<DataFra
         ("state".into(), info.state.to_string()),
         ("version".into(), info.version.to_string()),
         ("owner".into(), info.meta.owner.clone().unwrap_or_default()),
-        ("refresh".into(), info.meta.refresh.clone()),
+        ("refresh".into(), info.meta.refresh.to_string()),
         ("refresh_mode".into(), info.meta.refresh_mode.to_string()),
         ("partition_by".into(), info.meta.partition_by.join(", ")),
         ("rows".into(), info.stats.rows.to_string()),

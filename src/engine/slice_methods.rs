@@ -77,7 +77,7 @@ impl IcePie {
         let spec = SliceSpec {
             definition: c.query.to_string(),
             owner: c.owner.clone(),
-            refresh: c.refresh.to_string(),
+            refresh: c.refresh.clone(),
             partition_by: c.partition_by.clone(),
             refresh_mode: c.refresh_mode,
             cluster_by: c.cluster_by.clone(),

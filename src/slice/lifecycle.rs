@@ -229,7 +229,7 @@ pub(crate) async fn alter(
     }
     let mut next = lifecycle_meta(&meta, CommitKind::Alter, table_stats(&table)?.rows);
     if let Some(refresh) = refresh {
-        next.refresh = refresh.to_string();
+        next.refresh = refresh.clone();
     }
     if let Some(cluster_by) = cluster_by {
         next.cluster_by = cluster_by.clone();

@@ -29,6 +29,7 @@ pub(crate) use crate::sql::RefreshMode;
 use super::clustering::{ClusterBy, Clustered};
 
 use crate::error::{IcePieError, Result};
+use crate::sql::RefreshPolicy;
 
 /// Key of icepie's entry in `commitInfo`.
 pub(crate) const COMMIT_KEY: &str = "icepie";
@@ -94,6 +95,22 @@ impl fmt::Display for CommitKind {
             Self::Thaw => "thaw",
             Self::Alter => "alter",
         })
+    }
+}
+
+/// A refresh policy as the descriptor stores it: its SQL text form, as `SHOW SLICES` shows it.
+mod policy_text {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    use crate::sql::RefreshPolicy;
+
+    pub(super) fn serialize<S: Serializer>(p: &RefreshPolicy, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(p)
+    }
+
+    pub(super) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<RefreshPolicy, D::Error> {
+        let text = String::deserialize(d)?;
+        RefreshPolicy::parse(&text).map_err(serde::de::Error::custom)
     }
 }
 
@@ -192,8 +209,9 @@ pub struct SliceMeta {
     pub definition: String,
     /// Owning team.
     pub owner: Option<String>,
-    /// Refresh policy, in its SQL text form.
-    pub refresh: String,
+    /// Refresh policy (stored in its SQL text form, e.g. `every '5 minutes'`).
+    #[serde(with = "policy_text")]
+    pub refresh: RefreshPolicy,
     /// Partition columns.
     pub partition_by: Vec<String>,
     /// How refreshes run (`INCREMENTAL`, `FULL` or `AUTO`).

@@ -57,6 +57,7 @@ use deltalake::kernel::transaction::{CommitProperties, TransactionError};
 use deltalake::DeltaTableError;
 
 use crate::error::{IcePieError, Result};
+use crate::sql::RefreshPolicy;
 use crate::storage::names::{SliceName, CORE_SCHEMA};
 use crate::storage::{table_stats, TableStats, Warehouse};
 use crate::table::{IcePieTable, TableKind};
@@ -69,8 +70,8 @@ pub(crate) struct SliceSpec {
     pub definition: String,
     /// Owning team.
     pub owner: Option<String>,
-    /// Refresh policy in SQL text form (`manual`, `every '5 minutes'`, `on change`).
-    pub refresh: String,
+    /// When the slice refreshes.
+    pub refresh: RefreshPolicy,
     /// Partition columns.
     pub partition_by: Vec<String>,
     /// How refreshes run: incremental, full, or incremental when it pays (auto).

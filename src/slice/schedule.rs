@@ -54,10 +54,7 @@ pub(crate) fn decide(info: &SliceInfo, options: &IcePieOptions, now_ms: i64) -> 
             }
         }
     }
-    let policy = match RefreshPolicy::parse(&info.meta.refresh) {
-        Ok(p) => p,
-        Err(e) => return no(format!("unreadable refresh policy: {e}")),
-    };
+    let policy = info.meta.refresh.clone();
     // A damaged slice with a policy heals itself: its next refresh writes all files anew.
     if info.state == SliceState::Quarantined && policy != RefreshPolicy::Manual {
         return (true, "quarantined: a refresh writes all files anew".into());
@@ -155,9 +152,9 @@ pub(crate) fn apply_demand(
     for _ in 0..infos.len() {
         let mut changed = false;
         for (n, info) in infos.iter().enumerate() {
-            let needs = match RefreshPolicy::parse(&info.meta.refresh) {
+            let needs = match info.meta.refresh {
                 _ if info.meta.frozen.is_some() => None,
-                Ok(RefreshPolicy::Every(_) | RefreshPolicy::OnChange) => Some(now_ms),
+                RefreshPolicy::Every(_) | RefreshPolicy::OnChange => Some(now_ms),
                 _ => touched[n],
             };
             for input in &info.meta.inputs {
@@ -176,10 +173,7 @@ pub(crate) fn apply_demand(
     let cold = options.cold_after.0.min(options.usage_retention.0);
     let cold = i64::try_from(cold.as_millis()).unwrap_or(i64::MAX);
     for (info, touched) in infos.iter_mut().zip(&touched) {
-        let auto = matches!(
-            RefreshPolicy::parse(&info.meta.refresh),
-            Ok(RefreshPolicy::Auto(_))
-        );
+        let auto = matches!(info.meta.refresh, RefreshPolicy::Auto(_));
         if auto
             && matches!(info.state, SliceState::Fresh | SliceState::Stale)
             && touched.unwrap_or(i64::MIN) < now_ms.saturating_sub(cold)
@@ -213,7 +207,7 @@ mod tests {
                 attempt_id: "a".into(),
                 definition: "SELECT 1".into(),
                 owner: None,
-                refresh: refresh.into(),
+                refresh: RefreshPolicy::parse(refresh).unwrap(),
                 partition_by: vec![],
                 refresh_mode: Default::default(),
                 inputs: vec![],

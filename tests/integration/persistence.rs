@@ -28,7 +28,11 @@ async fn everything_survives_reopening() {
     let info = w.slice("fin.s").await.unwrap();
     assert_eq!(info.state, SliceState::Failed);
     assert_eq!(info.meta.owner.as_deref(), Some("finance"));
-    assert_eq!(info.meta.refresh, "every '5 minutes'");
+    assert_eq!(
+        info.meta.refresh,
+        icepie::RefreshPolicy::Every("5 minutes".into())
+    );
+    assert_eq!(info.meta.refresh.to_string(), "every '5 minutes'");
     assert_eq!(info.meta.partition_by, vec!["k".to_string()]);
     assert_eq!(
         info.meta.definition,

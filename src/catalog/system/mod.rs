@@ -420,7 +420,7 @@ fn slices_table(
             i(&|x| x.lag_ms),
             s(&|x| x.frozen().and_then(|f| f.reason.clone())),
             t(&|x| x.frozen().map(|f| f.since)),
-            s(&|x| Some(x.meta.refresh.clone())),
+            s(&|x| Some(x.meta.refresh.to_string())),
             s(&|x| Some(format_inputs(&x.meta.inputs))),
             s(&|x| Some(x.meta.definition.clone())),
             s(&|x| x.refreshing_by.clone()),
