@@ -102,18 +102,17 @@ pub(super) async fn plan_build(
     }
     let max_share = shared.options().incremental_max_share;
     let qualified = name.to_string();
-    let mut decision = incremental::decide(
+    let refresh = incremental::Refresh {
         state,
-        &qualified,
+        name: &qualified,
         spec,
         kind,
         previous,
         existing,
-        plan.clone(),
         inputs,
         max_share,
-    )
-    .await?;
+    };
+    let mut decision = incremental::decide(&refresh, plan.clone()).await?;
     if decision.built.mode == BuildMode::Incremental {
         // A new layout is written by a full build.
         if let (true, Some(previous)) = (relayout, previous) {
@@ -121,18 +120,11 @@ pub(super) async fn plan_build(
                 full: true,
                 ..previous.clone()
             };
-            decision = incremental::decide(
-                state,
-                &qualified,
-                spec,
-                kind,
-                Some(&forced),
-                existing,
-                plan.clone(),
-                inputs,
-                max_share,
-            )
-            .await?;
+            let refresh = incremental::Refresh {
+                previous: Some(&forced),
+                ..refresh
+            };
+            decision = incremental::decide(&refresh, plan.clone()).await?;
             decision.built.reason = format!(
                 "the clustering changes to ({}): {}",
                 chosen.columns.join(", "),

@@ -23,21 +23,38 @@ use crate::slice::meta::{BuildMode, Built, CommitKind, InputRead, InputVersion, 
 use crate::slice::{aggregate, partitions, SliceSpec};
 use crate::table::{IcePieTable, TableKind};
 
-/// Decides how to build `plan` (the definition over `inputs` at their latest versions) on top
-/// of `previous` (the slice's current version, `existing`), and returns the plan to write
-/// (whose columns [`keep_columns`](super::keep_columns) checks).
-#[allow(clippy::too_many_arguments)]
-pub(crate) async fn decide(
-    state: &SessionState,
-    name: &str,
-    spec: &SliceSpec,
-    kind: CommitKind,
-    previous: Option<&Previous>,
-    existing: Option<&DeltaTable>,
-    plan: LogicalPlan,
-    inputs: &[InputVersion],
-    max_share: f64,
-) -> Result<Decision> {
+/// What a build is decided on: the slice, the version it builds on, and its inputs.
+#[derive(Clone, Copy)]
+pub(crate) struct Refresh<'a> {
+    pub state: &'a SessionState,
+    /// The slice's qualified name.
+    pub name: &'a str,
+    pub spec: &'a SliceSpec,
+    pub kind: CommitKind,
+    /// The slice's current version (its descriptor and whether it must be rebuilt in full).
+    pub previous: Option<&'a Previous>,
+    /// The slice's table at that version.
+    pub existing: Option<&'a DeltaTable>,
+    /// The inputs at their latest versions, as the definition was planned over them.
+    pub inputs: &'a [InputVersion],
+    /// `icepie.incremental_max_share`.
+    pub max_share: f64,
+}
+
+/// Decides how to build `plan` (the definition over `r.inputs` at their latest versions) on
+/// top of `r.previous` (the slice's current version, `r.existing`), and returns the plan to
+/// write (whose columns [`keep_columns`](super::keep_columns) checks).
+pub(crate) async fn decide(r: &Refresh<'_>, plan: LogicalPlan) -> Result<Decision> {
+    let &Refresh {
+        state,
+        spec,
+        kind,
+        previous,
+        existing,
+        inputs,
+        max_share,
+        ..
+    } = r;
     let shape = stateful_shape(spec, &plan);
     let full_plan = full_plan(spec, &plan)?;
     if let Some(reason) = full_reason(spec, kind, previous) {
@@ -121,10 +138,7 @@ pub(crate) async fn decide(
         Err(why) => {
             let why = format!("the definition has an aggregate that keeps no state ({why})");
             // Its groups can still be recomputed one by one when they are all shown.
-            return recompute_groups(
-                state, name, &plan, existing, &changes, &names, &from, full_plan, why,
-            )
-            .await;
+            return recompute_groups(r, &plan, &changes, &names, &from, full_plan, why).await;
         }
     };
     let terms = match delta_terms(definition, &changes) {
@@ -146,19 +160,7 @@ pub(crate) async fn decide(
             replace: None,
         });
     };
-    merge_states(
-        state,
-        name,
-        previous,
-        existing,
-        shape,
-        terms,
-        appends_before,
-        &names,
-        &from,
-        full_plan,
-    )
-    .await
+    merge_states(r, shape, terms, appends_before, &names, &from, full_plan).await
 }
 
 /// Why a build of `spec`, a `kind` commit on top of `previous`, is full whatever its inputs
@@ -287,18 +289,21 @@ async fn recompute_partitions(
 /// The build of a GROUP BY whose aggregates keep no state (`why` says so): the groups the new
 /// rows (`changes`) fall in, recomputed, and the other rows of the stored version `existing`;
 /// a full build for `why` when they cannot be.
-#[allow(clippy::too_many_arguments)]
 async fn recompute_groups(
-    state: &SessionState,
-    name: &str,
+    r: &Refresh<'_>,
     plan: &LogicalPlan,
-    existing: Option<&DeltaTable>,
     changes: &HashMap<String, Change>,
     names: &str,
     from: &impl Fn(Vec<InputRead>) -> Vec<InputRead>,
     full_plan: LogicalPlan,
     why: String,
 ) -> Result<Decision> {
+    let &Refresh {
+        state,
+        name,
+        existing,
+        ..
+    } = r;
     // Its groups can still be recomputed one by one when they are all shown.
     let (Some(existing), Ok(Some(grouped))) = (existing, partitions::grouped(plan)) else {
         return Ok(full(full_plan, why));
@@ -342,12 +347,8 @@ async fn recompute_groups(
 /// The build of a GROUP BY that keeps its aggregates' states (`shape`): the states of the new
 /// rows (`terms`) merged into those the stored version `existing` keeps, replacing only the
 /// groups they fall in when that pays; a full build when `existing` keeps no states.
-#[allow(clippy::too_many_arguments)]
 async fn merge_states(
-    state: &SessionState,
-    name: &str,
-    previous: Option<&Previous>,
-    existing: Option<&DeltaTable>,
+    r: &Refresh<'_>,
     shape: aggregate::Shape<'_>,
     terms: Vec<LogicalPlan>,
     appends_before: u32,
@@ -355,6 +356,13 @@ async fn merge_states(
     from: &impl Fn(Vec<InputRead>) -> Vec<InputRead>,
     full_plan: LogicalPlan,
 ) -> Result<Decision> {
+    let &Refresh {
+        state,
+        name,
+        previous,
+        existing,
+        ..
+    } = r;
     // An aggregate: the stored states of every group, merged with those of the new rows.
     let Some(existing) = existing.filter(|t| {
         t.snapshot()

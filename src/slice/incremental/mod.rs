@@ -46,7 +46,7 @@ mod refusals;
 mod rules;
 
 pub(crate) use columns::keep_columns;
-pub(crate) use decide::decide;
+pub(crate) use decide::{decide, Refresh};
 pub(crate) use refusals::{deterministic, refuses_incremental};
 
 #[cfg(test)]
