@@ -64,6 +64,24 @@
 //! # }
 //! ```
 //!
+//! ## The API an embedder uses
+//!
+//! - Opening: [`IcePie::open`], or [`IcePie::builder`] for an object store, storage options,
+//!   `icepie.*` settings ([`IcePieOptions`]), the scheduler and the clock ([`IcePieBuilder`]);
+//!   [`IcePie::close`] stops the scheduler and waits for refresh records being written.
+//! - SQL: [`IcePie::sql`] (a DataFusion `DataFrame`), [`IcePie::parse`] and
+//!   [`IcePie::execute`] ([`Statement`]), [`IcePie::execute_with_params`],
+//!   [`IcePie::execute_with_progress`] ([`Progress`]), [`IcePie::with_notices`], and
+//!   [`IcePie::context`], the DataFusion `SessionContext` for functions and tables of one's own.
+//! - Typed methods on slices: [`IcePie::refresh`] ([`BuildOutcome`]), `refresh_full`,
+//!   `explain_refresh`, `freeze`, `thaw`, `alter`, `rollback` ([`LifecycleOutcome`]),
+//!   `history` ([`HistoryEntry`]), `vacuum` ([`VacuumOutcome`]), `verify` ([`Verified`]),
+//!   [`IcePie::slices`] and [`IcePie::slice`] ([`SliceInfo`]), [`IcePie::proposals`]
+//!   ([`Proposal`]) and `dismiss_proposal`.
+//! - Refreshes the scheduler ran: [`IcePie::subscribe`] ([`RefreshEvent`]).
+//! - Serving: [`server::serve_pg`] and [`server::serve_flight`] ([`server::ServerOptions`]).
+//! - Errors: [`IcePieError`], with its SQLSTATE ([`server::sqlstate`]).
+//!
 //! ## Layers
 //!
 //! Each module uses only the modules to its right; peers (`|`) use neither each other. The test

@@ -88,7 +88,7 @@ impl SliceName {
         Ok(Self { domain, name })
     }
 
-    /// Parses `name` or `domain.name`; the domain defaults to [`DEFAULT_DOMAIN`].
+    /// Parses `name` or `domain.name`; the domain defaults to `slices`.
     pub fn parse(text: &str) -> Result<Self> {
         match text.split_once('.') {
             Some((domain, name)) => Self::new(domain, name),
