@@ -364,15 +364,6 @@ pub(crate) async fn plan_statement(
         .await
 }
 
-/// Plans SQL text holding one statement.
-pub(crate) async fn plan_sql(
-    state: &SessionState,
-    shared: &CatalogState,
-    sql: &str,
-) -> Result<LogicalPlan> {
-    crate::sql::planner::plan_sql(shared, state, sql).await
-}
-
 /// `slice_at`, `core_at` or `slice_history`: hands out the provider pinned for the call.
 #[derive(Debug)]
 pub(crate) struct PinnedFunction {

@@ -460,7 +460,7 @@ impl IcePie {
                     "SELECT * FROM {}('{name}') ORDER BY version DESC",
                     time_travel::SLICE_HISTORY
                 );
-                let plan = time_travel::plan_sql(&state, shared, &sql).await?;
+                let plan = crate::sql::planner::plan_sql(&**shared, &state, &sql).await?;
                 Ok(ctx.execute_logical_plan(plan).await?)
             }
             Statement::Vacuum(Some(name)) => {
