@@ -43,6 +43,7 @@ use crate::sql::RefreshPolicy;
 use crate::storage::names::SliceName;
 use crate::text::human_duration;
 use crate::usage::files::{day_of, Rows};
+use crate::usage::Use;
 
 /// Where dismissals are kept.
 const DISMISSED: &str = "_system/proposals/dismissed";
@@ -284,10 +285,8 @@ fn new_slices(e: &Evidence) -> Vec<Proposal> {
             }
         }
         for used in &sums.columns {
-            if let Some((how, column)) = used.split_once(':') {
-                if how != "join" && !shape.columns.iter().any(|c| c == column) {
-                    shape.columns.push(column.to_string());
-                }
+            if used.how != Use::Join && !shape.columns.contains(&used.column) {
+                shape.columns.push(used.column.clone());
             }
         }
     }

@@ -34,7 +34,7 @@ use crate::options::IcePieOptions;
 use crate::table::live::LatestTable;
 use crate::table::watch::{Watch, WatchExec};
 use crate::table::{logging_scans, logging_scans_now, IcePieTable, ScanRecord, TableKind};
-use crate::usage::{shape, ColumnUses, Quiet, Reading, Usage, Use};
+use crate::usage::{shape, ColumnUse, ColumnUses, Quiet, Reading, Usage, Use};
 
 /// Plans as `inner` does; a plan that reads core tables or slices gets a [`UsageExec`] on top.
 #[derive(Debug)]
@@ -173,7 +173,14 @@ impl Recorder {
                 columns: self
                     .uses
                     .get(table)
-                    .map(|u| u.iter().map(|(u, c)| format!("{u}:{c}")).collect())
+                    .map(|u| {
+                        u.iter()
+                            .map(|(how, column)| ColumnUse {
+                                how: *how,
+                                column: column.clone(),
+                            })
+                            .collect()
+                    })
                     .unwrap_or_default(),
                 rows_returned: self.rows.load(Ordering::Relaxed),
                 bytes_returned: self.bytes.load(Ordering::Relaxed),

@@ -167,11 +167,8 @@ pub(crate) fn filter_counts(
         .map(|(_, s)| s)
     {
         for used in &sums.columns {
-            let Some((how, column)) = used.split_once(':') else {
-                continue;
-            };
-            if matches!(how, "filter_eq" | "filter_range" | "filter_in") && usable(column) {
-                *filters.entry(column.to_string()).or_default() += sums.queries;
+            if used.how.prunes() && usable(&used.column) {
+                *filters.entry(used.column.clone()).or_default() += sums.queries;
             }
         }
     }

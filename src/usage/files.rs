@@ -29,6 +29,7 @@ use futures::{StreamExt, TryStreamExt};
 use object_store::path::Path;
 use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutOptions};
 
+use super::ColumnUse;
 use crate::error::{IcePieError, Result};
 
 /// Folder of the usage files, one folder per day under it.
@@ -57,8 +58,8 @@ pub(crate) struct Key {
 /// The sums of one row.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub(crate) struct Sums {
-    /// The table's columns the shape uses, each `use:column` (`filter_eq:region`).
-    pub columns: Vec<String>,
+    /// The table's columns the shape uses, and how (stored as `filter_eq:region`).
+    pub columns: Vec<ColumnUse>,
     pub queries: i64,
     pub rows_returned: i64,
     pub bytes_returned: i64,
@@ -155,7 +156,7 @@ pub(crate) fn batch(rows: &Rows) -> Result<RecordBatch> {
     let mut columns = ListBuilder::new(StringBuilder::new());
     for sums in sorted.values() {
         for c in &sums.columns {
-            columns.values().append_value(c);
+            columns.values().append_value(c.to_string());
         }
         columns.append(true);
     }
@@ -211,8 +212,18 @@ pub(crate) fn add_batch(rows: &mut Rows, batch: &RecordBatch) -> Result<()> {
         };
         let list = lists.value(r);
         let list = list.as_string::<i32>();
+        let columns = (0..list.len())
+            .map(|i| {
+                ColumnUse::parse(list.value(i)).ok_or_else(|| {
+                    unreadable(&format!(
+                        "`{}` is not a column use this icepie knows (`filter_eq:column`, ...)",
+                        list.value(i)
+                    ))
+                })
+            })
+            .collect::<Result<_>>()?;
         let sums = Sums {
-            columns: (0..list.len()).map(|i| list.value(i).to_string()).collect(),
+            columns,
             queries: int(6).value(r),
             rows_returned: int(7).value(r),
             bytes_returned: int(8).value(r),
@@ -495,7 +506,10 @@ mod tests {
             shape: format!("{table}()"),
         };
         let sums = Sums {
-            columns: vec!["group:g".into(), "join:k".into()],
+            columns: ["group:g", "join:k"]
+                .into_iter()
+                .map(|u| ColumnUse::parse(u).unwrap())
+                .collect(),
             queries,
             rows_scanned: queries * 10,
             latency_us_total: queries,

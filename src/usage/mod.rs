@@ -103,6 +103,54 @@ impl fmt::Display for Use {
     }
 }
 
+impl Use {
+    /// Every use, in order.
+    const ALL: [Use; 6] = [
+        Use::FilterEq,
+        Use::FilterRange,
+        Use::FilterIn,
+        Use::FilterOther,
+        Use::Group,
+        Use::Join,
+    ];
+
+    /// The use stored as `name`, if it is one.
+    pub(crate) fn from_name(name: &str) -> Option<Use> {
+        Use::ALL.into_iter().find(|u| u.name() == name)
+    }
+
+    /// Whether files sorted by the column would let such a filter skip files: equality, a
+    /// range or `IN`.
+    pub(crate) fn prunes(self) -> bool {
+        matches!(self, Use::FilterEq | Use::FilterRange | Use::FilterIn)
+    }
+}
+
+/// One column of a table a query used, and how. Stored and shown as `how:column`
+/// (`filter_eq:region`).
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub(crate) struct ColumnUse {
+    pub how: Use,
+    pub column: String,
+}
+
+impl ColumnUse {
+    /// The use stored as `text` (`filter_eq:region`), if it is one this icepie knows.
+    pub(crate) fn parse(text: &str) -> Option<ColumnUse> {
+        let (how, column) = text.split_once(':')?;
+        Some(ColumnUse {
+            how: Use::from_name(how)?,
+            column: column.to_string(),
+        })
+    }
+}
+
+impl fmt::Display for ColumnUse {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}", self.how, self.column)
+    }
+}
+
 /// The columns of one table a query used, and how.
 pub(crate) type ColumnUses = BTreeSet<(Use, String)>;
 
@@ -170,8 +218,8 @@ pub(crate) struct Reading {
     pub kind: &'static str,
     /// The query's [`shape`].
     pub shape: Arc<str>,
-    /// The columns of this table the query used, each `use:column`.
-    pub columns: Vec<String>,
+    /// The columns of this table the query used, and how.
+    pub columns: Vec<ColumnUse>,
     /// Rows and bytes (in memory) the query returned.
     pub rows_returned: u64,
     pub bytes_returned: u64,
@@ -521,7 +569,10 @@ mod tests {
             table: table.into(),
             kind: "slice",
             shape: "s".into(),
-            columns: vec!["filter_eq:a".into()],
+            columns: vec![ColumnUse {
+                how: Use::FilterEq,
+                column: "a".into(),
+            }],
             rows_returned: 1,
             bytes_returned: 8,
             rows_scanned: 10,
@@ -603,6 +654,26 @@ mod tests {
         let s = rows.iter().find(|(k, _)| k.table == "d.s").unwrap().1;
         assert_eq!((s.queries, s.rows_scanned, s.files_skipped), (2, 20, 4));
         assert_eq!((s.latency_us_total, s.latency_us_max), (6000, 3000));
-        assert_eq!(s.columns, vec!["filter_eq:a".to_string()]);
+        assert_eq!(
+            s.columns,
+            vec![ColumnUse {
+                how: Use::FilterEq,
+                column: "a".into()
+            }]
+        );
+        assert_eq!(s.columns[0].to_string(), "filter_eq:a");
+    }
+
+    #[test]
+    fn a_column_use_reads_back_as_it_was_stored() {
+        for how in Use::ALL {
+            let used = ColumnUse {
+                how,
+                column: "a:b".into(),
+            };
+            assert_eq!(ColumnUse::parse(&used.to_string()), Some(used));
+        }
+        assert_eq!(ColumnUse::parse("sorted:a"), None);
+        assert_eq!(ColumnUse::parse("filter_eq"), None);
     }
 }
