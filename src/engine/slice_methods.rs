@@ -38,15 +38,15 @@ impl IcePie {
         let progress = progress::current();
         background::run(async move {
             // Boxed: a build's future is large, and the pool's threads have ordinary stacks.
-            let build = Box::pin(slice::build(
-                &state,
-                &shared,
-                &name,
-                &spec,
+            let request = slice::BuildRequest {
+                context: &shared,
+                name: &name,
+                spec: &spec,
                 kind,
-                existing.as_ref(),
-                previous.as_ref(),
-            ));
+                existing: existing.as_ref(),
+                previous: previous.as_ref(),
+            };
+            let build = Box::pin(slice::build(&state, request));
             match progress {
                 Some(p) => progress::scope(p, build).await,
                 None => build.await,
@@ -148,7 +148,15 @@ impl IcePie {
         }
         let state = self.inner.ctx.state();
         let spec = SliceSpec::from(&meta);
-        slice::explain(&state, shared, &name, &spec, (&table, &previous)).await
+        let request = slice::BuildRequest {
+            context: shared,
+            name: &name,
+            spec: &spec,
+            kind: CommitKind::Refresh,
+            existing: Some(&table),
+            previous: Some(&previous),
+        };
+        slice::explain(&state, request).await
     }
 
     pub(super) async fn refresh_slice(&self, name: SliceName, full: bool) -> Result<BuildOutcome> {

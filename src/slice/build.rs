@@ -60,17 +60,32 @@ impl Drop for RefreshingGuard<'_> {
     }
 }
 
+/// One build of a slice: which slice, to what definition, why, and over which current version.
+#[derive(Clone, Copy)]
+pub(crate) struct BuildRequest<'a> {
+    /// The slices' shared context: warehouse, options, caches and hooks.
+    pub context: &'a SliceContext,
+    pub name: &'a SliceName,
+    /// The definition, layout and policies the new version is built to.
+    pub spec: &'a SliceSpec,
+    /// Why the version is built: a first build, a refresh, a replacement, ...
+    pub kind: CommitKind,
+    /// The slice's table at its current version (`None` for a first build).
+    pub existing: Option<&'a DeltaTable>,
+    /// What the current version was built from (`None` for a first build).
+    pub previous: Option<&'a Previous>,
+}
+
 /// Builds and commits the next version of `name` (the first one when `existing` is `None`);
 /// a refresh whose inputs are those the current version was built from commits nothing.
-pub(crate) async fn build(
-    state: &SessionState,
-    shared: &SliceContext,
-    name: &SliceName,
-    spec: &SliceSpec,
-    kind: CommitKind,
-    existing: Option<&DeltaTable>,
-    previous: Option<&Previous>,
-) -> Result<BuildOutcome> {
+pub(crate) async fn build(state: &SessionState, request: BuildRequest<'_>) -> Result<BuildOutcome> {
+    let BuildRequest {
+        context: shared,
+        name,
+        kind,
+        existing,
+        ..
+    } = request;
     // A refresh reading its inputs is not usage.
     let state = &crate::usage::quiet(state);
     let _refreshing = RefreshingGuard::new(shared, name);
@@ -95,19 +110,7 @@ pub(crate) async fn build(
     )
     .await?;
     let result = match budgeted_state(state, options.refresh_memory_limit.0) {
-        Ok(state) => {
-            write_version(
-                &state,
-                shared,
-                name,
-                spec,
-                kind,
-                (existing, previous),
-                &attempt_id,
-                (&mut inputs, &mut planned),
-            )
-            .await
-        }
+        Ok(state) => write_version(&state, &request, &attempt_id, &mut inputs, &mut planned).await,
         Err(e) => Err(e),
     };
     let duration_ms = clock.elapsed().as_millis() as i64;
@@ -279,27 +282,25 @@ fn over_budget(e: IcePieError, options: &IcePieOptions) -> IcePieError {
     }
 }
 
-#[allow(clippy::too_many_arguments)]
+/// Plans the build `request` asks for, records its inputs (in `inputs`) and how it set out to
+/// run (in `planned`), and commits the version it writes. The `bool` is whether a version was
+/// committed (a refresh with nothing to do commits none).
 async fn write_version(
     state: &SessionState,
-    shared: &SliceContext,
-    name: &SliceName,
-    spec: &SliceSpec,
-    kind: CommitKind,
-    (existing, previous): (Option<&DeltaTable>, Option<&Previous>),
+    request: &BuildRequest<'_>,
     attempt_id: &str,
-    (inputs, planned): (&mut Vec<InputVersion>, &mut Option<Built>),
+    inputs: &mut Vec<InputVersion>,
+    planned: &mut Option<Built>,
 ) -> Result<(DeltaTable, Built, bool)> {
-    let (decision, clustered) = plan_build(
-        state,
-        shared,
+    let BuildRequest {
+        context: shared,
         name,
         spec,
         kind,
-        (existing, previous),
-        inputs,
-    )
-    .await?;
+        existing,
+        ..
+    } = *request;
+    let (decision, clustered) = plan_build(state, request, inputs).await?;
     *planned = Some(decision.built.clone());
     if let (true, Some(table)) = (decision.unchanged, existing) {
         return Ok((table.clone(), decision.built, false));
@@ -417,24 +418,10 @@ fn small_delta_joins(state: &SessionState) -> SessionState {
 }
 
 /// What `REFRESH SLICE` would build now: mode, reason and reads (`EXPLAIN REFRESH SLICE`).
-pub(crate) async fn explain(
-    state: &SessionState,
-    shared: &SliceContext,
-    name: &SliceName,
-    spec: &SliceSpec,
-    (existing, previous): (&DeltaTable, &Previous),
-) -> Result<Built> {
+/// `request` is that of a refresh of an existing slice.
+pub(crate) async fn explain(state: &SessionState, request: BuildRequest<'_>) -> Result<Built> {
     let state = &crate::usage::quiet(state);
     let mut inputs = Vec::new();
-    let (decision, _) = plan_build(
-        state,
-        shared,
-        name,
-        spec,
-        CommitKind::Refresh,
-        (Some(existing), Some(previous)),
-        &mut inputs,
-    )
-    .await?;
+    let (decision, _) = plan_build(state, &request, &mut inputs).await?;
     Ok(decision.built)
 }

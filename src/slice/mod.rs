@@ -33,7 +33,7 @@ pub(crate) mod schedule;
 mod settle;
 pub(crate) mod vacuum;
 
-pub(crate) use build::{after_lost_race, build, explain, is_query};
+pub(crate) use build::{after_lost_race, build, explain, is_query, BuildRequest};
 pub(crate) use context::{Refresher, SliceContext};
 pub(crate) use incremental::Previous;
 pub(crate) use info::{info, InputCache};

@@ -5,27 +5,30 @@
 
 use datafusion::execution::SessionState;
 use datafusion::logical_expr::LogicalPlan;
-use deltalake::DeltaTable;
 
+use super::build::BuildRequest;
 use super::clustering::{self, ClusterBy, Clustered};
 use super::incremental::{self, Previous};
 use super::meta::{BuildMode, CommitKind, InputVersion, RefreshMode};
-use super::{plan_inputs, refuse_cycles, SliceContext, SliceSpec};
+use super::{plan_inputs, refuse_cycles};
 use crate::error::{IcePieError, Result};
 use crate::sql::planner;
-use crate::storage::names::SliceName;
 
 /// Plans the definition over its inputs' latest versions (recorded in `inputs`) and decides
 /// how to build it.
 pub(super) async fn plan_build(
     state: &SessionState,
-    shared: &SliceContext,
-    name: &SliceName,
-    spec: &SliceSpec,
-    kind: CommitKind,
-    (existing, previous): (Option<&DeltaTable>, Option<&Previous>),
+    request: &BuildRequest<'_>,
     inputs: &mut Vec<InputVersion>,
 ) -> Result<(incremental::Decision, Option<Clustered>)> {
+    let BuildRequest {
+        context: shared,
+        name,
+        spec,
+        kind,
+        existing,
+        previous,
+    } = *request;
     if planner::calls(&spec.definition, planner::FRESH) {
         return Err(IcePieError::InvalidDefinition {
             slice: name.to_string(),
@@ -95,9 +98,7 @@ pub(super) async fn plan_build(
     // data written before clustering existed counts as unsorted.
     let asked = spec.refresh_mode == RefreshMode::Auto || spec.cluster_by != ClusterBy::Auto;
     let relayout = asked && laid_out.as_ref().map_or(&[][..], |l| &l.columns[..]) != chosen.columns;
-    if let Some((version, appends)) =
-        nothing_to_do(spec, kind, (existing, previous), inputs, &plan, relayout)
-    {
+    if let Some((version, appends)) = nothing_to_do(request, inputs, &plan, relayout) {
         return Ok((incremental::nothing_to_do(appends, version), laid_out));
     }
     let max_share = shared.options().incremental_max_share;
@@ -147,14 +148,13 @@ pub(super) async fn plan_build(
 /// the build must run: a first version, a new definition, `REFRESH … FULL`, a quarantined
 /// slice, a pending layout, or a definition calling `now()`, `random()` and the like.
 fn nothing_to_do(
-    spec: &SliceSpec,
-    kind: CommitKind,
-    (existing, previous): (Option<&DeltaTable>, Option<&Previous>),
+    request: &BuildRequest<'_>,
     inputs: &[InputVersion],
     plan: &LogicalPlan,
     relayout: bool,
 ) -> Option<(i64, u32)> {
-    let (table, previous) = (existing?, previous?);
+    let BuildRequest { spec, kind, .. } = *request;
+    let (table, previous) = (request.existing?, request.previous?);
     let meta = previous.meta.as_ref()?;
     let same_inputs =
         meta.inputs.len() == inputs.len() && inputs.iter().all(|i| meta.inputs.contains(i));
