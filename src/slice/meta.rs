@@ -19,7 +19,7 @@
 
 use std::fmt;
 
-use deltalake::kernel::CommitInfo;
+use deltalake::kernel::{Action, CommitInfo};
 use deltalake::DeltaTable;
 use futures::StreamExt;
 use serde::{Deserialize, Serialize};
@@ -284,16 +284,14 @@ fn corrupt(name: &str, reason: String) -> IcePieError {
     }
 }
 
-/// The `commitInfo` of one commit file's content.
-fn parse_commit_info(bytes: &[u8]) -> Option<CommitInfo> {
-    bytes
-        .split(|b| *b == b'\n')
-        .filter(|line| !line.is_empty())
-        .find_map(|line| {
-            let value: serde_json::Value = serde_json::from_slice(line).ok()?;
-            let info = value.get("commitInfo")?;
-            serde_json::from_value(info.clone()).ok()
-        })
+/// The `commitInfo` of one commit file's content (of `version`).
+fn parse_commit_info(version: u64, bytes: &bytes::Bytes) -> Result<Option<CommitInfo>> {
+    Ok(deltalake::logstore::get_actions(version, bytes)?
+        .into_iter()
+        .find_map(|action| match action {
+            Action::CommitInfo(info) => Some(info),
+            _ => None,
+        }))
 }
 
 /// The `commitInfo` of `version` of `table`, `None` when that commit file is gone.
@@ -301,8 +299,10 @@ pub(crate) async fn commit_info(table: &DeltaTable, version: i64) -> Result<Opti
     let Ok(version) = u64::try_from(version) else {
         return Ok(None);
     };
-    let bytes = table.log_store().read_commit_entry(version).await?;
-    Ok(bytes.as_deref().and_then(parse_commit_info))
+    match table.log_store().read_commit_entry(version).await? {
+        Some(bytes) => parse_commit_info(version, &bytes),
+        None => Ok(None),
+    }
 }
 
 /// The descriptor of one commit, `None` when icepie did not make it.
@@ -453,10 +453,13 @@ mod tests {
     #[test]
     fn commit_info_is_found_on_any_line() {
         let file = String::from(
-            "{\"add\":{\"path\":\"x\"}}\n{\"commitInfo\":{\"timestamp\":7,\"operation\":\"WRITE\",\
+            "{\"add\":{\"path\":\"x\",\"partitionValues\":{},\"size\":1,\
+             \"modificationTime\":1,\"dataChange\":true}}\n{\"commitInfo\":{\"timestamp\":7,\"operation\":\"WRITE\",\
              \"icepie\":{\"kind\":\"freeze\"}}}\n",
         );
-        let info = parse_commit_info(file.as_bytes()).unwrap();
+        let info = parse_commit_info(3, &bytes::Bytes::from(file))
+            .unwrap()
+            .unwrap();
         assert_eq!(info.timestamp, Some(7));
         assert_eq!(info.info["icepie"]["kind"], "freeze");
     }
