@@ -124,7 +124,7 @@ pub(crate) mod slice;
 pub(crate) mod sql;
 pub(crate) mod storage;
 pub(crate) mod table;
-pub mod text;
+pub(crate) mod text;
 pub(crate) mod usage;
 
 pub use catalog::proposals::Proposal;

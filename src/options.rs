@@ -305,6 +305,11 @@ impl Size {
         };
         n.checked_mul(1 << shift).map(Size)
     }
+
+    /// The size as a person reads it, rounded: `999 B`, `1.5 KB`, `3.0 GB` (powers of 1024).
+    pub fn human(self) -> String {
+        crate::text::human_bytes(self.0)
+    }
 }
 
 impl fmt::Display for Size {

@@ -5,7 +5,7 @@ use datafusion::arrow::datatypes::DataType;
 /// The SQL name of an Arrow type, as a user writes it in `CREATE CORE TABLE` (`BIGINT`,
 /// `TEXT`, `DOUBLE`, `TIMESTAMP`, `DECIMAL(10,2)`, `INT[]`); Arrow's own name for the few
 /// types SQL has no word for.
-pub fn sql_type_name(data_type: &DataType) -> String {
+pub(crate) fn sql_type_name(data_type: &DataType) -> String {
     use DataType::*;
     match data_type {
         Null => "NULL".into(),
@@ -57,7 +57,7 @@ pub fn sql_type_name(data_type: &DataType) -> String {
 
 /// A duration of `ms` milliseconds as a person says it: `0.1 s`, `42 s`, `5 min`,
 /// `5 min 30 s`, `2 h 3 min`, `3 d 4 h` (two units at most; negative counts as zero).
-pub fn human_duration(ms: i64) -> String {
+pub(crate) fn human_duration(ms: i64) -> String {
     let ms = ms.max(0);
     let s = ms / 1000;
     let (m, h, d) = (s / 60, s / 3600, s / 86_400);
@@ -82,7 +82,7 @@ pub fn human_duration(ms: i64) -> String {
 }
 
 /// A number of bytes as a person reads it: `999 B`, `1.5 KB`, `3.0 GB` (powers of 1024).
-pub fn human_bytes(n: u64) -> String {
+pub(crate) fn human_bytes(n: u64) -> String {
     const UNITS: [&str; 5] = ["B", "KB", "MB", "GB", "TB"];
     let mut value = n as f64;
     let mut unit = 0;

@@ -7,7 +7,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use icepie::text::human_bytes;
 use icepie::{IcePie, IcePieError, Progress};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
@@ -366,7 +365,7 @@ fn progress_message(read: u64, read_bytes: u64, written: u64, printed: u64) -> S
         format!(
             "{} rows read ({}), {} written",
             print::thousands(read as usize),
-            human_bytes(read_bytes),
+            icepie::Size(read_bytes).human(),
             print::thousands(written as usize)
         )
     } else if printed > 0 {
