@@ -140,8 +140,8 @@ pub use slice::quarantine::{FileCheck, Verified};
 pub use slice::vacuum::VacuumOutcome;
 pub use slice::{BuildOutcome, SliceInfo, SliceState};
 pub use sql::{
-    ClusterBy, CreateCoreTable, CreateSlice, DataSource, FileFormat, Ingest, RefreshMode,
-    RefreshPolicy, Statement,
+    ClusterBy, CreateCoreTable, CreateSlice, DataFusionStatement, DataSource, FileFormat, Ingest,
+    RefreshMode, RefreshPolicy, SourceQuery, Statement,
 };
 pub use storage::names::SliceName;
 pub use storage::{TableStats, DEFAULT_LOCATION};

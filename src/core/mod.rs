@@ -240,7 +240,7 @@ async fn source_plan(
         DataSource::Files { location, format } => {
             plan_files(state, location, *format, target).await?
         }
-        DataSource::Query(q) => plan_query(state, ctx, q).await?,
+        DataSource::Query(q) => plan_query(state, ctx, &q.0).await?,
     };
     match target {
         Some(t) => fit(plan, t, table),

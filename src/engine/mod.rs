@@ -290,7 +290,7 @@ impl IcePie {
         self.sync_options();
         let state = self.inner.ctx.state();
         // Planned only: staleness limits are applied when it runs.
-        let planning = time_travel::plan_statement(&state, &self.inner.shared, (**inner).clone());
+        let planning = time_travel::plan_statement(&state, &self.inner.shared, (*inner.0).clone());
         let plan = slice::freshness::with_mode(slice::freshness::Mode::Describe, planning).await?;
         Ok(Some(plan))
     }
@@ -343,17 +343,19 @@ impl IcePie {
         let ctx = &self.inner.ctx;
         match stmt {
             Statement::DataFusion(stmt) => {
-                let mut plan = time_travel::plan_statement(&state, shared, (*stmt).clone()).await?;
+                let mut plan =
+                    time_travel::plan_statement(&state, shared, (*stmt.0).clone()).await?;
                 // The session's limit on how stale the slices it reads may be.
                 let options = shared.options();
                 if let Some(limit) = options.max_staleness.0 {
                     let action = options.on_stale;
                     if slice::freshness::check_plan(shared, &plan, limit, action).await? {
-                        plan = time_travel::plan_statement(&state, shared, (*stmt).clone()).await?;
+                        plan =
+                            time_travel::plan_statement(&state, shared, (*stmt.0).clone()).await?;
                     }
                 }
                 // A query of core tables tells usage the slice that would answer it.
-                let example = match (options.usage.0, stmt.as_ref()) {
+                let example = match (options.usage.0, stmt.0.as_ref()) {
                     (true, DFStatement::Statement(inner)) => match inner.as_ref() {
                         SQLStatement::Query(query) => usage_planner::example(&plan, query),
                         _ => None,

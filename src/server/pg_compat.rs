@@ -11,7 +11,7 @@ use datafusion_pg_catalog::sql::PostgresCompatibilityParser;
 
 use crate::engine::IcePie;
 use crate::error::IcePieError;
-use crate::sql::Statement;
+use crate::sql::{DataFusionStatement, Statement};
 
 /// The statements of a PostgreSQL client's text. A query that asks PostgreSQL's catalog
 /// ([`asks_postgres`]: what psql, DBeaver, Metabase and Grafana send to list and describe
@@ -24,8 +24,11 @@ use crate::sql::Statement;
 pub(super) fn parse_pg(sql: &str) -> Result<Vec<Statement>, IcePieError> {
     static POSTGRES: LazyLock<PostgresCompatibilityParser> =
         LazyLock::new(PostgresCompatibilityParser::new);
-    let wrap =
-        |s: SqlStatement| Statement::DataFusion(Box::new(DFStatement::Statement(Box::new(s))));
+    let wrap = |s: SqlStatement| {
+        Statement::DataFusion(DataFusionStatement(Box::new(DFStatement::Statement(
+            Box::new(s),
+        ))))
+    };
     // PostgreSQL's statements of `text` when they are all queries.
     let queries = |text: &str| {
         POSTGRES
@@ -35,7 +38,7 @@ pub(super) fn parse_pg(sql: &str) -> Result<Vec<Statement>, IcePieError> {
     };
     let asks = |s: &Statement| {
         matches!(s, Statement::DataFusion(inner)
-            if matches!(&**inner, DFStatement::Statement(q) if asks_postgres(q)))
+            if matches!(&*inner.0, DFStatement::Statement(q) if asks_postgres(q)))
     };
     match IcePie::parse(sql) {
         Ok(statements) => {
@@ -132,7 +135,7 @@ fn show_postgres(statement: Statement) -> Result<Statement, IcePieError> {
     let Statement::DataFusion(inner) = &statement else {
         return Ok(statement);
     };
-    let DFStatement::Statement(sql) = &**inner else {
+    let DFStatement::Statement(sql) = &*inner.0 else {
         return Ok(statement);
     };
     let SqlStatement::ShowVariable { variable } = &**sql else {

@@ -92,7 +92,7 @@ impl Policy {
         if let Statement::DataFusion(inner) = statement {
             // The runtime settings name the spill directory (where files get written) and the
             // memory of every client: they are the server's.
-            if let Some(name) = runtime_setting(inner) {
+            if let Some(name) = runtime_setting(&inner.0) {
                 return Err(IcePieError::NotAllowed(format!(
                     "{name}: the datafusion.runtime settings are the server's; clients may not \
                      SET or RESET them"
@@ -210,7 +210,7 @@ fn locations(statement: &Statement) -> Vec<(&str, Opening)> {
             DataSource::Files { location, .. } => vec![(location.as_str(), Opening::Listing)],
             DataSource::Query(_) => vec![],
         },
-        Statement::DataFusion(inner) => df_locations(inner),
+        Statement::DataFusion(inner) => df_locations(&inner.0),
         _ => vec![],
     }
 }
@@ -248,7 +248,7 @@ fn reads_only(statement: &Statement) -> bool {
         | Statement::DescribeSlice(_)
         | Statement::ShowSliceHistory(_)
         | Statement::ExplainRefresh(_) => true,
-        Statement::DataFusion(inner) => df_reads_only(inner),
+        Statement::DataFusion(inner) => df_reads_only(&inner.0),
         _ => false,
     }
 }
@@ -445,7 +445,7 @@ mod tests {
     #[test]
     fn shared_settings_are_named_as_datafusion_names_them() {
         let shared = |sql: &str| match crate::sql::parse_sql(sql).unwrap().remove(0) {
-            Statement::DataFusion(s) => shared_setting(&s),
+            Statement::DataFusion(s) => shared_setting(&s.0),
             _ => None,
         };
         assert_eq!(

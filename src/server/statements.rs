@@ -51,13 +51,13 @@ fn session(statement: &Statement) -> Result<Option<Session>, IcePieError> {
     let Statement::DataFusion(inner) = statement else {
         return Ok(None);
     };
-    if let Some(variable) = super::policy::shared_setting(inner) {
+    if let Some(variable) = super::policy::shared_setting(&inner.0) {
         return Err(IcePieError::NotAllowed(format!(
             "{variable} is a setting of the server, shared by every client: start the server \
              with --set to change it"
         )));
     }
-    let DFStatement::Statement(sql) = &**inner else {
+    let DFStatement::Statement(sql) = &*inner.0 else {
         return Ok(None);
     };
     match &**sql {
@@ -110,7 +110,7 @@ pub(super) async fn execute(
 /// True for the statements whose result is the count of rows they wrote.
 pub(super) fn counts_rows(statement: &Statement) -> bool {
     match statement {
-        Statement::DataFusion(inner) => match &**inner {
+        Statement::DataFusion(inner) => match &*inner.0 {
             DFStatement::CopyTo(_) => true,
             DFStatement::Statement(s) => matches!(
                 **s,

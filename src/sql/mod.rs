@@ -25,7 +25,7 @@ pub(crate) use planner::Planner;
 #[derive(Debug, Clone, PartialEq)]
 pub enum Statement {
     /// Any statement DataFusion handles itself.
-    DataFusion(Box<DFStatement>),
+    DataFusion(DataFusionStatement),
     /// `CREATE CORE TABLE`.
     CreateCoreTable(CreateCoreTable),
     /// `INGEST INTO`.
@@ -107,7 +107,7 @@ pub struct CreateCoreTable {
     /// `IF NOT EXISTS` given.
     pub if_not_exists: bool,
     /// Declared columns (may be empty when a source gives the schema).
-    pub columns: Vec<ColumnDef>,
+    pub(crate) columns: Vec<ColumnDef>,
     /// Initial data.
     pub source: Option<DataSource>,
 }
@@ -132,7 +132,28 @@ pub enum DataSource {
         format: Option<FileFormat>,
     },
     /// The result of a query.
-    Query(Box<Query>),
+    Query(SourceQuery),
+}
+
+/// A statement DataFusion parses and runs itself, as DataFusion parsed it. It displays as
+/// the SQL it was parsed from (normalized).
+#[derive(Debug, Clone, PartialEq)]
+pub struct DataFusionStatement(pub(crate) Box<DFStatement>);
+
+impl fmt::Display for DataFusionStatement {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+/// The query whose rows `CREATE CORE TABLE … AS` or `INGEST INTO` loads. It displays as its SQL.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SourceQuery(pub(crate) Box<Query>);
+
+impl fmt::Display for SourceQuery {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.fmt(f)
+    }
 }
 
 /// Formats of files that can be loaded into the core.

@@ -15,7 +15,7 @@ use datafusion::sql::sqlparser::keywords::Keyword;
 use datafusion::sql::sqlparser::parser::Parser;
 use datafusion::sql::sqlparser::tokenizer::Token;
 
-use super::{ClusterBy, RefreshMode};
+use super::{ClusterBy, DataFusionStatement, RefreshMode, SourceQuery};
 use super::{
     CreateCoreTable, CreateSlice, DataSource, FileFormat, Ingest, RefreshPolicy, Statement,
 };
@@ -187,9 +187,9 @@ fn parse_statement(df: &mut DFParser) -> Result<Statement> {
         p.next_token();
         Statement::DescribeSlice(slice_name(p)?)
     } else {
-        return Ok(Statement::DataFusion(Box::new(
+        return Ok(Statement::DataFusion(DataFusionStatement(Box::new(
             df.parse_statement().map_err(syntax)?,
-        )));
+        ))));
     };
     Ok(stmt)
 }
@@ -262,7 +262,7 @@ fn parse_create_core(p: &mut Parser) -> Result<CreateCoreTable> {
     let source = if p.parse_keyword(Keyword::FROM) {
         Some(parse_files(p)?)
     } else if p.parse_keyword(Keyword::AS) {
-        Some(DataSource::Query(p.parse_query()?))
+        Some(DataSource::Query(SourceQuery(p.parse_query()?)))
     } else {
         None
     };
@@ -285,7 +285,7 @@ fn parse_ingest(p: &mut Parser) -> Result<Ingest> {
     let source = if p.parse_keyword(Keyword::FROM) {
         parse_files(p)?
     } else {
-        DataSource::Query(p.parse_query()?)
+        DataSource::Query(SourceQuery(p.parse_query()?))
     };
     Ok(Ingest { table, source })
 }

@@ -225,7 +225,7 @@ fn number_placeholders(statement: &mut Statement) {
     let Statement::DataFusion(inner) = statement else {
         return;
     };
-    let DFStatement::Statement(sql) = inner.as_mut() else {
+    let DFStatement::Statement(sql) = inner.0.as_mut() else {
         return;
     };
     let mut n = 0;
