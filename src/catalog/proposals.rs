@@ -97,7 +97,7 @@ pub(crate) struct Evidence<'a> {
 pub(crate) fn propose(e: &Evidence) -> Vec<Proposal> {
     let mut out = Vec::new();
     for (info, touched) in e.slices.iter().zip(e.touched) {
-        if info.meta.frozen.is_some() || info.state == SliceState::Quarantined {
+        if info.descriptor.frozen.is_some() || info.state == SliceState::Quarantined {
             continue;
         }
         out.extend(freeze(info, *touched, e));
@@ -112,7 +112,7 @@ pub(crate) fn propose(e: &Evidence) -> Vec<Proposal> {
 fn freeze(info: &SliceInfo, touched: Option<i64>, e: &Evidence) -> Option<Proposal> {
     let window = e.options.unread_after.0.min(e.options.usage_retention.0);
     let window = i64::try_from(window.as_millis()).unwrap_or(i64::MAX);
-    let created = info.meta.created_at?;
+    let created = info.descriptor.created_at?;
     // Reads unknown (usage off, or unreadable): nothing to conclude.
     let touched = touched?;
     if touched >= e.now.saturating_sub(window) || created >= e.now.saturating_sub(window) {
@@ -148,7 +148,7 @@ fn freeze(info: &SliceInfo, touched: Option<i64>, e: &Evidence) -> Option<Propos
 }
 
 fn layout(info: &SliceInfo, e: &Evidence) -> Option<Proposal> {
-    let current = match &info.meta.cluster_by {
+    let current = match &info.descriptor.cluster_by {
         ClusterBy::Auto => return None,
         ClusterBy::None => None,
         ClusterBy::Columns(c) => c.first().cloned(),
@@ -156,7 +156,7 @@ fn layout(info: &SliceInfo, e: &Evidence) -> Option<Proposal> {
     let table = info.name.to_string();
     let columns: HashSet<&str> = info.columns.iter().map(|(c, _)| c.as_str()).collect();
     let filters = clustering::filter_counts(e.usage?, &table, e.since(), |c| {
-        columns.contains(c) && !info.meta.partition_by.iter().any(|p| p == c)
+        columns.contains(c) && !info.descriptor.partition_by.iter().any(|p| p == c)
     });
     let (column, n) = filters
         .iter()
@@ -191,7 +191,7 @@ fn layout(info: &SliceInfo, e: &Evidence) -> Option<Proposal> {
         evidence: format!(
             "{n} queries filtered on '{column}' (equality, range or IN) in \
              icepie.usage_retention; it is clustered by {}",
-            info.meta.cluster_by
+            info.descriptor.cluster_by
         ),
         saving: format!(
             "{share}; sorted by '{column}', a selective filter on it reads few of them \
@@ -206,7 +206,7 @@ fn layout(info: &SliceInfo, e: &Evidence) -> Option<Proposal> {
 }
 
 fn schedule(info: &SliceInfo, e: &Evidence) -> Option<Proposal> {
-    let lag = match &info.meta.refresh {
+    let lag = match &info.descriptor.refresh {
         RefreshPolicy::Every(every) => Some(every.clone()),
         RefreshPolicy::OnChange => None,
         _ => return None,
@@ -216,7 +216,7 @@ fn schedule(info: &SliceInfo, e: &Evidence) -> Option<Proposal> {
     let table = info.name.to_string();
     if e.slices
         .iter()
-        .any(|s| s.meta.inputs.iter().any(|i| i.table == table))
+        .any(|s| s.descriptor.inputs.iter().any(|i| i.table == table))
     {
         return None;
     }
@@ -234,7 +234,7 @@ fn schedule(info: &SliceInfo, e: &Evidence) -> Option<Proposal> {
         target: info.name.to_string(),
         evidence: format!(
             "refreshed {per_day:.1} times a day ({}), read {reads:.1} times a day",
-            info.meta.refresh
+            info.descriptor.refresh
         ),
         saving: format!(
             "about {:.0} refreshes a day: REFRESH {auto} keeps it as fresh while it is read, \
@@ -322,7 +322,7 @@ fn new_slices(e: &Evidence) -> Vec<Proposal> {
     let defined: HashSet<String> = e
         .slices
         .iter()
-        .map(|s| squeeze(&s.meta.definition))
+        .map(|s| squeeze(&s.descriptor.definition))
         .collect();
     let mut names: HashSet<String> = e.slices.iter().map(|s| s.name.to_string()).collect();
     let mut out = Vec::new();
@@ -511,7 +511,7 @@ pub(crate) async fn list(shared: &CatalogState) -> Result<Vec<Proposal>> {
         let starts = crate::slice::refresh_log::of_slice(
             all,
             info.slice_id.as_deref(),
-            info.meta.created_at,
+            info.descriptor.created_at,
         )
         .into_iter()
         .filter(|a| a.kind == "refresh" && a.status == crate::slice::refresh_log::SUCCESS)

@@ -304,15 +304,24 @@ pub(super) fn describe(ctx: &SessionContext, info: &SliceInfo) -> Result<DataFra
         ("slice".into(), info.name.to_string()),
         ("state".into(), info.state.to_string()),
         ("version".into(), info.version.to_string()),
-        ("owner".into(), info.meta.owner.clone().unwrap_or_default()),
-        ("refresh".into(), info.meta.refresh.to_string()),
-        ("refresh_mode".into(), info.meta.refresh_mode.to_string()),
-        ("partition_by".into(), info.meta.partition_by.join(", ")),
+        (
+            "owner".into(),
+            info.descriptor.owner.clone().unwrap_or_default(),
+        ),
+        ("refresh".into(), info.descriptor.refresh.to_string()),
+        (
+            "refresh_mode".into(),
+            info.descriptor.refresh_mode.to_string(),
+        ),
+        (
+            "partition_by".into(),
+            info.descriptor.partition_by.join(", "),
+        ),
         ("rows".into(), info.stats.rows.to_string()),
         ("bytes".into(), info.stats.bytes.to_string()),
         ("files".into(), info.stats.files.to_string()),
         ("refreshed_at".into(), rfc3339(info.refreshed_at)),
-        ("inputs".into(), format_inputs(&info.meta.inputs)),
+        ("inputs".into(), format_inputs(&info.descriptor.inputs)),
         (
             "lag".into(),
             info.lag_ms.map(human_duration).unwrap_or_default(),
@@ -327,7 +336,7 @@ pub(super) fn describe(ctx: &SessionContext, info: &SliceInfo) -> Result<DataFra
             frozen.and_then(|f| f.reason.clone()).unwrap_or_default(),
         ),
         ("frozen_since".into(), rfc3339(frozen.map(|f| f.since))),
-        ("definition".into(), info.meta.definition.clone()),
+        ("definition".into(), info.descriptor.definition.clone()),
     ];
     rows.extend(
         info.columns

@@ -167,7 +167,7 @@ impl View {
                 again.extend(
                     self.slices
                         .values()
-                        .filter(|s| s.meta.inputs.iter().any(|i| i.table == table))
+                        .filter(|s| s.descriptor.inputs.iter().any(|i| i.table == table))
                         .map(|s| s.name.clone()),
                 );
             }

@@ -30,7 +30,7 @@ use crate::storage::tracked::TakeBack;
 use crate::storage::{
     table_id, table_stats, Warehouse, FREQUENT_CHECKPOINTS, NO_EXPIRED_LOG_CLEANUP,
 };
-use meta::{format_inputs, BuildMode, Built, CommitKind, InputVersion, SliceMeta};
+use meta::{format_inputs, BuildMode, Built, CommitKind, InputVersion, SliceDescriptor};
 
 /// Marks a slice as refreshing in this process for as long as it lives.
 struct RefreshingGuard<'a> {
@@ -212,7 +212,7 @@ pub(crate) async fn build(state: &SessionState, request: BuildRequest<'_>) -> Re
 pub(crate) async fn after_lost_race(
     shared: &SliceContext,
     name: &SliceName,
-    before: &SliceMeta,
+    before: &SliceDescriptor,
 ) -> Result<Option<BuildOutcome>> {
     let changed = |change: &str| IcePieError::ChangedMeanwhile {
         slice: name.to_string(),
@@ -308,7 +308,7 @@ async fn write_version(
     // Every write of a clustered slice is sorted: a full build's rows, an incremental
     // merge's or recomputed partitions' rows, and an append's new rows.
     let sorted = clustered.as_ref().is_some_and(|c| !c.columns.is_empty());
-    let meta = SliceMeta {
+    let meta = SliceDescriptor {
         kind,
         attempt_id: attempt_id.to_string(),
         definition: spec.definition.clone(),

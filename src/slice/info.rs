@@ -49,7 +49,7 @@ pub struct SliceInfo {
     /// The slice.
     pub name: SliceName,
     /// Its descriptor, from the version served.
-    pub meta: SliceMeta,
+    pub descriptor: SliceDescriptor,
     /// Version served.
     pub version: i64,
     /// Size of that version.
@@ -89,7 +89,7 @@ pub struct SliceInfo {
 impl SliceInfo {
     /// Set while the slice is frozen.
     pub fn frozen(&self) -> Option<&Frozen> {
-        self.meta.frozen.as_ref()
+        self.descriptor.frozen.as_ref()
     }
 }
 
@@ -135,7 +135,7 @@ impl InputCache {
 /// when none, or when that commit's time cannot be read).
 pub(crate) async fn behind(
     shared: &SliceContext,
-    meta: &SliceMeta,
+    meta: &SliceDescriptor,
     inputs: &InputCache,
 ) -> Result<(bool, Option<i64>)> {
     let mut stale = false;
@@ -217,7 +217,7 @@ pub(crate) async fn info(
         .collect();
     Ok(Some(SliceInfo {
         name: name.clone(),
-        meta,
+        descriptor: meta,
         version,
         stats,
         refreshed_at: committed,

@@ -16,7 +16,7 @@ use deltalake::kernel::transaction::CommitProperties;
 use deltalake::DeltaTable;
 
 use super::clustering::ClusterBy;
-use super::meta::{self, CommitKind, Frozen, SliceMeta};
+use super::meta::{self, CommitKind, Frozen, SliceDescriptor};
 use super::quarantine;
 use super::SliceContext;
 use super::{commit_error, commit_properties, Previous};
@@ -56,7 +56,7 @@ pub(crate) async fn load_previous(
     shared: &SliceContext,
     name: &SliceName,
     full: bool,
-) -> Result<(DeltaTable, SliceMeta, Previous)> {
+) -> Result<(DeltaTable, SliceDescriptor, Previous)> {
     let table = load_table(shared, name).await?;
     let (meta, _, at) = meta::latest_meta_at(&table, &name.to_string()).await?;
     let ours = table.version().map(|v| v as i64) == Some(at)
@@ -82,7 +82,7 @@ pub(crate) async fn load_previous(
 async fn load_for_change(
     shared: &SliceContext,
     name: &SliceName,
-) -> Result<(DeltaTable, SliceMeta, Option<i64>, Arc<TrackedStore>)> {
+) -> Result<(DeltaTable, SliceDescriptor, Option<i64>, Arc<TrackedStore>)> {
     let (table, tracked) = shared
         .warehouse
         .load_tracked(&Warehouse::slice_path(name))
@@ -114,7 +114,7 @@ async fn commit_state(
     table: &DeltaTable,
     tracked: &TrackedStore,
     name: &SliceName,
-    meta: &SliceMeta,
+    meta: &SliceDescriptor,
 ) -> Result<i64> {
     let frozen = meta.frozen.is_some().to_string();
     let base = table.version().map(|v| v as i64);
@@ -138,8 +138,8 @@ async fn commit_state(
     Ok(table.version().unwrap_or_default() as i64)
 }
 
-fn lifecycle_meta(meta: &SliceMeta, kind: CommitKind, rows: i64) -> SliceMeta {
-    SliceMeta {
+fn lifecycle_meta(meta: &SliceDescriptor, kind: CommitKind, rows: i64) -> SliceDescriptor {
+    SliceDescriptor {
         kind,
         attempt_id: uuid::Uuid::new_v4().to_string(),
         rows: Some(rows),
@@ -310,7 +310,7 @@ pub(crate) async fn rollback(
         .await?
         .ok_or_else(|| IcePieError::SliceNotFound(name.to_string()))?;
     let (target_meta, _) = meta::latest_meta(&target, &name.to_string()).await?;
-    let next = SliceMeta {
+    let next = SliceDescriptor {
         kind: CommitKind::Rollback,
         attempt_id: uuid::Uuid::new_v4().to_string(),
         frozen: None,

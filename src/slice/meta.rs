@@ -200,7 +200,7 @@ pub struct Frozen {
 
 /// The descriptor of a slice as recorded with each of its commits.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct SliceMeta {
+pub struct SliceDescriptor {
     /// What made this commit.
     pub kind: CommitKind,
     /// The refresh attempt that made it (matches `system.refreshes.attempt_id`).
@@ -259,7 +259,7 @@ pub struct HistoryEntry {
     /// When it was committed (ms since the epoch).
     pub committed_at: Option<i64>,
     /// Its descriptor; `None` for a commit icepie did not make.
-    pub meta: Option<SliceMeta>,
+    pub descriptor: Option<SliceDescriptor>,
     /// The Delta operation (`WRITE`, `RESTORE`, ...), for commits icepie did not make.
     pub operation: Option<String>,
     /// Rows of that version, when known.
@@ -269,7 +269,7 @@ pub struct HistoryEntry {
 impl HistoryEntry {
     /// `create`, `refresh`, ... or, for a foreign commit, its Delta operation in lower case.
     pub fn kind(&self) -> String {
-        match (&self.meta, &self.operation) {
+        match (&self.descriptor, &self.operation) {
             (Some(m), _) => m.kind.to_string(),
             (None, Some(op)) => op.to_lowercase(),
             (None, None) => "unknown".into(),
@@ -306,7 +306,7 @@ pub(crate) async fn commit_info(table: &DeltaTable, version: i64) -> Result<Opti
 }
 
 /// The descriptor of one commit, `None` when icepie did not make it.
-pub(crate) fn descriptor(info: &CommitInfo, name: &str) -> Result<Option<SliceMeta>> {
+pub(crate) fn descriptor(info: &CommitInfo, name: &str) -> Result<Option<SliceDescriptor>> {
     info.info
         .get(COMMIT_KEY)
         .map(|v| {
@@ -318,7 +318,7 @@ pub(crate) fn descriptor(info: &CommitInfo, name: &str) -> Result<Option<SliceMe
 
 /// Rows of the version a commit made: from its descriptor for commits that write no data,
 /// from Delta's `operationMetrics` otherwise.
-pub(crate) fn commit_rows(info: &CommitInfo, meta: Option<&SliceMeta>) -> Option<i64> {
+pub(crate) fn commit_rows(info: &CommitInfo, meta: Option<&SliceDescriptor>) -> Option<i64> {
     meta.and_then(|m| m.rows).or_else(|| {
         info.info
             .get("operationMetrics")
@@ -337,7 +337,7 @@ const FOREIGN_COMMITS_SKIPPED: i64 = 100;
 pub(crate) async fn latest_meta(
     table: &DeltaTable,
     name: &str,
-) -> Result<(SliceMeta, Option<i64>)> {
+) -> Result<(SliceDescriptor, Option<i64>)> {
     let (meta, committed_at, _) = latest_meta_at(table, name).await?;
     Ok((meta, committed_at))
 }
@@ -347,7 +347,7 @@ pub(crate) async fn latest_meta(
 pub(crate) async fn latest_meta_at(
     table: &DeltaTable,
     name: &str,
-) -> Result<(SliceMeta, Option<i64>, i64)> {
+) -> Result<(SliceDescriptor, Option<i64>, i64)> {
     let latest = table
         .version()
         .ok_or_else(|| corrupt(name, "its Delta log has no commit".into()))?
@@ -413,7 +413,7 @@ pub(crate) async fn history(table: &DeltaTable, name: &str) -> Result<Vec<Histor
             version,
             committed_at: info.timestamp,
             operation: info.operation.clone(),
-            meta,
+            descriptor: meta,
             rows,
         });
     }
@@ -422,7 +422,7 @@ pub(crate) async fn history(table: &DeltaTable, name: &str) -> Result<Vec<Histor
     let mut before: Option<i64> = None;
     for entry in out.iter_mut().rev() {
         if entry
-            .meta
+            .descriptor
             .as_ref()
             .and_then(|m| m.built.as_ref())
             .is_some_and(|b| b.appended)
@@ -444,7 +444,7 @@ mod tests {
             "kind": "refresh", "attempt_id": "a", "definition": "SELECT 1", "owner": null,
             "refresh": "manual", "partition_by": [], "inputs": [{"table": "core.t", "version": 2}]
         });
-        let meta: SliceMeta = serde_json::from_value(old).unwrap();
+        let meta: SliceDescriptor = serde_json::from_value(old).unwrap();
         assert_eq!(meta.kind, CommitKind::Refresh);
         assert_eq!(meta.frozen, None);
         assert_eq!(format_inputs(&meta.inputs), "core.t@2");

@@ -61,7 +61,7 @@ use crate::sql::RefreshPolicy;
 use crate::storage::names::{SliceName, CORE_SCHEMA};
 use crate::storage::{table_stats, TableStats, Warehouse};
 use crate::table::{IcePieTable, TableKind};
-use meta::{Frozen, InputVersion, RefreshMode, SliceMeta, COMMIT_KEY};
+use meta::{Frozen, InputVersion, RefreshMode, SliceDescriptor, COMMIT_KEY};
 
 /// What a slice is built from: its definition and settings.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -83,8 +83,8 @@ pub(crate) struct SliceSpec {
     pub created_at: Option<i64>,
 }
 
-impl From<&SliceMeta> for SliceSpec {
-    fn from(m: &SliceMeta) -> Self {
+impl From<&SliceDescriptor> for SliceSpec {
+    fn from(m: &SliceDescriptor) -> Self {
         Self {
             definition: m.definition.clone(),
             owner: m.owner.clone(),
@@ -256,7 +256,7 @@ pub(crate) fn is_conflict(e: &DeltaTableError) -> bool {
 
 /// The commit properties of every icepie commit to a slice: its descriptor, and no retry, so
 /// that a commit lands only on the version it was prepared from.
-pub(crate) fn commit_properties(meta: &SliceMeta) -> CommitProperties {
+pub(crate) fn commit_properties(meta: &SliceDescriptor) -> CommitProperties {
     CommitProperties::default()
         .with_metadata([(
             COMMIT_KEY.to_string(),

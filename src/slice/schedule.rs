@@ -54,7 +54,7 @@ pub(crate) fn decide(info: &SliceInfo, options: &IcePieOptions, now_ms: i64) -> 
             }
         }
     }
-    let policy = info.meta.refresh.clone();
+    let policy = info.descriptor.refresh.clone();
     // A damaged slice with a policy heals itself: its next refresh writes all files anew.
     if info.state == SliceState::Quarantined && policy != RefreshPolicy::Manual {
         return (true, "quarantined: a refresh writes all files anew".into());
@@ -141,7 +141,7 @@ pub(crate) fn apply_demand(
     // When each slice was last touched: read, created, or needed by a slice reading it.
     let mut touched: Vec<Option<i64>> = infos
         .iter()
-        .map(|i| i.last_read.max(i.meta.created_at))
+        .map(|i| i.last_read.max(i.descriptor.created_at))
         .collect();
     let index: HashMap<String, usize> = infos
         .iter()
@@ -152,12 +152,12 @@ pub(crate) fn apply_demand(
     for _ in 0..infos.len() {
         let mut changed = false;
         for (n, info) in infos.iter().enumerate() {
-            let needs = match info.meta.refresh {
-                _ if info.meta.frozen.is_some() => None,
+            let needs = match info.descriptor.refresh {
+                _ if info.descriptor.frozen.is_some() => None,
                 RefreshPolicy::Every(_) | RefreshPolicy::OnChange => Some(now_ms),
                 _ => touched[n],
             };
-            for input in &info.meta.inputs {
+            for input in &info.descriptor.inputs {
                 if let Some(&i) = index.get(&input.table) {
                     if touched[i] < needs {
                         touched[i] = needs;
@@ -173,7 +173,7 @@ pub(crate) fn apply_demand(
     let cold = options.cold_after.0.min(options.usage_retention.0);
     let cold = i64::try_from(cold.as_millis()).unwrap_or(i64::MAX);
     for (info, touched) in infos.iter_mut().zip(&touched) {
-        let auto = matches!(info.meta.refresh, RefreshPolicy::Auto(_));
+        let auto = matches!(info.descriptor.refresh, RefreshPolicy::Auto(_));
         if auto
             && matches!(info.state, SliceState::Fresh | SliceState::Stale)
             && touched.unwrap_or(i64::MIN) < now_ms.saturating_sub(cold)
@@ -195,14 +195,14 @@ pub(crate) fn priority(info: &SliceInfo, now_ms: i64) -> f64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::slice::meta::{CommitKind, Frozen, SliceMeta};
+    use crate::slice::meta::{CommitKind, Frozen, SliceDescriptor};
     use crate::storage::names::SliceName;
     use crate::storage::TableStats;
 
     fn info(refresh: &str) -> SliceInfo {
         SliceInfo {
             name: SliceName::parse("d.s").unwrap(),
-            meta: SliceMeta {
+            descriptor: SliceDescriptor {
                 kind: CommitKind::Refresh,
                 attempt_id: "a".into(),
                 definition: "SELECT 1".into(),
@@ -282,7 +282,7 @@ mod tests {
     fn frozen_and_refreshing_slices_are_skipped() {
         let mut s = info("every '1 second'");
         s.state = SliceState::Frozen;
-        s.meta.frozen = Some(Frozen {
+        s.descriptor.frozen = Some(Frozen {
             reason: None,
             since: 0,
         });
@@ -316,7 +316,7 @@ mod tests {
         let none = HashMap::new();
         let mut s = info("auto");
         s.stale = true;
-        s.meta.created_at = Some(now - 10 * day);
+        s.descriptor.created_at = Some(now - 10 * day);
         let mut all = [s];
         apply_demand(&mut all, Some(&none), &options(), now);
         assert_eq!(all[0].state, SliceState::Dormant);
@@ -341,7 +341,7 @@ mod tests {
         assert!(is_due(&all[0], &options(), now));
         // Created yesterday and never read: not dormant yet. Other policies never are.
         let mut s = info("auto");
-        s.meta.created_at = Some(now - day);
+        s.descriptor.created_at = Some(now - day);
         let mut all = [s, info("on change")];
         all[1].name = SliceName::parse("d.t").unwrap();
         apply_demand(&mut all, Some(&none), &options(), now);
@@ -361,7 +361,7 @@ mod tests {
     fn reading(slice: &str, input: &str, refresh: &str) -> SliceInfo {
         let mut s = info(refresh);
         s.name = SliceName::parse(slice).unwrap();
-        s.meta.inputs = vec![crate::slice::meta::InputVersion {
+        s.descriptor.inputs = vec![crate::slice::meta::InputVersion {
             table: input.into(),
             version: 1,
             pinned: false,

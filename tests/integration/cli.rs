@@ -218,7 +218,7 @@ async fn serve_refreshes_due_slices_and_stops_cleanly_on_sigterm() {
     let history = w.history("s").await.unwrap();
     let latest = history[0].version;
     assert!(latest >= 1);
-    assert!(history.iter().all(|h| h.meta.is_some()));
+    assert!(history.iter().all(|h| h.descriptor.is_some()));
     assert_eq!(w.slice("s").await.unwrap().version, latest);
     assert_eq!(crate::support::scalar(&w, "SELECT total FROM s").await, "1");
 }

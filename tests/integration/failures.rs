@@ -168,7 +168,7 @@ async fn a_failed_create_leaves_nothing_and_a_failed_replace_keeps_the_old_slice
     )
     .await;
     let after = warehouse.slice("casted").await.unwrap();
-    assert_eq!(after.meta.definition, before.meta.definition);
+    assert_eq!(after.descriptor.definition, before.descriptor.definition);
     assert_eq!(after.version, 0);
     assert_eq!(after.state, SliceState::Failed);
     assert_eq!(scalar(&warehouse, "SELECT sum(n) FROM casted").await, "3");

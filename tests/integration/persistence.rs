@@ -27,19 +27,19 @@ async fn everything_survives_reopening() {
     assert_eq!(scalar(&w, "SELECT sum(n) FROM fin.s").await, "3");
     let info = w.slice("fin.s").await.unwrap();
     assert_eq!(info.state, SliceState::Failed);
-    assert_eq!(info.meta.owner.as_deref(), Some("finance"));
+    assert_eq!(info.descriptor.owner.as_deref(), Some("finance"));
     assert_eq!(
-        info.meta.refresh,
+        info.descriptor.refresh,
         icepie::RefreshPolicy::Every("5 minutes".into())
     );
-    assert_eq!(info.meta.refresh.to_string(), "every '5 minutes'");
-    assert_eq!(info.meta.partition_by, vec!["k".to_string()]);
+    assert_eq!(info.descriptor.refresh.to_string(), "every '5 minutes'");
+    assert_eq!(info.descriptor.partition_by, vec!["k".to_string()]);
     assert_eq!(
-        info.meta.definition,
+        info.descriptor.definition,
         "SELECT k, CAST(k AS INT) AS n FROM core.t"
     );
-    assert_eq!(info.meta.inputs[0].table, "core.t");
-    assert_eq!(info.meta.inputs[0].version, 1);
+    assert_eq!(info.descriptor.inputs[0].table, "core.t");
+    assert_eq!(info.descriptor.inputs[0].version, 1);
     assert_eq!(
         table(
             &w,

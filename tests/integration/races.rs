@@ -45,7 +45,10 @@ async fn whole(w: &IcePie, slice: &str) {
     let history = w.history(slice).await.unwrap();
     let versions: Vec<i64> = history.iter().rev().map(|h| h.version).collect();
     assert_eq!(versions, (0..versions.len() as i64).collect::<Vec<_>>());
-    assert!(history.iter().all(|h| h.meta.is_some()), "{history:?}");
+    assert!(
+        history.iter().all(|h| h.descriptor.is_some()),
+        "{history:?}"
+    );
     let broken = violations(w).await;
     assert!(broken.is_empty(), "{broken:?}");
     let verified = w.verify(slice).await.unwrap();

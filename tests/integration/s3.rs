@@ -240,7 +240,7 @@ async fn two_writers_on_s3_never_lose_or_duplicate_a_version() {
     assert_eq!(history.len() as i64, latest + 1, "one entry per version");
     assert!(history
         .iter()
-        .all(|h| h.meta.is_some() && h.rows == Some(1)));
+        .all(|h| h.descriptor.is_some() && h.rows == Some(1)));
     let successes: i64 = scalar(
         &a,
         "SELECT count(*) FROM system.refreshes WHERE kind = 'refresh' AND status = 'success'",

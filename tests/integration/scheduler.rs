@@ -50,7 +50,10 @@ async fn every_and_on_change_slices_refresh_on_their_own_manual_and_frozen_ones_
     })
     .await;
     assert_eq!(scalar(&w, "SELECT s FROM follower").await, "42");
-    assert_eq!(w.slice("follower").await.unwrap().meta.inputs[0].version, 2);
+    assert_eq!(
+        w.slice("follower").await.unwrap().descriptor.inputs[0].version,
+        2
+    );
 
     // The scheduler reported what it did.
     let event = events.recv().await.unwrap();
@@ -360,7 +363,7 @@ async fn two_processes_refreshing_one_slice_agree_on_every_version() {
     assert_eq!(history.len() as i64, successes + 1);
     assert!(history
         .iter()
-        .all(|h| h.meta.is_some() && h.rows == Some(1)));
+        .all(|h| h.descriptor.is_some() && h.rows == Some(1)));
     let expected = scalar(&w, &HEAVY.replace(" AS s", "")).await;
     assert_eq!(scalar(&w, "SELECT s FROM s").await, expected);
 }

@@ -391,14 +391,14 @@ pub async fn violations(w: &IcePie) -> Vec<String> {
         Err(e) => return vec![format!("system.slices fails: {e}")],
     };
     for info in slices {
-        let [input] = info.meta.inputs.as_slice() else {
+        let [input] = info.descriptor.inputs.as_slice() else {
             continue;
         };
         if input.table != "core.t" || input.pinned {
             continue;
         }
         let expected = info
-            .meta
+            .descriptor
             .definition
             .replace("core.t", &format!("core_at('t', {})", input.version));
         // Sorted: an incremental refresh appends, so rows need not come in one order.

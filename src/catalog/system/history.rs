@@ -14,7 +14,7 @@ use crate::slice::meta::{format_inputs, format_reads, Built, HistoryEntry};
 
 /// How the commit's data was built, for commits that built data.
 fn built(e: &HistoryEntry) -> Option<&Built> {
-    e.meta.as_ref().and_then(|m| m.built.as_ref())
+    e.descriptor.as_ref().and_then(|m| m.built.as_ref())
 }
 
 /// The columns of `slice_history('domain.name')` and `SHOW SLICE HISTORY`.
@@ -54,7 +54,7 @@ pub(crate) fn history_table(
                 entries.iter().map(|e| e.rows).collect::<Vec<_>>(),
             )),
             Arc::new(StringArray::from_iter_values(entries.iter().map(|e| {
-                e.meta
+                e.descriptor
                     .as_ref()
                     .map(|m| format_inputs(&m.inputs))
                     .unwrap_or_default()

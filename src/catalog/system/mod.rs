@@ -398,7 +398,7 @@ fn slices_table(
             Arc::new(StringArray::from_iter_values(
                 rows.iter().map(|r| &r.0.name),
             )),
-            s(&|x| x.meta.owner.clone()),
+            s(&|x| x.descriptor.owner.clone()),
             Arc::new(StringArray::from_iter_values(rows.iter().map(|r| {
                 r.1.map_or(SliceState::Failed, |x| x.state).to_string()
             }))),
@@ -420,16 +420,16 @@ fn slices_table(
             i(&|x| x.lag_ms),
             s(&|x| x.frozen().and_then(|f| f.reason.clone())),
             t(&|x| x.frozen().map(|f| f.since)),
-            s(&|x| Some(x.meta.refresh.to_string())),
-            s(&|x| Some(format_inputs(&x.meta.inputs))),
-            s(&|x| Some(x.meta.definition.clone())),
+            s(&|x| Some(x.descriptor.refresh.to_string())),
+            s(&|x| Some(format_inputs(&x.descriptor.inputs))),
+            s(&|x| Some(x.descriptor.definition.clone())),
             s(&|x| x.refreshing_by.clone()),
-            s(&|x| Some(x.meta.cluster_by.to_string())),
+            s(&|x| Some(x.descriptor.cluster_by.to_string())),
             s(&|x| {
-                let c = x.meta.clustered.as_ref()?;
+                let c = x.descriptor.clustered.as_ref()?;
                 (!c.columns.is_empty()).then(|| c.columns.join(", "))
             }),
-            s(&|x| x.meta.clustered.as_ref().map(|c| c.reason.clone())),
+            s(&|x| x.descriptor.clustered.as_ref().map(|c| c.reason.clone())),
             Arc::new(Float64Array::from(
                 rows.iter()
                     .map(|r| r.1.and_then(|x| x.reads_per_day))

@@ -60,7 +60,7 @@ use datafusion::common::{DFSchema, DFSchemaRef};
 use datafusion::datasource::source_as_provider;
 use datafusion::logical_expr::{EmptyRelation, Expr, LogicalPlan};
 
-use super::meta::{BuildMode, Built, InputRead, RefreshMode, SliceMeta};
+use super::meta::{BuildMode, Built, InputRead, RefreshMode, SliceDescriptor};
 use super::{aggregate, SliceSpec};
 use crate::error::Result;
 use crate::table::IcePieTable;
@@ -85,7 +85,7 @@ pub(crate) struct Decision {
 pub(crate) struct Previous {
     /// Its descriptor, when the slice's latest commit is icepie's; `None` when a commit
     /// icepie did not make follows it.
-    pub meta: Option<SliceMeta>,
+    pub meta: Option<SliceDescriptor>,
     /// `REFRESH SLICE … FULL`: recompute from all of the inputs.
     pub full: bool,
     /// The damaged file of a quarantined slice: only a full build rewrites it.
