@@ -318,10 +318,70 @@ async fn values_and_parameters_keep_their_types() {
     assert_eq!(open.columns()[0].type_(), &Type::TEXT);
     let row = client.query_one(&open, &[&5i32]).await.unwrap();
     assert_eq!(row.get::<_, String>(0), "5");
-    // Structs go as their text.
+    // Structs and lists of lists go as their text.
     assert_eq!(
         simple_rows(&client, "SELECT named_struct('a', 1, 'b', 'x')").await,
         vec!["{a: 1, b: x}"]
+    );
+    assert_eq!(
+        simple_rows(&client, "SELECT [[1, 2], [3]]").await,
+        vec!["[[1, 2], [3]]"]
+    );
+    // Lists are PostgreSQL arrays, text or binary, with their NULLs.
+    let row = client
+        .query_one(
+            "SELECT [1, NULL, 3] AS i, ['a b', NULL, 'c'] AS t, \
+             CAST(NULL AS BIGINT[]) AS n, [DATE '2024-02-29'] AS d",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(row.columns()[0].type_(), &Type::INT8_ARRAY);
+    assert_eq!(
+        row.get::<_, Vec<Option<i64>>>(0),
+        vec![Some(1), None, Some(3)]
+    );
+    assert_eq!(
+        row.get::<_, Vec<Option<String>>>(1),
+        vec![Some("a b".to_string()), None, Some("c".to_string())]
+    );
+    assert_eq!(row.get::<_, Option<Vec<i64>>>(2), None);
+    assert_eq!(
+        row.get::<_, Vec<chrono::NaiveDate>>(3),
+        vec![chrono::NaiveDate::from_ymd_opt(2024, 2, 29).unwrap()]
+    );
+    assert_eq!(
+        simple_rows(&client, "SELECT [1, NULL, 3], ['a b', NULL, 'c']").await,
+        vec!["{1,NULL,3}|{\"a b\",NULL,c}"]
+    );
+    // Intervals and durations are PostgreSQL intervals; unsigned 64-bit integers numeric.
+    let row = client
+        .query_one(
+            "SELECT INTERVAL '1 month 2 days 3 hours' AS i, \
+             arrow_cast(90, 'Duration(Second)') AS s, \
+             CAST(18446744073709551615 AS BIGINT UNSIGNED) AS u",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(row.columns()[0].type_(), &Type::INTERVAL);
+    assert_eq!(
+        row.get::<_, pg_interval::Interval>(0),
+        pg_interval::Interval::new(1, 2, 3 * 3_600_000_000)
+    );
+    assert_eq!(
+        row.get::<_, pg_interval::Interval>(1),
+        pg_interval::Interval::new(0, 0, 90_000_000)
+    );
+    assert_eq!(row.columns()[2].type_(), &Type::NUMERIC);
+    assert_eq!(
+        simple_rows(
+            &client,
+            "SELECT INTERVAL '1 month 2 days 3 hours', arrow_cast(90, 'Duration(Second)'), \
+             CAST(18446744073709551615 AS BIGINT UNSIGNED)"
+        )
+        .await,
+        vec!["1 mon 2 days 03:00:00|00:01:30|18446744073709551615"]
     );
     // An absurd parameter number is refused, not allocated.
     let e = client.prepare("SELECT $1000000000").await.unwrap_err();
@@ -892,13 +952,14 @@ async fn user_queries_mean_what_they_mean_in_the_repl() {
         .await,
         ["1|2|2", "2|2|2", "3|1|2"]
     );
+    // Lists are PostgreSQL arrays, as PostgreSQL answers these.
     assert_eq!(
         simple_rows(
             &client,
             "SELECT current_schemas(false), current_schemas(true)"
         )
         .await,
-        ["[slices]|[pg_catalog, slices]"]
+        ["{slices}|{pg_catalog,slices}"]
     );
 }
 
