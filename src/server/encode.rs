@@ -119,7 +119,7 @@ pub(super) fn fields(schema: &Schema, format: &Format) -> PgWireResult<Vec<Field
         .iter()
         .enumerate()
         .map(|(i, f)| {
-            let (ty, _) = pg_type(f.data_type());
+            let ty = pg_type_of(f.data_type());
             FieldInfo::new(f.name().clone(), None, None, ty, format.format_for(i))
         })
         .collect())
@@ -134,8 +134,7 @@ pub(super) fn protocol_error(message: String) -> PgWireError {
     )))
 }
 
-/// One column of a batch, cast for encoding.
-/// A column cast for encoding: one array kind per PostgreSQL type.
+/// One column of a batch, cast for encoding: one array kind per PostgreSQL type.
 enum Column {
     Bool(BooleanArray),
     I16(Int16Array),
