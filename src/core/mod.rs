@@ -4,9 +4,11 @@
 //! commit that would remove a file (invariant 6). Each `INGEST` is one Delta append commit:
 //! all files of a load become visible together, or none do. Data offered to a table is matched
 //! to its columns by name and cast to their types; a load whose columns do not fit is refused
-//! before anything is written, with an error that names the columns.
+//! before anything is written, with an error that names the columns. Parquet files that
+//! already have the table's schema are copied in as they are ([`zero_copy`]).
 
 mod explain;
+mod zero_copy;
 
 use std::sync::Arc;
 
@@ -114,14 +116,8 @@ async fn plan_files(
         FileFormat::Csv => Arc::new(CsvFormat::default().with_has_header(true)),
         FileFormat::Json => Arc::new(JsonFormat::default()),
     };
-    // A path or glob naming files decides itself; a directory is filtered by extension.
-    let last = location.rsplit('/').next().unwrap_or_default();
-    let ext = if last.contains('.') {
-        ""
-    } else {
-        format.extension()
-    };
-    let options = ListingOptions::new(file_format).with_file_extension(ext);
+    let options =
+        ListingOptions::new(file_format).with_file_extension(listing_extension(location, format));
     let inferred = options
         .infer_schema(state, &url)
         .await
@@ -144,6 +140,17 @@ async fn plan_files(
         .with_schema(schema);
     let provider: Arc<dyn TableProvider> = Arc::new(ListingTable::try_new(config)?);
     Ok(LogicalPlanBuilder::scan("source", provider_as_source(provider), None)?.build()?)
+}
+
+/// The extension files at `location` are listed by: none for a path or glob naming files (it
+/// decides itself), the format's for a directory.
+fn listing_extension(location: &str, format: FileFormat) -> &'static str {
+    let last = location.rsplit('/').next().unwrap_or_default();
+    if last.contains('.') {
+        ""
+    } else {
+        format.extension()
+    }
 }
 
 fn first_line(s: &str) -> String {
@@ -315,6 +322,14 @@ pub(crate) async fn create(
     } else {
         Some(columns_schema(state, &stmt.columns).await?)
     };
+    let base = ctx.warehouse.write_base(&rel, None)?;
+    let what = serde_json::json!({"kind": "create", "source": source_text(stmt.source.as_ref())});
+    if let Some(source) = &stmt.source {
+        if let Some(load) = zero_copy::plan(state, source, declared.as_deref(), true).await? {
+            let table = zero_copy::load(ctx, &rel, base, load, what).await?;
+            return outcome(name, 0, &table).map(Some);
+        }
+    }
     let plan = match (&stmt.source, &declared) {
         (Some(source), declared) => {
             source_plan(state, ctx, source, declared.as_deref(), &qualified).await?
@@ -325,8 +340,6 @@ pub(crate) async fn create(
         }),
         (None, None) => unreachable!("the parser requires columns or a source"),
     };
-    let base = ctx.warehouse.write_base(&rel, None)?;
-    let what = serde_json::json!({"kind": "create", "source": source_text(stmt.source.as_ref())});
     let casts = explain::casts_of(&plan);
     let table = match commit(state, ctx, &rel, base, plan, what).await {
         Ok(table) => table,
@@ -371,10 +384,14 @@ pub(crate) async fn ingest(
     let before = table_stats(&table)?.rows;
     let schema = table.snapshot()?.snapshot().arrow_schema();
     let qualified = format!("{CORE_SCHEMA}.{name}");
-    let plan = source_plan(state, ctx, source, Some(schema.as_ref()), &qualified).await?;
     let what = serde_json::json!({"kind": "ingest", "source": source_text(Some(source))});
     let rel = Warehouse::core_path(name);
     let base = ctx.warehouse.write_base(&rel, Some(&table))?;
+    if let Some(load) = zero_copy::plan(state, source, Some(schema.as_ref()), false).await? {
+        let table = zero_copy::load(ctx, &rel, base, load, what).await?;
+        return outcome(name, before, &table);
+    }
+    let plan = source_plan(state, ctx, source, Some(schema.as_ref()), &qualified).await?;
     let casts = explain::casts_of(&plan);
     let table = match commit(state, ctx, &rel, base, plan, what).await {
         Ok(table) => table,

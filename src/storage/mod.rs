@@ -17,6 +17,7 @@
 
 mod cache;
 pub(crate) mod clock;
+pub(crate) mod copy;
 pub(crate) mod journal;
 pub(crate) mod location;
 pub(crate) mod names;
@@ -78,6 +79,12 @@ pub(crate) struct WriteBase {
     pub snapshot: Option<EagerSnapshot>,
     /// What the write created, to take back if it fails.
     pub tracked: Arc<TrackedStore>,
+    /// The table's URL.
+    table_url: Url,
+    /// The table's folder in `tracked`.
+    table_path: Path,
+    /// The table's folder on local disk, when the warehouse is a local directory.
+    local_dir: Option<std::path::PathBuf>,
 }
 
 /// One warehouse location and the means to open the Delta tables in it.
@@ -228,10 +235,23 @@ impl Warehouse {
             Some(t) => Some(t.snapshot()?.snapshot().clone()),
             None => None,
         };
+        let table_url = log_store.config().location().clone();
+        let table_path =
+            Path::from_url_path(table_url.path()).map_err(|e| IcePieError::Warehouse {
+                location: self.root.to_string(),
+                reason: format!("bad table path {rel}: {e}"),
+            })?;
+        let local_dir = match (&self.custom_store, table_url.scheme()) {
+            (None, "file") => table_url.to_file_path().ok(),
+            _ => None,
+        };
         Ok(WriteBase {
             log_store,
             snapshot,
             tracked,
+            table_url,
+            table_path,
+            local_dir,
         })
     }
 

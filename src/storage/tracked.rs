@@ -65,6 +65,15 @@ impl TrackedStore {
         }
     }
 
+    /// Records `path` as created by this write although something else creates it (a copy
+    /// made outside the store): recorded before it starts, so that even a half-made file is
+    /// taken back.
+    pub(crate) fn expect(&self, path: &Path) {
+        if let Ok(mut w) = self.written.lock() {
+            w.push(path.clone());
+        }
+    }
+
     /// Paths created so far.
     pub(crate) fn written(&self) -> Vec<Path> {
         self.written.lock().map(|w| w.clone()).unwrap_or_default()

@@ -1,5 +1,5 @@
-//! Crash test: the real `icepie` binary runs INGEST, REFRESH (full and incremental), CREATE
-//! OR REPLACE, FREEZE,
+//! Crash test: the real `icepie` binary runs INGEST (of a query's rows, and of Parquet files
+//! copied as they are), REFRESH (full and incremental), CREATE OR REPLACE, FREEZE,
 //! THAW, ROLLBACK and VACUUM in a loop and is killed (SIGKILL) at random moments. After each
 //! kill a fresh process must see exactly one whole committed version of every table (the core
 //! holds whole loads; each slice holds what its definition gives over the core version it
@@ -31,10 +31,12 @@ impl Rng {
     }
 }
 
-/// One round of the work the child does, repeated until it is killed.
-fn round() -> String {
+/// One round of the work the child does, repeated until it is killed: `landing` names
+/// Parquet files holding one whole load, which INGEST copies in as they are.
+fn round(landing: &str) -> String {
     format!(
         "{};
+         INGEST INTO t FROM '{landing}';
          REFRESH SLICE s;
          REFRESH SLICE i;
          CREATE OR REPLACE SLICE r AS SELECT count(*) * 2 AS n FROM core.t;
@@ -94,7 +96,8 @@ pub(crate) async fn kill_trials<F, Fut>(
     create_workload(&open().await).await;
     let dir = tempfile::tempdir().unwrap();
     let script = dir.path().join("work.sql");
-    std::fs::write(&script, round().repeat(50)).unwrap();
+    let landing = crate::zero_copy::workload_landing(&dir.path().join("landing")).await;
+    std::fs::write(&script, round(&landing).repeat(50)).unwrap();
     let mut broken = Vec::new();
     for trial in 0..trials {
         let mut child = Command::new(env!("CARGO_BIN_EXE_icepie"))

@@ -286,9 +286,12 @@ async fn run_all(w: &IcePie, sql: &str) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_statement_succeeds_whole_or_changes_nothing_under_faults() {
-    let (_dir, store, w) = faulty_warehouse().await;
+    let (dir, store, w) = faulty_warehouse().await;
+    let landing = crate::zero_copy::workload_landing(&dir.path().join("landing")).await;
     let cases = [
         case("", load_sql(), ""),
+        // A load that copies its Parquet files as they are.
+        case("", format!("INGEST INTO t FROM '{landing}'"), ""),
         case("", "REFRESH SLICE s", ""),
         case(
             "",

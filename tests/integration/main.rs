@@ -29,3 +29,4 @@ mod scheduler;
 mod support;
 mod tools;
 mod usage;
+mod zero_copy;

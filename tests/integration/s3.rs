@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use icepie::IcePie;
 use object_store::aws::AmazonS3Builder;
-use object_store::ObjectStore;
+use object_store::{ObjectStore, ObjectStoreExt};
 
 use crate::support::{fails, run, scalar, version, Access, RecordingStore};
 
@@ -395,6 +395,71 @@ async fn a_killed_process_on_s3_leaves_whole_versions() {
     let location = format!("s3://{BUCKET}/crash");
     let open = || moto.open("crash", &crate::crash::SETTINGS);
     crate::crash::kill_trials(&location, &env, crate::crash::trials(6), 3000, open).await;
+}
+
+/// INGEST of Parquet files in the warehouse's own bucket copies them in the store (a
+/// server-side copy): the table's files are the landing files byte for byte, none of the data
+/// travels through icepie's process but its reading of the copies.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn parquet_in_the_bucket_is_copied_server_side() {
+    let moto = Moto::start();
+    let store = moto.recording();
+    let local = tempfile::tempdir().unwrap();
+    crate::zero_copy::workload_landing(local.path()).await;
+    let mut landed = Vec::new();
+    for name in ["a", "b"] {
+        let bytes = std::fs::read(local.path().join(format!("{name}.parquet"))).unwrap();
+        let path = object_store::path::Path::from(format!("landing/{name}.parquet"));
+        store.put(&path, bytes.clone().into()).await.unwrap();
+        landed.push(bytes);
+    }
+    let w = moto.open_with("zero", &[OFF], Some(store.clone())).await;
+    run(&w, "CREATE CORE TABLE t (x BIGINT)").await;
+    store.take();
+    run(
+        &w,
+        &format!("INGEST INTO t FROM 's3://{BUCKET}/landing/' FORMAT parquet"),
+    )
+    .await;
+    let accesses = store.take();
+    let copies: Vec<&str> = accesses
+        .iter()
+        .filter(|a| matches!(a, Access::Copy(_)))
+        .map(Access::path)
+        .collect();
+    assert_eq!(copies.len(), 2, "{accesses:#?}");
+    assert!(
+        copies.iter().all(|p| p.starts_with("zero/core/t/")),
+        "{copies:?}"
+    );
+    assert!(
+        !accesses
+            .iter()
+            .any(|a| matches!(a, Access::Write(p) if p.ends_with(".parquet"))),
+        "a data file was uploaded: {accesses:#?}"
+    );
+    let load = crate::support::LOAD;
+    assert_eq!(
+        scalar(&w, "SELECT count(*) || ' ' || sum(x) FROM core.t").await,
+        format!("{load} {}", load * (load + 1) / 2)
+    );
+    let mut copied = Vec::new();
+    for path in copies {
+        let path = object_store::path::Path::from(path);
+        copied.push(
+            store
+                .get(&path)
+                .await
+                .unwrap()
+                .bytes()
+                .await
+                .unwrap()
+                .to_vec(),
+        );
+    }
+    copied.sort();
+    landed.sort();
+    assert!(copied == landed, "the copies differ from the landing files");
 }
 
 /// VACUUM racing REFRESH from two processes on S3 (`races.rs`): no file a version references

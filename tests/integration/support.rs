@@ -106,8 +106,10 @@ pub enum Access {
     Read(String),
     /// A listing of a prefix.
     List(String),
-    /// An object written (put, multipart upload, copy target).
+    /// An object written (put, multipart upload).
     Write(String),
+    /// An object written by a copy in the store (the target).
+    Copy(String),
     /// An object deleted.
     Delete(String),
 }
@@ -116,7 +118,11 @@ impl Access {
     /// The object or prefix accessed.
     pub fn path(&self) -> &str {
         match self {
-            Access::Read(p) | Access::List(p) | Access::Write(p) | Access::Delete(p) => p,
+            Access::Read(p)
+            | Access::List(p)
+            | Access::Write(p)
+            | Access::Copy(p)
+            | Access::Delete(p) => p,
         }
     }
 }
@@ -245,7 +251,7 @@ impl ObjectStore for RecordingStore {
     }
 
     async fn copy_opts(&self, from: &Path, to: &Path, options: CopyOptions) -> Result<()> {
-        self.record(Access::Write(to.to_string()));
+        self.record(Access::Copy(to.to_string()));
         self.inner.copy_opts(from, to, options).await
     }
 }
