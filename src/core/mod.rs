@@ -387,9 +387,11 @@ pub(crate) async fn ingest(
     let what = serde_json::json!({"kind": "ingest", "source": source_text(Some(source))});
     let rel = Warehouse::core_path(name);
     let base = ctx.warehouse.write_base(&rel, Some(&table))?;
-    if let Some(load) = zero_copy::plan(state, source, Some(schema.as_ref()), false).await? {
-        let table = zero_copy::load(ctx, &rel, base, load, what).await?;
-        return outcome(name, before, &table);
+    if zero_copy::appendable(&table) {
+        if let Some(load) = zero_copy::plan(state, source, Some(schema.as_ref()), false).await? {
+            let table = zero_copy::load(ctx, &rel, base, load, what).await?;
+            return outcome(name, before, &table);
+        }
     }
     let plan = source_plan(state, ctx, source, Some(schema.as_ref()), &qualified).await?;
     let casts = explain::casts_of(&plan);

@@ -81,13 +81,13 @@ impl WriteBase {
             .map_err(|e| err(e.to_string()));
         }
         if same_store && file.store_url.scheme() != "file" {
-            // A server-side copy; the tracked store records it.
-            self.tracked
-                .copy(&file.path, &target)
-                .await
-                .map_err(|e| err(e.to_string()))?;
-            let meta = self.tracked.head(&target).await?;
-            return Ok(meta.size);
+            // A server-side copy; the tracked store records it. A store that cannot copy this
+            // object (S3 copies at most 5 GB at once) gets the streamed copy below.
+            match self.tracked.copy(&file.path, &target).await {
+                Ok(()) => return Ok(self.tracked.head(&target).await?.size),
+                Err(e @ object_store::Error::NotFound { .. }) => return Err(err(e.to_string())),
+                Err(_) => {}
+            }
         }
         // Streamed: read from the landing store, upload through the table's.
         let got = file

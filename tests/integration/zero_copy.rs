@@ -136,6 +136,13 @@ async fn parquet_that_fits_is_copied_as_it_is() {
         scalar(&open(&dir.path().join("w")).await, whole).await,
         "3000 4501500 45015.00"
     );
+    // A plain appendable Delta table (writer protocol 2 at most), so the next load can copy.
+    let log = std::fs::read_to_string(
+        dir.path()
+            .join("w/core/t/_delta_log/00000000000000000000.json"),
+    )
+    .unwrap();
+    assert!(log.contains(r#""minWriterVersion":2"#), "{log}");
     // A new table made from the files is a copy too, with the files' types.
     run(
         &w,
@@ -157,6 +164,27 @@ async fn parquet_that_fits_is_copied_as_it_is() {
         )
         .await,
         "1000 1001 20.00"
+    );
+    let log = std::fs::read_to_string(
+        dir.path()
+            .join("w/core/u/_delta_log/00000000000000000000.json"),
+    )
+    .unwrap();
+    assert!(
+        log.contains(r#""minWriterVersion":2"#) && log.contains(r#""delta.appendOnly":"true""#),
+        "{log}"
+    );
+    // And the next load into it copies too.
+    run(
+        &w,
+        &format!("INGEST INTO u FROM '{}/part-2.parquet'", land.display()),
+    )
+    .await;
+    assert_eq!(parquet_files(&dir.path().join("w/core/u")).len(), 2);
+    assert!(
+        contents(&parquet_files(&dir.path().join("w/core/u")))
+            == contents(&[land.join("part-1.parquet"), land.join("part-2.parquet")]),
+        "the second load into the new table was not a copy"
     );
     assert_eq!(
         scalar(

@@ -127,6 +127,22 @@ pub(super) async fn plan(
     Ok(Some(ZeroCopy { files, schema }))
 }
 
+/// True when files can be added to `table` with no more than an `add` action: a writer
+/// protocol of at most version 2 (append-only and NOT NULL, which [`fits`] keeps). Later ones
+/// (CHECK constraints, generated or identity columns, row tracking, …) want work from the
+/// writer that the rewriting path's delta-rs does.
+pub(super) fn appendable(table: &DeltaTable) -> bool {
+    let Ok(state) = table.snapshot() else {
+        return false;
+    };
+    // Read through serde: delta-rs keeps these accessors internal.
+    let protocol = serde_json::to_value(state.protocol()).unwrap_or_default();
+    protocol
+        .get("minWriterVersion")
+        .and_then(|v| v.as_i64())
+        .is_some_and(|v| v <= 2)
+}
+
 /// The Arrow schema of a new Delta table of columns `schema`, when it needs no table feature
 /// (timestamps without zone or in nanoseconds do).
 fn delta_schema(schema: &Schema) -> Option<SchemaRef> {
