@@ -8,6 +8,8 @@
 //! `cargo bench --bench tpch -- scan refresh`):
 //!
 //! - `ingest`: `INGEST` of lineitem vs DataFusion's `COPY` of the same Parquet files to Parquet.
+//! - `load`: loading the eight TPC-H tables into a fresh core vs DuckDB's `CREATE TABLE AS`
+//!   from the same Parquet files into a fresh database file.
 //! - `scan`: queries on a slice (full scan, selective filter, group by) vs DataFusion's
 //!   `ListingTable` over the slice's own files.
 //! - `refresh`: `REFRESH SLICE … FULL` of each of the 22 TPC-H query slices vs DataFusion's
@@ -36,6 +38,8 @@
 mod cluster;
 #[path = "tpch/incremental.rs"]
 mod incremental;
+#[path = "tpch/load.rs"]
+mod load;
 #[path = "tpch/queries.rs"]
 mod queries;
 #[path = "tpch/serve.rs"]
@@ -709,7 +713,10 @@ async fn main() {
         runs(),
         std::thread::available_parallelism().map_or(1, |n| n.get())
     );
-    if ["ingest", "scan", "refresh", "p99"].iter().any(|s| on(s)) {
+    if ["ingest", "load", "scan", "refresh", "p99"]
+        .iter()
+        .any(|s| on(s))
+    {
         let started = Instant::now();
         generate(&src, sf);
         let w = tpch_warehouse(&warehouse, &src).await;
@@ -719,6 +726,9 @@ async fn main() {
         );
         if on("ingest") {
             ingest(&w, &src, &out).await;
+        }
+        if on("load") {
+            load::load(&src, &out).await;
         }
         if on("scan") {
             scan(&w, &warehouse).await;

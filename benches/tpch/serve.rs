@@ -166,7 +166,11 @@ pub async fn serve(root: &Path) {
         async move { client.simple_query(&query(i)).await.is_ok() }
     })
     .await;
-    let embedded = {
+    let _ = stop.send(());
+    let _ = server.await;
+    // Each server's baseline runs right after it, so both see the warehouse as it then is
+    // (the heavy slice keeps committing versions).
+    let embedded = || {
         let w2 = w.clone();
         load(&w, clients, secs, move |_, i| {
             let w = w2.clone();
@@ -177,10 +181,8 @@ pub async fn serve(root: &Path) {
                 }
             }
         })
-        .await
     };
-    let _ = stop.send(());
-    let _ = server.await;
+    let after_pg = embedded().await;
 
     // The same over Arrow Flight SQL: each client its own connection, each query a
     // GetFlightInfo and a DoGet.
@@ -226,12 +228,14 @@ pub async fn serve(root: &Path) {
     .await;
     let _ = stop.send(());
     let _ = server.await;
-    report("serve", clients, &served, &embedded);
-    report("serve flight", clients, &flown, &embedded);
+    let after_flight = embedded().await;
+    report("serve", clients, &served, &after_pg, 0.5);
+    report("serve flight", clients, &flown, &after_flight, 0.9);
 }
 
-/// Prints `served` against `embedded`, with the targets.
-fn report(name: &str, clients: usize, served: &Load, embedded: &Load) {
+/// Prints `served` against `embedded`, with the targets (`throughput`: the least ratio of
+/// queries per second).
+fn report(name: &str, clients: usize, served: &Load, embedded: &Load, throughput_target: f64) {
     let line = |what: &str, ours: f64, base: f64, unit: &str, target: &str, above: bool| {
         println!(
             "{what:<34} server {ours:>9.1} {unit:<5} embedded {base:>9.1} {unit:<5} ratio {:>5.2} \
@@ -247,8 +251,8 @@ fn report(name: &str, clients: usize, served: &Load, embedded: &Load) {
         served.per_second(),
         embedded.per_second(),
         "q/s",
-        "target >= 0.50",
-        throughput < 0.5,
+        &format!("target >= {throughput_target:.2}"),
+        throughput < throughput_target,
     );
     let (p50, p99) = (
         ms(served.p50) / ms(embedded.p50),

@@ -82,6 +82,19 @@ impl tokio::io::AsyncWrite for Connection {
         Pin::new(&mut self.stream).poll_write(cx, buf)
     }
 
+    // Forwarded, so that HTTP/2 writes a frame's header and payload in one call.
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.stream).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.stream.is_write_vectored()
+    }
+
     fn poll_flush(
         mut self: Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,

@@ -152,18 +152,23 @@ pub async fn serve_flight(
         // most that many calls at once.
         server = server.concurrency_limit_per_connection(n);
     }
-    let incoming = TcpIncoming::from(listener).map_ok(move |stream| Connection {
-        stream,
-        logged_in: Arc::new(AtomicBool::new(false)),
-        login_by: Some(Box::pin(tokio::time::sleep(auth_timeout))),
-        place: match &places {
-            None => Place::Unlimited,
-            Some(places) => places
-                .clone()
-                .try_acquire_owned()
-                .map_or(Place::Refused, Place::Taken),
-        },
-    });
+    // Without TCP_NODELAY, a reply's last small write waits for the client's delayed ACK
+    // (tens of milliseconds) whenever its headers or schema went out first; tonic sets it
+    // only for listeners it binds itself.
+    let incoming = TcpIncoming::from(listener)
+        .with_nodelay(Some(true))
+        .map_ok(move |stream| Connection {
+            stream,
+            logged_in: Arc::new(AtomicBool::new(false)),
+            login_by: Some(Box::pin(tokio::time::sleep(auth_timeout))),
+            place: match &places {
+                None => Place::Unlimited,
+                Some(places) => places
+                    .clone()
+                    .try_acquire_owned()
+                    .map_or(Place::Refused, Place::Taken),
+            },
+        });
     server
         .add_service(FlightServiceServer::new(service))
         .serve_with_incoming_shutdown(incoming, shutdown)
