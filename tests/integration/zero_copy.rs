@@ -143,6 +143,16 @@ async fn parquet_that_fits_is_copied_as_it_is() {
     )
     .unwrap();
     assert!(log.contains(r#""minWriterVersion":2"#), "{log}");
+    // The load's commit names the files it copied.
+    let load = std::fs::read_to_string(
+        dir.path()
+            .join("w/core/t/_delta_log/00000000000000000001.json"),
+    )
+    .unwrap();
+    assert!(
+        load.contains(r#""copied":["file:///"#) && load.contains("landing/part-2.parquet"),
+        "{load}"
+    );
     // A new table made from the files is a copy too, with the files' types.
     run(
         &w,

@@ -187,14 +187,17 @@ fn not_parquet(location: String, reason: String) -> IcePieError {
 }
 
 /// Copies the files of `load` into the table `base` writes, reads each copy in full, and
-/// commits them (creating the table when `base` has no snapshot) in one commit.
+/// commits them (creating the table when `base` has no snapshot) in one commit, whose
+/// `icepie` metadata `what` gains `copied`: the files copied.
 pub(super) async fn load(
     ctx: &CoreContext<'_>,
     rel: &str,
     base: WriteBase,
     load: ZeroCopy,
-    what: serde_json::Value,
+    mut what: serde_json::Value,
 ) -> Result<DeltaTable> {
+    // The commit says its files were copied as they were, and from where.
+    what["copied"] = load.files.iter().map(Landing::url).collect();
     let tracked = base.tracked.clone();
     let guard = TakeBack::new(base.tracked.clone());
     let adds = match copy_and_read(&base, &load).await {
