@@ -45,8 +45,28 @@ const COPIES: usize = 4;
 
 /// Files that can be copied in as they are, and the schema of the table they go into.
 pub(super) struct ZeroCopy {
+    /// The location as the statement gave it.
+    location: String,
     files: Vec<Landing>,
     schema: SchemaRef,
+}
+
+impl ZeroCopy {
+    /// What is wrong with `file`, said of the location the statement gave (naming the file
+    /// when the location names more than one).
+    fn bad(&self, file: &Landing, problem: &str) -> IcePieError {
+        bad_file(&self.location, self.files.len(), file, problem)
+    }
+}
+
+fn bad_file(location: &str, files: usize, file: &Landing, problem: &str) -> IcePieError {
+    IcePieError::BadLocation {
+        location: location.to_string(),
+        reason: match files {
+            1 => problem.to_string(),
+            _ => format!("{}: {problem}", file.url()),
+        },
+    }
 }
 
 /// The files of `source` when all of them can be copied as they are into a table of schema
@@ -99,12 +119,12 @@ pub(super) async fn plan(
     let footers: Vec<_> = files
         .iter()
         .map(|file| {
-            let (at, url) = (landed(file), file.url());
+            let (at, count) = (landed(file), files.len());
             async move {
-                let footer = at
-                    .footer()
-                    .await
-                    .map_err(|reason| not_parquet(url, reason))?;
+                let footer = at.footer().await.map_err(|reason| {
+                    let problem = format!("not a readable Parquet file: {reason}");
+                    bad_file(location, count, file, &problem)
+                })?;
                 Ok::<_, IcePieError>(footer.schema().clone())
             }
         })
@@ -124,7 +144,11 @@ pub(super) async fn plan(
     if !schemas.iter().all(|s| fits(s, &schema)) {
         return Ok(None);
     }
-    Ok(Some(ZeroCopy { files, schema }))
+    Ok(Some(ZeroCopy {
+        location: location.clone(),
+        files,
+        schema,
+    }))
 }
 
 /// True when files can be added to `table` with no more than an `add` action: a writer
@@ -176,13 +200,6 @@ fn landed(file: &Landing) -> StoreFile {
         store: file.store.clone(),
         path: file.path.clone(),
         size: file.size,
-    }
-}
-
-fn not_parquet(location: String, reason: String) -> IcePieError {
-    IcePieError::BadLocation {
-        location,
-        reason: format!("not a readable Parquet file: {reason}"),
     }
 }
 
@@ -291,22 +308,24 @@ async fn copy_and_read(base: &WriteBase, load: &ZeroCopy) -> Result<Vec<Add>> {
         let footer = copy
             .footer()
             .await
-            .map_err(|reason| not_parquet(file.url(), reason))?;
+            .map_err(|reason| load.bad(file, &format!("not a readable Parquet file: {reason}")))?;
         if !fits(footer.schema(), &load.schema) {
-            return Err(IcePieError::BadLocation {
-                location: file.url(),
-                reason: "the file changed while it was being loaded; load it again".into(),
-            });
+            return Err(load.bad(
+                file,
+                "the file changed while it was being loaded; load it again",
+            ));
         }
         for row_group in 0..footer.metadata().num_row_groups() {
             let task = tokio::spawn(copy.clone().read_row_group(footer.clone(), row_group));
-            let url = file.url();
+            let unreadable = move |reason: String| {
+                load.bad(file, &format!("not a readable Parquet file: {reason}"))
+            };
             units.push(async move {
                 let totals = task
                     .await
                     .map_err(|e| e.to_string())
                     .and_then(|r| r)
-                    .map_err(|reason| not_parquet(url, reason))?;
+                    .map_err(unreadable)?;
                 Ok::<_, IcePieError>((index, totals))
             });
         }
