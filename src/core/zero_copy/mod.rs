@@ -275,7 +275,8 @@ async fn create(
         .await
 }
 
-/// Copies every file in, then reads every copy, a row group per task, into `add` actions.
+/// Copies every file in, then reads every copy, a row group per task (as many at once as
+/// there are cores), into `add` actions.
 async fn copy_and_read(base: &WriteBase, load: &ZeroCopy) -> Result<Vec<Add>> {
     let names: Vec<String> = (0..load.files.len())
         .map(|i| format!("part-{i:05}-{}-c000.parquet", uuid::Uuid::new_v4()))
@@ -316,12 +317,13 @@ async fn copy_and_read(base: &WriteBase, load: &ZeroCopy) -> Result<Vec<Add>> {
             ));
         }
         for row_group in 0..footer.metadata().num_row_groups() {
-            let task = tokio::spawn(copy.clone().read_row_group(footer.clone(), row_group));
+            let (copy, footer) = (copy.clone(), footer.clone());
             let unreadable = move |reason: String| {
                 load.bad(file, &format!("not a readable Parquet file: {reason}"))
             };
+            // Spawned when polled, so that at most `parallel` row groups are in memory.
             units.push(async move {
-                let totals = task
+                let totals = tokio::spawn(copy.read_row_group(footer, row_group))
                     .await
                     .map_err(|e| e.to_string())
                     .and_then(|r| r)
