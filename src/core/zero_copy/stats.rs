@@ -33,10 +33,6 @@ fn bounded(data_type: &DataType) -> bool {
     )
 }
 
-fn nested(data_type: &DataType) -> bool {
-    data_type.is_nested()
-}
-
 /// Statistics being counted over the batches of one row group.
 pub(super) struct Counting {
     rows: u64,
@@ -160,7 +156,7 @@ fn pick(
 pub(super) fn stats_json(schema: &Schema, totals: &Totals) -> String {
     let (mut mins, mut maxes, mut nulls) = (Vec::new(), Vec::new(), Vec::new());
     for (field, column) in schema.fields().iter().zip(&totals.columns) {
-        if nested(field.data_type()) {
+        if field.data_type().is_nested() {
             continue;
         }
         let key = serde_json::Value::from(field.name().as_str()).to_string();
