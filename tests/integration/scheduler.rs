@@ -200,18 +200,22 @@ async fn refreshes_of_different_slices_run_in_parallel_up_to_the_limit() {
         run(
             &w,
             &format!(
-                "CREATE SLICE a REFRESH EVERY '1 second' AS {HEAVY};
-                 CREATE SLICE b REFRESH EVERY '1 second' AS {HEAVY};"
+                "CREATE SLICE a REFRESH EVERY '1 second' FULL AS {HEAVY};
+                 CREATE SLICE b REFRESH EVERY '1 second' FULL AS {HEAVY};"
             ),
         )
         .await;
+        // New core data, so that each scheduled refresh recomputes (with nothing new it
+        // commits at once, and two instant refreshes overlap only by chance).
+        run(&w, "INGEST INTO big VALUES (1)").await;
         // Both due by now: the next tick finds them together.
         tokio::time::sleep(Duration::from_millis(1200)).await;
         run(&w, "SET icepie.scheduler = true").await;
         let (a, b) = eventually(30, "a scheduled refresh of each slice", || async {
             let a = attempts(&w, "slices.a").await;
             let b = attempts(&w, "slices.b").await;
-            (!a.is_empty() && !b.is_empty()).then(|| (a[0].clone(), b[0].clone()))
+            let ended = |x: &[(String, i64, i64)]| x.first().is_some_and(|f| f.0 != "running");
+            (ended(&a) && ended(&b)).then(|| (a[0].clone(), b[0].clone()))
         })
         .await;
         let overlap = a.1 < b.2 && b.1 < a.2;
