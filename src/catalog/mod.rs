@@ -10,6 +10,7 @@
 //! slice domains and `system` refuse plain `CREATE TABLE`/`DROP TABLE` with an error that names
 //! the icepie statement to use.
 
+pub(crate) mod cards;
 pub(crate) mod pg_catalog;
 pub(crate) mod proposals;
 mod pushdown;

@@ -496,9 +496,10 @@ async fn dismissed(shared: &CatalogState) -> Result<HashSet<String>> {
 
 /// The proposals standing now and not dismissed.
 pub(crate) async fn list(shared: &CatalogState) -> Result<Vec<Proposal>> {
-    shared.refresh_listing().await?;
-    let names = shared.slice_names();
-    let (mut slices, _unreadable) = crate::catalog::system::describe(shared, names).await?;
+    let (mut slices, _unreadable) = shared
+        .cards
+        .infos(shared, super::cards::Purpose::Show)
+        .await?;
     let options = shared.options();
     let now = shared.usage.clock.now_ms();
     let demand = shared.demand().await;

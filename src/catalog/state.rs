@@ -16,9 +16,9 @@
 //!   other slices there are (invariant 8; `budgets::opening_a_warehouse_costs_the_same_however_many_slices`,
 //!   `budgets::a_query_on_one_slice_costs_the_same_however_big_the_warehouse_and_its_history`).
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet};
 use std::ops::Deref;
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, RwLock};
 
 use async_trait::async_trait;
 use datafusion::execution::SessionState;
@@ -29,7 +29,7 @@ use futures::{StreamExt, TryStreamExt};
 
 use super::{pg_catalog, time_travel, CATALOG_NAME};
 use crate::error::{IcePieError, Result};
-use crate::slice::{SliceContext, SliceInfo};
+use crate::slice::SliceContext;
 use crate::sql::Planner;
 use crate::storage::names::{
     validate_domain, SliceName, CORE_SCHEMA, DEFAULT_DOMAIN, SYSTEM_SCHEMA,
@@ -62,9 +62,8 @@ pub(crate) struct CatalogState {
     pub listing: RwLock<Listing>,
     /// Tables opened for the time-travel calls of statements being planned.
     pub pins: time_travel::Pins,
-    /// Every slice as this process last described it: what demand flows through when only
-    /// some slices are described (`catalog::system::apply_known_demand`).
-    pub known_slices: Mutex<HashMap<SliceName, SliceInfo>>,
+    /// What this process knows of every slice.
+    pub cards: super::cards::Cards,
 }
 
 impl Deref for CatalogState {
@@ -90,7 +89,7 @@ impl CatalogState {
             slices,
             listing: RwLock::new(Listing::default()),
             pins: time_travel::Pins::default(),
-            known_slices: Mutex::default(),
+            cards: super::cards::Cards::default(),
         });
         let planner: std::sync::Weak<dyn Planner> = Arc::downgrade(&state) as _;
         state.slices.set_planner(planner);

@@ -47,7 +47,7 @@ use url::Url;
 
 use crate::catalog::state::CatalogState;
 use crate::catalog::time_travel::{self, PinnedFunction};
-use crate::catalog::{system, IcePieCatalog, CATALOG_NAME};
+use crate::catalog::{IcePieCatalog, CATALOG_NAME};
 use crate::core::{self};
 use crate::error::{IcePieError, Result};
 use crate::options::IcePieOptions;

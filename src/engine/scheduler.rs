@@ -1,9 +1,9 @@
 //! The scheduler: a tokio task inside each open [`IcePie`] that runs the refreshes that
 //! slices' policies make due.
 //!
-//! Every `icepie.scheduler_tick` it brings its view of the slices' states (as `system.slices`
-//! shows them) up to date from the warehouse's change journal (one listing when nothing
-//! changed, see [`View`]) and starts, up to `icepie.max_concurrent_refreshes` at once, the refreshes that are due:
+//! Every `icepie.scheduler_tick` it brings the view of the slices' states it shares with
+//! `system.slices` up to date from the warehouse's change journal (one listing when nothing
+//! changed, see [`cards`]) and starts, up to `icepie.max_concurrent_refreshes` at once, the refreshes that are due:
 //! `REFRESH EVERY 'interval'` once the interval has passed since the slice's latest commit,
 //! `REFRESH ON CHANGE` once an input has a newer version. It skips frozen and suspended
 //! slices; a slice whose last refreshes failed is retried after an exponential backoff, and
@@ -30,16 +30,13 @@ use tokio::sync::watch;
 use tokio::task::JoinSet;
 
 use super::{IcePie, Inner};
-use crate::catalog::system;
-use crate::error::{IcePieError, Result};
+use crate::catalog::cards::{self, Purpose};
+use crate::error::IcePieError;
 use crate::options::IcePieOptions;
 use crate::slice::lease::{self, Lease};
 use crate::slice::schedule::{apply_demand, is_due, priority};
-use crate::slice::{BuildOutcome, SliceInfo, SliceState};
-use crate::storage::journal;
+use crate::slice::{BuildOutcome, SliceInfo};
 use crate::storage::names::SliceName;
-use crate::storage::names::CORE_SCHEMA;
-use crate::storage::{CORE_DIR, SLICES_DIR};
 use crate::usage::Demand;
 
 /// One scheduled refresh that ended.
@@ -99,107 +96,20 @@ async fn take_lease(engine: &IcePie, name: &SliceName, options: &IcePieOptions) 
     }
 }
 
-/// How often the scheduler reads every slice's state again, whatever the change journal says
-/// (changes made by other engines, journal entries that failed to be written).
-pub(crate) const RESCAN: Duration = Duration::from_secs(600);
-
-/// What the scheduler knows of the warehouse's slices: every slice's state as of a full
-/// scan, kept up to date from the change journal (see [`journal`]), so that a tick that finds
-/// nothing changed costs one listing however many slices there are.
+/// What the scheduler knows of how much each table is read, renewed every
+/// [`cards::RESCAN`] (`None`: not known).
 #[derive(Default)]
-struct View {
-    slices: HashMap<SliceName, SliceInfo>,
-    /// How much each table is read, as of the last full scan (`None`: not known).
+struct Reads {
     demand: Option<HashMap<String, Demand>>,
-    journal: Option<(journal::Reader, Instant)>,
-    /// Slices that could not be read at the last tick: read again at the next.
-    retry: HashSet<SliceName>,
+    read_at: Option<Instant>,
 }
 
-impl View {
-    /// Forgets everything: the next update scans anew.
-    fn stale(&mut self) {
-        self.journal = None;
-    }
-
-    /// Brings the view up to date: a full scan every [`RESCAN`], else the slices that the
-    /// changes since the last tick concern (a changed slice, the slices reading a changed
-    /// table, a slice whose refresh log grew) are read again.
-    async fn update(&mut self, engine: &IcePie) -> Result<()> {
-        let shared = &engine.inner.shared;
-        let fresh = self
-            .journal
-            .as_ref()
-            .is_some_and(|(_, scanned)| scanned.elapsed() < RESCAN);
-        if !fresh {
-            let store = shared.warehouse.store();
-            // From before the scan: what changes meanwhile is read again next tick.
-            let reader = journal::Reader::from_now(store.clone());
-            journal::prune(&store).await;
-            self.slices = engine
-                .slices()
-                .await?
-                .into_iter()
-                .map(|s| (s.name.clone(), s))
-                .collect();
-            self.demand = shared.demand().await;
-            self.journal = Some((reader, Instant::now()));
-            return Ok(());
+impl Reads {
+    async fn update(&mut self, engine: &IcePie) {
+        if self.read_at.is_none_or(|at| at.elapsed() > cards::RESCAN) {
+            self.demand = engine.inner.shared.demand().await;
+            self.read_at = Some(Instant::now());
         }
-        let (reader, _) = self.journal.as_mut().expect("fresh");
-        let changed = reader.changed().await?;
-        let mut again: HashSet<SliceName> = std::mem::take(&mut self.retry);
-        // A refresh running here or elsewhere is followed every tick until it ends: the end
-        // of a refresh, or the expiry of a dead process's lease, writes nothing more to the
-        // journal than what may have been read while it ran.
-        again.extend(
-            self.slices
-                .values()
-                .filter(|s| s.state == SliceState::Refreshing || s.refreshing_by.is_some())
-                .map(|s| s.name.clone()),
-        );
-        for rel in &changed {
-            let (table, slice) = changed_table(rel);
-            if let Some(slice) = slice {
-                again.insert(slice);
-            }
-            if let Some(table) = table {
-                again.extend(
-                    self.slices
-                        .values()
-                        .filter(|s| s.descriptor.inputs.iter().any(|i| i.table == table))
-                        .map(|s| s.name.clone()),
-                );
-            }
-        }
-        if again.is_empty() {
-            return Ok(());
-        }
-        let names: Vec<SliceName> = again.into_iter().collect();
-        let (infos, unreadable) = system::describe(shared, names.clone()).await?;
-        // A slice that could not be read keeps its last known state until it can.
-        self.retry = unreadable.into_iter().map(|(name, _)| name).collect();
-        for name in names.iter().filter(|n| !self.retry.contains(*n)) {
-            self.slices.remove(name);
-        }
-        self.slices
-            .extend(infos.into_iter().map(|s| (s.name.clone(), s)));
-        Ok(())
-    }
-}
-
-/// What a change of the folder `rel` concerns: the table slices read it as (`core.t`,
-/// `d.n`), and the slice whose state it changes.
-fn changed_table(rel: &str) -> (Option<String>, Option<SliceName>) {
-    let parts: Vec<&str> = rel.trim_end_matches('/').split('/').collect();
-    match parts.as_slice() {
-        [CORE_DIR, t] => (Some(format!("{CORE_SCHEMA}.{t}")), None),
-        [SLICES_DIR, d, n] => {
-            let slice = SliceName::new(d.to_string(), *n).ok();
-            (slice.as_ref().map(ToString::to_string), slice)
-        }
-        ["_system", "refreshes", d, n] => (None, SliceName::new(d.to_string(), *n).ok()),
-        _ => (None, None),
     }
 }
 
@@ -236,7 +146,7 @@ async fn auto_apply(engine: &IcePie) {
 async fn run(inner: Weak<Inner>, mut stop: watch::Receiver<Option<Duration>>) {
     let mut tasks: JoinSet<()> = JoinSet::new();
     let running = Running::default();
-    let mut view = View::default();
+    let mut reads = Reads::default();
     let mut ticks: u64 = 0;
     let proposing = Arc::new(std::sync::atomic::AtomicBool::new(false));
     loop {
@@ -274,16 +184,16 @@ async fn run(inner: Weak<Inner>, mut stop: watch::Receiver<Option<Duration>>) {
         if free == 0 {
             continue;
         }
+        let shared = &engine.inner.shared;
         // A warehouse that cannot be read now is read again next tick.
-        if view.update(&engine).await.is_err() {
-            view.stale();
+        let Ok((mut all, _unreadable)) = shared.cards.infos(shared, Purpose::Schedule).await else {
             continue;
-        }
-        let now = engine.inner.shared.usage.clock.now_ms();
+        };
+        reads.update(&engine).await;
+        let now = shared.usage.clock.now_ms();
         // This process's reads count at once: a read wakes a dormant slice by the next tick.
-        let local = engine.inner.shared.usage.local_reads();
-        let mut all: Vec<SliceInfo> = view.slices.values().cloned().collect();
-        let demand = view.demand.as_ref().map(|d| {
+        let local = shared.usage.local_reads();
+        let demand = reads.demand.as_ref().map(|d| {
             let mut d = d.clone();
             for (table, at) in &local {
                 let e = d.entry(table.clone()).or_default();

@@ -4,6 +4,7 @@
 //! `history`, `verify`, `proposals`).
 
 use super::*;
+use crate::catalog::cards::Purpose;
 use crate::catalog::proposals::{self, Proposal};
 use crate::slice::clustering::ClusterBy;
 use crate::slice::meta::Built;
@@ -392,9 +393,8 @@ impl IcePie {
     /// as `failed` with the reason.
     pub async fn slices(&self) -> Result<Vec<SliceInfo>> {
         self.sync_options();
-        self.inner.shared.refresh_listing().await?;
-        let names = self.inner.shared.slice_names();
-        Ok(system::describe(&self.inner.shared, names).await?.0)
+        let shared = &self.inner.shared;
+        Ok(shared.cards.infos(shared, Purpose::Show).await?.0)
     }
 
     /// One slice's state, version, size, lineage and definition.

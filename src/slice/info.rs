@@ -1,6 +1,8 @@
 //! What `system.slices` shows of a slice: its state, version, size, staleness, failures and
 //! who is refreshing it, read from the warehouse.
 
+use serde::{Deserialize, Serialize};
+
 use super::*;
 use crate::text::sql_type_name;
 
@@ -152,6 +154,171 @@ pub(crate) async fn behind(
     Ok((stale, oldest_change))
 }
 
+/// What is known of one slice from the warehouse, whoever reads it and whenever: what
+/// [`SliceInfo`] shows but for what depends on the reader (the process refreshing it, the
+/// time, reads). Cards are kept, and saved for other processes, by the catalog's view of
+/// every slice; [`Card::info`] makes the info a reader sees.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub(crate) struct Card {
+    pub domain: String,
+    pub name: String,
+    pub descriptor: SliceDescriptor,
+    pub version: i64,
+    pub files: i64,
+    pub rows: i64,
+    pub bytes: i64,
+    pub refreshed_at: Option<i64>,
+    pub checked_at: Option<i64>,
+    /// Why a file of the version served is damaged, or the error of the last failed build.
+    pub last_error: Option<String>,
+    /// Whether a file of the version served is damaged (quarantined).
+    pub damaged: bool,
+    pub failures: u32,
+    pub last_failure_at: Option<i64>,
+    /// Whether the last build failed.
+    pub failed: bool,
+    pub stale: bool,
+    /// When the oldest input change the version served has not consumed was committed.
+    pub oldest_change: Option<i64>,
+    pub columns: Vec<(String, String)>,
+    pub slice_id: Option<String>,
+}
+
+impl Card {
+    /// Reads the card of slice `name`; `inputs` caches input versions across slices. `None`
+    /// when the slice does not exist.
+    pub(crate) async fn read(
+        shared: &SliceContext,
+        name: &SliceName,
+        inputs: &InputCache,
+    ) -> Result<Option<Self>> {
+        let Some(table) = shared
+            .warehouse
+            .load(&Warehouse::slice_path(name), None)
+            .await?
+        else {
+            return Ok(None);
+        };
+        let (meta, committed) = meta::latest_meta(&table, &name.to_string()).await?;
+        let stats = table_stats(&table)?;
+        let attempts = shared.attempts_of(name, &table).await?;
+        let since = committed.unwrap_or(0);
+        let checked = attempts
+            .iter()
+            .filter(|a| a.status == refresh_log::NO_CHANGE && a.started_at >= since)
+            .map(|a| a.ended_at)
+            .max();
+        // A refresh that found nothing to do ends the failures before it, as a commit does.
+        let failures = refresh_log::failures_since(&attempts, checked.unwrap_or(since));
+        let (stale, oldest_change) = behind(shared, &meta, inputs).await?;
+        let rel = Warehouse::slice_path(name);
+        let damaged = quarantine::in_force(&shared.warehouse, &rel, &table).await?;
+        let schema = table.snapshot()?.snapshot().arrow_schema();
+        let columns = schema
+            .fields()
+            .iter()
+            .filter(|f| !f.name().starts_with(super::aggregate::HIDDEN))
+            .map(|f| (f.name().clone(), sql_type_name(f.data_type())))
+            .collect();
+        Ok(Some(Self {
+            domain: name.domain.clone(),
+            name: name.name.clone(),
+            descriptor: meta,
+            version: table.version().unwrap_or_default() as i64,
+            files: stats.files,
+            rows: stats.rows,
+            bytes: stats.bytes,
+            refreshed_at: committed,
+            checked_at: checked,
+            last_error: match &damaged {
+                Some(q) => Some(format!("damaged file {}: {}", q.file, q.problem)),
+                None => failures.last.as_ref().and_then(|a| a.error.clone()),
+            },
+            damaged: damaged.is_some(),
+            failures: failures.count,
+            last_failure_at: failures.last.as_ref().map(|a| a.ended_at),
+            failed: failures.last.is_some(),
+            stale,
+            oldest_change,
+            columns,
+            slice_id: crate::storage::table_id(&table),
+        }))
+    }
+
+    /// The slice the card is of.
+    pub(crate) fn slice(&self) -> Option<SliceName> {
+        SliceName::new(self.domain.clone(), self.name.clone()).ok()
+    }
+
+    /// Works out again whether an input has moved on since the version served (after an
+    /// input changed).
+    pub(crate) async fn behind(
+        &mut self,
+        shared: &SliceContext,
+        inputs: &InputCache,
+    ) -> Result<()> {
+        (self.stale, self.oldest_change) = behind(shared, &self.descriptor, inputs).await?;
+        Ok(())
+    }
+
+    /// The info a reader sees now: refreshing when this process is refreshing the slice or
+    /// `holder` holds its lease (see [`lease`]).
+    pub(crate) fn info(
+        &self,
+        shared: &SliceContext,
+        name: SliceName,
+        holder: Option<&lease::Holder>,
+    ) -> SliceInfo {
+        let options = shared.options();
+        let elsewhere = holder.is_some_and(|h| h.process != running::process());
+        let state = if elsewhere
+            || shared
+                .refreshing
+                .lock()
+                .expect("refreshing lock")
+                .contains(&name)
+        {
+            SliceState::Refreshing
+        } else if self.damaged {
+            SliceState::Quarantined
+        } else if self.descriptor.frozen.is_some() {
+            SliceState::Frozen
+        } else if options.max_failures > 0 && self.failures as usize >= options.max_failures {
+            SliceState::Suspended
+        } else if self.failed {
+            SliceState::Failed
+        } else if self.stale {
+            SliceState::Stale
+        } else {
+            SliceState::Fresh
+        };
+        let now = Utc::now().timestamp_millis();
+        SliceInfo {
+            name,
+            descriptor: self.descriptor.clone(),
+            version: self.version,
+            stats: TableStats {
+                files: self.files,
+                rows: self.rows,
+                bytes: self.bytes,
+            },
+            refreshed_at: self.refreshed_at,
+            checked_at: self.checked_at,
+            state,
+            last_error: self.last_error.clone(),
+            failures: self.failures,
+            last_failure_at: self.last_failure_at,
+            stale: self.stale,
+            lag_ms: self.oldest_change.map(|at| (now - at).max(0)),
+            columns: self.columns.clone(),
+            refreshing_by: holder.map(|h| h.process.clone()),
+            last_read: None,
+            reads_per_day: None,
+            slice_id: self.slice_id.clone(),
+        }
+    }
+}
+
 /// Reads what `system.slices` shows of one slice; `inputs` caches input versions across
 /// slices.
 pub(crate) async fn info(
@@ -159,82 +326,10 @@ pub(crate) async fn info(
     name: &SliceName,
     inputs: &InputCache,
 ) -> Result<Option<SliceInfo>> {
-    let Some(table) = shared
-        .warehouse
-        .load(&Warehouse::slice_path(name), None)
-        .await?
-    else {
+    let Some(card) = Card::read(shared, name, inputs).await? else {
         return Ok(None);
     };
-    let (meta, committed) = meta::latest_meta(&table, &name.to_string()).await?;
-    let version = table.version().unwrap_or_default() as i64;
-    let stats = table_stats(&table)?;
-    let attempts = shared.attempts_of(name, &table).await?;
-    let since = committed.unwrap_or(0);
-    let checked = attempts
-        .iter()
-        .filter(|a| a.status == refresh_log::NO_CHANGE && a.started_at >= since)
-        .map(|a| a.ended_at)
-        .max();
-    // A refresh that found nothing to do ends the failures before it, as a commit does.
-    let failures = refresh_log::failures_since(&attempts, checked.unwrap_or(since));
-    let now = Utc::now().timestamp_millis();
-    let (stale, oldest_change) = behind(shared, &meta, inputs).await?;
-    let options = shared.options();
-    let rel = Warehouse::slice_path(name);
-    let damaged = quarantine::in_force(&shared.warehouse, &rel, &table).await?;
-    let holder = lease::holder(&shared.warehouse, name, options.heartbeat.0).await?;
-    let elsewhere = holder
-        .as_ref()
-        .is_some_and(|h| h.process != running::process());
-    let state = if elsewhere
-        || shared
-            .refreshing
-            .lock()
-            .expect("refreshing lock")
-            .contains(name)
-    {
-        SliceState::Refreshing
-    } else if damaged.is_some() {
-        SliceState::Quarantined
-    } else if meta.frozen.is_some() {
-        SliceState::Frozen
-    } else if options.max_failures > 0 && failures.count as usize >= options.max_failures {
-        SliceState::Suspended
-    } else if failures.last.is_some() {
-        SliceState::Failed
-    } else if stale {
-        SliceState::Stale
-    } else {
-        SliceState::Fresh
-    };
-    let schema = table.snapshot()?.snapshot().arrow_schema();
-    let columns = schema
-        .fields()
-        .iter()
-        .filter(|f| !f.name().starts_with(super::aggregate::HIDDEN))
-        .map(|f| (f.name().clone(), sql_type_name(f.data_type())))
-        .collect();
-    Ok(Some(SliceInfo {
-        name: name.clone(),
-        descriptor: meta,
-        version,
-        stats,
-        refreshed_at: committed,
-        checked_at: checked,
-        state,
-        last_error: match &damaged {
-            Some(q) => Some(format!("damaged file {}: {}", q.file, q.problem)),
-            None => failures.last.as_ref().and_then(|a| a.error.clone()),
-        },
-        failures: failures.count,
-        last_failure_at: failures.last.as_ref().map(|a| a.ended_at),
-        stale,
-        lag_ms: oldest_change.map(|at| (now - at).max(0)),
-        columns,
-        refreshing_by: holder.map(|h| h.process),
-        last_read: None,
-        reads_per_day: None,
-        slice_id: crate::storage::table_id(&table),
-    }))
+    let heartbeat = shared.options().heartbeat.0;
+    let holder = lease::holder(&shared.warehouse, name, heartbeat).await?;
+    Ok(Some(card.info(shared, name.clone(), holder.as_ref())))
 }

@@ -24,6 +24,7 @@
 //! whose lease was taken over can still commit, and Delta's commit protocol then settles the
 //! race as for any two writers (one wins, the other records `conflict`).
 
+use std::collections::HashMap;
 use std::time::Duration;
 
 use chrono::Utc;
@@ -73,43 +74,84 @@ fn epoch(object: &ObjectMeta) -> Option<u64> {
 }
 
 /// The lease in force on `slice`, if any: its highest epoch and its holder, unless released
-/// or expired. Expiry is judged with the holder's heartbeat and by the store's clock (which
-/// stamps the renewals), so processes whose clocks or heartbeats differ agree on it.
+/// or expired.
 async fn in_force(
     warehouse: &Warehouse,
     slice: &SliceName,
     heartbeat: Duration,
 ) -> Result<(Vec<(u64, ObjectMeta)>, Option<Holder>)> {
-    let store = warehouse.store();
-    let epochs: Vec<(u64, ObjectMeta)> = store
+    let epochs: Vec<(u64, ObjectMeta)> = warehouse
+        .store()
         .list(Some(&Path::from(folder(slice))))
         .try_collect::<Vec<_>>()
         .await?
         .into_iter()
         .filter_map(|o| epoch(&o).map(|e| (e, o)))
         .collect();
+    let held = held(warehouse, &epochs, heartbeat).await?;
+    Ok((epochs, held))
+}
+
+/// The holder of the lease whose epochs are `epochs`, unless released or expired. Expiry is
+/// judged with the holder's heartbeat and by the store's clock (which stamps the renewals),
+/// so processes whose clocks or heartbeats differ agree on it.
+async fn held(
+    warehouse: &Warehouse,
+    epochs: &[(u64, ObjectMeta)],
+    heartbeat: Duration,
+) -> Result<Option<Holder>> {
     // A released epoch is an empty object.
     let Some((_, highest)) = epochs
         .iter()
         .max_by_key(|(e, _)| *e)
         .filter(|(_, o)| o.size > 0)
     else {
-        return Ok((epochs, None));
+        return Ok(None);
     };
-    let holder: Holder = match store.get(&highest.location).await {
+    let holder: Holder = match warehouse.store().get(&highest.location).await {
         // Emptied (released) since the listing, or unreadable: no holder.
         Ok(got) => match serde_json::from_slice(&got.bytes().await?) {
             Ok(holder) => holder,
-            Err(_) => return Ok((epochs, None)),
+            Err(_) => return Ok(None),
         },
-        Err(object_store::Error::NotFound { .. }) => return Ok((epochs, None)),
+        Err(object_store::Error::NotFound { .. }) => return Ok(None),
         Err(e) => return Err(e.into()),
     };
     let every = holder.heartbeat_ms.map_or(heartbeat, Duration::from_millis);
     let now = warehouse.store_now_ms().await;
     let renewed = highest.last_modified.timestamp_millis();
-    let held = (!expired(renewed, every, now)).then_some(holder);
-    Ok((epochs, held))
+    Ok((!expired(renewed, every, now)).then_some(holder))
+}
+
+/// The holders of every lease in force in the warehouse: one listing of all the leases, and
+/// one read of each lease held (released epochs are empty and need none).
+pub(crate) async fn holders(
+    warehouse: &Warehouse,
+    heartbeat: Duration,
+) -> Result<HashMap<SliceName, Holder>> {
+    let mut epochs: HashMap<SliceName, Vec<(u64, ObjectMeta)>> = HashMap::new();
+    let mut listing = warehouse.store().list(Some(&Path::from(LEASES_PATH)));
+    while let Some(object) = listing.try_next().await? {
+        let Some(e) = epoch(&object) else {
+            continue;
+        };
+        // `_system/leases/<domain>/<name>/<epoch>.json`
+        let parts: Vec<_> = object.location.parts().collect();
+        let [_, _, domain, name, _] = parts.as_slice() else {
+            continue;
+        };
+        let Ok(slice) = SliceName::new(domain.as_ref(), name.as_ref()) else {
+            continue;
+        };
+        epochs.entry(slice).or_default().push((e, object));
+    }
+    let mut out = HashMap::new();
+    for (slice, epochs) in epochs {
+        if let Some(holder) = held(warehouse, &epochs, heartbeat).await? {
+            out.insert(slice, holder);
+        }
+    }
+    Ok(out)
 }
 
 /// Takes the lease on `slice` for this process, renewing it every `heartbeat`; `None` when

@@ -36,7 +36,7 @@ pub(crate) mod vacuum;
 pub(crate) use build::{after_lost_race, build, explain, is_query, BuildRequest};
 pub(crate) use context::{Refresher, SliceContext};
 pub(crate) use incremental::Previous;
-pub(crate) use info::{info, InputCache};
+pub(crate) use info::{info, Card, InputCache};
 pub use info::{SliceInfo, SliceState};
 pub(crate) use settle::Settling;
 

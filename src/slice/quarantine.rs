@@ -39,7 +39,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{IcePieError, Result};
 use crate::storage::names::SliceName;
-use crate::storage::{journal, Warehouse};
+use crate::storage::Warehouse;
 
 /// Folder of the quarantine records, one per table under the table's own path.
 pub(crate) const QUARANTINE_PATH: &str = "_system/quarantine/";
@@ -162,7 +162,7 @@ pub(crate) async fn record(
         .store()
         .put(&record_path(rel), body.into())
         .await?;
-    journal::note(warehouse.store().as_ref(), rel).await;
+    warehouse.journal().note(rel).await;
     Ok(())
 }
 
@@ -170,7 +170,7 @@ pub(crate) async fn record(
 pub(crate) async fn clear(warehouse: &Warehouse, rel: &str) -> Result<()> {
     match warehouse.store().delete(&record_path(rel)).await {
         Ok(()) => {
-            journal::note(warehouse.store().as_ref(), rel).await;
+            warehouse.journal().note(rel).await;
             Ok(())
         }
         Err(object_store::Error::NotFound { .. }) => Ok(()),

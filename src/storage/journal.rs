@@ -8,15 +8,19 @@
 //! writes one entry, best effort: a reader also rescans everything now and then, so an entry
 //! that failed to be written (or a change made by another engine) is seen late, not never.
 //! Entries older than [`KEEP`] are deleted by the schedulers' rescans.
+//!
+//! A process also keeps the changes it made itself ([`Journal::take_own`]): it sees them
+//! whether or not their entries could be written.
 
 use std::collections::BTreeSet;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use chrono::Utc;
 use futures::{StreamExt, TryStreamExt};
 use object_store::path::Path;
 use object_store::{ObjectStore, ObjectStoreExt};
+use serde::{Deserialize, Serialize};
 
 use crate::error::Result;
 
@@ -30,16 +34,48 @@ pub(crate) const WINDOW: Duration = Duration::from_secs(120);
 /// How long entries are kept.
 pub(crate) const KEEP: Duration = Duration::from_secs(3600);
 
-/// Records that the table at `rel` (a warehouse folder, `core/orders/`) changed. Best effort:
-/// the change is made; readers rescan now and then.
-pub(crate) async fn note(store: &dyn ObjectStore, rel: &str) {
-    let table = rel.trim_end_matches('/').replace('/', ".");
-    let key = format!(
-        "{CHANGES_PATH}{:013}-{:08x}-{table}",
-        Utc::now().timestamp_millis().max(0),
-        rand_u32()
-    );
-    let _ = store.put(&Path::from(key), Vec::<u8>::new().into()).await;
+/// Where one process notes the changes it makes to a warehouse: the journal, and its own
+/// list of them.
+#[derive(Debug, Clone)]
+pub(crate) struct Journal {
+    /// The warehouse's store (rooted at the warehouse).
+    store: Arc<dyn ObjectStore>,
+    own: Arc<Mutex<BTreeSet<String>>>,
+}
+
+impl Journal {
+    /// The journal of the warehouse whose store (rooted at the warehouse) is `store`.
+    pub(crate) fn new(store: Arc<dyn ObjectStore>) -> Self {
+        Self {
+            store,
+            own: Arc::default(),
+        }
+    }
+
+    /// Records that the table at `rel` (a warehouse folder, `core/orders/`) changed. Best
+    /// effort: the change is made; readers rescan now and then.
+    pub(crate) async fn note(&self, rel: &str) {
+        let table = rel.trim_end_matches('/');
+        self.own
+            .lock()
+            .expect("journal lock")
+            .insert(format!("{table}/"));
+        let key = format!(
+            "{CHANGES_PATH}{:013}-{:08x}-{}",
+            Utc::now().timestamp_millis().max(0),
+            rand_u32(),
+            table.replace('/', ".")
+        );
+        let _ = self
+            .store
+            .put(&Path::from(key), Vec::<u8>::new().into())
+            .await;
+    }
+
+    /// The folders of the tables this process changed since the last call.
+    pub(crate) fn take_own(&self) -> BTreeSet<String> {
+        std::mem::take(&mut *self.own.lock().expect("journal lock"))
+    }
 }
 
 fn rand_u32() -> u32 {
@@ -54,31 +90,57 @@ fn parse(name: &str) -> Option<(i64, String)> {
     Some((ms, format!("{}/", table.replace('.', "/"))))
 }
 
+/// Where a [`Reader`] is: what it will not return again. A view of the warehouse saved
+/// with the position of the reader that kept it up to date can be taken up by another
+/// process, which reads on from there.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub(crate) struct Position {
+    /// Local time (ms) of the last read.
+    cursor: i64,
+    /// Entries read within the window before it.
+    seen: BTreeSet<String>,
+}
+
 /// Reads the journal from where it last read, each entry once.
 #[derive(Debug)]
 pub(crate) struct Reader {
     store: Arc<dyn ObjectStore>,
-    /// Local time (ms) of the last read.
-    cursor: i64,
-    /// Entries read within the window, not to be returned twice.
-    seen: BTreeSet<String>,
+    at: Position,
 }
 
 impl Reader {
-    /// A reader of what changes from now on.
-    pub(crate) fn from_now(store: Arc<dyn ObjectStore>) -> Self {
+    /// A reader of what changes from now on, with the entries written up to now already
+    /// read: what they record is seen by whatever is read after this returns.
+    pub(crate) async fn from_now(store: Arc<dyn ObjectStore>) -> Result<Self> {
+        let mut reader = Self::at(
+            store,
+            Position {
+                cursor: Utc::now().timestamp_millis(),
+                seen: BTreeSet::new(),
+            },
+        );
+        reader.changed().await?;
+        Ok(reader)
+    }
+
+    /// A reader that goes on from `position`.
+    pub(crate) fn at(store: Arc<dyn ObjectStore>, position: Position) -> Self {
         Self {
             store,
-            cursor: Utc::now().timestamp_millis(),
-            seen: BTreeSet::new(),
+            at: position,
         }
+    }
+
+    /// Where the reader is.
+    pub(crate) fn position(&self) -> &Position {
+        &self.at
     }
 
     /// The folders of the tables changed since the last read: one listing.
     pub(crate) async fn changed(&mut self) -> Result<BTreeSet<String>> {
         let now = Utc::now().timestamp_millis();
         let window = i64::try_from(WINDOW.as_millis()).unwrap_or(i64::MAX);
-        let from = self.cursor.saturating_sub(window).max(0);
+        let from = self.at.cursor.saturating_sub(window).max(0);
         let offset = Path::from(format!("{CHANGES_PATH}{from:013}"));
         let mut listing = self
             .store
@@ -95,14 +157,20 @@ impl Reader {
             if ms < from {
                 continue;
             }
-            if !self.seen.contains(name) {
+            if !self.at.seen.contains(name) {
                 out.insert(rel);
             }
             seen.insert(name.to_string());
         }
-        self.seen = seen;
-        self.cursor = now;
+        self.at = Position { cursor: now, seen };
         Ok(out)
+    }
+}
+
+impl Position {
+    /// Local time (ms) of the last read.
+    pub(crate) fn cursor(&self) -> i64 {
+        self.cursor
     }
 }
 
@@ -140,10 +208,13 @@ mod tests {
     #[tokio::test]
     async fn a_reader_finds_each_change_once() {
         let store: Arc<dyn ObjectStore> = Arc::new(InMemory::new());
-        let mut reader = Reader::from_now(store.clone());
+        let journal = Journal::new(store.clone());
+        journal.note("core/orders/").await;
+        // Read before the reader started: seen by what it is started for.
+        let mut reader = Reader::from_now(store.clone()).await.unwrap();
         assert!(reader.changed().await.unwrap().is_empty());
-        note(store.as_ref(), "core/orders/").await;
-        note(store.as_ref(), "slices/sales/daily/").await;
+        journal.note("core/orders/").await;
+        journal.note("slices/sales/daily/").await;
         let changed = reader.changed().await.unwrap();
         assert_eq!(
             changed,
@@ -153,17 +224,34 @@ mod tests {
             ])
         );
         assert!(reader.changed().await.unwrap().is_empty());
-        note(store.as_ref(), "_system/refreshes/sales/daily/").await;
+        journal.note("_system/refreshes/sales/daily/").await;
+        // A reader taken up from a saved position returns only what came after it.
+        let saved = serde_json::to_string(reader.position()).unwrap();
+        let mut again = Reader::at(store.clone(), serde_json::from_str(&saved).unwrap());
         assert_eq!(
             reader.changed().await.unwrap(),
             BTreeSet::from(["_system/refreshes/sales/daily/".to_string()])
         );
+        assert_eq!(
+            again.changed().await.unwrap(),
+            BTreeSet::from(["_system/refreshes/sales/daily/".to_string()])
+        );
+        // What this process changed, each once.
+        assert_eq!(
+            journal.take_own(),
+            BTreeSet::from([
+                "core/orders/".to_string(),
+                "slices/sales/daily/".to_string(),
+                "_system/refreshes/sales/daily/".to_string()
+            ])
+        );
+        assert!(journal.take_own().is_empty());
     }
 
     #[tokio::test]
     async fn late_entries_within_the_window_are_found_and_old_ones_pruned() {
         let store: Arc<dyn ObjectStore> = Arc::new(InMemory::new());
-        let mut reader = Reader::from_now(store.clone());
+        let mut reader = Reader::from_now(store.clone()).await.unwrap();
         let now = Utc::now().timestamp_millis();
         // Written by a process whose clock is a minute behind.
         let late = format!("{CHANGES_PATH}{:013}-0000000a-core.t", now - 60_000);

@@ -101,6 +101,8 @@ pub(crate) struct Warehouse {
     latest: Arc<Mutex<HashMap<String, Cached>>>,
     /// The store's clock, by which leases and running markers expire.
     clock: Arc<clock::StoreClock>,
+    /// Where changes are noted.
+    journal: journal::Journal,
 }
 
 impl Warehouse {
@@ -153,10 +155,11 @@ impl Warehouse {
             root,
             custom_store,
             storage_options,
-            root_store,
             base_store,
             latest: Arc::default(),
             clock: Arc::default(),
+            journal: journal::Journal::new(root_store.clone()),
+            root_store,
         })
     }
 
@@ -164,6 +167,11 @@ impl Warehouse {
     /// leases and running markers are stamped with, whatever this process's clock says.
     pub(crate) async fn store_now_ms(&self) -> i64 {
         self.clock.now_ms(self.root_store.as_ref()).await
+    }
+
+    /// Where changes to the warehouse are noted.
+    pub(crate) fn journal(&self) -> &journal::Journal {
+        &self.journal
     }
 
     /// The warehouse root URL (ends with `/`).
@@ -226,7 +234,7 @@ impl Warehouse {
             .custom_store
             .clone()
             .unwrap_or_else(|| self.base_store.clone());
-        let tracked = Arc::new(TrackedStore::new(inner).with_journal(self.root_store.clone(), rel));
+        let tracked = Arc::new(TrackedStore::new(inner).with_journal(self.journal.clone(), rel));
         let log_store = self
             .builder_on(rel, Some(tracked.clone()))?
             .build()?
@@ -265,7 +273,7 @@ impl Warehouse {
             .custom_store
             .clone()
             .unwrap_or_else(|| self.base_store.clone());
-        let tracked = Arc::new(TrackedStore::new(inner).with_journal(self.root_store.clone(), rel));
+        let tracked = Arc::new(TrackedStore::new(inner).with_journal(self.journal.clone(), rel));
         match self.builder_on(rel, Some(tracked.clone()))?.load().await {
             Ok(t) => Ok(Some((t, tracked))),
             Err(e) if no_table(&e) => Ok(None),
@@ -372,7 +380,7 @@ impl Warehouse {
         }
         delete_all(self.root_store.as_ref(), rest).await?;
         // The table no longer exists for readers, whatever becomes of its files.
-        journal::note(self.root_store.as_ref(), rel).await;
+        self.journal.note(rel).await;
         let files: Vec<Path> = self
             .root_store
             .list(Some(&Path::from(rel)))

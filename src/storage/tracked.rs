@@ -34,7 +34,7 @@ pub(crate) struct TrackedStore {
     inner: Arc<dyn ObjectStore>,
     written: Arc<Mutex<Vec<Path>>>,
     /// Where to note a commit: the warehouse's store and the table's folder in it.
-    journal: Option<(Arc<dyn ObjectStore>, String)>,
+    journal: Option<(super::journal::Journal, String)>,
 }
 
 impl TrackedStore {
@@ -47,10 +47,9 @@ impl TrackedStore {
         }
     }
 
-    /// Also notes each commit in the change journal of `warehouse` (a store rooted at the
-    /// warehouse) as a change of the table at `rel`.
-    pub(crate) fn with_journal(mut self, warehouse: Arc<dyn ObjectStore>, rel: &str) -> Self {
-        self.journal = Some((warehouse, rel.to_string()));
+    /// Also notes each commit in `journal` as a change of the table at `rel`.
+    pub(crate) fn with_journal(mut self, journal: super::journal::Journal, rel: &str) -> Self {
+        self.journal = Some((journal, rel.to_string()));
         self
     }
 
@@ -58,9 +57,9 @@ impl TrackedStore {
         if let Ok(mut w) = self.written.lock() {
             w.push(path.clone());
         }
-        if let Some((store, rel)) = &self.journal {
+        if let Some((journal, rel)) = &self.journal {
             if commit_version(path).is_some() {
-                super::journal::note(store.as_ref(), rel).await;
+                journal.note(rel).await;
             }
         }
     }

@@ -395,3 +395,53 @@ async fn filters_skip_files_by_their_delta_statistics() {
     assert_eq!(result, "300");
     assert_eq!(parquet_reads(&accesses), 3);
 }
+
+/// `system.slices` over every slice, in a process that never read the warehouse, costs a few
+/// requests however many slices there are (`ICEPIE_BUDGET_SLICES`, 40 by default: more than
+/// the 16 a listing reads whole): it takes up the view of every slice another process saved,
+/// and reads the change journal on from there. Read again with nothing changed, it lists the
+/// journal and the leases.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn listing_every_slice_costs_the_same_however_many_slices() {
+    let slices: usize = std::env::var("ICEPIE_BUDGET_SLICES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(40);
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().canonicalize().unwrap();
+    let (_, first) = open(&root).await;
+    let mut sql = String::from("CREATE CORE TABLE b (n INT); INGEST INTO b VALUES (1);");
+    for i in 0..slices {
+        sql.push_str(&format!(
+            "CREATE SLICE d{}.s{i} AS SELECT n + {i} AS n FROM core.b;",
+            i % 4
+        ));
+    }
+    run(&first, &sql).await;
+    first.flush().await;
+    // Reads every slice, and saves what it read.
+    assert_eq!(
+        scalar(&first, "SELECT count(*) FROM system.slices").await,
+        slices.to_string()
+    );
+
+    let store = Arc::new(RecordingStore::with_usage(Arc::new(LocalFileSystem::new())));
+    let w = IcePie::builder(root.to_string_lossy().to_string())
+        .with_object_store(store.clone())
+        .with_scheduler(false)
+        .open()
+        .await
+        .unwrap();
+    let sql = "SELECT concat(count(*), ' ', sum(version), ' ', \
+               count(*) FILTER (WHERE state = 'fresh')) FROM system.slices";
+    let (listed, cold) = cost(&store, &w, sql).await;
+    assert_eq!(listed, format!("{slices} 0 {slices}"));
+    assert!(cold.len() <= 10, "{} requests: {cold:#?}", cold.len());
+    assert!(
+        cold.iter().all(|a| !a.path().contains("/slices/d")),
+        "a slice read: {cold:#?}"
+    );
+    let (again, warm) = cost(&store, &w, sql).await;
+    assert_eq!(again, listed);
+    assert!(warm.len() <= 3, "{warm:#?}");
+}

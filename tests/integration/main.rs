@@ -1,6 +1,7 @@
 //! icepie's Rust integration tests: one test binary, one module per feature.
 
 mod budgets;
+mod cards;
 mod cli;
 mod clients;
 mod clustering;

@@ -23,6 +23,7 @@ use datafusion::physical_plan::ExecutionPlan;
 use deltalake::DeltaTable;
 use futures::{StreamExt, TryStreamExt};
 
+use super::cards::Purpose;
 use super::pushdown::wanted;
 use crate::catalog::state::CatalogState;
 use crate::error::Result;
@@ -219,13 +220,26 @@ impl TableProvider for SystemTable {
                 core_tables(shared, names).await?
             }
             Which::Slices => {
-                let names = wanted_slices(shared, filters).await?;
-                let (mut infos, unreadable) = describe(shared, names).await?;
+                let (mut infos, unreadable) = match wanted(filters, "name") {
+                    // A few slices named: read them.
+                    Some(names) => {
+                        describe(shared, named_slices(shared, filters, names).await?).await?
+                    }
+                    None => {
+                        let (mut infos, mut unreadable) =
+                            shared.cards.infos(shared, Purpose::Show).await?;
+                        if let Some(domains) = wanted(filters, "domain") {
+                            infos.retain(|i| domains.contains(&i.name.domain));
+                            unreadable.retain(|(n, _)| domains.contains(&n.domain));
+                        }
+                        (infos, unreadable)
+                    }
+                };
                 // Reads, dormancy and what the scheduler makes of each slice.
                 let demand = shared.demand().await;
                 let options = shared.options();
                 let now = shared.usage.clock.now_ms();
-                apply_known_demand(shared, &mut infos, demand.as_ref(), &options, now);
+                apply_known_demand(shared, &mut infos, demand.as_ref(), &options, now).await;
                 let mut scheduling = HashMap::new();
                 for info in &infos {
                     scheduling.insert(info.name.clone(), decide(info, &options, now).1);
@@ -265,36 +279,23 @@ impl TableProvider for SystemTable {
     }
 }
 
-/// The slices a scan of `system.slices` with `filters` can show: those named by filters on
-/// `domain` and `name` (without listing other slices), else every slice.
-async fn wanted_slices(shared: &CatalogState, filters: &[Expr]) -> Result<Vec<SliceName>> {
-    let names = wanted(filters, "name");
+/// The slices named by a filter on `name` of a scan of `system.slices`, in the domains its
+/// filters on `domain` name (or every domain), without listing other slices.
+async fn named_slices(
+    shared: &CatalogState,
+    filters: &[Expr],
+    names: impl IntoIterator<Item = String>,
+) -> Result<Vec<SliceName>> {
     let domains = match wanted(filters, "domain") {
         Some(domains) => domains.into_iter().collect::<Vec<_>>(),
-        None if names.is_some() => shared.warehouse.list_children(SLICES_DIR).await?,
-        None => {
-            shared.refresh_listing().await?;
-            return Ok(shared.slice_names());
-        }
+        None => shared.warehouse.list_children(SLICES_DIR).await?,
     };
-    let mut out = Vec::new();
-    for domain in domains {
-        let in_domain = match &names {
-            Some(names) => names.iter().cloned().collect(),
-            None => {
-                shared
-                    .warehouse
-                    .list_children(&format!("{SLICES_DIR}/{domain}"))
-                    .await?
-            }
-        };
-        out.extend(
-            in_domain
-                .into_iter()
-                .filter_map(|n| SliceName::new(domain.clone(), n).ok()),
-        );
-    }
-    Ok(out)
+    let names: Vec<String> = names.into_iter().collect();
+    Ok(domains
+        .iter()
+        .flat_map(|d| names.iter().map(move |n| (d, n)))
+        .filter_map(|(d, n)| SliceName::new(d.clone(), n.clone()).ok())
+        .collect())
 }
 
 /// How many slices (or tables) are read at once for a listing of the warehouse.
@@ -317,26 +318,20 @@ pub(crate) async fn describe(
         .collect()
         .await;
     let (mut out, mut unreadable) = (Vec::new(), Vec::new());
-    let mut known = shared.known_slices.lock().expect("known slices lock");
     for (name, info) in results {
         match info {
-            Ok(Some(info)) => {
-                known.insert(name, info.clone());
-                out.push(info);
-            }
-            Ok(None) => {
-                known.remove(&name);
-            }
+            Ok(Some(info)) => out.push(info),
+            Ok(None) => {}
             Err(e) => unreadable.push((name, e.to_string())),
         }
     }
     Ok((out, unreadable))
 }
 
-/// Applies what is known of reads to `infos` ([`apply_demand`]), with the other slices this
-/// process has described before: demand that flows down from a slice the caller did not ask
+/// Applies what is known of reads to `infos` ([`apply_demand`]), with the other slices as
+/// this process last read them: demand that flows down from a slice the caller did not ask
 /// for (`system.slices` filtered by name) still reaches the slices it reads.
-pub(crate) fn apply_known_demand(
+pub(crate) async fn apply_known_demand(
     shared: &CatalogState,
     infos: &mut Vec<SliceInfo>,
     demand: Option<&HashMap<String, crate::usage::Demand>>,
@@ -344,18 +339,9 @@ pub(crate) fn apply_known_demand(
     now: i64,
 ) {
     let asked = infos.len();
-    let listed: std::collections::HashSet<SliceName> = shared.slice_names().into_iter().collect();
-    {
-        let known = shared.known_slices.lock().expect("known slices lock");
-        let have: std::collections::HashSet<SliceName> =
-            infos.iter().map(|i| i.name.clone()).collect();
-        infos.extend(
-            known
-                .values()
-                .filter(|k| !have.contains(&k.name) && listed.contains(&k.name))
-                .cloned(),
-        );
-    }
+    let have: std::collections::HashSet<SliceName> = infos.iter().map(|i| i.name.clone()).collect();
+    let known = shared.cards.known(shared).await;
+    infos.extend(known.into_iter().filter(|k| !have.contains(&k.name)));
     apply_demand(infos, demand, options, now);
     infos.truncate(asked);
 }
