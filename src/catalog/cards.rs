@@ -30,7 +30,7 @@
 //!   (`budgets::listing_every_slice_costs_the_same_however_many_slices` compares both after
 //!   changes made by this process and by another).
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -124,17 +124,15 @@ impl Cards {
     ) -> Result<(Vec<SliceInfo>, Vec<(SliceName, String)>)> {
         let mut view = self.0.lock().await;
         view.update(shared, purpose).await?;
+        let options = shared.options();
         let holders = match purpose {
-            Purpose::Show => {
-                let heartbeat = shared.options().heartbeat.0;
-                lease::holders(&shared.warehouse, heartbeat).await?
-            }
+            Purpose::Show => lease::holders(&shared.warehouse, options.heartbeat.0).await?,
             Purpose::Schedule => HashMap::new(),
         };
         let infos = view
             .cards
             .iter()
-            .map(|(name, card)| card.info(shared, name.clone(), holders.get(name)))
+            .map(|(name, card)| card.info(shared, &options, name.clone(), holders.get(name)))
             .collect();
         let unreadable = view
             .unreadable
@@ -144,12 +142,18 @@ impl Cards {
         Ok((infos, unreadable))
     }
 
-    /// The slices as last read, reading nothing.
-    pub(crate) async fn known(&self, shared: &CatalogState) -> Vec<SliceInfo> {
+    /// The slices but `except` as last read, reading nothing.
+    pub(crate) async fn known(
+        &self,
+        shared: &CatalogState,
+        except: &HashSet<SliceName>,
+    ) -> Vec<SliceInfo> {
+        let options = shared.options();
         let view = self.0.lock().await;
         view.cards
             .iter()
-            .map(|(name, card)| card.info(shared, name.clone(), None))
+            .filter(|(name, _)| !except.contains(*name))
+            .map(|(name, card)| card.info(shared, &options, name.clone(), None))
             .collect()
     }
 }
@@ -161,7 +165,7 @@ impl View {
         if self.reader.is_none() && !self.looked {
             self.looked = true;
             if let Some(saved) = newest_saved(&store, now).await {
-                self.take_up(saved, store.clone());
+                self.take_up(saved, shared.warehouse.journal());
             }
         }
         let small = self.cards.len() + self.unreadable.len() <= READ_WHOLE_UP_TO;
@@ -179,7 +183,7 @@ impl View {
         Ok(())
     }
 
-    fn take_up(&mut self, saved: Saved, store: Arc<dyn ObjectStore>) {
+    fn take_up(&mut self, saved: Saved, journal: &journal::Journal) {
         self.cards = saved
             .cards
             .into_iter()
@@ -191,7 +195,7 @@ impl View {
             .filter_map(|n| SliceName::parse(n).ok())
             .map(|n| (n, "not read yet".to_string()))
             .collect();
-        self.reader = Some(journal::Reader::at(store, saved.position));
+        self.reader = Some(journal.reader_at(saved.position));
         self.scanned_at = saved.scanned_at;
         self.unsaved = 0;
     }
@@ -201,7 +205,7 @@ impl View {
         let started = Utc::now().timestamp_millis();
         // Before anything is read: what the journal and this process recorded so far is seen
         // by the reads below.
-        let reader = journal::Reader::from_now(shared.warehouse.store()).await?;
+        let reader = shared.warehouse.journal().reader_from_now().await?;
         shared.warehouse.journal().take_own();
         shared.refresh_listing().await?;
         let names: BTreeSet<SliceName> = shared.slice_names().into_iter().collect();

@@ -3,6 +3,8 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::options::IcePieOptions;
+
 use super::*;
 use crate::text::sql_type_name;
 
@@ -261,15 +263,15 @@ impl Card {
         Ok(())
     }
 
-    /// The info a reader sees now: refreshing when this process is refreshing the slice or
-    /// `holder` holds its lease (see [`lease`]).
+    /// The info a reader with settings `options` sees now: refreshing when this process is
+    /// refreshing the slice or `holder` holds its lease (see [`lease`]).
     pub(crate) fn info(
         &self,
         shared: &SliceContext,
+        options: &IcePieOptions,
         name: SliceName,
         holder: Option<&lease::Holder>,
     ) -> SliceInfo {
-        let options = shared.options();
         let elsewhere = holder.is_some_and(|h| h.process != running::process());
         let state = if elsewhere
             || shared
@@ -329,7 +331,11 @@ pub(crate) async fn info(
     let Some(card) = Card::read(shared, name, inputs).await? else {
         return Ok(None);
     };
-    let heartbeat = shared.options().heartbeat.0;
-    let holder = lease::holder(&shared.warehouse, name, heartbeat).await?;
-    Ok(Some(card.info(shared, name.clone(), holder.as_ref())))
+    let holder = lease::holder(&shared.warehouse, name, shared.options().heartbeat.0).await?;
+    Ok(Some(card.info(
+        shared,
+        &shared.options(),
+        name.clone(),
+        holder.as_ref(),
+    )))
 }

@@ -13,6 +13,7 @@
 //! whether or not their entries could be written.
 
 use std::collections::BTreeSet;
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -22,7 +23,7 @@ use object_store::path::Path;
 use object_store::{ObjectStore, ObjectStoreExt};
 use serde::{Deserialize, Serialize};
 
-use crate::error::Result;
+use crate::error::{IcePieError, Result};
 
 /// Folder of the journal.
 pub(crate) const CHANGES_PATH: &str = "_system/changes/";
@@ -40,15 +41,40 @@ pub(crate) const KEEP: Duration = Duration::from_secs(3600);
 pub(crate) struct Journal {
     /// The warehouse's store (rooted at the warehouse).
     store: Arc<dyn ObjectStore>,
+    /// The journal's folder, when the warehouse is a local directory read through no other
+    /// store: listed by name alone (object_store's listing of a local folder converts and
+    /// stats every entry, which a busy journal makes slow).
+    local: Option<PathBuf>,
     own: Arc<Mutex<BTreeSet<String>>>,
 }
 
 impl Journal {
-    /// The journal of the warehouse whose store (rooted at the warehouse) is `store`.
-    pub(crate) fn new(store: Arc<dyn ObjectStore>) -> Self {
+    /// The journal of the warehouse whose store (rooted at the warehouse) is `store`, and
+    /// which is the local directory `local`, if it is one.
+    pub(crate) fn new(store: Arc<dyn ObjectStore>, local: Option<PathBuf>) -> Self {
         Self {
             store,
+            local: local.map(|root| root.join(CHANGES_PATH)),
             own: Arc::default(),
+        }
+    }
+
+    /// A reader of what changes from now on, with the entries written up to now already
+    /// read: what they record is seen by whatever is read after this returns.
+    pub(crate) async fn reader_from_now(&self) -> Result<Reader> {
+        let mut reader = self.reader_at(Position {
+            cursor: Utc::now().timestamp_millis(),
+            seen: BTreeSet::new(),
+        });
+        reader.changed().await?;
+        Ok(reader)
+    }
+
+    /// A reader that goes on from `position`.
+    pub(crate) fn reader_at(&self, position: Position) -> Reader {
+        Reader {
+            journal: self.clone(),
+            at: position,
         }
     }
 
@@ -104,33 +130,11 @@ pub(crate) struct Position {
 /// Reads the journal from where it last read, each entry once.
 #[derive(Debug)]
 pub(crate) struct Reader {
-    store: Arc<dyn ObjectStore>,
+    journal: Journal,
     at: Position,
 }
 
 impl Reader {
-    /// A reader of what changes from now on, with the entries written up to now already
-    /// read: what they record is seen by whatever is read after this returns.
-    pub(crate) async fn from_now(store: Arc<dyn ObjectStore>) -> Result<Self> {
-        let mut reader = Self::at(
-            store,
-            Position {
-                cursor: Utc::now().timestamp_millis(),
-                seen: BTreeSet::new(),
-            },
-        );
-        reader.changed().await?;
-        Ok(reader)
-    }
-
-    /// A reader that goes on from `position`.
-    pub(crate) fn at(store: Arc<dyn ObjectStore>, position: Position) -> Self {
-        Self {
-            store,
-            at: position,
-        }
-    }
-
     /// Where the reader is.
     pub(crate) fn position(&self) -> &Position {
         &self.at
@@ -141,30 +145,71 @@ impl Reader {
         let now = Utc::now().timestamp_millis();
         let window = i64::try_from(WINDOW.as_millis()).unwrap_or(i64::MAX);
         let from = self.at.cursor.saturating_sub(window).max(0);
-        let offset = Path::from(format!("{CHANGES_PATH}{from:013}"));
-        let mut listing = self
-            .store
-            .list_with_offset(Some(&Path::from(CHANGES_PATH)), &offset);
         let mut out = BTreeSet::new();
         let mut seen = BTreeSet::new();
-        while let Some(object) = listing.try_next().await? {
-            let Some(name) = object.location.filename() else {
-                continue;
-            };
-            let Some((ms, rel)) = parse(name) else {
+        for name in self.journal.names_from(from).await? {
+            let Some((ms, rel)) = parse(&name) else {
                 continue;
             };
             if ms < from {
                 continue;
             }
-            if !self.at.seen.contains(name) {
+            if !self.at.seen.contains(&name) {
                 out.insert(rel);
             }
-            seen.insert(name.to_string());
+            seen.insert(name);
         }
         self.at = Position { cursor: now, seen };
         Ok(out)
     }
+}
+
+impl Journal {
+    /// The names of the entries written from `from` (ms) on, and perhaps a few before.
+    async fn names_from(&self, from: i64) -> Result<Vec<String>> {
+        let first = format!("{from:013}");
+        if let Some(dir) = self.local.clone() {
+            return tokio::task::spawn_blocking(move || list_local(&dir, &first))
+                .await
+                .map_err(|e| IcePieError::Warehouse {
+                    location: CHANGES_PATH.into(),
+                    reason: e.to_string(),
+                })?;
+        }
+        let offset = Path::from(format!("{CHANGES_PATH}{first}"));
+        let mut listing = self
+            .store
+            .list_with_offset(Some(&Path::from(CHANGES_PATH)), &offset);
+        let mut out = Vec::new();
+        while let Some(object) = listing.try_next().await? {
+            if let Some(name) = object.location.filename() {
+                out.push(name.to_string());
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// The names in the local folder `dir` that sort from `first` on.
+fn list_local(dir: &std::path::Path, first: &str) -> Result<Vec<String>> {
+    let err = |e: std::io::Error| IcePieError::Warehouse {
+        location: dir.display().to_string(),
+        reason: format!("cannot list the change journal: {e}"),
+    };
+    let entries = match std::fs::read_dir(dir) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(err(e)),
+    };
+    let mut out = Vec::new();
+    for entry in entries {
+        if let Some(name) = entry.map_err(err)?.file_name().to_str() {
+            if name >= first {
+                out.push(name.to_string());
+            }
+        }
+    }
+    Ok(out)
 }
 
 impl Position {
@@ -207,11 +252,18 @@ mod tests {
 
     #[tokio::test]
     async fn a_reader_finds_each_change_once() {
-        let store: Arc<dyn ObjectStore> = Arc::new(InMemory::new());
-        let journal = Journal::new(store.clone());
+        finds_each_change_once(Journal::new(Arc::new(InMemory::new()), None)).await;
+        // A local warehouse's journal is listed by name.
+        let dir = tempfile::tempdir().unwrap();
+        let store = object_store::local::LocalFileSystem::new_with_prefix(dir.path()).unwrap();
+        let journal = Journal::new(Arc::new(store), Some(dir.path().to_path_buf()));
+        finds_each_change_once(journal).await;
+    }
+
+    async fn finds_each_change_once(journal: Journal) {
         journal.note("core/orders/").await;
         // Read before the reader started: seen by what it is started for.
-        let mut reader = Reader::from_now(store.clone()).await.unwrap();
+        let mut reader = journal.reader_from_now().await.unwrap();
         assert!(reader.changed().await.unwrap().is_empty());
         journal.note("core/orders/").await;
         journal.note("slices/sales/daily/").await;
@@ -227,7 +279,7 @@ mod tests {
         journal.note("_system/refreshes/sales/daily/").await;
         // A reader taken up from a saved position returns only what came after it.
         let saved = serde_json::to_string(reader.position()).unwrap();
-        let mut again = Reader::at(store.clone(), serde_json::from_str(&saved).unwrap());
+        let mut again = journal.reader_at(serde_json::from_str(&saved).unwrap());
         assert_eq!(
             reader.changed().await.unwrap(),
             BTreeSet::from(["_system/refreshes/sales/daily/".to_string()])
@@ -251,7 +303,10 @@ mod tests {
     #[tokio::test]
     async fn late_entries_within_the_window_are_found_and_old_ones_pruned() {
         let store: Arc<dyn ObjectStore> = Arc::new(InMemory::new());
-        let mut reader = Reader::from_now(store.clone()).await.unwrap();
+        let mut reader = Journal::new(store.clone(), None)
+            .reader_from_now()
+            .await
+            .unwrap();
         let now = Utc::now().timestamp_millis();
         // Written by a process whose clock is a minute behind.
         let late = format!("{CHANGES_PATH}{:013}-0000000a-core.t", now - 60_000);

@@ -151,6 +151,10 @@ impl Warehouse {
             .map_err(|e| err(format!("no object store for this location: {e}")))?;
         let root_store = log_store.object_store(None);
         let base_store = log_store.root_object_store(None);
+        let local = match (&custom_store, root.scheme()) {
+            (None, "file") => root.to_file_path().ok(),
+            _ => None,
+        };
         Ok(Self {
             root,
             custom_store,
@@ -158,7 +162,7 @@ impl Warehouse {
             base_store,
             latest: Arc::default(),
             clock: Arc::default(),
-            journal: journal::Journal::new(root_store.clone()),
+            journal: journal::Journal::new(root_store.clone(), local),
             root_store,
         })
     }

@@ -340,8 +340,7 @@ pub(crate) async fn apply_known_demand(
 ) {
     let asked = infos.len();
     let have: std::collections::HashSet<SliceName> = infos.iter().map(|i| i.name.clone()).collect();
-    let known = shared.cards.known(shared).await;
-    infos.extend(known.into_iter().filter(|k| !have.contains(&k.name)));
+    infos.extend(shared.cards.known(shared, &have).await);
     apply_demand(infos, demand, options, now);
     infos.truncate(asked);
 }
