@@ -145,19 +145,22 @@ impl Reader {
         let now = Utc::now().timestamp_millis();
         let window = i64::try_from(WINDOW.as_millis()).unwrap_or(i64::MAX);
         let from = self.at.cursor.saturating_sub(window).max(0);
+        let first = format!("{from:013}");
+        let names = self.journal.names_from(&first).await?;
+        // What was read before and is still within the window: not returned again, and not
+        // parsed again (a busy journal holds thousands of entries in its window).
+        let mut seen = self.at.seen.split_off(first.as_str());
         let mut out = BTreeSet::new();
-        let mut seen = BTreeSet::new();
-        for name in self.journal.names_from(from).await? {
-            let Some((ms, rel)) = parse(&name) else {
-                continue;
-            };
-            if ms < from {
+        for name in names {
+            if seen.contains(&name) {
                 continue;
             }
-            if !self.at.seen.contains(&name) {
-                out.insert(rel);
+            if let Some((ms, rel)) = parse(&name) {
+                if ms >= from {
+                    out.insert(rel);
+                    seen.insert(name);
+                }
             }
-            seen.insert(name);
         }
         self.at = Position { cursor: now, seen };
         Ok(out)
@@ -165,9 +168,9 @@ impl Reader {
 }
 
 impl Journal {
-    /// The names of the entries written from `from` (ms) on, and perhaps a few before.
-    async fn names_from(&self, from: i64) -> Result<Vec<String>> {
-        let first = format!("{from:013}");
+    /// The names of the entries from `first` (a time as written in names) on.
+    async fn names_from(&self, first: &str) -> Result<Vec<String>> {
+        let first = first.to_string();
         if let Some(dir) = self.local.clone() {
             return tokio::task::spawn_blocking(move || list_local(&dir, &first))
                 .await
