@@ -16,7 +16,15 @@ use crate::support::{data_files, run, scalar, Access, RecordingStore};
 const COMPACT_AT: usize = 32;
 
 async fn open(dir: &std::path::Path) -> (Arc<RecordingStore>, IcePie) {
-    let store = Arc::new(RecordingStore::new(Arc::new(LocalFileSystem::new())));
+    open_through(dir, RecordingStore::new(Arc::new(LocalFileSystem::new()))).await
+}
+
+/// The warehouse in `dir`, without a scheduler, every request through `store`.
+async fn open_through(
+    dir: &std::path::Path,
+    store: RecordingStore,
+) -> (Arc<RecordingStore>, IcePie) {
+    let store = Arc::new(store);
     let w = IcePie::builder(dir.to_string_lossy().to_string())
         .with_object_store(store.clone())
         .with_scheduler(false)
@@ -425,13 +433,8 @@ async fn listing_every_slice_costs_the_same_however_many_slices() {
         slices.to_string()
     );
 
-    let store = Arc::new(RecordingStore::with_usage(Arc::new(LocalFileSystem::new())));
-    let w = IcePie::builder(root.to_string_lossy().to_string())
-        .with_object_store(store.clone())
-        .with_scheduler(false)
-        .open()
-        .await
-        .unwrap();
+    let usage_too = RecordingStore::with_usage(Arc::new(LocalFileSystem::new()));
+    let (store, w) = open_through(&root, usage_too).await;
     let sql = "SELECT concat(count(*), ' ', sum(version), ' ', \
                count(*) FILTER (WHERE state = 'fresh')) FROM system.slices";
     let (listed, cold) = cost(&store, &w, sql).await;

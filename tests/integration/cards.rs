@@ -8,7 +8,7 @@
 
 use icepie::IcePie;
 
-use crate::support::{rows, run, Rng};
+use crate::support::{open_unscheduled, rows, run, Rng};
 
 /// What is compared: everything but what moves with the clock (`lag`, `scheduling`).
 const COLUMNS: &str = "domain, name, state, version, rows, bytes, files, refreshed_at, \
@@ -17,14 +17,6 @@ const COLUMNS: &str = "domain, name, state, version, rows, bytes, files, refresh
 
 /// Slices the warehouse starts with: more than `system.slices` reads whole at each read.
 const START: usize = 20;
-
-async fn open(dir: &std::path::Path) -> IcePie {
-    IcePie::builder(dir.to_string_lossy().to_string())
-        .with_scheduler(false)
-        .open()
-        .await
-        .unwrap()
-}
 
 /// A slice of core table `b`; `fails_above` makes its refreshes fail once `b` holds a larger
 /// value.
@@ -78,7 +70,7 @@ async fn the_view_of_every_slice_agrees_with_reading_each_one() {
     let mut rng = Rng(seed);
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path().canonicalize().unwrap();
-    let a = open(&root).await;
+    let a = open_unscheduled(&root).await;
     run(
         &a,
         "CREATE CORE TABLE b (n INT); INGEST INTO b VALUES (1), (2);",
@@ -96,7 +88,7 @@ async fn the_view_of_every_slice_agrees_with_reading_each_one() {
     a.flush().await;
     compare(&a, &names, seed, 0, "created").await;
     // Takes up the view `a` saved.
-    let b = open(&root).await;
+    let b = open_unscheduled(&root).await;
     compare(&b, &names, seed, 0, "taken up").await;
     let mut frozen = std::collections::BTreeSet::new();
     for step in 1..=steps {

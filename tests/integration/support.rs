@@ -639,3 +639,12 @@ impl Rng {
         &items[self.below(items.len())]
     }
 }
+
+/// The warehouse in `dir`, opened without a scheduler: only the test's statements touch it.
+pub async fn open_unscheduled(dir: &std::path::Path) -> IcePie {
+    IcePie::builder(dir.to_string_lossy().to_string())
+        .with_scheduler(false)
+        .open()
+        .await
+        .unwrap()
+}

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use icepie::IcePie;
 use object_store::local::LocalFileSystem;
 
-use crate::support::{rows, run, Access, RecordingStore, TestClock};
+use crate::support::{open_unscheduled, rows, run, Access, RecordingStore, TestClock};
 
 /// `core.events` in three loads (three files: ids 1-3, 11-13, 21-23), and slice `regions`.
 const SETUP: &str = "
@@ -16,18 +16,10 @@ const SETUP: &str = "
     INGEST INTO events VALUES (21, 'us', 4.0), (22, 'eu', 6.0), (23, 'apac', 5.0);
     CREATE SLICE regions AS SELECT region, sum(amount) AS total FROM core.events GROUP BY region;";
 
-async fn open(dir: &std::path::Path) -> IcePie {
-    IcePie::builder(dir.to_string_lossy().to_string())
-        .with_scheduler(false)
-        .open()
-        .await
-        .unwrap()
-}
-
 #[tokio::test]
 async fn queries_are_recorded_per_table_and_column_and_refreshes_are_not() {
     let dir = tempfile::tempdir().unwrap();
-    let w = open(dir.path()).await;
+    let w = open_unscheduled(dir.path()).await;
     run(&w, SETUP).await;
     // Building the slice read core.events: that is not usage.
     assert!(rows(&w, "SELECT * FROM system.usage").await.is_empty());
@@ -95,7 +87,7 @@ async fn queries_are_recorded_per_table_and_column_and_refreshes_are_not() {
 #[tokio::test]
 async fn files_skipped_by_statistics_are_recorded() {
     let dir = tempfile::tempdir().unwrap();
-    let w = open(dir.path()).await;
+    let w = open_unscheduled(dir.path()).await;
     run(&w, SETUP).await;
     run(&w, "SELECT * FROM core.events WHERE id = 12").await;
     w.flush().await;
@@ -113,9 +105,9 @@ async fn files_skipped_by_statistics_are_recorded() {
 #[tokio::test]
 async fn usage_is_summed_across_two_processes() {
     let dir = tempfile::tempdir().unwrap();
-    let a = open(dir.path()).await;
+    let a = open_unscheduled(dir.path()).await;
     run(&a, SETUP).await;
-    let b = open(dir.path()).await;
+    let b = open_unscheduled(dir.path()).await;
     for w in [&a, &b, &b] {
         run(w, "SELECT count(*) FROM slices.regions WHERE region = 'eu'").await;
     }
@@ -185,7 +177,7 @@ async fn recording_writes_one_file_per_flush_however_many_queries() {
 #[tokio::test]
 async fn a_query_through_a_view_counts_once_and_refreshes_never() {
     let dir = tempfile::tempdir().unwrap();
-    let w = open(dir.path()).await;
+    let w = open_unscheduled(dir.path()).await;
     run(&w, SETUP).await;
     // An incremental refresh of a partitioned slice plans and runs plans of its own.
     run(

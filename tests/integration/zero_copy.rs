@@ -18,7 +18,7 @@ use object_store::{
     PutMultipartOptions, PutOptions, PutPayload, PutResult, Result,
 };
 
-use crate::support::{fails, run, scalar};
+use crate::support::{fails, open_unscheduled, run, scalar};
 
 /// Writes `query`'s rows to the Parquet file `path` with DataFusion.
 pub(crate) async fn write_parquet(path: &Path, query: &str) {
@@ -87,14 +87,6 @@ fn contents(files: &[PathBuf]) -> Vec<Vec<u8>> {
     all
 }
 
-async fn open(dir: &Path) -> IcePie {
-    IcePie::builder(dir.to_string_lossy().to_string())
-        .with_scheduler(false)
-        .open()
-        .await
-        .unwrap()
-}
-
 const TABLE: &str = "CREATE CORE TABLE t (x BIGINT, n VARCHAR, price DECIMAL(12, 2))";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -102,7 +94,7 @@ async fn parquet_that_fits_is_copied_as_it_is() {
     let dir = tempfile::tempdir().unwrap();
     let land = dir.path().join("landing");
     let glob = landing(&land, 3000, 3).await;
-    let w = open(&dir.path().join("w")).await;
+    let w = open_unscheduled(&dir.path().join("w")).await;
     run(&w, TABLE).await;
     run(&w, &format!("INGEST INTO t FROM '{glob}'")).await;
     let table = dir.path().join("w/core/t");
@@ -133,7 +125,7 @@ async fn parquet_that_fits_is_copied_as_it_is() {
     )
     .await;
     assert_eq!(
-        scalar(&open(&dir.path().join("w")).await, whole).await,
+        scalar(&open_unscheduled(&dir.path().join("w")).await, whole).await,
         "3000 4501500 45015.00"
     );
     // A plain appendable Delta table (writer protocol 2 at most), so the next load can copy.
@@ -223,7 +215,7 @@ async fn parquet_that_needs_casting_is_rewritten() {
         "SELECT CASE WHEN value > 0 THEN value END AS x FROM generate_series(1, 50)",
     )
     .await;
-    let w = open(&dir.path().join("w")).await;
+    let w = open_unscheduled(&dir.path().join("w")).await;
     run(&w, "CREATE CORE TABLE t (x BIGINT NOT NULL)").await;
     for file in ["narrow", "nullable"] {
         run(
@@ -247,7 +239,7 @@ async fn a_file_that_is_not_parquet_or_is_damaged_loads_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let land = dir.path().join("landing");
     landing(&land, 1000, 2).await;
-    let w = open(&dir.path().join("w")).await;
+    let w = open_unscheduled(&dir.path().join("w")).await;
     run(&w, TABLE).await;
     let table = dir.path().join("w/core/t");
     let before = parquet_files(&table).len();
