@@ -1,10 +1,11 @@
 //! Schema `system`: `core_tables`, `slices`, `refreshes`, `usage`, `usage_columns` and
 //! `proposals`.
 //!
-//! `core_tables` and `slices` are computed from the warehouse each time a query scans them;
+//! `core_tables` is computed from the warehouse each time a query scans it, and `slices`
+//! from the view of every slice this process keeps up to date (see [`super::cards`]);
 //! `refreshes` reads the slices' refresh logs (one Delta table per slice) as one table. A
-//! filter on the key column (`name` and `domain`, or `slice`: `=`, `IN`) limits what is read
-//! to the tables it names; without one, the tables are read 16 at a time.
+//! filter on the key column (`name`, or `slice`: `=`, `IN`) limits what is read to the
+//! tables it names, read from the warehouse; without one, the tables are read 16 at a time.
 
 use std::collections::HashMap;
 use std::sync::{Arc, LazyLock};
