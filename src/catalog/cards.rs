@@ -26,9 +26,8 @@
 //!
 //! - `system.slices` in a new process costs the same number of requests however many slices
 //!   there are (invariant 8; `budgets::listing_every_slice_costs_the_same_however_many_slices`).
-//! - What the view shows is what reading every slice shows
-//!   (`budgets::listing_every_slice_costs_the_same_however_many_slices` compares both after
-//!   changes made by this process and by another).
+//! - What the view shows is what reading every slice shows, after changes made by this
+//!   process and by another (`cards::the_view_of_every_slice_agrees_with_reading_each_one`).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
@@ -211,7 +210,7 @@ impl View {
         let names: BTreeSet<SliceName> = shared.slice_names().into_iter().collect();
         self.cards.clear();
         self.unreadable.clear();
-        self.read_again(shared, names).await;
+        self.read_again(shared, names, &InputCache::default()).await;
         self.reader = Some(reader);
         self.scanned_at = started;
         if started.saturating_sub(self.pruned_at) > ms(RESCAN) {
@@ -248,6 +247,7 @@ impl View {
             .map(|(name, card)| (name.clone(), card.clone()))
             .collect();
         self.unsaved += again.len() + moved.len();
+        // One read of each changed input, for both the staleness and the slices read again.
         let inputs = InputCache::default();
         let behind = futures::stream::iter(moved)
             .map(|(name, mut card)| {
@@ -271,15 +271,18 @@ impl View {
                 }
             }
         }
-        self.read_again(shared, again).await;
+        self.read_again(shared, again, &inputs).await;
         Ok(())
     }
 
     /// Reads the cards of `names`: a slice that cannot be read is recorded with why, one
     /// that no longer exists is forgotten.
-    async fn read_again(&mut self, shared: &CatalogState, names: BTreeSet<SliceName>) {
-        let inputs = InputCache::default();
-        let inputs = &inputs;
+    async fn read_again(
+        &mut self,
+        shared: &CatalogState,
+        names: BTreeSet<SliceName>,
+        inputs: &InputCache,
+    ) {
         let read: Vec<(SliceName, Result<Option<Card>>)> = futures::stream::iter(names)
             .map(|name| async move {
                 let card = Card::read(shared, &name, inputs).await;

@@ -331,10 +331,11 @@ pub(crate) async fn info(
     let Some(card) = Card::read(shared, name, inputs).await? else {
         return Ok(None);
     };
-    let holder = lease::holder(&shared.warehouse, name, shared.options().heartbeat.0).await?;
+    let options = shared.options();
+    let holder = lease::holder(&shared.warehouse, name, options.heartbeat.0).await?;
     Ok(Some(card.info(
         shared,
-        &shared.options(),
+        &options,
         name.clone(),
         holder.as_ref(),
     )))
