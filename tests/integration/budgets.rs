@@ -9,7 +9,7 @@ use std::sync::Arc;
 use icepie::IcePie;
 use object_store::local::LocalFileSystem;
 
-use crate::support::{data_files, run, scalar, Access, RecordingStore};
+use crate::support::{data_files, env_or, run, scalar, Access, RecordingStore};
 
 /// How many files a slice's refresh log grows to before it is compacted (`COMPACT_AT` in
 /// `src/slice/log.rs`).
@@ -81,10 +81,7 @@ async fn grow(w: &IcePie, refreshes: usize) {
 }
 
 fn refreshes() -> usize {
-    std::env::var("ICEPIE_BUDGET_REFRESHES")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(25)
+    env_or("ICEPIE_BUDGET_REFRESHES", 25)
 }
 
 const QUERY: &str = "SELECT sum(id) FROM slices.s1";
@@ -411,10 +408,7 @@ async fn filters_skip_files_by_their_delta_statistics() {
 /// journal and the leases.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn listing_every_slice_costs_the_same_however_many_slices() {
-    let slices: usize = std::env::var("ICEPIE_BUDGET_SLICES")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(40);
+    let slices: usize = env_or("ICEPIE_BUDGET_SLICES", 40);
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path().canonicalize().unwrap();
     let (_, first) = open(&root).await;

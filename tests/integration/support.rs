@@ -648,3 +648,11 @@ pub async fn open_unscheduled(dir: &std::path::Path) -> IcePie {
         .await
         .unwrap()
 }
+
+/// The value of the environment variable `name`, or `default` when it is unset or unparsable.
+pub fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
