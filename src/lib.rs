@@ -134,7 +134,8 @@ pub use options::{AutoApply, IcePieOptions, OnStale, Size, Span, Staleness, Swit
 pub use slice::clustering::Clustered;
 pub use slice::lifecycle::LifecycleOutcome;
 pub use slice::meta::{
-    BuildMode, Built, CommitKind, Frozen, HistoryEntry, InputRead, InputVersion, SliceDescriptor,
+    BuildCost, BuildCosts, BuildMode, Built, CommitKind, Frozen, HistoryEntry, InputRead,
+    InputVersion, SliceDescriptor,
 };
 pub use slice::quarantine::{FileCheck, Verified};
 pub use slice::vacuum::VacuumOutcome;

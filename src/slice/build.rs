@@ -300,6 +300,7 @@ async fn write_version(
         existing,
         ..
     } = *request;
+    let build_started_at = Utc::now().timestamp_millis();
     let (decision, clustered) = plan_build(state, request, inputs).await?;
     *planned = Some(decision.built.clone());
     if let (true, Some(table)) = (decision.unchanged, existing) {
@@ -327,6 +328,19 @@ async fn write_version(
         created_at: match kind {
             CommitKind::Create | CommitKind::Replace => Some(Utc::now().timestamp_millis()),
             _ => spec.created_at,
+        },
+        build_started_at: Some(build_started_at),
+        // Costs measured under another definition predict nothing of this one.
+        costs: match (kind, request.previous) {
+            (CommitKind::Refresh, Some(previous))
+                if previous
+                    .meta
+                    .as_ref()
+                    .is_none_or(|m| m.definition == spec.definition) =>
+            {
+                previous.costs.clone()
+            }
+            _ => Default::default(),
         },
     };
     let built = decision.built;

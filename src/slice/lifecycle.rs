@@ -58,8 +58,10 @@ pub(crate) async fn load_previous(
     full: bool,
 ) -> Result<(DeltaTable, SliceDescriptor, Previous)> {
     let table = load_table(shared, name).await?;
-    let (meta, _, at) = meta::latest_meta_at(&table, &name.to_string()).await?;
-    let ours = table.version().map(|v| v as i64) == Some(at)
+    let (mut meta, committed_at, at) = meta::latest_meta_at(&table, &name.to_string()).await?;
+    let latest = table.version().map(|v| v as i64) == Some(at);
+    meta.count_own_build(committed_at.filter(|_| latest));
+    let ours = latest
         && match meta.kind {
             CommitKind::Create | CommitKind::Refresh | CommitKind::Replace => true,
             // Another writer's commit may hide behind a freeze, a thaw or a rollback.
@@ -73,6 +75,7 @@ pub(crate) async fn load_previous(
         meta: ours.then(|| meta.clone()),
         full,
         damaged,
+        costs: meta.costs.clone(),
     };
     Ok((table, meta, previous))
 }
@@ -88,7 +91,10 @@ async fn load_for_change(
         .load_tracked(&Warehouse::slice_path(name))
         .await?
         .ok_or_else(|| IcePieError::SliceNotFound(name.to_string()))?;
-    let (meta, committed_at) = meta::latest_meta(&table, &name.to_string()).await?;
+    let (mut meta, committed_at, at) = meta::latest_meta_at(&table, &name.to_string()).await?;
+    let latest = table.version().map(|v| v as i64) == Some(at);
+    // The next descriptor carries the cost of the build that made this one.
+    meta.count_own_build(committed_at.filter(|_| latest));
     Ok((table, meta, committed_at, tracked))
 }
 
@@ -145,6 +151,7 @@ fn lifecycle_meta(meta: &SliceDescriptor, kind: CommitKind, rows: i64) -> SliceD
         rows: Some(rows),
         restored_from: None,
         built: None,
+        build_started_at: None,
         ..meta.clone()
     }
 }
@@ -310,6 +317,11 @@ pub(crate) async fn rollback(
         .await?
         .ok_or_else(|| IcePieError::SliceNotFound(name.to_string()))?;
     let (target_meta, _) = meta::latest_meta(&target, &name.to_string()).await?;
+    // The costs measured so far hold for the version restored when it has the definition.
+    let costs = match target_meta.definition == meta.definition {
+        true => meta.costs.clone(),
+        false => target_meta.costs.clone(),
+    };
     let next = SliceDescriptor {
         kind: CommitKind::Rollback,
         attempt_id: uuid::Uuid::new_v4().to_string(),
@@ -317,6 +329,8 @@ pub(crate) async fn rollback(
         rows: Some(table_stats(&target)?.rows),
         restored_from: Some(version),
         built: None,
+        build_started_at: None,
+        costs,
         ..target_meta
     };
     let props: CommitProperties = commit_properties(&next);

@@ -245,6 +245,83 @@ pub struct SliceDescriptor {
     /// version of icepie created.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub created_at: Option<i64>,
+    /// When this commit's build began planning (ms since the epoch; builds only): with the
+    /// commit's own timestamp, how long the build took.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub build_started_at: Option<i64>,
+    /// The measured costs of the builds before this one from the same definition, which an
+    /// `AUTO` slice's refresh predicts both modes from.
+    #[serde(default, skip_serializing_if = "BuildCosts::is_empty")]
+    pub costs: BuildCosts,
+}
+
+/// What one build cost: the bytes its plan read (as `Built::reads` counts them) and the time
+/// from planning to its commit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BuildCost {
+    /// Bytes of the files the build read.
+    pub bytes: i64,
+    /// Milliseconds from planning to commit.
+    pub ms: i64,
+}
+
+/// The costs of a slice's latest builds by mode, oldest first, at most
+/// [`BuildCosts::KEPT`] of each.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BuildCosts {
+    /// Full builds.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub full: Vec<BuildCost>,
+    /// Incremental builds that read new data.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub incremental: Vec<BuildCost>,
+}
+
+impl BuildCosts {
+    /// Builds kept per mode: the latest ones, so that what is predicted follows what the
+    /// slice costs now.
+    pub const KEPT: usize = 8;
+
+    /// True when no build was measured.
+    pub fn is_empty(&self) -> bool {
+        self.full.is_empty() && self.incremental.is_empty()
+    }
+
+    /// Adds the cost of a `mode` build, dropping the oldest beyond [`Self::KEPT`].
+    pub(crate) fn push(&mut self, mode: BuildMode, cost: BuildCost) {
+        let kept = match mode {
+            BuildMode::Full => &mut self.full,
+            BuildMode::Incremental => &mut self.incremental,
+        };
+        kept.push(cost);
+        if kept.len() > Self::KEPT {
+            kept.remove(0);
+        }
+    }
+}
+
+impl SliceDescriptor {
+    /// Moves this commit's own build (mode, bytes read, and the time from
+    /// `build_started_at` to `committed_at`, the commit's timestamp) into `costs`, so that a
+    /// descriptor written after it carries it. A build that read nothing (no new data), or
+    /// whose commit time is unknown (another writer's commit followed it), is not counted.
+    pub(crate) fn count_own_build(&mut self, committed_at: Option<i64>) {
+        let started = self.build_started_at.take();
+        let (Some(started), Some(committed), Some(built)) = (started, committed_at, &self.built)
+        else {
+            return;
+        };
+        let bytes: i64 = built.reads.iter().map(|r| r.bytes).sum();
+        if bytes > 0 && committed >= started {
+            self.costs.push(
+                built.mode,
+                BuildCost {
+                    bytes,
+                    ms: committed - started,
+                },
+            );
+        }
+    }
 }
 
 fn is_zero(n: &u32) -> bool {

@@ -219,6 +219,8 @@ mod tests {
                 cluster_by: Default::default(),
                 clustered: None,
                 created_at: None,
+                build_started_at: None,
+                costs: Default::default(),
             },
             version: 3,
             stats: TableStats::default(),

@@ -438,6 +438,117 @@ async fn explain_refresh_shows_the_mode_and_what_it_would_read() {
     );
 }
 
+/// The costs an AUTO slice's refresh predicts from, as its latest descriptor carries them.
+async fn costs_of(w: &IcePie, slice: &str) -> icepie::BuildCosts {
+    let history = w.history(slice).await.unwrap();
+    let latest = history.iter().max_by_key(|h| h.version).unwrap();
+    latest.descriptor.clone().unwrap().costs
+}
+
+/// An AUTO slice's refresh chooses its mode by the measured costs of its earlier builds: each
+/// build's bytes read and time are carried from commit to commit (through freezes, thaws and
+/// rollbacks; a new definition starts afresh), and once a build of each mode was measured the
+/// reason gives the prediction that decided. (Which mode the figures pick is unit-tested in
+/// `slice::incremental::costs`; the `auto` bench measures it.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn auto_predicts_both_modes_from_the_costs_of_earlier_builds() {
+    let dir = tempfile::tempdir().unwrap();
+    let w = new_warehouse(&dir).await;
+    run(&w, "INGEST INTO core.f VALUES (1, 'a', 1.0), (2, 'b', 2.0)").await;
+    run(
+        &w,
+        "CREATE SLICE plain AS SELECT k, v FROM core.f; \
+         CREATE SLICE declared INCREMENTAL AS SELECT k, v FROM core.f",
+    )
+    .await;
+    // The first build was full, and is carried by the next descriptor with what it read.
+    run(&w, "INGEST INTO core.f VALUES (3, 'c', 3.0)").await;
+    run(&w, "REFRESH SLICE plain; REFRESH SLICE declared").await;
+    let first = last_mode(&w, "plain").await;
+    assert_eq!(
+        first,
+        "incremental: only appends since the previous version (core.f)"
+    );
+    let costs = costs_of(&w, "plain").await;
+    assert_eq!(
+        (costs.full.len(), costs.incremental.len()),
+        (1, 0),
+        "{costs:?}"
+    );
+    let history = w.history("plain").await.unwrap();
+    let created = history.iter().find(|h| h.version == 0).unwrap();
+    let read: i64 = created
+        .descriptor
+        .as_ref()
+        .unwrap()
+        .built
+        .as_ref()
+        .unwrap()
+        .reads
+        .iter()
+        .map(|r| r.bytes)
+        .sum();
+    assert!(read > 0);
+    assert_eq!(costs.full[0].bytes, read);
+    assert!(costs.full[0].ms >= 0);
+
+    // Both modes measured: the prediction decides, and says so.
+    run(&w, "INGEST INTO core.f VALUES (4, 'd', 4.0)").await;
+    let explained = table(&w, "EXPLAIN REFRESH SLICE plain").await;
+    assert!(explained.contains("AUTO predicted"), "{explained}");
+    run(&w, "REFRESH SLICE plain; REFRESH SLICE declared").await;
+    let second = last_mode(&w, "plain").await;
+    assert!(
+        second.contains("AUTO predicted")
+            && second.contains("from the last 1 incremental and 1 full builds"),
+        "{second}"
+    );
+    // A slice declared INCREMENTAL does not choose.
+    assert!(!last_mode(&w, "declared").await.contains("AUTO"));
+    let costs = costs_of(&w, "plain").await;
+    assert_eq!(
+        (costs.full.len(), costs.incremental.len()),
+        (1, 1),
+        "{costs:?}"
+    );
+
+    // A freeze carries the last build's cost (of either mode: timings decided it), a
+    // rollback to the same definition keeps them.
+    run(&w, "FREEZE SLICE plain; THAW SLICE plain").await;
+    let costs = costs_of(&w, "plain").await;
+    let measured = (costs.incremental.len(), costs.full.len());
+    assert!(
+        measured == (2, 1) || measured == (1, 2),
+        "{second}: {costs:?}"
+    );
+    run(&w, "ROLLBACK SLICE plain TO VERSION 1").await;
+    assert_eq!(costs_of(&w, "plain").await, costs);
+    run(&w, "REFRESH SLICE plain").await;
+    let figures = format!(
+        "from the last {} incremental and {} full builds",
+        measured.0, measured.1
+    );
+    assert!(
+        last_mode(&w, "plain").await.contains(&figures),
+        "{}",
+        last_mode(&w, "plain").await
+    );
+    assert_eq!(
+        rows(&w, "SELECT * FROM plain").await,
+        rows(&w, "SELECT k, v FROM core.f").await
+    );
+
+    // A new definition: costs measured under the old one predict nothing.
+    run(&w, "CREATE OR REPLACE SLICE plain AS SELECT k FROM core.f").await;
+    assert!(costs_of(&w, "plain").await.is_empty());
+    run(
+        &w,
+        "INGEST INTO core.f VALUES (5, 'e', 5.0); REFRESH SLICE plain",
+    )
+    .await;
+    assert!(!last_mode(&w, "plain").await.contains("AUTO"));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn appends_never_pile_up_files() {
     let dir = tempfile::tempdir().unwrap();

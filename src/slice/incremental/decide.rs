@@ -12,6 +12,7 @@ use datafusion::logical_expr::{LogicalPlan, LogicalPlanBuilder};
 use deltalake::DeltaTable;
 
 use super::appends::change;
+use super::costs::Prediction;
 use super::refusals::{beside, deterministic, read_beside};
 use super::rules::{delta_terms, union_all};
 use super::{
@@ -45,6 +46,47 @@ pub(crate) struct Refresh<'a> {
 /// top of `r.previous` (the slice's current version, `r.existing`), and returns the plan to
 /// write (whose columns [`keep_columns`](super::keep_columns) checks).
 pub(crate) async fn decide(r: &Refresh<'_>, plan: LogicalPlan) -> Result<Decision> {
+    let full_plan = full_plan(r.spec, &plan)?;
+    // On the heap: the rules' future is large, and a build's stack deep.
+    let decision = Box::pin(by_rules(r, plan, full_plan.clone())).await?;
+    Ok(by_cost(r, decision, full_plan))
+}
+
+/// An `AUTO` slice's incremental `decision`, or its full build (`full_plan`) when the costs
+/// of its earlier builds predict that cheaper; the reason gives the figures either way. Any
+/// other decision as it is, and this one too until a build of each mode was measured.
+fn by_cost(r: &Refresh<'_>, decision: Decision, full_plan: LogicalPlan) -> Decision {
+    let Some(previous) = r.previous else {
+        return decision;
+    };
+    let built = &decision.built;
+    if r.spec.refresh_mode != RefreshMode::Auto
+        || built.mode != BuildMode::Incremental
+        || built.reads.is_empty()
+    {
+        return decision;
+    }
+    let bytes = |reads: &[InputRead]| reads.iter().map(|r| r.bytes).sum::<i64>();
+    let mut full_build = full(full_plan, String::new());
+    let Some(predicted) = Prediction::from(
+        &previous.costs,
+        bytes(&built.reads),
+        bytes(&full_build.built.reads),
+    ) else {
+        return decision;
+    };
+    if predicted.full_is_cheaper() {
+        full_build.built.reason = predicted.figures();
+        return full_build;
+    }
+    let mut decision = decision;
+    decision.built.reason = format!("{}; {}", decision.built.reason, predicted.figures());
+    decision
+}
+
+/// [`decide`] by the rules alone: the definition's shape, what changed, and (`AUTO`) each
+/// changed input's share of new data; `full_plan` builds it in full.
+async fn by_rules(r: &Refresh<'_>, plan: LogicalPlan, full_plan: LogicalPlan) -> Result<Decision> {
     let &Refresh {
         state,
         spec,
@@ -56,7 +98,6 @@ pub(crate) async fn decide(r: &Refresh<'_>, plan: LogicalPlan) -> Result<Decisio
         ..
     } = r;
     let shape = stateful_shape(spec, &plan);
-    let full_plan = full_plan(spec, &plan)?;
     if let Some(reason) = full_reason(spec, kind, previous) {
         return Ok(full(full_plan, reason));
     }

@@ -41,6 +41,7 @@
 
 mod appends;
 mod columns;
+mod costs;
 mod decide;
 mod refusals;
 mod rules;
@@ -60,7 +61,7 @@ use datafusion::common::{DFSchema, DFSchemaRef};
 use datafusion::datasource::source_as_provider;
 use datafusion::logical_expr::{EmptyRelation, Expr, LogicalPlan};
 
-use super::meta::{BuildMode, Built, InputRead, RefreshMode, SliceDescriptor};
+use super::meta::{BuildCosts, BuildMode, Built, InputRead, RefreshMode, SliceDescriptor};
 use super::{aggregate, SliceSpec};
 use crate::error::Result;
 use crate::table::IcePieTable;
@@ -90,6 +91,9 @@ pub(crate) struct Previous {
     pub full: bool,
     /// The damaged file of a quarantined slice: only a full build rewrites it.
     pub damaged: Option<String>,
+    /// The measured costs of the slice's builds from its definition, its current version's
+    /// included, which an `AUTO` refresh chooses its mode by.
+    pub costs: BuildCosts,
 }
 
 /// Incremental refreshes that added files, in a row, after which a refresh is full: each
