@@ -19,6 +19,9 @@
 //! - `incremental`: after 1% more lineitem rows, an incremental `REFRESH SLICE` of a
 //!   filter/projection, a Q1-shaped aggregate and a Q3-shaped join vs the same refresh in full
 //!   and vs DuckDB computing the query from the same files; bytes read vs bytes appended.
+//! - `auto`: for lineitem appends of 0.1% to 100% of its rows, the refreshes of the
+//!   `incremental` section's slices incrementally, in full, and as AUTO chooses by measured
+//!   cost: the crossover curve, and AUTO against the better mode.
 //! - `scale`: a warehouse with `ICEPIE_BENCH_SLICES` slices (1,000) and `ICEPIE_BENCH_ATTEMPTS`
 //!   refresh attempts in history (10,000) vs a fresh one with one slice: process start to first
 //!   result, a slice query, a `REFRESH SLICE … FULL`, `system.slices` for that slice, and
@@ -35,6 +38,8 @@
 //!
 //! `ICEPIE_BENCH_SF` sets the TPC-H scale factor (default 1).
 
+#[path = "tpch/auto.rs"]
+mod auto;
 #[path = "tpch/cluster.rs"]
 mod cluster;
 #[path = "tpch/incremental.rs"]
@@ -799,6 +804,12 @@ async fn main() {
             generate(&src, sf);
         }
         incremental::incremental(&src, root.path(), sf).await;
+    }
+    if on("auto") {
+        if !src.exists() {
+            generate(&src, sf);
+        }
+        auto::auto(&src, root.path(), sf).await;
     }
     if on("scale") {
         scale(&PathBuf::from(root.path()).join("scale")).await;

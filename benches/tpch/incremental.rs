@@ -27,7 +27,7 @@ use object_store::{
 use super::*;
 
 /// The slices measured, with the target of incremental time / full time.
-const SLICES: [(&str, &str, f64); 3] = [
+pub(super) const SLICES: [(&str, &str, f64); 3] = [
     (
         "filter_project",
         "SELECT l_orderkey, l_partkey, l_quantity, l_extendedprice * (1 - l_discount) AS revenue \
