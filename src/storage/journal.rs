@@ -15,7 +15,7 @@
 use std::collections::BTreeSet;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use chrono::Utc;
 use futures::{StreamExt, TryStreamExt};
@@ -75,6 +75,8 @@ impl Journal {
         Reader {
             journal: self.clone(),
             at: position,
+            quiet: None,
+            listings: 0,
         }
     }
 
@@ -132,7 +134,17 @@ pub(crate) struct Position {
 pub(crate) struct Reader {
     journal: Journal,
     at: Position,
+    /// A local journal folder's modification time as seen just before the last listing, if
+    /// it was then older than [`SETTLED`]: while the folder keeps it, no entry was added or
+    /// deleted since, and a read lists nothing.
+    quiet: Option<SystemTime>,
+    /// Listings made (a test counts them).
+    listings: u64,
 }
+
+/// How old a local journal folder's modification time must be for a reader to trust that
+/// an entry added after it would change it (file times tick coarsely).
+const SETTLED: Duration = Duration::from_secs(1);
 
 impl Reader {
     /// Where the reader is.
@@ -143,6 +155,15 @@ impl Reader {
     /// The folders of the tables changed since the last read: one listing.
     pub(crate) async fn changed(&mut self) -> Result<BTreeSet<String>> {
         let now = Utc::now().timestamp_millis();
+        // A local journal whose folder has not changed since the last listing: nothing new.
+        // (Otherwise a busy journal's window, thousands of names, is listed at every read.)
+        let modified = self.journal.local.as_deref().and_then(modified);
+        if modified.is_some() && modified == self.quiet {
+            self.at.cursor = now;
+            return Ok(BTreeSet::new());
+        }
+        self.quiet = modified.filter(|m| m.elapsed().is_ok_and(|age| age >= SETTLED));
+        self.listings += 1;
         let window = i64::try_from(WINDOW.as_millis()).unwrap_or(i64::MAX);
         let from = self.at.cursor.saturating_sub(window).max(0);
         let first = format!("{from:013}");
@@ -191,6 +212,11 @@ impl Journal {
         }
         Ok(out)
     }
+}
+
+/// When the local folder `dir` was last changed (an entry added or deleted).
+fn modified(dir: &std::path::Path) -> Option<SystemTime> {
+    std::fs::metadata(dir).and_then(|m| m.modified()).ok()
 }
 
 /// The names in the local folder `dir` that sort from `first` on.
@@ -301,6 +327,46 @@ mod tests {
             ])
         );
         assert!(journal.take_own().is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_quiet_local_journal_is_not_listed_again_and_any_entry_ends_the_quiet() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = object_store::local::LocalFileSystem::new_with_prefix(dir.path()).unwrap();
+        let store: Arc<dyn ObjectStore> = Arc::new(store);
+        let journal = Journal::new(store.clone(), Some(dir.path().to_path_buf()));
+        journal.note("core/orders/").await;
+        let mut reader = journal.reader_from_now().await.unwrap();
+        // Once the folder's time is settled, reads list it no more while it stays.
+        tokio::time::sleep(SETTLED + Duration::from_millis(100)).await;
+        assert!(reader.changed().await.unwrap().is_empty());
+        let listed = reader.listings;
+        for _ in 0..3 {
+            assert!(reader.changed().await.unwrap().is_empty());
+        }
+        assert_eq!(reader.listings, listed);
+        // An entry ends the quiet, at once, even one named a minute back (a clock behind).
+        let late = format!(
+            "{CHANGES_PATH}{:013}-0000000a-core.t",
+            Utc::now().timestamp_millis() - 60_000
+        );
+        store
+            .put(&Path::from(late), Vec::<u8>::new().into())
+            .await
+            .unwrap();
+        assert_eq!(
+            reader.changed().await.unwrap(),
+            BTreeSet::from(["core/t/".to_string()])
+        );
+        assert_eq!(reader.listings, listed + 1);
+        // Right after a change the folder's time is too new to trust: reads list.
+        journal.note("core/orders/").await;
+        assert_eq!(
+            reader.changed().await.unwrap(),
+            BTreeSet::from(["core/orders/".to_string()])
+        );
+        assert!(reader.changed().await.unwrap().is_empty());
+        assert_eq!(reader.listings, listed + 3);
     }
 
     #[tokio::test]
