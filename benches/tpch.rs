@@ -11,7 +11,8 @@
 //! - `load`: loading the eight TPC-H tables into a fresh core vs DuckDB's `CREATE TABLE AS`
 //!   from the same Parquet files into a fresh database file.
 //! - `scan`: queries on a slice (full scan, selective filter, group by) vs DataFusion's
-//!   `ListingTable` over the slice's own files.
+//!   `ListingTable` over the slice's own files; the selective one also one-shot (`icepie -c`
+//!   less process start vs DataFusion from a fresh context).
 //! - `refresh`: `REFRESH SLICE … FULL` of each of the 22 TPC-H query slices vs DataFusion's
 //!   `COPY (query) TO` Parquet over the core's own files.
 //! - `p99`: a small slice query's 99th-percentile latency while another slice's heavy
@@ -434,6 +435,57 @@ async fn scan(w: &IcePie, warehouse: &Path) {
         .await;
         report(what, ours, base, "ListingTable", 1.05);
     }
+    scan_one_shot(warehouse, &ctx).await;
+}
+
+/// The selective query on the slice as a command line runs it, one process per statement:
+/// `icepie -c` less process start (`SELECT 1` on an empty warehouse, timed alternately), vs
+/// DataFusion from a fresh context (a listing table over the slice's files, then the query).
+async fn scan_one_shot(warehouse: &Path, warm: &SessionContext) {
+    let query =
+        "SELECT count(*), sum(l_quantity) FROM {t} WHERE l_orderkey BETWEEN 100000 AND 110000";
+    let (ours_sql, base_sql) = (
+        query.replace("{t}", "bench.lineitem"),
+        query.replace("{t}", "lineitem"),
+    );
+    let files = delta_files(&warehouse.join("slices/bench/lineitem")).await;
+    let empty = tempfile::tempdir().expect("temporary directory");
+    let (mut ours, mut start, mut base) = (Vec::new(), Vec::new(), Vec::new());
+    for run_no in 0..=runs() {
+        let t = Instant::now();
+        one_shot(warehouse, &ours_sql).await;
+        let took = t.elapsed();
+        let t = Instant::now();
+        one_shot(empty.path(), "SELECT 1").await;
+        let started = t.elapsed();
+        let t = Instant::now();
+        let ctx = SessionContext::new_with_config(warm.copied_config());
+        ctx.register_table("lineitem", listing(&ctx, files.clone()).await)
+            .unwrap();
+        run_df(&ctx, &base_sql).await;
+        let fresh = t.elapsed();
+        if run_no > 0 {
+            ours.push(took);
+            start.push(started);
+            base.push(fresh);
+        }
+    }
+    let median = |mut v: Vec<Duration>| {
+        v.sort();
+        v[v.len() / 2]
+    };
+    let started = median(start);
+    println!(
+        "(process start, SELECT 1 on an empty warehouse: {:.1} ms)",
+        started.as_secs_f64() * 1e3
+    );
+    report(
+        "scan, selective, one-shot",
+        median(ours).saturating_sub(started),
+        median(base),
+        "fresh DataFusion",
+        1.25,
+    );
 }
 
 async fn refresh(w: &IcePie, warehouse: &Path, out: &Path) {

@@ -4,8 +4,9 @@
 //! the filter/projection, aggregate and join slices of the `incremental` section are
 //! refreshed incrementally (a slice declared `INCREMENTAL`), in full (`REFRESH SLICE … FULL`
 //! of the same slice) and as AUTO chooses (a slice declared `AUTO`). Every refresh starts from
-//! the version before the append (rolled back untimed), the three alternate, and each is the
-//! median of `runs()` after a warm-up. The AUTO slice learns as a slice in use does: from its
+//! the version before the append (rolled back untimed) with the disk's writes settled
+//! (`sync`, untimed), the three take each of their orders in turn, and each is the median of
+//! `runs()` after a warm-up. The AUTO slice learns as a slice in use does: from its
 //! own earlier refreshes (a rollback keeps the costs measured).
 //!
 //! Printed per slice and share: the crossover curve (incremental / full), AUTO's time and the
@@ -27,6 +28,25 @@ enum Way {
     Incremental,
     Full,
     Auto,
+}
+
+/// The six orders of the three ways.
+const ORDERS: [[Way; 3]; 6] = {
+    use Way::{Auto as A, Full as F, Incremental as I};
+    [
+        [I, F, A],
+        [F, A, I],
+        [A, I, F],
+        [I, A, F],
+        [A, F, I],
+        [F, I, A],
+    ]
+};
+
+/// Writes back what the last refresh wrote (`sync`), untimed, so that the next one does
+/// not pay for it.
+fn settle_disk() {
+    let _ = std::process::Command::new("sync").status();
 }
 
 /// The mode of the slice's latest version: `incremental` or `full`.
@@ -95,8 +115,9 @@ pub(super) async fn auto(src: &Path, root: &Path, sf: f64) {
             let (mut inc, mut full, mut auto) = (Vec::new(), Vec::new(), Vec::new());
             let mut chose = (0, 0);
             for run_no in 0..=runs() {
-                let mut ways = [Way::Incremental, Way::Full, Way::Auto];
-                ways.rotate_left(run_no % 3);
+                // Each order of the three in turn: a refresh right after a full one (its
+                // files still being written back) must not fall to one way more than another.
+                let ways = ORDERS[run_no % ORDERS.len()];
                 for way in ways {
                     let (slice, version) = match way {
                         Way::Auto => (&auto_slice, auto_version),
@@ -111,6 +132,7 @@ pub(super) async fn auto(src: &Path, root: &Path, sf: f64) {
                     .expect("refresh");
                     let took = start.elapsed();
                     w.flush().await;
+                    settle_disk();
                     let mode = last_mode(&w, slice).await;
                     if way == Way::Incremental && mode != "incremental" {
                         println!("({slice} did not refresh incrementally)");
