@@ -90,6 +90,12 @@ fn runs() -> usize {
     env_or("ICEPIE_BENCH_RUNS", 5usize).max(1)
 }
 
+/// The median of `times`.
+fn median(mut times: Vec<Duration>) -> Duration {
+    times.sort();
+    times[times.len() / 2]
+}
+
 /// Median of `runs()` timings of `f`, after one warm-up run.
 async fn time<F, Fut>(mut f: F) -> Duration
 where
@@ -400,7 +406,7 @@ async fn scan(w: &IcePie, warehouse: &Path) {
     .await;
     let ctx = SessionContext::new();
     let files = delta_files(&warehouse.join("slices/bench/lineitem")).await;
-    ctx.register_table("lineitem", listing(&ctx, files).await)
+    ctx.register_table("lineitem", listing(&ctx, files.clone()).await)
         .unwrap();
     for (what, query) in [
         (
@@ -435,20 +441,19 @@ async fn scan(w: &IcePie, warehouse: &Path) {
         .await;
         report(what, ours, base, "ListingTable", 1.05);
     }
-    scan_one_shot(warehouse, &ctx).await;
+    scan_one_shot(warehouse, &ctx, files).await;
 }
 
 /// The selective query on the slice as a command line runs it, one process per statement:
 /// `icepie -c` less process start (`SELECT 1` on an empty warehouse, timed alternately), vs
 /// DataFusion from a fresh context (a listing table over the slice's files, then the query).
-async fn scan_one_shot(warehouse: &Path, warm: &SessionContext) {
+async fn scan_one_shot(warehouse: &Path, warm: &SessionContext, files: Vec<String>) {
     let query =
         "SELECT count(*), sum(l_quantity) FROM {t} WHERE l_orderkey BETWEEN 100000 AND 110000";
     let (ours_sql, base_sql) = (
         query.replace("{t}", "bench.lineitem"),
         query.replace("{t}", "lineitem"),
     );
-    let files = delta_files(&warehouse.join("slices/bench/lineitem")).await;
     let empty = tempfile::tempdir().expect("temporary directory");
     let (mut ours, mut start, mut base) = (Vec::new(), Vec::new(), Vec::new());
     for run_no in 0..=runs() {
@@ -470,10 +475,6 @@ async fn scan_one_shot(warehouse: &Path, warm: &SessionContext) {
             base.push(fresh);
         }
     }
-    let median = |mut v: Vec<Duration>| {
-        v.sort();
-        v[v.len() / 2]
-    };
     let started = median(start);
     println!(
         "(process start, SELECT 1 on an empty warehouse: {:.1} ms)",

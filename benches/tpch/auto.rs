@@ -153,11 +153,7 @@ pub(super) async fn auto(src: &Path, root: &Path, sf: f64) {
                     }
                 }
             }
-            let median = |v: &mut Vec<Duration>| {
-                v.sort();
-                v[v.len() / 2]
-            };
-            let (inc, full, auto) = (median(&mut inc), median(&mut full), median(&mut auto));
+            let (inc, full, auto) = (median(inc), median(full), median(auto));
             let best = inc.min(full);
             let ratio = auto.as_secs_f64() / best.as_secs_f64();
             let within = ratio <= AUTO_TARGET || auto <= best + AUTO_SLACK;

@@ -370,11 +370,7 @@ pub(super) async fn incremental(src: &Path, root: &Path, sf: f64) {
                 read.push(bytes);
             }
         }
-        let median = |v: &mut Vec<Duration>| {
-            v.sort();
-            v[v.len() / 2]
-        };
-        let (inc, full) = (median(&mut inc), median(&mut full));
+        let (inc, full) = (median(inc), median(full));
         report(
             &format!("incremental {name}"),
             inc,
