@@ -40,6 +40,7 @@ use object_store::{ObjectStore, ObjectStoreExt};
 use serde::{Deserialize, Serialize};
 
 use super::state::CatalogState;
+use super::system::PARALLEL;
 use crate::error::Result;
 use crate::slice::{lease, Card, InputCache, SliceInfo};
 use crate::storage::journal;
@@ -64,9 +65,6 @@ pub(crate) const CARDS_PATH: &str = "_system/cards/";
 
 /// Version of the saved form: a saved view of another form is not taken up.
 const FORMAT: u32 = 1;
-
-/// How many slices are read at once.
-const PARALLEL: usize = 16;
 
 fn ms(d: Duration) -> i64 {
     i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
@@ -205,8 +203,9 @@ impl View {
         // Before anything is read: what the journal and this process recorded so far is seen
         // by the reads below.
         let reader = shared.warehouse.journal().reader_from_now().await?;
-        shared.warehouse.journal().take_own();
         shared.refresh_listing().await?;
+        // Taken only once nothing can fail before the reads: a failed scan loses none.
+        shared.warehouse.journal().take_own();
         let names: BTreeSet<SliceName> = shared.slice_names().into_iter().collect();
         self.cards.clear();
         self.unreadable.clear();
@@ -215,9 +214,10 @@ impl View {
         self.scanned_at = started;
         if started.saturating_sub(self.pruned_at) > ms(RESCAN) {
             self.pruned_at = started;
-            journal::prune(&shared.warehouse.store()).await;
+            shared.warehouse.journal().prune().await;
         }
-        self.unsaved = self.cards.len().max(SAVE_AFTER);
+        // Saved at once.
+        self.unsaved = SAVE_AFTER;
         Ok(())
     }
 

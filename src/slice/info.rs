@@ -177,8 +177,6 @@ pub(crate) struct Card {
     pub damaged: bool,
     pub failures: u32,
     pub last_failure_at: Option<i64>,
-    /// Whether the last build failed.
-    pub failed: bool,
     pub stale: bool,
     /// When the oldest input change the version served has not consumed was committed.
     pub oldest_change: Option<i64>,
@@ -239,7 +237,6 @@ impl Card {
             damaged: damaged.is_some(),
             failures: failures.count,
             last_failure_at: failures.last.as_ref().map(|a| a.ended_at),
-            failed: failures.last.is_some(),
             stale,
             oldest_change,
             columns,
@@ -287,7 +284,7 @@ impl Card {
             SliceState::Frozen
         } else if options.max_failures > 0 && self.failures as usize >= options.max_failures {
             SliceState::Suspended
-        } else if self.failed {
+        } else if self.last_failure_at.is_some() {
             SliceState::Failed
         } else if self.stale {
             SliceState::Stale

@@ -2,12 +2,14 @@
 //! `<warehouse>/_system/changes/<ms>-<random>-<table>`, where `<table>` is the table's folder
 //! with `/` as `.` (`core.orders`, `slices.sales.daily`, `_system.refreshes.sales.daily`).
 //!
-//! It lets a scheduler learn what changed in the whole warehouse with one listing (the keys
-//! sort by time), instead of reading every slice's state on every tick. Every commit made
+//! It lets the view of every slice ([`crate::catalog::cards`]: `system.slices`, the
+//! scheduler) learn what changed in the whole warehouse with one listing (the keys sort by
+//! time), instead of reading every slice's state each time. Every commit made
 //! through icepie (see [`super::tracked`]), every dropped table and every quarantine change
 //! writes one entry, best effort: a reader also rescans everything now and then, so an entry
 //! that failed to be written (or a change made by another engine) is seen late, not never.
-//! Entries older than [`KEEP`] are deleted by the schedulers' rescans.
+//! Entries older than [`KEEP`] are deleted by that view's full scans (at most every ten
+//! minutes).
 //!
 //! A process also keeps the changes it made itself ([`Journal::take_own`]): it sees them
 //! whether or not their entries could be written.
@@ -233,7 +235,8 @@ fn list_local(dir: &std::path::Path, first: &str) -> Result<Vec<String>> {
     let mut out = Vec::new();
     for entry in entries {
         if let Some(name) = entry.map_err(err)?.file_name().to_str() {
-            if name >= first {
+            // `<name>#<n>`: a local put's file before its rename.
+            if name >= first && !name.contains('#') {
                 out.push(name.to_string());
             }
         }
@@ -248,30 +251,27 @@ impl Position {
     }
 }
 
-/// Deletes the entries older than [`KEEP`], in batches. Best effort.
-pub(crate) async fn prune(store: &Arc<dyn ObjectStore>) {
-    let keep = i64::try_from(KEEP.as_millis()).unwrap_or(i64::MAX);
-    let cutoff = Utc::now().timestamp_millis().saturating_sub(keep);
-    let old: Vec<Path> = store
-        .list(Some(&Path::from(CHANGES_PATH)))
-        // Not every store lists in key order (a local directory does not).
-        .try_filter(|o| {
-            let old = o
-                .location
-                .filename()
-                .and_then(parse)
-                .is_some_and(|(ms, _)| ms < cutoff);
-            std::future::ready(old)
-        })
-        .map_ok(|o| o.location)
-        .try_collect()
-        .await
-        .unwrap_or_default();
-    if old.is_empty() {
-        return;
+impl Journal {
+    /// Deletes the entries older than [`KEEP`], in batches. Best effort.
+    pub(crate) async fn prune(&self) {
+        let keep = i64::try_from(KEEP.as_millis()).unwrap_or(i64::MAX);
+        let cutoff = Utc::now().timestamp_millis().saturating_sub(keep);
+        // Every name (a local folder is listed by name alone), not every store in key order.
+        let old: Vec<Path> = self
+            .names_from("")
+            .await
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|name| parse(name).is_some_and(|(ms, _)| ms < cutoff))
+            .map(|name| Path::from(format!("{CHANGES_PATH}{name}")))
+            .collect();
+        if old.is_empty() {
+            return;
+        }
+        let store = &self.store;
+        let mut deleted = store.delete_stream(futures::stream::iter(old).map(Ok).boxed());
+        while deleted.next().await.is_some() {}
     }
-    let mut deleted = store.delete_stream(futures::stream::iter(old).map(Ok).boxed());
-    while deleted.next().await.is_some() {}
 }
 
 #[cfg(test)]
@@ -392,7 +392,7 @@ mod tests {
             reader.changed().await.unwrap(),
             BTreeSet::from(["core/t/".to_string()])
         );
-        prune(&store).await;
+        Journal::new(store.clone(), None).prune().await;
         let left: Vec<_> = store
             .list(Some(&Path::from(CHANGES_PATH)))
             .try_collect()

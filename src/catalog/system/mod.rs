@@ -300,7 +300,7 @@ async fn named_slices(
 }
 
 /// How many slices (or tables) are read at once for a listing of the warehouse.
-const PARALLEL: usize = 16;
+pub(super) const PARALLEL: usize = 16;
 
 /// The info of the slices `names`, in that order, and those that could not be read with why:
 /// one damaged slice must not hide the others. Slices that do not exist are left out.
